@@ -1,0 +1,3 @@
+from streamtrack.cli import main
+
+raise SystemExit(main())

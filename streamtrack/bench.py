@@ -1,0 +1,152 @@
+"""``streamtrack bench``: figures measured against a baseline in the same run.
+
+``engine``: ms/frame of the streaming engine vs the official
+``SAM2VideoPredictor`` on the same frames and weights, for several object
+counts, plus the engine's state bytes over a long stream and the official
+predictor's state growth.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+from streamtrack.models import build_model, resolve_device, save_random_checkpoint
+from streamtrack.synthetic import make_clip
+
+
+@dataclass
+class EngineBenchResult:
+    device: str
+    model: str
+    image_size: int
+    frames: int
+    frame_size: tuple[int, int]
+    torch_threads: int
+    official_ms: dict[int, float] = field(default_factory=dict)  # objects -> ms/frame
+    engine_ms: dict[int, float] = field(default_factory=dict)
+    ratio: dict[int, float] = field(default_factory=dict)  # engine / official
+    marginal_ms: dict[str, float] = field(default_factory=dict)  # per extra object
+    engine_state_bytes: dict[int, int] = field(default_factory=dict)  # frame -> bytes
+    official_state_bytes: dict[int, int] = field(default_factory=dict)
+
+
+def _prompts(clip, n: int) -> list[Prompt]:
+    """n objects on frame 0: boxes around the clip's shapes, then offset boxes."""
+    out = []
+    for i in range(n):
+        x0, y0, x1, y1 = clip.box(i % len(clip.masks) + 1, 0)
+        dx = (i // len(clip.masks)) * 3.0
+        out.append(Prompt.make(i + 1, box=[x0 + dx, y0, min(x1 + dx, clip.width - 1), y1]))
+    return out
+
+
+def _official_state_bytes(state) -> int:
+    n = 0
+    for per_obj in state["output_dict_per_obj"].values():
+        for outs in per_obj.values():
+            for o in outs.values():
+                for k in ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits"):
+                    v = o.get(k)
+                    if torch.is_tensor(v):
+                        n += v.numel() * v.element_size()
+    return n
+
+
+def bench_engine(
+    *,
+    model: str = "sam2.1_hiera_tiny",
+    checkpoint: str | None = None,
+    image_size: int = 256,
+    frames: int = 24,
+    objects: tuple[int, ...] = (1, 4),
+    state_frames: tuple[int, ...] = (50, 500),
+    device: str = "auto",
+    width: int = 320,
+    height: int = 240,
+    log=print,
+) -> EngineBenchResult:
+    dev = resolve_device(device)
+    tmp = Path(tempfile.mkdtemp(prefix="streamtrack-bench-"))
+    if checkpoint is None:
+        checkpoint = str(save_random_checkpoint(model, tmp / "random.pt"))
+    clip = make_clip(frames, width, height, num_objects=3, seed=3)
+    jpeg_dir = tmp / "frames"
+    jpeg_dir.mkdir()
+    for i, f in enumerate(clip.frames):
+        Image.fromarray(f).save(jpeg_dir / f"{i:05d}.jpg", quality=95)
+    decoded = [np.array(Image.open(jpeg_dir / f"{i:05d}.jpg").convert("RGB")) for i in range(frames)]
+    res = EngineBenchResult(str(dev), model, image_size, frames, (width, height), torch.get_num_threads())
+
+    official = build_model(model, checkpoint, device=dev, image_size=image_size)
+    engine_model = build_model(model, checkpoint, device=dev, image_size=image_size)
+    for n in objects:
+        prompts = _prompts(clip, n)
+        state = official.init_state(str(jpeg_dir))
+        for p in prompts:
+            official.add_new_points_or_box(state, 0, p.obj_id, box=np.array(p.box, np.float32))
+        t0 = time.perf_counter()
+        for _ in official.propagate_in_video(state):
+            _sync(dev)
+        res.official_ms[n] = (time.perf_counter() - t0) / frames * 1000
+        engine = StreamingEngine(engine_model, EngineConfig(preprocess="exact"))
+        t0 = time.perf_counter()
+        for i, frame in enumerate(decoded):
+            engine.step(frame, prompts if i == 0 else [])
+            _sync(dev)
+        res.engine_ms[n] = (time.perf_counter() - t0) / frames * 1000
+        res.ratio[n] = res.engine_ms[n] / res.official_ms[n]
+        log(f"  {n:2d} object(s): official {res.official_ms[n]:8.1f} ms/frame   "
+            f"engine {res.engine_ms[n]:8.1f} ms/frame   ratio {res.ratio[n]:.2f}")
+        if n == objects[0] and frames >= 2:
+            res.official_state_bytes[frames] = _official_state_bytes(state)
+        del state
+    if len(objects) > 1:
+        lo, hi = objects[0], objects[-1]
+        for name, ms in (("official", res.official_ms), ("engine", res.engine_ms)):
+            res.marginal_ms[name] = (ms[hi] - ms[lo]) / (hi - lo)
+        log(f"  marginal ms per extra object: official {res.marginal_ms['official']:.1f}, "
+            f"engine {res.marginal_ms['engine']:.1f}")
+
+    if state_frames:
+        engine = StreamingEngine(engine_model, EngineConfig(preprocess="exact"))
+        wanted = set(state_frames)
+        for i in range(max(state_frames)):
+            engine.step(decoded[i % frames], _prompts(clip, 1) if i == 0 else [])
+            if i + 1 in wanted:
+                res.engine_state_bytes[i + 1] = engine.state_bytes()
+                log(f"  engine state after {i + 1:5d} frames: {engine.state_bytes() / 1024:.1f} KiB")
+        if res.official_state_bytes:
+            (f, b), = res.official_state_bytes.items()
+            log(f"  official state after {f:5d} frames: {b / 1024:.1f} KiB "
+                f"(+{b / f / 1024:.1f} KiB per frame, without bound)")
+    return res
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(args) -> int:
+    if args.what != "engine":
+        print(f"unknown benchmark {args.what!r}", file=sys.stderr)
+        return 2
+    log = (lambda *a, **k: None) if args.json else print
+    log(f"engine benchmark: {args.model}, input {args.image_size}, {args.frames} frames, device {args.device}")
+    res = bench_engine(
+        model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
+        objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device, log=log,
+    )
+    if args.json:
+        print(json.dumps(asdict(res)))
+    return 0

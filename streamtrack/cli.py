@@ -1,0 +1,197 @@
+"""Command line: ``streamtrack <command>``.
+
+User errors (bad input, config, checkpoint, offline download) print one line on
+stderr and exit with code 2; runtime failures exit with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from streamtrack import __version__
+from streamtrack.errors import UserError
+from streamtrack.models import DEFAULT_MODEL, MODELS
+
+log = logging.getLogger("streamtrack")
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from streamtrack.download import download_checkpoint
+
+    names = list(MODELS) if args.model == "all" else [args.model]
+    for name in names:
+        path = download_checkpoint(name, force=args.force, url=args.url, progress=not args.quiet)
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    for spec in MODELS.values():
+        have = "yes" if spec.default_path().exists() else "no"
+        print(f"{spec.name:24} {spec.config:40} {spec.size_mb:5d} MB  downloaded: {have}")
+    return 0
+
+
+def _engine_config(args: argparse.Namespace):
+    from streamtrack.engine import EngineConfig
+
+    return EngineConfig(
+        model=args.model, checkpoint=args.checkpoint, device=args.device,
+        image_size=args.image_size, preprocess=args.preprocess,
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from streamtrack import prompts as prompt_io
+    from streamtrack.pipeline import RunConfig, Tracker
+
+    prompts = prompt_io.merge(
+        prompt_io.from_cli(args.box, args.point),
+        prompt_io.load_prompts_file(args.prompts) if args.prompts else {},
+    )
+    if not prompts and not args.control:
+        raise UserError(
+            "no prompt given: pass --box x0,y0,x1,y1, --point x,y[,label] or --prompts FILE.json"
+            " (or --control ENDPOINT to prompt later)"
+        )
+    config = RunConfig(
+        source=args.source, engine=_engine_config(args), prompts=prompts, stream=args.stream,
+        save_jsonl=args.save_jsonl, save_masks=args.save_masks, save_video=args.save_video,
+        publish=args.publish, control=args.control, max_frames=args.max_frames,
+        realtime=args.realtime, progress=not args.quiet,
+    )
+    summary = Tracker(config).run()
+    if not args.quiet:
+        print(summary.line(), file=sys.stderr)
+    return 130 if summary.interrupted else 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the official predictor's progress bars
+    from streamtrack import bench
+
+    return bench.main(args)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    import os
+
+    from streamtrack import segment as seg
+
+    image = seg.load_image(args.image)
+    objects = seg.prompts_from_args(args.box, args.point, args.prompts)
+    seg.check_prompts(objects, *image.shape[:2])  # fail on a bad prompt before building the model
+    segmenter = seg.Segmenter(args.model, args.checkpoint, args.device, args.image_size)
+    results = segmenter.segment(image, objects, multimask=args.multimask)
+    for r in results:
+        print(seg.format_scores(r))
+    seg.save_overlay(args.out, image, results, objects)
+    if args.save_masks:
+        seg.save_masks_png(os.path.join(args.save_masks, ""), results)  # always a folder here
+    if args.save_rle:
+        seg.save_rle_json(args.save_rle, results)
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS), metavar="NAME",
+                   help=f"SAM 2 model (default {DEFAULT_MODEL}; see `streamtrack models`)")
+    p.add_argument("--checkpoint", help="official-format .pt (default checkpoints/<model>.pt)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="model input size, a multiple of 32 (default: the model's 1024)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamtrack",
+        description="Real-time object tracking on live video with SAM 2.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamtrack {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("download", help="download an official SAM 2 checkpoint into checkpoints/")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"model name or 'all' (default {DEFAULT_MODEL})")
+    p.add_argument("--force", action="store_true", help="download even if the file exists")
+    p.add_argument("--url", help="download from this URL instead of the official one")
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("run", help="track objects in a webcam, RTSP stream or video file")
+    p.add_argument("source", help="webcam index (0), /dev/videoN, rtsp:// or http(s):// URL, or a file")
+    _add_model_options(p)
+    p.add_argument("--preprocess", default="auto", choices=["auto", "exact", "fast"],
+                   help="exact = the official predictor's resize (CPU default); fast = on-device")
+    p.add_argument("--box", action="append", metavar="x0,y0,x1,y1", help="a new object (repeatable)")
+    p.add_argument("--point", action="append", metavar="x,y[,label]",
+                   help="a point of one more object; label 1 = foreground (default), 0 = background")
+    p.add_argument("--prompts", metavar="FILE.json", help="prompts file (boxes, points, masks, later frames)")
+    p.add_argument("--save-jsonl", metavar="FILE", help="write one JSON result per frame")
+    p.add_argument("--save-masks", metavar="DIR", help="write a palette PNG per frame (value = object id)")
+    p.add_argument("--save-video", metavar="FILE", help="write an overlay MP4")
+    p.add_argument("--publish", metavar="ENDPOINT", help="publish results over ZeroMQ, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--control", metavar="ENDPOINT", help="accept prompts over ZeroMQ, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--stream", default="cam0", help="stream name used in topics and results (default cam0)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    p.add_argument("--realtime", action="store_true", help="pace a file at its frame rate, as if live")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
+    p.add_argument("what", choices=["engine"], help="engine: streaming engine vs the official predictor")
+    _add_model_options(p)
+    p.set_defaults(image_size=256)
+    p.add_argument("--frames", type=int, default=24, help="frames timed per run (default 24)")
+    p.add_argument("--objects", type=int, nargs="+", default=[1, 4], help="object counts (default 1 4)")
+    p.add_argument("--state-frames", type=int, nargs="*", default=[50, 500],
+                   help="report engine state bytes after these frames (default 50 500)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("segment", help="segment objects in one image (SAM 2 image predictor)")
+    p.add_argument("image", help="image file (PNG, JPEG, ...)")
+    _add_model_options(p)
+    p.add_argument("--box", action="append", metavar="x0,y0,x1,y1",
+                   help="an object (repeatable); one --box with --points = one object prompted by both")
+    p.add_argument("--point", action="append", metavar="x,y[,label]",
+                   help="a point; all points are one object; label 1 = foreground (default), 0 = background")
+    p.add_argument("--prompts", metavar="FILE.json",
+                   help="prompts file; each entry is an object (frame ignored)")
+    p.add_argument("--multimask", action="store_true",
+                   help="3 candidate masks per object; prints their scores")
+    p.add_argument("--out", required=True, metavar="OUT.png", help="write the overlay image here")
+    p.add_argument("--save-masks", metavar="DIR", help="write DIR/object_<id>.png (0/255) per object")
+    p.add_argument("--save-rle", metavar="FILE.json", help="write COCO RLE masks with score, bbox and area")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("models", help="list the models streamtrack knows")
+    p.set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
+                                              logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"streamtrack: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamtrack: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,521 @@
+"""Streaming SAM 2: memory-bank propagation one frame at a time, bounded memory.
+
+The official ``SAM2VideoPredictor`` needs the whole video up front and keeps
+every frame's outputs.  This engine runs the same model methods
+(``forward_image``, ``_track_step``, ``_encode_new_memory``,
+``_encode_memory_in_output``) on frames as they arrive and keeps, per object,
+only what SAM 2's memory attention reads on the next frame:
+
+* every conditioning (prompted) frame's memory features and object pointer
+  (optionally capped to the most recent ``max_cond_frames``, the streaming case
+  of ``select_closest_cond_frames``);
+* memory features of the last ``num_maskmem - 1`` tracked frames;
+* object pointers of the last ``max_obj_ptrs_in_encoder - 1`` tracked frames.
+
+The retained entries are handed to the official ``_prepare_memory_conditioned_features``
+as an ``output_dict`` keyed by absolute frame index, so temporal positions are
+computed by sam2's own code.  Objects whose retained frames line up run as one
+batch.  Prompts apply to the frame they are given with, before it is tracked:
+as in the official predictor for a frame not yet tracked, the prompt is decoded
+without memory and the frame becomes a conditioning frame for that object.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from enum import Enum
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from streamtrack.errors import PromptError, UserError
+from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
+from streamtrack.protocol import mask_area, mask_bbox
+
+log = logging.getLogger(__name__)
+
+# Large enough that sam2 uses its full pointer window (min(num_frames, 16)) and
+# never stops at "the end of the video": a live stream has none.
+_ENDLESS = 2**31 - 1
+_IMG_MEAN = (0.485, 0.456, 0.406)
+_IMG_STD = (0.229, 0.224, 0.225)
+
+
+class ObjectState(str, Enum):
+    VISIBLE = "visible"
+    OCCLUDED = "occluded"  # SAM 2's object score says the object is absent
+    LOST = "lost"  # absent for longer than ``lost_after`` seconds
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt for one object on the frame it is passed with.
+
+    Coordinates are pixels of the source frame.  ``points`` with ``labels``
+    (1 = foreground, 0 = background), a ``box`` [x0, y0, x1, y1], both, or a
+    ``mask`` (bool, frame-sized) alone.
+    """
+
+    obj_id: int
+    points: tuple[tuple[float, float], ...] | None = None
+    labels: tuple[int, ...] | None = None
+    box: tuple[float, float, float, float] | None = None
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def make(cls, obj_id, points=None, labels=None, box=None, mask=None) -> Prompt:
+        """Build a prompt from lists/arrays; labels default to foreground."""
+        if points is not None:
+            points = tuple(tuple(float(v) for v in p) for p in np.asarray(points).tolist())
+            if labels is None:
+                labels = (1,) * len(points)
+        if labels is not None:
+            labels = tuple(np.asarray(labels).reshape(-1).tolist())
+        if box is not None:
+            box = tuple(float(v) for v in np.asarray(box, dtype=float).reshape(-1).tolist())
+        return cls(obj_id=obj_id, points=points, labels=labels, box=box, mask=mask)
+
+
+@dataclass(frozen=True)
+class ObjectOutput:
+    obj_id: int
+    mask: np.ndarray  # bool (H, W) at frame resolution
+    score: float  # presence probability, sigmoid of SAM 2's object score
+    object_score_logit: float
+    iou: float  # SAM 2's predicted IoU of the chosen mask
+    bbox: tuple[int, int, int, int] | None  # x0, y0, x1, y1 (x1, y1 exclusive); None if empty
+    area: int
+    state: ObjectState
+    prompted: bool  # this frame carried a prompt for the object
+    logits: torch.Tensor | None = field(default=None, repr=False)  # (S/4, S/4) low-res
+
+
+@dataclass(frozen=True)
+class FrameOutput:
+    frame_idx: int
+    width: int
+    height: int
+    objects: tuple[ObjectOutput, ...]
+    infer_start: float  # time.time() clock
+    infer_end: float
+
+    def by_id(self, obj_id: int) -> ObjectOutput:
+        for o in self.objects:
+            if o.obj_id == obj_id:
+                return o
+        raise KeyError(obj_id)
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    checkpoint: str | None = None
+    device: str = "auto"
+    image_size: int | None = None  # None = the model's own (1024)
+    preprocess: str = "auto"  # exact | fast | auto (exact on CPU, fast elsewhere)
+    max_cond_frames: int | None = None  # None = keep every conditioning frame
+    lost_after: float = 3.0  # seconds absent before an object is "lost"
+    fill_hole_area: int = 0  # fill background holes up to this area in low-res masks
+    compile: bool = False
+    bf16: bool = True  # autocast on CUDA
+
+
+@dataclass
+class _Memory:
+    """What one tracked frame leaves behind for one object."""
+
+    maskmem_features: torch.Tensor | None  # (1, C, h, w) bfloat16, as the official predictor
+    obj_ptr: torch.Tensor  # (1, 256)
+
+    def nbytes(self) -> int:
+        n = self.obj_ptr.numel() * self.obj_ptr.element_size()
+        if self.maskmem_features is not None:
+            n += self.maskmem_features.numel() * self.maskmem_features.element_size()
+        return n
+
+
+@dataclass
+class _Track:
+    obj_id: int
+    cond: dict[int, _Memory] = field(default_factory=dict)
+    recent: dict[int, _Memory] = field(default_factory=dict)  # non-conditioning frames
+    state: ObjectState = ObjectState.VISIBLE
+    absent_since: float | None = None
+
+
+class StreamingEngine:
+    """SAM 2 video tracking on a stream of frames, one ``step`` per frame."""
+
+    def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.image_size: int = model.image_size
+        preprocess = self.config.preprocess
+        if preprocess == "auto":
+            preprocess = "exact" if self.device.type == "cpu" else "fast"
+        if preprocess not in ("exact", "fast"):
+            raise UserError(f"preprocess must be exact, fast or auto, got {preprocess!r}")
+        self.preprocess = preprocess
+        cap = self.config.max_cond_frames
+        if cap is not None and cap < 2:
+            raise UserError("max_cond_frames must be at least 2 (SAM 2 attends to 2+ prompts)")
+        model.max_cond_frames_in_attn = -1 if cap is None else cap
+        # The windows sam2 reads on frame f: memories of f-1..f-(num_maskmem-1),
+        # pointers of f-1..f-(max_obj_ptrs_in_encoder-1).
+        self.mem_window = model.num_maskmem - 1
+        self.ptr_window = model.max_obj_ptrs_in_encoder - 1 if model.use_obj_ptrs_in_encoder else 0
+        self._mean = torch.tensor(_IMG_MEAN, dtype=torch.float32, device=self.device)[:, None, None]
+        self._std = torch.tensor(_IMG_STD, dtype=torch.float32, device=self.device)[:, None, None]
+        self._tracks: dict[int, _Track] = {}
+        self._maskmem_pos_enc: list[torch.Tensor] | None = None  # shared by all frames
+        self.frame_idx = -1
+        if self.config.compile:
+            model.image_encoder.forward = torch.compile(model.image_encoder.forward)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> StreamingEngine:
+        device = resolve_device(config.device)
+        model = build_model(
+            config.model, config.checkpoint, device=device, image_size=config.image_size
+        )
+        return cls(model, config)
+
+    # ------------------------------------------------------------------ objects
+    @property
+    def object_ids(self) -> list[int]:
+        return list(self._tracks)
+
+    def remove_object(self, obj_id: int) -> None:
+        if obj_id not in self._tracks:
+            raise PromptError(f"unknown object id {obj_id}; known: {self.object_ids}")
+        del self._tracks[obj_id]
+
+    def reset(self) -> None:
+        """Forget every object (frame numbering keeps counting)."""
+        self._tracks.clear()
+
+    def state_bytes(self) -> int:
+        """Bytes of tensors the engine keeps between frames."""
+        n = sum(m.nbytes() for t in self._tracks.values() for m in (*t.cond.values(), *t.recent.values()))
+        if self._maskmem_pos_enc is not None:
+            n += sum(x.numel() * x.element_size() for x in self._maskmem_pos_enc)
+        return n
+
+    def retained_frames(self, obj_id: int) -> dict[str, list[int]]:
+        """Which frames an object's memory bank holds (for inspection and tests)."""
+        t = self._tracks[obj_id]
+        return {
+            "cond": sorted(t.cond),
+            "memory": sorted(k for k, m in t.recent.items() if m.maskmem_features is not None),
+            "pointer": sorted(t.recent),
+        }
+
+    # --------------------------------------------------------------------- step
+    @torch.inference_mode()
+    def step(
+        self,
+        frame: np.ndarray | torch.Tensor,
+        prompts: list[Prompt] | tuple[Prompt, ...] = (),
+        *,
+        timestamp: float | None = None,
+        return_logits: bool = False,
+    ) -> FrameOutput:
+        """Track every object on ``frame`` (RGB uint8, HxWx3), applying ``prompts`` first.
+
+        All prompts are validated before anything changes: a bad prompt raises
+        ``PromptError`` and the engine is as it was.
+        """
+        height, width = _check_frame(frame)
+        prompts = list(prompts)
+        inputs = [self._prompt_inputs(p, height, width) for p in _unique(prompts)]
+        now = time.monotonic() if timestamp is None else timestamp
+        infer_start = time.time()
+        self.frame_idx += 1
+        f = self.frame_idx
+        if not self._tracks and not inputs:
+            return FrameOutput(f, width, height, (), infer_start, time.time())
+
+        with self._autocast():
+            image = self._preprocess(frame)
+            backbone_out = self.model.forward_image(image)
+            session = {"cached_features": {f: (image, backbone_out)}}
+            results: dict[int, tuple] = {}
+            prompted = {p.obj_id for p in prompts}
+            for prompt, (point_inputs, mask_inputs) in zip(prompts, inputs, strict=True):
+                results[prompt.obj_id] = self._add_conditioning_frame(
+                    session, f, prompt.obj_id, point_inputs, mask_inputs
+                )
+            for group in self._batches(exclude=prompted):
+                results.update(self._track_batch(session, f, group))
+            self._prune(f)
+
+            ids = list(self._tracks)
+            low_res = torch.cat([results[i][0] for i in ids]).float()
+            if self.config.fill_hole_area > 0:
+                low_res = fill_holes(low_res, self.config.fill_hole_area)
+            video_res = F.interpolate(low_res, size=(height, width), mode="bilinear", align_corners=False)
+            masks = (video_res[:, 0] > 0).cpu().numpy()
+        objects = []
+        for k, obj_id in enumerate(ids):
+            _, score_logit, iou = results[obj_id]
+            logit = float(score_logit)
+            objects.append(
+                self._object_output(
+                    obj_id, masks[k], logit, float(iou), now, obj_id in prompted,
+                    low_res[k, 0].cpu() if return_logits else None,
+                )
+            )
+        return FrameOutput(f, width, height, tuple(objects), infer_start, time.time())
+
+    # ---------------------------------------------------------------- internals
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.config.bf16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _preprocess(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+        s = self.image_size
+        if self.preprocess == "exact":
+            # Bit for bit what sam2.utils.misc does to a video frame: PIL resize
+            # of the uint8 image (Pillow's default filter), /255 in float64,
+            # then float32 mean/std.
+            rgb = frame.cpu().numpy() if isinstance(frame, torch.Tensor) else frame
+            resized = np.array(Image.fromarray(rgb).resize((s, s)))
+            img = torch.from_numpy(resized / 255.0).permute(2, 0, 1).float().to(self.device)
+        else:
+            t = frame if isinstance(frame, torch.Tensor) else torch.from_numpy(frame)
+            t = t.to(self.device, non_blocking=True).permute(2, 0, 1)[None].float()
+            img = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            img = img[0] / 255.0
+        img -= self._mean
+        img /= self._std
+        return img.unsqueeze(0)
+
+    def _prompt_inputs(self, p: Prompt, height: int, width: int):
+        """Validate a prompt and turn it into sam2's point/mask inputs (model pixels)."""
+        if not isinstance(p.obj_id, (int, np.integer)) or isinstance(p.obj_id, bool) or p.obj_id < 1:
+            raise PromptError(f"object id must be a positive integer, got {p.obj_id!r}")
+        if p.mask is not None:
+            if p.points is not None or p.box is not None:
+                raise PromptError(f"object {p.obj_id}: a mask prompt cannot be combined with points or a box")
+            mask = np.asarray(p.mask)
+            if mask.shape != (height, width):
+                raise PromptError(
+                    f"object {p.obj_id}: mask shape {mask.shape} does not match the frame {(height, width)}"
+                )
+            m = torch.from_numpy(mask.astype(bool))[None, None].float().to(self.device)
+            s = self.image_size
+            if (height, width) != (s, s):
+                # As the official add_new_mask: antialiased bilinear, then >= 0.5.
+                m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+                m = (m >= 0.5).float()
+            return None, m
+        coords, labels = [], []
+        if p.box is not None:
+            box = list(p.box)
+            if len(box) != 4 or not all(math.isfinite(v) for v in box):
+                raise PromptError(f"object {p.obj_id}: a box is 4 finite numbers x0,y0,x1,y1, got {p.box}")
+            x0, y0, x1, y1 = box
+            if not (x0 < x1 and y0 < y1):
+                raise PromptError(f"object {p.obj_id}: box {box} needs x0 < x1 and y0 < y1")
+            _check_inside(p.obj_id, [(x0, y0), (x1, y1)], width, height, "box")
+            coords += [(x0, y0), (x1, y1)]
+            labels += [2, 3]  # sam2's box-corner labels
+        if p.points is not None:
+            if len(p.points) == 0:
+                raise PromptError(f"object {p.obj_id}: empty point list")
+            if p.labels is None or len(p.labels) != len(p.points):
+                raise PromptError(f"object {p.obj_id}: need one label per point")
+            if any(lab not in (0, 1) for lab in p.labels):
+                raise PromptError(f"object {p.obj_id}: point labels must be 1 (foreground) or 0 (background)")
+            pts = [tuple(pt) for pt in p.points]
+            if any(len(pt) != 2 or not all(math.isfinite(v) for v in pt) for pt in pts):
+                raise PromptError(f"object {p.obj_id}: points are (x, y) pairs of finite numbers")
+            _check_inside(p.obj_id, pts, width, height, "point")
+            coords += pts
+            labels += [int(v) for v in p.labels]
+        if not coords:
+            raise PromptError(f"object {p.obj_id}: a prompt needs points, a box or a mask")
+        # Same arithmetic as add_new_points_or_box: normalise by the frame, scale to the model.
+        pts = torch.tensor(coords, dtype=torch.float32)[None]
+        pts = pts / torch.tensor([width, height]) * self.image_size
+        point_inputs = {
+            "point_coords": pts.to(self.device),
+            "point_labels": torch.tensor(labels, dtype=torch.int32)[None].to(self.device),
+        }
+        return point_inputs, None
+
+    def _add_conditioning_frame(self, session, f, obj_id, point_inputs, mask_inputs):
+        m = self.model
+        _, _, feats, pos, sizes = m._get_image_feature(session, f, 1)
+        _, sam_out, _, _ = m._track_step(
+            frame_idx=f, is_init_cond_frame=True, current_vision_feats=feats,
+            current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=point_inputs,
+            mask_inputs=mask_inputs, output_dict={}, num_frames=_ENDLESS,
+            track_in_reverse=False, prev_sam_mask_logits=None,
+        )
+        ious, low_res, obj_ptr, score_logits = sam_out[2], sam_out[3], sam_out[5], sam_out[6]
+        if self.config.fill_hole_area > 0:
+            low_res = fill_holes(low_res, self.config.fill_hole_area)
+        # As the official preflight: memory from the (binarised) mask the user sees.
+        high_res = F.interpolate(
+            low_res.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
+        feats_mem, pos_enc = m._encode_new_memory(
+            current_vision_feats=feats, feat_sizes=sizes, pred_masks_high_res=high_res,
+            object_score_logits=score_logits, is_mask_from_pts=True,
+        )
+        self._keep_pos_enc(pos_enc)
+        track = self._tracks.setdefault(obj_id, _Track(obj_id))
+        track.recent.pop(f, None)
+        track.cond[f] = _Memory(feats_mem.to(torch.bfloat16), obj_ptr)
+        return low_res, score_logits[0, 0], ious.max(dim=-1).values[0]
+
+    def _batches(self, exclude: set[int]) -> list[list[_Track]]:
+        """Group objects whose retained frames coincide: they can share one forward pass."""
+        groups: dict[tuple, list[_Track]] = defaultdict(list)
+        for t in self._tracks.values():
+            if t.obj_id in exclude:
+                continue
+            key = (
+                tuple(sorted(t.cond)),
+                tuple(sorted((k, m.maskmem_features is not None) for k, m in t.recent.items())),
+            )
+            groups[key].append(t)
+        return list(groups.values())
+
+    def _track_batch(self, session, f, tracks: list[_Track]) -> dict[int, tuple]:
+        m = self.model
+        b = len(tracks)
+        _, _, feats, pos, sizes = m._get_image_feature(session, f, b)
+        output_dict = {
+            "cond_frame_outputs": self._stack(tracks, "cond", b),
+            "non_cond_frame_outputs": self._stack(tracks, "recent", b),
+        }
+        current_out, sam_out, _, _ = m._track_step(
+            frame_idx=f, is_init_cond_frame=False, current_vision_feats=feats,
+            current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None,
+            mask_inputs=None, output_dict=output_dict, num_frames=_ENDLESS,
+            track_in_reverse=False, prev_sam_mask_logits=None,
+        )
+        ious, low_res, high_res, obj_ptr, score_logits = (
+            sam_out[2], sam_out[3], sam_out[4], sam_out[5], sam_out[6]
+        )
+        m._encode_memory_in_output(feats, sizes, None, True, high_res, score_logits, current_out)
+        self._keep_pos_enc(current_out["maskmem_pos_enc"])
+        maskmem = current_out["maskmem_features"].to(torch.bfloat16)
+        best_iou = ious.max(dim=-1).values
+        out = {}
+        for k, t in enumerate(tracks):
+            t.recent[f] = _Memory(maskmem[k : k + 1], obj_ptr[k : k + 1])
+            out[t.obj_id] = (low_res[k : k + 1], score_logits[k, 0], best_iou[k])
+        return out
+
+    def _stack(self, tracks: list[_Track], which: str, b: int) -> dict[int, dict]:
+        pos_enc = [x.expand(b, -1, -1, -1) for x in self._maskmem_pos_enc]
+        stacked = {}
+        for t in getattr(tracks[0], which):
+            mems = [getattr(tr, which)[t] for tr in tracks]
+            feats = None
+            if mems[0].maskmem_features is not None:
+                feats = torch.cat([x.maskmem_features for x in mems])
+            # A frame outside the memory window may still lend its pointer; sam2
+            # only reads "maskmem_features" for frames inside the window.
+            stacked[t] = {
+                "maskmem_features": feats,
+                "maskmem_pos_enc": pos_enc,
+                "obj_ptr": torch.cat([x.obj_ptr for x in mems]),
+            }
+        return stacked
+
+    def _keep_pos_enc(self, pos_enc: list[torch.Tensor]) -> None:
+        # The memory position encoding is the same for every frame and object
+        # (the official predictor caches it as a constant too).
+        if self._maskmem_pos_enc is None:
+            self._maskmem_pos_enc = [x[0:1].clone() for x in pos_enc]
+
+    def _prune(self, f: int) -> None:
+        """Drop what frame f+1 will not read (see module docstring)."""
+        next_f = f + 1
+        cap = self.config.max_cond_frames
+        for t in self._tracks.values():
+            for k in [k for k in t.recent if k < next_f - self.ptr_window]:
+                del t.recent[k]
+            for k, mem in t.recent.items():
+                if k < next_f - self.mem_window:
+                    mem.maskmem_features = None
+            if cap is not None and len(t.cond) > cap:
+                keep = set(sorted(t.cond)[-cap:])
+                for k in [k for k in t.cond if k not in keep and k < next_f - self.ptr_window]:
+                    del t.cond[k]
+
+    def _object_output(self, obj_id, mask, logit, iou, now, prompted, logits) -> ObjectOutput:
+        track = self._tracks[obj_id]
+        if logit > 0:
+            track.state, track.absent_since = ObjectState.VISIBLE, None
+        else:
+            if track.absent_since is None:
+                track.absent_since = now
+            lost = now - track.absent_since >= self.config.lost_after
+            track.state = ObjectState.LOST if lost else ObjectState.OCCLUDED
+        return ObjectOutput(
+            obj_id=obj_id, mask=mask, score=1.0 / (1.0 + math.exp(-logit)), object_score_logit=logit,
+            iou=iou, bbox=mask_bbox(mask), area=mask_area(mask), state=track.state, prompted=prompted,
+            logits=logits,
+        )
+
+
+def fill_holes(logits: torch.Tensor, max_area: int) -> torch.Tensor:
+    """Fill background holes of at most ``max_area`` pixels in mask logits.
+
+    What the official ``fill_holes_in_mask_scores`` does with sam2's CUDA
+    extension (8-connected components, holes set to 0.1), here with OpenCV so it
+    runs on any device.  The official predictor silently skips it without that
+    extension, so it is off by default.
+    """
+    out = logits.clone()
+    bg = (logits <= 0).cpu().numpy().astype(np.uint8)
+    for i in range(bg.shape[0]):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(bg[i, 0], connectivity=8)
+        small = [j for j in range(1, n) if stats[j, cv2.CC_STAT_AREA] <= max_area]
+        if small:
+            hole = torch.from_numpy(np.isin(labels, small)).to(out.device)
+            out[i, 0][hole] = 0.1
+    return out
+
+
+def _check_frame(frame) -> tuple[int, int]:
+    if isinstance(frame, torch.Tensor):
+        shape, dtype_ok = tuple(frame.shape), frame.dtype == torch.uint8
+    elif isinstance(frame, np.ndarray):
+        shape, dtype_ok = frame.shape, frame.dtype == np.uint8
+    else:
+        raise UserError(f"a frame must be a numpy array or torch tensor, got {type(frame).__name__}")
+    if len(shape) != 3 or shape[2] != 3 or shape[0] < 1 or shape[1] < 1 or not dtype_ok:
+        raise UserError(f"a frame must be RGB uint8 of shape (H, W, 3), got {shape} {frame.dtype}")
+    return shape[0], shape[1]
+
+
+def _check_inside(obj_id, pts, width, height, what) -> None:
+    for x, y in pts:
+        if not (0 <= x <= width and 0 <= y <= height):
+            raise PromptError(
+                f"object {obj_id}: {what} ({x:g}, {y:g}) is outside the {width}x{height} frame"
+            )
+
+
+def _unique(prompts: list[Prompt]) -> list[Prompt]:
+    seen = set()
+    for p in prompts:
+        if p.obj_id in seen:
+            raise PromptError(f"two prompts for object {p.obj_id} on one frame; merge them into one")
+        seen.add(p.obj_id)
+    return prompts
+

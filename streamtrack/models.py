@@ -1,0 +1,236 @@
+"""Model registry, model building and the one checkpoint loader used everywhere.
+
+Every model is built from the official sam2 hydra configs with the official
+builders (``sam2.build_sam``); streamtrack only adds an input-size override and
+a stricter checkpoint check that names the model and the file when they do not
+match.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streamtrack.errors import CheckpointError, UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sam2.1_hiera_tiny"
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+_BASE_URL_SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/072824"
+_BASE_URL_SAM21 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One official SAM 2 checkpoint: its hydra config and where to get it."""
+
+    name: str
+    config: str
+    url: str
+    size_mb: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.pt"
+
+    def default_path(self, checkpoint_dir: Path | None = None) -> Path:
+        return (checkpoint_dir or CHECKPOINT_DIR) / self.filename
+
+
+def _spec(family: str, size: str, short: str, size_mb: int) -> ModelSpec:
+    name = f"{family}_hiera_{size}"
+    base = _BASE_URL_SAM21 if family == "sam2.1" else _BASE_URL_SAM2
+    return ModelSpec(
+        name=name,
+        config=f"configs/{family}/{family}_hiera_{short}.yaml",
+        url=f"{base}/{name}.pt",
+        size_mb=size_mb,
+    )
+
+
+MODELS: dict[str, ModelSpec] = {
+    s.name: s
+    for family in ("sam2", "sam2.1")
+    for s in (
+        _spec(family, "tiny", "t", 149),
+        _spec(family, "small", "s", 176),
+        _spec(family, "base_plus", "b+", 309),
+        _spec(family, "large", "l", 856),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+
+
+def check_image_size(image_size: int) -> int:
+    # Hiera downsamples by 32 overall and the memory encoder by 16; anything that
+    # is not a multiple of 32 would make the feature grids disagree.
+    if not isinstance(image_size, int) or image_size < 64 or image_size % 32:
+        raise UserError(f"image size must be a multiple of 32 and at least 64, got {image_size}")
+    return image_size
+
+
+def hydra_overrides(image_size: int | None) -> list[str]:
+    """Overrides that change the model input resolution.
+
+    ``image_size`` drives the prompt encoder, mask decoder and memory encoder;
+    the RoPE memory attention is told the new feature grid so it does not
+    recompute its frequencies on the first frame (it would, correctly, anyway).
+    """
+    if image_size is None:
+        return []
+    check_image_size(image_size)
+    grid = image_size // 16
+    attn = "++model.memory_attention.layer"
+    return [
+        f"++model.image_size={image_size}",
+        f"{attn}.self_attention.feat_sizes=[{grid},{grid}]",
+        f"{attn}.cross_attention.feat_sizes=[{grid},{grid}]",
+    ]
+
+
+def build_model(
+    name: str = DEFAULT_MODEL,
+    checkpoint: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+    kind: str = "video",
+    random_init: bool = False,
+) -> torch.nn.Module:
+    """Build an official SAM 2 model and load its checkpoint.
+
+    ``kind="video"`` builds ``SAM2VideoPredictor`` (the configuration the official
+    video predictor uses, which the streaming engine also runs); ``kind="image"``
+    builds the plain ``SAM2Base`` used by ``SAM2ImagePredictor``.
+    ``checkpoint=None`` means ``checkpoints/<name>.pt``; ``random_init=True``
+    skips loading (tests and benchmarks only).
+    """
+    from sam2.build_sam import build_sam2, build_sam2_video_predictor
+
+    spec = get_spec(name)
+    builder = {"video": build_sam2_video_predictor, "image": build_sam2}.get(kind)
+    if builder is None:
+        raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+    path = None
+    if not random_init:
+        path = Path(checkpoint) if checkpoint else spec.default_path()
+        if not path.exists():
+            raise CheckpointError(missing_checkpoint_message(spec, path))
+    model = builder(
+        spec.config, ckpt_path=None, device="cpu", hydra_overrides_extra=hydra_overrides(image_size)
+    )
+    if path is not None:
+        load_checkpoint(model, path, spec.name)
+    return model.to(device).eval()
+
+
+def missing_checkpoint_message(spec: ModelSpec, path: Path) -> str:
+    return (
+        f"checkpoint for {spec.name} not found at {path}; run `streamtrack download {spec.name}`"
+        f" or fetch {spec.url} and save it as {spec.default_path()} (or pass --checkpoint FILE)"
+    )
+
+
+def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
+    """Read an official-format checkpoint (a dict with key ``model``), safely.
+
+    ``weights_only=True``: a checkpoint is data, never code.
+    """
+    path = Path(path)
+    where = f"checkpoint {path} for {model_name}"
+    if not path.is_file():
+        raise CheckpointError(f"{where}: no such file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where} is not a readable PyTorch checkpoint ({first})") from None
+    if not isinstance(blob, dict) or "model" not in blob or not isinstance(blob["model"], dict):
+        raise CheckpointError(
+            f"{where} is not in the official format (a dict with key 'model' holding the state dict)"
+        )
+    return blob["model"]
+
+
+def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, model_name: str) -> None:
+    """Refuse a state dict whose keys or shapes differ from the model's."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} tensors of the wrong shape (e.g. {wrong_shape[0]})")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not match model {model_name}: " + "; ".join(problems)
+        )
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path, model_name: str) -> None:
+    """The one checkpoint loader: read, check against the model, load strictly."""
+    state = read_state_dict(path, model_name)
+    check_state_dict(model, state, path, model_name)
+    model.load_state_dict(state, strict=True)
+    log.info("loaded %s from %s", model_name, path)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is a user error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UserError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available here")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' requested but MPS is not available here")
+    return torch.device(device)
+
+
+def save_random_checkpoint(
+    name: str, path: str | Path, *, seed: int = 0, sharpen: bool = True
+) -> Path:
+    """Write a seeded random-weight checkpoint of ``name`` in the official format.
+
+    No trained weights can be assumed offline, so tests and benchmarks run the
+    real architecture on random weights.  Random init gives near-zero mask logits
+    (about ±0.05); ``sharpen`` scales the mask decoder's hypernetwork output
+    layers by 100 and lifts the object-score bias by 2, so masks depend on the
+    prompt and the memory, which makes equivalence tests sharper.  Test-only.
+    """
+    torch.manual_seed(seed)
+    model = build_model(name, random_init=True)
+    state = model.state_dict()
+    if sharpen:
+        for k in state:
+            if k.startswith("sam_mask_decoder.output_hypernetworks_mlps.") and ".layers.2." in k:
+                state[k] = state[k] * 100.0
+        state["sam_mask_decoder.pred_obj_score_head.layers.2.bias"] += 2.0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state}, path)
+    return path

@@ -1,0 +1,103 @@
+"""Result writers: JSONL (one result per line), DAVIS-style palette PNGs, overlay MP4.
+
+Each writer is closed in a ``finally`` by the pipeline, so an interrupted run
+still leaves complete lines, images and a playable video.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from streamtrack.errors import UserError
+from streamtrack.overlay import PALETTE
+from streamtrack.protocol import FrameResult
+
+
+def _prepare(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder for {what} {path}: {e.strerror}") from None
+    return path
+
+
+class JsonlWriter:
+    def __init__(self, path: str | Path):
+        self.path = _prepare(path, "--save-jsonl")
+        try:
+            self._file = open(self.path, "w", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror}") from None
+
+    def write(self, result: FrameResult) -> None:
+        # One whole line per write, flushed: a reader (or a crash) never sees half a line.
+        self._file.write(result.to_json() + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MaskPngWriter:
+    """One palette PNG per frame, pixel value = object id (0 = background), as DAVIS."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --save-masks folder {self.folder}: {e.strerror}") from None
+        palette = [0, 0, 0] + [c for rgb in PALETTE for c in rgb] * 26
+        self._palette = palette[: 256 * 3]
+
+    def write(self, frame_id: int, masks: dict[int, np.ndarray], shape: tuple[int, int]) -> None:
+        labels = np.zeros(shape, np.uint8)
+        for obj_id, mask in sorted(masks.items()):
+            if obj_id > 255:
+                raise UserError(f"--save-masks stores object ids up to 255, got {obj_id}")
+            labels[mask] = obj_id
+        img = Image.fromarray(labels, mode="P")
+        img.putpalette(self._palette)
+        img.save(self.folder / f"{frame_id:06d}.png")
+
+    def close(self) -> None:
+        pass
+
+
+class VideoWriter:
+    """Overlay video (H.264 MP4 via PyAV), opened lazily at the first frame's size."""
+
+    def __init__(self, path: str | Path, fps: float = 30.0):
+        self.path = _prepare(path, "--save-video")
+        self.fps = fps
+        self._container = None
+        self._stream = None
+
+    def write(self, rgb: np.ndarray) -> None:
+        import av
+
+        if self._container is None:
+            try:
+                self._container = av.open(str(self.path), mode="w")
+            except (OSError, av.FFmpegError) as e:
+                raise UserError(f"cannot write video {self.path}: {e}") from None
+            stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
+            h, w = rgb.shape[:2]
+            stream.width, stream.height = w - w % 2, h - h % 2
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "23", "preset": "veryfast"}
+            self._stream = stream
+        s = self._stream
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: s.height, : s.width]), format="rgb24")
+        self._container.mux(s.encode(frame))
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.mux(self._stream.encode(None))
+            self._container.close()
+            self._container = None

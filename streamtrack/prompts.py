@@ -1,0 +1,146 @@
+"""Prompts from the command line (``--box``, ``--point``) and prompts files.
+
+A prompts file is a JSON list; each entry prompts one object on one frame::
+
+    [{"obj_id": 1, "frame": 0, "box": [x0, y0, x1, y1]},
+     {"obj_id": 2, "frame": 0, "points": [[x, y], [x, y]], "labels": [1, 0]},
+     {"obj_id": 3, "frame": 30, "mask": "mask.png"}]
+
+``mask`` is a PNG path (relative to the file; non-zero = object) or a COCO RLE dict.
+Geometry is checked against the frame by the engine when the frame arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from streamtrack.engine import Prompt
+from streamtrack.errors import UserError
+
+_FIELDS = {"obj_id", "frame", "box", "points", "labels", "mask"}
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    values = _numbers(text, "--box", "x0,y0,x1,y1")
+    if len(values) != 4:
+        raise UserError(f"--box {text!r}: expected x0,y0,x1,y1")
+    return tuple(values)  # type: ignore[return-value]
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    values = _numbers(text, "--point", "x,y[,label]")
+    if len(values) not in (2, 3):
+        raise UserError(f"--point {text!r}: expected x,y or x,y,label")
+    label = 1 if len(values) == 2 else values[2]
+    if label not in (0, 1):
+        raise UserError(f"--point {text!r}: label must be 1 (foreground) or 0 (background)")
+    return values[0], values[1], int(label)
+
+
+def _numbers(text: str, flag: str, form: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected numbers as {form}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{flag} {text!r}: numbers must be finite")
+    return values
+
+
+def from_cli(boxes: list[str] | None, points: list[str] | None) -> dict[int, list[Prompt]]:
+    """Each ``--box`` is a new object (ids 1, 2, ...); all ``--point``s are one more object."""
+    prompts = [Prompt.make(i, box=parse_box(b)) for i, b in enumerate(boxes or [], start=1)]
+    if points:
+        parsed = [parse_point(p) for p in points]
+        prompts.append(
+            Prompt.make(len(prompts) + 1, points=[p[:2] for p in parsed], labels=[p[2] for p in parsed])
+        )
+    return {0: prompts} if prompts else {}
+
+
+def load_prompts_file(path: str | Path) -> dict[int, list[Prompt]]:
+    """Read a prompts file into {frame: [Prompt, ...]}; every entry is checked."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"prompts file {path} not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"prompts file {path} is not valid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"prompts file {path}: expected a non-empty JSON list of prompts")
+    by_frame: dict[int, list[Prompt]] = defaultdict(list)
+    for i, entry in enumerate(entries):
+        where = f"prompts file {path}, entry {i}"
+        prompt, frame = _entry(entry, where, path.parent)
+        if any(p.obj_id == prompt.obj_id for p in by_frame[frame]):
+            raise UserError(f"{where}: object {prompt.obj_id} is prompted twice on frame {frame}")
+        by_frame[frame].append(prompt)
+    return dict(by_frame)
+
+
+def _entry(entry, where: str, base: Path) -> tuple[Prompt, int]:
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: expected an object like {{\"obj_id\": 1, \"box\": [...]}}")
+    unknown = set(entry) - _FIELDS
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_FIELDS)}")
+    obj_id, frame = entry.get("obj_id"), entry.get("frame", 0)
+    if not isinstance(obj_id, int) or isinstance(obj_id, bool) or obj_id < 1:
+        raise UserError(f"{where}: obj_id must be a positive integer")
+    if not isinstance(frame, int) or isinstance(frame, bool) or frame < 0:
+        raise UserError(f"{where}: frame must be a non-negative integer")
+    box, points, labels, mask = (entry.get(k) for k in ("box", "points", "labels", "mask"))
+    if box is None and points is None and mask is None:
+        raise UserError(f"{where}: give a box, points or a mask")
+    try:
+        if box is not None:
+            box = np.asarray(box, dtype=float)
+            if box.shape != (4,):
+                raise ValueError("box must be [x0, y0, x1, y1]")
+        if points is not None:
+            points = np.asarray(points, dtype=float)
+            if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
+                raise ValueError("points must be a non-empty list of [x, y]")
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.ndim != 1 or not np.isin(labels, (0, 1)).all():
+                raise ValueError("labels must be a list of 0 (background) / 1 (foreground)")
+            if points is None or len(labels) != len(points):
+                raise ValueError("labels need points, one label per point")
+        if mask is not None:
+            mask = _load_mask(mask, base)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: {e}") from None
+    return Prompt.make(obj_id, points=points, labels=labels, box=box, mask=mask), frame
+
+
+def _load_mask(mask, base: Path) -> np.ndarray:
+    if isinstance(mask, dict):
+        from streamtrack.protocol import decode_mask
+
+        return decode_mask(mask)
+    if isinstance(mask, str):
+        from PIL import Image
+
+        p = base / mask
+        if not p.is_file():
+            raise ValueError(f"mask file {p} not found")
+        return np.array(Image.open(p).convert("L")) > 0
+    raise ValueError("mask must be a PNG path or a COCO RLE {size, counts}")
+
+
+def merge(*sources: dict[int, list[Prompt]]) -> dict[int, list[Prompt]]:
+    merged: dict[int, list[Prompt]] = defaultdict(list)
+    for src in sources:
+        for frame, prompts in src.items():
+            for p in prompts:
+                if any(q.obj_id == p.obj_id for q in merged[frame]):
+                    raise UserError(f"object {p.obj_id} is prompted twice on frame {frame}")
+                merged[frame].append(p)
+    return dict(merged)

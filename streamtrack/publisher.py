@@ -1,0 +1,241 @@
+"""ZeroMQ PUB side: one message per processed frame, plus status, stats and frames.
+
+The tracker must never wait for a subscriber, so every send is non-blocking with a
+small high-water mark: a subscriber that falls behind loses messages inside
+ZeroMQ (and sees the gap in ``seq``), the tracker never notices.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import zmq
+
+from streamtrack.errors import UserError
+from streamtrack.protocol import (
+    FrameHeader,
+    FrameResult,
+    Latency,
+    Stats,
+    StatusEvent,
+    frames_topic,
+    masks_topic,
+    normalize_endpoint,
+    now,
+    stats_topic,
+    status_topic,
+    validate_stream,
+)
+
+DEFAULT_PUBLISH_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_SNDHWM = 16  # messages per subscriber; a few frames of slack, then drop
+
+
+def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
+    """Bind ``sock`` and return the endpoint actually bound (port resolved).
+
+    ZeroMQ errors become :class:`UserError` with a message a CLI can print as is.
+    """
+    ep = normalize_endpoint(endpoint)
+    try:
+        sock.bind(ep)
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(
+                f"cannot bind {what} endpoint {ep}: address already in use "
+                "(is another streamtrack running? choose another port)"
+            ) from exc
+        raise UserError(f"cannot bind {what} endpoint {ep}: {exc}") from exc
+    last = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return last.decode() if isinstance(last, bytes) and last else ep
+
+
+def connect_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
+    """Connect ``sock`` (asynchronous in ZeroMQ: the peer may come up later)."""
+    ep = normalize_endpoint(endpoint)
+    try:
+        sock.connect(ep)
+    except zmq.ZMQError as exc:
+        raise UserError(f"cannot connect {what} to {ep}: {exc}") from exc
+    return ep
+
+
+class Publisher:
+    """Publishes results on ``masks/<stream>``, events on ``status/<stream>``,
+    stats on ``stats/<stream>`` and (optionally) JPEG frames on ``frames/<stream>``.
+
+    Thread-safe: the capture thread may publish status events while the engine loop
+    publishes results (a ZeroMQ socket itself must not be shared, hence the lock).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | int = DEFAULT_PUBLISH_ENDPOINT,
+        stream: str = "cam0",
+        *,
+        sndhwm: int = DEFAULT_SNDHWM,
+        context: zmq.Context | None = None,
+        clock: Callable[[], float] = now,
+    ) -> None:
+        self.stream = validate_stream(stream)
+        self._clock = clock
+        self._lock = threading.Lock()
+        ctx = context or zmq.Context.instance()
+        self._sock = ctx.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self._sock.setsockopt(zmq.LINGER, 0)  # close() must never wait on a dead subscriber
+        try:
+            self.endpoint = bind_socket(self._sock, endpoint, "publish")
+        except BaseException:
+            self._sock.close(linger=0)
+            raise
+        self.sent = 0
+        self.send_failures = 0  # sends refused by ZeroMQ (should be ~0 for PUB)
+
+    # ---------------------------------------------------------------- plumbing
+    def _send(self, parts: list[bytes]) -> bool:
+        with self._lock:
+            if self._sock.closed:
+                raise UserError("publisher is closed")
+            try:
+                self._sock.send_multipart(parts, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                # PUB normally drops silently at the HWM; Again only shows up on some
+                # transports. Either way the tracker must not wait: count and move on.
+                self.send_failures += 1
+                return False
+            self.sent += 1
+            return True
+
+    # ------------------------------------------------------------------ public
+    def publish_result(self, result: FrameResult) -> FrameResult:
+        """Send one frame's result; returns it with ``t.publish`` filled in.
+
+        The returned object is what went on the wire, so a JSONL writer can record
+        exactly the same thing.
+        """
+        stamped = result.with_timestamps(publish=self._clock())
+        self._send([masks_topic(stamped.stream).encode(), stamped.to_json().encode()])
+        return stamped
+
+    def publish_status(
+        self, event: StatusEvent | str, data: Mapping[str, Any] | None = None, **fields: Any
+    ) -> StatusEvent:
+        """Send a status event: a ready :class:`StatusEvent`, or a kind plus its fields.
+
+        ``publish_status("source_state", old="connecting", new="streaming")``.
+        """
+        if isinstance(event, str):
+            event = StatusEvent(
+                stream=self.stream, kind=event, time=self._clock(),
+                data={**(data or {}), **fields},
+            )
+        self._send([status_topic(event.stream).encode(), event.to_json().encode()])
+        return event
+
+    def publish_stats(self, stats: Stats) -> None:
+        self._send([stats_topic(stats.stream).encode(), stats.to_json().encode()])
+
+    def publish_frame(self, frame_id: int, rgb: np.ndarray, *, quality: int = 80) -> bool:
+        """Send an RGB uint8 frame as JPEG on ``frames/<stream>`` (for remote viewers)."""
+        import cv2  # only needed by this optional feature
+
+        img = np.asarray(rgb)
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise UserError(f"publish_frame needs an HxWx3 uint8 RGB array, got "
+                            f"{img.dtype} {img.shape}")
+        ok, jpeg = cv2.imencode(
+            ".jpg", np.ascontiguousarray(img[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality]
+        )
+        if not ok:
+            raise UserError("JPEG encoding failed")
+        header = FrameHeader(
+            stream=self.stream, frame_id=frame_id, width=img.shape[1], height=img.shape[0],
+            time=self._clock(),
+        )
+        return self._send([frames_topic(self.stream).encode(), header.to_json().encode(),
+                           jpeg.tobytes()])
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._sock.closed:
+                self._sock.close(linger=0)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StatsWindow:
+    """Sliding window over the last ``size`` frames: per-stage latency p50/p95 and fps.
+
+    Stages derived from a result's timestamps: ``queue`` (capture→dequeue),
+    ``infer`` (infer_start→infer_end) and ``total`` (capture→publish, or
+    capture→infer_end before publishing). Other stages can be fed with
+    :meth:`add_sample`.
+    """
+
+    def __init__(self, size: int = 120, stream: str = "cam0") -> None:
+        if size < 2:
+            raise ValueError("StatsWindow size must be >= 2")
+        self.size = size
+        self.stream = validate_stream(stream)
+        self.frames = 0
+        self._done: deque[float] = deque(maxlen=size)
+        self._stages: dict[str, deque[float]] = {}
+
+    def add_sample(self, stage: str, seconds: float) -> None:
+        self._stages.setdefault(stage, deque(maxlen=self.size)).append(float(seconds))
+
+    def add(self, result: FrameResult, at: float | None = None) -> None:
+        """Record one processed frame; ``at`` is its completion time (default: from ``t``)."""
+        t = result.t
+        if t.capture is not None and t.dequeue is not None:
+            self.add_sample("queue", t.dequeue - t.capture)
+        if t.infer_start is not None and t.infer_end is not None:
+            self.add_sample("infer", t.infer_end - t.infer_start)
+        end = t.publish if t.publish is not None else t.infer_end
+        if t.capture is not None and end is not None:
+            self.add_sample("total", end - t.capture)
+        done = at if at is not None else end if end is not None else now()
+        self._done.append(done)
+        self.frames += 1
+
+    def fps(self) -> float:
+        if len(self._done) < 2:
+            return 0.0
+        span = self._done[-1] - self._done[0]
+        return (len(self._done) - 1) / span if span > 0 else 0.0
+
+    def latency(self) -> dict[str, Latency]:
+        out = {}
+        for stage, samples in self._stages.items():
+            if samples:
+                p50, p95 = np.percentile(np.fromiter(samples, dtype=float), [50, 95])
+                out[stage] = Latency(p50=float(p50), p95=float(p95))
+        return out
+
+    def snapshot(
+        self,
+        *,
+        dropped: Mapping[str, int] | None = None,
+        memory_bytes: int | None = None,
+        time: float | None = None,
+    ) -> Stats:
+        """A :class:`Stats` message for ``publish_stats``."""
+        return Stats(
+            stream=self.stream,
+            time=now() if time is None else time,
+            fps=self.fps(),
+            latency=self.latency(),
+            dropped=dict(dropped or {}),
+            memory_bytes=memory_bytes,
+            frames=self.frames,
+        )

@@ -1,0 +1,374 @@
+"""Video sources: what a source string means, and how raw frames are read from it.
+
+Webcams (an index such as ``0`` or a device path such as ``/dev/video0``) are read
+through OpenCV's V4L2 backend; files and network URLs (``rtsp://``, ``http(s)://``,
+...) through PyAV. Readers only decode: threading, buffering, reconnecting and
+state live in :mod:`streamtrack.capture`.
+
+Decoded frames stay in their native form (an ``av.VideoFrame`` or OpenCV's BGR
+array) inside a :class:`RawFrame`; the RGB conversion runs only when the capture
+stage hands the frame to a consumer, so frames that get dropped are never
+converted.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import av
+import cv2
+import numpy as np
+from av.codec.context import Flags as CodecFlags
+
+from streamtrack.errors import UserError
+
+__all__ = [
+    "NETWORK_SCHEMES",
+    "FrameReader",
+    "RawFrame",
+    "SourceKind",
+    "SourceSpec",
+    "VideoCaptureFactory",
+    "VideoCaptureLike",
+    "describe_error",
+    "open_pyav",
+    "open_webcam",
+    "parse_source",
+    "redact_url",
+]
+
+#: URL schemes handed to PyAV as live network streams.
+NETWORK_SCHEMES = frozenset(
+    {"rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt"}
+)
+
+# Probe only a little of a live stream before the first frame: RTSP carries the
+# H.264 parameters in its SDP, so long probing only adds start-up latency.
+_LIVE_PROBESIZE = "32768"
+_LIVE_ANALYZEDURATION_US = "200000"
+
+
+class SourceKind(str, Enum):
+    """What kind of thing a source string names."""
+
+    FILE = "file"
+    NETWORK = "network"
+    WEBCAM = "webcam"
+
+    @property
+    def live(self) -> bool:
+        """Live sources never end by themselves: EOF or an error is a disconnect."""
+        return self is not SourceKind.FILE
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed source string."""
+
+    kind: SourceKind
+    target: str | int  # file path, URL, webcam index or device path
+    name: str  # a short, credential-free default name for logs and topics
+
+    @property
+    def display(self) -> str:
+        """The target as safe to print (URL credentials hidden)."""
+        if self.kind is SourceKind.NETWORK:
+            return redact_url(str(self.target))
+        return str(self.target)
+
+
+def redact_url(url: str) -> str:
+    """Hide the user:password part of a URL so it never reaches logs or errors."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc="***@" + host))
+
+
+_SOURCE_HELP = (
+    "use a video file path, a webcam index such as 0, a device such as /dev/video0, "
+    "or an rtsp://, rtsps://, http(s):// URL"
+)
+
+
+def parse_source(source: str | int) -> SourceSpec:
+    """Classify a source string; raises :class:`UserError` for what cannot be a source.
+
+    Only the form is checked here (and that a file exists); opening happens later.
+    """
+    if isinstance(source, int):
+        return _webcam_spec(source)
+    text = source.strip()
+    if not text:
+        raise UserError(f"empty video source: {_SOURCE_HELP}")
+    if text.isdigit():
+        return _webcam_spec(int(text))
+    if text.startswith("/dev/"):
+        return SourceSpec(SourceKind.WEBCAM, text, os.path.basename(text))
+    if "://" in text:
+        return _url_spec(text)
+    return _file_spec(text)
+
+
+def _webcam_spec(index: int) -> SourceSpec:
+    if index < 0:
+        raise UserError(f"webcam index must be >= 0, got {index}")
+    return SourceSpec(SourceKind.WEBCAM, index, f"webcam{index}")
+
+
+def _url_spec(text: str) -> SourceSpec:
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return _file_spec(parts.path)
+    if scheme not in NETWORK_SCHEMES:
+        raise UserError(f"unsupported video source scheme '{scheme}://': {_SOURCE_HELP}")
+    if not parts.hostname:
+        raise UserError(f"video source URL has no host: {redact_url(text)}")
+    name = parts.hostname + (parts.path.rstrip("/") or "")
+    return SourceSpec(SourceKind.NETWORK, text, name)
+
+
+def _file_spec(path: str) -> SourceSpec:
+    if not os.path.exists(path):
+        raise UserError(f"video file not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"video source is a directory, not a file: {path}")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return SourceSpec(SourceKind.FILE, path, stem or "file")
+
+
+@dataclass(frozen=True, eq=False)
+class RawFrame:
+    """A decoded frame not yet converted to RGB.
+
+    ``convert`` does the (only) conversion to an RGB ``uint8`` array; it keeps a
+    reference to the decoded frame, so holding a RawFrame keeps that frame alive.
+    """
+
+    pts: float | None
+    convert: Callable[[], np.ndarray]
+
+
+class FrameReader(Protocol):
+    """An opened source. ``frames()`` ends at end of stream and raises on errors."""
+
+    @property
+    def fps(self) -> float | None: ...
+
+    @property
+    def decode_errors(self) -> int: ...
+
+    def frames(self) -> Iterator[RawFrame]: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------
+# PyAV: files and network streams
+
+
+def _pyav_options(url: str, read_timeout: float) -> dict[str, str]:
+    """Low-latency demuxer options for a live network stream."""
+    options = {
+        "fflags": "nobuffer",
+        "probesize": _LIVE_PROBESIZE,
+        "analyzeduration": _LIVE_ANALYZEDURATION_US,
+        # Socket I/O timeout (microseconds), so a silent server cannot block a read.
+        "timeout": str(int(read_timeout * 1_000_000)),
+    }
+    if urlsplit(url).scheme.lower() in ("rtsp", "rtsps"):
+        # TCP interleaving: no UDP ports to open, no packet loss artefacts.
+        options["rtsp_transport"] = "tcp"
+    return options
+
+
+class PyAVReader:
+    """Decodes the first video stream of a container opened with PyAV."""
+
+    def __init__(self, container: av.container.InputContainer, live: bool) -> None:
+        self._container = container
+        if not container.streams.video:
+            container.close()
+            raise ValueError("no video stream")
+        self._stream = container.streams.video[0]
+        codec = self._stream.codec_context
+        # Slice and frame threads where the codec supports them.
+        self._stream.thread_type = "AUTO"
+        if live:
+            # low_delay makes libavcodec skip frame threading (each frame thread
+            # holds back one frame), keeping slice threads: no added latency.
+            codec.flags |= CodecFlags.low_delay
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        self._fps = float(rate) if rate else None
+        self._decode_errors = 0
+
+    @property
+    def fps(self) -> float | None:
+        return self._fps
+
+    @property
+    def decode_errors(self) -> int:
+        return self._decode_errors
+
+    def frames(self) -> Iterator[RawFrame]:
+        # demux() ends with an empty packet per stream that flushes the decoder.
+        for packet in self._container.demux(self._stream):
+            try:
+                decoded = packet.decode()
+            except av.InvalidDataError:
+                # One damaged packet (e.g. a reference lost on reconnect) costs a
+                # frame, not the stream.
+                self._decode_errors += 1
+                continue
+            for frame in decoded:
+                yield RawFrame(frame.time, functools.partial(frame.to_ndarray, format="rgb24"))
+
+    def close(self) -> None:
+        self._container.close()
+
+
+def open_pyav(
+    spec: SourceSpec, open_timeout: float, read_timeout: float
+) -> PyAVReader:
+    """Open a file or a network stream. Network errors propagate as PyAV/OS errors;
+    file errors become :class:`UserError`, since they are bad input."""
+    target = str(spec.target)
+    if spec.kind is SourceKind.NETWORK:
+        container = av.open(
+            target,
+            options=_pyav_options(target, read_timeout),
+            timeout=(open_timeout, read_timeout),
+        )
+        try:
+            return PyAVReader(container, live=True)
+        except ValueError as exc:
+            raise ConnectionError(f"{spec.display}: {exc}") from None
+    try:
+        container = av.open(target, timeout=(open_timeout, read_timeout))
+        return PyAVReader(container, live=False)
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read video file {target}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, one-line reason from a PyAV/OS error (without the repeated path)."""
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, av.InvalidDataError):
+        reason += " (corrupt or unsupported format)"
+    return " ".join(str(reason).split())
+
+
+def describe_error(exc: BaseException, spec: SourceSpec) -> str:
+    """One line for the status/last-error of a live source, credentials hidden."""
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if spec.kind is SourceKind.NETWORK:
+        text = text.replace(str(spec.target), spec.display)
+    return text
+
+
+# ---------------------------------------------------------------------------
+# OpenCV: webcams
+
+
+class VideoCaptureLike(Protocol):
+    """The part of ``cv2.VideoCapture`` the webcam reader uses (fakes implement it)."""
+
+    def isOpened(self) -> bool: ...  # noqa: N802 - OpenCV's name
+
+    def read(self) -> tuple[bool, Any]: ...
+
+    def release(self) -> None: ...
+
+    def get(self, prop: int) -> float: ...
+
+    def set(self, prop: int, value: float) -> bool: ...
+
+
+VideoCaptureFactory = Callable[[str | int], VideoCaptureLike]
+
+
+def _v4l2_capture(target: str | int) -> VideoCaptureLike:
+    return cv2.VideoCapture(target, cv2.CAP_V4L2)
+
+
+def _bgr_to_rgb(image: np.ndarray) -> np.ndarray:
+    code = cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB
+    return cv2.cvtColor(image, code)
+
+
+class OpenCVReader:
+    """Reads a webcam through a ``cv2.VideoCapture``-like object."""
+
+    def __init__(self, capture: VideoCaptureLike, read_timeout: float) -> None:
+        self._capture = capture
+        # One driver buffer: older frames queued in the driver are latency.
+        capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        # Bound a blocked read (backends without support just return False).
+        capture.set(cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_timeout * 1000.0)
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        self._fps = float(fps) if fps and fps > 0 else None
+
+    @property
+    def fps(self) -> float | None:
+        return self._fps
+
+    @property
+    def decode_errors(self) -> int:
+        return 0
+
+    def frames(self) -> Iterator[RawFrame]:
+        while True:
+            ok, image = self._capture.read()
+            if not ok or image is None:
+                return  # unplugged or read timeout: the capture stage reconnects
+            msec = self._capture.get(cv2.CAP_PROP_POS_MSEC)
+            pts = msec / 1000.0 if msec and msec > 0 else None
+            yield RawFrame(pts, functools.partial(_bgr_to_rgb, image))
+
+    def close(self) -> None:
+        self._capture.release()
+
+
+def open_webcam(
+    spec: SourceSpec,
+    read_timeout: float,
+    factory: VideoCaptureFactory | None = None,
+) -> OpenCVReader:
+    """Open a webcam; raises :class:`UserError` if it does not exist or will not open."""
+    if factory is None:
+        _check_device_exists(spec)
+        factory = _v4l2_capture
+    capture = factory(spec.target)
+    if not capture.isOpened():
+        capture.release()
+        raise UserError(f"cannot open webcam {spec.target}: device busy or not a camera")
+    return OpenCVReader(capture, read_timeout)
+
+
+def _check_device_exists(spec: SourceSpec) -> None:
+    """Fail fast with a clear message instead of OpenCV's warnings (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    path = spec.target if isinstance(spec.target, str) else f"/dev/video{spec.target}"
+    if os.path.exists(path):
+        return
+    found = sorted(n for n in _listdir("/dev") if n.startswith("video"))
+    available = ", ".join("/dev/" + n for n in found) or "none"
+    raise UserError(f"webcam {spec.target} not found: {path} does not exist "
+                    f"(available: {available})")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

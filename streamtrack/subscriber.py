@@ -1,0 +1,371 @@
+"""ZeroMQ SUB side with newest-only delivery.
+
+A receive thread drains the socket as fast as messages arrive and keeps only the
+newest message per topic, so a slow consumer (a viewer drawing at 10 fps, a user's
+script doing heavy work) never builds a backlog, never sees stale masks and never
+slows the tracker. Status events are the exception: they are rare and each one
+matters, so they go to a small bounded queue instead of being overwritten.
+
+    from streamtrack.subscriber import Subscriber
+    with Subscriber("tcp://127.0.0.1:5555") as sub:
+        for msg in sub: print(msg.result.frame_id, [o.obj_id for o in msg.result.objects])
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import zmq
+
+from streamtrack.errors import UserError
+from streamtrack.protocol import (
+    FrameHeader,
+    FrameResult,
+    ObjectResult,
+    ProtocolError,
+    Stats,
+    StatusEvent,
+    decode_mask,
+    now,
+    parse_topic,
+)
+from streamtrack.publisher import connect_socket
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SUBSCRIBE_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 4K frame with many complex masks fits
+_POLL_MS = 50  # how long the receive thread waits before re-checking for close()
+
+
+@dataclass(frozen=True)
+class Message:
+    """One received message. Exactly one of ``result``/``status``/``stats``/``jpeg``
+    is set, according to ``kind`` (``masks``/``status``/``stats``/``frames``).
+
+    ``skipped`` counts the messages of this stream and kind that were never handed to
+    the consumer before this one (lost on the network or replaced by a newer one
+    while the consumer was busy); it is 0 when the consumer keeps up.
+    """
+
+    topic: str
+    kind: str
+    stream: str
+    received: float
+    result: FrameResult | None = None
+    status: StatusEvent | None = None
+    stats: Stats | None = None
+    frame: FrameHeader | None = None
+    jpeg: bytes | None = None
+    skipped: int = 0
+
+    @property
+    def seq(self) -> int | None:
+        return None if self.result is None else self.result.seq
+
+    @property
+    def objects(self) -> tuple[ObjectResult, ...]:
+        return () if self.result is None else self.result.objects
+
+    def mask(self, obj_id: int) -> np.ndarray | None:
+        """Boolean HxW mask of ``obj_id``, decoded now (None if absent or sent without RLE)."""
+        if self.result is None:
+            return None
+        obj = self.result.object(obj_id)
+        return None if obj is None or obj.rle is None else decode_mask(obj.rle)
+
+    def masks(self) -> dict[int, np.ndarray]:
+        """All objects' masks, decoded now."""
+        return {o.obj_id: decode_mask(o.rle) for o in self.objects if o.rle is not None}
+
+    def image(self) -> np.ndarray | None:
+        """The RGB uint8 frame of a ``frames/`` message."""
+        if self.jpeg is None:
+            return None
+        import cv2
+
+        bgr = cv2.imdecode(np.frombuffer(self.jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
+        return None if bgr is None else bgr[..., ::-1].copy()
+
+    def latency(self) -> float | None:
+        """Capture→receive seconds of a masks message (same-machine clocks)."""
+        if self.result is None or self.result.t.capture is None:
+            return None
+        return self.received - self.result.t.capture
+
+
+@dataclass
+class StreamCounters:
+    """What happened to one stream's masks messages on this subscriber."""
+
+    received: int = 0
+    missed: int = 0  # seq numbers that never arrived (dropped by ZeroMQ / network)
+    superseded: int = 0  # arrived but replaced by a newer one before the consumer read it
+    restarts: int = 0  # seq went backwards: the publisher restarted
+    last_seq: int | None = None
+
+    @property
+    def gaps(self) -> int:
+        """Messages the consumer never saw, for any reason."""
+        return self.missed + self.superseded
+
+
+@dataclass
+class _Slot:
+    msg: Message
+    pending: bool = True
+    seq_delivered: int | None = None
+    skipped: int = 0  # superseded since the last delivery
+
+
+@dataclass
+class _State:
+    slots: dict[str, _Slot] = field(default_factory=dict)
+    order: OrderedDict[str, None] = field(default_factory=OrderedDict)  # pending, oldest first
+    status: deque[Message] = field(default_factory=lambda: deque(maxlen=256))
+    counters: dict[str, StreamCounters] = field(default_factory=dict)
+    last_masks: Message | None = None
+    malformed: int = 0
+    status_overflow: int = 0
+
+
+class Subscriber:
+    """Subscribe to one or many publishers; newest-only delivery per topic.
+
+    ``topics`` are ZeroMQ prefix filters: ``"masks/"`` (all streams' results),
+    ``"masks/cam0"``, ``"status/"``, ``"stats/"``, ``"frames/"``. Use as a context
+    manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | int | Iterable[str | int] = DEFAULT_SUBSCRIBE_ENDPOINT,
+        topics: str | Iterable[str] = ("masks/",),
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        rcvhwm: int = 64,
+        validate_masks: bool = False,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if isinstance(endpoints, (str, int)):
+            endpoints = [endpoints]
+        if isinstance(topics, str):
+            topics = [topics]
+        topics = list(topics)
+        if not topics:
+            raise UserError("Subscriber needs at least one topic filter")
+        # Masks are validated when decoded (decode_mask); checking every RLE of every
+        # message in the receive thread would only slow down the drain.
+        self._validate_masks = validate_masks
+        ctx = context or zmq.Context.instance()
+        sock = ctx.socket(zmq.SUB)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            # Small queue: only the newest message matters, and a receive thread that
+            # falls behind should lose old messages (counted as missed), not pile up
+            # hundreds of megabytes of masks.
+            sock.setsockopt(zmq.RCVHWM, rcvhwm)
+            # Bounds memory per message; an oversized message drops the connection.
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+            for t in topics:
+                sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+            self.endpoints = [connect_socket(sock, ep, "subscriber") for ep in endpoints]
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        if not self.endpoints:
+            sock.close(linger=0)
+            raise UserError("Subscriber needs at least one endpoint")
+        self.topics = tuple(topics)
+        self._cond = threading.Condition()
+        self._state = _State()
+        self._stop = threading.Event()
+        # The socket now belongs to the receive thread alone (ZeroMQ sockets are not
+        # thread-safe); it closes the socket on the way out.
+        self._thread = threading.Thread(
+            target=self._run, args=(sock,), name="streamtrack-subscriber", daemon=True
+        )
+        self._thread.start()
+
+    # ----------------------------------------------------------- receive thread
+    def _run(self, sock: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(_POLL_MS):
+                    continue
+                # Drain everything queued, then publish to consumers once.
+                batch = []
+                while len(batch) < 1000:
+                    try:
+                        batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                self._ingest(batch)
+        except zmq.ZMQError as exc:  # context terminated under us
+            log.debug("subscriber thread stopping: %s", exc)
+        finally:
+            sock.close(linger=0)
+            with self._cond:
+                self._cond.notify_all()
+
+    def _parse(self, parts: list[bytes], received: float) -> Message:
+        if len(parts) < 2:
+            raise ProtocolError(f"expected [topic, header, ...], got {len(parts)} part(s)")
+        topic = parts[0].decode("ascii", errors="replace")
+        kind, stream = parse_topic(parts[0])
+        if kind == "masks":
+            result = FrameResult.from_json(parts[1], validate_masks=self._validate_masks)
+            return Message(topic, kind, stream, received, result=result)
+        if kind == "status":
+            return Message(topic, kind, stream, received, status=StatusEvent.from_json(parts[1]))
+        if kind == "stats":
+            return Message(topic, kind, stream, received, stats=Stats.from_json(parts[1]))
+        if len(parts) != 3:
+            raise ProtocolError("frames message must be [topic, header, jpeg]")
+        return Message(topic, kind, stream, received, frame=FrameHeader.from_json(parts[1]),
+                       jpeg=parts[2])
+
+    def _ingest(self, batch: list[list[bytes]]) -> None:
+        received = now()
+        parsed: list[Message] = []
+        bad = 0
+        for parts in batch:
+            try:
+                parsed.append(self._parse(parts, received))
+            except Exception as exc:  # one bad message must not kill the receive thread
+                bad += 1
+                log.warning("dropping malformed message: %s", exc)
+        with self._cond:
+            st = self._state
+            st.malformed += bad
+            for msg in parsed:
+                if msg.kind == "status":
+                    if len(st.status) == st.status.maxlen:
+                        st.status_overflow += 1
+                    st.status.append(msg)
+                    continue
+                if msg.result is not None:
+                    self._count_seq(msg)
+                    st.last_masks = msg
+                slot = st.slots.get(msg.topic)
+                if slot is None:
+                    st.slots[msg.topic] = _Slot(msg)
+                else:
+                    if slot.pending:
+                        slot.skipped += 1
+                        if msg.result is not None:
+                            st.counters[msg.stream].superseded += 1
+                    slot.msg = msg
+                    slot.pending = True
+                st.order.pop(msg.topic, None)
+                st.order[msg.topic] = None
+            if parsed:
+                self._cond.notify_all()
+
+    def _count_seq(self, msg: Message) -> None:
+        assert msg.result is not None
+        c = self._state.counters.setdefault(msg.stream, StreamCounters())
+        seq = msg.result.seq
+        c.received += 1
+        if c.last_seq is not None:
+            if seq > c.last_seq + 1:
+                c.missed += seq - c.last_seq - 1
+            elif seq <= c.last_seq:
+                # A restarted tracker (supervisor) starts counting again.
+                c.restarts += 1
+        c.last_seq = seq
+
+    # ------------------------------------------------------------------ consumer
+    def _pop_pending(self) -> Message | None:
+        st = self._state
+        if st.status:
+            return st.status.popleft()
+        while st.order:
+            topic, _ = st.order.popitem(last=False)
+            slot = st.slots[topic]
+            if not slot.pending:
+                continue
+            slot.pending = False
+            skipped = slot.skipped
+            seq = slot.msg.seq
+            if seq is not None and slot.seq_delivered is not None and seq > slot.seq_delivered:
+                # Count from seq: covers network losses as well as superseded ones.
+                skipped = seq - slot.seq_delivered - 1
+            slot.skipped = 0
+            if seq is not None:
+                slot.seq_delivered = seq
+            msg = slot.msg
+            if skipped != msg.skipped:
+                msg = replace(msg, skipped=skipped)
+            return msg
+        return None
+
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """The next message not yet handed out (newest per topic), waiting up to
+        ``timeout`` seconds (None = until one arrives or the subscriber closes)."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: bool(self._state.order or self._state.status) or self.closed,
+                timeout=timeout,
+            )
+            if not ok:
+                return None
+            return self._pop_pending()
+
+    def latest(self, stream: str | None = None, timeout: float = 0.0) -> Message | None:
+        """The newest masks message (of ``stream``, or of any stream), handed out or
+        not; waits up to ``timeout`` seconds if none has arrived yet."""
+
+        def find() -> Message | None:
+            st = self._state
+            if stream is None:
+                return st.last_masks
+            slot = st.slots.get(f"masks/{stream}")
+            return None if slot is None else slot.msg
+
+        with self._cond:
+            self._cond.wait_for(lambda: find() is not None or self.closed, timeout=timeout)
+            return find()
+
+    def __iter__(self) -> Iterator[Message]:
+        """Yield new messages until :meth:`close` (newest-only per topic)."""
+        while not self.closed:
+            msg = self.recv(timeout=0.25)
+            if msg is not None:
+                yield msg
+
+    def counters(self, stream: str) -> StreamCounters:
+        """A snapshot of ``stream``'s masks counters (zeros if never seen)."""
+        with self._cond:
+            c = self._state.counters.get(stream, StreamCounters())
+            return StreamCounters(**c.__dict__)
+
+    @property
+    def malformed(self) -> int:
+        with self._cond:
+            return self._state.malformed
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set() or not self._thread.is_alive()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the receive thread (within one poll interval) and close the socket."""
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        with self._cond:
+            self._cond.notify_all()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

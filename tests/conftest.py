@@ -1,0 +1,62 @@
+"""Shared fixtures: seeded random-weight checkpoints and synthetic clips.
+
+No trained SAM 2 weights exist offline, so tests build the official
+architecture with seeded random weights, save it in the official checkpoint
+format and load it through the same path users use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from streamtrack.models import save_random_checkpoint
+from streamtrack.synthetic import make_clip
+
+# Small enough for 2 CPU cores; big enough for Hiera's windows and SAM 2's masks.
+TEST_IMAGE_SIZE = 256
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """``checkpoint_factory(name, seed=0)`` -> path of a cached random checkpoint."""
+    cache: dict[tuple[str, int], Path] = {}
+    root = tmp_path_factory.mktemp("checkpoints")
+
+    def make(name: str = "sam2.1_hiera_tiny", seed: int = 0) -> Path:
+        key = (name, seed)
+        if key not in cache:
+            cache[key] = save_random_checkpoint(name, root / f"{name}-seed{seed}.pt", seed=seed)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_factory) -> Path:
+    return checkpoint_factory("sam2.1_hiera_tiny")
+
+
+@pytest.fixture(scope="session")
+def clip40():
+    """40 frames, 160x120, three objects that move and occlude each other."""
+    return make_clip(40, 160, 120, num_objects=3, seed=1)
+
+
+def save_jpeg_frames(frames, folder: Path):
+    """Write frames as <index>.jpg (the official predictor's input) and read them back.
+
+    Returns the decoded frames, so the engine sees exactly the pixels the
+    official loader decodes.
+    """
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"{i:05d}.jpg", quality=95)
+    return [np.array(Image.open(folder / f"{i:05d}.jpg").convert("RGB")) for i in range(len(frames))]

@@ -1,0 +1,561 @@
+"""Capture stage: files, buffering strategies, fake webcams and a real RTSP server.
+
+Clips are generated here: frame ``i`` is a flat grey of level ``i * STEP``, so
+order and identity survive H.264 and can be read back from the pixels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from streamtrack.capture import (
+    TRANSITIONS,
+    BlockingBuffer,
+    BufferPolicy,
+    CaptureConfig,
+    DropOldestBuffer,
+    Frame,
+    PendingFrame,
+    SourceKind,
+    SourceState,
+    open_source,
+)
+from streamtrack.errors import UserError
+from streamtrack.sources import RawFrame, parse_source
+
+try:  # tests/ is on sys.path when it is not a package (pytest's default)
+    from rtsp import RtspServer, rtsp_server  # noqa: F401 - rtsp_server is a fixture
+except ImportError:  # tests/ became a package
+    from tests.rtsp import RtspServer, rtsp_server  # noqa: F401
+
+S = SourceState
+STEP = 6  # grey level per frame index: 40 frames -> 0..234
+CLIP_FRAMES = 40
+CLIP_FPS = 30
+
+
+def make_clip(
+    path: Path, frames: int, fps: int = CLIP_FPS, size: tuple[int, int] = (64, 48)
+) -> Path:
+    """An H.264 MP4 whose frame i is a flat grey of level i * STEP (short GOP)."""
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.options = {"g": "5", "bf": "0"}
+        for i in range(frames):
+            image = np.full((height, width, 3), i * STEP, np.uint8)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def grey_index(frame: Frame) -> int:
+    return int(round(float(frame.image.mean()) / STEP))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def transitions(events: list) -> list[tuple[SourceState, SourceState]]:
+    return [(e.previous, e.state) for e in events]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("clips") / "clip.mp4", CLIP_FRAMES)
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+def test_file_delivers_every_frame_in_order(clip: Path) -> None:
+    events: list = []
+    cap = open_source(str(clip), CaptureConfig(queue_depth=2), on_status=events.append)
+    assert cap.kind is SourceKind.FILE and cap.policy is BufferPolicy.BLOCK
+    frames: list[Frame] = []
+    with cap:
+        for i, frame in enumerate(cap):
+            if i % 10 == 0:
+                time.sleep(0.05)  # a slow consumer: the producer must wait, not drop
+            frames.append(frame)
+
+    assert [f.frame_id for f in frames] == list(range(CLIP_FRAMES))
+    assert [grey_index(f) for f in frames] == list(range(CLIP_FRAMES))
+    assert [f.pts for f in frames] == pytest.approx([i / CLIP_FPS for i in range(CLIP_FRAMES)])
+    first = frames[0]
+    assert first.image.dtype == np.uint8 and first.image.shape == (48, 64, 3)
+    assert (first.width, first.height, first.source) == (64, 48, "clip")
+    monotonic = [f.capture_monotonic for f in frames]
+    assert monotonic == sorted(monotonic)
+    assert abs(first.capture_time - time.time()) < 60
+
+    stats = cap.stats()
+    assert (stats.frames_decoded, stats.frames_delivered) == (CLIP_FRAMES, CLIP_FRAMES)
+    assert sum(stats.dropped.values()) == 0
+    assert cap.state is S.ENDED  # close() after the end keeps the terminal state
+    assert transitions(events) == [(S.IDLE, S.CONNECTING), (S.CONNECTING, S.STREAMING),
+                                   (S.STREAMING, S.ENDED)]
+    assert cap.status_events() == events  # the drain saw what the callback saw
+    assert cap.status_events() == []
+
+
+def test_file_loop_keeps_frame_ids_increasing(tmp_path: Path) -> None:
+    short = make_clip(tmp_path / "short.mp4", 10)
+    with open_source(str(short), CaptureConfig(loop=True)) as cap:
+        frames = [cap.read(timeout=5) for _ in range(25)]
+    assert all(f is not None for f in frames)
+    assert [f.frame_id for f in frames] == list(range(25))
+    assert [grey_index(f) for f in frames] == [i % 10 for i in range(25)]
+    assert frames[10].pts == pytest.approx(0.0)  # the stream's own time restarts
+    assert cap.state is S.STOPPED
+
+
+def test_realtime_paces_a_file_at_its_frame_rate(clip: Path) -> None:
+    with open_source(str(clip), CaptureConfig(realtime=True)) as cap:
+        assert cap.policy is BufferPolicy.DROP_OLDEST  # realtime behaves as live
+        paced = list(cap)
+    with open_source(str(clip)) as cap:
+        unpaced = list(cap)
+
+    def span(frames: list[Frame]) -> float:
+        return frames[-1].capture_monotonic - frames[0].capture_monotonic
+
+    expected = (CLIP_FRAMES - 1) / CLIP_FPS  # 1.3 s
+    assert len(paced) == CLIP_FRAMES  # a fast consumer loses nothing
+    assert 0.8 * expected < span(paced) < 1.6 * expected
+    assert span(unpaced) < 0.5 * expected
+
+
+def test_realtime_slow_consumer_gets_newest_frames_and_drops_are_counted(clip: Path) -> None:
+    got: list[Frame] = []
+    with open_source(str(clip), CaptureConfig(realtime=True)) as cap:
+        while True:
+            decoded = cap.stats().frames_decoded
+            frame = cap.read(timeout=3)
+            if frame is None:
+                break
+            if got:  # after a pause, only the newest frames (queue depth 2) are left
+                assert frame.frame_id >= decoded - 2
+            got.append(frame)
+            time.sleep(0.15)  # ~4 frame intervals
+        stats = cap.stats()
+        assert cap.state is S.ENDED
+
+    ids = [f.frame_id for f in got]
+    assert ids == sorted(set(ids)) and len(ids) < CLIP_FRAMES
+    assert [grey_index(f) for f in got] == ids  # converted at hand-off, still the right frame
+    assert stats.dropped["queue_full"] > 0
+    assert stats.frames_decoded == CLIP_FRAMES
+    assert stats.frames_delivered + stats.dropped["queue_full"] == CLIP_FRAMES
+
+
+# ---------------------------------------------------------------------------
+# Buffering strategies
+
+
+def _counting_raw(i: int, conversions: list[int]) -> RawFrame:
+    def convert() -> np.ndarray:
+        conversions.append(i)
+        return np.full((2, 2, 3), i, np.uint8)
+
+    return RawFrame(pts=float(i), convert=convert)
+
+
+def test_drop_oldest_never_converts_dropped_frames() -> None:
+    conversions: list[int] = []
+    drops: list[str] = []
+    buffer = DropOldestBuffer(2, drops.append)
+    for i in range(10):
+        assert buffer.put(PendingFrame(_counting_raw(i, conversions), i, "t"))
+    assert conversions == []  # nothing converted on the producer side
+    assert drops == ["queue_full"] * 8
+    item = buffer.get(timeout=0)
+    assert item is not None and item.frame_id == 8
+    assert item.frame().image[0, 0, 0] == 8 and conversions == [8]
+    item.frame()
+    assert conversions == [8]  # converted once
+
+
+def test_blocking_buffer_waits_for_the_consumer_and_releases_on_finish() -> None:
+    conversions: list[int] = []
+    buffer = BlockingBuffer(2, lambda reason: pytest.fail(f"dropped: {reason}"))
+    for i in range(2):
+        assert buffer.put(PendingFrame(_counting_raw(i, conversions), i, "t"))
+    assert conversions == [0, 1]  # every frame will be delivered: convert early
+    results: list[bool] = []
+
+    def put(i: int) -> None:
+        results.append(buffer.put(PendingFrame(_counting_raw(i, conversions), i, "t")))
+
+    blocked = threading.Thread(target=put, args=(2,))
+    blocked.start()
+    time.sleep(0.1)
+    assert blocked.is_alive()  # full: the producer waits
+    assert buffer.get(timeout=0).frame_id == 0
+    blocked.join(2)
+    assert results == [True]
+
+    blocked = threading.Thread(target=put, args=(3,))
+    blocked.start()
+    time.sleep(0.05)
+    buffer.finish()  # stopping releases a waiting producer
+    blocked.join(2)
+    assert results == [True, False]
+    assert [buffer.get(timeout=0).frame_id for _ in range(2)] == [1, 2]
+    assert buffer.get(timeout=5) is None  # finished and empty: no waiting
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("/nonexistent/clip.mp4", "video file not found: /nonexistent/clip.mp4"),
+        ("foo://camera/1", "unsupported video source scheme 'foo://'"),
+        ("rtsp:///path", "video source URL has no host"),
+        ("   ", "empty video source"),
+    ],
+)
+def test_bad_source_strings_fail_fast_with_one_line(source: str, message: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(UserError, match=message) as info:
+        open_source(source)
+    assert "\n" not in str(info.value)
+    assert time.monotonic() - start < 1.0
+
+
+def test_directory_is_not_a_video(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="is a directory"):
+        open_source(str(tmp_path))
+
+
+@pytest.mark.parametrize("content", [b"this is not a video\n" * 200, b"", bytes(range(256)) * 64])
+def test_corrupt_file_fails_on_start(tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(content)
+    cap = open_source(str(bad))
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"cannot read video file .*bad\.mp4: ") as info:
+        cap.start()
+    assert "\n" not in str(info.value)
+    assert time.monotonic() - start < 2.0
+    assert cap.state is S.FAILED and cap.last_error == str(info.value)
+    cap.close()
+
+
+@pytest.mark.parametrize(("source", "device"), [("63", "/dev/video63"),
+                                                ("/dev/video63", "/dev/video63")])
+def test_missing_webcam_fails_fast(source: str, device: str) -> None:
+    cap = open_source(source)
+    assert cap.kind is SourceKind.WEBCAM
+    start = time.monotonic()
+    with pytest.raises(UserError, match=f"webcam .* not found: {device} does not exist"):
+        cap.start()
+    assert time.monotonic() - start < 1.0
+    assert cap.state is S.FAILED
+    cap.close()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(policy="fifo"), dict(queue_depth=0), dict(read_timeout=0), dict(jitter=1.5),
+     dict(give_up_after=-1)],
+)
+def test_bad_config_is_a_user_error(config: dict) -> None:
+    with pytest.raises(UserError):
+        CaptureConfig(**config)
+
+
+def test_source_strings_are_classified() -> None:
+    assert parse_source("0").target == 0 and parse_source(2).kind is SourceKind.WEBCAM
+    assert parse_source("/dev/video0").kind is SourceKind.WEBCAM
+    spec = parse_source("rtsp://user:secret@10.0.0.5:554/stream1")
+    assert spec.kind is SourceKind.NETWORK and spec.name == "10.0.0.5/stream1"
+    assert "secret" not in spec.display
+    assert parse_source("https://example.com/live.m3u8").kind is SourceKind.NETWORK
+
+
+# ---------------------------------------------------------------------------
+# State machine
+
+
+def test_state_machine_rules(clip: Path) -> None:
+    for state in (S.STOPPED, S.ENDED, S.FAILED):
+        assert TRANSITIONS[state] == frozenset()
+    reachable, todo = {S.IDLE}, [S.IDLE]
+    while todo:
+        for nxt in TRANSITIONS[todo.pop()] - reachable:
+            reachable.add(nxt)
+            todo.append(nxt)
+    assert reachable == set(S)
+
+    cap = open_source(str(clip))
+    with pytest.raises(RuntimeError, match="start"):
+        cap.read()
+    cap.close()
+    assert cap.state is S.STOPPED
+    with pytest.raises(RuntimeError, match="stopped"):
+        cap.start()  # a closed source stays closed
+
+
+# ---------------------------------------------------------------------------
+# Webcams, through a fake cv2.VideoCapture
+
+
+class FakeCamera:
+    """A cv2.VideoCapture stand-in: BGR frames with B = frame count, R = 200."""
+
+    def __init__(self, fail_after: int | None = None, pause_at: int | None = None,
+                 pause: float = 0.0, opens: bool = True, fps: float = 50.0) -> None:
+        self.fail_after, self.pause_at, self.pause = fail_after, pause_at, pause
+        self.opens, self.fps = opens, fps
+        self.count = 0
+        self.released = False
+        self.settings: dict[int, float] = {}
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return self.opens and not self.released
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        if self.released or (self.fail_after is not None and self.count >= self.fail_after):
+            return False, None  # unplugged
+        time.sleep(self.pause if self.count == self.pause_at else 1.0 / self.fps)
+        image = np.zeros((24, 32, 3), np.uint8)
+        image[..., 0] = self.count % 256
+        image[..., 2] = 200
+        self.count += 1
+        return True, image
+
+    def get(self, prop: int) -> float:
+        if prop == cv2.CAP_PROP_FPS:
+            return self.fps
+        if prop == cv2.CAP_PROP_POS_MSEC:
+            return self.count * 1000.0 / self.fps
+        return 0.0
+
+    def set(self, prop: int, value: float) -> bool:
+        self.settings[prop] = value
+        return True
+
+    def release(self) -> None:
+        self.released = True
+
+
+class FakeFactory:
+    """Hands out the given cameras in order, then healthy ones."""
+
+    def __init__(self, *cameras: FakeCamera) -> None:
+        self.queue = list(cameras)
+        self.opened: list[tuple[str | int, FakeCamera]] = []
+
+    def __call__(self, target: str | int) -> FakeCamera:
+        camera = self.queue.pop(0) if self.queue else FakeCamera()
+        self.opened.append((target, camera))
+        return camera
+
+
+def test_fake_webcam_streams_rgb_frames_and_releases_on_close() -> None:
+    factory = FakeFactory()
+    cap = open_source("0", webcam_factory=factory)
+    assert cap.kind is SourceKind.WEBCAM and cap.policy is BufferPolicy.DROP_OLDEST
+    with cap:
+        frames = [cap.read(timeout=2) for _ in range(5)]
+        assert cap.state is S.STREAMING
+    target, camera = factory.opened[0]
+    assert target == 0 and camera.released and cap.state is S.STOPPED
+    assert camera.settings[cv2.CAP_PROP_BUFFERSIZE] == 1  # no driver-side latency
+    ids = [f.frame_id for f in frames]
+    assert ids == sorted(set(ids))
+    for frame in frames:
+        assert frame.image.shape == (24, 32, 3)
+        assert frame.image[0, 0, 0] == 200  # BGR became RGB: red first
+        assert frame.image[0, 0, 2] == frame.frame_id  # blue = the camera's count
+        assert frame.pts == pytest.approx((frame.frame_id + 1) / camera.fps)
+
+
+def test_fake_webcam_unplugged_reconnects_with_continuing_ids() -> None:
+    events: list = []
+    factory = FakeFactory(FakeCamera(fail_after=5))
+    config = CaptureConfig(reconnect_initial=0.05, reconnect_max=0.2)
+    with open_source("/dev/video0", config, on_status=events.append,
+                     webcam_factory=factory) as cap:
+        assert wait_for(lambda: cap.stats().reconnects == 1, 3)
+        frames = [cap.read(timeout=2) for _ in range(8)]
+        stats = cap.stats()
+    assert [target for target, _ in factory.opened] == ["/dev/video0", "/dev/video0"]
+    assert all(camera.released for _, camera in factory.opened)
+    ids = [f.frame_id for f in frames]
+    assert ids == sorted(set(ids)) and ids[-1] >= 8
+    assert (S.STREAMING, S.RECONNECTING) in transitions(events)
+    assert (S.RECONNECTING, S.STREAMING) in transitions(events)
+    assert "end of stream" in stats.last_error
+
+
+def test_webcam_that_does_not_open_is_a_user_error() -> None:
+    cap = open_source("1", webcam_factory=FakeFactory(FakeCamera(opens=False)))
+    with pytest.raises(UserError, match="cannot open webcam 1"):
+        cap.start()
+    assert cap.state is S.FAILED
+
+
+def test_silent_live_source_goes_stale_then_recovers() -> None:
+    events: list = []
+    factory = FakeFactory(FakeCamera(pause_at=3, pause=0.8))
+    config = CaptureConfig(stale_after=0.3)
+    with open_source("0", config, on_status=events.append, webcam_factory=factory) as cap:
+        assert wait_for(lambda: cap.state is S.STALE, 2)
+        assert wait_for(lambda: cap.state is S.STREAMING, 2)
+    assert transitions(events)[:5] == [
+        (S.IDLE, S.CONNECTING), (S.CONNECTING, S.STREAMING), (S.STREAMING, S.STALE),
+        (S.STALE, S.STREAMING), (S.STREAMING, S.STOPPED)]
+
+
+@pytest.mark.skipif(not os.environ.get("STREAMTRACK_TEST_WEBCAM"),
+                    reason="real webcam test: set STREAMTRACK_TEST_WEBCAM=0 (index or /dev/videoN)")
+def test_real_webcam() -> None:
+    with open_source(os.environ["STREAMTRACK_TEST_WEBCAM"]) as cap:
+        frame = cap.read(timeout=10)
+    assert frame is not None and frame.image.ndim == 3 and frame.image.shape[2] == 3
+
+
+# ---------------------------------------------------------------------------
+# RTSP against a real GStreamer server
+
+LIVE = dict(reconnect_initial=0.05, reconnect_max=0.5, open_timeout=3.0, read_timeout=3.0)
+
+
+def test_rtsp_streams_and_resumes_after_server_restart(rtsp_server: RtspServer) -> None:
+    events: list = []
+    ids: list[int] = []
+    cap = open_source(rtsp_server.url, CaptureConfig(**LIVE), on_status=events.append)
+    assert cap.kind is SourceKind.NETWORK and cap.policy is BufferPolicy.DROP_OLDEST
+    with cap:
+        frame = cap.read(timeout=5)
+        assert frame is not None and frame.image.shape == (120, 160, 3)
+        assert cap.state is S.STREAMING
+        ids += [frame.frame_id] + [cap.read(timeout=2).frame_id for _ in range(5)]
+
+        rtsp_server.stop()
+        assert wait_for(lambda: cap.state is S.RECONNECTING, 5)
+        while (frame := cap.read(timeout=0)) is not None:
+            ids.append(frame.frame_id)
+        time.sleep(0.5)  # a few refused attempts
+        rtsp_server.start()  # same port
+        back = time.monotonic()
+        assert wait_for(lambda: cap.state is S.STREAMING, 5)
+        resumed_in = time.monotonic() - back
+        ids += [cap.read(timeout=2).frame_id for _ in range(5)]
+        stats = cap.stats()
+
+    assert resumed_in < 2.0  # backoff capped at 0.5 s plus the RTSP handshake
+    assert ids == sorted(set(ids))  # monotonic across the reconnect, never reused
+    assert stats.reconnects == 1 and stats.reconnect_attempts >= 1
+    assert (S.STREAMING, S.RECONNECTING) in transitions(events)
+    assert (S.RECONNECTING, S.STREAMING) in transitions(events)
+    assert cap.state is S.STOPPED
+
+
+def test_refusing_url_reconnects_then_gives_up_without_hanging() -> None:
+    events: list = []
+    url = f"rtsp://viewer:secret@127.0.0.1:{free_port()}/none"
+    config = CaptureConfig(**{**LIVE, "reconnect_max": 0.2}, give_up_after=1.0)
+    cap = open_source(url, config, on_status=events.append)
+    started = time.monotonic()
+    cap.start()  # network sources connect on the capture thread
+    assert time.monotonic() - started < 0.5
+    assert wait_for(lambda: cap.state is S.RECONNECTING, 2)
+    assert wait_for(lambda: cap.state is S.FAILED, 4)
+    assert 0.9 < time.monotonic() - started < 3.0
+    t0 = time.monotonic()
+    assert cap.read(timeout=5) is None and time.monotonic() - t0 < 0.5
+    stats = cap.stats()
+    assert "gave up after 1s" in stats.last_error and "refused" in stats.last_error.lower()
+    assert "secret" not in stats.last_error  # credentials never reach errors
+    assert stats.reconnect_attempts >= 2
+    assert transitions(events) == [(S.IDLE, S.CONNECTING), (S.CONNECTING, S.RECONNECTING),
+                                   (S.RECONNECTING, S.FAILED)]
+    assert events[-1].error == stats.last_error
+    cap.close()
+    assert cap.state is S.FAILED
+
+
+def test_refusing_url_keeps_retrying_by_default_and_closes_fast() -> None:
+    cap = open_source(f"rtsp://127.0.0.1:{free_port()}/none", CaptureConfig(**LIVE)).start()
+    time.sleep(0.8)
+    assert cap.state is S.RECONNECTING and cap.stats().reconnect_attempts >= 2
+    started = time.monotonic()
+    cap.close()
+    assert time.monotonic() - started < 1.0 and cap.state is S.STOPPED
+
+
+def test_rtsp_helper_names_the_packages_when_gstreamer_is_missing() -> None:
+    if importlib.util.find_spec("gi") is not None:
+        pytest.skip("this Python has gi, so it cannot play a machine without GStreamer")
+    server = RtspServer(python=sys.executable)  # the venv's Python: no gi
+    with pytest.raises(pytest.fail.Exception, match="gir1.2-gst-rtsp-server-1.0"):
+        server.start()
+    server.close()
+
+
+# ---------------------------------------------------------------------------
+# Clean shutdown
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _capture_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("capture-")]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")
+def test_close_joins_threads_and_leaks_no_fds(clip: Path, rtsp_server: RtspServer) -> None:
+    def one_round() -> None:
+        # A file with a full blocking queue: the producer is waiting in put().
+        cap = open_source(str(clip), CaptureConfig(queue_depth=1)).start()
+        assert cap.read(timeout=2) is not None
+        time.sleep(0.05)
+        cap.close()
+        for source, factory in ((rtsp_server.url, None), ("0", FakeFactory())):
+            cap = open_source(source, CaptureConfig(**LIVE), webcam_factory=factory).start()
+            assert cap.read(timeout=5) is not None
+            cap.close()
+            assert cap.state is S.STOPPED
+
+    one_round()  # warm-up: libraries may open files once, on first use
+    before = _fd_count()
+    for _ in range(2):
+        one_round()
+    assert _capture_threads() == []
+    assert _fd_count() == before

@@ -1,0 +1,268 @@
+"""The streaming engine against the official SAM2VideoPredictor, state bounds, bad prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_IMAGE_SIZE, save_jpeg_frames
+from official import compare, run_engine, run_official
+
+from streamtrack.engine import EngineConfig, ObjectState, Prompt, StreamingEngine
+from streamtrack.errors import PromptError, UserError
+from streamtrack.models import build_model
+
+MIN_IOU = 0.998
+MAX_LOGIT_DIFF = 1e-3
+REFINE_AT = 20
+
+
+def make_engine(checkpoint, **config) -> StreamingEngine:
+    model = build_model("sam2.1_hiera_tiny", checkpoint, image_size=TEST_IMAGE_SIZE)
+    return StreamingEngine(model, EngineConfig(**config))
+
+
+@pytest.fixture(scope="module")
+def frames(clip40, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jpeg")
+    return folder, save_jpeg_frames(clip40.frames, folder)
+
+
+def multi_prompts(clip):
+    far = [2.0, 2.0]  # a background click in the corner
+    return {
+        0: [
+            Prompt.make(1, box=clip.box(1, 0)),
+            Prompt.make(2, points=[clip.center(2, 0), far], labels=[1, 0]),
+            Prompt.make(3, mask=clip.masks[3][0]),
+        ],
+        REFINE_AT: [
+            Prompt.make(1, points=[clip.center(1, REFINE_AT)], labels=[1]),  # refine
+            Prompt.make(4, box=clip.box(3, REFINE_AT)),  # a new object mid-stream
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def multi(tiny_checkpoint, clip40, frames):
+    folder, decoded = frames
+    prompts = multi_prompts(clip40)
+    ref = run_official(tiny_checkpoint, folder, len(decoded), prompts, TEST_IMAGE_SIZE)
+    engine = make_engine(tiny_checkpoint)
+    calls = []
+    real_track_step = engine.model._track_step
+
+    def spy(*args, **kwargs):
+        calls.append((engine.frame_idx, kwargs["current_vision_feats"][-1].shape[1]))
+        return real_track_step(*args, **kwargs)
+
+    engine.model._track_step = spy
+    encoder_calls = []
+    real_forward_image = engine.model.forward_image
+    engine.model.forward_image = lambda img: encoder_calls.append(1) or real_forward_image(img)
+    retained = {}
+
+    def record(f, out):
+        retained[f] = {oid: engine.retained_frames(oid) for oid in engine.object_ids}
+
+    got = run_engine(engine, decoded, prompts, on_frame=record)
+    return ref, got, calls, encoder_calls, retained
+
+
+def test_equals_official_three_objects_and_later_prompts(multi):
+    ref, got, *_ = multi
+    worst_iou, worst_diff, where = compare(ref, got)
+    assert worst_iou >= MIN_IOU, f"mask IoU {worst_iou} at {where}"
+    assert worst_diff <= MAX_LOGIT_DIFF, f"mean |logit diff| {worst_diff} at {where}"
+    # The objects are really tracked and distinct (not all empty or all equal).
+    last = got.masks[39]
+    assert set(last) == {1, 2, 3, 4}
+    assert any(m.any() for m in last.values())
+
+
+def test_objects_are_batched_and_encoder_runs_once_per_frame(multi):
+    _, got, calls, encoder_calls, _ = multi
+    assert len(encoder_calls) == 40
+    per_frame = {}
+    for f, batch in calls:
+        per_frame.setdefault(f, []).append(batch)
+    # Frame 0: three prompts, each decoded alone. Then one batch of three.
+    assert per_frame[0] == [1, 1, 1]
+    assert all(per_frame[f] == [3] for f in range(1, REFINE_AT))
+    # Frame 20: refinement of 1 and new object 4 decoded alone, 2 and 3 tracked together.
+    assert sorted(per_frame[REFINE_AT]) == [1, 1, 2]
+    # Afterwards 2 and 3 share their memory frames; 1 and 4 were prompted on frame
+    # 20 (1 also on 0), so they line up differently.
+    assert sorted(per_frame[39]) == [1, 1, 2]
+
+
+def expected_retained(f, prompt_frames, first):
+    """The rule from DESIGN.md, written independently of the engine."""
+    tracked = [t for t in range(first, f + 1) if t not in prompt_frames]
+    return {
+        "cond": sorted(t for t in prompt_frames if t <= f),
+        "memory": [t for t in tracked if t >= f - 5],
+        "pointer": [t for t in tracked if t >= f - 14],
+    }
+
+
+def test_memory_bank_holds_exactly_what_sam2_reads(multi):
+    *_, retained = multi
+    prompt_frames = {1: {0, REFINE_AT}, 2: {0}, 3: {0}, 4: {REFINE_AT}}
+    for f, per_obj in retained.items():
+        for oid, frames_kept in per_obj.items():
+            assert frames_kept == expected_retained(f, prompt_frames[oid], min(prompt_frames[oid])), (f, oid)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint, clip40, frames):
+    folder, decoded = frames
+    prompts = {0: [Prompt.make(1, box=clip40.box(2, 0))]}
+    ref = run_official(tiny_checkpoint, folder, len(decoded), prompts, TEST_IMAGE_SIZE)
+    return decoded, prompts, ref
+
+
+def test_equals_official_one_object_and_state_is_flat(tiny_checkpoint, single):
+    decoded, prompts, ref = single
+    engine = make_engine(tiny_checkpoint)
+    sizes = []
+    got = run_engine(engine, decoded, prompts, on_frame=lambda f, out: sizes.append(engine.state_bytes()))
+    worst_iou, worst_diff, where = compare(ref, got)
+    assert worst_iou >= MIN_IOU and worst_diff <= MAX_LOGIT_DIFF, (worst_iou, worst_diff, where)
+    # Pointers fill up over 15 frames, then nothing grows.
+    assert sizes[1] < sizes[10] < sizes[15]
+    assert len(set(sizes[15:])) == 1, sizes
+
+
+class DropsOldestMemoryFrame(StreamingEngine):
+    """Keeps one tracked frame too few for the memory attention."""
+
+    def _prune(self, f):
+        super()._prune(f)
+        for track in self._tracks.values():
+            track.recent.pop(f + 1 - self.mem_window, None)
+
+
+class KeepsTooFewPointers(StreamingEngine):
+    def _prune(self, f):
+        self.ptr_window -= 1
+        super()._prune(f)
+        self.ptr_window += 1
+
+
+@pytest.mark.parametrize("engine_class", [DropsOldestMemoryFrame, KeepsTooFewPointers])
+def test_a_wrongly_pruned_bank_is_caught(tiny_checkpoint, single, engine_class):
+    """Proof the comparison can fail: a bank missing one memory or pointer frame."""
+    decoded, prompts, ref = single
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
+    got = run_engine(engine_class(model), decoded, prompts)
+    _, worst_diff, (frame, _) = compare(ref, got)
+    assert worst_diff > MAX_LOGIT_DIFF, f"{engine_class.__name__} went unnoticed ({worst_diff})"
+    assert frame >= 16
+
+
+@pytest.fixture
+def engine_two_frames(tiny_checkpoint, clip40):
+    engine = make_engine(tiny_checkpoint)
+    engine.step(clip40.frames[0], [Prompt.make(1, box=clip40.box(1, 0))])
+    engine.step(clip40.frames[1])
+    return engine
+
+
+BAD_PROMPTS = {
+    "point outside": Prompt.make(2, points=[[500, 10]]),
+    "negative point": Prompt.make(2, points=[[-1, 10]]),
+    "empty points": Prompt(2, points=(), labels=()),
+    "label not 0/1": Prompt.make(2, points=[[10, 10]], labels=[2]),
+    "labels length": Prompt(2, points=((10.0, 10.0),), labels=(1, 0)),
+    "nan point": Prompt.make(2, points=[[float("nan"), 10]]),
+    "box outside": Prompt.make(2, box=[10, 10, 400, 50]),
+    "inverted box": Prompt.make(2, box=[50, 50, 10, 10]),
+    "short box": Prompt(2, box=(1.0, 2.0, 3.0)),
+    "nothing": Prompt(2),
+    "mask shape": Prompt(2, mask=np.ones((10, 10), bool)),
+    "mask and box": Prompt(2, mask=np.ones((120, 160), bool), box=(1.0, 1.0, 5.0, 5.0)),
+    "object id zero": Prompt.make(0, box=[10, 10, 50, 50]),
+    "object id str": Prompt("a", box=(10.0, 10.0, 50.0, 50.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROMPTS))
+def test_bad_prompt_leaves_engine_untouched(engine_two_frames, clip40, case):
+    engine = engine_two_frames
+    before = (engine.frame_idx, engine.object_ids, engine.retained_frames(1), engine.state_bytes())
+    good = Prompt.make(3, box=clip40.box(3, 2))
+    with pytest.raises(PromptError) as info:
+        engine.step(clip40.frames[2], [good, BAD_PROMPTS[case]])
+    assert "\n" not in str(info.value)
+    after = (engine.frame_idx, engine.object_ids, engine.retained_frames(1), engine.state_bytes())
+    assert after == before
+    out = engine.step(clip40.frames[2])
+    assert [o.obj_id for o in out.objects] == [1] and out.frame_idx == 2
+
+
+def test_duplicate_prompt_and_unknown_object(engine_two_frames, clip40):
+    engine = engine_two_frames
+    p = Prompt.make(2, box=clip40.box(2, 2))
+    with pytest.raises(PromptError, match="two prompts for object 2"):
+        engine.step(clip40.frames[2], [p, p])
+    with pytest.raises(PromptError, match="unknown object id 7"):
+        engine.remove_object(7)
+    assert engine.object_ids == [1]
+
+
+def test_bad_frames(engine_two_frames):
+    for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32), [1, 2, 3]):
+        with pytest.raises(UserError, match="frame"):
+            engine_two_frames.step(bad)
+    assert engine_two_frames.frame_idx == 1
+
+
+def test_add_remove_reset(engine_two_frames, clip40):
+    engine = engine_two_frames
+    out = engine.step(clip40.frames[2], [Prompt.make(2, box=clip40.box(2, 2))])
+    assert [o.obj_id for o in out.objects] == [1, 2] and out.by_id(2).prompted
+    assert engine.retained_frames(2)["cond"] == [2]
+    engine.remove_object(1)
+    out = engine.step(clip40.frames[3])
+    assert [o.obj_id for o in out.objects] == [2]
+    before = engine.state_bytes()
+    engine.reset()
+    assert engine.object_ids == [] and engine.state_bytes() < before / 2  # only shared constants left
+    out = engine.step(clip40.frames[4])
+    assert out.objects == () and out.frame_idx == 4
+
+
+def test_outputs_are_consistent(engine_two_frames, clip40):
+    out = engine_two_frames.step(torch.from_numpy(clip40.frames[2]))
+    o = out.by_id(1)
+    assert o.mask.shape == (120, 160) and o.mask.dtype == bool
+    assert o.area == int(o.mask.sum())
+    if o.area:
+        ys, xs = np.nonzero(o.mask)
+        assert o.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert 0.0 <= o.score <= 1.0 and abs(o.score - 1 / (1 + np.exp(-o.object_score_logit))) < 1e-6
+    assert 0.0 <= o.iou <= 1.0
+    assert o.state == (ObjectState.VISIBLE if o.object_score_logit > 0 else ObjectState.OCCLUDED)
+
+
+@pytest.mark.parametrize("lost_after,state", [(0.0, ObjectState.LOST), (10.0, ObjectState.OCCLUDED)])
+def test_absent_object_is_occluded_then_lost(tiny_checkpoint, clip40, lost_after, state):
+    engine = make_engine(tiny_checkpoint, lost_after=lost_after)
+    empty = np.zeros((120, 160), bool)  # "the object is not here": score logit -10
+    out = engine.step(clip40.frames[0], [Prompt(5, mask=empty)], timestamp=100.0)
+    o = out.by_id(5)
+    assert o.object_score_logit < 0 and o.area == 0 and o.bbox is None
+    assert o.state == state
+
+
+def test_hole_filling(tiny_checkpoint):
+    from streamtrack.engine import fill_holes
+
+    logits = torch.full((1, 1, 16, 16), 5.0)
+    logits[0, 0, 4:6, 4:6] = -3.0  # a 4-pixel hole
+    logits[0, 0, 8:16, 8:16] = -3.0  # a 64-pixel region, not a hole to fill at 8
+    filled = fill_holes(logits, 8)
+    assert (filled[0, 0, 4:6, 4:6] == 0.1).all()
+    assert (filled[0, 0, 8:16, 8:16] == -3.0).all()
+    assert torch.equal(filled[0, 0, :4], logits[0, 0, :4])

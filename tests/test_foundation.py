@@ -1,0 +1,182 @@
+"""Install, CLI, model registry, checkpoint loading and the image-size override."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import streamtrack
+from streamtrack.cli import main
+from streamtrack.download import download_checkpoint
+from streamtrack.errors import CheckpointError, DownloadError, UserError
+from streamtrack.models import MODELS, build_model, get_spec, load_checkpoint
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamtrack", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_and_version():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "download" in r.stdout
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"streamtrack {streamtrack.__version__}"
+
+
+def test_console_script_installed():
+    r = subprocess.run(["streamtrack", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_registry_is_complete():
+    import sam2
+
+    sam2_dir = sam2.__path__[0]
+    sizes = ("tiny", "small", "base_plus", "large")
+    expected = {f"{fam}_hiera_{s}" for fam in ("sam2", "sam2.1") for s in sizes}
+    assert set(MODELS) == expected
+    for spec in MODELS.values():
+        # The hydra config ships with the installed sam2 package and describes a SAM2Base.
+        with open(f"{sam2_dir}/{spec.config}") as f:
+            assert yaml.safe_load(f)["model"]["_target_"] == "sam2.modeling.sam2_base.SAM2Base"
+        assert spec.url.startswith("https://dl.fbaipublicfiles.com/segment_anything_2/")
+        assert spec.url.endswith(f"/{spec.name}.pt")
+    with pytest.raises(UserError, match="unknown model"):
+        get_spec("sam3")
+
+
+def test_checkpoint_round_trip(tiny_checkpoint):
+    a = build_model("sam2.1_hiera_tiny", tiny_checkpoint)
+    saved = torch.load(tiny_checkpoint, weights_only=True)["model"]
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    # A differently seeded model differs, so the load above did something.
+    b = build_model("sam2.1_hiera_tiny", random_init=True)
+    assert not torch.equal(
+        a.state_dict()["obj_ptr_proj.layers.0.weight"], b.state_dict()["obj_ptr_proj.layers.0.weight"]
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_model("sam2.1_hiera_tiny", random_init=True)
+
+
+def _bad(tmp_path, tiny_checkpoint, case: str):
+    path = tmp_path / f"{case}.pt"
+    state = torch.load(tiny_checkpoint, weights_only=True)["model"]
+    if case == "missing":
+        state.pop("no_mem_embed")
+        torch.save({"model": state}, path)
+    elif case == "unexpected":
+        state["extra.weight"] = torch.zeros(3)
+        torch.save({"model": state}, path)
+    elif case == "shape":
+        state["no_mem_embed"] = torch.zeros(1, 1, 7)
+        torch.save({"model": state}, path)
+    elif case == "not_official":
+        torch.save(state, path)  # a bare state dict, no "model" key
+    elif case == "not_checkpoint":
+        path.write_text("this is not a checkpoint\n")
+    elif case == "truncated":
+        data = tiny_checkpoint.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "nonexistent":
+        pass
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "1 missing keys .*no_mem_embed"),
+        ("unexpected", "1 unexpected keys .*extra.weight"),
+        ("shape", "wrong shape .*no_mem_embed"),
+        ("not_official", "not in the official format"),
+        ("not_checkpoint", "not a readable PyTorch checkpoint"),
+        ("truncated", "not a readable PyTorch checkpoint"),
+        ("nonexistent", "no such file"),
+    ],
+)
+def test_bad_checkpoint_refused(tmp_path, tiny_checkpoint, tiny_model, case, message):
+    path = _bad(tmp_path, tiny_checkpoint, case)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(tiny_model, path, "sam2.1_hiera_tiny")
+    text = str(info.value)
+    assert "sam2.1_hiera_tiny" in text and str(path) in text and "\n" not in text
+
+
+def test_checkpoint_of_another_model_refused(checkpoint_factory, tiny_model):
+    small = checkpoint_factory("sam2.1_hiera_small")
+    with pytest.raises(CheckpointError, match="does not match model sam2.1_hiera_tiny"):
+        load_checkpoint(tiny_model, small, "sam2.1_hiera_tiny")
+
+
+def test_sam2_checkpoint_loads_sam2_model(checkpoint_factory):
+    path = checkpoint_factory("sam2_hiera_tiny")
+    model = build_model("sam2_hiera_tiny", path, image_size=256)
+    assert model.image_size == 256
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_image_size_override_feature_sizes(tiny_checkpoint, size):
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=size)
+    assert model.image_size == size
+    with torch.inference_mode():
+        out = model.forward_image(torch.zeros(1, 3, size, size))
+        shapes = [tuple(x.shape[-2:]) for x in out["backbone_fpn"]]
+        assert shapes == [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2]
+        assert model.sam_prompt_encoder.mask_input_size == (size // 4, size // 4)
+        # The RoPE memory attention is sized for the new grid.
+        attn = model.memory_attention.layers[0].self_attn
+        assert attn.freqs_cis.shape[0] == (size // 16) ** 2
+
+
+def test_bad_image_size():
+    with pytest.raises(UserError, match="multiple of 32"):
+        build_model("sam2.1_hiera_tiny", random_init=True, image_size=300)
+
+
+def test_missing_default_checkpoint_is_one_clear_line(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        build_model("sam2.1_hiera_tiny", tmp_path / "nope.pt")
+    text = str(info.value)
+    assert "streamtrack download sam2.1_hiera_tiny" in text and "\n" not in text
+
+
+def test_download_offline_fails_cleanly(tmp_path):
+    with pytest.raises(DownloadError, match="cannot download sam2.1_hiera_tiny") as info:
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, url="http://127.0.0.1:9/nothing.pt", timeout=5)
+    assert "save it as" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+
+
+def test_download_cli_offline_exit_code(tmp_path):
+    r = run_cli("download", "sam2.1_hiera_tiny", "--url", "http://127.0.0.1:9/x.pt", "--force")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("streamtrack: error: cannot download sam2.1_hiera_tiny")
+
+
+def test_download_verifies_and_renames(tmp_path, tiny_checkpoint, checkpoint_factory):
+    """A served file is checked against the model before it is moved into place."""
+    good = download_checkpoint(
+        "sam2.1_hiera_tiny", tmp_path, url=tiny_checkpoint.as_uri(), progress=False
+    )
+    assert good == tmp_path / "sam2.1_hiera_tiny.pt" and good.read_bytes() == tiny_checkpoint.read_bytes()
+    wrong = checkpoint_factory("sam2.1_hiera_small").as_uri()
+    with pytest.raises(CheckpointError, match="does not match model sam2.1_hiera_tiny"):
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, url=wrong, force=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sam2.1_hiera_tiny.pt"]
+
+
+def test_main_without_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage: streamtrack" in capsys.readouterr().out
+

@@ -1,0 +1,576 @@
+"""Publisher/Subscriber/control over real ZeroMQ sockets on 127.0.0.1 and ipc://."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from streamtrack.control import (
+    AddPrompt,
+    ControlClient,
+    ControlError,
+    ControlServer,
+    ControlTimeout,
+    parse_command,
+)
+from streamtrack.errors import PromptError, UserError
+from streamtrack.protocol import FrameResult, ObjectResult, Stats, decode_mask, encode_mask
+from streamtrack.publisher import Publisher, StatsWindow
+from streamtrack.subscriber import Subscriber
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+ANY_PORT = "tcp://127.0.0.1:0"
+
+
+def _result(seq: int, stream: str = "cam0", mask: np.ndarray | None = None) -> FrameResult:
+    objects = []
+    if mask is not None:
+        objects.append(ObjectResult.from_mask(1, mask, score=0.9))
+    return FrameResult(stream=stream, seq=seq, frame_id=seq, pts=seq / 30, width=32, height=24,
+                       t={"capture": time.time()}, objects=objects)
+
+
+def _sync(pub: Publisher, sub: Subscriber, stream: str = "cam0") -> int:
+    """Publish until the subscriber sees a message (ZeroMQ's slow-joiner window).
+
+    Returns the next free seq number and leaves nothing pending on the subscriber.
+    """
+    deadline = time.monotonic() + 5
+    seq = 0
+    while time.monotonic() < deadline:
+        pub.publish_result(_result(seq, stream))
+        seq += 1
+        msg = sub.latest(stream, timeout=0.05)
+        if msg is not None:
+            while sub.recv(timeout=0.05) is not None:
+                pass
+            return seq
+    raise AssertionError("subscriber never connected")
+
+
+@pytest.fixture
+def pub() -> Iterator[Publisher]:
+    p = Publisher(ANY_PORT, "cam0")
+    yield p
+    p.close()
+
+
+# ------------------------------------------------------------------------ pub/sub
+
+
+def test_pub_sub_round_trip_with_topic_and_publish_time(pub: Publisher) -> None:
+    mask = np.zeros((24, 32), bool)
+    mask[5:15, 3:20] = True
+    with Subscriber(pub.endpoint) as sub:
+        seq = _sync(pub, sub)
+        before = time.time()
+        sent = pub.publish_result(_result(seq, mask=mask))
+        msg = sub.recv(timeout=2)
+    assert msg is not None
+    assert msg.topic == "masks/cam0" and msg.kind == "masks" and msg.stream == "cam0"
+    assert msg.result == sent
+    assert sent.t.publish is not None and before <= sent.t.publish <= msg.received
+    assert msg.seq == seq and msg.skipped == 0
+    np.testing.assert_array_equal(msg.mask(1), mask)
+    np.testing.assert_array_equal(msg.masks()[1], mask)
+    assert msg.mask(2) is None
+    assert msg.latency() is not None and msg.latency() >= 0
+
+
+def test_slow_subscriber_sees_only_the_newest(pub: Publisher) -> None:
+    with Subscriber(pub.endpoint) as sub:
+        seq = _sync(pub, sub)
+        first = seq
+        for _ in range(200):  # the consumer is "asleep" while these go out
+            pub.publish_result(_result(seq))
+            seq += 1
+        # The newest is sent after a pause so that ZeroMQ's own high-water-mark drops
+        # (allowed, and counted as missed) cannot hit it on a loaded machine.
+        time.sleep(0.1)
+        pub.publish_result(_result(seq))
+        last = seq
+        deadline = time.monotonic() + 5
+        while sub.counters("cam0").last_seq != last and time.monotonic() < deadline:
+            time.sleep(0.02)
+        msg = sub.recv(timeout=2)
+        assert msg is not None and msg.seq == last
+        assert msg.skipped == last - first  # everything between was never handed out
+        assert sub.recv(timeout=0.2) is None  # no backlog behind it
+        counters = sub.counters("cam0")
+        assert counters.gaps > 0
+        assert counters.gaps == counters.missed + counters.superseded
+        assert sub.latest("cam0") is msg or sub.latest("cam0").seq == last
+
+
+def test_gap_detection_counts_missing_seq_and_restarts(pub: Publisher) -> None:
+    with Subscriber(pub.endpoint) as sub:
+        seq = _sync(pub, sub)
+        for s in (seq, seq + 4, seq + 5):  # seq+1..seq+3 "lost on the network"
+            pub.publish_result(_result(s))
+            assert sub.recv(timeout=2).seq == s
+        assert sub.counters("cam0").missed == 3
+        pub.publish_result(_result(0))  # the tracker restarted
+        assert sub.recv(timeout=2).seq == 0
+        c = sub.counters("cam0")
+        assert c.restarts == 1 and c.missed == 3 and c.superseded == 0
+
+
+def test_multi_endpoint_subscribe_and_status_stats(tmp_path: Path) -> None:
+    ipc = f"ipc://{tmp_path}/cam1.sock"
+    with Publisher(ANY_PORT, "cam0") as p0, Publisher(ipc, "cam1") as p1, \
+            Subscriber([p0.endpoint, ipc], topics=("masks/", "status/", "stats/")) as sub:
+        _sync(p0, sub, "cam0")
+        _sync(p1, sub, "cam1")
+        p0.publish_result(_result(100, "cam0"))
+        p1.publish_result(_result(200, "cam1"))
+        p1.publish_status("source_state", old="connecting", new="streaming")
+        p1.publish_status("object_state", obj_id=1, old="visible", new="occluded")
+        win = StatsWindow(stream="cam0")
+        win.add(_result(1))
+        p0.publish_stats(win.snapshot(memory_bytes=1024))
+        got: dict[str, Any] = {}
+        statuses = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not (len(got) == 3 and len(statuses) == 2):
+            msg = sub.recv(timeout=0.1)
+            if msg is None:
+                continue
+            if msg.kind == "status":
+                statuses.append(msg.status)
+            else:
+                got[msg.topic] = msg
+        assert got["masks/cam0"].seq == 100 and got["masks/cam1"].seq == 200
+        assert isinstance(got["stats/cam0"].stats, Stats)
+        assert got["stats/cam0"].stats.memory_bytes == 1024
+        # Status events are queued, not overwritten: both arrive, in order.
+        assert [s.kind for s in statuses] == ["source_state", "object_state"]
+        assert statuses[1].data == {"obj_id": 1, "old": "visible", "new": "occluded"}
+        assert sub.latest("cam1").seq == 200 and sub.latest("cam0").seq == 100
+
+
+def test_topic_filter_and_frames(pub: Publisher) -> None:
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[:, :32] = (255, 0, 0)  # left half red, so a channel swap would show
+    with Subscriber(pub.endpoint, topics="frames/") as sub:
+        deadline = time.monotonic() + 5
+        msg = None
+        while msg is None and time.monotonic() < deadline:
+            pub.publish_result(_result(0))  # filtered out by the topic
+            assert pub.publish_frame(7, rgb)
+            msg = sub.recv(timeout=0.05)
+        assert msg is not None and msg.kind == "frames"
+        assert msg.frame.frame_id == 7 and (msg.frame.width, msg.frame.height) == (64, 48)
+        img = msg.image()
+        assert img.shape == rgb.shape
+        assert np.abs(img.astype(int) - rgb.astype(int)).mean() < 4
+        assert sub.latest() is None  # no masks were ever delivered
+    with pytest.raises(UserError, match="uint8"):
+        pub.publish_frame(1, np.zeros((4, 4), np.uint8))
+
+
+def test_malformed_messages_are_counted_and_skipped() -> None:
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.PUB)
+    raw.setsockopt(zmq.LINGER, 0)
+    port = raw.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with Subscriber(f"tcp://127.0.0.1:{port}") as sub:
+            good = _result(5).to_json().encode()
+            deadline = time.monotonic() + 5
+            while sub.latest(timeout=0.05) is None and time.monotonic() < deadline:
+                raw.send_multipart([b"masks/cam0", good])
+            while sub.recv(timeout=0.05) is not None:
+                pass
+            bad_version = json.loads(good)
+            bad_version["v"] = 9
+            for parts in ([b"masks/cam0", b"{nope"], [b"masks/cam0"],
+                          [b"masks/cam0", json.dumps(bad_version).encode()],
+                          [b"masks/bad/topic", good]):
+                raw.send_multipart(parts)
+            raw.send_multipart([b"masks/cam0", good])
+            msg = sub.recv(timeout=2)
+            assert msg is not None and msg.seq == 5
+            assert sub.malformed == 4
+    finally:
+        raw.close()
+
+
+def test_close_stops_thread_promptly_and_ends_iteration(pub: Publisher) -> None:
+    sub = Subscriber(pub.endpoint)
+    seen: list[int] = []
+
+    def consume() -> None:
+        for msg in sub:
+            seen.append(msg.seq)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    seq = 0
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        pub.publish_result(_result(seq))
+        seq += 1
+        time.sleep(0.01)
+    assert seen
+    t0 = time.monotonic()
+    sub.close()
+    assert not sub._thread.is_alive()
+    consumer.join(2)
+    assert not consumer.is_alive()
+    assert time.monotonic() - t0 < 1.0
+    assert sub.closed and sub.recv(timeout=0.1) is None
+    sub.close()  # idempotent
+
+
+def test_publisher_never_blocks_on_a_stalled_subscriber(pub: Publisher) -> None:
+    ctx = zmq.Context.instance()
+    stalled = ctx.socket(zmq.SUB)  # connects, subscribes, never reads
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.connect(pub.endpoint)
+    try:
+        time.sleep(0.2)
+        big = np.random.default_rng(0).random((480, 640)) < 0.5  # ~100 KB of RLE
+        result = _result(0, mask=big)
+        t0 = time.monotonic()
+        for i in range(300):
+            pub.publish_result(replace(result, seq=i))
+        elapsed = time.monotonic() - t0
+        assert elapsed < 10  # would hang forever if a send blocked
+        assert pub.sent + pub.send_failures == 300
+    finally:
+        stalled.close()
+
+
+def test_publisher_endpoint_errors() -> None:
+    with Publisher(ANY_PORT) as first:
+        with pytest.raises(UserError, match="address already in use"):
+            Publisher(first.endpoint)
+    with pytest.raises(UserError, match="invalid endpoint"):
+        Publisher("udp://127.0.0.1:5555")
+    with pytest.raises(UserError, match="cannot bind"):
+        Publisher("tcp://203.0.113.1:5555")  # not an address of this machine
+    with pytest.raises(UserError, match="invalid endpoint"):
+        Subscriber("nope://x")
+    p = Publisher(ANY_PORT)
+    p.close()
+    with pytest.raises(UserError, match="closed"):
+        p.publish_result(_result(0))
+
+
+# ------------------------------------------------------------------------ control
+
+
+class RecordingHandler:
+    """Test double for the tracker: records typed commands, can be told to fail."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.fail_with: BaseException | None = None
+
+    def _record(self, name: str, arg: Any = None) -> dict[str, Any]:
+        self.calls.append((name, arg))
+        if self.fail_with is not None:
+            raise self.fail_with
+        return {"handled": name}
+
+    def add_prompt(self, cmd: AddPrompt) -> dict[str, Any]:
+        return self._record("add_prompt", cmd)
+
+    def remove_object(self, obj_id: int) -> dict[str, Any]:
+        return self._record("remove_object", obj_id)
+
+    def reset(self) -> dict[str, Any]:
+        return self._record("reset")
+
+    def status(self) -> dict[str, Any]:
+        self._record("status")
+        return {"objects": [1, 2], "paused": False}
+
+    def pause(self) -> None:
+        self._record("pause")
+
+    def resume(self) -> dict[str, Any]:
+        return self._record("resume")
+
+
+class Served:
+    def __init__(self, endpoint: str = ANY_PORT, **kw: Any) -> None:
+        self.handler = RecordingHandler()
+        self.server = ControlServer(endpoint, self.handler, **kw)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.server.serve, args=(self.stop, 20))
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        self.server.close()
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    s = Served(max_request_bytes=64 * 1024, max_message_bytes=1024 * 1024)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[ControlClient]:
+    with ControlClient(served.server.endpoint, timeout=2.0) as c:
+        yield c
+
+
+def _mask_rle() -> dict[str, Any]:
+    m = np.zeros((24, 32), bool)
+    m[2:9, 4:10] = True
+    return encode_mask(m)
+
+
+def test_valid_requests_reach_handler_as_typed_commands(
+    served: Served, client: ControlClient
+) -> None:
+    r = client.add_prompt(3, points=[[10, 20], [30.5, 40]], labels=[1, 0], box=[1, 2, 50, 60])
+    assert r == {"ok": True, "handled": "add_prompt"}
+    client.add_prompt(4, points=np.array([[1, 2]]))  # labels default to foreground
+    mask = decode_mask(_mask_rle())
+    client.add_prompt(5, mask=mask)
+    assert client.remove_object(3)["ok"]
+    assert client.status() == {"ok": True, "objects": [1, 2], "paused": False}
+    assert client.pause() == {"ok": True}
+    client.resume()
+    client.reset()
+    names = [c[0] for c in served.handler.calls]
+    assert names == ["add_prompt", "add_prompt", "add_prompt", "remove_object", "status",
+                     "pause", "resume", "reset"]
+    first = served.handler.calls[0][1]
+    assert first == AddPrompt(obj_id=3, points=((10.0, 20.0), (30.5, 40.0)), labels=(1, 0),
+                              box=(1.0, 2.0, 50.0, 60.0))
+    assert served.handler.calls[1][1].labels == (1,)
+    np.testing.assert_array_equal(served.handler.calls[2][1].mask_array(), mask)
+    assert served.handler.calls[3][1] == 3
+    # A raw request with an id gets it echoed back (for DEALER-style pipelining).
+    assert client.request({"cmd": "status", "id": "abc"})["id"] == "abc"
+
+
+_MALFORMED: list[tuple[Any, str]] = [
+    ({}, "needs a string field 'cmd'"),
+    ({"cmd": 5}, "needs a string field 'cmd'"),
+    ({"cmd": "explode"}, "unknown cmd 'explode'"),
+    ({"cmd": "status", "verbose": True}, "unknown field"),
+    ({"cmd": "add_prompt", "obj_id": 1}, "needs points, a box, or a mask"),
+    ({"cmd": "add_prompt", "points": [[1, 2]]}, "needs obj_id"),
+    ({"cmd": "add_prompt", "obj_id": 0, "box": [0, 0, 1, 1]}, "obj_id must be between"),
+    ({"cmd": "add_prompt", "obj_id": -3, "box": [0, 0, 1, 1]}, "obj_id must be between"),
+    ({"cmd": "add_prompt", "obj_id": 1.5, "box": [0, 0, 1, 1]}, "obj_id must be a positive"),
+    ({"cmd": "add_prompt", "obj_id": True, "box": [0, 0, 1, 1]}, "obj_id must be a positive"),
+    ({"cmd": "add_prompt", "obj_id": "1", "box": [0, 0, 1, 1]}, "obj_id must be a positive"),
+    ({"cmd": "add_prompt", "obj_id": 2**40, "box": [0, 0, 1, 1]}, "obj_id must be between"),
+    ({"cmd": "add_prompt", "obj_id": 1, "boxes": [0, 0, 1, 1]}, "unknown field"),
+    ({"cmd": "add_prompt", "obj_id": 1, "box": [0, 0, 1]}, r"box must be \[x0, y0, x1, y1\]"),
+    ({"cmd": "add_prompt", "obj_id": 1, "box": [5, 0, 1, 1]}, "x0 < x1"),
+    ({"cmd": "add_prompt", "obj_id": 1, "box": [0, 3, 1, 3]}, "y0 < y1"),
+    ({"cmd": "add_prompt", "obj_id": 1, "box": [-1, 0, 1, 1]}, ">= 0"),
+    ({"cmd": "add_prompt", "obj_id": 1, "box": [0, 0, 1e300, 1]}, ">= 0"),
+    ({"cmd": "add_prompt", "obj_id": 1, "box": [0, 0, "1", 1]}, "must be a number"),
+    ({"cmd": "add_prompt", "obj_id": 1, "points": []}, "must not be empty"),
+    ({"cmd": "add_prompt", "obj_id": 1, "points": [[1, 2, 3]]}, r"points\[0\] must be \[x, y\]"),
+    ({"cmd": "add_prompt", "obj_id": 1, "points": [[1, None]]}, "must be a number"),
+    ({"cmd": "add_prompt", "obj_id": 1, "points": "1,2"}, "points must be a list"),
+    ({"cmd": "add_prompt", "obj_id": 1, "points": [[1, 2]] * 65}, "at most 64 points"),
+    ({"cmd": "add_prompt", "obj_id": 1, "points": [[1, 2]], "labels": [1, 0]}, "one label per"),
+    ({"cmd": "add_prompt", "obj_id": 1, "points": [[1, 2]], "labels": [2]}, r"labels\[0\] must be"),
+    ({"cmd": "add_prompt", "obj_id": 1, "points": [[1, 2]], "labels": [1.0]}, r"labels\[0\] must"),
+    ({"cmd": "add_prompt", "obj_id": 1, "labels": [1]}, "labels given without points"),
+    ({"cmd": "add_prompt", "obj_id": 1, "mask": {"size": [2, 2], "counts": "1"}}, "RLE runs"),
+    ({"cmd": "add_prompt", "obj_id": 1, "mask": [[0, 1]]}, "COCO RLE"),
+    ({"cmd": "add_prompt", "obj_id": 1, "mask": {"size": [0, 0], "counts": ""}}, "empty"),
+    ({"cmd": "add_prompt", "obj_id": 1, "mask": "MASK", "box": [0, 0, 1, 1]}, "cannot be comb"),
+    ({"cmd": "remove_object"}, "needs obj_id"),
+    ({"cmd": "remove_object", "obj_id": None}, "obj_id must be a positive"),
+    ([1, 2, 3], "must be a JSON object"),
+    ("status", "must be a JSON object"),
+    (None, "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("request_", "match"), _MALFORMED,
+                         ids=[str(i) for i in range(len(_MALFORMED))])
+def test_malformed_requests_get_useful_errors(request_: Any, match: str) -> None:
+    import re
+
+    with pytest.raises(PromptError, match=match):
+        parse_command(request_)
+    # ...and over the wire the same error comes back; checked for all at once below.
+    assert re.search(match, str(_wire_errors()[json.dumps(request_)]))
+
+
+_WIRE_ERRORS: dict[str, str] = {}
+
+
+def _wire_errors() -> dict[str, str]:
+    """Send every malformed request to one server, once per session (fast)."""
+    if not _WIRE_ERRORS:
+        s = Served()
+        try:
+            with ControlClient(s.server.endpoint, timeout=2.0) as c:
+                for req, _ in _MALFORMED:
+                    reply = c.request(req) if isinstance(req, dict) else _raw(c, req)
+                    assert reply["ok"] is False and reply["error"]
+                    _WIRE_ERRORS[json.dumps(req)] = reply["error"]
+                    # The server keeps answering after every bad request.
+                    assert c.request({"cmd": "status"})["ok"] is True
+            assert [n for n, _ in s.handler.calls] == ["status"] * len(_MALFORMED)
+        finally:
+            s.close()
+    return _WIRE_ERRORS
+
+
+def _raw(client: ControlClient, payload: Any) -> dict[str, Any]:
+    # request() only takes mappings; send non-object JSON through the same socket.
+    sock = client._sock
+    assert sock is not None
+    sock.send(json.dumps(payload).encode())
+    assert sock.poll(2000)
+    return json.loads(sock.recv())
+
+
+@pytest.mark.parametrize(
+    ("parts", "match"),
+    [
+        ([b"{not json"], "invalid JSON"),
+        ([b"\xff\xfe\x00"], "not UTF-8"),
+        ([b'{"cmd": "status", "x": NaN}'], "NaN"),
+        ([b'{"cmd": "status"}', b"extra"], "one JSON message part"),
+        ([b""], "invalid JSON"),
+    ],
+)
+def test_garbage_bytes_are_answered(served: Served, parts: list[bytes], match: str) -> None:
+    ctx = zmq.Context.instance()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(served.server.endpoint)
+    try:
+        req.send_multipart(parts)
+        assert req.poll(2000), "no reply"
+        reply = json.loads(req.recv())
+        assert reply["ok"] is False and match in reply["error"]
+        req.send(b'{"cmd": "status"}')
+        assert req.poll(2000)
+        assert json.loads(req.recv())["ok"] is True
+    finally:
+        req.close()
+
+
+def test_handler_exceptions_become_error_replies(served: Served, client: ControlClient) -> None:
+    served.handler.fail_with = PromptError("object 9 does not exist")
+    assert client.request({"cmd": "remove_object", "obj_id": 9}) == {
+        "ok": False, "error": "object 9 does not exist"}
+    served.handler.fail_with = RuntimeError("engine exploded")
+    reply = client.request({"cmd": "reset"})
+    assert reply == {"ok": False, "error": "RuntimeError: engine exploded"}
+    with pytest.raises(ControlError, match="engine exploded"):
+        client.reset()
+    served.handler.fail_with = None
+    assert client.status()["ok"] is True
+
+
+def test_handler_returning_non_json_is_an_error(served: Served, client: ControlClient) -> None:
+    served.handler.status = lambda: {"bad": object()}  # type: ignore[method-assign]
+    reply = client.request({"cmd": "status"})
+    assert reply["ok"] is False and "not JSON" in reply["error"]
+    served.handler.status = lambda: ["not", "a", "dict"]  # type: ignore[method-assign]
+    reply = client.request({"cmd": "status"})
+    assert reply["ok"] is False and "not a dict" in reply["error"]
+
+
+def test_oversize_requests_are_refused(served: Served, client: ControlClient) -> None:
+    # Over the soft limit (64 KiB here): a readable error reply.
+    reply = client.request({"cmd": "status", "id": "x" * 100, "pad": "y" * 70_000})
+    assert reply["ok"] is False and "too large" in reply["error"]
+    # Over ZeroMQ's hard limit (1 MiB here): the connection is dropped before the
+    # message is buffered, so there is no reply, only a client timeout...
+    with ControlClient(served.server.endpoint, timeout=0.5) as huge:
+        with pytest.raises(ControlTimeout):
+            huge.request({"cmd": "status", "pad": "z" * (2 * 1024 * 1024)})
+        # ...and the same client recovers with a fresh socket.
+        assert huge.status()["ok"] is True
+    assert client.status()["ok"] is True
+    assert [n for n, _ in served.handler.calls] == ["status", "status"]
+
+
+def test_client_times_out_without_server_and_recovers(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    with ControlClient(endpoint, timeout=0.3) as c:
+        t0 = time.monotonic()
+        with pytest.raises(ControlTimeout, match="no reply"):
+            c.status()
+        assert time.monotonic() - t0 < 1.5
+        with pytest.raises(TimeoutError):  # also catchable as the builtin
+            c.request({"cmd": "status"})
+        s = Served(endpoint)
+        try:
+            assert c.status()["ok"] is True  # the stuck REQ socket was replaced
+        finally:
+            s.close()
+
+
+def test_client_validates_before_sending(served: Served, client: ControlClient) -> None:
+    with pytest.raises(PromptError, match="labels"):
+        client.add_prompt(1, points=[[1, 2]], labels=[3])
+    with pytest.raises(PromptError, match="cannot read"):
+        client.add_prompt(1, points=[[1, 2, 3]])
+    with pytest.raises(PromptError, match="obj_id"):
+        client.remove_object(0)
+    assert served.handler.calls == []
+    with pytest.raises(UserError, match="timeout"):
+        ControlClient(served.server.endpoint, timeout=0)
+
+
+def test_dealer_clients_are_answered(served: Served) -> None:
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(served.server.endpoint)
+    try:
+        for i in range(3):  # pipelined, matched by id
+            dealer.send(json.dumps({"cmd": "status", "id": i}).encode())
+        ids = []
+        for _ in range(3):
+            assert dealer.poll(2000)
+            ids.append(json.loads(dealer.recv())["id"])
+        assert sorted(ids) == [0, 1, 2]
+    finally:
+        dealer.close()
+
+
+def test_control_server_bind_errors_and_poll_once() -> None:
+    handler = RecordingHandler()
+    with ControlServer(ANY_PORT, handler) as server:
+        with pytest.raises(UserError, match="address already in use"):
+            ControlServer(server.endpoint, handler)
+        t0 = time.monotonic()
+        assert server.poll_once(50) == 0  # nothing pending: returns after the timeout
+        assert time.monotonic() - t0 < 0.5
+        with ControlClient(server.endpoint, timeout=2.0) as c:
+            done: list[dict[str, Any]] = []
+            t = threading.Thread(target=lambda: done.append(c.status()))
+            t.start()
+            deadline = time.monotonic() + 3
+            handled = 0
+            while not handled and time.monotonic() < deadline:
+                handled = server.poll_once(20)
+            t.join(2)
+            assert handled == 1 and done[0]["ok"] is True
