@@ -9,7 +9,6 @@ predictor's state growth.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -132,21 +131,65 @@ def bench_engine(
     return res
 
 
+@dataclass
+class PreprocessDrift:
+    """How far ``fast`` preprocessing moves results from ``exact`` (same frames, weights)."""
+
+    frames: int
+    image_size: int
+    min_iou: float
+    mean_iou: float
+    max_logit_diff: float  # worst per-frame mean |low-res logit difference|
+    mean_logit_diff: float
+
+
+def bench_preprocess(
+    *, model: str = "sam2.1_hiera_tiny", checkpoint: str | None = None, image_size: int = 256,
+    frames: int = 24, device: str = "auto", log=print,
+) -> PreprocessDrift:
+    dev = resolve_device(device)
+    if checkpoint is None:
+        checkpoint = str(save_random_checkpoint(model, Path(tempfile.mkdtemp()) / "random.pt"))
+    clip = make_clip(frames, 320, 240, num_objects=3, seed=3)
+    prompts = _prompts(clip, 3)
+    runs = {}
+    for mode in ("exact", "fast"):
+        engine = StreamingEngine(build_model(model, checkpoint, device=dev, image_size=image_size),
+                                 EngineConfig(preprocess=mode))
+        runs[mode] = [engine.step(f, prompts if i == 0 else [], return_logits=True)
+                      for i, f in enumerate(clip.frames)]
+    ious, diffs = [], []
+    for a, b in zip(runs["exact"], runs["fast"], strict=True):
+        for oa, ob in zip(a.objects, b.objects, strict=True):
+            union = (oa.mask | ob.mask).sum()
+            ious.append(1.0 if union == 0 else float((oa.mask & ob.mask).sum() / union))
+            diffs.append(float((oa.logits - ob.logits).abs().mean()))
+    res = PreprocessDrift(
+        frames, image_size, min(ious), float(np.mean(ious)), max(diffs), float(np.mean(diffs))
+    )
+    log(f"  fast vs exact preprocessing, {frames} frames x 3 objects: mask IoU min {res.min_iou:.4f} "
+        f"mean {res.mean_iou:.4f}; mean |logit diff| max {res.max_logit_diff:.4f} "
+        f"mean {res.mean_logit_diff:.4f}")
+    return res
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
 
 
 def main(args) -> int:
-    if args.what != "engine":
-        print(f"unknown benchmark {args.what!r}", file=sys.stderr)
-        return 2
     log = (lambda *a, **k: None) if args.json else print
-    log(f"engine benchmark: {args.model}, input {args.image_size}, {args.frames} frames, device {args.device}")
-    res = bench_engine(
-        model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
-        objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device, log=log,
-    )
+    log(f"{args.what} benchmark: {args.model}, input {args.image_size}, {args.frames} frames, "
+        f"device {args.device}, {torch.get_num_threads()} torch threads")
+    if args.what == "preprocess":
+        res = bench_preprocess(model=args.model, checkpoint=args.checkpoint, image_size=args.image_size,
+                               frames=args.frames, device=args.device, log=log)
+    else:
+        res = bench_engine(
+            model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
+            objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device, log=log,
+        )
     if args.json:
         print(json.dumps(asdict(res)))
     return 0

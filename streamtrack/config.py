@@ -1,0 +1,151 @@
+"""One typed configuration for ``streamtrack run``, loaded in layers.
+
+built-in defaults < YAML file (``--config``; a path or a preset name from
+``configs/``) < environment (``STREAMTRACK_<KEY>``) < command line.
+
+Keys are the long command-line options with ``_`` for ``-``.  Unknown keys and
+values of the wrong type are errors that name the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streamtrack.errors import UserError
+from streamtrack.models import DEFAULT_MODEL
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ENV_PREFIX = "STREAMTRACK_"
+
+
+@dataclass
+class Config:
+    # model
+    model: str = DEFAULT_MODEL
+    checkpoint: str | None = None
+    device: str = "auto"
+    image_size: int | None = None
+    preprocess: str = "auto"
+    # engine
+    lost_after: float = 3.0
+    max_cond_frames: int | None = None
+    fill_hole_area: int = 0
+    compile: bool = False
+    # source
+    realtime: bool = False
+    max_frames: int | None = None
+    queue_depth: int | None = None
+    reconnect_max: float = 1.0
+    stale_after: float | None = 2.0
+    give_up_after: float | None = None
+    # outputs
+    stream: str = "cam0"
+    publish: str | None = None
+    control: str | None = None
+    save_jsonl: str | None = None
+    save_masks: str | None = None
+    save_video: str | None = None
+    show: bool = False
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _base_type(tp) -> tuple[type, bool]:
+    """(type, optional) from a field annotation such as ``int | None``."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__`
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0], len(non_none) < len(args)
+    return tp, False
+
+
+def coerce(key: str, value: Any, where: str) -> Any:
+    """Check (and for strings from the environment, parse) one value."""
+    if key not in _FIELDS:
+        raise UserError(f"{where}: unknown key {key!r}; known keys: {', '.join(_FIELDS)}")
+    tp, optional = _base_type(_FIELDS[key].type)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise UserError(f"{where}: {key} cannot be empty")
+    if isinstance(value, str) and tp is not str:
+        value = _parse_text(key, value, tp, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _parse_text(key: str, text: str, tp: type, where: str) -> Any:
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{where}: {key} must be true or false, got {text!r}")
+    try:
+        return tp(text)
+    except ValueError:
+        raise UserError(f"{where}: {key} must be {tp.__name__}, got {text!r}") from None
+
+
+def find_config_file(name: str) -> Path:
+    """A path, or a preset name such as ``webcam`` (``configs/webcam.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = CONFIG_DIR / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise UserError(f"config {name!r} not found (a YAML file, or a preset: {', '.join(presets)})")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"config {path}: cannot read YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path}: expected a mapping of keys to values")
+    return data
+
+
+def load_config(
+    config_file: str | None = None,
+    cli: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Merge the layers; ``cli`` holds only options the user actually gave."""
+    values: dict[str, Any] = {}
+    env = os.environ if environ is None else environ
+    config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        path = find_config_file(config_file)
+        for key, value in load_yaml(path).items():
+            values[key] = coerce(str(key), value, f"config {path}")
+    for name, text in env.items():
+        if name.startswith(ENV_PREFIX) and name != ENV_PREFIX + "CONFIG":
+            key = name[len(ENV_PREFIX):].lower()
+            values[key] = coerce(key, text, f"environment {name}")
+    for key, value in (cli or {}).items():
+        values[key] = coerce(key, value, f"option --{key.replace('_', '-')}")
+    return Config(**values)

@@ -1,0 +1,74 @@
+"""Layered configuration: defaults < YAML < environment < command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamtrack.config import CONFIG_DIR, Config, load_config
+from streamtrack.errors import UserError
+
+
+def test_default_yaml_documents_the_defaults():
+    # configs/default.yaml is the commented reference: it must equal the built-in defaults.
+    assert load_config("default", {}, {}) == Config()
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_preset_loads(preset):
+    assert isinstance(load_config(preset, {}, {}), Config)
+
+
+def test_layers_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("image_size: 512\ndevice: cpu\nstream: fromfile\nlost_after: 4\n")
+    env = {"STREAMTRACK_IMAGE_SIZE": "384", "STREAMTRACK_STREAM": "fromenv", "OTHER": "x"}
+    cfg = load_config(str(f), {"image_size": 256}, env)
+    assert cfg.image_size == 256  # command line beats environment and file
+    assert cfg.stream == "fromenv"  # environment beats file
+    assert cfg.device == "cpu"  # file beats defaults
+    assert cfg.lost_after == 4.0 and isinstance(cfg.lost_after, float)
+    assert cfg.model == Config().model  # untouched default
+
+
+def test_config_file_from_environment(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("max_frames: 7\n")
+    assert load_config(None, {}, {"STREAMTRACK_CONFIG": str(f)}).max_frames == 7
+
+
+def test_environment_values_are_parsed():
+    env = {"STREAMTRACK_SHOW": "yes", "STREAMTRACK_GIVE_UP_AFTER": "none", "STREAMTRACK_REALTIME": "0"}
+    cfg = load_config(None, {}, env)
+    assert cfg.show is True and cfg.give_up_after is None and cfg.realtime is False
+
+
+@pytest.mark.parametrize(
+    "yaml_text,message",
+    [
+        ("imag_size: 256\n", "unknown key 'imag_size'"),
+        ("image_size: big\n", "image_size must be int"),
+        ("show: 3\n", "show must be bool"),
+        ("image_size: true\n", "image_size must be int"),
+        ("model: null\n", "model cannot be empty"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("a: [\n", "cannot read YAML"),
+    ],
+)
+def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(UserError, match=message) as info:
+        load_config(str(f), {}, {})
+    assert str(f) in str(info.value)
+
+
+def test_bad_environment_names_the_variable():
+    with pytest.raises(UserError, match="environment STREAMTRACK_SHOW: show must be true or false"):
+        load_config(None, {}, {"STREAMTRACK_SHOW": "maybe"})
+    with pytest.raises(UserError, match="environment STREAMTRACK_NOPE: unknown key 'nope'"):
+        load_config(None, {}, {"STREAMTRACK_NOPE": "1"})
+
+
+def test_missing_config_lists_presets():
+    with pytest.raises(UserError, match="not found .*webcam"):
+        load_config("no-such-config", {}, {})
