@@ -12,6 +12,9 @@ from streamtrack.engine import EngineConfig, ObjectState, Prompt, StreamingEngin
 from streamtrack.errors import PromptError, UserError
 from streamtrack.models import build_model
 
+# The official reference runs are the slow part of the suite (~1-2 min each on 2 cores).
+pytestmark = pytest.mark.timeout(1200)
+
 MIN_IOU = 0.998
 MAX_LOGIT_DIFF = 1e-3
 REFINE_AT = 20
