@@ -559,3 +559,47 @@ def test_close_joins_threads_and_leaks_no_fds(clip: Path, rtsp_server: RtspServe
         one_round()
     assert _capture_threads() == []
     assert _fd_count() == before
+
+
+def test_server_absent_at_start_then_appears(tmp_path: Path) -> None:
+    """Retries while nothing listens, streams once the server comes up (a synthetic clip)."""
+    from streamtrack.synthetic import make_clip, write_video
+
+    clip_path = write_video(make_clip(90, 160, 120).frames, tmp_path / "clip.mp4", gop=10)
+    server = RtspServer(name="late", extra_args=("--clip", str(clip_path)))
+    server.port = free_port()
+    url = f"rtsp://127.0.0.1:{server.port}/late"
+    events: list = []
+    cap = open_source(url, CaptureConfig(**LIVE), on_status=events.append).start()
+    try:
+        assert wait_for(lambda: cap.state is S.RECONNECTING, 3)
+        assert wait_for(lambda: cap.stats().reconnect_attempts >= 2, 3)
+        server.start()
+        frame = cap.read(timeout=5)
+        assert frame is not None and frame.image.shape == (120, 160, 3)
+        assert cap.state is S.STREAMING
+        assert (S.RECONNECTING, S.STREAMING) in transitions(events)
+    finally:
+        cap.close()
+        server.close()
+
+
+def test_slow_consumer_on_live_stream_gets_fresh_frames(rtsp_server: RtspServer) -> None:
+    """A consumer 5x slower than the stream: bounded queue, drops counted, frames stay recent."""
+    cap = open_source(rtsp_server.url, CaptureConfig(**LIVE, queue_depth=2)).start()
+    ages, queued = [], []
+    try:
+        assert cap.read(timeout=5) is not None
+        for _ in range(8):
+            time.sleep(0.15)  # the stream delivers ~5 frames meanwhile
+            queued.append(cap.stats().queued)
+            frame = cap.read(timeout=2)
+            assert frame is not None
+            ages.append(time.time() - frame.capture_time)
+        stats = cap.stats()
+    finally:
+        cap.close()
+    assert max(queued) <= 2
+    assert stats.dropped["queue_full"] >= 10
+    # The newest of at most two queued frames at 30 fps: well under the consumer's period.
+    assert float(np.median(ages)) < 0.1, ages
