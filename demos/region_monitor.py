@@ -1,0 +1,66 @@
+"""Watch a tracked object: raise an event when it leaves a region or is lost.
+
+Typical use with an RTSP camera:
+
+    streamtrack run rtsp://camera/stream --config rtsp --box 100,80,220,200 &
+    python demos/region_monitor.py tcp://127.0.0.1:5555 --region 0,0,320,240
+
+Events are printed as JSON lines (pipe them to anything). An object "leaves"
+when its mask's centroid goes outside the region; "lost" comes from the
+tracker's object state (absent longer than its ``lost_after``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from streamtrack.subscriber import Subscriber
+
+
+def inside(region, bbox) -> bool:
+    if bbox is None:
+        return False
+    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    return region[0] <= cx <= region[2] and region[1] <= cy <= region[3]
+
+
+def events_for(result, region, last: dict[int, str]) -> list[dict]:
+    """Compare each object's situation with the previous message's; return the changes."""
+    out = []
+    for obj in result.objects:
+        now = "lost" if obj.state == "lost" else ("inside" if inside(region, obj.bbox) else "outside")
+        before = last.get(obj.obj_id)
+        if before is not None and now != before:
+            kind = {"outside": "left_region", "inside": "entered_region", "lost": "lost"}[now]
+            out.append({"event": kind, "obj_id": obj.obj_id, "frame_id": result.frame_id,
+                        "stream": result.stream, "time": time.time()})
+        last[obj.obj_id] = now
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555")
+    parser.add_argument("--region", required=True, help="x0,y0,x1,y1 in source pixels")
+    parser.add_argument("--count", type=int, default=0, help="stop after N messages (0 = forever)")
+    args = parser.parse_args()
+    region = [float(v) for v in args.region.split(",")]
+    if len(region) != 4:
+        parser.error("--region needs x0,y0,x1,y1")
+    last: dict[int, str] = {}
+    seen = 0
+    with Subscriber(args.endpoint) as sub:
+        for msg in sub:
+            for event in events_for(msg.result, region, last):
+                print(json.dumps(event), flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The demos' consumer logic (the scripts' stream plumbing is the Subscriber's, tested elsewhere)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from streamtrack.protocol import FrameResult, ObjectResult
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demos"))
+
+import centroids  # noqa: E402
+import region_monitor  # noqa: E402
+
+
+def result(frame_id: int, *objects: tuple[int, str, tuple]) -> FrameResult:
+    objs = tuple(ObjectResult(obj_id=i, score=0.9, state=s, bbox=b, area=10) for i, s, b in objects)
+    return FrameResult(stream="cam0", seq=frame_id, frame_id=frame_id, pts=None, width=320, height=240,
+                       objects=objs)
+
+
+def test_region_events():
+    region = (0, 0, 160, 240)
+    last: dict[int, str] = {}
+    assert region_monitor.events_for(result(0, (1, "visible", (10, 10, 30, 30))), region, last) == []
+    events = region_monitor.events_for(result(1, (1, "visible", (200, 10, 240, 30))), region, last)
+    assert [(e["event"], e["obj_id"], e["frame_id"]) for e in events] == [("left_region", 1, 1)]
+    events = region_monitor.events_for(result(2, (1, "lost", None)), region, last)
+    assert [e["event"] for e in events] == ["lost"]
+    events = region_monitor.events_for(result(3, (1, "visible", (20, 20, 40, 40))), region, last)
+    assert [e["event"] for e in events] == ["entered_region"]
+    assert region_monitor.events_for(result(4, (1, "visible", (22, 20, 42, 40))), region, last) == []
+
+
+def test_centroid():
+    mask = np.zeros((10, 20), bool)
+    mask[2:4, 10:14] = True
+    assert centroids.centroid(mask) == (11.5, 2.5)
+    assert centroids.centroid(np.zeros((3, 3), bool)) is None
+
