@@ -1,0 +1,356 @@
+"""Single-image segmentation (``streamtrack segment``) against the official image predictor.
+
+The reference is sam2's own ``SAM2ImagePredictor`` on a model built from the
+same seeded random checkpoint through ``build_model(kind="image")``; the only
+change made to it is the backbone grid sizes for the 256 test input (it
+hard-codes those of a 1024 input).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import TEST_IMAGE_SIZE
+from PIL import Image
+
+from streamtrack.engine import Prompt
+from streamtrack.errors import PromptError
+from streamtrack.models import build_model
+from streamtrack.overlay import color_for
+from streamtrack.protocol import decode_mask, mask_bbox
+from streamtrack.segment import (
+    Segmenter,
+    SegmentResult,
+    check_prompts,
+    prompts_from_args,
+    render_overlay,
+    save_masks_png,
+    save_overlay,
+    save_rle_json,
+)
+from streamtrack.synthetic import make_clip
+
+MODEL = "sam2.1_hiera_tiny"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return make_clip(1, 160, 120)
+
+
+@pytest.fixture(scope="module")
+def image(clip):
+    return clip.frames[0]
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_checkpoint, image):
+    seg = Segmenter(MODEL, tiny_checkpoint, device="cpu", image_size=TEST_IMAGE_SIZE)
+    seg.set_image(image)
+    return seg
+
+
+@pytest.fixture(scope="module")
+def official(tiny_checkpoint, image):
+    """The official predictor, used as the SAM 2 image tutorial does, on its own model instance."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    model = build_model(MODEL, tiny_checkpoint, device="cpu", image_size=TEST_IMAGE_SIZE, kind="image")
+    pred = SAM2ImagePredictor(model)
+    s = TEST_IMAGE_SIZE
+    pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    pred.set_image(image)
+    return pred
+
+
+def _official(pred, prompt: Prompt, multimask: bool):
+    """Tutorial flow: predict, then sort best first with np.argsort(scores)[::-1]."""
+    masks, scores, logits = pred.predict(
+        point_coords=None if prompt.points is None else np.array(prompt.points),
+        point_labels=None if prompt.labels is None else np.array(prompt.labels),
+        box=None if prompt.box is None else np.array(prompt.box),
+        multimask_output=multimask,
+    )
+    order = np.argsort(scores)[::-1]
+    return masks[order].astype(bool), scores[order], logits[order]
+
+
+def _prompt(kind: str, clip) -> Prompt:
+    inside1, inside2 = clip.center(1), clip.center(2)
+    if kind == "box":
+        return Prompt.make(1, box=clip.box(1))
+    if kind == "points":
+        return Prompt.make(1, points=[inside1, inside2], labels=[1, 0])
+    return Prompt.make(1, box=clip.box(2), points=[inside2, inside1], labels=[1, 0])
+
+
+@pytest.mark.parametrize("multimask", [False, True], ids=["single", "multimask"])
+@pytest.mark.parametrize("kind", ["box", "points", "box+points"])
+def test_matches_official_predictor(segmenter, official, clip, kind, multimask):
+    prompt = _prompt(kind, clip)
+    (result,) = segmenter.predict([prompt], multimask=multimask)
+    masks, scores, logits = _official(official, prompt, multimask)
+    k = 3 if multimask else 1
+    assert result.obj_id == 1
+    assert result.masks.shape == (k, 120, 160) and result.masks.dtype == bool
+    assert result.scores.shape == (k,) and result.logits.shape == (k, 64, 64)
+    assert np.all(np.diff(result.scores) <= 0), "scores must be sorted best first"
+    np.testing.assert_array_equal(result.masks, masks)
+    np.testing.assert_allclose(result.scores, scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(result.logits, logits, rtol=0, atol=1e-5)
+    assert 0 < result.area < 120 * 160 and result.bbox == mask_bbox(result.masks[0])
+
+
+def test_segment_embeds_the_image_and_masks_depend_on_the_prompt(tiny_checkpoint, image, official, clip):
+    # A fresh Segmenter through segment(): covers set_image as well as predict.
+    seg = Segmenter(MODEL, tiny_checkpoint, device="cpu", image_size=TEST_IMAGE_SIZE)
+    prompts = [_prompt("points", clip), Prompt.make(2, points=[clip.center(3)])]
+    results = seg.segment(image, prompts)
+    assert [r.obj_id for r in results] == [1, 2]
+    for r, p in zip(results, prompts, strict=True):
+        masks, scores, _ = _official(official, p, False)
+        np.testing.assert_array_equal(r.masks, masks)
+        np.testing.assert_allclose(r.scores, scores, atol=1e-6)
+    # The sharpened random weights make masks prompt-dependent, so the equalities above are not vacuous.
+    assert (results[0].mask != results[1].mask).mean() > 0.01
+
+
+def test_batched_boxes_equal_per_box(segmenter, official, clip, monkeypatch):
+    prompts = [Prompt.make(i, box=clip.box(i)) for i in (1, 2, 3)]
+    calls = []
+    real_predict = segmenter.predictor.predict
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real_predict(**kwargs)
+
+    monkeypatch.setattr(segmenter.predictor, "predict", spy)
+    batched = segmenter.predict(prompts)
+    assert len(calls) == 1 and calls[0]["box"].shape == (3, 4), "box-only objects go in one call"
+    monkeypatch.undo()
+
+    for r, p in zip(batched, prompts, strict=True):
+        (single,) = segmenter.predict([p])
+        masks, scores, logits = _official(official, p, False)
+        assert r.obj_id == p.obj_id
+        np.testing.assert_allclose(r.logits, single.logits, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(r.logits, logits, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(r.scores, single.scores, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(r.scores, scores, rtol=0, atol=1e-5)
+        # Thresholding at 0 may flip a pixel whose logit is within float noise of it.
+        assert (r.masks != single.masks).mean() < 1e-3
+    assert not np.array_equal(batched[0].mask, batched[1].mask)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        (Prompt.make(1, points=[[170, 10]]), "point (170, 10) is outside the 160x120 image"),
+        (Prompt.make(1, points=[[10, -1]]), "outside"),
+        (Prompt.make(1, box=[10, 10, 200, 50]), "box corner (200, 50) is outside"),
+        (Prompt.make(1, box=[50, 10, 20, 40]), "x0 < x1"),
+        (Prompt.make(1, points=[[10, 10]], labels=[2]), "labels must be 1"),
+        (Prompt(1, points=((10.0, 10.0),), labels=(1, 0)), "one label per point"),
+        (Prompt(1, points=(), labels=()), "empty point list"),
+        (Prompt(1), "needs a box, points"),
+        (Prompt.make(0, box=[1, 1, 5, 5]), "positive integer"),
+        (Prompt.make(1, mask=np.ones((120, 160), bool)), "mask prompts are not supported"),
+        (Prompt.make(1, box=[1, 1, float("nan"), 5]), "finite"),
+    ],
+)
+def test_bad_prompts_are_rejected(segmenter, prompt, message):
+    with pytest.raises(PromptError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        segmenter.predict([prompt])
+    assert "\n" not in str(e.value)
+
+
+def test_empty_and_duplicate_prompts_are_rejected():
+    with pytest.raises(PromptError, match="no prompt"):
+        check_prompts([], 120, 160)
+    with pytest.raises(PromptError, match="prompted twice"):
+        check_prompts([Prompt.make(1, box=[1, 1, 5, 5]), Prompt.make(1, points=[[3, 3]])], 120, 160)
+
+
+def test_cli_prompt_rules(tmp_path):
+    one = prompts_from_args(["1,2,30,40"], ["5,6", "7,8,0"])
+    assert len(one) == 1 and one[0].box == (1, 2, 30, 40)
+    assert one[0].points == ((5, 6), (7, 8)) and one[0].labels == (1, 0)
+    several = prompts_from_args(["1,2,30,40", "50,2,90,40"], ["5,6"])
+    assert [(p.obj_id, p.box is not None, p.points is not None) for p in several] == [
+        (1, True, False), (2, True, False), (3, False, True)]
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps([{"obj_id": 4, "frame": 7, "box": [1, 2, 3, 4], "points": [[2, 3]]},
+                             {"obj_id": 5, "points": [[1, 1], [9, 9]], "labels": [1, 0]}]))
+    from_file = prompts_from_args(None, None, f)
+    # Frames are ignored, but give the order: frame 0's entries first.
+    assert [p.obj_id for p in from_file] == [5, 4] and from_file[1].points == ((2, 3),)
+    with pytest.raises(PromptError, match="object 1 is prompted twice"):
+        f.write_text(json.dumps([{"obj_id": 1, "box": [1, 2, 3, 4]}]))
+        prompts_from_args(["1,2,30,40"], None, f)
+
+
+def _ellipse(h: int, w: int, center, axes) -> np.ndarray:
+    m = np.zeros((h, w), np.uint8)
+    cv2.ellipse(m, center, axes, 0, 0, 360, 1, -1)
+    return m.astype(bool)
+
+
+def test_overlay_fills_masks_and_leaves_the_rest(tmp_path, image):
+    h, w = image.shape[:2]
+    masks = [_ellipse(h, w, (40, 40), (18, 12)), _ellipse(h, w, (115, 80), (15, 20))]
+    results = [SegmentResult(i, m[None], np.array([0.9], np.float32)) for i, m in enumerate(masks, 1)]
+    prompts = [Prompt.make(1, box=[20, 26, 60, 54]),
+               Prompt.make(2, points=[[115, 80], [140, 20]], labels=[1, 0])]
+    out = save_overlay(tmp_path / "sub" / "overlay.png", image, results, prompts)
+    written = np.array(Image.open(tmp_path / "sub" / "overlay.png"))
+    assert written.shape == image.shape and np.array_equal(written, out)
+
+    changed = np.any(written != image, axis=2)
+    for m in masks:
+        core = cv2.erode(m.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        assert changed[core].mean() > 0.99, "mask interior is filled"
+    # Far = 8 px away from every mask, box outline and point marker.
+    drawn = np.zeros((h, w), np.uint8)
+    for m in masks:
+        drawn |= m
+    cv2.rectangle(drawn, (20, 26), (60, 54), 1, 1)
+    for x, y in ([115, 80], [140, 20]):
+        drawn[max(0, y - 10):y + 11, max(0, x - 10):x + 11] = 1
+    far = cv2.dilate(drawn, np.ones((17, 17), np.uint8)) == 0
+    assert far.mean() > 0.3
+    assert not changed[far].any(), "pixels far from every mask and prompt are unchanged"
+    # Prompt markers: the fg star is green, the bg star red, the box outline green.
+    assert written[80, 115, 1] > 150 and written[80, 115, 0] < 100
+    assert written[20, 140, 0] > 150 and written[20, 140, 1] < 100
+    assert written[26, 40, 1] > 150
+
+
+def test_overlay_of_real_results(segmenter, image, clip):
+    prompts = [Prompt.make(1, box=clip.box(1)), Prompt.make(2, box=clip.box(3))]
+    r1, r2 = segmenter.predict(prompts)
+    # Mask pixels 4+ px from its outer contour (the tutorial borders outer contours only)
+    # are beyond the reach of the 2 px antialiased border.
+    out = render_overlay(image, [r1])
+    outline = np.zeros(r1.mask.shape, np.uint8)
+    contours, _ = cv2.findContours(r1.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(outline, contours, -1, 1, 1)
+    core = r1.mask & (cv2.dilate(outline, np.ones((7, 7), np.uint8)) == 0)
+    assert core.sum() > 100
+    expected = 0.5 * image[core].astype(float) + 0.5 * np.array(color_for(1), float)
+    assert np.abs(out[core].astype(float) - expected).max() <= 1.0, "0.5 blend with the object's colour"
+    # Both objects and their prompt boxes.  Random-weight masks are stripy, so only a few
+    # pixels lie 3+ px from every mask; none of them may change.
+    out = render_overlay(image, [r1, r2], prompts)
+    drawn = (r1.mask | r2.mask).astype(np.uint8)
+    for p in prompts:
+        cv2.rectangle(drawn, *_corners(p.box), 1, 2)
+    far = cv2.dilate(drawn, np.ones((5, 5), np.uint8)) == 0
+    assert not np.any(out[far] != image[far])
+    assert np.any(out != image, axis=2)[r1.mask | r2.mask].mean() > 0.9
+
+
+def _corners(box):
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    return (x0, y0), (x1, y1)
+
+
+def test_rle_json_and_mask_pngs_round_trip(segmenter, clip, tmp_path):
+    results = segmenter.predict([_prompt("box+points", clip), Prompt.make(2, points=[clip.center(3)])],
+                                multimask=True)
+    data = save_rle_json(tmp_path / "r.json", results)
+    loaded = json.loads((tmp_path / "r.json").read_text())
+    assert loaded == data and (loaded["width"], loaded["height"]) == (160, 120)
+    assert [o["obj_id"] for o in loaded["objects"]] == [1, 2]
+    for r, obj in zip(results, loaded["objects"], strict=True):
+        np.testing.assert_array_equal(decode_mask(obj["rle"]), r.mask)
+        assert obj["score"] == pytest.approx(r.score)
+        assert obj["area"] == int(r.mask.sum()) and tuple(obj["bbox"]) == mask_bbox(r.mask)
+        assert len(obj["candidates"]) == 3
+        for cand, m, s in zip(obj["candidates"], r.masks, r.scores, strict=True):
+            np.testing.assert_array_equal(decode_mask(cand["rle"]), m)
+            assert cand["score"] == pytest.approx(float(s))
+
+    paths = save_masks_png(tmp_path / "masks", results)
+    assert [p.name for p in paths] == ["object_1.png", "object_2.png"]
+    for p, r in zip(paths, results, strict=True):
+        png = np.array(Image.open(p))
+        assert set(np.unique(png)) <= {0, 255}
+        np.testing.assert_array_equal(png == 255, r.mask)
+    prefixed = save_masks_png(tmp_path / "out" / "img.png", results[:1])
+    assert prefixed == [tmp_path / "out" / "img_object_1.png"] and prefixed[0].is_file()
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamtrack", "segment", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def image_png(image, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("segment") / "image.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+def test_cli_end_to_end(image_png, tiny_checkpoint, segmenter, clip, tmp_path):
+    model = ["--checkpoint", str(tiny_checkpoint), "--image-size", str(TEST_IMAGE_SIZE), "--device", "cpu"]
+    box, fg, bg = clip.box(2), clip.center(2), clip.center(1)
+    cmd = [str(image_png), *model, "--box", ",".join(f"{v:g}" for v in box),
+           "--point", f"{fg[0]:g},{fg[1]:g}", "--point", f"{bg[0]:g},{bg[1]:g},0", "--multimask",
+           "--out", "o/overlay.png", "--save-masks", "m", "--save-rle", "r.json"]
+    proc = _cli(*cmd, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    # One --box with --points is one object; its 3 scores are printed best first and
+    # equal what the Segmenter gives in process on the same pixels.
+    (expected,) = segmenter.predict([Prompt.make(1, box=box, points=[fg, bg], labels=[1, 0])], multimask=True)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("object 1: scores ")
+    printed = [float(v) for v in lines[0].split("scores ")[1].split(" (")[0].split()]
+    assert printed == sorted(printed, reverse=True)
+    np.testing.assert_allclose(printed, expected.scores, atol=1e-4)
+
+    overlay = np.array(Image.open(tmp_path / "o" / "overlay.png"))
+    assert overlay.shape == (120, 160, 3)
+    rle = json.loads((tmp_path / "r.json").read_text())
+    np.testing.assert_array_equal(decode_mask(rle["objects"][0]["rle"]), expected.mask)
+    assert np.array_equal(np.array(Image.open(tmp_path / "m" / "object_1.png")) > 0, expected.mask)
+
+
+BAD_INPUTS = {
+    "missing": (["missing.png", "--point", "10,10"], "image missing.png not found"),
+    "not-an-image": (["notimage.png", "--point", "10,10"], "is not a readable image"),
+    "point-outside": (["IMAGE", "--point", "161,10"], "outside the 160x120 image"),
+    "bad-box": (["IMAGE", "--box", "1,2,three,4"], "--box '1,2,three,4'"),
+}
+
+
+def test_cli_bad_input_exits_2(image_png, tmp_path):
+    # The cases run concurrently: each is mostly interpreter + torch start-up.
+    (tmp_path / "notimage.png").write_text("not an image\n")
+    procs = {}
+    for name, (args, _) in BAD_INPUTS.items():
+        args = [str(image_png) if a == "IMAGE" else a for a in args]
+        cmd = [sys.executable, "-m", "streamtrack", "segment", *args,
+               "--checkpoint", "unused.pt", "--out", f"{name}.png"]
+        procs[name] = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        message = BAD_INPUTS[name][1]
+        assert proc.returncode == 2, (name, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("streamtrack: error: "), (name, stderr)
+        assert message in lines[0], (name, lines[0])
+        assert not (tmp_path / f"{name}.png").exists()
