@@ -1,0 +1,944 @@
+"""Live viewer: an OpenCV window that subscribes to a tracker like any other client.
+
+It shows the newest frame (``frames/<stream>`` JPEG previews) with the masks of the
+same ``frame_id`` (``masks/<stream>``), a HUD with display/tracker fps, capture→mask
+and capture→display latency p50/p95, drops, source and per-object state, and a
+banner when the source is not streaming or the tracker has gone quiet. Mouse
+clicks and drags become prompts sent over the control socket in source-frame
+pixels, whatever the window scale.
+
+The module is split in two: pure logic (:class:`ViewTransform`,
+:class:`Interaction`, :class:`SlidingWindow`, :class:`RateMeter`,
+:class:`FramePairer`, :class:`SourceStateTracker`, :func:`banner_for`) that tests
+drive without a display, and :class:`Viewer`, the thin cv2 window loop around it.
+
+    streamtrack view tcp://127.0.0.1:5555 --control tcp://127.0.0.1:5556
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from streamtrack.control import AddPrompt, ControlError, Pause, RemoveObject, Reset, Resume
+from streamtrack.errors import UserError
+from streamtrack.protocol import FrameHeader, FrameResult, now
+from streamtrack.subscriber import Message
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SIZE = (1280, 720)
+# A press that moves less than this (display pixels) is a click, not a drag: hands
+# shake, and a 2-pixel box is never what anybody meant.
+DRAG_THRESHOLD = 6.0
+NOT_PUBLISHING_AFTER = 2.0  # seconds without any message before the banner says so
+# Source states that deserve a warning banner (see capture.SourceState).
+WARN_STATES = frozenset({"connecting", "reconnecting", "stale", "failed"})
+DONE_STATES = frozenset({"ended", "stopped"})
+MAX_PROMPT_POINTS = 64  # the control protocol's limit per request
+
+# BGR colours of the window (OpenCV draws in BGR; the overlay palette is RGB).
+BANNER_WARN_BGR = (0, 140, 255)  # orange: source reconnecting / stale
+BANNER_DEAD_BGR = (40, 40, 220)  # red: tracker not publishing
+BANNER_DONE_BGR = (110, 110, 110)  # grey: source ended
+STATE_BGR = {"visible": (90, 220, 90), "occluded": (60, 200, 240), "lost": (80, 80, 240)}
+TEXT_BGR = (235, 235, 235)
+DIM_BGR = (170, 170, 170)
+
+
+# ------------------------------------------------------------------ coordinate mapping
+
+
+@dataclass(frozen=True)
+class ViewTransform:
+    """Maps between source-frame pixels and the scaled image shown in the window.
+
+    The displayed size is the source size times ``scale``, rounded; mapping uses the
+    exact per-axis ratio of those integer sizes (what ``cv2.resize`` does) and pixel
+    centres, so a click on a display pixel lands on the source pixel it shows.
+    """
+
+    src_w: int
+    src_h: int
+    scale: float
+
+    @classmethod
+    def fit(cls, src_w: int, src_h: int, max_w: int, max_h: int, *, upscale: bool = True) -> ViewTransform:
+        """The largest scale that fits ``max_w`` x ``max_h`` (above 1 only with ``upscale``)."""
+        if src_w <= 0 or src_h <= 0:
+            raise ValueError(f"source size must be positive, got {src_w}x{src_h}")
+        scale = min(max_w / src_w, max_h / src_h)
+        if not upscale:
+            scale = min(scale, 1.0)
+        return cls(src_w, src_h, scale)
+
+    @property
+    def disp_w(self) -> int:
+        return max(1, round(self.src_w * self.scale))
+
+    @property
+    def disp_h(self) -> int:
+        return max(1, round(self.src_h * self.scale))
+
+    @property
+    def sx(self) -> float:
+        return self.disp_w / self.src_w
+
+    @property
+    def sy(self) -> float:
+        return self.disp_h / self.src_h
+
+    def to_source(self, x: float, y: float) -> tuple[float, float]:
+        """Display pixel -> source pixel, clamped into the frame, 2 decimals."""
+        sx = (x + 0.5) / self.sx - 0.5
+        sy = (y + 0.5) / self.sy - 0.5
+        sx = min(max(sx, 0.0), self.src_w - 1.0)
+        sy = min(max(sy, 0.0), self.src_h - 1.0)
+        return round(sx, 2), round(sy, 2)
+
+    def to_display(self, x: float, y: float) -> tuple[float, float]:
+        """Source pixel -> display pixel (inverse of :meth:`to_source` inside the frame)."""
+        return (x + 0.5) * self.sx - 0.5, (y + 0.5) * self.sy - 0.5
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1280x720"`` -> ``(1280, 720)``; raises :class:`UserError` on anything else."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        size = (int(w), int(h))
+    except ValueError:
+        size = (0, 0)
+    if not sep or size[0] < 64 or size[1] < 64:
+        raise UserError(f"--max-size must be WxH with both at least 64 pixels, got {text!r}")
+    return size
+
+
+# ------------------------------------------------------------- interaction (pure logic)
+
+
+@dataclass(frozen=True)
+class Quit:
+    pass
+
+
+@dataclass(frozen=True)
+class Screenshot:
+    pass
+
+
+@dataclass(frozen=True)
+class ToggleHelp:
+    pass
+
+
+ControlCommand = AddPrompt | RemoveObject | Reset | Pause | Resume
+Action = ControlCommand | Quit | Screenshot | ToggleHelp
+
+# OpenCV highgui constants, duplicated so the pure logic needs no cv2 import.
+EVENT_MOUSEMOVE, EVENT_LBUTTONDOWN, EVENT_RBUTTONDOWN = 0, 1, 2
+EVENT_LBUTTONUP, EVENT_RBUTTONUP = 4, 5
+EVENT_FLAG_SHIFTKEY = 16
+KEY_ESC = 27
+
+
+@dataclass
+class PromptSet:
+    """What the viewer has sent for one object since its last box / new object.
+
+    Points accumulate so a background click refines the object instead of replacing
+    its foreground click: SAM 2 replaces an object's prompt on a frame, and with the
+    tracker paused every click lands on the same frame.
+    """
+
+    points: list[tuple[float, float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class _Press:
+    x: float
+    y: float
+    button: str  # "left" | "right"
+    shift: bool
+    dragging: bool = False
+    cur_x: float = 0.0
+    cur_y: float = 0.0
+
+
+class Interaction:
+    """Mouse and key events -> actions (control commands and viewer commands).
+
+    Coordinates of mouse events are display pixels; every prompt is emitted in
+    source pixels through the :class:`ViewTransform` given with the event.
+    """
+
+    def __init__(self, drag_threshold: float = DRAG_THRESHOLD) -> None:
+        self.drag_threshold = drag_threshold
+        self.selected: int | None = None  # None: the next click starts a new object
+        self.known_ids: set[int] = set()  # objects the tracker reports
+        self.prompts: dict[int, PromptSet] = {}
+        self.paused = False
+        self.show_help = False
+        self._press: _Press | None = None
+
+    # ------------------------------------------------------------------ objects
+    def observe(self, obj_ids: Iterable[int]) -> None:
+        """The ids in the newest result (so ``n`` never reuses a tracked id)."""
+        self.known_ids = set(obj_ids)
+
+    def next_id(self) -> int:
+        used = self.known_ids | set(self.prompts) | ({self.selected} if self.selected else set())
+        return max(used, default=0) + 1
+
+    def target(self) -> int:
+        """The object a prompt goes to, allocating a new id if none is selected."""
+        if self.selected is None:
+            self.selected = self.next_id()
+        return self.selected
+
+    # -------------------------------------------------------------------- mouse
+    @property
+    def drag_box(self) -> tuple[float, float, float, float] | None:
+        """The rubber band being dragged, in display pixels (for drawing)."""
+        p = self._press
+        if p is None or not p.dragging:
+            return None
+        return p.x, p.y, p.cur_x, p.cur_y
+
+    def mouse(self, event: int, x: float, y: float, flags: int, tf: ViewTransform | None) -> list[Action]:
+        shift = bool(flags & EVENT_FLAG_SHIFTKEY)
+        if event in (EVENT_LBUTTONDOWN, EVENT_RBUTTONDOWN):
+            button = "left" if event == EVENT_LBUTTONDOWN else "right"
+            self._press = _Press(x, y, button, shift, cur_x=x, cur_y=y)
+            return []
+        p = self._press
+        if p is None:
+            return []
+        if event == EVENT_MOUSEMOVE:
+            p.cur_x, p.cur_y = x, y
+            if p.button == "left" and math.hypot(x - p.x, y - p.y) >= self.drag_threshold:
+                p.dragging = True
+            return []
+        if event not in (EVENT_LBUTTONUP, EVENT_RBUTTONUP):
+            return []
+        self._press = None
+        if tf is None:  # nothing shown yet: there is no frame to map the click onto
+            return []
+        if p.button == "left" and (p.dragging or math.hypot(x - p.x, y - p.y) >= self.drag_threshold):
+            return self._box(tf, p.x, p.y, x, y)
+        # A right click, or shift + left click, is a background point.
+        label = 0 if p.button == "right" or p.shift or shift else 1
+        return self._point(tf, p.x, p.y, label)
+
+    def _point(self, tf: ViewTransform, x: float, y: float, label: int) -> list[Action]:
+        obj_id = self.target()
+        ps = self.prompts.setdefault(obj_id, PromptSet())
+        if len(ps.points) >= MAX_PROMPT_POINTS:  # keep the newest: they are the refinements
+            del ps.points[0], ps.labels[0]
+        ps.points.append(tf.to_source(x, y))
+        ps.labels.append(label)
+        return [AddPrompt(obj_id=obj_id, points=tuple(ps.points), labels=tuple(ps.labels), box=ps.box)]
+
+    def _box(self, tf: ViewTransform, x0: float, y0: float, x1: float, y1: float) -> list[Action]:
+        ax, ay = tf.to_source(min(x0, x1), min(y0, y1))
+        bx, by = tf.to_source(max(x0, x1), max(y0, y1))
+        if bx <= ax or by <= ay:  # collapsed at the frame's edge
+            return []
+        obj_id = self.target()
+        # A box starts the object's prompt afresh: it is how a user re-marks it.
+        self.prompts[obj_id] = PromptSet(box=(ax, ay, bx, by))
+        return [AddPrompt(obj_id=obj_id, box=(ax, ay, bx, by))]
+
+    # --------------------------------------------------------------------- keys
+    def key(self, code: int) -> list[Action]:
+        """A key code from ``cv2.waitKeyEx`` (-1 = none)."""
+        if code < 0:
+            return []
+        # Only plain 8-bit keys: Qt reports modifiers and arrows as large codes, and
+        # masking them (Shift = 0x1000020) would alias them onto letters or space.
+        ch = chr(code) if code < 256 else ""
+        if code == KEY_ESC or ch in ("q", "Q"):
+            return [Quit()]
+        if ch == "n":
+            self.selected = self.next_id()
+            return []
+        if ch and ch in "123456789":
+            self.selected = int(ch)
+            return []
+        if ch == "d":
+            if self.selected is None:
+                return []
+            obj_id, self.selected = self.selected, None
+            self.prompts.pop(obj_id, None)
+            self.known_ids.discard(obj_id)
+            return [RemoveObject(obj_id=obj_id)]
+        if ch == "r":
+            self.prompts.clear()
+            self.known_ids.clear()
+            self.selected = None
+            return [Reset()]
+        if ch == " ":
+            self.paused = not self.paused
+            return [Pause() if self.paused else Resume()]
+        if ch == "s":
+            return [Screenshot()]
+        if ch == "h":
+            self.show_help = not self.show_help
+            return [ToggleHelp()]
+        return []
+
+
+# ------------------------------------------------------------------------- HUD stats
+
+
+class SlidingWindow:
+    """The last ``size`` samples (seconds) with their percentiles."""
+
+    def __init__(self, size: int = 120) -> None:
+        if size < 1:
+            raise ValueError("window size must be >= 1")
+        self._samples: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        if math.isfinite(value):
+            self._samples.append(float(value))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def percentiles(self, *qs: float) -> tuple[float, ...] | None:
+        if not self._samples:
+            return None
+        return tuple(float(v) for v in np.percentile(np.fromiter(self._samples, float), qs))
+
+    def p50_p95(self) -> tuple[float, float] | None:
+        p = self.percentiles(50, 95)
+        return None if p is None else (p[0], p[1])
+
+
+class RateMeter:
+    """Events per second over the ticks of the last ``horizon`` seconds.
+
+    Time-bounded, so the rate falls to 0 when events stop instead of freezing at the
+    last value.
+    """
+
+    def __init__(self, horizon: float = 2.0, size: int = 240) -> None:
+        self.horizon = horizon
+        self._ticks: deque[float] = deque(maxlen=size)
+
+    def tick(self, t: float) -> None:
+        self._ticks.append(t)
+
+    def rate(self, at: float) -> float:
+        while self._ticks and self._ticks[0] < at - self.horizon:
+            self._ticks.popleft()
+        if len(self._ticks) < 2:
+            return 0.0
+        span = self._ticks[-1] - self._ticks[0]
+        return (len(self._ticks) - 1) / span if span > 0 else 0.0
+
+
+class SourceStateTracker:
+    """The source state by the newest timestamp, from results and status events.
+
+    Status events are handed out before results by the subscriber, so arrival order
+    would let an older ``streaming`` result overwrite a newer ``reconnecting`` event.
+    """
+
+    def __init__(self) -> None:
+        self.state: str | None = None
+        self.time = -math.inf
+
+    def update(self, state: str, at: float) -> None:
+        if at >= self.time:
+            self.state, self.time = state, at
+
+
+def banner_for(source_state: str | None, silent_for: float, ever_received: bool,
+               limit: float = NOT_PUBLISHING_AFTER) -> tuple[str, tuple[int, int, int]] | None:
+    """The banner text and BGR colour, or None when all is well.
+
+    A source that is down explains the silence (a tracker without frames publishes
+    nothing), so it wins over "not publishing".
+    """
+    if source_state in WARN_STATES:
+        quiet = f" (no frames for {silent_for:.0f} s)" if silent_for > limit else ""
+        return f"SOURCE {source_state.upper()}{quiet}", BANNER_WARN_BGR
+    if silent_for > limit:
+        what = "TRACKER NOT PUBLISHING" if ever_received else "WAITING FOR TRACKER"
+        return f"{what}: no message for {silent_for:.0f} s", BANNER_DEAD_BGR
+    if source_state in DONE_STATES:
+        return f"SOURCE {source_state.upper()}", BANNER_DONE_BGR
+    return None
+
+
+# ------------------------------------------------------------------- frame pairing
+
+
+@dataclass(frozen=True)
+class FrameItem:
+    """A received preview frame (decoded lazily: only the one drawn is decoded)."""
+
+    header: FrameHeader
+    jpeg: bytes
+
+    @property
+    def frame_id(self) -> int:
+        return self.header.frame_id
+
+
+@dataclass(frozen=True)
+class Pairing:
+    frame: FrameItem | None  # None: the tracker sends no frames, draw masks on a blank canvas
+    result: FrameResult | None  # None: frames but no result yet
+    exact: bool  # result.frame_id == frame.frame_id
+
+
+class FramePairer:
+    """Pairs preview frames with the result of the same ``frame_id``.
+
+    Keeps the last ``keep`` frames and results. :meth:`select` gives the newest frame
+    that has a result; when results lag further behind than that, the newest frame
+    with the newest masks (marked not exact).
+    """
+
+    def __init__(self, keep: int = 32) -> None:
+        self.keep = keep
+        self.frames: OrderedDict[int, FrameItem] = OrderedDict()
+        self.results: OrderedDict[int, FrameResult] = OrderedDict()
+
+    @staticmethod
+    def _put(store: OrderedDict, other: OrderedDict, key: int, value: object, keep: int) -> None:
+        if store and key < next(reversed(store)):
+            # frame_id went backwards: the tracker restarted and counts from 0 again;
+            # what we hold of the old run would pair with the wrong frames.
+            store.clear()
+            for k in [k for k in other if k > key]:
+                del other[k]
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > keep:
+            store.popitem(last=False)
+
+    def add_frame(self, item: FrameItem) -> None:
+        self._put(self.frames, self.results, item.frame_id, item, self.keep)
+
+    def add_result(self, result: FrameResult) -> None:
+        self._put(self.results, self.frames, result.frame_id, result, self.keep)
+
+    @property
+    def latest_result(self) -> FrameResult | None:
+        return next(reversed(self.results.values()), None)
+
+    def select(self) -> Pairing | None:
+        latest = self.latest_result
+        for fid in reversed(self.frames):
+            if fid in self.results:
+                return Pairing(self.frames[fid], self.results[fid], True)
+        if self.frames:
+            return Pairing(next(reversed(self.frames.values())), latest, False)
+        if latest is not None:
+            return Pairing(None, latest, False)
+        return None
+
+
+# ------------------------------------------------------------------------ the window
+
+
+@dataclass
+class ViewerConfig:
+    max_size: tuple[int, int] = DEFAULT_MAX_SIZE
+    screenshots: Path = Path(".")
+    upscale: bool = True  # small sources are scaled up to the max size
+    control_timeout: float = 2.0
+    window_title: str | None = None
+    hud_window: int = 120  # frames in the latency percentiles
+
+
+HELP_LINES = (
+    "left click      foreground point",
+    "right / shift   background point",
+    "drag            box",
+    "n               new object",
+    "1-9             select object",
+    "d               remove selected",
+    "r               reset (remove all)",
+    "space           pause / resume",
+    "s               save screenshot",
+    "h               this help",
+    "q / Esc         quit",
+)
+
+
+@dataclass
+class _Toast:
+    text: str
+    until: float
+    error: bool = False
+
+
+class _ControlWorker:
+    """Sends control commands from a thread, so a slow or dead tracker never freezes
+    the window; replies come back as toasts."""
+
+    def __init__(self, endpoint: str, timeout: float) -> None:
+        from streamtrack.control import ControlClient
+
+        self.client = ControlClient(endpoint, timeout=timeout)
+        self.endpoint = self.client.endpoint
+        self.replies: queue.Queue[tuple[str, bool]] = queue.Queue()
+        self._jobs: queue.Queue[ControlCommand | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="streamtrack-viewer-control",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, cmd: ControlCommand) -> None:
+        self._jobs.put(cmd)
+
+    def _run(self) -> None:
+        while (cmd := self._jobs.get()) is not None:
+            what = cmd.name + (f" {cmd.obj_id}" if hasattr(cmd, "obj_id") else "")
+            try:
+                self.client.send(cmd)
+                self.replies.put((f"{what}: ok", False))
+            except ControlError as exc:
+                self.replies.put((f"{what}: {exc}", True))
+            except Exception as exc:  # keep the worker alive whatever happens
+                log.exception("control request failed")
+                self.replies.put((f"{what}: {type(exc).__name__}: {exc}", True))
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued (bounded by ``timeout``), then stop."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        self.client.close()
+
+
+class Viewer:
+    """The live window. ``run()`` blocks until the user quits; returns 0."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        control: str | None = None,
+        stream: str | None = None,
+        *,
+        max_size: tuple[int, int] = DEFAULT_MAX_SIZE,
+        screenshots: str | Path = ".",
+        config: ViewerConfig | None = None,
+    ) -> None:
+        self.config = config or ViewerConfig(max_size=max_size, screenshots=Path(screenshots))
+        self.endpoint = endpoint
+        self.control_endpoint = control
+        self.stream = stream
+        self.interaction = Interaction()
+        self.pairer = FramePairer()
+        self.source = SourceStateTracker()
+        self.mask_latency = SlidingWindow(self.config.hud_window)
+        self.display_latency = SlidingWindow(self.config.hud_window)
+        self.display_rate = RateMeter()
+        self.result_rate = RateMeter()
+        self.tracker_fps: tuple[float, float] | None = None  # (fps from stats, when received)
+        self.transform: ViewTransform | None = None
+        self.last_message = -math.inf
+        self.started = now()
+        self.toasts: list[_Toast] = []
+        self.canvas: np.ndarray | None = None  # BGR, what the window shows
+        self._anno_key: tuple[int, int] | None = None
+        self._annotations: list = []
+        self._shown_key: tuple | None = None
+        self._frame_cache: tuple[int, np.ndarray] | None = None
+        self._dirty = True
+        self._last_render = 0.0
+        self._quit = False
+        self.title = self.config.window_title or f"streamtrack view {endpoint}"
+
+    # ---------------------------------------------------------------- messages
+    def handle(self, msg: Message) -> None:
+        """Fold one subscriber message into the viewer state (no drawing)."""
+        if self.stream is None:
+            self.stream = msg.stream  # several streams on one publisher: follow the first
+        elif msg.stream != self.stream:
+            return  # ZeroMQ topic filters are prefixes: masks/cam0 also matches cam01
+        self.last_message = msg.received
+        if msg.result is not None:
+            r = msg.result
+            self.pairer.add_result(r)
+            self.interaction.observe(o.obj_id for o in r.objects)
+            if r.t.capture is not None:
+                self.mask_latency.add(msg.received - r.t.capture)
+            stamp = r.t.publish or r.t.infer_end or msg.received
+            self.result_rate.tick(stamp)
+            self.source.update(r.source_state, r.t.capture or stamp)
+        elif msg.frame is not None and msg.jpeg is not None:
+            self.pairer.add_frame(FrameItem(msg.frame, msg.jpeg))
+        elif msg.stats is not None:
+            self.tracker_fps = (msg.stats.fps, msg.received)
+        elif msg.status is not None:
+            ev = msg.status
+            if ev.kind == "source_state" and isinstance(ev.data.get("new"), str):
+                self.source.update(ev.data["new"], ev.time)
+            elif ev.kind == "error":
+                self.toast(f"tracker: {ev.data.get('message', '?')}", error=True)
+        self._dirty = True
+
+    def toast(self, text: str, *, error: bool = False, seconds: float = 4.0) -> None:
+        self.toasts.append(_Toast(text, time.monotonic() + seconds, error))
+        del self.toasts[:-4]
+        self._dirty = True
+
+    def tracker_rate(self, at: float) -> float:
+        """Stats' fps while they are fresh, else measured from result timestamps."""
+        if self.tracker_fps is not None and at - self.tracker_fps[1] < 3.0:
+            return self.tracker_fps[0]
+        return self.result_rate.rate(at)
+
+    # ------------------------------------------------------------------ drawing
+    def _decode(self, item: FrameItem) -> np.ndarray | None:
+        import cv2
+
+        if self._frame_cache is not None and self._frame_cache[0] == item.frame_id:
+            return self._frame_cache[1]
+        bgr = cv2.imdecode(np.frombuffer(item.jpeg, np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None:
+            return None
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        self._frame_cache = (item.frame_id, rgb)
+        return rgb
+
+    def _annotations_for(self, result: FrameResult):
+        from streamtrack.overlay import Annotation
+        from streamtrack.protocol import decode_mask
+
+        key = (result.seq, result.frame_id)
+        if key != self._anno_key:  # decode each result's masks once, not per redraw
+            annos = []
+            for o in result.objects:
+                if o.rle is None or o.bbox is None:
+                    continue
+                try:
+                    mask = decode_mask(o.rle)
+                except Exception as exc:  # one bad mask must not take the window down
+                    log.warning("object %d: bad mask: %s", o.obj_id, exc)
+                    continue
+                bbox = tuple(int(v) for v in o.bbox)
+                annos.append(Annotation(o.obj_id, mask, bbox, o.score))  # type: ignore[arg-type]
+            self._anno_key, self._annotations = key, annos
+        return self._annotations
+
+    def compose(self, at: float) -> np.ndarray:
+        """Build the BGR image the window shows (frame, masks, prompts, HUD, banner)."""
+        import cv2
+
+        from streamtrack.overlay import annotate
+
+        pairing = self.pairer.select()
+        image = None
+        result = pairing.result if pairing else None
+        if pairing is not None and pairing.frame is not None:
+            image = self._decode(pairing.frame)
+        if image is None and result is not None and result.width and result.height:
+            image = np.full((result.height, result.width, 3), 40, np.uint8)
+        if image is None:
+            image = np.full((360, 640, 3), 40, np.uint8)
+        h, w = image.shape[:2]
+        annos = []
+        if result is not None and (result.width, result.height) == (w, h):
+            annos = self._annotations_for(result)
+            # Labels are drawn after scaling, so they stay readable at any source size.
+            image = annotate(image, annos, labels=False)
+        tf = self.transform
+        if tf is None or (tf.src_w, tf.src_h) != (w, h):
+            mw, mh = self.config.max_size
+            tf = self.transform = ViewTransform.fit(w, h, mw, mh, upscale=self.config.upscale)
+        interp = cv2.INTER_AREA if tf.scale < 1 else cv2.INTER_LINEAR
+        disp = cv2.resize(image, (tf.disp_w, tf.disp_h), interpolation=interp)
+        disp = cv2.cvtColor(disp, cv2.COLOR_RGB2BGR)
+        _draw_labels(disp, tf, annos)
+        self._draw_prompts(disp, tf)
+        lag = None
+        if pairing is not None and pairing.frame is not None and result is not None and not pairing.exact:
+            lag = pairing.frame.frame_id - result.frame_id
+        self._draw_hud(disp, at, result, lag, has_frames=bool(self.pairer.frames))
+        if self.interaction.show_help:
+            _draw_help(disp)
+        # A new (frame, result) pair reached the screen: one display-fps tick, one
+        # capture→display sample (capture time of the masks drawn: how old they look).
+        key = (pairing.frame.frame_id if pairing and pairing.frame else None,
+               None if result is None else (result.seq, result.frame_id))
+        if pairing is not None and key != self._shown_key:
+            self._shown_key = key
+            self.display_rate.tick(at)
+            if result is not None and result.t.capture is not None:
+                self.display_latency.add(at - result.t.capture)
+        return disp
+
+    def _draw_prompts(self, disp: np.ndarray, tf: ViewTransform) -> None:
+        import cv2
+
+        from streamtrack.overlay import draw_boxes
+
+        sel = self.interaction.selected
+        ps = self.interaction.prompts.get(sel) if sel is not None else None
+        if ps is not None:
+            if ps.box is not None:
+                a = tf.to_display(ps.box[0], ps.box[1])
+                b = tf.to_display(ps.box[2], ps.box[3])
+                draw_boxes(disp, [(*a, *b)], color=(0, 200, 0), thickness=1)
+            for (x, y), lab in zip(ps.points, ps.labels, strict=True):
+                # The tutorial's markers (as overlay.draw_points), in this image's BGR.
+                c = tuple(int(round(v)) for v in tf.to_display(x, y))
+                cv2.drawMarker(disp, c, (255, 255, 255), cv2.MARKER_STAR, 13, 3)
+                cv2.drawMarker(disp, c, (0, 200, 0) if lab == 1 else (0, 0, 220), cv2.MARKER_STAR, 10, 2)
+        band = self.interaction.drag_box
+        if band is not None:
+            x0, y0, x1, y1 = (int(round(v)) for v in band)
+            cv2.rectangle(disp, (x0, y0), (x1, y1), (0, 255, 255), 1, cv2.LINE_AA)
+
+    def _draw_hud(self, disp: np.ndarray, at: float, result: FrameResult | None,
+                  lag: int | None, *, has_frames: bool) -> None:
+        import cv2
+
+        from streamtrack.overlay import color_for
+
+        def pct(win: SlidingWindow) -> str:
+            p = win.p50_p95()
+            return "-" if p is None else f"{p[0] * 1000:.0f}/{p[1] * 1000:.0f} ms"
+
+        lines: list[tuple[str, tuple[int, int, int]]] = [
+            (f"display {self.display_rate.rate(at):4.1f} fps   tracker {self.tracker_rate(at):4.1f} fps",
+             TEXT_BGR),
+            (f"capture>mask p50/p95 {pct(self.mask_latency)}", TEXT_BGR),
+            (f"capture>display p50/p95 {pct(self.display_latency)}", TEXT_BGR),
+        ]
+        drops = "-" if result is None else (
+            ", ".join(f"{k} {v}" for k, v in sorted(result.dropped.items())) or "0")
+        lines.append((f"drops {drops}", TEXT_BGR))
+        state = self.source.state or "?"
+        lines.append((f"source {state}" + (f"   frame {result.frame_id}" if result else ""),
+                      STATE_BGR["visible"] if state == "streaming" else STATE_BGR["occluded"]))
+        if lag:
+            lines.append((f"masks {lag} frame(s) behind", STATE_BGR["occluded"]))
+        if result is not None and not has_frames:
+            lines.append(("no frames: masks only (tracker needs --publish-frames)", DIM_BGR))
+        objects = [] if result is None else list(result.objects)
+        font, fs = cv2.FONT_HERSHEY_SIMPLEX, 0.42
+        lh = 16
+        obj_rows = min(len(objects), 8)
+        panel_h = 8 + lh * (len(lines) + obj_rows)
+        panel_w = 8 + max((cv2.getTextSize(t, font, fs, 1)[0][0] for t, _ in lines), default=100)
+        panel_w = min(max(panel_w, 200), disp.shape[1])
+        y_top = 30  # below the banner strip
+        _shade(disp, 0, y_top, panel_w, y_top + panel_h)
+        y = y_top + lh
+        for text, color in lines:
+            cv2.putText(disp, text, (5, y - 4), font, fs, color, 1, cv2.LINE_AA)
+            y += lh
+        sel = self.interaction.selected
+        for o in objects[:obj_rows]:
+            rgb = color_for(o.obj_id)
+            cv2.rectangle(disp, (6, y - 14), (16, y - 4), rgb[::-1], -1)
+            mark = "*" if o.obj_id == sel else " "
+            text = f"{mark}{o.obj_id}  {o.state:8s} {o.score:.2f}"
+            cv2.putText(disp, text, (22, y - 4), font, fs, STATE_BGR.get(o.state, TEXT_BGR), 1, cv2.LINE_AA)
+            y += lh
+        # Bottom line: what a click does now, and mode.
+        target = sel if sel is not None else self.interaction.next_id()
+        mode = "PAUSED   " if self.interaction.paused else ""
+        ctl = "" if self.control_endpoint else "   view only (no --control)"
+        bottom = f"{mode}click -> object {target}{' (new)' if sel is None else ''}   h: help{ctl}"
+        hgt = disp.shape[0]
+        _shade(disp, 0, hgt - 20, disp.shape[1], hgt)
+        cv2.putText(disp, bottom, (5, hgt - 6), font, fs, TEXT_BGR, 1, cv2.LINE_AA)
+        # Toasts above the bottom line, newest last.
+        mono = time.monotonic()
+        self.toasts = [t for t in self.toasts if t.until > mono]
+        ty = hgt - 26
+        for t in reversed(self.toasts):
+            cv2.putText(disp, t.text[:90], (5, ty), font, fs, (80, 80, 255) if t.error else (160, 255, 160),
+                        1, cv2.LINE_AA)
+            ty -= lh
+        banner = banner_for(self.source.state, at - max(self.last_message, self.started),
+                            self.last_message > -math.inf)
+        if banner is not None:
+            text, color = banner
+            cv2.rectangle(disp, (0, 0), (disp.shape[1], 26), color, -1)
+            cv2.putText(disp, text, (8, 19), font, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
+
+    # ------------------------------------------------------------------ actions
+    def apply(self, actions: Sequence[Action], control: _ControlWorker | None) -> None:
+        for a in actions:
+            self._dirty = True
+            if isinstance(a, Quit):
+                self._quit = True
+            elif isinstance(a, Screenshot):
+                self.save_screenshot()
+            elif isinstance(a, ToggleHelp):
+                pass
+            elif control is None:
+                self.toast(f"view only: {a.name} not sent (start the viewer with --control)", error=True)
+            else:
+                control.submit(a)
+
+    def save_screenshot(self) -> Path | None:
+        import cv2
+
+        if self.canvas is None:
+            return None
+        folder = self.config.screenshots
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        result = self.pairer.latest_result
+        fid = f"-f{result.frame_id}" if result is not None else ""
+        path = folder / f"streamtrack-{self.stream or 'view'}-{stamp}{fid}.png"
+        n = 1
+        while path.exists():
+            path = path.with_name(f"{path.stem.split('~')[0]}~{n}.png")
+            n += 1
+        # Write then rename: whoever watches the folder never sees half a PNG.
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        if cv2.imwrite(str(tmp), self.canvas):
+            os.replace(tmp, path)
+            self.toast(f"saved {path}")
+            return path
+        self.toast(f"could not write {path}", error=True)
+        return None
+
+    # --------------------------------------------------------------------- loop
+    def run(self) -> int:
+        import cv2
+
+        from streamtrack.subscriber import Subscriber
+
+        kinds = ("masks", "frames", "status", "stats")
+        topics = [f"{k}/{self.stream}" if self.stream else f"{k}/" for k in kinds]
+        sub = Subscriber(self.endpoint, topics=topics)
+        control = None
+        try:
+            if self.control_endpoint:
+                control = _ControlWorker(self.control_endpoint, self.config.control_timeout)
+            cv2.namedWindow(self.title, cv2.WINDOW_AUTOSIZE | cv2.WINDOW_GUI_NORMAL)
+
+            def on_mouse(event: int, x: int, y: int, flags: int, _param: object) -> None:
+                self.apply(self.interaction.mouse(event, x, y, flags, self.transform), control)
+                if self.interaction.drag_box is not None:
+                    self._dirty = True
+
+            cv2.setMouseCallback(self.title, on_mouse)
+            shown = False
+            while not self._quit:
+                while (msg := sub.recv(timeout=0)) is not None:
+                    self.handle(msg)
+                if control is not None:
+                    while not control.replies.empty():
+                        text, err = control.replies.get_nowait()
+                        self.toast(text, error=err)
+                mono = time.monotonic()
+                # Redraw on news, and a few times a second anyway so clocks and the
+                # "not publishing" banner stay current.
+                if self._dirty or mono - self._last_render > 0.25:
+                    self.canvas = self.compose(now())
+                    cv2.imshow(self.title, self.canvas)
+                    self._dirty, self._last_render = False, mono
+                    shown = True
+                key = cv2.waitKeyEx(10)
+                self.apply(self.interaction.key(key), control)
+                if shown and cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
+                    break  # closed with the window manager's button
+        finally:
+            if control is not None:
+                control.close(self.config.control_timeout + 1.0)
+            sub.close()
+            cv2.destroyAllWindows()
+            cv2.waitKey(1)
+        return 0
+
+
+def _shade(img: np.ndarray, x0: int, y0: int, x1: int, y1: int, alpha: float = 0.55) -> None:
+    """Darken a rectangle so white text stays readable on any frame."""
+    roi = img[max(0, y0):y1, max(0, x0):x1]
+    roi[:] = (roi * (1.0 - alpha)).astype(np.uint8)
+
+
+def _draw_labels(disp: np.ndarray, tf: ViewTransform, annos: Sequence) -> None:
+    """Object id and score above each mask's box, in the object's colour, outlined."""
+    import cv2
+
+    from streamtrack.overlay import color_for
+
+    for a in annos:
+        x, y = tf.to_display(a.bbox[0], a.bbox[1])
+        org = (int(max(2, x)), int(max(14, y - 4)))
+        text = f"{a.obj_id}  {a.score:.2f}"
+        cv2.putText(disp, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(disp, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.5, color_for(a.obj_id)[::-1], 1,
+                    cv2.LINE_AA)
+
+
+def _draw_help(disp: np.ndarray) -> None:
+    import cv2
+
+    h, w = disp.shape[:2]
+    ph, pw = 18 * len(HELP_LINES) + 20, 300
+    x0, y0 = max(0, (w - pw) // 2), max(0, (h - ph) // 2)
+    _shade(disp, x0, y0, x0 + pw, y0 + ph, 0.8)
+    for i, line in enumerate(HELP_LINES):
+        cv2.putText(disp, line, (x0 + 12, y0 + 24 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    TEXT_BGR, 1, cv2.LINE_AA)
+
+
+# ------------------------------------------------------------------- launching helpers
+
+
+def check_display() -> None:
+    """Raise :class:`UserError` when no display is reachable (imshow would abort)."""
+    if sys.platform.startswith(("linux", "freebsd")) and not os.environ.get("DISPLAY"):
+        raise UserError("no display: DISPLAY is not set (run the viewer in a desktop session, "
+                        "use ssh -X, or start Xvfb for headless use)")
+
+
+def viewer_command(endpoint: str, control: str | None = None, stream: str | None = None,
+                   max_size: tuple[int, int] | None = None) -> list[str]:
+    """The command line that runs a viewer in its own process (for ``run --show``)."""
+    cmd = [sys.executable, "-m", "streamtrack", "view", endpoint]
+    if control:
+        cmd += ["--control", control]
+    if stream:
+        cmd += ["--stream", stream]
+    if max_size:
+        cmd += ["--max-size", f"{max_size[0]}x{max_size[1]}"]
+    return cmd
+
+
+def spawn_viewer(endpoint: str, control: str | None = None, stream: str | None = None,
+                 max_size: tuple[int, int] | None = None) -> subprocess.Popen:
+    """Start a viewer process. A GUI crash (or imshow abort) then cannot take the
+    tracker down, and the tracker loop never waits on the window."""
+    check_display()
+    return subprocess.Popen(viewer_command(endpoint, control, stream, max_size))
+
+
+def main(args) -> int:
+    """``streamtrack view`` (args from the CLI parser)."""
+    from streamtrack.protocol import validate_stream
+
+    max_size = parse_size(args.max_size)
+    if args.stream is not None:
+        validate_stream(args.stream)
+    check_display()  # before cv2 touches the display: imshow without one aborts the process
+    return Viewer(args.endpoint, args.control, args.stream, max_size=max_size,
+                  screenshots=args.screenshots).run()

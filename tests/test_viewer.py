@@ -1,0 +1,631 @@
+"""Viewer: pure logic without a display, drawing without a window, and end to end under Xvfb.
+
+The end-to-end test runs ``streamtrack view`` in a subprocess on its own Xvfb
+display (imshow without a display kills the process), feeds it from a test
+publisher, stands in for the tracker with a recording control handler, and drives
+it with xdotool: clicks, a drag and keys, then checks the prompts' source-frame
+coordinates and the window's pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from streamtrack import viewer as v
+from streamtrack.control import AddPrompt, ControlServer, Pause, RemoveObject, Reset, Resume
+from streamtrack.protocol import FrameHeader, FrameResult, ObjectResult, Stats, StatusEvent, now
+from streamtrack.subscriber import Message
+
+# ------------------------------------------------------------------ coordinate mapping
+
+
+@pytest.mark.parametrize(
+    ("src", "max_size", "upscale", "scale", "disp"),
+    [
+        ((1920, 1080), (1280, 720), True, 2 / 3, (1280, 720)),
+        ((640, 480), (1280, 720), True, 1.5, (960, 720)),
+        ((640, 480), (1280, 720), False, 1.0, (640, 480)),
+        ((4000, 3000), (1280, 720), True, 0.24, (960, 720)),
+        ((720, 1280), (1280, 720), True, 0.5625, (405, 720)),
+        ((160, 120), (480, 360), True, 3.0, (480, 360)),
+    ],
+)
+def test_fit(src, max_size, upscale, scale, disp):
+    tf = v.ViewTransform.fit(*src, *max_size, upscale=upscale)
+    assert tf.scale == pytest.approx(scale)
+    assert (tf.disp_w, tf.disp_h) == disp
+
+
+@pytest.mark.parametrize("src", [(1920, 1080), (640, 480), (160, 120), (4000, 3000), (721, 1283)])
+@pytest.mark.parametrize("max_size", [(1280, 720), (480, 360), (300, 900)])
+def test_mapping_round_trip_and_edges(src, max_size):
+    tf = v.ViewTransform.fit(*src, *max_size)
+    rng = np.random.default_rng(0)
+    for x, y in rng.uniform(0, 1, (20, 2)) * [src[0] - 1, src[1] - 1]:
+        back = tf.to_source(*tf.to_display(x, y))
+        assert back == pytest.approx((x, y), abs=0.01)
+    # Corner display pixels land inside the frame, on the source pixels they show.
+    assert tf.to_source(0, 0) == pytest.approx((0, 0), abs=max(0.5 / tf.scale, 0.01))
+    x1, y1 = tf.to_source(tf.disp_w - 1, tf.disp_h - 1)
+    assert src[0] - 1 - 0.5 / tf.sx <= x1 <= src[0] - 1
+    assert src[1] - 1 - 0.5 / tf.sy <= y1 <= src[1] - 1
+    # Clicks outside the image (window borders) clamp to the frame.
+    assert tf.to_source(-20, tf.disp_h + 50) == (0, src[1] - 1)
+
+
+def test_mapping_known_values():
+    tf = v.ViewTransform(1280, 720, 0.5)  # 640x360 on screen
+    assert tf.to_source(10, 10) == (20.5, 20.5)  # display pixel 10 shows source 20..21
+    assert tf.to_display(20.5, 20.5) == (10, 10)
+    tf = v.ViewTransform(160, 120, 3.0)  # upscaled: display pixels 30..32 show source 10
+    assert tf.to_source(31, 31) == (10, 10)
+
+
+def test_parse_size():
+    assert v.parse_size("1280x720") == (1280, 720)
+    assert v.parse_size("640X480") == (640, 480)
+    for bad in ("1280", "x720", "axb", "10x10", "-5x300"):
+        with pytest.raises(v.UserError):
+            v.parse_size(bad)
+
+
+# ------------------------------------------------------------------------ interaction
+
+TF = v.ViewTransform(1280, 720, 0.5)
+
+
+def click(ia, x, y, button="left", shift=False):
+    flags = v.EVENT_FLAG_SHIFTKEY if shift else 0
+    down, up = ((v.EVENT_LBUTTONDOWN, v.EVENT_LBUTTONUP) if button == "left"
+                else (v.EVENT_RBUTTONDOWN, v.EVENT_RBUTTONUP))
+    assert ia.mouse(down, x, y, flags, TF) == []
+    return ia.mouse(up, x, y, flags, TF)
+
+
+def test_click_labels_and_accumulation():
+    ia = v.Interaction()
+    ia.observe([1, 2])
+    (a,) = click(ia, 10, 10)
+    assert a == AddPrompt(obj_id=3, points=((20.5, 20.5),), labels=(1,))
+    (b,) = click(ia, 20, 30, button="right")
+    assert b.obj_id == 3 and b.labels == (1, 0)
+    assert b.points == ((20.5, 20.5), (40.5, 60.5))
+    (c,) = click(ia, 5, 5, shift=True)
+    assert c.labels == (1, 0, 0)
+    # Still the same object: the next click refines it, it does not start another.
+    assert ia.selected == 3
+
+
+def test_drag_is_a_box_in_source_pixels_and_small_moves_are_clicks():
+    ia = v.Interaction()
+    ia.mouse(v.EVENT_LBUTTONDOWN, 100, 80, 0, TF)
+    ia.mouse(v.EVENT_MOUSEMOVE, 60, 50, 1, TF)
+    assert ia.drag_box == (100, 80, 60, 50)
+    (box,) = ia.mouse(v.EVENT_LBUTTONUP, 40, 30, 0, TF)  # dragged up-left: box sorted
+    assert box == AddPrompt(obj_id=1, box=(80.5, 60.5, 200.5, 160.5))
+    assert ia.drag_box is None
+    # A box restarts the object's prompt set; a later click adds points to the box.
+    (pt,) = click(ia, 50, 50)
+    assert pt.box == (80.5, 60.5, 200.5, 160.5) and pt.points == ((100.5, 100.5),)
+    # Jitter under the threshold is a click, at the press position.
+    ia.mouse(v.EVENT_LBUTTONDOWN, 200, 200, 0, TF)
+    ia.mouse(v.EVENT_MOUSEMOVE, 202, 203, 1, TF)
+    (jit,) = ia.mouse(v.EVENT_LBUTTONUP, 203, 203, 0, TF)
+    assert jit.box is not None and jit.points[-1] == (400.5, 400.5) and jit.labels[-1] == 1
+
+
+def test_mouse_without_frame_or_press_does_nothing():
+    ia = v.Interaction()
+    assert ia.mouse(v.EVENT_LBUTTONUP, 5, 5, 0, TF) == []
+    ia.mouse(v.EVENT_LBUTTONDOWN, 5, 5, 0, None)
+    assert ia.mouse(v.EVENT_LBUTTONUP, 5, 5, 0, None) == []
+    assert ia.prompts == {}
+
+
+def test_keys_select_new_remove_reset_pause():
+    ia = v.Interaction()
+    ia.observe([1, 4])
+    assert ia.key(ord("n")) == [] and ia.selected == 5
+    assert ia.key(ord("n")) == [] and ia.selected == 6  # n twice: two fresh ids
+    assert ia.key(ord("2")) == [] and ia.selected == 2
+    (p,) = click(ia, 1, 1)
+    assert p.obj_id == 2
+    assert ia.key(ord("d")) == [RemoveObject(obj_id=2)]
+    assert ia.selected is None and 2 not in ia.prompts
+    assert ia.key(ord("d")) == []  # nothing selected: nothing to remove
+    assert ia.key(ord("r")) == [Reset()] and ia.prompts == {} and ia.selected is None
+    assert ia.key(ord(" ")) == [Pause()] and ia.paused
+    assert ia.key(ord(" ")) == [Resume()] and not ia.paused
+    assert ia.key(ord("s")) == [v.Screenshot()]
+    assert ia.key(ord("h")) == [v.ToggleHelp()] and ia.show_help
+    assert ia.key(ord("q")) == [v.Quit()] and ia.key(27) == [v.Quit()]
+    assert ia.key(-1) == [] and ia.key(0x1000020) == []  # no key; Qt's Shift alone
+
+
+# -------------------------------------------------------------------------- HUD stats
+
+
+def test_sliding_window_percentiles():
+    w = v.SlidingWindow(100)
+    assert w.p50_p95() is None
+    for x in range(1, 101):
+        w.add(x / 1000)
+    w.add(float("nan"))  # ignored, does not poison the percentiles
+    p50, p95 = w.p50_p95()
+    assert p50 == pytest.approx(0.0505) and p95 == pytest.approx(0.09505)
+    for _ in range(100):  # the window slides: old samples leave
+        w.add(1.0)
+    assert w.p50_p95() == (1.0, 1.0) and len(w) == 100
+
+
+def test_rate_meter():
+    r = v.RateMeter(horizon=2.0)
+    for i in range(21):
+        r.tick(100 + i * 0.1)
+    assert r.rate(102.0) == pytest.approx(10.0)
+    assert r.rate(105.0) == 0.0  # stopped: falls to zero
+
+
+def test_source_state_and_banner():
+    s = v.SourceStateTracker()
+    s.update("reconnecting", 10.0)
+    s.update("streaming", 9.0)  # an older result handed out after the event
+    assert s.state == "reconnecting"
+    s.update("streaming", 11.0)
+    assert s.state == "streaming"
+    assert v.banner_for("streaming", 0.5, True) is None
+    assert v.banner_for("reconnecting", 0.5, True) == ("SOURCE RECONNECTING", v.BANNER_WARN_BGR)
+    assert v.banner_for("stale", 0.1, True)[1] == v.BANNER_WARN_BGR
+    assert v.banner_for("reconnecting", 30, True)[1] == v.BANNER_WARN_BGR  # silence explained
+    text, color = v.banner_for("streaming", 3.2, True)
+    assert text.startswith("TRACKER NOT PUBLISHING") and color == v.BANNER_DEAD_BGR
+    assert v.banner_for(None, 3.0, False)[0].startswith("WAITING FOR TRACKER")
+    assert v.banner_for("ended", 0.0, True)[1] == v.BANNER_DONE_BGR
+
+
+# ---------------------------------------------------------------------- frame pairing
+
+
+def _result(fid, seq=None, objects=(), capture=None, state="streaming", w=64, h=48):
+    return FrameResult(stream="cam0", seq=fid if seq is None else seq, frame_id=fid, pts=None,
+                       width=w, height=h, t={"capture": capture}, source_state=state,
+                       objects=objects)
+
+
+def _frame(fid, w=64, h=48):
+    return v.FrameItem(FrameHeader("cam0", fid, w, h, 0.0), b"jpeg")
+
+
+def test_pairing_prefers_newest_frame_with_its_result():
+    p = v.FramePairer(keep=4)
+    assert p.select() is None
+    p.add_result(_result(0))
+    assert p.select() == v.Pairing(None, p.results[0], False)  # no frames: masks only
+    for i in range(3):
+        p.add_frame(_frame(i))
+    p.add_result(_result(1))
+    sel = p.select()
+    assert sel.exact and sel.frame.frame_id == 1 and sel.result.frame_id == 1
+    # Results lag beyond the kept frames: newest frame with the newest masks.
+    for i in range(3, 10):
+        p.add_frame(_frame(i))
+    sel = p.select()
+    assert not sel.exact and sel.frame.frame_id == 9 and sel.result.frame_id == 1
+    assert list(p.frames) == [6, 7, 8, 9]  # bounded
+
+
+def test_pairing_after_tracker_restart():
+    p = v.FramePairer()
+    for i in range(10, 13):
+        p.add_frame(_frame(i))
+        p.add_result(_result(i))
+    p.add_frame(_frame(0))  # restarted: counts from 0 again
+    assert list(p.frames) == [0] and list(p.results) == []
+    p.add_result(_result(0))
+    assert p.select().exact
+
+
+# ------------------------------------------------------------ drawing (no window needed)
+
+SRC_W, SRC_H = 640, 480
+MAX_SIZE = (480, 360)  # scale 0.75: clicks must be mapped, not passed through
+
+
+def _scene():
+    """A textured frame and two masks (kept clear of the HUD and the bottom line)."""
+    from streamtrack.synthetic import make_clip
+
+    image = make_clip(1, SRC_W, SRC_H, num_objects=0, seed=3).frames[0]
+    m1 = np.zeros((SRC_H, SRC_W), np.uint8)
+    cv2.ellipse(m1, (470, 330), (90, 60), 0, 0, 360, 1, -1)
+    m2 = np.zeros((SRC_H, SRC_W), np.uint8)
+    m2[260:390, 110:240] = 1
+    return image, {1: m1.astype(bool), 2: m2.astype(bool)}
+
+
+def _jpeg(image):
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert ok
+    return buf.tobytes()
+
+
+def _objects(masks):
+    return [ObjectResult.from_mask(i, m, score=0.9, state="visible" if i == 1 else "occluded")
+            for i, m in masks.items()]
+
+
+def _expected_display(image):
+    """The frame as the window shows it without overlays (decoded JPEG, scaled)."""
+    rgb = cv2.imdecode(np.frombuffer(_jpeg(image), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    tf = v.ViewTransform.fit(SRC_W, SRC_H, *MAX_SIZE)
+    return cv2.resize(rgb, (tf.disp_w, tf.disp_h), interpolation=cv2.INTER_AREA).astype(float), tf
+
+
+def _interior(mask, tf, erode=4):
+    small = cv2.resize(mask.astype(np.uint8), (tf.disp_w, tf.disp_h), interpolation=cv2.INTER_NEAREST)
+    return cv2.erode(small, np.ones((2 * erode + 1, 2 * erode + 1), np.uint8)).astype(bool)
+
+
+def check_overlay(shot_rgb, image, masks, *, banner: tuple[int, int, int] | None, frame=True):
+    """Asserts on a screenshot (RGB, display size): mask colours, HUD, banner.
+
+    ``frame=False`` checks the banner only (toasts may cover parts of the frame).
+    """
+    from streamtrack.overlay import color_for
+
+    raw, tf = _expected_display(image)
+    shot = shot_rgb.astype(float)
+    assert shot.shape[:2] == (tf.disp_h, tf.disp_w)
+    top = shot[2:24, :]
+    if banner is None:
+        assert np.abs(top - raw[2:24, :]).mean() < 6, "no banner"
+    else:
+        rgb = np.array(banner[::-1], float)
+        assert (np.abs(top - rgb).max(axis=2) < 40).mean() > 0.6, "banner colour"
+    if not frame:
+        return
+    for obj_id, mask in masks.items():
+        inside = _interior(mask, tf)
+        want = 0.5 * raw[inside] + 0.5 * np.array(color_for(obj_id), float)
+        assert np.abs(shot[inside] - want).mean() < 12, f"object {obj_id} overlay colour"
+        assert np.abs(shot[inside] - raw[inside]).mean() > 25, f"object {obj_id} drawn at all"
+    # Outside every mask (and away from HUD, banner and bottom line) the frame is untouched.
+    outside = ~cv2.dilate(np.any([_interior(m, tf, 0) for m in masks.values()], axis=0)
+                          .astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    outside[:210] = False  # HUD and the objects' labels
+    outside[-45:] = False
+    assert outside.sum() > 5000
+    assert np.abs(shot[outside] - raw[outside]).mean() < 6
+    # The HUD panel darkens the frame under it.
+    assert shot[40:100, 5:180].mean() < 0.7 * raw[40:100, 5:180].mean(), "HUD panel"
+
+
+def _msg(kind, received=None, **kw):
+    return Message(topic=f"{kind}/cam0", kind=kind, stream="cam0", received=received or now(), **kw)
+
+
+def test_compose_draws_masks_hud_and_banner():
+    image, masks = _scene()
+    vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
+    t0 = now()
+    header = FrameHeader("cam0", 7, SRC_W, SRC_H, t0)
+    vw.handle(_msg("frames", frame=header, jpeg=_jpeg(image)))
+    vw.handle(_msg("masks", result=_result(7, objects=_objects(masks), capture=t0 - 0.05,
+                                          w=SRC_W, h=SRC_H)))
+    vw.handle(_msg("stats", stats=Stats(stream="cam0", time=t0, fps=12.5)))
+    out = vw.compose(now())[..., ::-1]
+    check_overlay(out, image, masks, banner=None)
+    assert vw.transform.scale == pytest.approx(0.75)
+    assert vw.tracker_rate(now()) == 12.5
+    assert len(vw.mask_latency) == 1 and len(vw.display_latency) == 1
+    lat = vw.display_latency.p50_p95()[0]
+    assert 0.05 <= lat < 1.0
+    # Reconnecting (a newer event than the result): orange banner.
+    vw.handle(_msg("status", status=StatusEvent("cam0", "source_state", now(),
+                                                 {"old": "streaming", "new": "reconnecting"})))
+    check_overlay(vw.compose(now())[..., ::-1], image, masks, banner=v.BANNER_WARN_BGR)
+    # Silent for more than 2 s with a streaming source: red banner.
+    vw.source.update("streaming", now())
+    check_overlay(vw.compose(vw.last_message + 2.5)[..., ::-1], image, masks, banner=v.BANNER_DEAD_BGR)
+
+
+def test_compose_without_frames_draws_masks_on_blank_canvas():
+    _, masks = _scene()
+    vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
+    vw.handle(_msg("masks", result=_result(3, objects=_objects(masks), w=SRC_W, h=SRC_H)))
+    out = vw.compose(now())
+    assert out.shape == (360, 480, 3)
+    tf = vw.transform
+    inside = _interior(masks[2], tf)
+    from streamtrack.overlay import color_for
+
+    want = 0.5 * 40 + 0.5 * np.array(color_for(2)[::-1], float)
+    assert np.abs(out[inside].astype(float) - want).mean() < 3
+
+
+def test_view_without_display_exits_2(monkeypatch, capsys):
+    from streamtrack.cli import main
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    assert main(["view", "tcp://127.0.0.1:5555"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DISPLAY" in err[0]
+
+
+# ------------------------------------------------------------------- end to end (Xvfb)
+
+needs_x = pytest.mark.skipif(
+    not (shutil.which("Xvfb") and shutil.which("xdotool")) or not sys.platform.startswith("linux"),
+    reason="needs Xvfb and xdotool (Debian: xvfb xdotool)",
+)
+
+
+def wait_for(pred, timeout, what, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def xdisplay():
+    """A private Xvfb; ``-displayfd`` picks a free display number and says when ready."""
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(w), "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+        pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 15)
+        number = os.read(r, 64).decode().strip() if ready else ""
+        if not number:
+            pytest.fail("Xvfb did not start")
+        yield f":{number}"
+    finally:
+        os.close(r)
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class RecordingHandler:
+    """Stands in for the tracker behind the control socket."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, object]] = []
+        self.lock = threading.Lock()
+
+    def _rec(self, name, arg=None):
+        with self.lock:
+            self.calls.append((name, arg))
+        return {}
+
+    def add_prompt(self, cmd):
+        return self._rec("add_prompt", cmd)
+
+    def remove_object(self, obj_id):
+        return self._rec("remove_object", obj_id)
+
+    def reset(self):
+        return self._rec("reset")
+
+    def status(self):
+        return self._rec("status")
+
+    def pause(self):
+        return self._rec("pause")
+
+    def resume(self):
+        return self._rec("resume")
+
+    def find(self, name, n=1):
+        with self.lock:
+            got = [a for c, a in self.calls if c == name]
+        return got if len(got) >= n else None
+
+
+class FakeTracker:
+    """Publishes frames + results (with masks) at ~20 fps until told to reconnect."""
+
+    def __init__(self, image, masks):
+        from streamtrack.publisher import Publisher
+
+        self.pub = Publisher("tcp://127.0.0.1:0", stream="cam0")
+        self.image, self.objects = image, _objects(masks)
+        self.reconnecting = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        fid = 0
+        while not self.stop.is_set():
+            if self.reconnecting.is_set():
+                # The source is down: a real tracker has no frames to publish, only
+                # the event (repeated: a late subscriber must see it too).
+                self.pub.publish_status("source_state", old="streaming", new="reconnecting")
+                self.stop.wait(0.3)
+                continue
+            cap = now() - 0.04
+            self.pub.publish_frame(fid, self.image)
+            self.pub.publish_result(FrameResult(
+                stream="cam0", seq=fid, frame_id=fid, pts=fid / 20, width=SRC_W, height=SRC_H,
+                t={"capture": cap, "infer_end": now()}, objects=self.objects,
+                dropped={"queue_full": 3}))
+            fid += 1
+            self.stop.wait(0.05)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(2)
+        self.pub.close()
+
+
+def xdo(display, *args, timeout=10):
+    out = subprocess.run(["xdotool", *map(str, args)], env={**os.environ, "DISPLAY": display},
+                         capture_output=True, text=True, timeout=timeout)
+    return out.stdout
+
+
+def window_geometry(display, wid):
+    geo = xdo(display, "getwindowgeometry", "--shell", wid)
+    g = dict(line.split("=", 1) for line in geo.split())
+    return int(g["X"]), int(g["Y"]), int(g["WIDTH"]), int(g["HEIGHT"])
+
+
+def find_window(display, size, proc):
+    def look():
+        assert proc.poll() is None, f"viewer exited early: {proc.communicate()[1][-2000:]}"
+        for wid in xdo(display, "search", "--onlyvisible", "--name", "^streamtrack view").split():
+            if window_geometry(display, wid)[2:] == size:
+                return wid
+        return None
+
+    return wait_for(look, 30, "the viewer window", interval=0.2)
+
+
+def grab(display, wid):
+    """The window's pixels (RGB). The position is read each time: without a window
+    manager Qt may still move the window after it first appears."""
+    from PIL import ImageGrab
+
+    x, y, w, h = window_geometry(display, wid)
+    shot = ImageGrab.grab(bbox=(x, y, x + w, y + h), xdisplay=display)
+    return np.asarray(shot.convert("RGB"))
+
+
+def eventually_ok(fn, timeout, what):
+    """Retry an assertion until it passes (the window needs a few frames to settle)."""
+    last: list[AssertionError] = []
+
+    def attempt():
+        try:
+            fn()
+            return True
+        except AssertionError as exc:
+            last[:] = [exc]
+            return False
+
+    try:
+        wait_for(attempt, timeout, what, interval=0.2)
+    except AssertionError:
+        raise last[0] if last else AssertionError(what) from None
+
+
+@needs_x
+@pytest.mark.timeout(90)
+def test_viewer_end_to_end_under_xvfb(xdisplay, tmp_path):
+    image, masks = _scene()
+    handler = RecordingHandler()
+    server = ControlServer("tcp://127.0.0.1:0", handler)
+    stop_server = threading.Event()
+    server_thread = threading.Thread(target=server.serve, args=(stop_server, 20), daemon=True)
+    server_thread.start()
+    tracker = FakeTracker(image, masks)
+    shots = tmp_path / "shots"
+    # Qt's MIT-SHM backing store sometimes leaves the window black on Xvfb (about one
+    # run in three here); plain X11 puts are reliable.
+    env = {**os.environ, "DISPLAY": xdisplay, "QT_QPA_PLATFORM": "xcb", "QT_X11_NO_MITSHM": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "view", tracker.pub.endpoint, "--control", server.endpoint,
+         "--stream", "cam0", "--max-size", f"{MAX_SIZE[0]}x{MAX_SIZE[1]}", "--screenshots", str(shots)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wid = find_window(xdisplay, MAX_SIZE, proc)
+        # The live window: overlay colours on the masks only, HUD drawn, no banner.
+        eventually_ok(lambda: check_overlay(grab(xdisplay, wid), image, masks, banner=None),
+                      20, "mask overlay on screen")
+        tf = v.ViewTransform.fit(SRC_W, SRC_H, *MAX_SIZE)
+        assert tf.scale == 0.75
+
+        def src(x, y):
+            return tf.to_source(x, y)
+
+        def save_shot(name):  # screenshots for the docs, on request
+            if os.environ.get("STREAMTRACK_VIEWER_SHOTS"):
+                cv2.imwrite(str(Path(os.environ["STREAMTRACK_VIEWER_SHOTS"]) / name),
+                            grab(xdisplay, wid)[..., ::-1])
+
+        # Left click = foreground point of a new object (3: 1 and 2 are tracked).
+        xdo(xdisplay, "mousemove", "--window", wid, 300, 240, "click", 1)
+        (p,) = wait_for(lambda: handler.find("add_prompt"), 10, "the first prompt")
+        assert p.obj_id == 3 and p.labels == (1,) and p.box is None
+        assert p.points[0] == pytest.approx((400.17, 320.17), abs=1.5)  # (300 + .5) / .75 - .5
+        # Right click = background point, added to the same object.
+        xdo(xdisplay, "mousemove", "--window", wid, 350, 200, "click", 3)
+        p = wait_for(lambda: handler.find("add_prompt", 2), 10, "the second prompt")[-1]
+        assert p.obj_id == 3 and p.labels == (1, 0)
+        assert p.points[1] == pytest.approx(src(350, 200), abs=1.5)
+        # Drag = box.
+        xdo(xdisplay, "mousemove", "--window", wid, 200, 170, "mousedown", 1,
+            "mousemove", "--window", wid, 240, 200, "mousemove", "--window", wid, 280, 230, "mouseup", 1)
+        p = wait_for(lambda: handler.find("add_prompt", 3), 10, "the box prompt")[-1]
+        assert p.obj_id == 3 and p.points is None
+        assert p.box == pytest.approx((*src(200, 170), *src(280, 230)), abs=1.5)
+        save_shot("viewer-live.png")
+        # n = new object; shift + click = background point.
+        xdo(xdisplay, "windowfocus", "--sync", wid)
+        # Mouse callbacks run inside waitKey, before it returns the key: give the key
+        # its own waitKey call before clicking.
+        xdo(xdisplay, "key", "n", "sleep", 0.3)
+        xdo(xdisplay, "mousemove", "--window", wid, 100, 250,
+            "keydown", "shift", "click", 1, "keyup", "shift")
+        p = wait_for(lambda: handler.find("add_prompt", 4), 10, "the shift-click prompt")[-1]
+        assert p.obj_id == 4 and p.labels == (0,)
+        assert p.points[0] == pytest.approx(src(100, 250), abs=1.5)
+        # 2 selects object 2, d removes it, r resets, space pauses, s saves a screenshot.
+        # OpenCV's waitKey keeps one key per call, so keys go in at a human pace.
+        xdo(xdisplay, "key", "--delay", 150, "2", "d")
+        assert wait_for(lambda: handler.find("remove_object"), 10, "remove_object") == [2]
+        xdo(xdisplay, "key", "r")
+        wait_for(lambda: handler.find("reset"), 10, "reset")
+        xdo(xdisplay, "key", "--delay", 150, "space", "s")
+        wait_for(lambda: handler.find("pause"), 10, "pause")
+        png = wait_for(lambda: sorted(shots.glob("streamtrack-*.png")), 10, "the screenshot PNG")
+        assert cv2.imread(str(png[0])).shape == (MAX_SIZE[1], MAX_SIZE[0], 3)
+        # The source goes down: the orange banner appears over the last frame.
+        tracker.reconnecting.set()
+        eventually_ok(
+            lambda: check_overlay(grab(xdisplay, wid), image, masks,
+                                  banner=v.BANNER_WARN_BGR, frame=False),
+            10, "the reconnecting banner")
+        save_shot("viewer-reconnecting.png")
+        xdo(xdisplay, "key", "q")
+        assert proc.wait(10) == 0, proc.stderr.read()[-2000:]
+        with handler.lock:
+            names = [c for c, _ in handler.calls]
+        assert names == ["add_prompt"] * 4 + ["remove_object", "reset", "pause"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        tracker.close()
+        stop_server.set()
+        server_thread.join(2)
+        server.close()
+
+
+def test_viewer_command_line():
+    cmd = v.viewer_command("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556", "cam0", (800, 600))
+    assert cmd[1:] == ["-m", "streamtrack", "view", "tcp://127.0.0.1:5555", "--control",
+                       "tcp://127.0.0.1:5556", "--stream", "cam0", "--max-size", "800x600"]
+    assert Path(cmd[0]).name.startswith("python")
