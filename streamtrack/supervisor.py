@@ -1,0 +1,430 @@
+"""Supervisor: runs the tracker in its own process and restarts it when it dies.
+
+::
+
+    summary = Supervisor(run_config).run()   # what `streamtrack run --publish ...` does
+
+The tracker (capture thread + engine loop + publisher + control server,
+:class:`streamtrack.pipeline.Tracker`) runs in a child process started with the
+``spawn`` method (a fresh interpreter: no forked torch/ZeroMQ/thread state).
+The supervisor subscribes to the child's own ``masks/<stream>`` topic and keeps
+the newest non-empty mask of every object.  When the child dies (a crash, an
+uncaught exception, SIGKILL, the OOM killer), the supervisor waits a bounded,
+exponentially growing delay and starts a new child that
+
+* binds the same endpoints (so subscribers and control clients reconnect by
+  themselves),
+* seeds every object with its last mask on its first frame, so tracking
+  continues with the same object ids,
+* continues ``seq`` after the last result the supervisor received, and
+* for a file read at decode speed, continues after the last published frame
+  (paced or looping files and live sources just take the next frame they get).
+
+What is not carried over: each object's memory bank (it restarts from the seed
+mask), a paused state, and prompts queued but not yet applied.
+
+User errors in the child (bad source, bad checkpoint, bad prompt file) are not
+retried: :meth:`Supervisor.run` raises :class:`UserError` with the child's
+message.  SIGINT/SIGTERM stop the child gracefully (its outputs are flushed),
+then escalate to SIGKILL after ``stop_timeout``; the child also stops by itself
+if the supervisor disappears, so no tracker outlives it.
+
+The child reports milestones (endpoints bound, running, done, errors) to the
+supervisor over a ``multiprocessing`` pipe; nothing crosses the network but
+JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from streamtrack.engine import Prompt
+from streamtrack.errors import UserError
+from streamtrack.pipeline import Resume, RunConfig, RunSummary, Tracker
+from streamtrack.protocol import FrameResult, decode_mask, normalize_endpoint
+
+log = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2  # the child's exit code for "do not restart me"
+
+
+class SupervisorGaveUp(RuntimeError):
+    """The tracker kept dying: restart limit reached or it never got going."""
+
+
+class TrackerState(str, Enum):
+    """The supervised tracker process, as the supervisor sees it."""
+
+    STARTING = "starting"  # process started, model loading
+    RUNNING = "running"  # first frame can be processed
+    BACKOFF = "backoff"  # died; waiting before the next start
+    STOPPING = "stopping"  # asked to stop (signal or stop())
+    DONE = "done"  # ended normally (source ended, max frames, stopped)
+    FAILED = "failed"  # user error or gave up
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    backoff_initial: float = 0.5  # s before the first restart
+    backoff_max: float = 10.0  # s; the delay doubles up to this
+    backoff_reset_after: float = 30.0  # s a child must run for the delay to start over
+    max_restarts: int | None = None  # None = restart forever
+    max_failed_starts: int = 5  # consecutive deaths before the first frame -> give up
+    stop_timeout: float = 15.0  # s for a graceful stop before SIGKILL
+    log_level: int | None = None  # the child's logging level (default: this process's)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.backoff_initial <= self.backoff_max:
+            raise UserError("restart backoff needs 0 < initial <= max")
+        if self.max_restarts is not None and self.max_restarts < 0:
+            raise UserError(f"max restarts must be >= 0, got {self.max_restarts}")
+        if self.max_failed_starts < 1 or self.stop_timeout <= 0:
+            raise UserError("max_failed_starts must be >= 1 and stop_timeout > 0")
+
+
+@dataclass
+class _Seen:
+    """What the supervisor learned from the tracker's own masks stream."""
+
+    seq: int | None = None
+    frame_id: int | None = None
+    masks: dict[int, dict[str, Any]] = field(default_factory=dict)  # obj_id -> RLE
+
+    def update(self, result: FrameResult) -> None:
+        self.seq, self.frame_id = result.seq, result.frame_id
+        present = {o.obj_id for o in result.objects}
+        # Objects missing from the newest result were removed (control): forget them.
+        for obj_id in list(self.masks):
+            if obj_id not in present:
+                del self.masks[obj_id]
+        for o in result.objects:
+            # Keep the last mask that shows the object: an occluded object comes
+            # back where it was last seen, instead of being seeded as absent.
+            if o.rle is not None and (o.area > 0 or o.obj_id not in self.masks):
+                self.masks[o.obj_id] = o.rle
+
+
+class Supervisor:
+    """Run ``config`` in a child process, restarting it as described above.
+
+    ``run()`` blocks until the source ends, :meth:`stop` is called or a signal
+    arrives, and returns the summary over all children.  Signal handlers are
+    installed only when ``run()`` is called on the main thread.
+    """
+
+    def __init__(self, config: RunConfig, sup: SupervisorConfig | None = None) -> None:
+        self.config = config
+        self.sup = sup or SupervisorConfig()
+        if config.publish is None:
+            raise UserError("the supervisor re-seeds from the published masks: set a publish endpoint")
+        for ep in (config.publish, config.control):
+            if ep is not None and normalize_endpoint(ep).startswith("inproc://"):
+                raise UserError(f"endpoint {ep}: inproc:// cannot cross processes; use tcp:// or ipc://")
+        self.state = TrackerState.STARTING
+        self.restarts = 0
+        self.pid: int | None = None  # the current child's
+        self.endpoints: dict[str, str | None] = {}
+        self.interrupted_by: int | None = None  # the signal that stopped us, if any
+        self.on_state: Callable[[TrackerState], None] | None = None
+        self._stop = threading.Event()
+        self._seen = _Seen()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ control
+    def stop(self, signum: int | None = None) -> None:
+        """Ask the supervisor to stop the child and return (any thread, signal-safe)."""
+        if self.interrupted_by is None:
+            self.interrupted_by = signum
+        self._stop.set()
+
+    def _set_state(self, state: TrackerState) -> None:
+        with self._lock:
+            if state is self.state:
+                return
+            log.debug("tracker process: %s -> %s", self.state.value, state.value)
+            self.state = state
+        if self.on_state is not None:
+            self.on_state(state)
+
+    # --------------------------------------------------------------------- loop
+    def run(self) -> RunSummary:
+        restore = self._install_signals()
+        ctx = mp.get_context("spawn")
+        total = RunSummary()
+        started = time.monotonic()
+        sub = None
+        backoff = self.sup.backoff_initial
+        failed_starts = 0
+        config = self.config
+        try:
+            while True:
+                if self._stop.is_set():
+                    break
+                self._set_state(TrackerState.STARTING)
+                child = _Child.start(ctx, config, self.sup.log_level)
+                self.pid = child.proc.pid
+                child_started = time.monotonic()
+                outcome = None
+                while outcome is None:
+                    for kind, data in child.reports():
+                        if kind == "bound":
+                            config = self._pin_endpoints(config, data)
+                            if sub is None:
+                                sub = self._subscribe(config)
+                        elif kind == "running":
+                            self._set_state(TrackerState.RUNNING)
+                        elif kind in ("done", "user_error", "error"):
+                            child.result = (kind, data)
+                    self._drain(sub)
+                    if self._stop.is_set() and self.state is not TrackerState.STOPPING:
+                        self._set_state(TrackerState.STOPPING)
+                        child.stop(self.sup.stop_timeout)
+                    child.poll_stop()
+                    if not child.proc.is_alive():
+                        outcome = child.finish()
+                    else:
+                        child.proc.join(0.05)
+                self._drain(sub)
+                kind, data = outcome
+                if kind == "done":
+                    _add(total, RunSummary(**data))
+                    self._set_state(TrackerState.DONE)
+                    break
+                if kind == "user_error":
+                    self._set_state(TrackerState.FAILED)
+                    raise UserError(data["message"])
+                if self._stop.is_set():  # killed while stopping: that is a stop too
+                    total.interrupted = True
+                    self._set_state(TrackerState.DONE)
+                    break
+                # The child died: crash, signal, OOM killer.
+                ran = time.monotonic() - child_started
+                failed_starts = 0 if self.state is TrackerState.RUNNING else failed_starts + 1
+                if ran >= self.sup.backoff_reset_after:
+                    backoff = self.sup.backoff_initial
+                why = data.get("message") or _describe_exit(child.proc.exitcode)
+                if failed_starts >= self.sup.max_failed_starts:
+                    self._set_state(TrackerState.FAILED)
+                    raise SupervisorGaveUp(
+                        f"tracker process died {failed_starts} times before processing a frame; "
+                        f"last: {why}")
+                if self.sup.max_restarts is not None and self.restarts >= self.sup.max_restarts:
+                    self._set_state(TrackerState.FAILED)
+                    raise SupervisorGaveUp(
+                        f"tracker process died ({why}) and the restart limit "
+                        f"({self.sup.max_restarts}) is reached")
+                self.restarts += 1
+                self._set_state(TrackerState.BACKOFF)
+                log.warning("tracker process died (%s); restart %d in %.1f s",
+                            why, self.restarts, backoff)
+                if self._stop.wait(backoff):
+                    total.interrupted = True
+                    break
+                backoff = min(backoff * 2, self.sup.backoff_max)
+                config = replace(config, resume=self._resume(config))
+        finally:
+            if sub is not None:
+                sub.close()
+            restore()
+        total.seconds = time.monotonic() - started
+        if self.interrupted_by is not None:
+            total.interrupted = True
+        return total
+
+    def _resume(self, config: RunConfig) -> Resume:
+        """Seed masks and position for the next child, from the masks stream."""
+        seen = self._seen
+        before = config.resume or Resume()
+        if seen.seq is None:  # nothing published yet: start over as configured
+            return replace(before, restarts=self.restarts)
+        seed = tuple(Prompt(obj_id=k, mask=decode_mask(rle)) for k, rle in sorted(seen.masks.items()))
+        done = seen.seq + 1 - before.seq_start + before.frames_done
+        return Resume(seed=seed, frames_done=done, skip_to_frame=(seen.frame_id or 0) + 1,
+                      seq_start=seen.seq + 1, restarts=self.restarts)
+
+    def _pin_endpoints(self, config: RunConfig, bound: dict[str, Any]) -> RunConfig:
+        """Restarts bind exactly what the first child bound (port 0 resolved), so
+        subscribers and control clients keep working."""
+        self.endpoints = dict(bound)
+        return replace(config, publish=bound.get("publish") or config.publish,
+                       control=bound.get("control") or config.control)
+
+    def _subscribe(self, config: RunConfig):
+        from streamtrack.protocol import masks_topic
+        from streamtrack.subscriber import Subscriber
+
+        ep = normalize_endpoint(config.publish or "")
+        ep = ep.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
+        return Subscriber(ep, topics=[masks_topic(config.stream)])
+
+    def _drain(self, sub) -> None:
+        if sub is None:
+            return
+        while (msg := sub.recv(timeout=0)) is not None:
+            if msg.result is not None and msg.stream == self.config.stream:
+                self._seen.update(msg.result)
+
+    def _install_signals(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            self.stop(signum)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore
+
+
+def _add(total: RunSummary, part: RunSummary) -> None:
+    total.frames += part.frames
+    total.latency_p50, total.latency_p95 = part.latency_p50, part.latency_p95
+    total.dropped = part.dropped
+    total.objects = part.objects
+    total.source_state = part.source_state
+    total.interrupted = total.interrupted or part.interrupted
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the OOM killer, or kill -9)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"
+
+
+# ------------------------------------------------------------------------ child
+
+
+class _Child:
+    """One tracker process and its two pipes (reports up, a lifeline down)."""
+
+    def __init__(self, proc, reports: Connection, lifeline: Connection) -> None:
+        self.proc = proc
+        self._reports = reports
+        self._lifeline = lifeline
+        self.result: tuple[str, dict[str, Any]] | None = None
+        self._stop_sent_at: float | None = None
+        self._stop_timeout = 0.0
+
+    @classmethod
+    def start(cls, ctx, config: RunConfig, log_level: int | None) -> _Child:
+        report_r, report_w = ctx.Pipe(duplex=False)
+        life_r, life_w = ctx.Pipe(duplex=False)
+        level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
+        proc = ctx.Process(target=_child_main, args=(config, report_w, life_r, level),
+                           name="streamtrack-tracker", daemon=False)
+        proc.start()
+        # Close our copies of the child's ends: EOF then means the other side is gone.
+        report_w.close()
+        life_r.close()
+        return cls(proc, report_r, life_w)
+
+    def reports(self) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        try:
+            while self._reports.poll(0):
+                out.append(self._reports.recv())
+        except (EOFError, OSError):
+            pass
+        return out
+
+    def stop(self, timeout: float) -> None:
+        """Graceful first (SIGTERM: the tracker finishes its frame and flushes)."""
+        if self._stop_sent_at is None:
+            self._stop_sent_at = time.monotonic()
+            self._stop_timeout = timeout
+            if self.proc.is_alive():
+                self.proc.terminate()
+
+    def finish(self) -> tuple[str, dict[str, Any]]:
+        self.proc.join()
+        for kind, data in self.reports():  # anything sent just before exiting
+            if kind in ("done", "user_error", "error"):
+                self.result = (kind, data)
+        self._reports.close()
+        self._lifeline.close()
+        # A child that said "done" is done, whatever its interpreter did on the way out.
+        return self.result if self.result is not None else ("died", {})
+
+    def poll_stop(self) -> None:
+        """Escalate to SIGKILL when a graceful stop takes too long."""
+        if self._stop_sent_at is not None and self.proc.is_alive():
+            if time.monotonic() - self._stop_sent_at > self._stop_timeout:
+                log.warning("tracker process did not stop within %.0f s; killing it",
+                            self._stop_timeout)
+                self.proc.kill()
+
+
+def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, log_level: int) -> None:
+    """Entry point of the tracker process."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s[tracker]: %(message)s")
+    tracker: Tracker | None = None
+
+    def report(kind: str, data: dict[str, Any]) -> None:
+        try:
+            reports.send((kind, data))
+        except (OSError, ValueError):  # supervisor gone: the lifeline stops us
+            pass
+
+    def stop(*_: object) -> None:
+        if tracker is not None:
+            tracker.stop()
+        else:  # still loading: nothing to flush
+            os._exit(0)
+
+    def watch_lifeline() -> None:
+        # The supervisor never writes; recv() returns only with EOF, i.e. when the
+        # supervisor process is gone (even after SIGKILL): do not outlive it.
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
+        stop()
+        time.sleep(15)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    threading.Thread(target=watch_lifeline, name="lifeline", daemon=True).start()
+    try:
+        tracker = Tracker(config, notify=report)
+        summary = tracker.run()
+    except UserError as exc:
+        report("user_error", {"message": str(exc)})
+        reports.close()
+        os._exit(EXIT_USER_ERROR)
+    except BaseException as exc:  # a crash: the supervisor restarts us
+        report("error", {"message": f"{type(exc).__name__}: {exc}"})
+        traceback.print_exc()
+        reports.close()
+        os._exit(1)
+    report("done", asdict(summary))
+    reports.close()
+
+
+def seed_from_masks(masks: dict[int, np.ndarray]) -> Resume:
+    """A :class:`Resume` that starts a tracker from known masks (object id -> bool HxW)."""
+    return Resume(seed=tuple(Prompt(obj_id=k, mask=np.asarray(m, bool)) for k, m in sorted(masks.items())))

@@ -1,0 +1,485 @@
+"""The tracker process and its supervisor, as real processes on loopback.
+
+Each test starts ``python -m streamtrack run ... --publish`` (supervisor + spawned
+tracker process) on a synthetic H.264 clip with a small random-weight model, and
+talks to it over tcp://127.0.0.1 like any client would.  Startup (import torch +
+build the model) dominates, so the live tracker is shared by the tests that only
+need "a tracker that keeps running" (fuzz, subscribe CLI, SIGTERM last).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from conftest import TEST_IMAGE_SIZE
+
+from streamtrack.capture import CaptureConfig, open_source
+from streamtrack.control import ControlClient, ControlError
+from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+from streamtrack.errors import UserError
+from streamtrack.models import build_model
+from streamtrack.pipeline import RunConfig, is_local_endpoint, warn_if_exposed
+from streamtrack.protocol import FrameResult, ObjectResult, decode_mask
+from streamtrack.subscriber import Subscriber
+from streamtrack.supervisor import Supervisor, _Seen
+from streamtrack.synthetic import make_clip, write_video
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMES = 16
+BOX1 = "25,30,55,54"  # object 1 of make_clip(.., 160, 120, seed=1) on frame 0
+BOX2 = "100,65,124,91"  # object 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory) -> Path:
+    clip = make_clip(FRAMES, 160, 120, num_objects=2, seed=1)
+    return write_video(clip.frames, tmp_path_factory.mktemp("clip") / "clip.mp4", fps=30)
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen
+    publish: str
+    control: str
+    stderr: Path
+
+    def err(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"tracker did not finish in {timeout} s; stderr:\n{self.err()}") from None
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+
+
+def launch(tmp: Path, source: Path, checkpoint: Path, *extra: str, boxes=(BOX1,), quiet=True) -> Proc:
+    pub, ctl = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    args = [sys.executable, "-m", "streamtrack", *(["-q"] if quiet else []), "run", str(source),
+            "--checkpoint", str(checkpoint), "--image-size", str(TEST_IMAGE_SIZE),
+            "--device", "cpu", "--publish", pub, "--control", ctl, *extra]
+    for b in boxes:
+        args += ["--box", b]
+    stderr = tmp / f"stderr-{time.monotonic_ns()}.txt"
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    with open(stderr, "wb") as err:
+        popen = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    return Proc(popen, pub, ctl, stderr)
+
+
+def tracker_status(ctl: str, timeout: float = 90) -> dict:
+    """The tracker's control `status` reply, retried while the model loads."""
+    deadline = time.monotonic() + timeout
+    with ControlClient(ctl, timeout=3) as client:
+        while True:
+            try:
+                return client.status()
+            except ControlError:
+                if time.monotonic() > deadline:
+                    raise
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a live process (a zombie awaiting its parent's wait() counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def collect(sub: Subscriber, until, timeout: float) -> list:
+    """Messages until ``until(messages)`` is true (or raise after ``timeout``)."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while not until(got):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {len(got)} messages")
+        msg = sub.recv(timeout=0.2)
+        if msg is not None:
+            got.append(msg)
+    return got
+
+
+def engine_masks(clip_path: Path, checkpoint: Path, prompts: list[Prompt]) -> list[dict[int, np.ndarray]]:
+    """What the engine computes in this process on the same decoded frames."""
+    model = build_model("sam2.1_hiera_tiny", checkpoint, image_size=TEST_IMAGE_SIZE)
+    engine = StreamingEngine(model, EngineConfig(device="cpu"))
+    out = []
+    with open_source(str(clip_path), CaptureConfig()) as cap:
+        for i, frame in enumerate(cap):
+            res = engine.step(frame.image, prompts if i == 0 else [])
+            out.append({o.obj_id: o.mask for o in res.objects})
+    return out
+
+
+# --------------------------------------------------------------------------- file source
+
+
+@pytest.mark.timeout(400)
+def test_file_every_frame_in_order_masks_equal_engine_slow_subscriber_fresh(
+    tmp_path, clip_path, tiny_checkpoint
+):
+    proc = launch(tmp_path, clip_path, tiny_checkpoint)
+    fast = Subscriber(proc.publish, topics=["masks/", "status/", "stats/"])
+    slow = Subscriber(proc.publish, topics=["masks/"])
+    received: dict[int, float] = {}  # seq -> when the fast subscriber got it
+    handed: list[tuple[int, float, int]] = []  # slow consumer: seq, hand-out time, skipped
+    stop = threading.Event()
+
+    def slow_consumer() -> None:
+        while not stop.is_set():
+            msg = slow.recv(timeout=0.2)
+            if msg is not None:
+                handed.append((msg.seq, time.time(), msg.skipped))
+                # Slower than the tracker whatever the machine's speed: handling one
+                # message takes as long as the tracker needs for 3 more frames.
+                target = msg.seq + 3
+                while not stop.is_set() and max(received, default=-1) < min(target, FRAMES - 1):
+                    time.sleep(0.02)
+                if msg.seq >= FRAMES - 1:
+                    return
+
+    t = threading.Thread(target=slow_consumer, daemon=True)
+    t.start()
+    msgs: list = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (len(received) >= FRAMES and any(
+                x.kind == "status" and x.status.data.get("new") == "ended" for x in msgs)):
+            assert time.monotonic() < deadline, f"timed out after {len(received)} results"
+            m = fast.recv(timeout=0.2)
+            if m is not None:
+                msgs.append(m)
+                if m.kind == "masks":
+                    received[m.seq] = m.received
+        assert proc.wait(60) == 0, proc.err()
+        counters = fast.counters("cam0")
+        t.join(10)
+    finally:
+        stop.set()
+        t.join(5)
+        fast.close()
+        slow.close()
+        proc.close()
+
+    results = [m.result for m in msgs if m.kind == "masks"]
+    # Every frame, in order, contiguous seq, none missed or superseded.
+    assert [r.seq for r in results] == list(range(FRAMES))
+    assert [r.frame_id for r in results] == list(range(FRAMES))
+    assert counters.missed == 0 and counters.superseded == 0 and counters.restarts == 0
+    assert all([o.obj_id for o in r.objects] == [1] for r in results)
+    kinds = {(m.status.kind, m.status.data.get("new")) for m in msgs if m.kind == "status"}
+    assert ("tracker_state", "running") in kinds and ("source_state", "ended") in kinds
+    assert ("object_state", "visible") in kinds or ("object_state", "occluded") in kinds
+    assert any(m.kind == "stats" and m.stats.frames > 0 for m in msgs)
+
+    # The slow consumer skipped to the newest each time: no message it got was
+    # older than one the fast subscriber had already received 50 ms before.
+    assert 2 <= len(handed) <= FRAMES // 3 + 2, handed  # 0, 3, 6, ... and the last
+    seqs = [s for s, _, _ in handed]
+    assert seqs == sorted(set(seqs))
+    for seq, at, _ in handed:
+        newer = [s for s, when in received.items() if s > seq and when < at - 0.05]
+        assert not newer, f"slow consumer got stale seq {seq} at {at}; newer: {newer}"
+    # ...and was told how many it skipped (seq gaps since its previous message).
+    assert sum(k for _, _, k in handed[1:]) == seqs[-1] - seqs[0] - (len(seqs) - 1)
+
+    # The published masks are the engine's masks on the same decoded frames.
+    box = [float(v) for v in BOX1.split(",")]
+    expected = engine_masks(clip_path, tiny_checkpoint, [Prompt.make(1, box=box)])
+    assert len(expected) == FRAMES
+    worst = 1.0
+    for r, exp in zip(results, expected, strict=True):
+        got = decode_mask(r.object(1).rle)
+        union = np.logical_or(got, exp[1]).sum()
+        iou = np.logical_and(got, exp[1]).sum() / union if union else 1.0
+        worst = min(worst, iou)
+    assert worst >= 0.999, f"worst mask IoU vs in-test engine {worst}"
+    assert any(r.object(1).area > 0 for r in results)
+
+
+# ------------------------------------------------------------------------------ restart
+
+
+@pytest.mark.timeout(500)
+def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path, tiny_checkpoint):
+    proc = launch(tmp_path, clip_path, tiny_checkpoint, boxes=(BOX1, BOX2), quiet=False)
+    sub = Subscriber(proc.publish, topics=["masks/", "status/"])
+    try:
+        before = collect(sub, lambda m: sum(x.kind == "masks" for x in m) >= 4, timeout=300)
+        first_pid = tracker_status(proc.control)["pid"]
+        os.kill(first_pid, signal.SIGKILL)
+        killed_at = time.time()
+        after = collect(sub, lambda m: any(x.kind == "masks" and x.received > killed_at for x in m),
+                        timeout=300)
+        try:
+            status = tracker_status(proc.control, timeout=10)
+        except ControlError:  # already finished the clip
+            status = None
+        after += collect(sub, lambda m: any(
+            x.kind == "masks" and x.result.frame_id == FRAMES - 1 for x in after + m), timeout=300)
+        assert proc.wait(120) == 0, proc.err()
+    finally:
+        sub.close()
+        proc.close()
+    assert not pid_alive(first_pid)
+    if status is not None:
+        assert status["pid"] != first_pid and status["restarts"] == 1
+    pre = [m.result for m in before + after if m.kind == "masks" and m.received <= killed_at]
+    post = [m.result for m in after if m.kind == "masks" and m.received > killed_at]
+    assert post, "no message after the restart"
+    restarted = [m.status for m in after if m.kind == "status" and m.status.kind == "tracker_state"]
+    assert any(s.data.get("restarts") == 1 for s in restarted)
+    # Same object ids on every frame after the restart.
+    assert all({o.obj_id for o in r.objects} == {1, 2} for r in post)
+    # The file resumed right after the last frame the supervisor saw (<= the last we
+    # saw): every frame was published at least once, seq continued.
+    assert post[0].frame_id <= pre[-1].frame_id + 1
+    assert {r.frame_id for r in pre + post} == set(range(FRAMES))
+    assert post[0].seq == post[0].frame_id and [r.seq for r in post] == list(
+        range(post[0].seq, post[0].seq + len(post)))
+    # Re-seeded from the last published masks: the first frame after the restart
+    # starts from those masks.
+    last = {o.obj_id: o for o in pre[-1].objects}
+    for o in post[0].objects:
+        if last[o.obj_id].area:
+            a, b = decode_mask(o.rle), decode_mask(last[o.obj_id].rle)
+            assert (a & b).sum() / (a | b).sum() > 0.5
+    assert "restart" in proc.err()
+
+
+@pytest.mark.timeout(200)
+def test_user_error_in_tracker_process_is_not_restarted(tmp_path, clip_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = launch(tmp_path, clip_path, bad)
+    try:
+        rc = proc.wait(150)
+    finally:
+        proc.close()
+    lines = [ln for ln in proc.err().splitlines() if ln.strip()]
+    assert rc == 2, proc.err()
+    assert len(lines) == 1 and lines[0].startswith("streamtrack: error:"), lines
+    assert "restart" not in proc.err()
+
+
+# ---------------------------------------------------------------------------- live tracker
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, clip_path, tiny_checkpoint) -> Iterator[Proc]:
+    """A tracker on a looping, real-time-paced file: runs until stopped."""
+    proc = launch(tmp_path_factory.mktemp("live"), clip_path, tiny_checkpoint, "--realtime", "--loop")
+    try:
+        with Subscriber(proc.publish) as sub:  # first result: the frame size is known
+            collect(sub, lambda m: len(m) >= 1, timeout=240)
+        yield proc
+    finally:
+        proc.close()
+
+
+def _fuzz_messages(n: int, seed: int = 0) -> Iterator[list[bytes]]:
+    """``n`` malformed control requests: every one must be answered ``ok: false``."""
+    rng = random.Random(seed)
+    bad_ids = [0, -1, 2**31, 2**63, 1.5, "1", True, None, [1], {"a": 1}, 1e308]
+    bad_coords = [-1, 1e300, "x", None, True, [1, 2]]
+    rle_bad = [{"size": [120, 160], "counts": "zz"}, {"size": [10, 10], "counts": 5},
+               {"size": [-1, 3], "counts": ""}, {"size": [120, 160]}, "mask.png",
+               {"size": [99999, 99999], "counts": "0"}]
+
+    def j(obj) -> list[bytes]:
+        return [json.dumps(obj).encode()]
+
+    makers = [
+        lambda: [rng.randbytes(rng.randrange(1, 200))],
+        lambda: [b"\xff\xfe" + rng.randbytes(20)],
+        lambda: [b"{}", b"second part"],
+        lambda: j(rng.choice([1, "status", None, [1, 2], 3.5, True])),
+        lambda: j({}),
+        lambda: j({"cmd": rng.choice([1, None, ["status"], {"x": 1}])}),
+        lambda: j({"cmd": "".join(rng.choice("abcxyz_") for _ in range(rng.randrange(1, 12)))}),
+        lambda: j({"cmd": rng.choice(["status", "reset", "pause", "resume"]), "extra": 1}),
+        lambda: j({"cmd": "add_prompt"}),
+        lambda: j({"cmd": "add_prompt", "obj_id": rng.choice(bad_ids), "box": [1, 1, 5, 5]}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "points": [[rng.choice(bad_coords), 3]]}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "points": [[1, 2]] * 65}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "points": [[1, 2]], "labels": [1, 1]}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "points": [[1, 2]], "labels": [2]}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "labels": [1]}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "box": [50, 50, 10, 10]}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "box": [1, 2, 3]}),
+        # Well-formed, but outside the 160x120 frame: the tracker must refuse it.
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "points": [[rng.uniform(161, 1e6), 10]]}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "box": [0, 0, 500, 500]}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "mask": rng.choice(rle_bad)}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "mask": {"size": [12, 16], "counts": "0`3"}}),
+        lambda: j({"cmd": "add_prompt", "obj_id": 7, "box": [1, 1, 5, 5], "mask": rle_bad[0]}),
+        lambda: j({"cmd": "remove_object", "obj_id": rng.randrange(100, 2**31 - 1)}),
+        lambda: j({"cmd": "remove_object"}),
+        lambda: [b'{"cmd": "add_prompt", "obj_id": 7, "points": [[NaN, 1]]}'],
+        lambda: [b"[" * 100_000 + b"]" * 100_000],
+        lambda: j({"cmd": "status", "id": "x" * 200, "pad": "y" * rng.randrange(1000, 100_000)}),
+        lambda: [b'{"cmd": "status", "x": "' + b"a" * (5 << 20) + b'"}'],  # over the 4 MiB limit
+    ]
+    for i in range(n):
+        if i % 2000 == 1999:
+            yield makers[-1]()  # a few oversized ones, not 300 MB of them
+        else:
+            yield rng.choice(makers[:-1])()
+
+
+@pytest.mark.timeout(400)
+def test_10000_malformed_control_messages_all_rejected_tracker_keeps_tracking(live):
+    pid = tracker_status(live.control)["pid"]
+    n, window = 10_000, 900  # in flight: below ZeroMQ's default HWM of 1000
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(live.control)
+    replies: list[dict] = []
+    sent = 0
+    started = time.monotonic()
+    try:
+        messages = _fuzz_messages(n)
+        deadline = time.monotonic() + 300
+        while len(replies) < n:
+            while sent < n and sent - len(replies) < window:
+                dealer.send_multipart(next(messages))
+                sent += 1
+            assert time.monotonic() < deadline, f"only {len(replies)} replies"
+            if dealer.poll(1000):
+                parts = dealer.recv_multipart()
+                replies.append(json.loads(parts[-1]))
+    finally:
+        dealer.close(linger=0)
+    elapsed = time.monotonic() - started
+    print(f"{n} malformed requests answered in {elapsed:.1f} s")
+    assert len(replies) == n
+    bad = [r for r in replies if r.get("ok") is not False or not isinstance(r.get("error"), str)]
+    assert not bad, bad[:5]
+    # Still the same process, still tracking object 1, frames still coming.
+    status = tracker_status(live.control)
+    assert status["pid"] == pid and status["objects"].keys() == {"1"}
+    with Subscriber(live.publish) as sub:
+        fresh = collect(sub, lambda m: len(m) >= 3, timeout=120)
+    assert all([o.obj_id for o in m.result.objects] == [1] for m in fresh)
+    assert fresh[-1].result.t.capture > time.time() - 60
+
+
+@pytest.mark.timeout(200)
+def test_subscribe_cli_prints_json_lines(live, capsys):
+    out = subprocess.run(
+        [sys.executable, "-m", "streamtrack", "subscribe", live.publish,
+         "--topics", "masks/", "stats/", "--count", "4", "--timeout", "60"],
+        cwd=REPO, capture_output=True, text=True, timeout=150,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(ln) for ln in out.stdout.splitlines()]
+    assert len(lines) == 4
+    assert {ln["topic"] for ln in lines} <= {"masks/cam0", "stats/cam0"}
+    masks = [ln for ln in lines if ln["topic"] == "masks/cam0"]
+    assert masks and all(o["obj_id"] == 1 and "counts" not in o["rle"] for m in masks for o in m["objects"])
+    FrameResult.from_dict({k: v for k, v in masks[0].items() if k not in ("topic", "skipped")},
+                          validate_masks=False)
+
+    # --rle keeps the masks (in-process, same code path).
+    from streamtrack.cli import main
+
+    assert main(["subscribe", live.publish, "--topics", "masks/", "--rle", "--count", "1",
+                 "--timeout", "60"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert decode_mask(line["objects"][0]["rle"]).shape == (120, 160)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_supervisor_and_tracker_no_orphan(live):
+    """Runs last on the shared live tracker: it stops it."""
+    pid = tracker_status(live.control)["pid"]
+    supervisor = live.popen.pid
+    live.popen.send_signal(signal.SIGTERM)
+    rc = live.wait(60)
+    assert rc == 143, live.err()
+    assert not pid_alive(pid) and not pid_alive(supervisor)
+    # Sockets closed: the ports can be bound again at once.
+    for ep in (live.publish, live.control):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds; not a listener
+            s.bind(("127.0.0.1", int(ep.rsplit(":", 1)[1])))
+    assert "Traceback" not in live.err()
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_bind_warning_for_non_loopback(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert not warn_if_exposed("tcp://127.0.0.1:5555", "publish")
+        assert not warn_if_exposed("5555", "publish")
+        assert not warn_if_exposed("ipc:///tmp/x.sock", "control")
+        assert not caplog.records
+        assert warn_if_exposed("tcp://0.0.0.0:5556", "control")
+        assert warn_if_exposed("tcp://*:5555", "publish")
+        assert warn_if_exposed("tcp://192.0.2.7:5555", "publish")
+    assert len(caplog.records) == 3
+    assert "no authentication" in caplog.records[0].getMessage()
+    assert is_local_endpoint("tcp://localhost:1") and not is_local_endpoint("tcp://10.0.0.1:1")
+
+
+def test_supervisor_keeps_newest_nonempty_mask_and_forgets_removed_objects():
+    def result(seq, masks):
+        objs = tuple(ObjectResult.from_mask(k, m, score=0.9) for k, m in masks.items())
+        return FrameResult(stream="cam0", seq=seq, frame_id=seq, pts=None, width=4, height=3,
+                           objects=objs)
+
+    a = np.zeros((3, 4), bool)
+    a[1, 1] = True
+    b = np.zeros((3, 4), bool)
+    b[2, 3] = True
+    empty = np.zeros((3, 4), bool)
+    seen = _Seen()
+    seen.update(result(0, {1: a, 2: a}))
+    seen.update(result(1, {1: b, 2: empty}))  # 2 occluded: keep where it was last seen
+    assert (decode_mask(seen.masks[1]) == b).all() and (decode_mask(seen.masks[2]) == a).all()
+    seen.update(result(2, {1: b}))  # 2 removed over the control channel
+    assert set(seen.masks) == {1} and seen.seq == 2
+
+
+def test_supervisor_config_errors():
+    with pytest.raises(UserError, match="publish endpoint"):
+        Supervisor(RunConfig(source="x.mp4"))
+    with pytest.raises(UserError, match="inproc"):
+        Supervisor(RunConfig(source="x.mp4", publish="inproc://x"))
