@@ -263,14 +263,18 @@ class StreamingEngine:
                 low_res = fill_holes(low_res, self.config.fill_hole_area)
             video_res = F.interpolate(low_res, size=(height, width), mode="bilinear", align_corners=False)
             masks = (video_res[:, 0] > 0).cpu().numpy()
+            # One device->host copy for all scalars: a float() per object would sync each time.
+            scalars = torch.stack(
+                [torch.stack([results[i][1].float(), results[i][2].float()]) for i in ids]
+            ).tolist()
+            logits_cpu = low_res[:, 0].cpu() if return_logits else None
         objects = []
         for k, obj_id in enumerate(ids):
-            _, score_logit, iou = results[obj_id]
-            logit = float(score_logit)
+            logit, iou = scalars[k]
             objects.append(
                 self._object_output(
-                    obj_id, masks[k], logit, float(iou), now, obj_id in prompted,
-                    low_res[k, 0].cpu() if return_logits else None,
+                    obj_id, masks[k], logit, iou, now, obj_id in prompted,
+                    logits_cpu[k] if logits_cpu is not None else None,
                 )
             )
         return FrameOutput(f, width, height, tuple(objects), infer_start, time.time())
@@ -425,13 +429,13 @@ class StreamingEngine:
             mems = [getattr(tr, which)[t] for tr in tracks]
             feats = None
             if mems[0].maskmem_features is not None:
-                feats = torch.cat([x.maskmem_features for x in mems])
+                feats = _cat([x.maskmem_features for x in mems])
             # A frame outside the memory window may still lend its pointer; sam2
             # only reads "maskmem_features" for frames inside the window.
             stacked[t] = {
                 "maskmem_features": feats,
                 "maskmem_pos_enc": pos_enc,
-                "obj_ptr": torch.cat([x.obj_ptr for x in mems]),
+                "obj_ptr": _cat([x.obj_ptr for x in mems]),
             }
         return stacked
 
@@ -470,6 +474,10 @@ class StreamingEngine:
             iou=iou, bbox=mask_bbox(mask), area=mask_area(mask), state=track.state, prompted=prompted,
             logits=logits,
         )
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def fill_holes(logits: torch.Tensor, max_area: int) -> torch.Tensor:

@@ -21,14 +21,14 @@ class Tracks:
 
 
 def run_official(checkpoint: Path, jpeg_dir: Path, num_frames: int,
-                 prompts: dict[int, list[Prompt]], image_size: int) -> Tracks:
+                 prompts: dict[int, list[Prompt]], image_size: int, device: str = "cpu") -> Tracks:
     """Prompts on frame k are added, then the video is propagated forward from k.
 
     Propagating forward from each prompted frame (not from frame 0 with all
     prompts known in advance) is what a stream can do: a prompt on frame k
     cannot influence frames before k.
     """
-    pred = build_model("sam2.1_hiera_tiny", checkpoint, image_size=image_size)
+    pred = build_model("sam2.1_hiera_tiny", checkpoint, image_size=image_size, device=device)
     state = pred.init_state(str(jpeg_dir))
     masks: dict[int, dict[int, np.ndarray]] = {}
     starts = sorted(prompts)
@@ -47,12 +47,12 @@ def run_official(checkpoint: Path, jpeg_dir: Path, num_frames: int,
         for f, obj_ids, video_res in pred.propagate_in_video(
             state, start_frame_idx=k, max_frame_num_to_track=end - k
         ):
-            masks[f] = {oid: (video_res[i, 0] > 0).numpy() for i, oid in enumerate(obj_ids)}
+            masks[f] = {oid: (video_res[i, 0] > 0).cpu().numpy() for i, oid in enumerate(obj_ids)}
     logits: dict[int, dict[int, torch.Tensor]] = {f: {} for f in masks}
     for oid, idx in state["obj_id_to_idx"].items():
         out = state["output_dict_per_obj"][idx]
         for f, o in {**out["non_cond_frame_outputs"], **out["cond_frame_outputs"]}.items():
-            logits[f][oid] = o["pred_masks"][0, 0]
+            logits[f][oid] = o["pred_masks"][0, 0].cpu()
     return Tracks(masks, logits)
 
 
