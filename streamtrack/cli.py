@@ -61,11 +61,85 @@ def _cmd_run(args: argparse.Namespace) -> int:
         save_jsonl=args.save_jsonl, save_masks=args.save_masks, save_video=args.save_video,
         publish=args.publish, control=args.control, max_frames=args.max_frames,
         realtime=args.realtime, progress=not args.quiet,
+        publish_frames=args.publish_frames, loop=args.loop,
     )
-    summary = Tracker(config).run()
+    if not args.publish:
+        summary = Tracker(config).run()
+        if not args.quiet:
+            print(summary.line(), file=sys.stderr)
+        return 130 if summary.interrupted else 0
+    # Publishing = a long-running service: run the tracker in a supervised child
+    # process that is restarted (and re-seeded from its masks) if it dies.
+    import signal
+
+    from streamtrack.supervisor import Supervisor, SupervisorConfig, SupervisorGaveUp
+
+    supervisor = Supervisor(config, SupervisorConfig(max_restarts=args.max_restarts))
+    try:
+        summary = supervisor.run()
+    except SupervisorGaveUp as e:
+        print(f"streamtrack: error: {e}", file=sys.stderr)
+        return 1
     if not args.quiet:
-        print(summary.line(), file=sys.stderr)
+        restarts = f", {supervisor.restarts} restart(s)" if supervisor.restarts else ""
+        print(summary.line() + restarts, file=sys.stderr)
+    if supervisor.interrupted_by == signal.SIGTERM:
+        return 143
     return 130 if summary.interrupted else 0
+
+
+def _cmd_subscribe(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from streamtrack.subscriber import Subscriber
+
+    if args.count is not None and args.count < 1:
+        raise UserError(f"--count must be >= 1, got {args.count}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    printed = 0
+    with Subscriber(args.endpoint, topics=args.topics) as sub:
+        last = time.monotonic()
+        while args.count is None or printed < args.count:
+            msg = sub.recv(timeout=0.25)
+            if msg is None:
+                if args.timeout is not None and time.monotonic() - last >= args.timeout:
+                    print(f"streamtrack: no message for {args.timeout:g} s from {args.endpoint}",
+                          file=sys.stderr)
+                    return 1
+                continue
+            last = time.monotonic()
+            try:
+                print(json.dumps(_message_json(msg, args.rle), separators=(",", ":")), flush=True)
+            except BrokenPipeError:  # `| head`: the reader is done
+                sys.stderr.close()
+                return 0
+            printed += 1
+    return 0
+
+
+def _message_json(msg, rle: bool) -> dict:
+    """One received message as a JSON-ready dict: the topic, then its payload."""
+    import json
+
+    out: dict = {"topic": msg.topic}
+    if msg.result is not None:
+        d = msg.result.to_dict()
+        if not rle:  # the counts are most of the bytes and useless on a terminal
+            for o in d["objects"]:
+                if o.get("rle"):
+                    o["rle"] = {"size": o["rle"]["size"]}
+        if msg.skipped:
+            out["skipped"] = msg.skipped
+        out.update(d)
+    elif msg.status is not None:
+        out.update(msg.status.to_dict())
+    elif msg.stats is not None:
+        out.update(msg.stats.to_dict())
+    elif msg.frame is not None:
+        out.update(json.loads(msg.frame.to_json()), jpeg_bytes=len(msg.jpeg or b""))
+    return out
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -140,16 +214,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", default="cam0", help="stream name used in topics and results (default cam0)")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     p.add_argument("--realtime", action="store_true", help="pace a file at its frame rate, as if live")
+    p.add_argument("--loop", action="store_true", help="start a file over at its end (demos)")
+    p.add_argument("--publish-frames", action="store_true",
+                   help="also publish JPEG frames on frames/<stream> (for remote viewers)")
+    p.add_argument("--max-restarts", type=int, metavar="N",
+                   help="with --publish: give up after N restarts of a crashed tracker (default: never)")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("subscribe", help="print one JSON line per message of a running tracker")
+    p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555",
+                   help="publisher endpoint (default tcp://127.0.0.1:5555)")
+    p.add_argument("--topics", nargs="+", default=["masks/", "status/", "stats/"], metavar="PREFIX",
+                   help="topic prefixes (default masks/ status/ stats/; frames/ for JPEG headers)")
+    p.add_argument("--rle", action="store_true", help="include the masks' RLE counts")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="exit with code 1 after S seconds without a message")
+    p.set_defaults(func=_cmd_subscribe)
+
     p = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
-    p.add_argument("what", choices=["engine"], help="engine: streaming engine vs the official predictor")
+    p.add_argument("what", choices=["engine", "preprocess"],
+                   help="engine: streaming engine vs the official predictor; "
+                        "preprocess: how far 'fast' preprocessing moves masks from 'exact'")
     _add_model_options(p)
     p.set_defaults(image_size=256)
     p.add_argument("--frames", type=int, default=24, help="frames timed per run (default 24)")
     p.add_argument("--objects", type=int, nargs="+", default=[1, 4], help="object counts (default 1 4)")
     p.add_argument("--state-frames", type=int, nargs="*", default=[50, 500],
                    help="report engine state bytes after these frames (default 50 500)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per side, median reported")
+    p.add_argument("--preprocess", default="auto", choices=["auto", "exact", "fast"],
+                   help="engine preprocessing (auto: exact on CPU, fast on CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_bench)
 
@@ -168,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-masks", metavar="DIR", help="write DIR/object_<id>.png (0/255) per object")
     p.add_argument("--save-rle", metavar="FILE.json", help="write COCO RLE masks with score, bbox and area")
     p.set_defaults(func=_cmd_segment)
+
+    def _cmd_view(args: argparse.Namespace) -> int:
+        from streamtrack import viewer  # lazy: loads OpenCV's GUI only for this command
+
+        return viewer.main(args)
+
+    p = sub.add_parser("view", help="live window of a tracker: masks, latency HUD, click to prompt")
+    p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--control", metavar="ENDPOINT",
+                   help="tracker control endpoint; clicks become prompts (without it: view only)")
+    p.add_argument("--stream", help="stream to show (default: the first one seen)")
+    p.add_argument("--max-size", default="1280x720", metavar="WxH",
+                   help="largest window image; the frame is scaled to fit (default 1280x720)")
+    p.add_argument("--screenshots", default=".", metavar="DIR", help="where `s` saves PNGs (default .)")
+    p.set_defaults(func=_cmd_view)
 
     p = sub.add_parser("models", help="list the models streamtrack knows")
     p.set_defaults(func=_cmd_models)

@@ -41,6 +41,7 @@ class Config:
     compile: bool = False
     # source
     realtime: bool = False
+    loop: bool = False
     max_frames: int | None = None
     queue_depth: int | None = None
     reconnect_max: float = 1.0
@@ -53,7 +54,9 @@ class Config:
     save_jsonl: str | None = None
     save_masks: str | None = None
     save_video: str | None = None
+    publish_frames: bool = False
     show: bool = False
+    max_restarts: int | None = None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

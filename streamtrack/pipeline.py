@@ -1,27 +1,58 @@
 """The tracking loop: capture -> engine -> results (publisher, writers), with control.
 
-``track(config)`` runs until the source ends, ``max_frames`` is reached or it
-is interrupted, and returns a :class:`RunSummary`.  Outputs are closed in a
-``finally`` so Ctrl-C leaves complete files.
+``Tracker(config).run()`` runs until the source ends, ``max_frames`` is reached or
+it is stopped/interrupted, and returns a :class:`RunSummary`.  Outputs are closed
+in a ``finally`` so Ctrl-C leaves complete files.
+
+Besides one ``masks/<stream>`` message per frame the tracker publishes
+``status/<stream>`` events (source and object state changes, tracker start,
+rejected prompts), ``stats/<stream>`` about once a second and, if asked,
+``frames/<stream>`` JPEG previews.  A :class:`Resume` carries what a supervisor
+hands a restarted tracker: seed masks for the first frame, where to resume a
+file, and the ``seq`` to continue from (see :mod:`streamtrack.supervisor`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from streamtrack.capture import CaptureConfig, SourceKind, open_source
+from streamtrack.capture import StatusEvent as SourceEvent
+from streamtrack.config import Config
 from streamtrack.engine import EngineConfig, FrameOutput, Prompt, StreamingEngine
-from streamtrack.errors import UserError
+from streamtrack.errors import PromptError, UserError
 from streamtrack.overlay import Annotation, annotate
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, encode_mask, now
 from streamtrack.publisher import StatsWindow
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """How a (re)started tracker picks up where a previous one stopped.
+
+    ``seed`` prompts (masks, one per object) are applied on the first processed
+    frame, so objects keep their ids.  ``frames_done`` frames count as already
+    processed (prompts keyed by frame and ``max_frames`` keep their meaning);
+    ``skip_to_frame`` (file sources only) skips source frames before it, so a file
+    continues after the last frame whose result was published.
+    """
+
+    seed: tuple[Prompt, ...] = ()
+    frames_done: int = 0
+    skip_to_frame: int = 0
+    seq_start: int = 0
+    restarts: int = 0
 
 
 @dataclass
@@ -39,6 +70,45 @@ class RunConfig:
     realtime: bool = False
     progress: bool = True
     capture: CaptureConfig | None = None
+    publish_frames: bool = False  # JPEG previews on frames/<stream>, for remote viewers
+    loop: bool = False  # files: start over at the end (demos, soak tests)
+    resume: Resume | None = None  # set by the supervisor on a restart (or to seed masks)
+    # Files with no prompt yet (run --show): hold the first frame, republishing it,
+    # until a prompt arrives over the control channel, instead of racing through.
+    wait_for_prompt: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config, source: str, prompts: dict[int, list[Prompt]],
+                    progress: bool = True) -> RunConfig:
+        """The run described by a merged :class:`~streamtrack.config.Config`."""
+        engine = EngineConfig(
+            model=cfg.model, checkpoint=cfg.checkpoint, device=cfg.device, image_size=cfg.image_size,
+            preprocess=cfg.preprocess, max_cond_frames=cfg.max_cond_frames, lost_after=cfg.lost_after,
+            fill_hole_area=cfg.fill_hole_area, compile=cfg.compile,
+        )
+        capture = CaptureConfig(
+            queue_depth=cfg.queue_depth, realtime=cfg.realtime, loop=cfg.loop,
+            reconnect_max=cfg.reconnect_max, stale_after=cfg.stale_after,
+            give_up_after=cfg.give_up_after, name=cfg.stream,
+        )
+        return cls(
+            source=source, engine=engine, prompts=prompts, stream=cfg.stream,
+            save_jsonl=cfg.save_jsonl, save_masks=cfg.save_masks, save_video=cfg.save_video,
+            publish=cfg.publish, control=cfg.control, max_frames=cfg.max_frames, realtime=cfg.realtime,
+            progress=progress, capture=capture, publish_frames=cfg.publish_frames, loop=cfg.loop,
+        )
+
+    @property
+    def resumable_file(self) -> bool:
+        """A file read at decode speed, frame by frame: a restart can continue exactly
+        after the last published frame.  Paced or looping files behave like live ones."""
+        from streamtrack.sources import parse_source
+
+        try:
+            kind = parse_source(self.source).kind
+        except UserError:
+            return False
+        return kind is SourceKind.FILE and not self.realtime and not self.loop
 
 
 @dataclass
@@ -69,7 +139,12 @@ class RunSummary:
 
 
 class _Controls:
-    """Control-channel handler: requests are queued and applied on the next frame."""
+    """Control-channel handler: requests are queued and applied on the next frame.
+
+    A prompt is checked against the size of the frames seen so far before it is
+    queued, so a point outside the frame is answered ``ok: false`` at once instead
+    of failing later inside the engine.
+    """
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -78,18 +153,21 @@ class _Controls:
 
     def add_prompt(self, cmd):
         prompt = Prompt.make(cmd.obj_id, cmd.points, cmd.labels, cmd.box, cmd.mask_array())
-        if any(p.obj_id == prompt.obj_id for p in self.pending):
-            self.pending = [p for p in self.pending if p.obj_id != prompt.obj_id]
+        size = self.tracker.frame_size
+        if size is not None:
+            _check_fits(prompt, *size)
+        self.pending = [p for p in self.pending if p.obj_id != prompt.obj_id]
         self.pending.append(prompt)
         return {"queued_for_frame": self.tracker.frames_seen}
 
     def remove_object(self, obj_id):
-        self.tracker.engine.remove_object(obj_id)
-        return {"objects": self.tracker.engine.object_ids}
+        self.tracker.require_engine().remove_object(obj_id)
+        self.pending = [p for p in self.pending if p.obj_id != obj_id]
+        return {"objects": self.tracker.require_engine().object_ids}
 
     def reset(self):
         self.pending.clear()
-        self.tracker.engine.reset()
+        self.tracker.require_engine().reset()
         return {"objects": []}
 
     def status(self):
@@ -104,22 +182,66 @@ class _Controls:
         return {"paused": False}
 
 
-class Tracker:
-    """One source, one engine, its outputs.  Not thread-safe: run it on one thread."""
+def _check_fits(prompt: Prompt, height: int, width: int) -> None:
+    """Reject a prompt that cannot apply to a ``width`` x ``height`` frame."""
+    if prompt.mask is not None and prompt.mask.shape != (height, width):
+        raise PromptError(
+            f"object {prompt.obj_id}: mask is {prompt.mask.shape[1]}x{prompt.mask.shape[0]}, "
+            f"frames are {width}x{height}"
+        )
+    coords = list(prompt.points or ())
+    if prompt.box is not None:
+        coords += [prompt.box[:2], prompt.box[2:]]
+    for x, y in coords:
+        if not (0 <= x <= width and 0 <= y <= height):
+            raise PromptError(
+                f"object {prompt.obj_id}: ({x:g}, {y:g}) is outside the {width}x{height} frame"
+            )
 
-    def __init__(self, config: RunConfig, engine: StreamingEngine | None = None):
+
+# Called with (kind, data) at milestones of a run: "bound" (endpoints), "running"
+# (model loaded).  The supervisor forwards them to its process over a pipe.
+Notify = Callable[[str, dict[str, Any]], None]
+
+# How long one loop iteration may spend answering control requests: a flood of
+# (bad) requests gets answered quickly without starving the engine.
+_CONTROL_BUDGET = 0.25  # seconds
+
+
+def _serve_control(control, wait_ms: int) -> None:
+    deadline = time.monotonic() + _CONTROL_BUDGET
+    n = control.poll_once(wait_ms, 64)
+    while n == 64 and time.monotonic() < deadline:
+        n = control.poll_once(0, 64)
+
+
+class Tracker:
+    """One source, one engine, its outputs.  Not thread-safe: run it on one thread
+    (``stop()`` is the exception: any thread or a signal handler may call it)."""
+
+    def __init__(self, config: RunConfig, engine: StreamingEngine | None = None,
+                 notify: Notify | None = None):
         self.config = config
         self.engine = engine  # built in run(), after the source has opened
-        self.frames_seen = 0
+        resume = config.resume or Resume()
+        self.frames_seen = resume.frames_done
+        self.frame_size: tuple[int, int] | None = None  # (height, width) of the last frame
         self.window = StatsWindow(stream=config.stream)
         self._stop = threading.Event()
-        self._seq = 0
+        self._seq = resume.seq_start
         self._object_states: dict[int, str] = {}
         self.capture = None
         self._controls = _Controls(self)
+        self._notify = notify or (lambda kind, data: None)
+        self._publisher = None  # set once the outputs exist; used by the capture thread too
 
     def stop(self) -> None:
         self._stop.set()
+
+    def require_engine(self) -> StreamingEngine:
+        if self.engine is None:
+            raise UserError("the model is still loading; try again in a moment")
+        return self.engine
 
     def status(self) -> dict:
         return {
@@ -127,13 +249,21 @@ class Tracker:
             "objects": {str(k): v for k, v in self._object_states.items()},
             "source_state": self.capture.state.value if self.capture else "idle",
             "paused": self._controls.paused,
+            "pid": os.getpid(),
+            "restarts": (self.config.resume or Resume()).restarts,
         }
 
     def run(self) -> RunSummary:
         cfg = self.config
-        cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, name=cfg.stream)
-        self.capture = open_source(cfg.source, cap_cfg)
+        resume = cfg.resume or Resume()
+        cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, loop=cfg.loop, name=cfg.stream)
+        self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status)
+        if resume.restarts == 0:  # warn once, not on every restart
+            for ep, what in ((cfg.publish, "publish"), (cfg.control, "control")):
+                if ep:
+                    warn_if_exposed(ep, what)
         outputs = _Outputs(cfg)
+        self._publisher = outputs.publisher
         control = None
         summary = RunSummary()
         started = time.monotonic()
@@ -142,33 +272,55 @@ class Tracker:
                 from streamtrack.control import ControlServer
 
                 control = ControlServer(cfg.control, self._controls)
+            self._notify("bound", {
+                "publish": outputs.publisher.endpoint if outputs.publisher else None,
+                "control": control.endpoint if control else None,
+            })
             self.capture.start()  # a missing file or camera fails here, before the slow model load
             if self.engine is None:
                 self.engine = StreamingEngine.from_config(cfg.engine)
+            self._publish_status("tracker_state", old="starting", new="running",
+                                 restarts=resume.restarts, resumed_at_frame=self.frames_seen)
+            self._notify("running", {"pid": os.getpid()})
+            skip_to = resume.skip_to_frame if cfg.resumable_file else 0
+            seed: list[Prompt] = list(resume.seed)
             bar = _progress(cfg, self.capture)
+            if bar is not None and self.frames_seen:
+                bar.update(self.frames_seen)
             last_stats = 0.0
             while not self._stop.is_set():
                 if cfg.max_frames is not None and self.frames_seen >= cfg.max_frames:
                     break
                 if control is not None:
-                    control.poll_once(0)
+                    # Paused: wait on the control socket instead of consuming frames,
+                    # so a file loses nothing while paused.
+                    _serve_control(control, 100 if self._controls.paused else 0)
+                if self._controls.paused:
+                    continue
                 frame = self.capture.read(timeout=0.1)
                 if frame is None:
                     if self.capture.state.terminal:
                         break
                     continue
-                if self._controls.paused:
-                    continue
+                if frame.frame_id < skip_to:
+                    continue  # processed before a restart
+                if self._must_wait_for_prompt(seed):
+                    self._hold(frame, control, outputs.publisher)
+                    if self._stop.is_set():
+                        break
                 dequeue = now()
-                prompts = cfg.prompts.get(self.frames_seen, []) + self._controls.pending
+                self.frame_size = (frame.height, frame.width)
+                prompts = [_fit_mask(p, frame.height, frame.width) for p in seed]
+                seed = []
+                prompts += cfg.prompts.get(self.frames_seen, [])
+                out = self._step(frame, _merge_prompts(prompts), self._controls.pending)
                 self._controls.pending = []
-                out = self.engine.step(
-                    frame.image, _merge_prompts(prompts), timestamp=frame.capture_monotonic
-                )
                 result = self._result(frame, dequeue, out)
+                if outputs.publisher is not None and cfg.publish_frames:
+                    outputs.publisher.publish_frame(frame.frame_id, frame.image)
                 result = outputs.emit(result, frame.image, out)
                 self.window.add(result)
-                self._status_changes(outputs, result)
+                self._status_changes(result)
                 self.frames_seen += 1
                 if bar is not None:
                     bar.update(1)
@@ -182,10 +334,11 @@ class Tracker:
             summary.interrupted = True
         finally:
             self.capture.close()
+            self._publisher = None
             outputs.close()
             if control is not None:
                 control.close()
-        summary.frames = self.frames_seen
+        summary.frames = self.frames_seen - resume.frames_done
         summary.seconds = time.monotonic() - started
         lat = self.window.latency().get("total")
         if lat is not None:
@@ -194,9 +347,59 @@ class Tracker:
         summary.dropped = dict(stats.dropped)
         summary.source_state = self.capture.state.value
         summary.objects = dict(self._object_states)
-        if self.capture.state.value == "failed" and self.frames_seen == 0:
+        if self.capture.state.value == "failed" and summary.frames == 0:
             raise UserError(f"source {cfg.source!r} failed: {stats.last_error}")
         return summary
+
+    def _must_wait_for_prompt(self, seed: list[Prompt]) -> bool:
+        return (
+            self.config.wait_for_prompt and self.capture.kind is SourceKind.FILE
+            and not self.config.realtime and not self.engine.object_ids and not seed
+            and not self._controls.pending and not self.config.prompts.get(self.frames_seen)
+        )
+
+    def _hold(self, frame, control, publisher) -> None:
+        """Show ``frame`` (republished for viewers that join late) until a prompt comes."""
+        log.info("waiting for a prompt on frame %d (draw a box in the viewer)", frame.frame_id)
+        self.frame_size = (frame.height, frame.width)
+        last = 0.0
+        while not self._stop.is_set() and not self._controls.pending:
+            if publisher is not None and time.monotonic() - last >= 0.5:
+                publisher.publish_frame(frame.frame_id, frame.image)
+                last = time.monotonic()
+            if control is not None:
+                _serve_control(control, 50)
+            else:
+                self._stop.wait(0.05)
+
+    def _step(self, frame, prompts: list[Prompt], requested: list[Prompt]) -> FrameOutput:
+        """Run the engine; prompts that came over the control channel and still do not
+        fit (e.g. sent before the first frame) are dropped with a status event rather
+        than taking the tracker down.  The engine validates before it changes state,
+        so the retry sees it untouched."""
+        assert self.engine is not None
+        ts = frame.capture_monotonic
+        if requested:
+            try:
+                return self.engine.step(frame.image, _merge_prompts(prompts + requested), timestamp=ts)
+            except PromptError as exc:
+                log.warning("dropping control prompt(s): %s", exc)
+                self._publish_status("error", message=f"prompt dropped: {exc}")
+        return self.engine.step(frame.image, prompts, timestamp=ts)
+
+    def _on_source_status(self, event: SourceEvent) -> None:
+        # Runs on the capture thread; the publisher is thread-safe.
+        self._publish_status("source_state", old=event.previous.value, new=event.state.value,
+                             reason=event.error)
+
+    def _publish_status(self, kind: str, **data: Any) -> None:
+        pub = self._publisher
+        if pub is None:
+            return
+        try:
+            pub.publish_status(kind, **data)
+        except UserError:  # closed under us while shutting down: nobody to tell
+            pass
 
     def _result(self, frame, dequeue: float, out: FrameOutput) -> FrameResult:
         objects = tuple(
@@ -216,12 +419,15 @@ class Tracker:
             source_state=self.capture.state.value, dropped=dict(stats.dropped), objects=objects,
         )
 
-    def _status_changes(self, outputs: _Outputs, result: FrameResult) -> None:
+    def _status_changes(self, result: FrameResult) -> None:
         current = {o.obj_id: o.state for o in result.objects}
         for obj_id, state in current.items():
-            if self._object_states.get(obj_id) != state and outputs.publisher is not None:
-                outputs.publisher.publish_status("object_state", obj_id=obj_id, state=state,
-                                                 previous=self._object_states.get(obj_id))
+            old = self._object_states.get(obj_id)
+            if old != state:
+                self._publish_status("object_state", obj_id=obj_id, old=old, new=state)
+        for obj_id in self._object_states.keys() - current.keys():
+            self._publish_status("object_state", obj_id=obj_id,
+                                 old=self._object_states[obj_id], new="removed")
         self._object_states = current
 
 
@@ -229,14 +435,27 @@ class _Outputs:
     def __init__(self, cfg: RunConfig):
         from streamtrack.outputs import JsonlWriter, MaskPngWriter, VideoWriter
 
+        restarts = cfg.resume.restarts if cfg.resume else 0
         self.publisher = None
-        self.jsonl = JsonlWriter(cfg.save_jsonl) if cfg.save_jsonl else None
-        self.masks = MaskPngWriter(cfg.save_masks) if cfg.save_masks else None
-        self.video = VideoWriter(cfg.save_video) if cfg.save_video else None
-        if cfg.publish:
-            from streamtrack.publisher import Publisher
+        self.jsonl = self.masks = self.video = None
+        try:
+            if cfg.save_jsonl:
+                # A restarted tracker appends: the lines before the crash stay.
+                self.jsonl = _AppendingJsonl(cfg.save_jsonl) if restarts else JsonlWriter(cfg.save_jsonl)
+            self.masks = MaskPngWriter(cfg.save_masks) if cfg.save_masks else None
+            if cfg.save_video:
+                # An MP4 cannot be appended to: each restart writes the next part.
+                path = Path(cfg.save_video)
+                if restarts:
+                    path = path.with_name(f"{path.stem}.part{restarts + 1}{path.suffix}")
+                self.video = VideoWriter(str(path))
+            if cfg.publish:
+                from streamtrack.publisher import Publisher
 
-            self.publisher = Publisher(cfg.publish, stream=cfg.stream)
+                self.publisher = Publisher(cfg.publish, stream=cfg.stream)
+        except BaseException:
+            self.close()
+            raise
 
     def emit(self, result: FrameResult, image: np.ndarray, out: FrameOutput) -> FrameResult:
         if self.publisher is not None:
@@ -257,6 +476,67 @@ class _Outputs:
         for w in (self.jsonl, self.masks, self.video, self.publisher):
             if w is not None:
                 w.close()
+
+
+class _AppendingJsonl:
+    """``--save-jsonl`` for a restarted tracker: same lines, appended."""
+
+    def __init__(self, path: str):
+        try:
+            self._file = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+    def write(self, result: FrameResult) -> None:
+        self._file.write(result.to_json() + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+_LOCAL_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def is_local_endpoint(endpoint: str | int) -> bool:
+    """True when ``endpoint`` can only be reached from this machine."""
+    from streamtrack.protocol import normalize_endpoint
+
+    ep = normalize_endpoint(endpoint)
+    scheme, _, rest = ep.partition("://")
+    if scheme != "tcp":
+        return True  # ipc:// is a file, inproc:// is in-process
+    host = rest.rpartition(":")[0]
+    return host in _LOCAL_HOSTS or host.startswith("127.")
+
+
+def warn_if_exposed(endpoint: str | int, what: str) -> bool:
+    """Log a warning when ``endpoint`` binds an interface other hosts can reach.
+
+    Returns True if it warned.  Masks and the control socket carry no
+    authentication, so exposing them must be a conscious choice.
+    """
+    if is_local_endpoint(endpoint):
+        return False
+    log.warning(
+        "%s endpoint %s is reachable from other machines: anyone who can connect can %s. "
+        "Bind 127.0.0.1 unless that is intended (and firewall the port).",
+        what, endpoint,
+        "send prompts and commands (no authentication)" if what == "control"
+        else "read the masks",
+    )
+    return True
+
+
+def _fit_mask(prompt: Prompt, height: int, width: int) -> Prompt:
+    """A seed mask from a source whose frame size changed is scaled to the new size
+    (a restarted camera may come back in another mode)."""
+    if prompt.mask is None or prompt.mask.shape == (height, width):
+        return prompt
+    import cv2
+
+    mask = cv2.resize(prompt.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    return Prompt(obj_id=prompt.obj_id, mask=mask.astype(bool))
 
 
 def _merge_prompts(prompts: list[Prompt]) -> list[Prompt]:
