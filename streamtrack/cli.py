@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from streamtrack import __version__
+from streamtrack import __version__, cli_run
 from streamtrack.errors import UserError
 from streamtrack.models import DEFAULT_MODEL, MODELS
 
@@ -32,60 +32,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
         have = "yes" if spec.default_path().exists() else "no"
         print(f"{spec.name:24} {spec.config:40} {spec.size_mb:5d} MB  downloaded: {have}")
     return 0
-
-
-def _engine_config(args: argparse.Namespace):
-    from streamtrack.engine import EngineConfig
-
-    return EngineConfig(
-        model=args.model, checkpoint=args.checkpoint, device=args.device,
-        image_size=args.image_size, preprocess=args.preprocess,
-    )
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from streamtrack import prompts as prompt_io
-    from streamtrack.pipeline import RunConfig, Tracker
-
-    prompts = prompt_io.merge(
-        prompt_io.from_cli(args.box, args.point),
-        prompt_io.load_prompts_file(args.prompts) if args.prompts else {},
-    )
-    if not prompts and not args.control:
-        raise UserError(
-            "no prompt given: pass --box x0,y0,x1,y1, --point x,y[,label] or --prompts FILE.json"
-            " (or --control ENDPOINT to prompt later)"
-        )
-    config = RunConfig(
-        source=args.source, engine=_engine_config(args), prompts=prompts, stream=args.stream,
-        save_jsonl=args.save_jsonl, save_masks=args.save_masks, save_video=args.save_video,
-        publish=args.publish, control=args.control, max_frames=args.max_frames,
-        realtime=args.realtime, progress=not args.quiet,
-        publish_frames=args.publish_frames, loop=args.loop,
-    )
-    if not args.publish:
-        summary = Tracker(config).run()
-        if not args.quiet:
-            print(summary.line(), file=sys.stderr)
-        return 130 if summary.interrupted else 0
-    # Publishing = a long-running service: run the tracker in a supervised child
-    # process that is restarted (and re-seeded from its masks) if it dies.
-    import signal
-
-    from streamtrack.supervisor import Supervisor, SupervisorConfig, SupervisorGaveUp
-
-    supervisor = Supervisor(config, SupervisorConfig(max_restarts=args.max_restarts))
-    try:
-        summary = supervisor.run()
-    except SupervisorGaveUp as e:
-        print(f"streamtrack: error: {e}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        restarts = f", {supervisor.restarts} restart(s)" if supervisor.restarts else ""
-        print(summary.line() + restarts, file=sys.stderr)
-    if supervisor.interrupted_by == signal.SIGTERM:
-        return 143
-    return 130 if summary.interrupted else 0
 
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
@@ -189,39 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # -v/-q after the command too (`streamtrack run ... -q`); SUPPRESS keeps a value
+    # given before the command from being reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors")
 
-    p = sub.add_parser("download", help="download an official SAM 2 checkpoint into checkpoints/")
+    p = sub.add_parser(
+        "download", parents=[common], help="download an official SAM 2 checkpoint into checkpoints/")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"model name or 'all' (default {DEFAULT_MODEL})")
     p.add_argument("--force", action="store_true", help="download even if the file exists")
     p.add_argument("--url", help="download from this URL instead of the official one")
     p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser("run", help="track objects in a webcam, RTSP stream or video file")
-    p.add_argument("source", help="webcam index (0), /dev/videoN, rtsp:// or http(s):// URL, or a file")
-    _add_model_options(p)
-    p.add_argument("--preprocess", default="auto", choices=["auto", "exact", "fast"],
-                   help="exact = the official predictor's resize (CPU default); fast = on-device")
-    p.add_argument("--box", action="append", metavar="x0,y0,x1,y1", help="a new object (repeatable)")
-    p.add_argument("--point", action="append", metavar="x,y[,label]",
-                   help="a point of one more object; label 1 = foreground (default), 0 = background")
-    p.add_argument("--prompts", metavar="FILE.json", help="prompts file (boxes, points, masks, later frames)")
-    p.add_argument("--save-jsonl", metavar="FILE", help="write one JSON result per frame")
-    p.add_argument("--save-masks", metavar="DIR", help="write a palette PNG per frame (value = object id)")
-    p.add_argument("--save-video", metavar="FILE", help="write an overlay MP4")
-    p.add_argument("--publish", metavar="ENDPOINT", help="publish results over ZeroMQ, e.g. tcp://127.0.0.1:5555")
-    p.add_argument("--control", metavar="ENDPOINT", help="accept prompts over ZeroMQ, e.g. tcp://127.0.0.1:5556")
-    p.add_argument("--stream", default="cam0", help="stream name used in topics and results (default cam0)")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
-    p.add_argument("--realtime", action="store_true", help="pace a file at its frame rate, as if live")
-    p.add_argument("--loop", action="store_true", help="start a file over at its end (demos)")
-    p.add_argument("--publish-frames", action="store_true",
-                   help="also publish JPEG frames on frames/<stream> (for remote viewers)")
-    p.add_argument("--max-restarts", type=int, metavar="N",
-                   help="with --publish: give up after N restarts of a crashed tracker (default: never)")
-    p.set_defaults(func=_cmd_run)
+    cli_run.add_parser(sub, common)
 
-    p = sub.add_parser("subscribe", help="print one JSON line per message of a running tracker")
+    p = sub.add_parser(
+        "subscribe", parents=[common], help="print one JSON line per message of a running tracker")
     p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555",
                    help="publisher endpoint (default tcp://127.0.0.1:5555)")
     p.add_argument("--topics", nargs="+", default=["masks/", "status/", "stats/"], metavar="PREFIX",
@@ -232,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with code 1 after S seconds without a message")
     p.set_defaults(func=_cmd_subscribe)
 
-    p = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the same run")
+    p = sub.add_parser(
+        "bench", parents=[common], help="benchmarks, each against a baseline measured in the same run")
     p.add_argument("what", choices=["engine", "preprocess"],
                    help="engine: streaming engine vs the official predictor; "
                         "preprocess: how far 'fast' preprocessing moves masks from 'exact'")
@@ -249,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("segment", help="segment objects in one image (SAM 2 image predictor)")
+    p = sub.add_parser(
+        "segment", parents=[common], help="segment objects in one image (SAM 2 image predictor)")
     p.add_argument("image", help="image file (PNG, JPEG, ...)")
     _add_model_options(p)
     p.add_argument("--box", action="append", metavar="x0,y0,x1,y1",
@@ -270,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
         return viewer.main(args)
 
-    p = sub.add_parser("view", help="live window of a tracker: masks, latency HUD, click to prompt")
+    p = sub.add_parser(
+        "view", parents=[common], help="live window of a tracker: masks, latency HUD, click to prompt")
     p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--control", metavar="ENDPOINT",
                    help="tracker control endpoint; clicks become prompts (without it: view only)")
@@ -280,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screenshots", default=".", metavar="DIR", help="where `s` saves PNGs (default .)")
     p.set_defaults(func=_cmd_view)
 
-    p = sub.add_parser("models", help="list the models streamtrack knows")
+    p = sub.add_parser(
+        "models", parents=[common], help="list the models streamtrack knows")
     p.set_defaults(func=_cmd_models)
     return parser
 

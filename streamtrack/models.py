@@ -122,13 +122,14 @@ def build_model(
     builder = {"video": build_sam2_video_predictor, "image": build_sam2}.get(kind)
     if builder is None:
         raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+    overrides = hydra_overrides(image_size)  # a bad size is reported before a missing file
     path = None
     if not random_init:
         path = Path(checkpoint) if checkpoint else spec.default_path()
         if not path.exists():
             raise CheckpointError(missing_checkpoint_message(spec, path))
     model = builder(
-        spec.config, ckpt_path=None, device="cpu", hydra_overrides_extra=hydra_overrides(image_size)
+        spec.config, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides
     )
     if path is not None:
         load_checkpoint(model, path, spec.name)

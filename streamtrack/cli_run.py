@@ -1,0 +1,145 @@
+"""``streamtrack run``: options, layered configuration, and how the run is hosted.
+
+Every option that is also a configuration key defaults to "not given", so the
+layers (defaults < ``--config`` YAML < ``STREAMTRACK_*`` < command line) can be
+merged by :func:`streamtrack.config.load_config`.
+
+Hosting: with ``--publish`` (or ``--show``) the tracker runs in a supervised child
+process that is restarted and re-seeded if it dies; otherwise it runs in this
+process.  ``--show`` starts a viewer process subscribed to the tracker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+from dataclasses import fields
+
+from streamtrack.config import Config, load_config
+from streamtrack.errors import UserError
+from streamtrack.models import MODELS
+
+_KEYS = {f.name for f in fields(Config)}
+_GIVEN = argparse.SUPPRESS  # absent from the namespace unless given on the command line
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("run", parents=[common], help="track objects in a webcam, RTSP stream or video file",
+                       argument_default=_GIVEN)
+    p.add_argument("source", help="webcam index (0), /dev/videoN, rtsp:// or http(s):// URL, or a file")
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", default=None, metavar="FILE|PRESET",
+                   help="YAML configuration, or a preset from configs/ (default, webcam, rtsp, file)")
+    g.add_argument("--print-config", action="store_true", default=False,
+                   help="print the merged configuration as YAML and exit")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(MODELS), metavar="NAME",
+                   help="SAM 2 model (default sam2.1_hiera_tiny; see `streamtrack models`)")
+    g.add_argument("--checkpoint", help="official-format .pt (default checkpoints/<model>.pt)")
+    g.add_argument("--device", help="auto|cpu|cuda|mps (default auto)")
+    g.add_argument("--image-size", type=int, metavar="N",
+                   help="model input size, a multiple of 32 (default: the model's 1024)")
+    g.add_argument("--preprocess", choices=["auto", "exact", "fast"],
+                   help="exact = the official predictor's resize (CPU default); fast = on-device")
+    g.add_argument("--lost-after", type=float, metavar="S", help="seconds absent before 'lost' (3)")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1",
+                   help="a new object (repeatable)")
+    g.add_argument("--point", action="append", default=None, metavar="x,y[,label]",
+                   help="a point of one more object; label 1 = foreground (default), 0 = background")
+    g.add_argument("--prompts", default=None, metavar="FILE.json",
+                   help="prompts file (boxes, points, masks, later frames)")
+    g = p.add_argument_group("source")
+    g.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    g.add_argument("--realtime", action="store_true", help="pace a file at its frame rate, as if live")
+    g.add_argument("--loop", action="store_true", help="start a file over at its end (demos)")
+    g.add_argument("--give-up-after", type=float, metavar="S",
+                   help="live sources: stop after S seconds of failed reconnects (default: never)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save-jsonl", metavar="FILE", help="write one JSON result per frame")
+    g.add_argument("--save-masks", metavar="DIR", help="write a palette PNG per frame (value = object id)")
+    g.add_argument("--save-video", metavar="FILE", help="write an overlay MP4")
+    g.add_argument("--publish", metavar="ENDPOINT", help="publish results over ZeroMQ, e.g. tcp://127.0.0.1:5555")
+    g.add_argument("--control", metavar="ENDPOINT", help="accept prompts over ZeroMQ, e.g. tcp://127.0.0.1:5556")
+    g.add_argument("--publish-frames", action="store_true",
+                   help="also publish JPEG frames on frames/<stream> (for remote viewers)")
+    g.add_argument("--stream", help="stream name used in topics and results (default cam0)")
+    g.add_argument("--show", action="store_true", help="open a viewer window (masks, latency HUD, clicks)")
+    g.add_argument("--max-restarts", type=int, metavar="N",
+                   help="supervised runs: give up after N restarts of a crashed tracker (default: never)")
+    p.set_defaults(func=command)
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k in _KEYS}
+
+
+def command(args: argparse.Namespace) -> int:
+    from streamtrack import prompts as prompt_io
+    from streamtrack.pipeline import RunConfig, Tracker
+
+    cfg = load_config(args.config, given_options(args))
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    prompts = prompt_io.merge(
+        prompt_io.from_cli(args.box, args.point),
+        prompt_io.load_prompts_file(args.prompts) if args.prompts else {},
+    )
+    if not prompts and not cfg.control and not cfg.show:
+        raise UserError(
+            "no prompt given: pass --box x0,y0,x1,y1, --point x,y[,label] or --prompts FILE.json"
+            " (or --show to draw a box on the first frame, or --control ENDPOINT to prompt later)"
+        )
+    viewer = None
+    if cfg.show:
+        from streamtrack.viewer import check_display
+
+        check_display()  # before the model loads: fail in a second, not after
+        cfg.publish = cfg.publish or f"tcp://127.0.0.1:{_free_port()}"
+        cfg.control = cfg.control or f"tcp://127.0.0.1:{_free_port()}"
+        cfg.publish_frames = True
+    run_config = RunConfig.from_config(cfg, args.source, prompts, progress=not args.quiet)
+    run_config.wait_for_prompt = cfg.show and not prompts
+
+    if not cfg.publish:
+        summary = Tracker(run_config).run()
+        return _finish(summary, args, "")
+    from streamtrack.supervisor import Supervisor, SupervisorConfig, SupervisorGaveUp
+
+    supervisor = Supervisor(run_config, SupervisorConfig(max_restarts=cfg.max_restarts))
+    if cfg.show:
+        from streamtrack.viewer import spawn_viewer
+
+        viewer = spawn_viewer(cfg.publish, cfg.control, cfg.stream)
+        # Closing the window ends the run, as quitting a player would.
+        threading.Thread(target=lambda: (viewer.wait(), supervisor.stop()), daemon=True).start()
+    try:
+        summary = supervisor.run()
+    except SupervisorGaveUp as e:
+        print(f"streamtrack: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if viewer is not None and viewer.poll() is None:
+            viewer.terminate()
+            viewer.wait(timeout=10)
+    restarts = f", {supervisor.restarts} restart(s)" if supervisor.restarts else ""
+    if supervisor.interrupted_by == signal.SIGTERM:
+        _finish(summary, args, restarts)
+        return 143
+    return _finish(summary, args, restarts)
+
+
+def _finish(summary, args: argparse.Namespace, extra: str) -> int:
+    if not args.quiet:
+        print(summary.line() + extra, file=sys.stderr)
+    return 130 if summary.interrupted else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,180 @@
+"""`streamtrack run` end to end: outputs, prompts on later frames, config layers, bad input, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import yaml
+from conftest import TEST_IMAGE_SIZE
+from PIL import Image
+
+from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+from streamtrack.models import build_model
+from streamtrack.protocol import FrameResult
+from streamtrack.synthetic import make_clip, write_video
+
+pytestmark = pytest.mark.timeout(600)
+
+LATER = 8  # frame on which object 2 is added
+
+
+def streamtrack(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamtrack", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    clip = make_clip(16, 160, 120, num_objects=2, seed=4)
+    folder = tmp_path_factory.mktemp("run")
+    video = write_video(clip.frames, folder / "clip.mp4", gop=8)
+    prompts = folder / "prompts.json"
+    prompts.write_text(json.dumps([
+        {"obj_id": 1, "frame": 0, "box": clip.box(1, 0)},
+        {"obj_id": 2, "frame": LATER, "points": [clip.center(2, LATER)], "labels": [1]},
+    ]))
+    return clip, video, prompts
+
+
+@pytest.fixture(scope="module")
+def tracked(clip_file, tiny_checkpoint, tmp_path_factory):
+    clip, video, prompts = clip_file
+    out = tmp_path_factory.mktemp("out")
+    r = streamtrack("run", str(video), "--checkpoint", str(tiny_checkpoint), "--image-size",
+                    str(TEST_IMAGE_SIZE), "--prompts", str(prompts), "--save-jsonl", str(out / "r.jsonl"),
+                    "--save-masks", str(out / "masks"), "--save-video", str(out / "v.mp4"))
+    assert r.returncode == 0, r.stderr
+    lines = (out / "r.jsonl").read_text().splitlines()
+    return clip, video, out, [FrameResult.from_json(line) for line in lines], r
+
+
+def decoded_frames(video: Path) -> list[np.ndarray]:
+    with av.open(str(video)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def test_jsonl_has_one_contract_line_per_frame(tracked):
+    clip, _, out, results, run = tracked
+    assert [r.frame_id for r in results] == list(range(len(clip.frames)))
+    assert [r.seq for r in results] == list(range(len(clip.frames)))
+    first = json.loads((out / "r.jsonl").read_text().splitlines()[0])
+    assert {"v", "stream", "seq", "frame_id", "pts", "width", "height", "t", "source_state", "dropped",
+            "objects"} <= set(first)
+    assert set(first["t"]) == {"capture", "dequeue", "infer_start", "infer_end", "publish"}
+    assert first["v"] == 1 and first["width"] == 160 and first["height"] == 120
+    assert {"obj_id", "score", "state", "bbox", "area", "rle"} <= set(first["objects"][0])
+    assert "16 frames" in run.stderr  # the one-line summary
+
+
+def test_later_prompt_adds_the_object_from_that_frame(tracked):
+    _, _, _, results, _ = tracked
+    for r in results:
+        ids = [o.obj_id for o in r.objects]
+        assert ids == ([1] if r.frame_id < LATER else [1, 2]), (r.frame_id, ids)
+
+
+def test_jsonl_pngs_and_engine_agree(tracked, tiny_checkpoint):
+    clip, video, out, results, _ = tracked
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
+    engine = StreamingEngine(model, EngineConfig())
+    prompts = {0: [Prompt.make(1, box=clip.box(1, 0))],
+               LATER: [Prompt.make(2, points=[clip.center(2, LATER)], labels=[1])]}
+    for f, frame in enumerate(decoded_frames(video)):
+        expected = {o.obj_id: o.mask for o in engine.step(frame, prompts.get(f, [])).objects}
+        got = {o.obj_id: o.mask() for o in results[f].objects}
+        assert set(got) == set(expected)
+        for oid in got:
+            assert np.array_equal(got[oid], expected[oid]), (f, oid)
+        png = np.array(Image.open(out / "masks" / f"{f:06d}.png"))
+        labels = np.zeros_like(png)
+        for oid in sorted(got):
+            labels[got[oid]] = oid
+        assert np.array_equal(png, labels), f
+    with av.open(str(out / "v.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == len(results)
+
+
+def test_config_layers_and_print_config_round_trip(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("image_size: 512\nstream: fromfile\ndevice: cpu\nlost_after: 9\n")
+    r = streamtrack("run", "x.mp4", "--config", str(cfg), "--image-size", "256", "--print-config",
+                    env={"STREAMTRACK_STREAM": "fromenv", "STREAMTRACK_LOST_AFTER": "4.5"})
+    assert r.returncode == 0, r.stderr
+    merged = yaml.safe_load(r.stdout)
+    assert merged["image_size"] == 256 and merged["stream"] == "fromenv"
+    assert merged["device"] == "cpu" and merged["lost_after"] == 4.5
+    assert merged["model"] == "sam2.1_hiera_tiny"
+    again = tmp_path / "again.yaml"
+    again.write_text(r.stdout)
+    r2 = streamtrack("run", "x.mp4", "--config", str(again), "--print-config")
+    assert r2.returncode == 0 and yaml.safe_load(r2.stdout) == merged
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["missing.mp4", "--box", "1,2,30,40"], "missing.mp4"),
+        (["{video}", "--box", "1,2,3"], "--box"),
+        (["{video}"], "no prompt given"),
+        (["{video}", "--prompts", "{bad_prompts}"], "prompts file"),
+        (["{video}", "--box", "1,2,30,40", "--config", "{bad_config}"], "unknown key 'imagesize'"),
+        (["{video}", "--box", "1,2,30,40", "--image-size", "100"], "multiple of 32"),
+        (["{video}", "--box", "1,2,30,40", "--checkpoint", "{bad_checkpoint}"], "checkpoint"),
+        (["{video}", "--box", "1,2,30,40", "--checkpoint", "{tiny}", "--image-size", "256",
+          "--device", "tpu"], "device"),
+        (["{video}", "--box", "1,2,500,40", "--checkpoint", "{tiny}", "--image-size", "256"],
+         "outside the 160x120 frame"),
+        (["rtsp://127.0.0.1:9/none", "--box", "1,2,30,40", "--checkpoint", "{tiny}", "--image-size",
+          "256", "--give-up-after", "1"], "failed"),
+    ],
+)
+def test_bad_input_exit_2_one_line(clip_file, tiny_checkpoint, tmp_path, args, message):
+    _, video, _ = clip_file
+    bad_prompts = tmp_path / "p.json"
+    bad_prompts.write_text('[{"obj_id": 1, "box": [1, 2]}]')
+    bad_config = tmp_path / "c.yaml"
+    bad_config.write_text("imagesize: 256\n")
+    bad_checkpoint = tmp_path / "x.pt"
+    bad_checkpoint.write_text("nope")
+    names = dict(video=video, bad_prompts=bad_prompts, bad_config=bad_config,
+                 bad_checkpoint=bad_checkpoint, tiny=tiny_checkpoint)
+    r = streamtrack("run", *[a.format(**names) for a in args], "-q")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr
+
+
+def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path):
+    clip = make_clip(200, 160, 120, num_objects=1, seed=5)
+    video = write_video(clip.frames, tmp_path / "long.mp4")
+    out_jsonl, out_mp4 = tmp_path / "r.jsonl", tmp_path / "v.mp4"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "run", str(video), "--checkpoint", str(tiny_checkpoint),
+         "--image-size", str(TEST_IMAGE_SIZE), "--box", ",".join(str(v) for v in clip.box(1, 0)),
+         "--save-jsonl", str(out_jsonl), "--save-video", str(out_mp4)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if out_jsonl.exists() and len(out_jsonl.read_text().splitlines()) >= 3:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    lines = out_jsonl.read_text().splitlines()
+    results = [FrameResult.from_json(line) for line in lines]  # every line complete and valid
+    assert 3 <= len(results) < 200
+    with av.open(str(out_mp4)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == len(results)
