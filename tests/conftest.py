@@ -8,6 +8,8 @@ format and load it through the same path users use.
 from __future__ import annotations
 
 import os
+import select
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,27 @@ def save_jpeg_frames(frames, folder: Path):
     for i, f in enumerate(frames):
         Image.fromarray(f).save(folder / f"{i:05d}.jpg", quality=95)
     return [np.array(Image.open(folder / f"{i:05d}.jpg").convert("RGB")) for i in range(len(frames))]
+
+
+@pytest.fixture
+def xdisplay():
+    """A private Xvfb; ``-displayfd`` picks a free display number and says when ready."""
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(w), "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+        pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], 15)
+        number = os.read(r, 64).decode().strip() if ready else ""
+        if not number:
+            pytest.fail("Xvfb did not start")
+        yield f":{number}"
+    finally:
+        os.close(r)
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()

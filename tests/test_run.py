@@ -178,3 +178,50 @@ def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path):
     assert 3 <= len(results) < 200
     with av.open(str(out_mp4)) as c:
         assert sum(1 for _ in c.decode(video=0)) == len(results)
+
+
+def test_show_holds_the_first_frame_until_a_box_is_drawn(tiny_checkpoint, xdisplay, tmp_path):
+    """`run --show` with no prompt: the viewer gets the first frame, a prompt over the control
+    channel (what a drag in the window sends) starts tracking from that frame."""
+    from streamtrack.control import ControlClient
+    from streamtrack.subscriber import Subscriber
+
+    clip = make_clip(6, 160, 120, num_objects=1, seed=6)
+    video = write_video(clip.frames, tmp_path / "c.mp4")
+    publish, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "run", str(video), "--show",
+         "--checkpoint", str(tiny_checkpoint),
+         "--image-size", str(TEST_IMAGE_SIZE), "--publish", publish, "--control", control,
+         "--save-jsonl", str(tmp_path / "r.jsonl"), "-q"],
+        env={**os.environ, "DISPLAY": xdisplay, "QT_X11_NO_MITSHM": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with Subscriber(publish, topics=("frames/", "masks/")) as sub:
+            held = None
+            deadline = time.monotonic() + 120
+            while held is None and time.monotonic() < deadline:
+                msg = sub.recv(timeout=1)
+                if msg is not None and msg.kind == "frames":
+                    held = msg
+            assert held is not None and held.frame.frame_id == 0
+            time.sleep(1.5)
+            assert sub.latest() is None  # nothing tracked before a prompt: the frame is held
+            with ControlClient(control, timeout=10) as client:
+                assert client.add_prompt(1, box=clip.box(1, 0))["ok"]
+        assert proc.wait(timeout=240) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    results = [FrameResult.from_json(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r.frame_id for r in results] == list(range(6))
+    assert all([o.obj_id for o in r.objects] == [1] for r in results)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

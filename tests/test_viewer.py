@@ -10,7 +10,6 @@ coordinates and the window's pixels.
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -380,30 +379,6 @@ def wait_for(pred, timeout, what, interval=0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
-
-
-@pytest.fixture
-def xdisplay():
-    """A private Xvfb; ``-displayfd`` picks a free display number and says when ready."""
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(w), "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
-        pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], 15)
-        number = os.read(r, 64).decode().strip() if ready else ""
-        if not number:
-            pytest.fail("Xvfb did not start")
-        yield f":{number}"
-    finally:
-        os.close(r)
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 class RecordingHandler:
