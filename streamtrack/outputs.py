@@ -27,10 +27,12 @@ def _prepare(path: str | Path, what: str) -> Path:
 
 
 class JsonlWriter:
-    def __init__(self, path: str | Path):
+    """``append=True`` for a restarted tracker: the lines written before the crash stay."""
+
+    def __init__(self, path: str | Path, append: bool = False):
         self.path = _prepare(path, "--save-jsonl")
         try:
-            self._file = open(self.path, "w", encoding="utf-8")
+            self._file = open(self.path, "a" if append else "w", encoding="utf-8")
         except OSError as e:
             raise UserError(f"cannot write {self.path}: {e.strerror}") from None
 

@@ -440,8 +440,7 @@ class _Outputs:
         self.jsonl = self.masks = self.video = None
         try:
             if cfg.save_jsonl:
-                # A restarted tracker appends: the lines before the crash stay.
-                self.jsonl = _AppendingJsonl(cfg.save_jsonl) if restarts else JsonlWriter(cfg.save_jsonl)
+                self.jsonl = JsonlWriter(cfg.save_jsonl, append=restarts > 0)
             self.masks = MaskPngWriter(cfg.save_masks) if cfg.save_masks else None
             if cfg.save_video:
                 # An MP4 cannot be appended to: each restart writes the next part.
@@ -476,23 +475,6 @@ class _Outputs:
         for w in (self.jsonl, self.masks, self.video, self.publisher):
             if w is not None:
                 w.close()
-
-
-class _AppendingJsonl:
-    """``--save-jsonl`` for a restarted tracker: same lines, appended."""
-
-    def __init__(self, path: str):
-        try:
-            self._file = open(path, "a", encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror}") from None
-
-    def write(self, result: FrameResult) -> None:
-        self._file.write(result.to_json() + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 _LOCAL_HOSTS = ("localhost", "::1", "[::1]")
