@@ -269,3 +269,42 @@ def test_hole_filling(tiny_checkpoint):
     assert (filled[0, 0, 4:6, 4:6] == 0.1).all()
     assert (filled[0, 0, 8:16, 8:16] == -3.0).all()
     assert torch.equal(filled[0, 0, :4], logits[0, 0, :4])
+
+
+def test_capped_conditioning_frames_equal_official(tiny_checkpoint, clip40, frames):
+    """max_cond_frames=2: the engine attends to (and keeps) the two most recent prompted frames,
+    as the official max_cond_frames_in_attn selects them, and still equals the official predictor."""
+    folder, decoded = frames
+    prompts = {
+        0: [Prompt.make(1, box=clip40.box(1, 0))],
+        6: [Prompt.make(1, points=[clip40.center(1, 6)])],
+        12: [Prompt.make(1, box=clip40.box(1, 12))],
+    }
+    n = 36
+    ref = run_official_capped(tiny_checkpoint, folder, prompts, cap=2)
+    engine = make_engine(tiny_checkpoint, max_cond_frames=2)
+    kept = {}
+    got = run_engine(engine, decoded[:n], prompts,
+                     on_frame=lambda f, out: kept.__setitem__(f, engine.retained_frames(1)["cond"]))
+    ref.masks = {f: m for f, m in ref.masks.items() if f < n}
+    worst_iou, worst_diff, where = compare(ref, got)
+    assert worst_iou >= MIN_IOU and worst_diff <= MAX_LOGIT_DIFF, (worst_iou, worst_diff, where)
+    # Unselected frame 0 stays while frame f+1 still reads its pointer (f+1-15 <= 0), then goes.
+    assert kept[14] == [0, 6, 12] and kept[15] == [6, 12] and kept[35] == [6, 12]
+
+
+def run_official_capped(checkpoint, folder, prompts, cap):
+    import official
+
+    real_build = official.build_model
+
+    def build_capped(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.max_cond_frames_in_attn = cap
+        return model
+
+    official.build_model = build_capped
+    try:
+        return run_official(checkpoint, folder, 36, prompts, TEST_IMAGE_SIZE)
+    finally:
+        official.build_model = real_build
