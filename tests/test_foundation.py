@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +31,9 @@ def test_help_and_version():
 
 
 def test_console_script_installed():
-    r = subprocess.run(["streamtrack", "--version"], capture_output=True, text=True, timeout=60)
+    # The entry point pip installed next to this interpreter (the venv need not be on PATH).
+    script = Path(sys.executable).parent / "streamtrack"
+    r = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
 
