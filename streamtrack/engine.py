@@ -304,17 +304,9 @@ class StreamingEngine:
 
     def _prompt_inputs(self, p: Prompt, height: int, width: int):
         """Validate a prompt and turn it into sam2's point/mask inputs (model pixels)."""
-        if not isinstance(p.obj_id, (int, np.integer)) or isinstance(p.obj_id, bool) or p.obj_id < 1:
-            raise PromptError(f"object id must be a positive integer, got {p.obj_id!r}")
+        check_prompt(p, height, width)
         if p.mask is not None:
-            if p.points is not None or p.box is not None:
-                raise PromptError(f"object {p.obj_id}: a mask prompt cannot be combined with points or a box")
-            mask = np.asarray(p.mask)
-            if mask.shape != (height, width):
-                raise PromptError(
-                    f"object {p.obj_id}: mask shape {mask.shape} does not match the frame {(height, width)}"
-                )
-            m = torch.from_numpy(mask.astype(bool))[None, None].float().to(self.device)
+            m = torch.from_numpy(np.asarray(p.mask).astype(bool))[None, None].float().to(self.device)
             s = self.image_size
             if (height, width) != (s, s):
                 # As the official add_new_mask: antialiased bilinear, then >= 0.5.
@@ -323,30 +315,11 @@ class StreamingEngine:
             return None, m
         coords, labels = [], []
         if p.box is not None:
-            box = list(p.box)
-            if len(box) != 4 or not all(math.isfinite(v) for v in box):
-                raise PromptError(f"object {p.obj_id}: a box is 4 finite numbers x0,y0,x1,y1, got {p.box}")
-            x0, y0, x1, y1 = box
-            if not (x0 < x1 and y0 < y1):
-                raise PromptError(f"object {p.obj_id}: box {box} needs x0 < x1 and y0 < y1")
-            _check_inside(p.obj_id, [(x0, y0), (x1, y1)], width, height, "box")
-            coords += [(x0, y0), (x1, y1)]
+            coords += [tuple(p.box[:2]), tuple(p.box[2:])]
             labels += [2, 3]  # sam2's box-corner labels
         if p.points is not None:
-            if len(p.points) == 0:
-                raise PromptError(f"object {p.obj_id}: empty point list")
-            if p.labels is None or len(p.labels) != len(p.points):
-                raise PromptError(f"object {p.obj_id}: need one label per point")
-            if any(lab not in (0, 1) for lab in p.labels):
-                raise PromptError(f"object {p.obj_id}: point labels must be 1 (foreground) or 0 (background)")
-            pts = [tuple(pt) for pt in p.points]
-            if any(len(pt) != 2 or not all(math.isfinite(v) for v in pt) for pt in pts):
-                raise PromptError(f"object {p.obj_id}: points are (x, y) pairs of finite numbers")
-            _check_inside(p.obj_id, pts, width, height, "point")
-            coords += pts
+            coords += [tuple(pt) for pt in p.points]
             labels += [int(v) for v in p.labels]
-        if not coords:
-            raise PromptError(f"object {p.obj_id}: a prompt needs points, a box or a mask")
         # Same arithmetic as add_new_points_or_box: normalise by the frame, scale to the model.
         pts = torch.tensor(coords, dtype=torch.float32)[None]
         pts = pts / torch.tensor([width, height]) * self.image_size
@@ -511,11 +484,53 @@ def _check_frame(frame) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _check_inside(obj_id, pts, width, height, what) -> None:
+def check_prompt(p: Prompt, height: int, width: int, surface: str = "frame") -> None:
+    """Raise ``PromptError`` (one line, naming the object) unless ``p`` is well formed and
+    fits a ``width`` x ``height`` frame.  Coordinates may lie on the edge (x = W)."""
+    oid = p.obj_id
+    if not isinstance(oid, (int, np.integer)) or isinstance(oid, bool) or oid < 1:
+        raise PromptError(f"object id must be a positive integer, got {oid!r}")
+    if p.mask is not None:
+        if p.points is not None or p.box is not None:
+            raise PromptError(f"object {oid}: a mask prompt cannot be combined with points or a box")
+        shape = np.asarray(p.mask).shape
+        if shape != (height, width):
+            raise PromptError(
+                f"object {oid}: mask shape {shape} does not match the {surface} {(height, width)}"
+            )
+        return
+    if p.box is None and p.points is None:
+        raise PromptError(f"object {oid}: a prompt needs a box, points or a mask")
+    if p.box is not None:
+        box = list(p.box)
+        if len(box) != 4 or not all(_finite(v) for v in box):
+            raise PromptError(f"object {oid}: a box is 4 finite numbers x0,y0,x1,y1, got {p.box}")
+        x0, y0, x1, y1 = box
+        if not (x0 < x1 and y0 < y1):
+            corners = ",".join(f"{v:g}" for v in box)
+            raise PromptError(f"object {oid}: box {corners} needs x0 < x1 and y0 < y1")
+        _check_inside(oid, [(x0, y0), (x1, y1)], width, height, "box corner", surface)
+    if p.points is not None:
+        if len(p.points) == 0:
+            raise PromptError(f"object {oid}: empty point list")
+        if p.labels is None or len(p.labels) != len(p.points):
+            raise PromptError(f"object {oid}: need one label per point")
+        if any(isinstance(v, bool) or v not in (0, 1) for v in p.labels):
+            raise PromptError(f"object {oid}: point labels must be 1 (foreground) or 0 (background)")
+        if any(len(pt) != 2 or not all(_finite(v) for v in pt) for pt in p.points):
+            raise PromptError(f"object {oid}: points are (x, y) pairs of finite numbers")
+        _check_inside(oid, p.points, width, height, "point", surface)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
+
+
+def _check_inside(obj_id, pts, width, height, what, surface) -> None:
     for x, y in pts:
         if not (0 <= x <= width and 0 <= y <= height):
             raise PromptError(
-                f"object {obj_id}: {what} ({x:g}, {y:g}) is outside the {width}x{height} frame"
+                f"object {obj_id}: {what} ({x:g}, {y:g}) is outside the {width}x{height} {surface}"
             )
 
 

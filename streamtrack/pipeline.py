@@ -28,7 +28,7 @@ import numpy as np
 from streamtrack.capture import CaptureConfig, SourceKind, open_source
 from streamtrack.capture import StatusEvent as SourceEvent
 from streamtrack.config import Config
-from streamtrack.engine import EngineConfig, FrameOutput, Prompt, StreamingEngine
+from streamtrack.engine import EngineConfig, FrameOutput, Prompt, StreamingEngine, check_prompt
 from streamtrack.errors import PromptError, UserError
 from streamtrack.overlay import Annotation, annotate
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, encode_mask, now
@@ -155,7 +155,7 @@ class _Controls:
         prompt = Prompt.make(cmd.obj_id, cmd.points, cmd.labels, cmd.box, cmd.mask_array())
         size = self.tracker.frame_size
         if size is not None:
-            _check_fits(prompt, *size)
+            check_prompt(prompt, *size)
         self.pending = [p for p in self.pending if p.obj_id != prompt.obj_id]
         self.pending.append(prompt)
         return {"queued_for_frame": self.tracker.frames_seen}
@@ -180,23 +180,6 @@ class _Controls:
     def resume(self):
         self.paused = False
         return {"paused": False}
-
-
-def _check_fits(prompt: Prompt, height: int, width: int) -> None:
-    """Reject a prompt that cannot apply to a ``width`` x ``height`` frame."""
-    if prompt.mask is not None and prompt.mask.shape != (height, width):
-        raise PromptError(
-            f"object {prompt.obj_id}: mask is {prompt.mask.shape[1]}x{prompt.mask.shape[0]}, "
-            f"frames are {width}x{height}"
-        )
-    coords = list(prompt.points or ())
-    if prompt.box is not None:
-        coords += [prompt.box[:2], prompt.box[2:]]
-    for x, y in coords:
-        if not (0 <= x <= width and 0 <= y <= height):
-            raise PromptError(
-                f"object {prompt.obj_id}: ({x:g}, {y:g}) is outside the {width}x{height} frame"
-            )
 
 
 # Called with (kind, data) at milestones of a run: "bound" (endpoints), "running"

@@ -14,7 +14,6 @@ COCO-RLE JSON file.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamtrack.engine import Prompt
+from streamtrack.engine import Prompt, check_prompt
 from streamtrack.errors import PromptError, UserError
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.overlay import Annotation, annotate, draw_boxes, draw_points
@@ -110,40 +109,7 @@ def check_prompts(objects: Sequence[Prompt], height: int, width: int) -> None:
         if p.mask is not None:
             raise PromptError(f"object {oid}: mask prompts are not supported for a single image; "
                               "give a box or points")
-        if p.box is None and p.points is None:
-            raise PromptError(f"object {oid}: a prompt needs a box, points, or both")
-        if p.box is not None:
-            box = list(p.box)
-            if len(box) != 4 or not all(_finite(v) for v in box):
-                raise PromptError(f"object {oid}: a box is 4 finite numbers x0,y0,x1,y1, got {p.box}")
-            x0, y0, x1, y1 = box
-            if not (x0 < x1 and y0 < y1):
-                raise PromptError(f"object {oid}: box {_fmt(box)} needs x0 < x1 and y0 < y1")
-            _check_inside(oid, [(x0, y0), (x1, y1)], width, height, "box corner")
-        if p.points is not None:
-            if len(p.points) == 0:
-                raise PromptError(f"object {oid}: empty point list")
-            if p.labels is None or len(p.labels) != len(p.points):
-                raise PromptError(f"object {oid}: need one label per point")
-            if any(isinstance(v, bool) or v not in (0, 1) for v in p.labels):
-                raise PromptError(f"object {oid}: point labels must be 1 (foreground) or 0 (background)")
-            if any(len(pt) != 2 or not all(_finite(v) for v in pt) for pt in p.points):
-                raise PromptError(f"object {oid}: points are (x, y) pairs of finite numbers")
-            _check_inside(oid, p.points, width, height, "point")
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
-
-
-def _fmt(values) -> str:
-    return ",".join(f"{v:g}" for v in values)
-
-
-def _check_inside(obj_id: int, pts, width: int, height: int, what: str) -> None:
-    for x, y in pts:
-        if not (0 <= x <= width and 0 <= y <= height):
-            raise PromptError(f"object {obj_id}: {what} ({x:g}, {y:g}) is outside the {width}x{height} image")
+        check_prompt(p, height, width, "image")
 
 
 class Segmenter:
