@@ -68,7 +68,7 @@ class MaskPngWriter:
         img.save(self.folder / f"{frame_id:06d}.png")
 
     def close(self) -> None:
-        pass
+        """Nothing to flush: each PNG is written whole in ``write`` (same interface as the others)."""
 
 
 class VideoWriter:
