@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= sam2.1_hiera_tiny
-# A 512 input keeps the demo at ~1 s/frame on a laptop CPU; `make demo DEMO_ARGS=` runs
+# A 512 input: ~4 s/frame for the 3 objects on a 2-core CPU (measured); `make demo DEMO_ARGS=` runs
 # the model's full 1024 (use that on a GPU).
 DEMO_ARGS ?= --image-size 512
 # torch/torchvision releases known to work together here; override to taste.
