@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -38,6 +39,9 @@ from PIL import Image
 from streamtrack.errors import PromptError, UserError
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.protocol import mask_area, mask_bbox
+
+if TYPE_CHECKING:
+    from streamtrack.multistream import SharedImageEncoder
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +157,12 @@ class _Track:
 class StreamingEngine:
     """SAM 2 video tracking on a stream of frames, one ``step`` per frame."""
 
-    def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None):
+    def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None, *,
+                 encoder: SharedImageEncoder | None = None):
+        """``encoder``: a :class:`~streamtrack.multistream.SharedImageEncoder` over the same
+        model, to batch this engine's image-encoder pass with other streams'."""
         self.config = config or EngineConfig()
+        self.encoder = encoder
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.image_size: int = model.image_size
@@ -241,11 +249,16 @@ class StreamingEngine:
         self.frame_idx += 1
         f = self.frame_idx
         if not self._tracks and not inputs:
+            if self.encoder is not None:
+                self.encoder.idle(self)
             return FrameOutput(f, width, height, (), infer_start, time.time())
 
         with self._autocast():
             image = self._preprocess(frame)
-            backbone_out = self.model.forward_image(image)
+            if self.encoder is not None:
+                backbone_out = self.encoder.encode(image, member=self)
+            else:
+                backbone_out = self.model.forward_image(image)
             session = {"cached_features": {f: (image, backbone_out)}}
             results: dict[int, tuple] = {}
             prompted = {p.obj_id for p in prompts}
