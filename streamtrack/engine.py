@@ -184,6 +184,7 @@ class StreamingEngine:
         self._std = torch.tensor(_IMG_STD, dtype=torch.float32, device=self.device)[:, None, None]
         self._tracks: dict[int, _Track] = {}
         self._maskmem_pos_enc: list[torch.Tensor] | None = None  # shared by all frames
+        self._staging: torch.Tensor | None = None  # pinned host buffer for frame uploads (CUDA)
         self.frame_idx = -1
         if self.config.compile:
             model.image_encoder.forward = torch.compile(model.image_encoder.forward)
@@ -308,12 +309,24 @@ class StreamingEngine:
             img = torch.from_numpy(resized / 255.0).permute(2, 0, 1).float().to(self.device)
         else:
             t = frame if isinstance(frame, torch.Tensor) else torch.from_numpy(frame)
-            t = t.to(self.device, non_blocking=True).permute(2, 0, 1)[None].float()
+            t = self._upload(t).permute(2, 0, 1)[None].float()
             img = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
             img = img[0] / 255.0
         img -= self._mean
         img /= self._std
         return img.unsqueeze(0)
+
+    def _upload(self, frame: torch.Tensor) -> torch.Tensor:
+        """The uint8 frame on the engine's device.  On CUDA it goes through a reused
+        page-locked buffer so the copy is a DMA that does not stall the host; reusing it
+        is safe because every step ends by copying its masks back, which waits for the
+        copies queued before them."""
+        if self.device.type != "cuda" or frame.device.type != "cpu":
+            return frame.to(self.device)
+        if self._staging is None or self._staging.shape != frame.shape:
+            self._staging = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
+        self._staging.copy_(frame)
+        return self._staging.to(self.device, non_blocking=True)
 
     def _prompt_inputs(self, p: Prompt, height: int, width: int):
         """Validate a prompt and turn it into sam2's point/mask inputs (model pixels)."""

@@ -308,3 +308,18 @@ def run_official_capped(checkpoint, folder, prompts, cap):
         return run_official(checkpoint, folder, 36, prompts, TEST_IMAGE_SIZE)
     finally:
         official.build_model = real_build
+
+
+def test_fast_preprocessing_is_close_to_exact_and_takes_tensors(tiny_checkpoint, clip40):
+    """``fast`` (device resize, the CUDA default) differs from ``exact`` only by the resize filter."""
+    exact, fast = make_engine(tiny_checkpoint), make_engine(tiny_checkpoint, preprocess="fast")
+    assert (exact.preprocess, fast.preprocess) == ("exact", "fast")  # "auto" on CPU is exact
+    frame = clip40.frames[5]
+    a, b = exact._preprocess(frame), fast._preprocess(frame)
+    assert a.shape == b.shape == (1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    diff = (a - b).abs()
+    assert 0 < float(diff.mean()) < 0.05  # normalised units: ~1 % of the range
+    assert torch.equal(fast._preprocess(torch.from_numpy(frame)), b)
+    assert torch.equal(exact._preprocess(torch.from_numpy(frame)), a)
+    with pytest.raises(UserError, match="preprocess"):
+        make_engine(tiny_checkpoint, preprocess="nearest")
