@@ -186,8 +186,12 @@ class StreamingEngine:
         self._maskmem_pos_enc: list[torch.Tensor] | None = None  # shared by all frames
         self._staging: torch.Tensor | None = None  # pinned host buffer for frame uploads (CUDA)
         self.frame_idx = -1
-        if self.config.compile:
-            model.image_encoder.forward = torch.compile(model.image_encoder.forward)
+        if self.config.compile and not getattr(model, "streamtrack_compiled", False):
+            # Static shapes: the input size is fixed and a shared encoder pads its batches
+            # to fixed slot counts, so nothing recompiles mid-stream.  Engines sharing the
+            # model compile it once.
+            model.image_encoder.forward = torch.compile(model.image_encoder.forward, dynamic=False)
+            model.streamtrack_compiled = True
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> StreamingEngine:
@@ -226,6 +230,21 @@ class StreamingEngine:
             "memory": sorted(k for k, m in t.recent.items() if m.maskmem_features is not None),
             "pointer": sorted(t.recent),
         }
+
+    @torch.inference_mode()
+    def warmup(self, steps: int = 2) -> float:
+        """Run a throwaway prompt and tracked frames through the model, so kernel selection,
+        allocator growth and (with ``compile``) compilation happen now rather than on the
+        first live frame.  This engine's state is untouched.  Returns the seconds spent."""
+        t0 = time.perf_counter()
+        s = self.image_size
+        blank = np.zeros((s, s, 3), np.uint8)
+        scratch = StreamingEngine(self.model, self.config)
+        for i in range(max(steps, 1)):
+            scratch.step(blank, [Prompt.make(1, box=[s / 4, s / 4, 3 * s / 4, 3 * s / 4])] if i == 0 else [])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
     # --------------------------------------------------------------------- step
     @torch.inference_mode()

@@ -48,10 +48,16 @@ class SharedImageEncoder:
     expired runs the batch, and every caller gets its own slice of the outputs.
     """
 
-    def __init__(self, model: torch.nn.Module, max_wait: float = 0.01, max_batch: int = 16):
+    def __init__(self, model: torch.nn.Module, max_wait: float = 0.01, max_batch: int = 16,
+                 pad_batches: bool | None = None):
         self.model = model
         self.max_wait = max_wait
         self.max_batch = max_batch
+        # A compiled encoder has static shapes: pad each batch to a power of two (1, 2, 4 ...)
+        # so a stream joining or pausing never triggers a recompile on a live frame.
+        if pad_batches is None:
+            pad_batches = getattr(model, "streamtrack_compiled", False)
+        self.pad_batches = pad_batches
         self._cond = threading.Condition()
         self._pending: list[_Request] = []
         self._active: set = set()  # members with a frame in flight or expected
@@ -95,7 +101,11 @@ class SharedImageEncoder:
     def _run(self, batch: list[_Request]) -> None:
         # Runs on the thread of one member, inside its inference/autocast context.
         try:
-            out = self.model.forward_image(torch.cat([r.image for r in batch]))
+            images = [r.image for r in batch]
+            if self.pad_batches:
+                slots = 1 << (len(images) - 1).bit_length()
+                images += [torch.zeros_like(images[0])] * (slots - len(images))
+            out = self.model.forward_image(torch.cat(images))
             for k, r in enumerate(batch):
                 r.result = _slice(out, k)
         except BaseException as exc:  # every member of the batch sees the failure

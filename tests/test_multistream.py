@@ -183,3 +183,30 @@ def test_stream_group_refuses_mixed_models(tiny_checkpoint):
         StreamGroup([a, b], model=object())
     with pytest.raises(ValueError, match="unique"):
         StreamGroup([a, RunConfig(source="c.mp4", stream="a", engine=a.engine)], model=object())
+
+
+def test_padded_batches_use_power_of_two_slots():
+    """A compiled encoder sees only batch sizes 1, 2, 4 ...; padding never leaks into results."""
+    model = _DoublingModel()
+    encoder = SharedImageEncoder(model, max_wait=30.0, pad_batches=True)
+    members = ["a", "b", "c"]
+    encoder._active.update(members)
+    images = [torch.full((1, 3, 2, 2), float(k + 1)) for k in range(3)]
+    results, errors = _submit_all(encoder, images, members)
+    assert errors == [None] * 3 and model.batch_sizes == [4]
+    for k, out in enumerate(results):
+        assert torch.equal(out["vision_features"], images[k] * 2)
+    assert encoder.frames == 3  # real frames, not slots
+
+
+def test_warmup_leaves_engine_state_untouched(tiny_checkpoint, clip40):
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
+    warmed, cold = StreamingEngine(model, EngineConfig()), StreamingEngine(model, EngineConfig())
+    assert warmed.warmup() > 0
+    assert (warmed.frame_idx, warmed.object_ids, warmed.state_bytes()) == (-1, [], 0)
+    prompt = [Prompt.make(1, box=clip40.box(1, 0))]
+    for i in range(3):
+        a = warmed.step(clip40.frames[i], prompt if i == 0 else [])
+        b = cold.step(clip40.frames[i], prompt if i == 0 else [])
+        assert a.frame_idx == b.frame_idx == i
+        assert np.array_equal(a.objects[0].mask, b.objects[0].mask)
