@@ -70,6 +70,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--show", action="store_true", help="open a viewer window (masks, latency HUD, clicks)")
     g.add_argument("--max-restarts", type=int, metavar="N",
                    help="supervised runs: give up after N restarts of a crashed tracker (default: never)")
+    g = p.add_argument_group("security (CURVE; keys from `streamtrack keys DIR`)")
+    g.add_argument("--curve-secret", metavar="FILE",
+                   help="encrypt --publish/--control with this server secret key (server.key_secret)")
+    g.add_argument("--curve-clients", metavar="DIR",
+                   help="folder of authorised client public keys (*.key); others get nothing")
     p.set_defaults(func=command)
 
 
@@ -103,6 +108,8 @@ def command(args: argparse.Namespace) -> int:
         cfg.control = cfg.control or f"tcp://127.0.0.1:{_free_port()}"
         cfg.publish_frames = True
     run_config = RunConfig.from_config(cfg, args.source, prompts, progress=not args.quiet)
+    if run_config.curve is not None:
+        run_config.curve.load()  # bad key files fail now, in one line, not after the model load
     run_config.wait_for_prompt = cfg.show and not prompts
 
     if not cfg.publish:
@@ -114,7 +121,8 @@ def command(args: argparse.Namespace) -> int:
     if cfg.show:
         from streamtrack.viewer import spawn_viewer
 
-        viewer = spawn_viewer(cfg.publish, cfg.control, cfg.stream)
+        viewer = spawn_viewer(cfg.publish, cfg.control, cfg.stream,
+                              curve=run_config.curve.as_client() if run_config.curve else None)
         # Closing the window ends the run, as quitting a player would.
         threading.Thread(target=lambda: (viewer.wait(), supervisor.stop()), daemon=True).start()
     try:

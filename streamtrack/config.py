@@ -57,6 +57,9 @@ class Config:
     publish_frames: bool = False
     show: bool = False
     max_restarts: int | None = None
+    # security (optional CURVE encryption + client authentication; see docs/protocol.md)
+    curve_secret: str | None = None
+    curve_clients: str | None = None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

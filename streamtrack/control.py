@@ -16,7 +16,7 @@ import numbers
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import zmq
@@ -31,6 +31,9 @@ from streamtrack.protocol import (
     validate_rle,
 )
 from streamtrack.publisher import bind_socket, connect_socket
+
+if TYPE_CHECKING:
+    from streamtrack.curve import CurveClient, CurveServer
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +318,7 @@ class ControlServer:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         context: zmq.Context | None = None,
+        curve: CurveServer | None = None,
     ) -> None:
         if handler is None:
             raise TypeError("ControlServer needs a handler")
@@ -322,12 +326,19 @@ class ControlServer:
         self.max_request_bytes = min(max_request_bytes, max_message_bytes)
         ctx = context or zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)
+        self._auth = None  # CURVE authenticator lease (optional encryption + client keys)
         try:
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+            if curve is not None:
+                from streamtrack.curve import secure_server
+
+                self._auth = secure_server(self._sock, curve, ctx)
             self.endpoint = bind_socket(self._sock, endpoint, "control")
         except BaseException:
             self._sock.close(linger=0)
+            if self._auth is not None:
+                self._auth.close()
             raise
         self.handled = 0
         self.rejected = 0
@@ -390,8 +401,7 @@ class ControlServer:
                 raise PromptError(str(exc)) from exc
             if isinstance(request, Mapping):
                 request_id = self._request_id(request.get("id"))
-            cmd = parse_command(request)
-            result = dispatch(self.handler, cmd)
+            result = self.execute(request)
             reply: dict[str, Any] = {"ok": True}
             if result is not None:
                 if not isinstance(result, Mapping):
@@ -416,6 +426,11 @@ class ControlServer:
                 fallback["id"] = request_id
             return dumps(fallback).encode()
 
+    def execute(self, request: Any) -> Mapping[str, Any] | None:
+        """Validate one decoded request and run it on the handler.  A server for
+        another command set (the fleet's) overrides this and keeps the rest."""
+        return dispatch(self.handler, parse_command(request))
+
     @staticmethod
     def _request_id(value: Any) -> str | int | None:
         if isinstance(value, bool):
@@ -429,6 +444,8 @@ class ControlServer:
     def close(self) -> None:
         if not self._sock.closed:
             self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.close()
 
     def __enter__(self) -> ControlServer:
         return self
@@ -453,10 +470,13 @@ class ControlClient:
         timeout: float = 2.0,
         *,
         context: zmq.Context | None = None,
+        curve: CurveClient | None = None,
     ) -> None:
         if not timeout > 0:
             raise UserError(f"control timeout must be > 0 seconds, got {timeout!r}")
         self.timeout = float(timeout)
+        # Keys are read once, here, so a bad key file fails before the first request.
+        self._curve = None if curve is None else curve.load()
         self._ctx = context or zmq.Context.instance()
         self._endpoint = endpoint
         self._sock: zmq.Socket | None = None
@@ -469,6 +489,8 @@ class ControlClient:
         sock.setsockopt(zmq.SNDTIMEO, ms)
         sock.setsockopt(zmq.RCVTIMEO, ms)
         try:
+            if self._curve is not None:
+                self._curve.apply(sock)
             ep = connect_socket(sock, self._endpoint, "control client")
         except BaseException:
             sock.close(linger=0)
@@ -503,9 +525,15 @@ class ControlClient:
             raise ControlError(f"control request to {self.endpoint} failed: {exc}") from exc
         if raw is None:
             self._drop_socket()
+            # ZeroMQ drops a client that fails CURVE authentication without a word,
+            # so a timeout is all such a client ever sees: name that cause too.
+            hint = ("is the tracker running with --control on this endpoint, and is this "
+                    "client's public key in its --curve-clients folder and --curve-server-key "
+                    "its server.key?" if self._curve is not None else
+                    "is the tracker running with --control on this endpoint? A tracker that "
+                    "requires CURVE authentication answers only clients with authorised keys")
             raise ControlTimeout(
-                f"no reply from control server {self.endpoint} within {self.timeout:g} s "
-                "(is the tracker running with --control on this endpoint?)"
+                f"no reply from control server {self.endpoint} within {self.timeout:g} s ({hint})"
             )
         try:
             reply = loads(raw)

@@ -11,7 +11,7 @@ import errno
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -31,6 +31,9 @@ from streamtrack.protocol import (
     status_topic,
     validate_stream,
 )
+
+if TYPE_CHECKING:
+    from streamtrack.curve import CurveServer
 
 DEFAULT_PUBLISH_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_SNDHWM = 16  # messages per subscriber; a few frames of slack, then drop
@@ -81,6 +84,7 @@ class Publisher:
         sndhwm: int = DEFAULT_SNDHWM,
         context: zmq.Context | None = None,
         clock: Callable[[], float] = now,
+        curve: CurveServer | None = None,
     ) -> None:
         self.stream = validate_stream(stream)
         self._clock = clock
@@ -89,10 +93,17 @@ class Publisher:
         self._sock = ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, 0)  # close() must never wait on a dead subscriber
+        self._auth = None  # CURVE authenticator lease (optional encryption + client keys)
         try:
+            if curve is not None:
+                from streamtrack.curve import secure_server
+
+                self._auth = secure_server(self._sock, curve, ctx)
             self.endpoint = bind_socket(self._sock, endpoint, "publish")
         except BaseException:
             self._sock.close(linger=0)
+            if self._auth is not None:
+                self._auth.close()
             raise
         self.sent = 0
         self.send_failures = 0  # sends refused by ZeroMQ (should be ~0 for PUB)
@@ -165,6 +176,8 @@ class Publisher:
         with self._lock:
             if not self._sock.closed:
                 self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.close()
 
     def __enter__(self) -> Publisher:
         return self

@@ -246,14 +246,7 @@ class Supervisor:
 
     def _resume(self, config: RunConfig) -> Resume:
         """Seed masks and position for the next child, from the masks stream."""
-        seen = self._seen
-        before = config.resume or Resume()
-        if seen.seq is None:  # nothing published yet: start over as configured
-            return replace(before, restarts=self.restarts)
-        seed = tuple(Prompt(obj_id=k, mask=decode_mask(rle)) for k, rle in sorted(seen.masks.items()))
-        done = seen.seq + 1 - before.seq_start + before.frames_done
-        return Resume(seed=seed, frames_done=done, skip_to_frame=(seen.frame_id or 0) + 1,
-                      seq_start=seen.seq + 1, restarts=self.restarts)
+        return resume_from_seen(self._seen, config.resume or Resume(), self.restarts)
 
     def _pin_endpoints(self, config: RunConfig, bound: dict[str, Any]) -> RunConfig:
         """Restarts bind exactly what the first child bound (port 0 resolved), so
@@ -268,7 +261,10 @@ class Supervisor:
 
         ep = normalize_endpoint(config.publish or "")
         ep = ep.replace("tcp://*:", "tcp://127.0.0.1:").replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
-        return Subscriber(ep, topics=[masks_topic(config.stream)])
+        # With CURVE the supervisor connects with the server's own key pair, which the
+        # tracker's authenticator trusts (see streamtrack.curve).
+        curve = config.curve.as_client() if config.curve is not None else None
+        return Subscriber(ep, topics=[masks_topic(config.stream)], curve=curve)
 
     def _drain(self, sub) -> None:
         if sub is None:
@@ -423,6 +419,21 @@ def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, lo
         os._exit(1)
     report("done", asdict(summary))
     reports.close()
+
+
+# Public name of what a restarter keeps per stream (the fleet driver keeps one per stream too).
+SeenMasks = _Seen
+
+
+def resume_from_seen(seen: _Seen, before: Resume, restarts: int) -> Resume:
+    """Seed masks and position for a restarted tracker, from what ``seen`` kept of its
+    masks stream; ``before`` is the :class:`Resume` the dead tracker was started with."""
+    if seen.seq is None:  # nothing published yet: start over as configured
+        return replace(before, restarts=restarts)
+    seed = tuple(Prompt(obj_id=k, mask=decode_mask(rle)) for k, rle in sorted(seen.masks.items()))
+    done = seen.seq + 1 - before.seq_start + before.frames_done
+    return Resume(seed=seed, frames_done=done, skip_to_frame=(seen.frame_id or 0) + 1,
+                  seq_start=seen.seq + 1, restarts=restarts)
 
 
 def seed_from_masks(masks: dict[int, np.ndarray]) -> Resume:
