@@ -1,9 +1,10 @@
 """Mask overlays in the look of the SAM 2 tutorial: ~0.5 fill, smoothed white borders.
 
 ``annotate(image, objects)`` draws onto a copy of an RGB image; only the
-pixels inside each object's bounding box are touched, so cost scales with the
-objects' size, not the frame's.  ``draw_points`` and ``draw_boxes`` add the
-tutorial's prompt markers (green/red stars, green box outlines).
+pixels inside each object's bounding box (and its label's text box, just above
+it) are touched, so cost scales with the objects' size, not the frame's.
+``draw_points`` and ``draw_boxes`` add the tutorial's prompt markers (green/red
+stars, green box outlines).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ in a ``finally`` so Ctrl-C leaves complete files.
 
 Besides one ``masks/<stream>`` message per frame the tracker publishes
 ``status/<stream>`` events (source and object state changes, tracker start,
-rejected prompts), ``stats/<stream>`` about once a second and, if asked,
+applied and rejected control prompts), ``stats/<stream>`` about once a second and, if asked,
 ``frames/<stream>`` JPEG previews.  A :class:`Resume` carries what a supervisor
 hands a restarted tracker: seed masks for the first frame, where to resume a
 file, and the ``seq`` to continue from (see :mod:`streamtrack.supervisor`).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ import numpy as np
 from streamtrack.capture import CaptureConfig, SourceKind, open_source
 from streamtrack.capture import StatusEvent as SourceEvent
 from streamtrack.config import Config
+from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.engine import EngineConfig, FrameOutput, Prompt, StreamingEngine, check_prompt
 from streamtrack.errors import PromptError, UserError
 from streamtrack.overlay import Annotation, annotate
@@ -76,6 +78,7 @@ class RunConfig:
     # Files with no prompt yet (run --show): hold the first frame, republishing it,
     # until a prompt arrives over the control channel, instead of racing through.
     wait_for_prompt: bool = False
+    curve: CurveServer | None = None  # CURVE encryption + client keys on publish/control
 
     @classmethod
     def from_config(cls, cfg: Config, source: str, prompts: dict[int, list[Prompt]],
@@ -96,6 +99,7 @@ class RunConfig:
             save_jsonl=cfg.save_jsonl, save_masks=cfg.save_masks, save_video=cfg.save_video,
             publish=cfg.publish, control=cfg.control, max_frames=cfg.max_frames, realtime=cfg.realtime,
             progress=progress, capture=capture, publish_frames=cfg.publish_frames, loop=cfg.loop,
+            curve=server_from_options(cfg.curve_secret, cfg.curve_clients),
         )
 
     @property
@@ -217,6 +221,7 @@ class Tracker:
         self._controls = _Controls(self)
         self._notify = notify or (lambda kind, data: None)
         self._publisher = None  # set once the outputs exist; used by the capture thread too
+        self._last_stats = 0.0  # when stats/<stream> was last published
 
     def stop(self) -> None:
         self._stop.set()
@@ -241,12 +246,13 @@ class Tracker:
         resume = cfg.resume or Resume()
         cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, loop=cfg.loop, name=cfg.stream)
         self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status)
-        if resume.restarts == 0:  # warn once, not on every restart
+        if resume.restarts == 0 and cfg.curve is None:  # warn once; CURVE authenticates
             for ep, what in ((cfg.publish, "publish"), (cfg.control, "control")):
                 if ep:
                     warn_if_exposed(ep, what)
         outputs = _Outputs(cfg)
         self._publisher = outputs.publisher
+        emitter = _Emitter(lambda frame, dequeue, out: self._emit(outputs, frame, dequeue, out))
         control = None
         summary = RunSummary()
         started = time.monotonic()
@@ -254,7 +260,7 @@ class Tracker:
             if cfg.control:
                 from streamtrack.control import ControlServer
 
-                control = ControlServer(cfg.control, self._controls)
+                control = ControlServer(cfg.control, self._controls, curve=cfg.curve)
             self._notify("bound", {
                 "publish": outputs.publisher.endpoint if outputs.publisher else None,
                 "control": control.endpoint if control else None,
@@ -262,6 +268,9 @@ class Tracker:
             self.capture.start()  # a missing file or camera fails here, before the slow model load
             if self.engine is None:
                 self.engine = StreamingEngine.from_config(cfg.engine)
+                if cfg.engine.compile or self.engine.device.type == "cuda":
+                    # Compilation and kernel selection now, not on the first live frame.
+                    log.info("model warmed up in %.1f s", self.engine.warmup())
             self._publish_status("tracker_state", old="starting", new="running",
                                  restarts=resume.restarts, resumed_at_frame=self.frames_seen)
             self._notify("running", {"pid": os.getpid()})
@@ -270,7 +279,6 @@ class Tracker:
             bar = _progress(cfg, self.capture)
             if bar is not None and self.frames_seen:
                 bar.update(self.frames_seen)
-            last_stats = 0.0
             while not self._stop.is_set():
                 if cfg.max_frames is not None and self.frames_seen >= cfg.max_frames:
                     break
@@ -298,24 +306,18 @@ class Tracker:
                 prompts += cfg.prompts.get(self.frames_seen, [])
                 out = self._step(frame, _merge_prompts(prompts), self._controls.pending)
                 self._controls.pending = []
-                result = self._result(frame, dequeue, out)
-                if outputs.publisher is not None and cfg.publish_frames:
-                    outputs.publisher.publish_frame(frame.frame_id, frame.image)
-                result = outputs.emit(result, frame.image, out)
-                self.window.add(result)
-                self._status_changes(result)
+                emitter.submit(frame, dequeue, out)
                 self.frames_seen += 1
                 if bar is not None:
                     bar.update(1)
-                if outputs.publisher is not None and time.monotonic() - last_stats >= 1.0:
-                    last_stats = time.monotonic()
-                    outputs.publisher.publish_stats(self.window.snapshot(
-                        dropped=self.capture.stats().dropped, memory_bytes=self.engine.state_bytes()))
+            emitter.close()
+            emitter.check()
             if bar is not None:
                 bar.close()
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
+            emitter.close()  # whatever was tracked is written before the files close
             self.capture.close()
             self._publisher = None
             outputs.close()
@@ -333,6 +335,19 @@ class Tracker:
         if self.capture.state.value == "failed" and summary.frames == 0:
             raise UserError(f"source {cfg.source!r} failed: {stats.last_error}")
         return summary
+
+    def _emit(self, outputs: _Outputs, frame, dequeue: float, out: FrameOutput) -> None:
+        """Result, RLE, publishing and files for one tracked frame (on the emit thread)."""
+        result = self._result(frame, dequeue, out)
+        if outputs.publisher is not None and self.config.publish_frames:
+            outputs.publisher.publish_frame(frame.frame_id, frame.image)
+        result = outputs.emit(result, frame.image, out)
+        self.window.add(result)
+        self._status_changes(result)
+        if outputs.publisher is not None and time.monotonic() - self._last_stats >= 1.0:
+            self._last_stats = time.monotonic()
+            outputs.publisher.publish_stats(self.window.snapshot(
+                dropped=self.capture.stats().dropped, memory_bytes=self.engine.state_bytes()))
 
     def _must_wait_for_prompt(self, seed: list[Prompt]) -> bool:
         return (
@@ -364,10 +379,18 @@ class Tracker:
         ts = frame.capture_monotonic
         if requested:
             try:
-                return self.engine.step(frame.image, _merge_prompts(prompts + requested), timestamp=ts)
+                out = self.engine.step(frame.image, _merge_prompts(prompts + requested), timestamp=ts)
             except PromptError as exc:
                 log.warning("dropping control prompt(s): %s", exc)
                 self._publish_status("error", message=f"prompt dropped: {exc}")
+            else:
+                # The control reply only says "queued": this tells a remote client which
+                # frame its prompt landed on, with the coordinates the engine used.
+                for p in requested:
+                    self._publish_status("prompt_applied", obj_id=p.obj_id, frame_id=frame.frame_id,
+                                         points=p.points, labels=p.labels, box=p.box,
+                                         mask=p.mask is not None)
+                return out
         return self.engine.step(frame.image, prompts, timestamp=ts)
 
     def _on_source_status(self, event: SourceEvent) -> None:
@@ -414,6 +437,45 @@ class Tracker:
         self._object_states = current
 
 
+class _Emitter:
+    """Runs ``handle(frame, dequeue, out)`` for each tracked frame on a worker thread, in order.
+
+    RLE encoding, JSON, publishing and file writes are host work: done here, the engine
+    starts on the next frame meanwhile (on a GPU the device would otherwise idle through
+    them).  The queue is short, so a slow disk slows the tracker rather than building a
+    backlog; the first error stops the handling and is raised on the tracker's thread.
+    """
+
+    def __init__(self, handle: Callable[[Any, float, FrameOutput], None], depth: int = 2):
+        self._handle = handle
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="emit", daemon=True)
+        self._thread.start()
+
+    def submit(self, frame, dequeue: float, out: FrameOutput) -> None:
+        self.check()
+        self._queue.put((frame, dequeue, out))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Handle everything submitted, then stop (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is None:  # after a failure keep draining, so submit never blocks
+                try:
+                    self._handle(*item)
+                except BaseException as exc:
+                    self.error = exc
+
+
 class _Outputs:
     def __init__(self, cfg: RunConfig):
         from streamtrack.outputs import JsonlWriter, MaskPngWriter, VideoWriter
@@ -434,7 +496,7 @@ class _Outputs:
             if cfg.publish:
                 from streamtrack.publisher import Publisher
 
-                self.publisher = Publisher(cfg.publish, stream=cfg.stream)
+                self.publisher = Publisher(cfg.publish, stream=cfg.stream, curve=cfg.curve)
         except BaseException:
             self.close()
             raise

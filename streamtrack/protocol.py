@@ -574,7 +574,8 @@ class StatusEvent:
 
     ``kind`` names what changed; well-known kinds are ``source_state`` (data:
     ``old``, ``new``, ``reason``), ``object_state`` (``obj_id``, ``old``, ``new``),
-    ``tracker_state`` (``old``, ``new``) and ``error`` (``message``). ``data`` holds
+    ``tracker_state`` (``old``, ``new``), ``prompt_applied`` (``obj_id``, ``frame_id``,
+    ``points``, ``labels``, ``box``, ``mask``) and ``error`` (``message``). ``data`` holds
     the kind-specific JSON fields, so new kinds need no protocol change.
     """
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from streamtrack.control import AddPrompt, ControlError, Pause, RemoveObject, Reset, Resume
+from streamtrack.curve import CurveClient, client_from_args
 from streamtrack.errors import UserError
 from streamtrack.protocol import FrameHeader, FrameResult, now
 from streamtrack.subscriber import Message
@@ -333,7 +334,9 @@ class RateMeter:
     """Events per second over the ticks of the last ``horizon`` seconds.
 
     Time-bounded, so the rate falls to 0 when events stop instead of freezing at the
-    last value.
+    last value. The last two ticks are kept however old, so a stream slower than the
+    horizon (a CPU tracker at 0.5 fps) still shows its rate until it stops for longer
+    than both the horizon and twice its last interval.
     """
 
     def __init__(self, horizon: float = 2.0, size: int = 240) -> None:
@@ -344,10 +347,12 @@ class RateMeter:
         self._ticks.append(t)
 
     def rate(self, at: float) -> float:
-        while self._ticks and self._ticks[0] < at - self.horizon:
+        while len(self._ticks) > 2 and self._ticks[0] < at - self.horizon:
             self._ticks.popleft()
         if len(self._ticks) < 2:
             return 0.0
+        if at - self._ticks[-1] > max(self.horizon, 2 * (self._ticks[-1] - self._ticks[-2])):
+            return 0.0  # stopped
         span = self._ticks[-1] - self._ticks[0]
         return (len(self._ticks) - 1) / span if span > 0 else 0.0
 
@@ -369,7 +374,8 @@ class SourceStateTracker:
 
 
 def banner_for(source_state: str | None, silent_for: float, ever_received: bool,
-               limit: float = NOT_PUBLISHING_AFTER) -> tuple[str, tuple[int, int, int]] | None:
+               limit: float = NOT_PUBLISHING_AFTER, *,
+               paused: bool = False) -> tuple[str, tuple[int, int, int]] | None:
     """The banner text and BGR colour, or None when all is well.
 
     A source that is down explains the silence (a tracker without frames publishes
@@ -378,6 +384,9 @@ def banner_for(source_state: str | None, silent_for: float, ever_received: bool,
     if source_state in WARN_STATES:
         quiet = f" (no frames for {silent_for:.0f} s)" if silent_for > limit else ""
         return f"SOURCE {source_state.upper()}{quiet}", BANNER_WARN_BGR
+    if silent_for > limit and paused and ever_received:
+        # A paused tracker publishes nothing: the silence is what the user asked for.
+        return "TRACKER PAUSED (space resumes)", BANNER_DONE_BGR
     if silent_for > limit:
         what = "TRACKER NOT PUBLISHING" if ever_received else "WAITING FOR TRACKER"
         return f"{what}: no message for {silent_for:.0f} s", BANNER_DEAD_BGR
@@ -495,10 +504,10 @@ class _ControlWorker:
     """Sends control commands from a thread, so a slow or dead tracker never freezes
     the window; replies come back as toasts."""
 
-    def __init__(self, endpoint: str, timeout: float) -> None:
+    def __init__(self, endpoint: str, timeout: float, curve: CurveClient | None = None) -> None:
         from streamtrack.control import ControlClient
 
-        self.client = ControlClient(endpoint, timeout=timeout)
+        self.client = ControlClient(endpoint, timeout=timeout, curve=curve)
         self.endpoint = self.client.endpoint
         self.replies: queue.Queue[tuple[str, bool]] = queue.Queue()
         self._jobs: queue.Queue[ControlCommand | None] = queue.Queue()
@@ -540,8 +549,10 @@ class Viewer:
         max_size: tuple[int, int] = DEFAULT_MAX_SIZE,
         screenshots: str | Path = ".",
         config: ViewerConfig | None = None,
+        curve: CurveClient | None = None,  # keys for a tracker that requires CURVE
     ) -> None:
         self.config = config or ViewerConfig(max_size=max_size, screenshots=Path(screenshots))
+        self.curve = curve
         self.endpoint = endpoint
         self.control_endpoint = control
         self.stream = stream
@@ -773,7 +784,7 @@ class Viewer:
                         1, cv2.LINE_AA)
             ty -= lh
         banner = banner_for(self.source.state, at - max(self.last_message, self.started),
-                            self.last_message > -math.inf)
+                            self.last_message > -math.inf, paused=self.interaction.paused)
         if banner is not None:
             text, color = banner
             cv2.rectangle(disp, (0, 0), (disp.shape[1], 26), color, -1)
@@ -826,11 +837,12 @@ class Viewer:
 
         kinds = ("masks", "frames", "status", "stats")
         topics = [f"{k}/{self.stream}" if self.stream else f"{k}/" for k in kinds]
-        sub = Subscriber(self.endpoint, topics=topics)
+        sub = Subscriber(self.endpoint, topics=topics, curve=self.curve)
         control = None
         try:
             if self.control_endpoint:
-                control = _ControlWorker(self.control_endpoint, self.config.control_timeout)
+                control = _ControlWorker(self.control_endpoint, self.config.control_timeout,
+                                         curve=self.curve)
             cv2.namedWindow(self.title, cv2.WINDOW_AUTOSIZE | cv2.WINDOW_GUI_NORMAL)
 
             def on_mouse(event: int, x: int, y: int, flags: int, _param: object) -> None:
@@ -912,7 +924,8 @@ def check_display() -> None:
 
 
 def viewer_command(endpoint: str, control: str | None = None, stream: str | None = None,
-                   max_size: tuple[int, int] | None = None) -> list[str]:
+                   max_size: tuple[int, int] | None = None,
+                   curve: CurveClient | None = None) -> list[str]:
     """The command line that runs a viewer in its own process (for ``run --show``)."""
     cmd = [sys.executable, "-m", "streamtrack", "view", endpoint]
     if control:
@@ -921,15 +934,18 @@ def viewer_command(endpoint: str, control: str | None = None, stream: str | None
         cmd += ["--stream", stream]
     if max_size:
         cmd += ["--max-size", f"{max_size[0]}x{max_size[1]}"]
+    if curve is not None:
+        cmd += ["--curve-server-key", curve.server_key_file, "--curve-secret", curve.secret_file]
     return cmd
 
 
 def spawn_viewer(endpoint: str, control: str | None = None, stream: str | None = None,
-                 max_size: tuple[int, int] | None = None) -> subprocess.Popen:
+                 max_size: tuple[int, int] | None = None,
+                 curve: CurveClient | None = None) -> subprocess.Popen:
     """Start a viewer process. A GUI crash (or imshow abort) then cannot take the
     tracker down, and the tracker loop never waits on the window."""
     check_display()
-    return subprocess.Popen(viewer_command(endpoint, control, stream, max_size))
+    return subprocess.Popen(viewer_command(endpoint, control, stream, max_size, curve))
 
 
 def main(args) -> int:
@@ -939,6 +955,7 @@ def main(args) -> int:
     max_size = parse_size(args.max_size)
     if args.stream is not None:
         validate_stream(args.stream)
+    curve = client_from_args(args)  # bad key files: one line, before any window
     check_display()  # before cv2 touches the display: imshow without one aborts the process
     return Viewer(args.endpoint, args.control, args.stream, max_size=max_size,
-                  screenshots=args.screenshots).run()
+                  screenshots=args.screenshots, curve=curve).run()

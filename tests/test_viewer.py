@@ -176,6 +176,15 @@ def test_rate_meter():
     assert r.rate(105.0) == 0.0  # stopped: falls to zero
 
 
+def test_rate_meter_slower_than_its_horizon():
+    r = v.RateMeter(horizon=2.0)
+    for i in range(5):  # a CPU tracker: one result every 2.5 s
+        r.tick(100 + i * 2.5)
+    assert r.rate(110.5) == pytest.approx(0.4)
+    assert r.rate(114.0) == pytest.approx(0.4)  # 4 s since the last tick: within 2 intervals
+    assert r.rate(115.5) == 0.0  # 5.5 s: stopped
+
+
 def test_source_state_and_banner():
     s = v.SourceStateTracker()
     s.update("reconnecting", 10.0)
@@ -191,6 +200,16 @@ def test_source_state_and_banner():
     assert text.startswith("TRACKER NOT PUBLISHING") and color == v.BANNER_DEAD_BGR
     assert v.banner_for(None, 3.0, False)[0].startswith("WAITING FOR TRACKER")
     assert v.banner_for("ended", 0.0, True)[1] == v.BANNER_DONE_BGR
+
+
+def test_banner_while_paused_from_the_viewer():
+    # A paused tracker publishes nothing: that silence is not an alarm...
+    assert v.banner_for("streaming", 30, True, paused=True) == ("TRACKER PAUSED (space resumes)",
+                                                               v.BANNER_DONE_BGR)
+    assert v.banner_for("streaming", 0.5, True, paused=True) is None
+    # ...but a source going down still is, and so is a tracker never heard from.
+    assert v.banner_for("reconnecting", 30, True, paused=True)[1] == v.BANNER_WARN_BGR
+    assert v.banner_for(None, 30, False, paused=True)[1] == v.BANNER_DEAD_BGR
 
 
 # ---------------------------------------------------------------------- frame pairing
@@ -487,6 +506,20 @@ def grab(display, wid):
     return np.asarray(shot.convert("RGB"))
 
 
+def ensure_painted(display, wid, attempts=3):
+    """Wait for the window to show anything but black. Without a window manager, Qt
+    under CPU load sometimes loses a new window's first expose and never paints it,
+    however often imshow runs; unmapping and mapping it again sends a fresh one."""
+    for _ in range(attempts):
+        try:
+            wait_for(lambda: grab(display, wid).max() > 0, 3, "the window to be painted", interval=0.2)
+            return
+        except AssertionError:
+            xdo(display, "windowunmap", "--sync", wid)
+            xdo(display, "windowmap", "--sync", wid)
+    raise AssertionError("the viewer window stays black")
+
+
 def eventually_ok(fn, timeout, what):
     """Retry an assertion until it passes (the window needs a few frames to settle)."""
     last: list[AssertionError] = []
@@ -526,6 +559,7 @@ def test_viewer_end_to_end_under_xvfb(xdisplay, tmp_path):
     )
     try:
         wid = find_window(xdisplay, MAX_SIZE, proc)
+        ensure_painted(xdisplay, wid)
         # The live window: overlay colours on the masks only, HUD drawn, no banner.
         eventually_ok(lambda: check_overlay(grab(xdisplay, wid), image, masks, banner=None),
                       20, "mask overlay on screen")
