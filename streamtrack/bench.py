@@ -33,6 +33,8 @@ class EngineBenchResult:
     torch_threads: int
     bf16: bool = False
     preprocess: str = "exact"
+    compile: bool = False  # torch.compile of the engine's image encoder (warmed up before timing)
+    official_vos_optimized: bool = False  # the official SAM2VideoPredictorVOS (compiled) build
     official_ms: dict[int, float] = field(default_factory=dict)  # objects -> ms/frame
     engine_ms: dict[int, float] = field(default_factory=dict)
     ratio: dict[int, float] = field(default_factory=dict)  # engine / official
@@ -77,6 +79,8 @@ def bench_engine(
     bf16: bool = False,
     preprocess: str = "auto",
     repeats: int = 1,
+    compile: bool = False,
+    official_vos_optimized: bool = False,
     log=print,
 ) -> EngineBenchResult:
     """Both sides run under the same autocast setting (bf16 on CUDA only).
@@ -95,15 +99,16 @@ def bench_engine(
         Image.fromarray(f).save(jpeg_dir / f"{i:05d}.jpg", quality=95)
     decoded = [np.array(Image.open(jpeg_dir / f"{i:05d}.jpg").convert("RGB")) for i in range(frames)]
     bf16 = bf16 and dev.type == "cuda"
-    config = EngineConfig(preprocess=preprocess, bf16=bf16)
+    config = EngineConfig(preprocess=preprocess, bf16=bf16, compile=compile)
     res = EngineBenchResult(str(dev), model, image_size, frames, (width, height), torch.get_num_threads(),
-                            bf16=bf16)
+                            bf16=bf16, compile=compile, official_vos_optimized=official_vos_optimized)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     import sam2.sam2_video_predictor as official_module
 
     official_module.tqdm = lambda it, **_: it  # its per-run progress bars would garble the table
-    official = build_model(model, checkpoint, device=dev, image_size=image_size)
+    official = build_model(model, checkpoint, device=dev, image_size=image_size,
+                           vos_optimized=official_vos_optimized)
     engine_model = build_model(model, checkpoint, device=dev, image_size=image_size)
     # Warm-up (kernel selection, allocator, lazy init) so neither side pays it in its timing.
     warm = _prompts(clip, 1)
@@ -113,6 +118,7 @@ def bench_engine(
         for _ in official.propagate_in_video(state, max_frame_num_to_track=3):
             pass
     warm_engine = StreamingEngine(engine_model, config)
+    warm_engine.warmup()  # with compile: compilation happens here, untimed
     for i in range(4):
         warm_engine.step(decoded[i], warm if i == 0 else [])
     del state, warm_engine
@@ -218,6 +224,14 @@ def _sync(dev: torch.device) -> None:
 
 
 def main(args) -> int:
+    if args.what in ("pipeline", "latency", "memory"):
+        from streamtrack import bench_stream
+
+        return bench_stream.main(args)
+    if args.what == "multistream":
+        from streamtrack import bench_multistream
+
+        return bench_multistream.main(args)
     log = (lambda *a, **k: None) if args.json else print
     log(f"{args.what} benchmark: {args.model}, input {args.image_size}, {args.frames} frames, "
         f"device {args.device}, {torch.get_num_threads()} torch threads")
@@ -228,7 +242,8 @@ def main(args) -> int:
         res = bench_engine(
             model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
             objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device,
-            bf16=args.bf16, preprocess=args.preprocess, repeats=args.repeats, log=log,
+            bf16=args.bf16, preprocess=args.preprocess, repeats=args.repeats, compile=args.compile,
+            official_vos_optimized=args.official_vos_optimized, log=log,
         )
     if args.json:
         print(json.dumps(asdict(res)))

@@ -107,6 +107,7 @@ def build_model(
     image_size: int | None = None,
     kind: str = "video",
     random_init: bool = False,
+    vos_optimized: bool = False,
 ) -> torch.nn.Module:
     """Build an official SAM 2 model and load its checkpoint.
 
@@ -114,7 +115,8 @@ def build_model(
     video predictor uses, which the streaming engine also runs); ``kind="image"``
     builds the plain ``SAM2Base`` used by ``SAM2ImagePredictor``.
     ``checkpoint=None`` means ``checkpoints/<name>.pt``; ``random_init=True``
-    skips loading (tests and benchmarks only).
+    skips loading (tests and benchmarks only); ``vos_optimized=True`` builds sam2's
+    compiled ``SAM2VideoPredictorVOS`` (benchmark baseline, CUDA).
     """
     from sam2.build_sam import build_sam2, build_sam2_video_predictor
 
@@ -128,8 +130,9 @@ def build_model(
         path = Path(checkpoint) if checkpoint else spec.default_path()
         if not path.exists():
             raise CheckpointError(missing_checkpoint_message(spec, path))
+    extra = {"vos_optimized": True} if vos_optimized and kind == "video" else {}
     model = builder(
-        spec.config, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides
+        spec.config, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides, **extra
     )
     if path is not None:
         load_checkpoint(model, path, spec.name)

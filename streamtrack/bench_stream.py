@@ -1,0 +1,640 @@
+"""``streamtrack bench pipeline|latency|memory``: the whole tracker, measured against
+the bare engine (or the official predictor) in the same run, on the same frames.
+
+``pipeline``: frames/s of the full pipeline (a video file decoded by the capture
+thread -> bounded queue -> engine -> results published over ZeroMQ on 127.0.0.1)
+vs ``StreamingEngine.step`` over the same frames decoded up front.
+
+``latency``: a file paced at its frame rate, faster than the engine can step, goes
+through the same pipeline with the live drop-oldest queue; capture->publish
+latency percentiles vs the engine's own median step time.
+
+``memory``: process RSS and engine state bytes early in a long stream and at its
+end, and the official ``SAM2VideoPredictor``'s curve on the same weights.  Each
+side runs in its own spawned process so the RSS figures do not mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamtrack.bench import _official_state_bytes, _prompts
+from streamtrack.capture import CaptureConfig, open_source
+from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+from streamtrack.errors import UserError
+from streamtrack.models import build_model, resolve_device, save_random_checkpoint
+from streamtrack.pipeline import RunConfig, Tracker
+from streamtrack.protocol import FrameResult, Timestamps
+from streamtrack.publisher import StatsWindow
+from streamtrack.synthetic import make_clip, write_video
+
+Log = Callable[..., None]
+
+WHATS = ("pipeline", "latency", "memory")
+
+# Per-benchmark defaults for the options `streamtrack bench` shares between its
+# benchmarks (None on the command line = "not given").  Chosen so each runs in a few
+# minutes on a 2-core CPU: the memory benchmark steps 2,000 frames, so it uses the
+# smallest input streamtrack accepts (64: Hiera's stride 32 leaves a 2x2 grid, the
+# memory encoder's 4x4) and a small frame.
+DEFAULTS: dict[str, dict[str, object]] = {
+    "engine": {"frames": 24, "objects": [1, 4], "image_size": 256},
+    "preprocess": {"frames": 24, "objects": [1, 4], "image_size": 256},
+    "pipeline": {"frames": 60, "objects": [1], "image_size": 128, "frame_size": "320x240"},
+    "latency": {"frames": 60, "objects": [1], "image_size": 128, "frame_size": "320x240", "clip_frames": 60},
+    "memory": {"frames": 2000, "objects": [1], "image_size": 64, "frame_size": "128x96", "clip_frames": 50},
+    "multistream": {"frames": 12, "objects": [1], "image_size": 256},
+}
+
+PIPELINE_GOAL = 0.95  # pipeline fps / bare engine fps, at least
+LATENCY_GOAL = 1.5  # capture->publish p95 / engine median step, at most
+MEMORY_GOAL_PCT = 2.0  # RSS growth from the early sample to the last, at most
+_CAMERA_FPS = 30.0
+
+
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset on the command line with ``args.what``'s defaults."""
+    for name, value in DEFAULTS.get(args.what, {}).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux); elsewhere the peak, the best
+    the standard library offers without a new dependency."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def parse_frame_size(text: str) -> tuple[int, int]:
+    """``"320x240"`` -> (320, 240)."""
+    w, sep, h = str(text).lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise UserError(f"--frame-size must look like 320x240, got {text!r}")
+    width, height = int(w), int(h)
+    if width < 32 or height < 32:
+        raise UserError(f"--frame-size must be at least 32x32, got {text!r}")
+    return width, height
+
+
+def _positive(name: str, value: int | float, minimum: int | float = 1) -> None:
+    if value < minimum:
+        raise UserError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _one_count(objects: list[int] | tuple[int, ...] | int, what: str) -> int:
+    counts = [objects] if isinstance(objects, int) else list(objects)
+    if len(counts) != 1:
+        raise UserError(f"bench {what} takes one --objects count, got {counts}")
+    _positive("--objects", counts[0])
+    return counts[0]
+
+
+def _checkpoint(model: str, checkpoint: str | None, tmp: Path) -> str:
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise UserError(f"checkpoint {checkpoint} does not exist")
+        return checkpoint
+    return str(save_random_checkpoint(model, tmp / "random.pt"))
+
+
+def _decode(video: Path) -> list[np.ndarray]:
+    """Every frame of ``video``, decoded by the same capture code the tracker uses."""
+    with open_source(str(video), CaptureConfig()) as cap:
+        return [frame.image for frame in cap]
+
+
+def _warm(model: torch.nn.Module, config: EngineConfig, frames: list[np.ndarray],
+          prompts: list[Prompt], steps: int = 4) -> list[float]:
+    """A few engine steps so neither side pays first-call costs in its timing;
+    returns their durations in seconds (the first one carries the prompts)."""
+    engine = StreamingEngine(model, config)
+    durations = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        engine.step(frames[i % len(frames)], prompts if i == 0 else [])
+        _sync(engine.device)
+        durations.append(time.perf_counter() - t0)
+    return durations
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Recorder(StatsWindow):
+    """The tracker's stats window that also keeps every published result's timestamps."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream=stream)
+        self.stamps: list[Timestamps] = []
+        self.object_counts: list[int] = []
+
+    def add(self, result: FrameResult, at: float | None = None) -> None:
+        super().add(result, at)
+        self.stamps.append(result.t)
+        self.object_counts.append(len(result.objects))
+
+
+@dataclass
+class _TrackedRun:
+    stamps: list[Timestamps]
+    object_counts: list[int]
+    received: int  # masks messages a subscriber on 127.0.0.1 got
+    frames_decoded: int
+    frames_delivered: int
+    dropped: dict[str, int]
+
+
+def _run_tracker(run: RunConfig, engine: StreamingEngine) -> _TrackedRun:
+    """Run ``run`` to its end with a subscriber attached to its publisher, like any
+    consumer would be, and return what was published."""
+    from streamtrack.subscriber import Subscriber
+
+    subs: list[Subscriber] = []
+
+    def notify(kind: str, data: dict) -> None:
+        if kind == "bound" and data.get("publish"):
+            subs.append(Subscriber(data["publish"], topics=(f"masks/{run.stream}",)))
+
+    tracker = Tracker(run, engine=engine, notify=notify)
+    recorder = _Recorder(run.stream)
+    tracker.window = recorder
+    try:
+        tracker.run()
+    finally:
+        received = 0
+        for sub in subs:
+            deadline = time.monotonic() + 1.0  # let the last messages arrive
+            while time.monotonic() < deadline and sub.counters(run.stream).received < len(recorder.stamps):
+                time.sleep(0.02)
+            received = sub.counters(run.stream).received
+            sub.close()
+    assert tracker.capture is not None
+    stats = tracker.capture.stats()
+    return _TrackedRun(recorder.stamps, recorder.object_counts, received, stats.frames_decoded,
+                       stats.frames_delivered, dict(stats.dropped))
+
+
+def _table(rows: list[tuple], log: Log) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for r in cells:
+        pairs = enumerate(zip(r, widths, strict=True))
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs]
+        log("  " + "  ".join(padded))
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class PipelineBenchResult:
+    benchmark: str
+    device: str
+    model: str
+    image_size: int
+    frame_size: tuple[int, int]
+    torch_threads: int
+    frames: int  # frames per run; the first `warmup` are not timed
+    warmup: int
+    objects: int
+    repeats: int
+    engine_fps: float = 0.0  # median over repeats
+    pipeline_fps: float = 0.0
+    ratio: float = 0.0  # pipeline_fps / engine_fps
+    goal_min: float = PIPELINE_GOAL
+    meets_goal: bool = False
+    engine_runs_fps: list[float] = field(default_factory=list)
+    pipeline_runs_fps: list[float] = field(default_factory=list)
+    messages_received: int = 0  # by a subscriber on 127.0.0.1, last run
+
+
+def bench_pipeline(
+    *,
+    model: str = "sam2.1_hiera_tiny",
+    checkpoint: str | None = None,
+    image_size: int = 128,
+    frames: int = 60,
+    warmup: int = 5,
+    objects: int = 1,
+    repeats: int = 1,
+    device: str = "auto",
+    frame_size: tuple[int, int] = (320, 240),
+    preprocess: str = "auto",
+    log: Log = print,
+) -> PipelineBenchResult:
+    """Timed from the end of frame ``warmup - 1`` to the end of the last frame on both
+    sides: publish times on the pipeline, ``step`` returns on the bare engine.  The
+    model is loaded and warmed once, before either side; each run gets a fresh engine.
+    """
+    _positive("--warmup", warmup)
+    _positive("--frames", frames, warmup + 2)
+    _positive("--repeats", repeats)
+    _positive("--objects", objects)
+    dev = resolve_device(device)
+    width, height = frame_size
+    res = PipelineBenchResult("pipeline", str(dev), model, image_size, frame_size, torch.get_num_threads(),
+                              frames, warmup, objects, repeats)
+    with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
+        tmp = Path(workdir)
+        checkpoint = _checkpoint(model, checkpoint, tmp)
+        clip = make_clip(frames, width, height, num_objects=3, seed=3)
+        video = write_video(clip.frames, tmp / "clip.mp4", fps=clip.fps)
+        decoded = _decode(video)
+        if len(decoded) != frames:
+            raise RuntimeError(f"decoded {len(decoded)} of {frames} frames")
+        prompts = _prompts(clip, objects)
+        config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
+                              preprocess=preprocess)
+        net = build_model(model, checkpoint, device=dev, image_size=image_size)
+        res.frame_size = (decoded[0].shape[1], decoded[0].shape[0])
+        _warm(net, config, decoded, prompts)
+        for r in range(repeats):  # alternate the sides; the median of each is reported
+            engine = StreamingEngine(net, config)
+            ends = []
+            for i, frame in enumerate(decoded):
+                engine.step(frame, prompts if i == 0 else [])
+                _sync(dev)
+                ends.append(time.perf_counter())
+            res.engine_runs_fps.append((frames - warmup) / (ends[-1] - ends[warmup - 1]))
+
+            run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
+                            publish="tcp://127.0.0.1:0", max_frames=frames, progress=False)
+            tracked = _run_tracker(run, StreamingEngine(net, config))
+            if len(tracked.stamps) != frames or any(n != objects for n in tracked.object_counts):
+                raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames, "
+                                   f"object counts {sorted(set(tracked.object_counts))} (expected {objects})")
+            published = [t.publish for t in tracked.stamps]
+            res.pipeline_runs_fps.append((frames - warmup) / (published[-1] - published[warmup - 1]))
+            res.messages_received = tracked.received
+            log(f"  run {r + 1}: bare engine {res.engine_runs_fps[-1]:.2f} fps, "
+                f"pipeline {res.pipeline_runs_fps[-1]:.2f} fps ({tracked.received} messages received)")
+    res.engine_fps = float(np.median(res.engine_runs_fps))
+    res.pipeline_fps = float(np.median(res.pipeline_runs_fps))
+    res.ratio = res.pipeline_fps / res.engine_fps
+    res.meets_goal = res.ratio >= PIPELINE_GOAL
+    _table([
+        ("", "frames/s", "ms/frame"),
+        ("bare engine (frames decoded up front)", f"{res.engine_fps:.2f}", f"{1000 / res.engine_fps:.1f}"),
+        ("pipeline (capture -> queue -> engine -> ZeroMQ)", f"{res.pipeline_fps:.2f}",
+         f"{1000 / res.pipeline_fps:.1f}"),
+    ], log)
+    log(f"  ratio pipeline / engine: {res.ratio:.3f} (goal >= {PIPELINE_GOAL}): {_verdict(res.meets_goal)}")
+    return res
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+@dataclass
+class LatencyBenchResult:
+    benchmark: str
+    device: str
+    model: str
+    image_size: int
+    frame_size: tuple[int, int]
+    torch_threads: int
+    frames: int  # frames processed by the tracker; the first `warmup` are left out
+    warmup: int
+    objects: int
+    source_fps: float  # the paced file's frame rate
+    queue_depth: int
+    engine_step_ms: float = 0.0  # bare engine, median over the same clip's frames
+    latency_ms: dict[str, float] = field(default_factory=dict)  # capture -> publish p50/p95/p99
+    queue_ms: dict[str, float] = field(default_factory=dict)  # capture -> dequeue p50/p95
+    pipeline_infer_ms: float = 0.0  # median engine step inside the tracker
+    ratio: float = 0.0  # latency p95 / engine_step_ms
+    goal_max: float = LATENCY_GOAL
+    meets_goal: bool = False
+    frames_decoded: int = 0
+    frames_delivered: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    messages_received: int = 0
+
+
+def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float]:
+    return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(np.asarray(values), qs), strict=True)}
+
+
+def bench_latency(
+    *,
+    model: str = "sam2.1_hiera_tiny",
+    checkpoint: str | None = None,
+    image_size: int = 128,
+    frames: int = 60,
+    warmup: int = 5,
+    objects: int = 1,
+    device: str = "auto",
+    frame_size: tuple[int, int] = (320, 240),
+    clip_frames: int = 60,
+    fps: float | None = None,
+    queue_depth: int | None = None,
+    preprocess: str = "auto",
+    log: Log = print,
+) -> LatencyBenchResult:
+    """``fps=None`` paces the clip like a 30 fps camera, or at 3x the engine's rate if
+    the engine is faster than that, so a newer frame is always waiting when the engine
+    finishes one: the situation the drop-oldest queue exists for."""
+    _positive("--warmup", warmup)
+    _positive("--frames", frames, warmup + 2)
+    _positive("--clip-frames", clip_frames, 2)
+    _positive("--objects", objects)
+    if fps is not None and not fps > 0:
+        raise UserError(f"--fps must be > 0, got {fps}")
+    live = CaptureConfig(realtime=True, loop=True, queue_depth=queue_depth, name="bench")
+    depth = queue_depth if queue_depth is not None else 2  # Capture's drop-oldest default
+    dev = resolve_device(device)
+    width, height = frame_size
+    with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
+        tmp = Path(workdir)
+        checkpoint = _checkpoint(model, checkpoint, tmp)
+        clip = make_clip(clip_frames, width, height, num_objects=3, seed=3)
+        prompts = _prompts(clip, objects)
+        config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
+                              preprocess=preprocess)
+        net = build_model(model, checkpoint, device=dev, image_size=image_size)
+        # A first estimate of the step time only picks the source rate; the reported
+        # step time is measured below on the decoded frames.
+        estimate = float(np.median(_warm(net, config, clip.frames, prompts, steps=6)[2:]))
+        if fps is None:
+            fps = max(_CAMERA_FPS, 3.0 / estimate)
+        video = write_video(clip.frames, tmp / "clip.mp4", fps=fps)
+        decoded = _decode(video)
+
+        engine = StreamingEngine(net, config)
+        steps = []
+        for i in range(frames):
+            t0 = time.perf_counter()
+            engine.step(decoded[i % len(decoded)], prompts if i == 0 else [])
+            _sync(dev)
+            steps.append(time.perf_counter() - t0)
+        step_ms = float(np.median(steps[warmup:])) * 1000
+        log(f"  bare engine: {step_ms:.1f} ms/step (median); source paced at {fps:.1f} fps "
+            f"(a frame every {1000 / fps:.1f} ms), live queue depth {depth}")
+
+        # The prompts go on the first frame the tracker gets; with a dropping queue that is
+        # almost always frame 0 (the pacer releases it at once), and if not, the box is a
+        # few pixels off, which changes nothing in the timing.
+        run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
+                        publish="tcp://127.0.0.1:0", max_frames=frames, realtime=True, loop=True,
+                        capture=live, progress=False)
+        tracked = _run_tracker(run, StreamingEngine(net, config))
+        if len(tracked.stamps) != frames:
+            raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames")
+    timed = tracked.stamps[warmup:]
+    total = [(t.publish - t.capture) * 1000 for t in timed]
+    queue = [(t.dequeue - t.capture) * 1000 for t in timed]
+    infer = [(t.infer_end - t.infer_start) * 1000 for t in timed]
+    res = LatencyBenchResult(
+        "latency", str(dev), model, image_size, (decoded[0].shape[1], decoded[0].shape[0]),
+        torch.get_num_threads(), frames, warmup, objects, float(fps), depth,
+        engine_step_ms=step_ms, latency_ms=_percentiles(total, (50, 95, 99)),
+        queue_ms=_percentiles(queue, (50, 95)), pipeline_infer_ms=float(np.median(infer)),
+        frames_decoded=tracked.frames_decoded, frames_delivered=tracked.frames_delivered,
+        dropped=tracked.dropped, messages_received=tracked.received,
+    )
+    res.ratio = res.latency_ms["p95"] / res.engine_step_ms
+    res.meets_goal = res.ratio <= LATENCY_GOAL
+    lat, q = res.latency_ms, res.queue_ms
+    _table([
+        ("", "p50 ms", "p95 ms", "p99 ms"),
+        ("capture -> publish", f"{lat['p50']:.1f}", f"{lat['p95']:.1f}", f"{lat['p99']:.1f}"),
+        ("capture -> dequeue (queue wait)", f"{q['p50']:.1f}", f"{q['p95']:.1f}", ""),
+        ("engine step in the tracker (median)", f"{res.pipeline_infer_ms:.1f}", "", ""),
+        ("bare engine step (median)", f"{res.engine_step_ms:.1f}", "", ""),
+    ], log)
+    drops = sum(res.dropped.values())
+    log(f"  capture: {res.frames_decoded} frames decoded, {res.frames_delivered} delivered, {drops} dropped "
+        f"({', '.join(f'{k} {v}' for k, v in res.dropped.items()) or 'none'})")
+    log(f"  ratio p95 / engine step: {res.ratio:.2f} (goal <= {LATENCY_GOAL}): {_verdict(res.meets_goal)}")
+    return res
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+@dataclass
+class MemorySample:
+    frame: int  # frames processed so far
+    rss_bytes: int
+    state_bytes: int
+    cuda_allocated_bytes: int | None = None  # on CUDA, where the state lives (RSS does not see it)
+
+
+@dataclass
+class MemoryBenchResult:
+    benchmark: str
+    device: str
+    model: str
+    image_size: int
+    frame_size: tuple[int, int]
+    objects: int
+    clip_frames: int  # the synthetic clip looped by the engine
+    frames: int
+    early_frame: int
+    engine: list[MemorySample] = field(default_factory=list)
+    rss_growth_pct: float = 0.0  # engine process, early_frame -> frames
+    state_growth_pct: float = 0.0
+    goal_max_pct: float = MEMORY_GOAL_PCT
+    meets_goal: bool = False
+    official: list[MemorySample] = field(default_factory=list)
+    official_state_bytes_per_frame: float | None = None  # slope between the first and last sample
+    official_rss_growth_pct: float | None = None
+
+
+def _cuda_bytes(dev: torch.device) -> int | None:
+    return int(torch.cuda.memory_allocated(dev)) if dev.type == "cuda" else None
+
+
+def _sample_points(early: int, last: int, every: int = 500) -> list[int]:
+    return sorted({early, last, *range(every, last, every)} - set(range(early)))
+
+
+def engine_memory(model: str, checkpoint: str, image_size: int, device: str, frame_size: tuple[int, int],
+                  objects: int, clip_frames: int, frames: int, early: int,
+                  verbose: bool) -> list[MemorySample]:
+    """The engine side, in its own process: loop a short clip for ``frames`` steps."""
+    dev = resolve_device(device)
+    clip = make_clip(clip_frames, *frame_size, num_objects=3, seed=3)
+    prompts = _prompts(clip, objects)
+    engine = StreamingEngine(build_model(model, checkpoint, device=dev, image_size=image_size),
+                             EngineConfig(device=str(dev), image_size=image_size))
+    wanted = set(_sample_points(early, frames))
+    samples = []
+    started = time.monotonic()
+    for i in range(frames):
+        engine.step(clip.frames[i % clip_frames], prompts if i == 0 else [])
+        if i + 1 in wanted:
+            gc.collect()
+            samples.append(MemorySample(i + 1, rss_bytes(), engine.state_bytes(), _cuda_bytes(dev)))
+            if verbose:
+                print(f"  engine: {i + 1:6d} frames, RSS {samples[-1].rss_bytes / 2**20:8.1f} MiB, "
+                      f"state {samples[-1].state_bytes / 1024:8.1f} KiB "
+                      f"({(time.monotonic() - started) / (i + 1) * 1000:.0f} ms/frame)", flush=True)
+    return samples
+
+
+def official_memory(model: str, checkpoint: str, image_size: int, device: str, frame_size: tuple[int, int],
+                    objects: int, counts: list[int], verbose: bool) -> list[MemorySample]:
+    """The official predictor, in its own process: ``init_state`` over max(counts)
+    frames written as JPEGs, then ``propagate_in_video``, sampled after each count."""
+    import sam2.sam2_video_predictor as official_module
+    from PIL import Image
+
+    official_module.tqdm = lambda it, **_: it  # its progress bars would garble the table
+    # Without sam2's optional CUDA extension it skips hole filling, with a warning per run.
+    warnings.filterwarnings("ignore", message="cannot import name '_C'")
+    dev = resolve_device(device)
+    n = max(counts)
+    clip = make_clip(n, *frame_size, num_objects=3, seed=3)
+    predictor = build_model(model, checkpoint, device=dev, image_size=image_size)
+    with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as folder:
+        for i, f in enumerate(clip.frames):
+            Image.fromarray(f).save(Path(folder) / f"{i:05d}.jpg", quality=95)
+        state = predictor.init_state(folder)  # loads every frame: the folder is done with
+    for p in _prompts(clip, objects):
+        predictor.add_new_points_or_box(state, 0, p.obj_id, box=np.array(p.box, np.float32))
+    wanted = set(counts)
+    samples = []
+    for idx, _ in enumerate(predictor.propagate_in_video(state)):
+        if idx + 1 in wanted:
+            gc.collect()
+            samples.append(MemorySample(idx + 1, rss_bytes(), _official_state_bytes(state), _cuda_bytes(dev)))
+            if verbose:
+                print(f"  official: {idx + 1:4d} frames, RSS {samples[-1].rss_bytes / 2**20:8.1f} MiB, "
+                      f"state {samples[-1].state_bytes / 1024:8.1f} KiB", flush=True)
+    return samples
+
+
+def _memory_rows(samples: list[MemorySample]) -> list[tuple]:
+    cuda = any(s.cuda_allocated_bytes is not None for s in samples)
+    rows: list[tuple] = [("frames", "RSS MiB", "state KiB", *(("CUDA allocated MiB",) if cuda else ()))]
+    for s in samples:
+        extra = (f"{(s.cuda_allocated_bytes or 0) / 2**20:.1f}",) if cuda else ()
+        rows.append((s.frame, f"{s.rss_bytes / 2**20:.1f}", f"{s.state_bytes / 1024:.1f}", *extra))
+    return rows
+
+
+def _growth_pct(a: int, b: int) -> float:
+    return (b - a) / a * 100.0 if a else 0.0
+
+
+def bench_memory(
+    *,
+    model: str = "sam2.1_hiera_tiny",
+    checkpoint: str | None = None,
+    image_size: int = 64,
+    frames: int = 2000,
+    early_frame: int = 200,
+    objects: int = 1,
+    device: str = "auto",
+    frame_size: tuple[int, int] = (128, 96),
+    clip_frames: int = 50,
+    official_frames: tuple[int, ...] = (50, 100, 200),
+    log: Log = print,
+) -> MemoryBenchResult:
+    _positive("--early-frame", early_frame)
+    _positive("--frames", frames, early_frame + 1)
+    _positive("--clip-frames", clip_frames)
+    _positive("--objects", objects)
+    for n in official_frames:
+        _positive("--official-frames", n)
+    dev = resolve_device(device)  # a bad device fails here, not in a child
+    verbose = log is print  # the children print their own progress lines (a log cannot cross processes)
+    res = MemoryBenchResult("memory", str(dev), model, image_size, frame_size, objects, clip_frames, frames,
+                            early_frame)
+    with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
+        checkpoint = _checkpoint(model, checkpoint, Path(workdir))
+        # One side after the other (never both at once: they would compete for the CPU),
+        # each in a fresh interpreter so neither sees the other's allocations.
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            res.engine = pool.submit(engine_memory, model, checkpoint, image_size, device, frame_size,
+                                     objects, clip_frames, frames, early_frame, verbose).result()
+        if official_frames:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                res.official = pool.submit(official_memory, model, checkpoint, image_size, device, frame_size,
+                                           objects, sorted(set(official_frames)), verbose).result()
+    first, last = res.engine[0], res.engine[-1]
+    res.rss_growth_pct = _growth_pct(first.rss_bytes, last.rss_bytes)
+    res.state_growth_pct = _growth_pct(first.state_bytes, last.state_bytes)
+    res.meets_goal = res.rss_growth_pct <= MEMORY_GOAL_PCT and res.state_growth_pct <= MEMORY_GOAL_PCT
+
+    log(f"  streaming engine ({objects} object(s), a {clip_frames}-frame clip looped):")
+    _table(_memory_rows(res.engine), log)
+    log(f"  growth from frame {first.frame} to {last.frame}: RSS {res.rss_growth_pct:+.2f} %, "
+        f"state {res.state_growth_pct:+.2f} % (goal <= {MEMORY_GOAL_PCT:g} %): {_verdict(res.meets_goal)}")
+    if len(res.official) >= 1:
+        log(f"  official SAM2VideoPredictor (same weights; all {max(official_frames)} frames "
+            "loaded up front):")
+        _table(_memory_rows(res.official), log)
+    if len(res.official) >= 2:
+        a, b = res.official[0], res.official[-1]
+        res.official_state_bytes_per_frame = (b.state_bytes - a.state_bytes) / (b.frame - a.frame)
+        res.official_rss_growth_pct = _growth_pct(a.rss_bytes, b.rss_bytes)
+        log(f"  official state +{res.official_state_bytes_per_frame / 1024:.1f} KiB per frame, "
+            "without bound; "
+            f"RSS {res.official_rss_growth_pct:+.2f} % from frame {a.frame} to {b.frame}")
+    return res
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def main(args: argparse.Namespace) -> int:
+    apply_defaults(args)
+    log: Log = (lambda *a, **k: None) if args.json else print
+    objects = _one_count(args.objects, args.what)
+    frame_size = parse_frame_size(args.frame_size)
+    log(f"{args.what} benchmark: {args.model}, input {args.image_size}, {frame_size[0]}x{frame_size[1]} "
+        f"frames, {args.frames} frames, {objects} object(s), device {args.device}, "
+        f"{torch.get_num_threads()} torch threads")
+    common = dict(model=args.model, checkpoint=args.checkpoint, image_size=args.image_size,
+                  frames=args.frames, objects=objects, device=args.device, frame_size=frame_size, log=log)
+    res: PipelineBenchResult | LatencyBenchResult | MemoryBenchResult
+    if args.what == "pipeline":
+        res = bench_pipeline(**common, warmup=args.warmup, repeats=args.repeats, preprocess=args.preprocess)
+    elif args.what == "latency":
+        res = bench_latency(**common, warmup=args.warmup, clip_frames=args.clip_frames, fps=args.fps,
+                            queue_depth=args.queue_depth, preprocess=args.preprocess)
+    elif args.what == "memory":
+        res = bench_memory(**common, early_frame=args.early_frame, clip_frames=args.clip_frames,
+                           official_frames=tuple(args.official_frames))
+    else:
+        raise UserError(f"unknown benchmark {args.what!r}; choose one of {', '.join(WHATS)}")
+    if args.json:
+        print(json.dumps(asdict(res)))
+    return 0

@@ -1,0 +1,116 @@
+"""`streamtrack bench pipeline|latency|memory` at the smallest settings: the JSON has its
+fields, the figures are positive and every ratio is the one its own figures give.
+No timing thresholds: the figures themselves are measured on a quiet machine."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from streamtrack.cli import main
+
+pytestmark = pytest.mark.timeout(300)
+
+# The smallest input SAM 2 accepts and a small frame keep each run to seconds.
+TINY = ["--device", "cpu", "--image-size", "64", "--frame-size", "96x64"]
+
+
+def bench_json(capsys, *args: str) -> dict:
+    assert main(["bench", *args, "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines  # --json prints one object and nothing else
+    return json.loads(lines[0])
+
+
+def test_pipeline_reports_fps_of_both_sides_and_their_ratio(capsys, tiny_checkpoint):
+    r = bench_json(capsys, "pipeline", *TINY, "--checkpoint", str(tiny_checkpoint),
+                   "--frames", "6", "--warmup", "2", "--repeats", "2")
+    assert r["benchmark"] == "pipeline" and r["objects"] == 1 and r["frames"] == 6
+    assert r["frame_size"] == [96, 64] and r["image_size"] == 64
+    assert len(r["engine_runs_fps"]) == len(r["pipeline_runs_fps"]) == 2
+    assert all(f > 0 for f in r["engine_runs_fps"] + r["pipeline_runs_fps"])
+    assert r["engine_fps"] == pytest.approx(float(np.median(r["engine_runs_fps"])))
+    assert r["pipeline_fps"] == pytest.approx(float(np.median(r["pipeline_runs_fps"])))
+    assert r["ratio"] == pytest.approx(r["pipeline_fps"] / r["engine_fps"])
+    assert r["goal_min"] == 0.95 and r["meets_goal"] == (r["ratio"] >= 0.95)
+    # Results really went over ZeroMQ to a subscriber on 127.0.0.1.
+    assert 1 <= r["messages_received"] <= 6
+
+
+def test_pipeline_table_names_both_sides_and_the_goal(capsys, tiny_checkpoint):
+    assert main(["bench", "pipeline", *TINY, "--checkpoint", str(tiny_checkpoint),
+                 "--frames", "3", "--warmup", "1", "--objects", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "bare engine" in out and "pipeline (capture" in out
+    assert "ratio pipeline / engine" in out and "goal >= 0.95" in out
+
+
+def test_latency_reports_percentiles_step_time_and_drops(capsys, tiny_checkpoint):
+    r = bench_json(capsys, "latency", *TINY, "--checkpoint", str(tiny_checkpoint),
+                   "--frames", "6", "--warmup", "2", "--clip-frames", "8", "--fps", "60")
+    assert r["benchmark"] == "latency" and r["frames"] == 6
+    assert r["source_fps"] == 60 and r["queue_depth"] == 2  # the live drop-oldest default
+    lat = r["latency_ms"]
+    assert set(lat) == {"p50", "p95", "p99"} and 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert 0 <= r["queue_ms"]["p50"] <= r["queue_ms"]["p95"]
+    assert r["engine_step_ms"] > 0 and r["pipeline_infer_ms"] > 0
+    assert r["ratio"] == pytest.approx(lat["p95"] / r["engine_step_ms"])
+    assert r["goal_max"] == 1.5 and r["meets_goal"] == (r["ratio"] <= 1.5)
+    # Capture's own counters: every decoded frame was delivered, dropped or still queued.
+    assert set(r["dropped"]) >= {"queue_full"}
+    assert r["frames_delivered"] >= r["frames"]
+    assert r["frames_decoded"] >= r["frames_delivered"] + sum(r["dropped"].values())
+    assert 1 <= r["messages_received"] <= 6
+
+
+def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
+    # 18 frames fill SAM 2's windows (6 memories, 15 pointers), so from there on the
+    # engine's state must not change at all; the official predictor keeps every frame.
+    r = bench_json(capsys, "memory", *TINY, "--checkpoint", str(tiny_checkpoint),
+                   "--frames", "24", "--early-frame", "18", "--clip-frames", "6",
+                   "--official-frames", "4", "8")
+    assert r["benchmark"] == "memory" and r["frames"] == 24 and r["early_frame"] == 18
+    engine, official = r["engine"], r["official"]
+    assert [s["frame"] for s in engine] == [18, 24]
+    assert all(s["rss_bytes"] > 0 and s["state_bytes"] > 0 for s in engine + official)
+    assert all(s["cuda_allocated_bytes"] is None for s in engine + official)  # a CPU run
+    first, last = engine[0], engine[-1]
+    assert r["rss_growth_pct"] == pytest.approx(
+        (last["rss_bytes"] - first["rss_bytes"]) / first["rss_bytes"] * 100)
+    assert r["state_growth_pct"] == pytest.approx(
+        (last["state_bytes"] - first["state_bytes"]) / first["state_bytes"] * 100)
+    assert r["state_growth_pct"] == 0.0
+    assert r["goal_max_pct"] == 2.0
+    assert r["meets_goal"] == (r["rss_growth_pct"] <= 2.0 and r["state_growth_pct"] <= 2.0)
+
+    assert [s["frame"] for s in official] == [4, 8]
+    a, b = official
+    assert b["state_bytes"] > a["state_bytes"]
+    assert r["official_state_bytes_per_frame"] == pytest.approx((b["state_bytes"] - a["state_bytes"]) / 4)
+    assert math.isfinite(r["official_rss_growth_pct"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pipeline", "--objects", "1", "2"], "one --objects count"),
+    (["pipeline", "--frames", "3", "--warmup", "2"], "--frames must be >= 4"),
+    (["latency", "--fps", "0"], "--fps must be > 0"),
+    (["memory", "--frames", "10", "--early-frame", "20"], "--frames must be >= 21"),
+    (["memory", "--frame-size", "big"], "--frame-size must look like 320x240"),
+])
+def test_bad_options_are_one_line_user_errors(capsys, args, message):
+    assert main(["bench", *args, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_multistream_reports_fps_per_stream_both_ways(capsys, tiny_checkpoint):
+    r = bench_json(capsys, "multistream", "--device", "cpu", "--image-size", "64",
+                   "--checkpoint", str(tiny_checkpoint), "--frames", "3", "--streams", "1", "2")
+    assert r["frames"] == 3 and r["image_size"] == 64
+    for n in ("1", "2"):  # JSON object keys
+        assert r["sequential_fps"][n] > 0 and r["batched_fps"][n] > 0
+        assert r["ratio"][n] == pytest.approx(r["batched_fps"][n] / r["sequential_fps"][n])
+        assert 1.0 <= r["batch_size"][n] <= int(n)
