@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from streamtrack import __version__, cli_run
+from streamtrack import __version__, cli_fleet, cli_run, curve
 from streamtrack.errors import UserError
 from streamtrack.models import DEFAULT_MODEL, MODELS
 
@@ -38,6 +38,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from streamtrack.curve import client_from_args
     from streamtrack.subscriber import Subscriber
 
     if args.count is not None and args.count < 1:
@@ -45,13 +46,16 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
     if args.timeout is not None and not args.timeout > 0:
         raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
     printed = 0
-    with Subscriber(args.endpoint, topics=args.topics) as sub:
+    client_keys = client_from_args(args)
+    with Subscriber(args.endpoint, topics=args.topics, curve=client_keys) as sub:
         last = time.monotonic()
         while args.count is None or printed < args.count:
             msg = sub.recv(timeout=0.25)
             if msg is None:
                 if args.timeout is not None and time.monotonic() - last >= args.timeout:
-                    print(f"streamtrack: no message for {args.timeout:g} s from {args.endpoint}",
+                    why = (" (if it uses CURVE: is this client's key authorised there?)" if client_keys
+                           else " (if it uses CURVE, pass --curve-server-key and --curve-secret)")
+                    print(f"streamtrack: no message for {args.timeout:g} s from {args.endpoint}{why}",
                           file=sys.stderr)
                     return 1
                 continue
@@ -92,8 +96,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # the official predictor's progress bars
-    from streamtrack import bench
+    from streamtrack import bench, bench_stream
 
+    bench_stream.apply_defaults(args)  # per-benchmark defaults for the shared options
     return bench.main(args)
 
 
@@ -150,34 +155,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_download)
 
     cli_run.add_parser(sub, common)
+    cli_fleet.add_parser(sub, common)
 
     p = sub.add_parser(
         "subscribe", parents=[common], help="print one JSON line per message of a running tracker")
     p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555",
-                   help="publisher endpoint (default tcp://127.0.0.1:5555)")
+                   help="publisher endpoint (default tcp://127.0.0.1:5555), or a fleet's directory file "
+                        "(fleet.json: all its streams)")
     p.add_argument("--topics", nargs="+", default=["masks/", "status/", "stats/"], metavar="PREFIX",
                    help="topic prefixes (default masks/ status/ stats/; frames/ for JPEG headers)")
     p.add_argument("--rle", action="store_true", help="include the masks' RLE counts")
     p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
     p.add_argument("--timeout", type=float, metavar="S",
                    help="exit with code 1 after S seconds without a message")
+    curve.add_client_options(p)
     p.set_defaults(func=_cmd_subscribe)
 
     p = sub.add_parser(
         "bench", parents=[common], help="benchmarks, each against a baseline measured in the same run")
-    p.add_argument("what", choices=["engine", "preprocess"],
+    p.add_argument("what", choices=["engine", "preprocess", "pipeline", "latency", "memory", "multistream"],
                    help="engine: streaming engine vs the official predictor; "
-                        "preprocess: how far 'fast' preprocessing moves masks from 'exact'")
+                        "preprocess: how far 'fast' preprocessing moves masks from 'exact'; "
+                        "pipeline: tracker fps (file -> capture -> engine -> ZeroMQ) vs the bare engine; "
+                        "latency: capture->publish latency of a paced source vs the engine step; "
+                        "memory: RSS and state over a long stream vs the official predictor; "
+                        "multistream: streams on one model with a batched encoder vs one after another")
     _add_model_options(p)
-    p.set_defaults(image_size=256)
-    p.add_argument("--frames", type=int, default=24, help="frames timed per run (default 24)")
-    p.add_argument("--objects", type=int, nargs="+", default=[1, 4], help="object counts (default 1 4)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per run (default 24; pipeline, latency 60; memory 2000)")
+    p.add_argument("--objects", type=int, nargs="+", default=None,
+                   help="object counts (default 1 4; pipeline, latency, memory: one count, default 1)")
     p.add_argument("--state-frames", type=int, nargs="*", default=[50, 500],
                    help="report engine state bytes after these frames (default 50 500)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="engine: torch.compile the image encoder (warmed up before timing)")
+    p.add_argument("--official-vos-optimized", action="store_true",
+                   help="engine: baseline is sam2's compiled SAM2VideoPredictorVOS (CUDA)")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4],
+                   help="multistream: stream counts (default 1 2 4)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per side, median reported")
     p.add_argument("--preprocess", default="auto", choices=["auto", "exact", "fast"],
                    help="engine preprocessing (auto: exact on CPU, fast on CUDA)")
+    p.add_argument("--frame-size", default=None, metavar="WxH",
+                   help="synthetic clip size (pipeline, latency 320x240; memory 128x96)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="pipeline, latency: untimed first frames (default 5)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="latency: source frame rate (default 30, or 3x the engine's rate if faster)")
+    p.add_argument("--queue-depth", type=int, default=None, help="latency: live queue depth (default 2)")
+    p.add_argument("--clip-frames", type=int, default=None,
+                   help="latency, memory: length of the looped clip (default 60, 50)")
+    p.add_argument("--early-frame", type=int, default=200,
+                   help="memory: first sample; growth is measured from here to --frames (default 200)")
+    p.add_argument("--official-frames", type=int, nargs="*", default=[50, 100, 200],
+                   help="memory: official predictor samples (default 50 100 200; none to skip)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_bench)
 
@@ -212,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", default="1280x720", metavar="WxH",
                    help="largest window image; the frame is scaled to fit (default 1280x720)")
     p.add_argument("--screenshots", default=".", metavar="DIR", help="where `s` saves PNGs (default .)")
+    curve.add_client_options(p)
     p.set_defaults(func=_cmd_view)
+
+    curve.add_parser(sub, common)
 
     p = sub.add_parser(
         "models", parents=[common], help="list the models streamtrack knows")

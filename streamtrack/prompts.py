@@ -74,10 +74,16 @@ def load_prompts_file(path: str | Path) -> dict[int, list[Prompt]]:
         raise UserError(f"prompts file {path} is not valid JSON ({e})") from None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"prompts file {path}: expected a non-empty JSON list of prompts")
+    return prompts_from_list(entries, f"prompts file {path}", path.parent)
+
+
+def prompts_from_list(entries: list, where_list: str, base: Path) -> dict[int, list[Prompt]]:
+    """Entries in the prompts-file format (already decoded, e.g. inline in a YAML file)
+    into {frame: [Prompt, ...]}; mask PNG paths are relative to ``base``."""
     by_frame: dict[int, list[Prompt]] = defaultdict(list)
     for i, entry in enumerate(entries):
-        where = f"prompts file {path}, entry {i}"
-        prompt, frame = _entry(entry, where, path.parent)
+        where = f"{where_list}, entry {i}"
+        prompt, frame = _entry(entry, where, base)
         if any(p.obj_id == prompt.obj_id for p in by_frame[frame]):
             raise UserError(f"{where}: object {prompt.obj_id} is prompted twice on frame {frame}")
         by_frame[frame].append(prompt)

@@ -18,6 +18,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
@@ -35,6 +36,9 @@ from streamtrack.protocol import (
     parse_topic,
 )
 from streamtrack.publisher import connect_socket
+
+if TYPE_CHECKING:
+    from streamtrack.curve import CurveClient
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +155,12 @@ class Subscriber:
         rcvhwm: int = 64,
         validate_masks: bool = False,
         context: zmq.Context | None = None,
+        curve: CurveClient | None = None,
     ) -> None:
+        from streamtrack.fleet_directory import is_directory_file, publish_endpoints
+
+        if is_directory_file(endpoints):  # a fleet's directory file: all its streams
+            endpoints = publish_endpoints(str(endpoints))
         if isinstance(endpoints, (str, int)):
             endpoints = [endpoints]
         if isinstance(topics, str):
@@ -174,6 +183,8 @@ class Subscriber:
             sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
             for t in topics:
                 sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+            if curve is not None:  # encrypted, authenticated connection to a CURVE publisher
+                curve.load().apply(sock)
             self.endpoints = [connect_socket(sock, ep, "subscriber") for ep in endpoints]
         except BaseException:
             sock.close(linger=0)
@@ -191,6 +202,14 @@ class Subscriber:
             target=self._run, args=(sock,), name="streamtrack-subscriber", daemon=True
         )
         self._thread.start()
+
+    @classmethod
+    def from_fleet(cls, directory: str, streams: list[str] | None = None, **kwargs) -> Subscriber:
+        """Subscribe to the streams of a ``streamtrack fleet`` (all, or ``streams``),
+        reading their endpoints from the fleet's directory file (e.g. ``fleet.json``)."""
+        from streamtrack.fleet_directory import publish_endpoints
+
+        return cls(publish_endpoints(directory, streams), **kwargs)
 
     # ----------------------------------------------------------- receive thread
     def _run(self, sock: zmq.Socket) -> None:

@@ -1,0 +1,585 @@
+"""``streamtrack fleet FLEET.yaml``: many streams as Ray actors, one driver.
+
+The driver (this module, :class:`Fleet`) reads the fleet file
+(:mod:`streamtrack.fleet_spec`), connects to Ray (or starts a local Ray),
+places the streams on actors (:mod:`streamtrack.fleet_actor`; Ray does the
+placement on nodes, the CPU/GPU accounting and the restarts), and then loops:
+
+* it keeps, per stream, the newest mask of every object from its own
+  subscription to the stream's ``masks/<stream>`` topic (the supervisor's
+  :class:`~streamtrack.supervisor.SeenMasks`);
+* it polls each actor's report; an actor whose *incarnation* changed was
+  restarted by Ray (``max_restarts``) and runs nothing, so its streams are
+  started again with a :class:`~streamtrack.pipeline.Resume` seeded from those
+  masks (same object ids, ``seq`` continuing), on the same endpoints when the
+  actor came back on the same node;
+* it writes the endpoint directory (:mod:`streamtrack.fleet_directory`) on
+  every change and answers ``list_streams`` / ``add_stream`` /
+  ``remove_stream`` on the fleet control endpoint.
+
+A stream that fails (its source file is missing, its checkpoint is bad) is
+logged and listed as ``failed`` with its error; the other streams go on.
+SIGINT/SIGTERM stop every stream (outputs flushed), kill the actors and, for a
+Ray the fleet started itself, shut Ray down.
+
+Every Ray call from the loop is asynchronous (``ray.wait`` with no timeout), so
+one slow or restarting actor never stalls the others or the control channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamtrack.control import ControlServer
+from streamtrack.errors import UserError
+from streamtrack.fleet_actor import FleetActor, StreamState
+from streamtrack.fleet_directory import StreamEntry, write_directory
+from streamtrack.fleet_spec import (
+    ActorPlan,
+    FleetSpec,
+    ModelKey,
+    StreamSpec,
+    check_unique,
+    parse_stream,
+    plan_actors,
+    with_endpoints,
+)
+from streamtrack.pipeline import Resume, RunConfig, warn_if_exposed
+from streamtrack.supervisor import SeenMasks, resume_from_seen
+
+log = logging.getLogger(__name__)
+
+# Directory/list states beyond the actor's own: waiting for (re)start, actor being restarted.
+RESTARTING = "restarting"
+_ENDED = (StreamState.DONE, StreamState.FAILED, StreamState.STOPPED)
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("streamtrack fleet needs Ray: pip install 'streamtrack[fleet]'") from None
+    return ray
+
+
+@dataclass
+class _Stream:
+    spec: StreamSpec
+    actor: str
+    run_config: RunConfig  # what the current tracker was started with (its Resume included)
+    state: str = StreamState.STARTING
+    error: str | None = None
+    publish: str | None = None  # connectable endpoints
+    control: str | None = None
+    bound: dict[str, str | None] = field(default_factory=dict)  # as bound, for pinning on restart
+    node: str | None = None
+    frames: int = 0
+    restarts: int = 0
+    seen: SeenMasks = field(default_factory=SeenMasks)
+    sub: Any = None  # Subscriber to masks/<name>
+    starting: bool = False  # a start_stream call is in flight
+    started_at: float = 0.0  # when the last start_stream call came back (monotonic)
+
+    @property
+    def ended(self) -> bool:
+        return self.state in _ENDED
+
+
+@dataclass
+class _Actor:
+    plan: ActorPlan
+    key: ModelKey
+    handle: Any
+    incarnation: str | None = None
+    pid: int | None = None
+    node: str | None = None
+    dead: bool = False
+    unavailable: bool = False  # being restarted by Ray
+    restarts: int = 0
+    report_ref: Any = None
+    last_report: float = 0.0  # when the pending (or last) report was requested (monotonic)
+
+
+@dataclass
+class FleetSummary:
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> state, frames, error
+    interrupted_by: int | None = None
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, s in self.streams.items() if s["state"] in (StreamState.FAILED, StreamState.CRASHED)]
+
+
+class Fleet:
+    """Run a :class:`FleetSpec` on Ray until every stream has ended (or :meth:`stop`).
+
+    Uses the Ray already initialised in this process if there is one (and leaves
+    it running); otherwise connects to ``options.address`` or starts a local Ray,
+    which it shuts down at the end.
+    """
+
+    def __init__(self, spec: FleetSpec, *, log_level: int | None = None, poll_interval: float = 0.5) -> None:
+        self.spec = spec
+        self.options = spec.options
+        self.log_level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
+        self.poll_interval = poll_interval
+        self.streams: dict[str, _Stream] = {}
+        self.actors: dict[str, _Actor] = {}
+        self.control_endpoint: str | None = None
+        self.interrupted_by: int | None = None
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._starts: dict[Any, _Stream] = {}  # start_stream ref -> the stream it starts
+        self._own_ray = False
+        self._ray = None
+        self._control: ControlServer | None = None
+        self._dirty = True
+        self._next_actor = 0
+        self._cluster_gpus = 0.0
+        self._warned: set[tuple[str, str]] = set()
+
+    # ---------------------------------------------------------------------- public
+    def stop(self, signum: int | None = None) -> None:
+        """Ask the fleet to stop (any thread, signal-safe)."""
+        if self.interrupted_by is None:
+            self.interrupted_by = signum
+        self._stop.set()
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """True once the actors are created and the directory is written."""
+        return self._started.wait(timeout)
+
+    def actor(self, name: str):
+        """The Ray actor handle of actor ``name`` (e.g. ``fleet-0``)."""
+        return self.actors[name].handle
+
+    def run(self) -> FleetSummary:
+        restore = self._install_signals()
+        try:
+            self._start()
+            self._started.set()
+            while not self._stop.is_set():
+                self._serve_control()
+                self._collect_starts()
+                self._poll_actors()
+                self._drain_masks()
+                if self._dirty:
+                    self._write_directory("running")
+                if self.options.exit_when_done and self._all_ended():
+                    break
+        finally:
+            try:
+                self._shutdown()
+            finally:
+                restore()
+        return self.summary()
+
+    def summary(self) -> FleetSummary:
+        out = FleetSummary(interrupted_by=self.interrupted_by)
+        for name, s in self.streams.items():
+            # The actor's count (across restarts) or the driver's, whichever saw more.
+            frames = max(s.frames, s.seen.seq + 1 if s.seen.seq is not None else 0)
+            out.streams[name] = {"state": s.state, "frames": frames, "restarts": s.restarts, "error": s.error,
+                                 "actor": s.actor}
+        return out
+
+    # ------------------------------------------------------------- control handler
+    def list_streams(self) -> dict[str, Any]:
+        return {"streams": {name: self._entry(s).to_dict() for name, s in self.streams.items()}}
+
+    def add_stream(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate ``entry`` exactly as a file entry, place it and start it.  The reply
+        comes at once (state ``starting``); ``list_streams`` shows its endpoints."""
+        defaults = self._defaults()
+        spec = parse_stream(dict(entry), defaults, self.options, "add_stream")
+        if spec.name in self.streams:
+            raise UserError(f"add_stream: stream {spec.name!r} exists already (remove_stream it first)")
+        check_unique([s.spec for s in self.streams.values()] + [spec], "add_stream")
+        self._warn_if_exposed(spec)
+        actor = self._place(spec)
+        self._add(spec, actor)
+        return {"stream": spec.name, "actor": actor.plan.name, "state": StreamState.STARTING}
+
+    def remove_stream(self, name: str) -> dict[str, Any]:
+        stream = self.streams.pop(name, None)
+        if stream is None:
+            raise UserError(f"remove_stream: no stream {name!r}; streams: {sorted(self.streams)}")
+        actor = self.actors.get(stream.actor)
+        if actor is not None and not actor.dead:
+            actor.handle.stop_stream.remote(name)  # fire and forget: it flushes and stops
+        if stream.sub is not None:
+            stream.sub.close()
+        self._dirty = True
+        log.info("stream %s removed", name)
+        return {"stream": name, "state": "removed"}
+
+    # -------------------------------------------------------------------- starting
+    def _start(self) -> None:
+        ray = require_ray()
+        self._ray = ray
+        if not ray.is_initialized():
+            _init_ray(ray, self.options.address)
+            self._own_ray = not self.options.address
+        self._cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        if self.options.control_endpoint is not None:
+            self._control = _FleetControlServer(self.options.control_endpoint, self)
+            self.control_endpoint = self._control.endpoint
+            warn_if_exposed(self.control_endpoint, "control")
+            log.info("fleet control on %s", self.control_endpoint)
+        specs = {s.name: s for s in self.spec.streams}
+        for s in self.spec.streams:
+            self._warn_if_exposed(s)
+        for plan in plan_actors(self.spec.streams, self.options, self._cluster_gpus):
+            actor = self._new_actor(plan, specs[plan.streams[0]].model_key)
+            for name in plan.streams:
+                self._add(specs[name], actor)
+        self._write_directory("running")
+
+    def _warn_if_exposed(self, spec: StreamSpec) -> None:
+        """Once per distinct endpoint: masks and control carry no authentication."""
+        for endpoint, what in ((spec.config.publish, "publish"), (spec.config.control, "control")):
+            if endpoint and (endpoint, what) not in self._warned:
+                self._warned.add((endpoint, what))
+                warn_if_exposed(endpoint, what)
+
+    def _new_actor(self, plan: ActorPlan, key: ModelKey) -> _Actor:
+        ray = self._ray
+        assert ray is not None
+        self._next_actor = max(self._next_actor, int(plan.name.rsplit("-", 1)[1]) + 1)
+        handle = ray.remote(FleetActor).options(
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+            max_restarts=self.options.max_restarts, max_task_retries=0,
+            # Threaded: report() answers while start_stream() is still loading the model.
+            max_concurrency=8,
+        ).remote(plan.name, self.log_level)
+        actor = _Actor(plan=plan, key=key, handle=handle)
+        self.actors[plan.name] = actor
+        log.info("actor %s: %s (%g CPU, %g GPU)", plan.name, ", ".join(plan.streams) or "-",
+                 plan.num_cpus, plan.num_gpus)
+        return actor
+
+    def _place(self, spec: StreamSpec) -> _Actor:
+        """An existing actor with the same model and room, else a new one."""
+        cap = self.options.streams_per_actor
+        candidates = [a for a in self.actors.values() if not a.dead and a.key == spec.model_key]
+        load = {a.plan.name: sum(1 for s in self.streams.values() if s.actor == a.plan.name and not s.ended)
+                for a in candidates}
+        candidates = [a for a in candidates if cap is None or load[a.plan.name] < cap]
+        if candidates:
+            return min(candidates, key=lambda a: load[a.plan.name])
+        plan = plan_actors([spec], self.options, self._cluster_gpus, first_index=self._next_actor)[0]
+        return self._new_actor(plan, spec.model_key)
+
+    def _add(self, spec: StreamSpec, actor: _Actor) -> None:
+        stream = _Stream(spec=spec, actor=actor.plan.name, run_config=spec.run_config())
+        self.streams[spec.name] = stream
+        self._submit_start(stream, actor)
+
+    def _submit_start(self, stream: _Stream, actor: _Actor) -> None:
+        ref = actor.handle.start_stream.remote(stream.run_config, actor.key)
+        self._starts[ref] = stream
+        stream.starting = True
+        self._dirty = True
+
+    def _restart(self, stream: _Stream, actor: _Actor, why: str) -> None:
+        """Start ``stream`` again on ``actor`` from its last published masks."""
+        stream.restarts += 1
+        before = stream.run_config.resume or Resume()
+        rc = stream.spec.run_config()
+        rc.resume = resume_from_seen(stream.seen, before, stream.restarts)
+        if stream.node is not None and stream.node == actor.node:
+            # Same machine: bind exactly what the first tracker bound, so subscribers
+            # and control clients reconnect by themselves.
+            rc = with_endpoints(rc, stream.bound.get("publish"), stream.bound.get("control"))
+        stream.run_config = rc
+        stream.state, stream.error = RESTARTING, None
+        log.warning("stream %s: %s; restarting it on %s from its last masks (objects %s, seq %d)",
+                    stream.spec.name, why, actor.plan.name, sorted(stream.seen.masks), rc.resume.seq_start)
+        self._submit_start(stream, actor)
+
+    # ------------------------------------------------------------------------ loop
+    def _serve_control(self) -> None:
+        wait_ms = int(min(self.poll_interval, 0.05) * 1000)
+        if self._control is not None:
+            self._control.poll_once(wait_ms)
+        else:
+            self._stop.wait(wait_ms / 1000)
+
+    def _collect_starts(self) -> None:
+        ray = self._ray
+        if not self._starts:
+            return
+        ready, _ = ray.wait(list(self._starts), num_returns=len(self._starts), timeout=0)
+        for ref in ready:
+            stream = self._starts.pop(ref)
+            name = stream.spec.name
+            if self.streams.get(name) is not stream:
+                # Removed while starting: the stop may have reached the actor before
+                # the start did, so stop it again now that it has started.
+                actor = self.actors[stream.actor]
+                if name not in self.streams and not actor.dead:
+                    actor.handle.stop_stream.remote(name)
+                continue
+            stream.starting = False
+            stream.started_at = time.monotonic()
+            try:
+                report = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                # The actor died under the call: its report poll sees the restart.
+                stream.state = RESTARTING
+                stream.error = _first_line(exc)
+                self._dirty = True
+                continue
+            self._update_stream(stream, report, self.actors[stream.actor])
+
+    def _poll_actors(self) -> None:
+        ray = self._ray
+        now = time.monotonic()
+        pending = {a.report_ref: a for a in self.actors.values() if a.report_ref is not None}
+        if pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            for ref in ready:
+                actor = pending[ref]
+                actor.report_ref = None
+                try:
+                    self._on_report(actor, ray.get(ref))
+                except ray.exceptions.ActorDiedError as exc:
+                    self._on_actor_dead(actor, exc)
+                except ray.exceptions.RayActorError as exc:  # unavailable: being restarted
+                    self._on_actor_restarting(actor, exc)
+        for actor in self.actors.values():
+            if not actor.dead and actor.report_ref is None and now - actor.last_report >= self.poll_interval:
+                actor.report_ref = actor.handle.report.remote()
+                actor.last_report = now
+
+    def _on_report(self, actor: _Actor, report: dict[str, Any]) -> None:
+        restarted = actor.incarnation is not None and report["incarnation"] != actor.incarnation
+        actor.incarnation, actor.pid, actor.node = report["incarnation"], report["pid"], report["node"]
+        actor.unavailable = False
+        if restarted:
+            actor.restarts += 1
+            self._dirty = True
+            log.warning("actor %s was restarted by Ray (pid %d on %s, restart %d)",
+                        actor.plan.name, actor.pid, actor.node, actor.restarts)
+        for stream in self._streams_of(actor):
+            if stream.ended or stream.starting or stream.started_at >= actor.last_report:
+                continue  # ended, or started after this report was asked for: it may not know
+            rep = report["streams"].get(stream.spec.name)
+            if rep is None:
+                # A restarted actor runs nothing (and one killed before its first
+                # report came back may look new): start the stream again.
+                why = f"actor {actor.plan.name} was restarted" if restarted else \
+                    f"actor {actor.plan.name} does not run it (restarted)"
+                self._restart(stream, actor, why)
+            else:
+                self._update_stream(stream, rep, actor)
+
+    def _update_stream(self, stream: _Stream, rep: dict[str, Any], actor: _Actor) -> None:
+        old = stream.state
+        stream.frames = rep.get("frames", stream.frames)
+        if rep.get("error") and rep["state"] in (StreamState.STARTING, StreamState.RUNNING):
+            # start_stream refused (already running): keep what we knew
+            log.warning("stream %s: %s", stream.spec.name, rep["error"])
+            return
+        stream.state, stream.error = rep["state"], rep.get("error")
+        if rep.get("publish"):
+            stream.publish, stream.control = rep["publish"], rep.get("control")
+            stream.bound = dict(rep.get("bound") or {})
+            stream.node = actor.node or stream.node
+            self._subscribe(stream)
+        if stream.state == StreamState.CRASHED:
+            limit = self.options.max_restarts
+            if limit != -1 and stream.restarts >= limit:
+                stream.state = StreamState.FAILED
+                stream.error = f"crashed {stream.restarts + 1} time(s), last: {stream.error}"
+            else:
+                self._restart(stream, actor, f"crashed ({stream.error})")
+                return
+        if stream.state != old:
+            self._dirty = True
+            if stream.state == StreamState.FAILED:
+                log.error("stream %s failed: %s", stream.spec.name, stream.error)
+            elif stream.state == StreamState.RUNNING:
+                log.info("stream %s running on %s: publish %s, control %s", stream.spec.name,
+                         actor.plan.name, stream.publish, stream.control)
+            else:
+                log.info("stream %s: %s", stream.spec.name, stream.state)
+
+    def _on_actor_restarting(self, actor: _Actor, exc: BaseException) -> None:
+        if not actor.unavailable:  # once per outage, not once per poll
+            log.warning("actor %s unavailable (%s); waiting for Ray to restart it", actor.plan.name,
+                        _first_line(exc))
+        actor.unavailable = True
+        for stream in self._streams_of(actor):
+            if not stream.ended and stream.state != RESTARTING:
+                stream.state, stream.error = RESTARTING, f"actor {actor.plan.name} unavailable"
+                self._dirty = True
+
+    def _on_actor_dead(self, actor: _Actor, exc: BaseException) -> None:
+        actor.dead = True
+        why = (f"actor {actor.plan.name} died and Ray will not restart it "
+               f"(max_restarts {self.options.max_restarts} used up or node lost): {_first_line(exc)}")
+        log.error(why)
+        for stream in self._streams_of(actor):
+            if not stream.ended:
+                stream.state, stream.error = StreamState.FAILED, why
+        self._dirty = True
+
+    def _streams_of(self, actor: _Actor) -> list[_Stream]:
+        return [s for s in self.streams.values() if s.actor == actor.plan.name]
+
+    def _subscribe(self, stream: _Stream) -> None:
+        """Follow the stream's own masks, to re-seed it after a restart."""
+        from streamtrack.protocol import masks_topic
+        from streamtrack.subscriber import Subscriber
+
+        if stream.sub is not None and stream.sub.endpoints == [stream.publish]:
+            return
+        if stream.sub is not None:
+            stream.sub.close()
+        stream.sub = Subscriber(stream.publish, topics=[masks_topic(stream.spec.name)])
+
+    def _drain_masks(self) -> None:
+        for stream in self.streams.values():
+            if stream.sub is None:
+                continue
+            while (msg := stream.sub.recv(timeout=0)) is not None:
+                if msg.result is not None and msg.stream == stream.spec.name:
+                    stream.seen.update(msg.result)
+
+    def _all_ended(self) -> bool:
+        return not self._starts and all(s.ended for s in self.streams.values())
+
+    # ------------------------------------------------------------------ directory
+    def _entry(self, s: _Stream) -> StreamEntry:
+        actor = self.actors.get(s.actor)
+        return StreamEntry(name=s.spec.name, state=s.state, publish=s.publish, control=s.control,
+                           actor=s.actor, actor_pid=actor.pid if actor else None, node=s.node,
+                           error=s.error, restarts=s.restarts, source=s.spec.source)
+
+    def _write_directory(self, state: str) -> None:
+        fleet = {"control": self.control_endpoint, "pid": os.getpid(), "state": state,
+                 "updated": time.time(), "ray": self.options.address or "local"}
+        write_directory(self.options.directory, [self._entry(s) for s in self.streams.values()], fleet)
+        self._dirty = False
+
+    def _defaults(self) -> dict[str, Any]:
+        return self.spec.defaults
+
+    # ------------------------------------------------------------------- shutdown
+    def _shutdown(self) -> None:
+        ray = self._ray
+        for s in self.streams.values():
+            if s.sub is not None:
+                s.sub.close()
+                s.sub = None
+        if ray is not None and ray.is_initialized():
+            live = [a for a in self.actors.values() if not a.dead]
+            refs = [a.handle.stop_all.remote(10.0) for a in live]
+            if refs:
+                ray.wait(refs, num_returns=len(refs), timeout=15)  # outputs flushed, best effort
+            for a in live:
+                try:
+                    ray.kill(a.handle, no_restart=True)
+                except Exception as exc:  # noqa: BLE001 - already gone
+                    log.debug("kill %s: %s", a.plan.name, exc)
+            for s in self.streams.values():
+                if not s.ended:
+                    s.state = StreamState.STOPPED
+            if self._own_ray:
+                ray.shutdown()
+        if self._control is not None:
+            self._control.close()
+        if self._started.is_set():
+            self._write_directory("stopped")
+
+    def _install_signals(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            self.stop(signum)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore
+
+
+class _FleetControlServer(ControlServer):
+    """The fleet's control endpoint: ControlServer's transport and error handling,
+    the fleet's commands (JSON only, every field checked)."""
+
+    COMMANDS = ("list_streams", "add_stream", "remove_stream")
+
+    def execute(self, request: Any) -> Mapping[str, Any] | None:
+        fleet: Fleet = self.handler  # type: ignore[assignment]
+        if not isinstance(request, Mapping):
+            raise UserError(f"request must be a JSON object, got {type(request).__name__}")
+        cmd = request.get("cmd")
+        if cmd not in self.COMMANDS:
+            raise UserError(f"unknown cmd {cmd!r}; expected one of {list(self.COMMANDS)}")
+        fields = {k: v for k, v in request.items() if k not in ("cmd", "id")}
+        if cmd == "add_stream":
+            return fleet.add_stream(fields)
+        allowed = {"remove_stream": {"name"}, "list_streams": set()}[cmd]
+        unknown = set(fields) - allowed
+        if unknown:
+            raise UserError(f"{cmd}: unknown field(s) {sorted(map(str, unknown))}; "
+                            f"allowed: {sorted(allowed)}")
+        if cmd == "list_streams":
+            return fleet.list_streams()
+        if not isinstance(fields.get("name"), str):
+            raise UserError("remove_stream needs name (a string)")
+        return fleet.remove_stream(fields["name"])
+
+
+def _init_ray(ray, address: str | None) -> None:
+    if not address:
+        log.info("starting a local Ray instance")
+        # "local": a new instance even if `ray start` left one running on this machine.
+        ray.init(address="local", log_to_driver=True)
+        return
+    log.info("connecting to the Ray cluster at %s", address)
+    _check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError: all "cannot connect"
+        hint = ""
+        if "RAY_AUTH_MODE" not in os.environ:
+            hint = (" (a cluster started with token authentication, Ray's default, needs "
+                    "RAY_AUTH_MODE=token and its token in ~/.ray/auth_token on this machine too)")
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(exc)}{hint}") from None
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT that nobody listens on fails here in seconds: Ray itself keeps
+    retrying for minutes."""
+    import socket
+
+    if "://" in address or address == "auto":
+        return  # ray:// (Ray Client) and "auto" are Ray's to resolve
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"Ray address {address!r}: expected HOST:PORT, auto or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {exc.strerror or exc} "
+                        "(is `ray start --head` running there?)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

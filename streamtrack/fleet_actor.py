@@ -1,0 +1,231 @@
+"""The fleet's Ray actor: one model, several streams, one tracker thread per stream.
+
+:class:`FleetActor` is a plain class; the driver (:mod:`streamtrack.fleet`) wraps
+it with ``ray.remote`` and Ray's options (CPUs, GPUs, ``max_restarts``).  Its
+constructor only records an *incarnation* id: when Ray restarts a dead actor it
+runs the constructor again, the incarnation changes, and the driver, seeing an
+actor that runs none of its streams, starts them again with a
+:class:`~streamtrack.pipeline.Resume` built from their last published masks.
+
+Each stream is a full :class:`~streamtrack.pipeline.Tracker` (capture thread,
+engine loop, publisher, control server) exactly as ``streamtrack run`` runs it,
+so it publishes the same topics in the same format.  The streams of an actor
+share one model, built on the first stream's start, and one
+:class:`~streamtrack.multistream.SharedImageEncoder` that batches their frames
+into one image-encoder forward; each has its own
+:class:`~streamtrack.engine.StreamingEngine` (memory bank, objects, frame
+numbering).  A stream that fails (missing source, bad checkpoint) fails alone:
+its error is kept for the driver and the other streams go on.
+
+The actor is threaded (Ray ``max_concurrency`` > 1), so ``report`` answers
+while another call is still loading the model; the stream table is locked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamtrack.errors import UserError
+from streamtrack.fleet_spec import ModelKey
+from streamtrack.pipeline import RunConfig, Tracker
+
+log = logging.getLogger(__name__)
+
+# How long start_stream waits for the tracker to bind its endpoints (or fail).
+_BIND_TIMEOUT = 60.0
+
+
+class StreamState:
+    STARTING = "starting"
+    RUNNING = "running"
+    DONE = "done"  # the source ended or max_frames was reached
+    FAILED = "failed"  # a user error (missing source, bad checkpoint): not retried
+    CRASHED = "crashed"  # an unexpected exception in the tracker thread
+    STOPPED = "stopped"  # removed or stopped on request
+
+
+@dataclass
+class _Stream:
+    config: RunConfig
+    tracker: Tracker | None = None
+    thread: threading.Thread | None = None
+    state: str = StreamState.STARTING
+    error: str | None = None
+    bound: dict[str, str | None] = field(default_factory=dict)
+    ready: threading.Event = field(default_factory=threading.Event)  # bound, or ended
+    stop_requested: bool = False
+
+
+class FleetActor:
+    """Hosts streams that share a model.  Public methods are the actor's remote API."""
+
+    def __init__(self, name: str, log_level: int = logging.INFO) -> None:
+        logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s[{name}]: %(message)s")
+        self.name = name
+        self.incarnation = uuid.uuid4().hex
+        self._lock = threading.Lock()  # the stream table
+        self._model_lock = threading.Lock()
+        self._model = None
+        self._encoder = None  # streamtrack.multistream.SharedImageEncoder over the model
+        self._model_key: ModelKey | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._node = _node_address()
+
+    # ------------------------------------------------------------------ remote API
+    def pid(self) -> int:
+        return os.getpid()
+
+    def start_stream(self, config: RunConfig, model_key: ModelKey) -> dict[str, Any]:
+        """Start one stream and wait until it has bound its endpoints (or failed).
+
+        Returns the stream's report (see :meth:`report`).  Starting a name that is
+        already running is an error; a stream that ended may be started again.
+        """
+        name = config.stream
+        with self._lock:
+            old = self._streams.get(name)
+            if old is not None and old.state in (StreamState.STARTING, StreamState.RUNNING):
+                return self._stream_report(name, old) | {"error": f"stream {name!r} is already running"}
+            stream = _Stream(config=config)
+            self._streams[name] = stream
+        try:
+            engine = self._engine(config, model_key)
+            stream.tracker = Tracker(config, engine=engine, notify=lambda kind, data: self._notify(
+                stream, kind, data))
+        except UserError as exc:
+            self._ended(name, stream, StreamState.FAILED, str(exc))
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, the actor lives on
+            log.exception("stream %s: could not start", name)
+            self._ended(name, stream, StreamState.CRASHED, f"{type(exc).__name__}: {exc}")
+        else:
+            stream.thread = threading.Thread(target=self._run, args=(name, stream), name=f"stream-{name}",
+                                             daemon=True)
+            stream.thread.start()
+            stream.ready.wait(_BIND_TIMEOUT)
+        with self._lock:
+            return self._stream_report(name, stream)
+
+    def stop_stream(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Stop one stream (its outputs are flushed) and forget it."""
+        with self._lock:
+            stream = self._streams.pop(name, None)
+        if stream is None:
+            return {"name": name, "state": "unknown"}
+        stream.stop_requested = True
+        if stream.tracker is not None:
+            stream.tracker.stop()
+        if stream.thread is not None:
+            stream.thread.join(timeout)
+        return {"name": name, "state": StreamState.STOPPED}
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """Stop every stream, then return (the driver kills the actor next)."""
+        with self._lock:
+            streams = list(self._streams.values())
+        for s in streams:
+            s.stop_requested = True
+            if s.tracker is not None:
+                s.tracker.stop()
+        deadline = time.monotonic() + timeout
+        for s in streams:
+            if s.thread is not None:
+                s.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def report(self) -> dict[str, Any]:
+        """Who this is (incarnation, pid, node), every stream's state and endpoints, and
+        how well the shared encoder batches (frames per forward pass)."""
+        with self._lock:
+            streams = {name: self._stream_report(name, s) for name, s in self._streams.items()}
+        enc = self._encoder
+        return {"actor": self.name, "incarnation": self.incarnation, "pid": os.getpid(),
+                "node": self._node, "streams": streams,
+                "encoder": {"batches": enc.batches, "frames": enc.frames} if enc is not None else None}
+
+    # ------------------------------------------------------------------- internals
+    def _engine(self, config: RunConfig, key: ModelKey):
+        from streamtrack.engine import StreamingEngine
+
+        model = self._shared_model(key)
+        # One model per actor, one engine per stream; the streams' image-encoder passes
+        # are batched into one forward by the actor's shared encoder.
+        return StreamingEngine(model, config.engine, encoder=self._encoder)
+
+    def _shared_model(self, key: ModelKey):
+        with self._model_lock:
+            if self._model is None:
+                from streamtrack.models import build_model, resolve_device
+
+                log.info("loading %s for this actor's streams", key.model)
+                from streamtrack.multistream import SharedImageEncoder
+
+                self._model = build_model(key.model, key.checkpoint, device=resolve_device(key.device),
+                                          image_size=key.image_size)
+                self._encoder = SharedImageEncoder(self._model)
+                self._model_key = key
+            elif key != self._model_key:
+                raise UserError(f"this actor runs {self._model_key}; a stream with {key} needs its own actor")
+            return self._model
+
+    def _notify(self, stream: _Stream, kind: str, data: dict[str, Any]) -> None:
+        if kind == "bound":
+            with self._lock:
+                stream.bound = dict(data)
+                stream.state = StreamState.RUNNING
+            stream.ready.set()
+
+    def _run(self, name: str, stream: _Stream) -> None:
+        assert stream.tracker is not None
+        try:
+            summary = stream.tracker.run()
+        except UserError as exc:
+            log.error("stream %s failed: %s", name, exc)
+            self._ended(name, stream, StreamState.FAILED, str(exc))
+        except BaseException as exc:  # noqa: BLE001 - one stream must not take the others down
+            log.exception("stream %s crashed", name)
+            self._ended(name, stream, StreamState.CRASHED, f"{type(exc).__name__}: {exc}")
+        else:
+            state = StreamState.STOPPED if stream.stop_requested else StreamState.DONE
+            log.info("stream %s %s: %s", name, state, summary.line())
+            self._ended(name, stream, state, None)
+
+    def _ended(self, name: str, stream: _Stream, state: str, error: str | None) -> None:
+        with self._lock:
+            stream.state, stream.error = state, error
+        engine = stream.tracker.engine if stream.tracker is not None else None
+        if self._encoder is not None and engine is not None:
+            self._encoder.idle(engine)  # batches stop waiting for a stream that has ended
+        stream.ready.set()
+
+    def _stream_report(self, name: str, s: _Stream) -> dict[str, Any]:
+        frames = s.tracker.frames_seen if s.tracker is not None else 0
+        return {
+            "name": name, "state": s.state, "error": s.error, "frames": frames,
+            "bound": dict(s.bound),
+            "publish": connectable(s.bound.get("publish"), self._node),
+            "control": connectable(s.bound.get("control"), self._node),
+        }
+
+
+def connectable(endpoint: str | None, node: str) -> str | None:
+    """A bound endpoint as others connect to it: a wildcard host becomes the node's address."""
+    if endpoint is None:
+        return None
+    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            return f"tcp://{node}:{endpoint[len(wildcard):]}"
+    return endpoint
+
+
+def _node_address() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray (tests of the class itself)
+        return "127.0.0.1"

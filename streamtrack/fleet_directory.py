@@ -1,0 +1,109 @@
+"""The fleet's directory of endpoints: a small JSON file, stream name -> endpoints.
+
+``streamtrack fleet`` rewrites it whenever a stream starts, moves (its actor was
+restarted, maybe on another node), fails or is removed, so clients need not know
+how streams were placed::
+
+    {"v": 1,
+     "fleet": {"control": "tcp://127.0.0.1:5600", "pid": 4242, "state": "running", "updated": 1.7e9},
+     "streams": {"lobby": {"publish": "tcp://127.0.0.1:41234", "control": "tcp://127.0.0.1:41235",
+                           "actor": "fleet-0", "actor_pid": 4300, "node": "127.0.0.1",
+                           "state": "running", "error": null, "restarts": 0, "source": "lobby.mp4"}}}
+
+Endpoints are the ones to *connect* to (a wildcard bind is listed with the node's
+address).  This module only reads and writes the file: it needs neither Ray nor
+a running fleet, so :class:`streamtrack.subscriber.Subscriber` can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from streamtrack.errors import UserError
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One stream as the directory lists it."""
+
+    name: str
+    state: str  # starting | running | restarting | done | failed | stopped
+    publish: str | None = None
+    control: str | None = None
+    actor: str | None = None
+    actor_pid: int | None = None
+    node: str | None = None
+    error: str | None = None
+    restarts: int = 0
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["name"]
+        return d
+
+
+def write_directory(path: str | Path, streams: list[StreamEntry], fleet: dict[str, Any]) -> None:
+    """Write the directory atomically (a reader never sees half a file)."""
+    path = Path(path)
+    doc = {"v": VERSION, "fleet": fleet, "streams": {s.name: s.to_dict() for s in streams}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_directory(path: str | Path) -> dict[str, StreamEntry]:
+    """The streams of a directory file; :class:`UserError` naming the file otherwise."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"fleet directory {path} not found (is `streamtrack fleet` running?)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"fleet directory {path}: cannot read JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("v") != VERSION or not isinstance(doc.get("streams"), dict):
+        raise UserError(f"fleet directory {path}: not a streamtrack fleet directory (v{VERSION})")
+    out: dict[str, StreamEntry] = {}
+    for name, entry in doc["streams"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("state"), str):
+            raise UserError(f"fleet directory {path}: stream {name!r} is malformed")
+        known = {k: entry[k] for k in StreamEntry.__dataclass_fields__ if k in entry and k != "name"}
+        out[name] = StreamEntry(name=name, **known)
+    return out
+
+
+def publish_endpoints(path: str | Path, streams: list[str] | None = None) -> list[str]:
+    """The publish endpoints listed in a directory file (of ``streams``, or of all
+    streams that have one), in stream-name order."""
+    entries = read_directory(path)
+    if streams is not None:
+        missing = [s for s in streams if s not in entries]
+        if missing:
+            raise UserError(f"fleet directory {path}: no stream(s) {missing}; listed: {sorted(entries)}")
+    names = sorted(entries) if streams is None else list(streams)
+    eps = [entries[n].publish for n in names if entries[n].publish]
+    if not eps:
+        raise UserError(f"fleet directory {path}: no stream has a publish endpoint yet")
+    return eps  # type: ignore[return-value]
+
+
+def is_directory_file(endpoint: object) -> bool:
+    """True when ``endpoint`` names a directory file rather than a ZeroMQ endpoint."""
+    if not isinstance(endpoint, (str, Path)):
+        return False
+    return str(endpoint).endswith(".json") and "://" not in str(endpoint)

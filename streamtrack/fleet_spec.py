@@ -1,0 +1,369 @@
+"""The fleet file (``streamtrack fleet FLEET.yaml``): format, validation, placement.
+
+::
+
+    fleet:                      # all optional
+      address: null             # Ray cluster ("auto", "HOST:6379", "ray://HOST:10001"); null = local Ray
+      streams_per_actor: null   # null: one actor per GPU (GPU cluster), all streams in one actor (CPU)
+      num_cpus: 1               # per actor
+      num_gpus: null            # per actor; null = 1 on a cluster with GPUs, else 0
+      max_restarts: 3           # Ray restarts a dead actor this often (-1 = forever)
+      bind: 127.0.0.1           # host of automatic endpoints (0.0.0.0: reachable from other machines)
+      directory: fleet.json     # where the endpoint directory is written
+      control: auto             # fleet control endpoint (list_streams, add/remove_stream); null = none
+      exit_when_done: true      # stop once every stream has ended (false: run until Ctrl-C)
+    defaults:                   # `streamtrack run` config keys applied to every stream
+      model: sam2.1_hiera_tiny
+      image_size: 512
+    streams:
+      - name: lobby             # stream name: topics masks/lobby, status/lobby, stats/lobby
+        source: demos/sample.mp4
+        prompts: demos/sample_prompts.json   # a prompts file, or an inline list of prompts
+        loop: true
+      - name: door
+        source: rtsp://cam2.local/stream
+        prompt_later: true      # no prompts yet: prompt over the stream's control endpoint
+
+A stream entry takes the keys of a ``streamtrack run`` config file (``model``,
+``checkpoint``, ``device``, ``image_size``, ``save_jsonl``, ``publish``,
+``control``, ``loop``, ``max_frames``, ...) plus ``name``, ``source``,
+``prompts`` and ``prompt_later``.  ``publish`` and ``control`` default to
+``auto`` (a free port on ``bind``).  Everything is checked before anything
+starts; each error is one line naming the stream and the field.  Whether a
+source file exists is checked where the stream runs (the node of its actor), so
+a missing file fails that stream only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from streamtrack.config import Config, coerce, load_yaml
+from streamtrack.engine import Prompt
+from streamtrack.errors import UserError
+from streamtrack.models import MODELS
+from streamtrack.pipeline import RunConfig
+from streamtrack.protocol import normalize_endpoint, validate_stream
+
+AUTO = "auto"
+# Run-config keys a stream may not set: the name is the stream, a fleet has no
+# window, restarts are Ray's (fleet.max_restarts), and CURVE keys would leave the
+# driver unable to read the masks it re-seeds from.
+_NOT_PER_STREAM = {"stream", "show", "max_restarts", "curve_secret", "curve_clients"}
+_RUN_KEYS = [f.name for f in fields(Config) if f.name not in _NOT_PER_STREAM]
+_STREAM_KEYS = {"name", "source", "prompts", "prompt_later", *_RUN_KEYS}
+_TOP_KEYS = {"fleet", "defaults", "streams"}
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    address: str | None = None
+    streams_per_actor: int | None = None
+    num_cpus: float = 1.0
+    num_gpus: float | None = None
+    max_restarts: int = 3
+    bind: str = "127.0.0.1"
+    directory: str = "fleet.json"
+    control: str | None = AUTO
+    exit_when_done: bool = True
+
+    @property
+    def control_endpoint(self) -> str | None:
+        """What the fleet control server binds (``auto``: a free port on ``bind``)."""
+        if self.control is None:
+            return None
+        return normalize_endpoint(f"tcp://{self.bind}:0") if self.control == AUTO else self.control
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Streams with the same key can share one model in one actor."""
+
+    model: str
+    checkpoint: str | None
+    device: str
+    image_size: int | None
+    max_cond_frames: int | None  # set on the model itself by the engine
+    compile: bool
+
+
+@dataclass
+class StreamSpec:
+    """One validated stream entry: what its tracker runs."""
+
+    name: str
+    source: str
+    config: Config  # merged defaults + entry; publish/control already resolved
+    prompts: dict[int, list[Prompt]] = field(default_factory=dict)
+    prompt_later: bool = False
+
+    @property
+    def model_key(self) -> ModelKey:
+        c = self.config
+        return ModelKey(c.model, c.checkpoint, c.device, c.image_size, c.max_cond_frames, c.compile)
+
+    def run_config(self) -> RunConfig:
+        """The tracker's configuration, exactly as ``streamtrack run`` would build it."""
+        rc = RunConfig.from_config(self.config, self.source, self.prompts, progress=False)
+        rc.wait_for_prompt = self.prompt_later and not self.prompts
+        return rc
+
+
+@dataclass
+class FleetSpec:
+    options: FleetOptions
+    streams: list[StreamSpec]
+    path: str = "<fleet>"
+    defaults: dict[str, Any] = field(default_factory=dict)  # applied to add_stream entries too
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def load_fleet(path: str | Path) -> FleetSpec:
+    """Read and validate a fleet file (:class:`UserError`, one line, on any problem)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"fleet file {p} not found")
+    return parse_fleet(load_yaml(p), str(p))
+
+
+def parse_fleet(doc: Any, where: str) -> FleetSpec:
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: expected a mapping with 'fleet', 'defaults' and 'streams'")
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown section(s) {sorted(map(str, unknown))}; "
+                        f"expected {sorted(_TOP_KEYS)}")
+    options = parse_options(doc.get("fleet") or {}, f"{where}: fleet")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise UserError(f"{where}: defaults: expected a mapping of run-config keys to values")
+    for key, value in defaults.items():
+        if key not in _RUN_KEYS:
+            raise UserError(f"{where}: defaults: unknown key {key!r}; known: {', '.join(_RUN_KEYS)}")
+        _check_value(str(key), value, f"{where}: defaults")
+    entries = doc.get("streams")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise UserError(f"{where}: streams: expected a list of stream entries")
+    if not entries and (options.exit_when_done or options.control is None):
+        raise UserError(f"{where}: streams: no streams (an empty fleet needs fleet.control and "
+                        "exit_when_done: false, to add streams at run time)")
+    streams: list[StreamSpec] = []
+    for i, entry in enumerate(entries):
+        streams.append(parse_stream(entry, defaults, options, f"{where}: streams[{i}]"))
+    check_unique(streams, where)
+    return FleetSpec(options=options, streams=streams, path=where, defaults=dict(defaults))
+
+
+def parse_options(opts: Any, where: str) -> FleetOptions:
+    if not isinstance(opts, dict):
+        raise UserError(f"{where}: expected a mapping of fleet options")
+    known = {f.name: f for f in fields(FleetOptions)}
+    unknown = set(opts) - set(known)
+    if unknown:
+        raise UserError(f"{where}: unknown option(s) {sorted(map(str, unknown))}; known: {', '.join(known)}")
+    values: dict[str, Any] = {}
+    for key, value in opts.items():
+        if key in ("address", "control") and value is None:
+            values[key] = None
+        elif key in ("address", "bind", "directory", "control"):
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"{where}: {key} must be a non-empty string, got {value!r}")
+            values[key] = value.strip()
+        elif key == "streams_per_actor":
+            if value is not None and (not _is_int(value) or value < 1):
+                raise UserError(f"{where}: streams_per_actor must be an integer >= 1, got {value!r}")
+            values[key] = value
+        elif key == "max_restarts":
+            if not _is_int(value) or value < -1:
+                raise UserError(f"{where}: max_restarts must be an integer >= 0 (or -1 = forever), "
+                                f"got {value!r}")
+            values[key] = value
+        elif key in ("num_cpus", "num_gpus"):
+            if value is None and key == "num_gpus":
+                values[key] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise UserError(f"{where}: {key} must be a number >= 0, got {value!r}")
+            values[key] = float(value)
+        elif key == "exit_when_done":
+            if not isinstance(value, bool):
+                raise UserError(f"{where}: exit_when_done must be true or false, got {value!r}")
+            values[key] = value
+    out = FleetOptions(**values)
+    if out.control not in (None, AUTO):
+        _endpoint(out.control, f"{where}: control")
+    _endpoint(f"tcp://{out.bind}:0", f"{where}: bind")
+    return out
+
+
+def parse_stream(entry: Any, defaults: dict[str, Any], options: FleetOptions, where: str,
+                 base: Path | None = None) -> StreamSpec:
+    """One stream entry (from the file, or an ``add_stream`` request) -> :class:`StreamSpec`."""
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: expected a mapping with at least name and source")
+    name = entry.get("name")
+    try:
+        name = validate_stream(name)
+    except UserError as exc:
+        raise UserError(f"{where}: name: {exc}") from None
+    where = f"{where.rsplit(': streams[', 1)[0]}: stream {name!r}"
+    unknown = set(entry) - _STREAM_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {sorted(map(str, unknown))}; allowed: "
+                        f"{', '.join(sorted(_STREAM_KEYS))}")
+    source = entry.get("source")
+    if isinstance(source, int) and not isinstance(source, bool):
+        source = str(source)  # a webcam index
+    if not isinstance(source, str) or not source.strip():
+        raise UserError(f"{where}: source must be a file, URL or webcam index, got {source!r}")
+    values: dict[str, Any] = {"publish": AUTO, "control": AUTO}
+    values.update(defaults)
+    values.update({k: v for k, v in entry.items() if k in _RUN_KEYS})
+    cfg_values: dict[str, Any] = {}
+    for key, value in values.items():
+        cfg_values[key] = _check_value(key, value, where)
+    if cfg_values["publish"] is None:
+        raise UserError(f"{where}: publish cannot be null: the fleet re-seeds a restarted stream "
+                        "from its published masks (use auto)")
+    for key in ("publish", "control"):
+        if cfg_values[key] == AUTO:
+            cfg_values[key] = normalize_endpoint(f"tcp://{options.bind}:0")  # port 0: any free port
+        elif cfg_values[key] is not None:
+            cfg_values[key] = _endpoint(cfg_values[key], f"{where}: {key}")
+            if cfg_values[key].startswith("inproc://"):
+                raise UserError(f"{where}: {key}: inproc:// cannot leave the actor; use tcp:// or ipc://")
+    for key in ("checkpoint", "save_jsonl", "save_masks", "save_video"):
+        if cfg_values.get(key):  # actors may run in another working directory
+            cfg_values[key] = str(Path(cfg_values[key]).expanduser().absolute())
+    if cfg_values.get("model") is not None and cfg_values["model"] not in MODELS:
+        raise UserError(f"{where}: model must be one of {', '.join(MODELS)}, got {cfg_values['model']!r}")
+    size = cfg_values.get("image_size")
+    if size is not None and (size <= 0 or size % 32):
+        raise UserError(f"{where}: image_size must be a positive multiple of 32, got {size}")
+    config = Config(**cfg_values)
+    config.stream = name
+    prompt_later = entry.get("prompt_later", False)
+    if not isinstance(prompt_later, bool):
+        raise UserError(f"{where}: prompt_later must be true or false, got {prompt_later!r}")
+    prompts = _prompts(entry.get("prompts"), where, base or Path.cwd())
+    if not prompts and not prompt_later:
+        raise UserError(f"{where}: no prompts: give prompts (a list, or a prompts file) or "
+                        "prompt_later: true to prompt over the stream's control endpoint")
+    if prompt_later and config.control is None:
+        raise UserError(f"{where}: prompt_later needs a control endpoint (control: auto)")
+    return StreamSpec(name=name, source=_source(source.strip()), config=config, prompts=prompts,
+                      prompt_later=prompt_later)
+
+
+def check_unique(streams: list[StreamSpec], where: str) -> None:
+    """Stream names, and fixed endpoints, must not repeat."""
+    seen: dict[str, str] = {}
+    for s in streams:
+        if s.name in seen:
+            raise UserError(f"{where}: stream {s.name!r}: name used twice")
+        seen[s.name] = s.name
+    bound: dict[str, str] = {}
+    for s in streams:
+        for key in ("publish", "control"):
+            ep = getattr(s.config, key)
+            if ep is None or ep.endswith(":*"):
+                continue
+            if ep in bound:
+                raise UserError(f"{where}: stream {s.name!r}: {key} {ep} is also used by {bound[ep]}")
+            bound[ep] = f"stream {s.name!r}"
+
+
+def _check_value(key: str, value: Any, where: str) -> Any:
+    if key in ("publish", "control") and value == AUTO:
+        return AUTO
+    if key == "publish" and value is None:
+        return None
+    return coerce(key, value, where)
+
+
+def _endpoint(value: str, where: str) -> str:
+    try:
+        return normalize_endpoint(value)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def _source(source: str) -> str:
+    """A relative file path becomes absolute: actors need not share our directory."""
+    if source.isdigit() or source.startswith("/dev/") or "://" in source:
+        return source
+    return str(Path(source).expanduser().absolute())
+
+
+def _prompts(value: Any, where: str, base: Path) -> dict[int, list[Prompt]]:
+    from streamtrack import prompts as prompt_io
+
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            return prompt_io.load_prompts_file(value)
+        except UserError as exc:
+            raise UserError(f"{where}: prompts: {exc}") from None
+    if isinstance(value, list) and value:
+        return prompt_io.prompts_from_list(value, f"{where}: prompts", base)
+    raise UserError(f"{where}: prompts must be a prompts file or a non-empty list of prompts, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """One actor to start: its streams and its Ray resources."""
+
+    name: str
+    streams: tuple[str, ...]
+    num_cpus: float
+    num_gpus: float
+
+
+def plan_actors(streams: list[StreamSpec], options: FleetOptions, cluster_gpus: float,
+                first_index: int = 0) -> list[ActorPlan]:
+    """Group streams into actors.
+
+    Only streams that can share a model (:class:`ModelKey`) share an actor.  On a
+    cluster with GPUs (and streams not pinned to the CPU) the default is one
+    actor per GPU, the streams spread evenly over them; on a CPU-only cluster all
+    streams go in one actor.  ``streams_per_actor`` overrides both.
+    """
+    groups: dict[ModelKey, list[StreamSpec]] = {}
+    for s in streams:
+        groups.setdefault(s.model_key, []).append(s)
+    plans: list[ActorPlan] = []
+    index = first_index
+    for key, members in groups.items():
+        gpu = cluster_gpus > 0 and key.device != "cpu"
+        gpus = (options.num_gpus if options.num_gpus is not None else 1.0) if gpu else 0.0
+        per_actor = options.streams_per_actor
+        if per_actor is None:
+            slots = int(cluster_gpus // gpus) if gpu and gpus > 0 else 1
+            per_actor = math.ceil(len(members) / max(1, min(slots, len(members))))
+        for start in range(0, len(members), per_actor):
+            chunk = members[start:start + per_actor]
+            plans.append(ActorPlan(name=f"fleet-{index}", streams=tuple(s.name for s in chunk),
+                                   num_cpus=options.num_cpus, num_gpus=gpus))
+            index += 1
+    return plans
+
+
+def with_endpoints(rc: RunConfig, publish: str | None, control: str | None) -> RunConfig:
+    """``rc`` bound to fixed endpoints (a restart keeps what the first start bound)."""
+    return replace(rc, publish=publish or rc.publish, control=control or rc.control)
