@@ -104,9 +104,7 @@ def bench_engine(
                             bf16=bf16, compile=compile, official_vos_optimized=official_vos_optimized)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
-    import sam2.sam2_video_predictor as official_module
-
-    official_module.tqdm = lambda it, **_: it  # its per-run progress bars would garble the table
+    silence_official_progress()
     official = build_model(model, checkpoint, device=dev, image_size=image_size,
                            vos_optimized=official_vos_optimized)
     engine_model = build_model(model, checkpoint, device=dev, image_size=image_size)
@@ -216,6 +214,15 @@ def bench_preprocess(
         f"mean {res.mean_iou:.4f}; mean |logit diff| max {res.max_logit_diff:.4f} "
         f"mean {res.mean_logit_diff:.4f}")
     return res
+
+
+def silence_official_progress() -> None:
+    """The official predictor's progress bars (frame loading, propagation) would garble
+    the tables; tqdm reads TQDM_DISABLE only when it is imported, so replace them."""
+    import sam2.sam2_video_predictor as predictor
+    import sam2.utils.misc as misc
+
+    predictor.tqdm = misc.tqdm = lambda it, **_: it
 
 
 def _sync(dev: torch.device) -> None:

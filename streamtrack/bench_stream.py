@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamtrack.bench import _official_state_bytes, _prompts
+from streamtrack.bench import _official_state_bytes, _prompts, silence_official_progress
 from streamtrack.capture import CaptureConfig, open_source
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.errors import UserError
@@ -511,10 +511,9 @@ def official_memory(model: str, checkpoint: str, image_size: int, device: str, f
                     objects: int, counts: list[int], verbose: bool) -> list[MemorySample]:
     """The official predictor, in its own process: ``init_state`` over max(counts)
     frames written as JPEGs, then ``propagate_in_video``, sampled after each count."""
-    import sam2.sam2_video_predictor as official_module
     from PIL import Image
 
-    official_module.tqdm = lambda it, **_: it  # its progress bars would garble the table
+    silence_official_progress()
     # Without sam2's optional CUDA extension it skips hole filling, with a warning per run.
     warnings.filterwarnings("ignore", message="cannot import name '_C'")
     dev = resolve_device(device)
