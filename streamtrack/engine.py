@@ -186,6 +186,8 @@ class StreamingEngine:
         self._maskmem_pos_enc: list[torch.Tensor] | None = None  # shared by all frames
         self._staging: torch.Tensor | None = None  # pinned host buffer for frame uploads (CUDA)
         self.frame_idx = -1
+        if not self.config.compile:  # compiled, it is folded into the encoder's graph instead
+            cache_pos_embed(model.image_encoder.trunk)
         if self.config.compile and not getattr(model, "streamtrack_compiled", False):
             # Static shapes: the input size is fixed and a shared encoder pads its batches
             # to fixed slot counts, so nothing recompiles mid-stream.  Engines sharing the
@@ -492,6 +494,34 @@ class StreamingEngine:
             iou=iou, bbox=mask_bbox(mask), area=mask_area(mask), state=track.state, prompted=prompted,
             logits=logits,
         )
+
+
+def cache_pos_embed(trunk: torch.nn.Module) -> None:
+    """Compute the Hiera trunk's position embedding once per input size instead of per frame.
+
+    sam2's ``Hiera._get_pos_embed`` resizes (bicubic) and tiles fixed weights on every
+    forward pass; for a stream at one input size the result never changes.  The wrapper
+    calls sam2's own method and keeps its output (so results are bit-identical), keyed by
+    everything that can change it: size, device, autocast state.  Only under inference
+    mode, where the engine runs; anything else gets sam2's method as is.
+    """
+    if getattr(trunk, "streamtrack_pos_cache", None) is not None or not hasattr(trunk, "_get_pos_embed"):
+        return
+    compute = trunk._get_pos_embed
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def cached(hw):
+        if not torch.is_inference_mode_enabled():
+            return compute(hw)
+        dev = trunk.pos_embed.device.type
+        key = (tuple(int(v) for v in hw), trunk.pos_embed.device, trunk.pos_embed.dtype,
+               torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        if key not in cache:
+            cache[key] = compute(hw)
+        return cache[key]
+
+    trunk._get_pos_embed = cached
+    trunk.streamtrack_pos_cache = cache
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

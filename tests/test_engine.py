@@ -323,3 +323,20 @@ def test_fast_preprocessing_is_close_to_exact_and_takes_tensors(tiny_checkpoint,
     assert torch.equal(exact._preprocess(torch.from_numpy(frame)), a)
     with pytest.raises(UserError, match="preprocess"):
         make_engine(tiny_checkpoint, preprocess="nearest")
+
+
+def test_position_embedding_is_computed_once_and_bit_identical(tiny_checkpoint):
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
+    trunk = model.image_encoder.trunk
+    hw = (TEST_IMAGE_SIZE // 4, TEST_IMAGE_SIZE // 4)  # after the stride-4 patch embedding
+    with torch.inference_mode():
+        reference = trunk._get_pos_embed(hw)  # sam2's own, before the engine wraps it
+    StreamingEngine(model, EngineConfig())
+    StreamingEngine(model, EngineConfig())  # a second engine on the model wraps it once
+    with torch.inference_mode():
+        first, again = trunk._get_pos_embed(hw), trunk._get_pos_embed(hw)
+    assert first is again and torch.equal(first, reference)
+    assert len(trunk.streamtrack_pos_cache) == 1
+    with torch.no_grad():  # outside inference mode: sam2's method, nothing cached
+        assert torch.equal(trunk._get_pos_embed(hw), reference)
+    assert len(trunk.streamtrack_pos_cache) == 1
