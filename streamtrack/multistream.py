@@ -85,7 +85,9 @@ class SharedImageEncoder:
             deadline = time.monotonic() + self.max_wait
             while not req.done.is_set():
                 full = len(self._pending) >= min(len(self._active), self.max_batch)
-                if req in self._pending and (full or time.monotonic() >= deadline):
+                # Only a caller whose frame is in the next batch leads it: one beyond it
+                # waits for a later batch rather than running one without its own frame.
+                if req in self._pending[: self.max_batch] and (full or time.monotonic() >= deadline):
                     batch = self._pending[: self.max_batch]
                     del self._pending[: self.max_batch]
                     break

@@ -210,3 +210,14 @@ def test_warmup_leaves_engine_state_untouched(tiny_checkpoint, clip40):
         b = cold.step(clip40.frames[i], prompt if i == 0 else [])
         assert a.frame_idx == b.frame_idx == i
         assert np.array_equal(a.objects[0].mask, b.objects[0].mask)
+
+
+def test_more_members_than_a_batch_all_get_their_frames():
+    model = _DoublingModel()
+    encoder = SharedImageEncoder(model, max_wait=0.05, max_batch=2)
+    members = [f"m{k}" for k in range(5)]
+    images = [torch.full((1, 3, 2, 2), float(k)) for k in range(5)]
+    results, errors = _submit_all(encoder, images, members)
+    assert errors == [None] * 5
+    assert all(torch.equal(results[k]["vision_features"], images[k] * 2) for k in range(5))
+    assert max(model.batch_sizes) <= 2 and sum(model.batch_sizes) == 5
