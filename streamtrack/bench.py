@@ -131,18 +131,18 @@ def bench_engine(
             # predictor computes it in add_new_points_or_box, before propagating.
             with autocast:
                 for i, _ in enumerate(official.propagate_in_video(state)):
-                    _sync(dev)
+                    sync_device(dev)
                     if i == 0:
                         t0 = time.perf_counter()
             official_runs.append((time.perf_counter() - t0) / (frames - 1) * 1000)
             engine = StreamingEngine(engine_model, config)
             res.preprocess = engine.preprocess
             engine.step(decoded[0], prompts)
-            _sync(dev)
+            sync_device(dev)
             t0 = time.perf_counter()
             for frame in decoded[1:]:
                 engine.step(frame)
-                _sync(dev)
+                sync_device(dev)
             engine_runs.append((time.perf_counter() - t0) / (frames - 1) * 1000)
         res.official_ms[n] = float(np.median(official_runs))
         res.engine_ms[n] = float(np.median(engine_runs))
@@ -225,7 +225,8 @@ def silence_official_progress() -> None:
     predictor.tqdm = misc.tqdm = lambda it, **_: it
 
 
-def _sync(dev: torch.device) -> None:
+def sync_device(dev: torch.device) -> None:
+    """Wait for queued GPU work, so a timer around it measures the work."""
     if dev.type == "cuda":
         torch.cuda.synchronize()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamtrack.bench import sync_device
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.models import build_model, resolve_device, save_random_checkpoint
 from streamtrack.multistream import SharedImageEncoder
@@ -87,12 +88,12 @@ def _sequential(net, config, dev, clips, prompts) -> float:
     engines = [StreamingEngine(net, config) for _ in range(n)]
     for k in range(n):
         engines[k].step(clips[k].frames[0], prompts[k])
-    _sync(dev)
+    sync_device(dev)
     t0 = time.perf_counter()
     for i in range(1, frames):
         for k in range(n):
             engines[k].step(clips[k].frames[i])
-    _sync(dev)
+    sync_device(dev)
     return (frames - 1) / (time.perf_counter() - t0)
 
 
@@ -108,7 +109,7 @@ def _batched(net, config, dev, clips, prompts, max_wait) -> tuple[float, float]:
         start.wait()  # the clock starts with every stream prompted
         for i in range(1, frames):
             engines[k].step(clips[k].frames[i])
-        _sync(dev)
+        sync_device(dev)
         done.wait()
 
     threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n)]
@@ -123,10 +124,6 @@ def _batched(net, config, dev, clips, prompts, max_wait) -> tuple[float, float]:
         t.join()
     return fps, (encoder.frames - frames0) / max(encoder.batches - passes0, 1)
 
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(args) -> int:

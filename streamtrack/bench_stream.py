@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamtrack.bench import _official_state_bytes, _prompts, silence_official_progress
+from streamtrack.bench import _official_state_bytes, _prompts, silence_official_progress, sync_device
 from streamtrack.capture import CaptureConfig, open_source
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.errors import UserError
@@ -140,14 +140,10 @@ def _warm(model: torch.nn.Module, config: EngineConfig, frames: list[np.ndarray]
     for i in range(steps):
         t0 = time.perf_counter()
         engine.step(frames[i % len(frames)], prompts if i == 0 else [])
-        _sync(engine.device)
+        sync_device(engine.device)
         durations.append(time.perf_counter() - t0)
     return durations
 
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class _Recorder(StatsWindow):
@@ -287,7 +283,7 @@ def bench_pipeline(
             ends = []
             for i, frame in enumerate(decoded):
                 engine.step(frame, prompts if i == 0 else [])
-                _sync(dev)
+                sync_device(dev)
                 ends.append(time.perf_counter())
             res.engine_runs_fps.append((frames - warmup) / (ends[-1] - ends[warmup - 1]))
 
@@ -399,7 +395,7 @@ def bench_latency(
         for i in range(frames):
             t0 = time.perf_counter()
             engine.step(decoded[i % len(decoded)], prompts if i == 0 else [])
-            _sync(dev)
+            sync_device(dev)
             steps.append(time.perf_counter() - t0)
         step_ms = float(np.median(steps[warmup:])) * 1000
         log(f"  bare engine: {step_ms:.1f} ms/step (median); source paced at {fps:.1f} fps "

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +51,7 @@ from streamtrack.fleet_spec import (
     with_endpoints,
 )
 from streamtrack.pipeline import Resume, RunConfig, warn_if_exposed
-from streamtrack.supervisor import SeenMasks, resume_from_seen
+from streamtrack.supervisor import SeenMasks, install_stop_signals, resume_from_seen
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ class Fleet:
         return self.actors[name].handle
 
     def run(self) -> FleetSummary:
-        restore = self._install_signals()
+        restore = install_stop_signals(self.stop)
         try:
             self._start()
             self._started.set()
@@ -499,21 +498,6 @@ class Fleet:
             self._control.close()
         if self._started.is_set():
             self._write_directory("stopped")
-
-    def _install_signals(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum, frame):
-            self.stop(signum)
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def restore() -> None:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-        return restore
 
 
 class _FleetControlServer(ControlServer):

@@ -161,7 +161,7 @@ class Supervisor:
 
     # --------------------------------------------------------------------- loop
     def run(self) -> RunSummary:
-        restore = self._install_signals()
+        restore = install_stop_signals(self.stop)
         ctx = mp.get_context("spawn")
         total = RunSummary()
         started = time.monotonic()
@@ -273,20 +273,23 @@ class Supervisor:
             if msg.result is not None and msg.stream == self.config.stream:
                 self._seen.update(msg.result)
 
-    def _install_signals(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
+def install_stop_signals(stop: Callable[[int], None]) -> Callable[[], None]:
+    """Route SIGINT and SIGTERM to ``stop(signum)``; returns a function that puts the
+    previous handlers back.  Only the main thread may install handlers: elsewhere
+    (e.g. a supervisor run from a test thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
 
-        def handler(signum, frame):
-            self.stop(signum)
+    def handler(signum, frame):
+        stop(signum)
 
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
-        def restore() -> None:
-            for s, h in previous.items():
-                signal.signal(s, h)
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
-        return restore
+    return restore
 
 
 def _add(total: RunSummary, part: RunSummary) -> None:
