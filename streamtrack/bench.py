@@ -33,7 +33,7 @@ class EngineBenchResult:
     torch_threads: int
     bf16: bool = False
     preprocess: str = "exact"
-    compile: bool = False  # torch.compile of the engine's image encoder (warmed up before timing)
+    compile: bool = False  # torch.compile of the engine's encoder and step (warmed up before timing)
     official_vos_optimized: bool = False  # the official SAM2VideoPredictorVOS (compiled) build
     official_ms: dict[int, float] = field(default_factory=dict)  # objects -> ms/frame
     engine_ms: dict[int, float] = field(default_factory=dict)
@@ -247,11 +247,14 @@ def main(args) -> int:
         res = bench_preprocess(model=args.model, checkpoint=args.checkpoint, image_size=args.image_size,
                                frames=args.frames, device=args.device, log=log)
     else:
+        from streamtrack.bench_stream import parse_frame_size
+
+        width, height = parse_frame_size(args.frame_size)
         res = bench_engine(
             model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
             objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device,
             bf16=args.bf16, preprocess=args.preprocess, repeats=args.repeats, compile=args.compile,
-            official_vos_optimized=args.official_vos_optimized, log=log,
+            official_vos_optimized=args.official_vos_optimized, width=width, height=height, log=log,
         )
     if args.json:
         print(json.dumps(asdict(res)))

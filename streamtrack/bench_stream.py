@@ -52,7 +52,7 @@ WHATS = ("pipeline", "latency", "memory")
 # smallest input streamtrack accepts (64: Hiera's stride 32 leaves a 2x2 grid, the
 # memory encoder's 4x4) and a small frame.
 DEFAULTS: dict[str, dict[str, object]] = {
-    "engine": {"frames": 24, "objects": [1, 4], "image_size": 256},
+    "engine": {"frames": 24, "objects": [1, 4], "image_size": 256, "frame_size": "320x240"},
     "preprocess": {"frames": 24, "objects": [1, 4], "image_size": 256},
     "pipeline": {"frames": 60, "objects": [1], "image_size": 128, "frame_size": "320x240"},
     "latency": {"frames": 60, "objects": [1], "image_size": 128, "frame_size": "320x240", "clip_frames": 60},

@@ -22,6 +22,7 @@ without memory and the frame becomes a conditioning frame for that object.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from streamtrack.compiled import compile_model, is_compiled, slot_count, tracked_frame
 from streamtrack.errors import PromptError, UserError
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.protocol import mask_area, mask_bbox
@@ -127,7 +129,9 @@ class EngineConfig:
     max_cond_frames: int | None = None  # None = keep every conditioning frame
     lost_after: float = 3.0  # seconds absent before an object is "lost"
     fill_hole_area: int = 0  # fill background holes up to this area in low-res masks
-    compile: bool = False
+    compile: bool = False  # torch.compile the encoder and the per-frame step (streamtrack.compiled)
+    compile_slots: int = 4  # warm-up compiles object batches of 1, 2, 4 ... up to this
+    compile_backend: str = "inductor"
     bf16: bool = True  # autocast on CUDA
 
 
@@ -186,14 +190,13 @@ class StreamingEngine:
         self._maskmem_pos_enc: list[torch.Tensor] | None = None  # shared by all frames
         self._staging: torch.Tensor | None = None  # pinned host buffer for frame uploads (CUDA)
         self.frame_idx = -1
-        if not self.config.compile:  # compiled, it is folded into the encoder's graph instead
+        if self.config.compile:
+            compile_model(model, self.config.compile_backend)
+        elif not is_compiled(model):  # compiled, it is folded into the encoder's graph instead
             cache_pos_embed(model.image_encoder.trunk)
-        if self.config.compile and not getattr(model, "streamtrack_compiled", False):
-            # Static shapes: the input size is fixed and a shared encoder pads its batches
-            # to fixed slot counts, so nothing recompiles mid-stream.  Engines sharing the
-            # model compile it once.
-            model.image_encoder.forward = torch.compile(model.image_encoder.forward, dynamic=False)
-            model.streamtrack_compiled = True
+        # Compiled code has static batch sizes: tracked objects run in batches padded to
+        # slot counts, so an object joining never meets an uncompiled shape.
+        self.pad_batches = is_compiled(model)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> StreamingEngine:
@@ -234,16 +237,26 @@ class StreamingEngine:
         }
 
     @torch.inference_mode()
-    def warmup(self, steps: int = 2) -> float:
-        """Run a throwaway prompt and tracked frames through the model, so kernel selection,
+    def warmup(self, steps: int | None = None) -> float:
+        """Run throwaway prompts and tracked frames through the model, so kernel selection,
         allocator growth and (with ``compile``) compilation happen now rather than on the
-        first live frame.  This engine's state is untouched.  Returns the seconds spent."""
+        first live frame.  Compiled, every object batch size up to ``compile_slots`` is
+        run, over enough frames to fill the memory window.  This engine's state is
+        untouched.  Returns the seconds spent."""
         t0 = time.perf_counter()
         s = self.image_size
         blank = np.zeros((s, s, 3), np.uint8)
-        scratch = StreamingEngine(self.model, self.config)
-        for i in range(max(steps, 1)):
-            scratch.step(blank, [Prompt.make(1, box=[s / 4, s / 4, 3 * s / 4, 3 * s / 4])] if i == 0 else [])
+        box = [s / 4, s / 4, 3 * s / 4, 3 * s / 4]
+        if steps is None:
+            steps = self.mem_window + 2 if self.pad_batches else 2
+        batch_sizes = [1]
+        if self.pad_batches:
+            batch_sizes = sorted({slot_count(n) for n in range(1, max(self.config.compile_slots, 1) + 1)})
+        for n in batch_sizes:
+            scratch = StreamingEngine(self.model, self.config, encoder=None)
+            prompts = [Prompt.make(i + 1, box=box) for i in range(n)]
+            for i in range(max(steps, 1)):
+                scratch.step(blank, prompts if i == 0 else [])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -418,23 +431,29 @@ class StreamingEngine:
     def _track_batch(self, session, f, tracks: list[_Track]) -> dict[int, tuple]:
         m = self.model
         b = len(tracks)
-        _, _, feats, pos, sizes = m._get_image_feature(session, f, b)
+        # Padding repeats the last object; its extra outputs are dropped below.
+        slots = slot_count(b) if self.pad_batches else b
+        padded = tracks + [tracks[-1]] * (slots - b)
+        _, _, feats, pos, sizes = m._get_image_feature(session, f, slots)
         output_dict = {
-            "cond_frame_outputs": self._stack(tracks, "cond", b),
-            "non_cond_frame_outputs": self._stack(tracks, "recent", b),
+            "cond_frame_outputs": self._stack(padded, "cond", slots),
+            "non_cond_frame_outputs": self._stack(padded, "recent", slots),
         }
-        current_out, sam_out, _, _ = m._track_step(
-            frame_idx=f, is_init_cond_frame=False, current_vision_feats=feats,
-            current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None,
-            mask_inputs=None, output_dict=output_dict, num_frames=_ENDLESS,
-            track_in_reverse=False, prev_sam_mask_logits=None,
-        )
-        ious, low_res, high_res, obj_ptr, score_logits = (
-            sam_out[2], sam_out[3], sam_out[4], sam_out[5], sam_out[6]
-        )
-        m._encode_memory_in_output(feats, sizes, None, True, high_res, score_logits, current_out)
+        with tracked_frame() if self.pad_batches else contextlib.nullcontext():
+            current_out, sam_out, _, _ = m._track_step(
+                frame_idx=f, is_init_cond_frame=False, current_vision_feats=feats,
+                current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None,
+                mask_inputs=None, output_dict=output_dict, num_frames=_ENDLESS,
+                track_in_reverse=False, prev_sam_mask_logits=None,
+            )
+            ious, low_res, high_res, obj_ptr, score_logits = (
+                sam_out[2], sam_out[3], sam_out[4], sam_out[5], sam_out[6]
+            )
+            m._encode_memory_in_output(feats, sizes, None, True, high_res, score_logits, current_out)
         self._keep_pos_enc(current_out["maskmem_pos_enc"])
         maskmem = current_out["maskmem_features"].to(torch.bfloat16)
+        if slots > b:  # keep only the real objects' memories (views would pin the padding)
+            maskmem, obj_ptr = maskmem[:b].clone(), obj_ptr[:b].clone()
         best_iou = ious.max(dim=-1).values
         out = {}
         for k, t in enumerate(tracks):
