@@ -125,14 +125,17 @@ def _batched(net, config, dev, clips, prompts, max_wait) -> tuple[float, float]:
     return fps, (encoder.frames - frames0) / max(encoder.batches - passes0, 1)
 
 
-
 def main(args) -> int:
     log = (lambda *a, **k: None) if args.json else print
     log(f"multistream benchmark: {args.model}, input {args.image_size}, {args.frames} frames per stream, "
         f"device {args.device}, {torch.get_num_threads()} torch threads")
+    from streamtrack.bench_stream import parse_frame_size
+
+    width, height = parse_frame_size(args.frame_size)
     res = bench_multistream(
         model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
-        streams=tuple(args.streams), device=args.device, bf16=args.bf16, repeats=args.repeats, log=log,
+        streams=tuple(args.streams), device=args.device, bf16=args.bf16, repeats=args.repeats,
+        width=width, height=height, log=log,
     )
     if args.json:
         print(json.dumps(asdict(res)))

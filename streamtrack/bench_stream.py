@@ -57,7 +57,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "pipeline": {"frames": 60, "objects": [1], "image_size": 128, "frame_size": "320x240"},
     "latency": {"frames": 60, "objects": [1], "image_size": 128, "frame_size": "320x240", "clip_frames": 60},
     "memory": {"frames": 2000, "objects": [1], "image_size": 64, "frame_size": "128x96", "clip_frames": 50},
-    "multistream": {"frames": 12, "objects": [1], "image_size": 256},
+    "multistream": {"frames": 12, "objects": [1], "image_size": 256, "frame_size": "320x240"},
 }
 
 PIPELINE_GOAL = 0.95  # pipeline fps / bare engine fps, at least
@@ -136,6 +136,8 @@ def _warm(model: torch.nn.Module, config: EngineConfig, frames: list[np.ndarray]
     """A few engine steps so neither side pays first-call costs in its timing;
     returns their durations in seconds (the first one carries the prompts)."""
     engine = StreamingEngine(model, config)
+    if config.compile:
+        engine.warmup()  # compiles every object batch size, untimed
     durations = []
     for i in range(steps):
         t0 = time.perf_counter()
@@ -236,6 +238,7 @@ class PipelineBenchResult:
     engine_runs_fps: list[float] = field(default_factory=list)
     pipeline_runs_fps: list[float] = field(default_factory=list)
     messages_received: int = 0  # by a subscriber on 127.0.0.1, last run
+    compile: bool = False  # torch.compile'd engine (both sides)
 
 
 def bench_pipeline(
@@ -250,6 +253,7 @@ def bench_pipeline(
     device: str = "auto",
     frame_size: tuple[int, int] = (320, 240),
     preprocess: str = "auto",
+    compile: bool = False,
     log: Log = print,
 ) -> PipelineBenchResult:
     """Timed from the end of frame ``warmup - 1`` to the end of the last frame on both
@@ -263,7 +267,7 @@ def bench_pipeline(
     dev = resolve_device(device)
     width, height = frame_size
     res = PipelineBenchResult("pipeline", str(dev), model, image_size, frame_size, torch.get_num_threads(),
-                              frames, warmup, objects, repeats)
+                              frames, warmup, objects, repeats, compile=compile)
     with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
         tmp = Path(workdir)
         checkpoint = _checkpoint(model, checkpoint, tmp)
@@ -274,7 +278,7 @@ def bench_pipeline(
             raise RuntimeError(f"decoded {len(decoded)} of {frames} frames")
         prompts = _prompts(clip, objects)
         config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
-                              preprocess=preprocess)
+                              preprocess=preprocess, compile=compile)
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         res.frame_size = (decoded[0].shape[1], decoded[0].shape[0])
         _warm(net, config, decoded, prompts)
@@ -339,6 +343,7 @@ class LatencyBenchResult:
     frames_delivered: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     messages_received: int = 0
+    compile: bool = False  # torch.compile'd engine (both sides)
 
 
 def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float]:
@@ -359,6 +364,7 @@ def bench_latency(
     fps: float | None = None,
     queue_depth: int | None = None,
     preprocess: str = "auto",
+    compile: bool = False,
     log: Log = print,
 ) -> LatencyBenchResult:
     """``fps=None`` paces the clip like a 30 fps camera, or at 3x the engine's rate if
@@ -380,7 +386,7 @@ def bench_latency(
         clip = make_clip(clip_frames, width, height, num_objects=3, seed=3)
         prompts = _prompts(clip, objects)
         config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
-                              preprocess=preprocess)
+                              preprocess=preprocess, compile=compile)
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         # A first estimate of the step time only picks the source rate; the reported
         # step time is measured below on the decoded frames.
@@ -420,7 +426,7 @@ def bench_latency(
         engine_step_ms=step_ms, latency_ms=_percentiles(total, (50, 95, 99)),
         queue_ms=_percentiles(queue, (50, 95)), pipeline_infer_ms=float(np.median(infer)),
         frames_decoded=tracked.frames_decoded, frames_delivered=tracked.frames_delivered,
-        dropped=tracked.dropped, messages_received=tracked.received,
+        dropped=tracked.dropped, messages_received=tracked.received, compile=compile,
     )
     res.ratio = res.latency_ms["p95"] / res.engine_step_ms
     res.meets_goal = res.ratio <= LATENCY_GOAL
@@ -621,10 +627,11 @@ def main(args: argparse.Namespace) -> int:
                   frames=args.frames, objects=objects, device=args.device, frame_size=frame_size, log=log)
     res: PipelineBenchResult | LatencyBenchResult | MemoryBenchResult
     if args.what == "pipeline":
-        res = bench_pipeline(**common, warmup=args.warmup, repeats=args.repeats, preprocess=args.preprocess)
+        res = bench_pipeline(**common, warmup=args.warmup, repeats=args.repeats, preprocess=args.preprocess,
+                             compile=args.compile)
     elif args.what == "latency":
         res = bench_latency(**common, warmup=args.warmup, clip_frames=args.clip_frames, fps=args.fps,
-                            queue_depth=args.queue_depth, preprocess=args.preprocess)
+                            queue_depth=args.queue_depth, preprocess=args.preprocess, compile=args.compile)
     elif args.what == "memory":
         res = bench_memory(**common, early_frame=args.early_frame, clip_frames=args.clip_frames,
                            official_frames=tuple(args.official_frames))

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report engine state bytes after these frames (default 50 500)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
     p.add_argument("--compile", action="store_true",
-                   help="engine: torch.compile the image encoder and the per-frame step "
+                   help="engine, pipeline, latency: torch.compile the image encoder and the per-frame step "
                         "(compiled at warm-up, before timing)")
     p.add_argument("--official-vos-optimized", action="store_true",
                    help="engine: baseline is sam2's compiled SAM2VideoPredictorVOS (CUDA)")
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", default="auto", choices=["auto", "exact", "fast"],
                    help="engine preprocessing (auto: exact on CPU, fast on CUDA)")
     p.add_argument("--frame-size", default=None, metavar="WxH",
-                   help="synthetic clip size (engine, pipeline, latency 320x240; memory 128x96)")
+                   help="synthetic clip size (engine, pipeline, latency, multistream 320x240; memory 128x96)")
     p.add_argument("--warmup", type=int, default=5,
                    help="pipeline, latency: untimed first frames (default 5)")
     p.add_argument("--fps", type=float, default=None,

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU benchmark set of docs/benchmarks.md ("GPU") in one command, within a time budget.
+#
+#   benchmarks/gpu_suite.sh OUTDIR [SECONDS]
+#
+# Every step is a `streamtrack bench` run (each one measures its own baseline in the
+# same process); steps run in priority order and a step that would outlast the budget
+# is cut short or skipped, so a fixed-length GPU lease always returns what fit.  The
+# tables go to OUTDIR/log.txt as they are printed (a step cut short keeps the rows it
+# finished), the benchmarks' stderr to OUTDIR/stderr.txt.
+set -u -o pipefail
+out=${1:-gpu-results}
+budget=${2:-570}
+mkdir -p "$out"
+start=$(date +%s)
+export PYTHONUNBUFFERED=1
+ckpts=${CKPT_DIR:-/tmp/streamtrack-ckpts}
+mkdir -p "$ckpts"
+py=${PYTHON:-python3}
+
+left() { echo $((budget - ($(date +%s) - start))); }
+
+# step NAME LIMIT_SECONDS ARGS...   (ARGS go to `streamtrack bench`)
+step() {
+    local name=$1 limit=$2 remaining t0 rc
+    shift 2
+    remaining=$(left)
+    if ((remaining < 30)); then
+        echo "== $name: skipped ($remaining s left)" | tee -a "$out/log.txt"
+        return
+    fi
+    ((limit > remaining)) && limit=$remaining
+    echo "== $name (limit $limit s, $remaining s left): bench $*" | tee -a "$out/log.txt"
+    t0=$(date +%s)
+    timeout "$limit" "$py" -m streamtrack bench "$@" 2>>"$out/stderr.txt" | tee -a "$out/log.txt"
+    rc=$?
+    echo "-- $name: rc $rc, $(($(date +%s) - t0)) s" | tee -a "$out/log.txt"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/log.txt"
+"$py" -c "import torch, sam2; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/log.txt"
+"$py" - "$ckpts" <<'EOF' 2>>"$out/stderr.txt" | tee -a "$out/log.txt"
+import sys
+from pathlib import Path
+from streamtrack.models import save_random_checkpoint
+for name in ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large"):
+    p = Path(sys.argv[1]) / f"{name}.pt"
+    if not p.exists():
+        save_random_checkpoint(name, p)
+print("random checkpoints ready")
+EOF
+
+m() { echo "--model sam2.1_hiera_$1 --checkpoint $ckpts/sam2.1_hiera_$1.pt"; }
+hd=${BENCH_ARGS:-"--device cuda --image-size 1024 --frame-size 1280x720"}
+
+# shellcheck disable=SC2046  # word splitting of $(m ...) and $hd is intended
+{
+step engine-tiny-bf16 60 engine $(m tiny) $hd --bf16 --frames 31 --objects 1 4 16 --repeats 3 --state-frames
+step engine-tiny-fp32 60 engine $(m tiny) $hd --frames 31 --objects 1 4 16 --repeats 3 --state-frames 50 500
+step latency-tiny-bf16 40 latency $(m tiny) $hd --frames 300
+step engine-tiny-bf16-compiled 170 engine $(m tiny) $hd --bf16 --compile --frames 31 --objects 1 4 --repeats 3 --state-frames
+for size in small base_plus large; do
+    step "engine-$size-bf16" 40 engine $(m $size) $hd --bf16 --frames 21 --objects 1 4 --repeats 2 --state-frames
+done
+for size in tiny small base_plus large; do
+    step "multistream-$size-bf16" 35 multistream $(m $size) $hd --bf16 --frames 30 --streams 1 2 4 8
+done
+step pipeline-tiny 35 pipeline $(m tiny) $hd --frames 200
+step latency-tiny-compiled 120 latency $(m tiny) $hd --frames 300 --compile
+step engine-tiny-bf16-vos 400 engine $(m tiny) $hd --bf16 --official-vos-optimized --frames 31 --objects 1 4 --repeats 3 --state-frames
+}
+echo "done in $(($(date +%s) - start)) s" | tee -a "$out/log.txt"
