@@ -2,6 +2,7 @@
 # The GPU benchmark set of docs/benchmarks.md ("GPU") in one command, within a time budget.
 #
 #   benchmarks/gpu_suite.sh OUTDIR [SECONDS]
+#   ONLY="latency-tiny-30fps multistream-tiny-bf16" benchmarks/gpu_suite.sh OUTDIR   # some steps
 #
 # Every step is a `streamtrack bench` run (each one measures its own baseline in the
 # same process); steps run in priority order and a step that would outlast the budget
@@ -24,6 +25,9 @@ left() { echo $((budget - ($(date +%s) - start))); }
 step() {
     local name=$1 limit=$2 remaining t0 rc
     shift 2
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     remaining=$(left)
     if ((remaining < 30)); then
         echo "== $name: skipped ($remaining s left)" | tee -a "$out/log.txt"
@@ -55,18 +59,20 @@ hd=${BENCH_ARGS:-"--device cuda --image-size 1024 --frame-size 1280x720"}
 
 # shellcheck disable=SC2046  # word splitting of $(m ...) and $hd is intended
 {
-step engine-tiny-bf16 60 engine $(m tiny) $hd --bf16 --frames 31 --objects 1 4 16 --repeats 3 --state-frames
-step engine-tiny-fp32 60 engine $(m tiny) $hd --frames 31 --objects 1 4 16 --repeats 3 --state-frames 50 500
+step engine-tiny-bf16 75 engine $(m tiny) $hd --bf16 --frames 31 --objects 1 4 16 --repeats 2 --state-frames
+step engine-tiny-fp32 75 engine $(m tiny) $hd --frames 31 --objects 1 4 16 --repeats 2 --state-frames 50 500
+# A 30 fps 720p camera (the latency goal), then a source 3x faster than the engine (queue build-up).
+step latency-tiny-30fps 40 latency $(m tiny) $hd --frames 300 --fps 30
 step latency-tiny-bf16 40 latency $(m tiny) $hd --frames 300
+for size in tiny small base_plus large; do
+    step "multistream-$size-bf16" 50 multistream $(m $size) $hd --bf16 --frames 30 --streams 1 2 4 8
+done
 step engine-tiny-bf16-compiled 170 engine $(m tiny) $hd --bf16 --compile --frames 31 --objects 1 4 --repeats 3 --state-frames
 for size in small base_plus large; do
     step "engine-$size-bf16" 40 engine $(m $size) $hd --bf16 --frames 21 --objects 1 4 --repeats 2 --state-frames
 done
-for size in tiny small base_plus large; do
-    step "multistream-$size-bf16" 35 multistream $(m $size) $hd --bf16 --frames 30 --streams 1 2 4 8
-done
 step pipeline-tiny 35 pipeline $(m tiny) $hd --frames 200
-step latency-tiny-compiled 120 latency $(m tiny) $hd --frames 300 --compile
+step latency-tiny-compiled 120 latency $(m tiny) $hd --frames 300 --fps 30 --compile
 step engine-tiny-bf16-vos 400 engine $(m tiny) $hd --bf16 --official-vos-optimized --frames 31 --objects 1 4 --repeats 3 --state-frames
 }
 echo "done in $(($(date +%s) - start)) s" | tee -a "$out/log.txt"

@@ -29,6 +29,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING
 
 import cv2
@@ -133,6 +134,20 @@ class EngineConfig:
     compile_slots: int = 4  # warm-up compiles object batches of 1, 2, 4 ... up to this
     compile_backend: str = "inductor"
     bf16: bool = True  # autocast on CUDA
+
+
+@dataclass
+class _StepJob:
+    """A frame validated and numbered, waiting for its image-encoder output."""
+
+    frame_idx: int
+    height: int
+    width: int
+    prompts: list[Prompt]
+    inputs: list[tuple]  # sam2 point/mask inputs, one per prompt
+    now: float
+    infer_start: float
+    return_logits: bool
 
 
 @dataclass
@@ -287,17 +302,30 @@ class StreamingEngine:
             if self.encoder is not None:
                 self.encoder.idle(self)
             return FrameOutput(f, width, height, (), infer_start, time.time())
-
+        job = _StepJob(f, height, width, prompts, inputs, now, infer_start, return_logits)
+        if self.encoder is not None:
+            # The encoder batches this frame with other streams' and runs the whole step on
+            # the thread leading the batch: the streams' GPU work stays on one thread.
+            return self.encoder.run(self, partial(self._prepare, frame), partial(self._track, job))
+        image = self._prepare(frame)
         with self._autocast():
-            image = self._preprocess(frame)
-            if self.encoder is not None:
-                backbone_out = self.encoder.encode(image, member=self)
-            else:
-                backbone_out = self.model.forward_image(image)
+            backbone_out = self.model.forward_image(image)
+        return self._track(job, image, backbone_out)
+
+    @torch.inference_mode()
+    def _prepare(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self._preprocess(frame)
+
+    @torch.inference_mode()
+    def _track(self, job: _StepJob, image: torch.Tensor, backbone_out: dict) -> FrameOutput:
+        """Everything after the image encoder: prompts, memory attention, decoding, memory."""
+        f, prompts = job.frame_idx, job.prompts
+        with self._autocast():
             session = {"cached_features": {f: (image, backbone_out)}}
             results: dict[int, tuple] = {}
             prompted = {p.obj_id for p in prompts}
-            for prompt, (point_inputs, mask_inputs) in zip(prompts, inputs, strict=True):
+            for prompt, (point_inputs, mask_inputs) in zip(prompts, job.inputs, strict=True):
                 results[prompt.obj_id] = self._add_conditioning_frame(
                     session, f, prompt.obj_id, point_inputs, mask_inputs
                 )
@@ -309,25 +337,30 @@ class StreamingEngine:
             low_res = torch.cat([results[i][0] for i in ids]).float()
             if self.config.fill_hole_area > 0:
                 low_res = fill_holes(low_res, self.config.fill_hole_area)
-            video_res = F.interpolate(low_res, size=(height, width), mode="bilinear", align_corners=False)
+            video_res = F.interpolate(low_res, size=(job.height, job.width), mode="bilinear",
+                                      align_corners=False)
             masks = (video_res[:, 0] > 0).cpu().numpy()
             # One device->host copy for all scalars: a float() per object would sync each time.
             scalars = torch.stack(
                 [torch.stack([results[i][1].float(), results[i][2].float()]) for i in ids]
             ).tolist()
-            logits_cpu = low_res[:, 0].cpu() if return_logits else None
+            logits_cpu = low_res[:, 0].cpu() if job.return_logits else None
         objects = []
         for k, obj_id in enumerate(ids):
             logit, iou = scalars[k]
             objects.append(
                 self._object_output(
-                    obj_id, masks[k], logit, iou, now, obj_id in prompted,
+                    obj_id, masks[k], logit, iou, job.now, obj_id in prompted,
                     logits_cpu[k] if logits_cpu is not None else None,
                 )
             )
-        return FrameOutput(f, width, height, tuple(objects), infer_start, time.time())
+        return FrameOutput(f, job.width, job.height, tuple(objects), job.infer_start, time.time())
 
     # ---------------------------------------------------------------- internals
+    def autocast(self):
+        """The autocast context this engine's model work runs in (bf16 on CUDA)."""
+        return self._autocast()
+
     def _autocast(self):
         enabled = self.device.type == "cuda" and self.config.bf16
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)

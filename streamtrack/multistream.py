@@ -6,7 +6,9 @@ pass over N frames costs far less than N passes.  Each stream keeps its own
 own thread; they share one model and one :class:`SharedImageEncoder`, which
 collects the frames the engines submit and runs them through the encoder as
 one batch.  Memory attention, mask decoding and memory encoding stay per
-stream (their memory frames never line up across streams).
+stream (their memory frames never line up across streams) but run on the
+thread that led the batch, one stream after another: capture, publishing and
+file output stay on the streams' own threads.
 
 Batching trades a little latency for throughput: an engine waits at most
 ``max_wait`` seconds for the other streams' frames.  A stream whose source
@@ -18,13 +20,17 @@ one process (the fleet's actors use it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from streamtrack.compiled import slot_count
 from streamtrack.engine import StreamingEngine
 from streamtrack.models import build_model, resolve_device
 from streamtrack.pipeline import RunConfig, RunSummary, Tracker
@@ -32,20 +38,27 @@ from streamtrack.pipeline import RunConfig, RunSummary, Tracker
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)  # identity: 'req in pending' must not compare tensors
+@dataclass(eq=False)  # identity: 'req in pending' must not compare requests' contents
 class _Request:
-    image: torch.Tensor  # (1, 3, S, S), preprocessed
+    member: object
+    prepare: Callable[[], torch.Tensor]  # -> (1, 3, S, S), the preprocessed frame
+    finish: Callable[[torch.Tensor, dict], Any] | None  # (image, its backbone output) -> result
     done: threading.Event = field(default_factory=threading.Event)
-    result: dict | None = None
+    image: torch.Tensor | None = None
+    result: Any = None
     error: BaseException | None = None
 
 
 class SharedImageEncoder:
     """Runs ``model.forward_image`` once for the frames several engines submit together.
 
-    Thread-safe.  Engines call :meth:`encode` from their own threads; the first
-    caller to find the batch complete (every member has submitted) or the wait
-    expired runs the batch, and every caller gets its own slice of the outputs.
+    Thread-safe.  Engines call :meth:`run` from their own threads; the first caller
+    to find the batch complete (every member has submitted) or the wait expired
+    leads it: on its own thread it prepares every member's frame, runs one encoder
+    pass, and runs each member's ``finish`` (the rest of its step) with its slice of
+    the outputs, while the other callers wait.  One batch runs at a time.  On a GPU,
+    where a step is mostly Python launching kernels, this keeps the model work on one
+    thread at a time instead of several threads trading the interpreter lock op by op.
     """
 
     def __init__(self, model: torch.nn.Module, max_wait: float = 0.01, max_batch: int = 16,
@@ -61,6 +74,7 @@ class SharedImageEncoder:
         self._cond = threading.Condition()
         self._pending: list[_Request] = []
         self._active: set = set()  # members with a frame in flight or expected
+        self._running = threading.Lock()  # one batch at a time
         self.batches = 0  # forward passes run (for inspection and benchmarks)
         self.frames = 0  # frames encoded
 
@@ -77,7 +91,14 @@ class SharedImageEncoder:
 
     def encode(self, image: torch.Tensor, member: object = None) -> dict:
         """The backbone output for ``image`` (batch of one), as ``model.forward_image`` gives it."""
-        req = _Request(image)
+        return self.run(member, prepare=lambda: image)
+
+    def run(self, member: object, prepare: Callable[[], torch.Tensor],
+            finish: Callable[[torch.Tensor, dict], Any] | None = None) -> Any:
+        """``finish(image, backbone_output)`` for the frame ``prepare()`` makes, its encoder
+        pass batched with other members'; without ``finish``, the backbone output.  Both
+        callables may run on another member's thread.  Their errors reach this caller."""
+        req = _Request(member, prepare, finish)
         with self._cond:
             self._active.add(member)
             self._pending.append(req)
@@ -97,29 +118,47 @@ class SharedImageEncoder:
             req.done.wait()
         if req.error is not None:
             raise req.error
-        assert req.result is not None
         return req.result
 
     def _run(self, batch: list[_Request]) -> None:
-        # Runs on the thread of one member, inside its inference/autocast context.
-        try:
-            images = [r.image for r in batch]
-            if self.pad_batches:
-                slots = 1 << (len(images) - 1).bit_length()
-                images += [torch.zeros_like(images[0])] * (slots - len(images))
-            out = self.model.forward_image(torch.cat(images))
-            for k, r in enumerate(batch):
-                r.result = _slice(out, k)
-        except BaseException as exc:  # every member of the batch sees the failure
-            for r in batch:
-                r.error = exc
-        finally:
-            with self._cond:
-                self.batches += 1
-                self.frames += len(batch)
+        # Runs on the thread of the member leading the batch.
+        with self._running, torch.inference_mode():
+            try:
+                ready = []
                 for r in batch:
-                    r.done.set()
-                self._cond.notify_all()
+                    try:
+                        r.image = r.prepare()
+                        ready.append(r)
+                    except Exception as exc:  # this member's frame only
+                        r.error = exc
+                if ready:
+                    images = [r.image for r in ready]
+                    if self.pad_batches:
+                        images += [torch.zeros_like(images[0])] * (slot_count(len(images)) - len(images))
+                    with _autocast_of(ready[0].member):
+                        out = self.model.forward_image(torch.cat(images))
+                    for k, r in enumerate(ready):
+                        try:
+                            part = _slice(out, k)
+                            r.result = part if r.finish is None else r.finish(r.image, part)
+                        except Exception as exc:  # this member's step only
+                            r.error = exc
+            except BaseException as exc:  # the encoder pass: every member of the batch sees it
+                for r in batch:
+                    r.error = r.error or exc
+            finally:
+                with self._cond:
+                    self.batches += 1
+                    self.frames += len(batch)
+                    for r in batch:
+                        r.done.set()
+                    self._cond.notify_all()
+
+
+def _autocast_of(member: object):
+    """The member engine's autocast context (bf16 on CUDA), or none."""
+    autocast = getattr(member, "autocast", None)
+    return autocast() if callable(autocast) else contextlib.nullcontext()
 
 
 def _slice(out, k: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -221,3 +222,46 @@ def test_more_members_than_a_batch_all_get_their_frames():
     assert errors == [None] * 5
     assert all(torch.equal(results[k]["vision_features"], images[k] * 2) for k in range(5))
     assert max(model.batch_sizes) <= 2 and sum(model.batch_sizes) == 5
+
+
+def test_batch_steps_run_one_at_a_time_on_the_leading_thread():
+    """Every member's step runs on the thread that led its batch, never two at once, and
+    a step that fails reaches only its own caller."""
+    model = _DoublingModel()
+    encoder = SharedImageEncoder(model, max_wait=30.0)
+    members = ["a", "b", "c"]
+    encoder._active.update(members)
+    lock, running, seen = threading.Lock(), [0], []
+
+    def finish_for(k):
+        def finish(image, out):
+            with lock:
+                running[0] += 1
+                seen.append((k, threading.current_thread().name, running[0]))
+            time.sleep(0.02)
+            with lock:
+                running[0] -= 1
+            if k == 1:
+                raise ValueError("step of b failed")
+            return float(out["vision_features"].mean())
+        return finish
+
+    results, errors = [None] * 3, [None] * 3
+
+    def work(k):
+        try:
+            image = torch.full((1, 3, 2, 2), float(k + 1))
+            results[k] = encoder.run(members[k], lambda: image, finish_for(k))
+        except ValueError as exc:
+            errors[k] = exc
+
+    threads = [threading.Thread(target=work, args=(k,), name=f"stream-{k}") for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert model.batch_sizes == [3]
+    assert {name for _, name, _ in seen} == {seen[0][1]}  # one thread ran all three
+    assert max(n for _, _, n in seen) == 1
+    assert results[0] == 2.0 and results[2] == 6.0 and results[1] is None
+    assert errors[0] is None and errors[2] is None and "b failed" in str(errors[1])
