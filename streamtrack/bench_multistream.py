@@ -5,7 +5,9 @@ of engines sharing one model and one batched image encoder, each stream on its
 own thread (what :class:`~streamtrack.multistream.StreamGroup` does), against
 the same engines stepped one after another on one thread with an encoder pass
 per frame (the plain way to serve several streams from one model), measured in
-the same run on the same frames.
+the same run on the same frames.  A third side, one thread per stream with
+batches of one (``max_batch=1``), separates what batching does from what the
+threads do.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class MultiStreamBenchResult:
     torch_threads: int
     sequential_fps: dict[int, float] = field(default_factory=dict)  # streams -> frames/s per stream
     batched_fps: dict[int, float] = field(default_factory=dict)
+    threaded_fps: dict[int, float] = field(default_factory=dict)  # one thread per stream, no batching
     ratio: dict[int, float] = field(default_factory=dict)  # batched / sequential
     batch_size: dict[int, float] = field(default_factory=dict)  # mean frames per encoder pass
 
@@ -66,18 +69,22 @@ def bench_multistream(
 
     for n in streams:
         clips, prompts = _engine_inputs(n, frames, width, height)
-        seq_runs, batched_runs, sizes = [], [], []
-        for _ in range(repeats):  # alternate the two sides; keep the median of each
+        seq_runs, batched_runs, threaded_runs, sizes = [], [], [], []
+        for _ in range(repeats):  # alternate the sides; keep the median of each
             seq_runs.append(_sequential(net, config, dev, clips, prompts))
             fps, size = _batched(net, config, dev, clips, prompts, max_wait)
             batched_runs.append(fps)
             sizes.append(size)
+            if n > 1:
+                threaded_runs.append(_batched(net, config, dev, clips, prompts, max_wait, max_batch=1)[0])
         res.sequential_fps[n] = float(np.median(seq_runs))
         res.batched_fps[n] = float(np.median(batched_runs))
+        res.threaded_fps[n] = float(np.median(threaded_runs)) if threaded_runs else res.batched_fps[n]
         res.batch_size[n] = float(np.mean(sizes))
         res.ratio[n] = res.batched_fps[n] / res.sequential_fps[n]
-        log(f"  {n} stream(s): one after another {res.sequential_fps[n]:7.2f} frames/s per stream   "
-            f"batched {res.batched_fps[n]:7.2f} frames/s per stream   ratio {res.ratio[n]:.2f}   "
+        log(f"  {n} stream(s), frames/s per stream: one after another {res.sequential_fps[n]:7.2f}   "
+            f"threads, unbatched {res.threaded_fps[n]:7.2f}   batched {res.batched_fps[n]:7.2f}   "
+            f"ratio batched / one after another {res.ratio[n]:.2f}   "
             f"(mean encoder batch {res.batch_size[n]:.1f})")
     return res
 
@@ -97,10 +104,10 @@ def _sequential(net, config, dev, clips, prompts) -> float:
     return (frames - 1) / (time.perf_counter() - t0)
 
 
-def _batched(net, config, dev, clips, prompts, max_wait) -> tuple[float, float]:
+def _batched(net, config, dev, clips, prompts, max_wait, max_batch: int = 16) -> tuple[float, float]:
     """One thread per stream, one shared encoder; frames/s per stream and mean batch."""
     n, frames = len(clips), len(clips[0].frames)
-    encoder = SharedImageEncoder(net, max_wait=max_wait)
+    encoder = SharedImageEncoder(net, max_wait=max_wait, max_batch=max_batch)
     engines = [StreamingEngine(net, config, encoder=encoder) for _ in range(n)]
     start, done = threading.Barrier(n + 1), threading.Barrier(n + 1)
 

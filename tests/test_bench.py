@@ -111,6 +111,6 @@ def test_multistream_reports_fps_per_stream_both_ways(capsys, tiny_checkpoint):
                    "--checkpoint", str(tiny_checkpoint), "--frames", "3", "--streams", "1", "2")
     assert r["frames"] == 3 and r["image_size"] == 64
     for n in ("1", "2"):  # JSON object keys
-        assert r["sequential_fps"][n] > 0 and r["batched_fps"][n] > 0
+        assert r["sequential_fps"][n] > 0 and r["batched_fps"][n] > 0 and r["threaded_fps"][n] > 0
         assert r["ratio"][n] == pytest.approx(r["batched_fps"][n] / r["sequential_fps"][n])
         assert 1.0 <= r["batch_size"][n] <= int(n)
