@@ -64,7 +64,9 @@ step engine-tiny-fp32 75 engine $(m tiny) $hd --frames 31 --objects 1 4 16 --rep
 # A 30 fps 720p camera (the latency goal), then a source 3x faster than the engine (queue build-up).
 step latency-tiny-30fps 40 latency $(m tiny) $hd --frames 300 --fps 30
 step latency-tiny-bf16 40 latency $(m tiny) $hd --frames 300
-for size in tiny small base_plus large; do
+# Streams per process and per GPU: one after another, threads, batched, and (tiny) a process per stream.
+step multistream-tiny-processes 120 multistream $(m tiny) $hd --bf16 --frames 60 --streams 1 2 4 8 --processes
+for size in small base_plus large; do
     step "multistream-$size-bf16" 50 multistream $(m $size) $hd --bf16 --frames 30 --streams 1 2 4 8
 done
 step engine-tiny-bf16-compiled 170 engine $(m tiny) $hd --bf16 --compile --frames 31 --objects 1 4 --repeats 3 --state-frames

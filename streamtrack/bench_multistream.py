@@ -7,7 +7,9 @@ the same engines stepped one after another on one thread with an encoder pass
 per frame (the plain way to serve several streams from one model), measured in
 the same run on the same frames.  A third side, one thread per stream with
 batches of one (``max_batch=1``), separates what batching does from what the
-threads do.
+threads do.  With ``processes=True`` a fourth side runs each stream in its own
+process with its own copy of the model (what a fleet with one stream per actor
+does), all processes stepping at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,7 @@ class MultiStreamBenchResult:
     sequential_fps: dict[int, float] = field(default_factory=dict)  # streams -> frames/s per stream
     batched_fps: dict[int, float] = field(default_factory=dict)
     threaded_fps: dict[int, float] = field(default_factory=dict)  # one thread per stream, no batching
+    process_fps: dict[int, float] = field(default_factory=dict)  # one process per stream (processes=True)
     ratio: dict[int, float] = field(default_factory=dict)  # batched / sequential
     batch_size: dict[int, float] = field(default_factory=dict)  # mean frames per encoder pass
 
@@ -52,7 +56,8 @@ def _engine_inputs(n: int, frames: int, width: int, height: int):
 def bench_multistream(
     *, model: str = "sam2.1_hiera_tiny", checkpoint: str | None = None, image_size: int = 256,
     frames: int = 12, streams: tuple[int, ...] = (1, 2, 4), device: str = "auto", bf16: bool = True,
-    width: int = 320, height: int = 240, max_wait: float = 0.05, repeats: int = 1, log=print,
+    width: int = 320, height: int = 240, max_wait: float = 0.05, repeats: int = 1,
+    processes: bool = False, log=print,
 ) -> MultiStreamBenchResult:
     dev = resolve_device(device)
     if checkpoint is None:
@@ -62,7 +67,7 @@ def bench_multistream(
     net = build_model(model, checkpoint, device=dev, image_size=image_size)
     res = MultiStreamBenchResult(str(dev), model, image_size, frames, bf16, torch.get_num_threads())
 
-    warm_clips, warm_prompts = _engine_inputs(1, 3, width, height)
+    warm_clips, warm_prompts = _engine_inputs(1, 8, width, height)  # CUDA initialises lazily
     warm = StreamingEngine(net, config)
     for i, f in enumerate(warm_clips[0].frames):
         warm.step(f, warm_prompts[0] if i == 0 else [])
@@ -82,9 +87,15 @@ def bench_multistream(
         res.threaded_fps[n] = float(np.median(threaded_runs)) if threaded_runs else res.batched_fps[n]
         res.batch_size[n] = float(np.mean(sizes))
         res.ratio[n] = res.batched_fps[n] / res.sequential_fps[n]
+        per_process = ""
+        if processes:
+            spec = _ProcessSpec(model, checkpoint, image_size, device, bf16, frames, width, height,
+                                torch.get_num_threads())
+            res.process_fps[n] = float(np.median([_process_per_stream(spec, n) for _ in range(repeats)]))
+            per_process = f"process per stream {res.process_fps[n]:7.2f}   "
         log(f"  {n} stream(s), frames/s per stream: one after another {res.sequential_fps[n]:7.2f}   "
             f"threads, unbatched {res.threaded_fps[n]:7.2f}   batched {res.batched_fps[n]:7.2f}   "
-            f"ratio batched / one after another {res.ratio[n]:.2f}   "
+            f"{per_process}ratio batched / one after another {res.ratio[n]:.2f}   "
             f"(mean encoder batch {res.batch_size[n]:.1f})")
     return res
 
@@ -132,6 +143,75 @@ def _batched(net, config, dev, clips, prompts, max_wait, max_batch: int = 16) ->
     return fps, (encoder.frames - frames0) / max(encoder.batches - passes0, 1)
 
 
+@dataclass(frozen=True)
+class _ProcessSpec:
+    model: str
+    checkpoint: str
+    image_size: int
+    device: str
+    bf16: bool
+    frames: int
+    width: int
+    height: int
+    torch_threads: int  # shared out among the processes, so a CPU is not oversubscribed
+
+
+def _process_per_stream(spec: _ProcessSpec, n: int) -> float:
+    """N processes, each its own model and one stream, stepping at the same time;
+    mean frames/s per stream."""
+    ctx = get_context("spawn")
+    ready, results = ctx.Barrier(n + 1), ctx.Queue()
+    procs = [ctx.Process(target=_stream_process, args=(spec, n, k, ready, results), daemon=True)
+             for k in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        try:
+            ready.wait(timeout=600)  # every process has loaded its model and warmed up
+        except threading.BrokenBarrierError:
+            pass  # a process failed: its message is in the results
+        fps = [results.get(timeout=600) for _ in range(n)]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    errors = sorted((f for f in fps if isinstance(f, str)), key=lambda e: e.startswith("another"))
+    if errors:
+        raise RuntimeError(f"a stream process failed: {errors[0]}")
+    return float(np.mean(fps))
+
+
+def _stream_process(spec: _ProcessSpec, n: int, k: int, ready, results) -> None:
+    try:
+        torch.set_num_threads(max(1, spec.torch_threads // n))
+        dev = resolve_device(spec.device)
+        net = build_model(spec.model, spec.checkpoint, device=dev, image_size=spec.image_size)
+        config = EngineConfig(bf16=spec.bf16)
+        clip = make_clip(spec.frames, spec.width, spec.height, num_objects=1, seed=10 + k)
+        warm = make_clip(8, spec.width, spec.height, num_objects=1, seed=10 + k)
+        warm_engine = StreamingEngine(net, config)
+        for i, f in enumerate(warm.frames):
+            warm_engine.step(f, [Prompt.make(1, box=warm.box(1, 0))] if i == 0 else [])
+        engine = StreamingEngine(net, config)
+        engine.step(clip.frames[0], [Prompt.make(1, box=clip.box(1, 0))])
+        sync_device(dev)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as text
+        ready.abort()
+        results.put(f"{type(exc).__name__}: {exc}")
+        return
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        results.put("another stream process failed")
+        return
+    t0 = time.perf_counter()
+    for frame in clip.frames[1:]:
+        engine.step(frame)
+    sync_device(dev)
+    results.put((spec.frames - 1) / (time.perf_counter() - t0))
+
+
 def main(args) -> int:
     log = (lambda *a, **k: None) if args.json else print
     log(f"multistream benchmark: {args.model}, input {args.image_size}, {args.frames} frames per stream, "
@@ -142,7 +222,7 @@ def main(args) -> int:
     res = bench_multistream(
         model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
         streams=tuple(args.streams), device=args.device, bf16=args.bf16, repeats=args.repeats,
-        width=width, height=height, log=log,
+        width=width, height=height, processes=args.processes, log=log,
     )
     if args.json:
         print(json.dumps(asdict(res)))

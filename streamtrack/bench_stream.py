@@ -172,16 +172,38 @@ class _TrackedRun:
     dropped: dict[str, int]
 
 
-def _run_tracker(run: RunConfig, engine: StreamingEngine) -> _TrackedRun:
-    """Run ``run`` to its end with a subscriber attached to its publisher, like any
-    consumer would be, and return what was published."""
+def _count_masks(endpoint: str, stream: str, ready, stop, received) -> None:
+    """A consumer process: subscribe to ``stream``'s masks and count them until ``stop``."""
     from streamtrack.subscriber import Subscriber
 
-    subs: list[Subscriber] = []
+    sub = Subscriber(endpoint, topics=(f"masks/{stream}",))
+    ready.set()
+    try:
+        while not stop.wait(0.02):
+            received.value = sub.counters(stream).received
+        received.value = sub.counters(stream).received
+    finally:
+        sub.close()
+
+
+def _run_tracker(run: RunConfig, engine: StreamingEngine) -> _TrackedRun:
+    """Run ``run`` to its end with a subscriber attached to its publisher and return what
+    was published.  The subscriber is its own process, as any consumer would be: in the
+    tracker's process its thread would compete with the engine for the interpreter,
+    which on a GPU (where a step is mostly Python launching kernels) slows the engine."""
+    ctx = get_context("spawn")
+    ready, stop, received = ctx.Event(), ctx.Event(), ctx.Value("l", 0)
+    consumers: list = []
 
     def notify(kind: str, data: dict) -> None:
         if kind == "bound" and data.get("publish"):
-            subs.append(Subscriber(data["publish"], topics=(f"masks/{run.stream}",)))
+            proc = ctx.Process(target=_count_masks, args=(data["publish"], run.stream, ready, stop, received),
+                               daemon=True)
+            proc.start()
+            consumers.append(proc)
+            if not ready.wait(60):
+                raise RuntimeError("the benchmark's subscriber process did not start")
+            time.sleep(0.2)  # ZeroMQ's slow joiner: let the subscription reach the publisher
 
     tracker = Tracker(run, engine=engine, notify=notify)
     recorder = _Recorder(run.stream)
@@ -189,16 +211,18 @@ def _run_tracker(run: RunConfig, engine: StreamingEngine) -> _TrackedRun:
     try:
         tracker.run()
     finally:
-        received = 0
-        for sub in subs:
-            deadline = time.monotonic() + 1.0  # let the last messages arrive
-            while time.monotonic() < deadline and sub.counters(run.stream).received < len(recorder.stamps):
+        if consumers:
+            deadline = time.monotonic() + 2.0  # let the last messages arrive
+            while time.monotonic() < deadline and received.value < len(recorder.stamps):
                 time.sleep(0.02)
-            received = sub.counters(run.stream).received
-            sub.close()
+            stop.set()
+            for proc in consumers:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
     assert tracker.capture is not None
     stats = tracker.capture.stats()
-    return _TrackedRun(recorder.stamps, recorder.object_counts, received, stats.frames_decoded,
+    return _TrackedRun(recorder.stamps, recorder.object_counts, int(received.value), stats.frames_decoded,
                        stats.frames_delivered, dict(stats.dropped))
 
 
@@ -390,7 +414,7 @@ def bench_latency(
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         # A first estimate of the step time only picks the source rate; the reported
         # step time is measured below on the decoded frames.
-        estimate = float(np.median(_warm(net, config, clip.frames, prompts, steps=6)[2:]))
+        estimate = float(np.median(_warm(net, config, clip.frames, prompts, steps=10)[5:]))
         if fps is None:
             fps = max(_CAMERA_FPS, 3.0 / estimate)
         video = write_video(clip.frames, tmp / "clip.mp4", fps=fps)

@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: baseline is sam2's compiled SAM2VideoPredictorVOS (CUDA)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4],
                    help="multistream: stream counts (default 1 2 4)")
+    p.add_argument("--processes", action="store_true",
+                   help="multistream: also run each stream in its own process (own model copy)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per side, median reported")
     p.add_argument("--preprocess", default="auto", choices=["auto", "exact", "fast"],
                    help="engine preprocessing (auto: exact on CPU, fast on CUDA)")

@@ -108,9 +108,11 @@ def test_bad_options_are_one_line_user_errors(capsys, args, message):
 
 def test_multistream_reports_fps_per_stream_both_ways(capsys, tiny_checkpoint):
     r = bench_json(capsys, "multistream", "--device", "cpu", "--image-size", "64",
-                   "--checkpoint", str(tiny_checkpoint), "--frames", "3", "--streams", "1", "2")
+                   "--checkpoint", str(tiny_checkpoint), "--frames", "3", "--streams", "1", "2",
+                   "--processes")
     assert r["frames"] == 3 and r["image_size"] == 64
     for n in ("1", "2"):  # JSON object keys
         assert r["sequential_fps"][n] > 0 and r["batched_fps"][n] > 0 and r["threaded_fps"][n] > 0
+        assert r["process_fps"][n] > 0
         assert r["ratio"][n] == pytest.approx(r["batched_fps"][n] / r["sequential_fps"][n])
         assert 1.0 <= r["batch_size"][n] <= int(n)
