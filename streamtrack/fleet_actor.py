@@ -154,7 +154,15 @@ class FleetActor:
         model = self._shared_model(key)
         # One model per actor, one engine per stream; the streams' image-encoder passes
         # are batched into one forward by the actor's shared encoder.
-        return StreamingEngine(model, config.engine, encoder=self._encoder)
+        engine = StreamingEngine(model, config.engine, encoder=self._encoder)
+        with self._model_lock:
+            if not getattr(model, "streamtrack_warmed", False) and (
+                engine.device.type == "cuda" or engine.pad_batches
+            ):
+                # Kernel selection and compilation once per actor, before a live frame.
+                log.info("model warmed up in %.1f s", engine.warmup())
+                model.streamtrack_warmed = True
+        return engine
 
     def _shared_model(self, key: ModelKey):
         with self._model_lock:

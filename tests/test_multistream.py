@@ -144,7 +144,7 @@ def test_shared_encoder_engines_equal_independent_engines(tiny_checkpoint):
     assert not np.array_equal(alone[0][-1].objects[0].mask, alone[1][-1].objects[0].mask)
 
 
-def test_stream_group_runs_streams_on_one_model(tiny_checkpoint, tmp_path):
+def test_stream_group_runs_streams_on_one_model(tiny_checkpoint, tmp_path, monkeypatch):
     clips = _clips()
     configs = []
     for k, clip in enumerate(clips):
@@ -158,7 +158,13 @@ def test_stream_group_runs_streams_on_one_model(tiny_checkpoint, tmp_path):
     configs.append(RunConfig(source=str(tmp_path / "missing.mp4"), stream="broken", progress=False,
                              engine=configs[0].engine))
     group = StreamGroup(configs, max_wait=5.0)  # generous: batching must not depend on timing
+    # As with compile on: padded object batches, and one warm-up for the group up front.
+    warmups = []
+    monkeypatch.setattr(StreamingEngine, "warmup", lambda self: warmups.append(self) or 0.0)
+    for tracker in group.trackers.values():
+        tracker.engine.pad_batches = True
     summaries = group.run()
+    assert len(warmups) == 1 and group.model.streamtrack_warmed
     assert set(summaries) == {"cam0", "cam1"}
     assert "broken" in group.errors and "missing.mp4" in str(group.errors["broken"])
     assert group.encoder.frames == 16 and group.encoder.batches < 16
