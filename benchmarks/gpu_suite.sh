@@ -42,6 +42,9 @@ step() {
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/log.txt"
+# The host matters as much as the card: a step is mostly Python launching kernels, and thread
+# hand-offs cost far more under some sandboxed kernels (gVisor reports 4.4.0) than on Linux.
+echo "kernel $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)" | tee -a "$out/log.txt"
 "$py" -c "import torch, sam2; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/log.txt"
 "$py" - "$ckpts" <<'EOF' 2>>"$out/stderr.txt" | tee -a "$out/log.txt"
 import sys
