@@ -73,6 +73,19 @@ def test_jsonl_has_one_contract_line_per_frame(tracked):
     assert first["v"] == 1 and first["width"] == 160 and first["height"] == 120
     assert {"obj_id", "score", "state", "bbox", "area", "rle"} <= set(first["objects"][0])
     assert "16 frames" in run.stderr  # the one-line summary
+    # A file read at decode speed: its frames wait in the queue by design, so the summary
+    # gives the engine's step time, not a capture -> result "latency".
+    assert "step p50" in run.stderr and "latency p50" not in run.stderr
+
+
+def test_summary_line_gives_latency_for_live_sources_and_step_time_for_read_ahead():
+    from streamtrack.pipeline import RunSummary
+
+    live = RunSummary(frames=3, seconds=1.0, latency_p50=0.1204, latency_p95=0.25, step_p50=0.05)
+    assert "latency p50 120 ms p95 250 ms" in live.line()
+    read_ahead = RunSummary(frames=3, seconds=1.0, latency_p50=9.0, latency_p95=9.5, step_p50=0.05,
+                            read_ahead=True)
+    assert "step p50 50 ms" in read_ahead.line() and "latency" not in read_ahead.line()
 
 
 def test_later_prompt_adds_the_object_from_that_frame(tracked):
