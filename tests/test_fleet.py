@@ -322,3 +322,23 @@ def test_example_fleet_file_is_valid(monkeypatch):
     assert [s.name for s in spec.streams] == ["lobby", "door"]
     assert all(Path(s.source) == REPO / "demos/sample.mp4" for s in spec.streams)
     assert len(plan_actors(spec.streams, spec.options, cluster_gpus=0)) == 1  # CPU: one actor
+
+
+def test_actor_warms_its_shared_model_up_once_when_compiled(tiny_checkpoint, monkeypatch):
+    """Engines handed to trackers do not warm up on their own: the actor does it, once
+    per model, before its first stream's first frame (no Ray needed to check that)."""
+    from streamtrack.engine import EngineConfig, StreamingEngine
+    from streamtrack.fleet_actor import FleetActor
+    from streamtrack.fleet_spec import ModelKey
+    from streamtrack.pipeline import RunConfig
+
+    warmed = []
+    monkeypatch.setattr(StreamingEngine, "warmup", lambda self: warmed.append(self) or 0.0)
+    engine_config = EngineConfig(checkpoint=str(tiny_checkpoint), image_size=128, device="cpu",
+                                 compile=True, compile_backend="eager")
+    key = ModelKey("sam2.1_hiera_tiny", str(tiny_checkpoint), "cpu", 128, None, True)
+    actor = FleetActor("test")
+    engines = [actor._engine(RunConfig(source="a.mp4", stream=f"s{k}", engine=engine_config), key)
+               for k in range(2)]
+    assert warmed == [engines[0]]
+    assert engines[1].encoder is engines[0].encoder is actor._encoder
