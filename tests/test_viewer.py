@@ -575,7 +575,9 @@ def test_viewer_end_to_end_under_xvfb(xdisplay, tmp_path):
                             grab(xdisplay, wid)[..., ::-1])
 
         # Left click = foreground point of a new object (3: 1 and 2 are tracked).
-        xdo(xdisplay, "mousemove", "--window", wid, 300, 240, "click", 1)
+        # The pointer enters the window a moment before the press (a first click sent in
+        # one go with the move was lost once in a full CI run; the cause is not pinned down).
+        xdo(xdisplay, "mousemove", "--window", wid, 300, 240, "sleep", 0.3, "click", 1)
         (p,) = wait_for(lambda: handler.find("add_prompt"), 10, "the first prompt")
         assert p.obj_id == 3 and p.labels == (1,) and p.box is None
         assert p.points[0] == pytest.approx((400.17, 320.17), abs=1.5)  # (300 + .5) / .75 - .5
