@@ -48,6 +48,14 @@ class MultiStreamBenchResult:
     batch_size: dict[int, float] = field(default_factory=dict)  # mean frames per encoder pass
 
 
+def _warm_up(net, config: EngineConfig, width: int, height: int, seed: int) -> None:
+    """A few untimed steps on a clip of their own (CUDA initialises lazily)."""
+    clip = make_clip(8, width, height, num_objects=1, seed=seed)
+    engine = StreamingEngine(net, config)
+    for i, frame in enumerate(clip.frames):
+        engine.step(frame, [Prompt.make(1, box=clip.box(1, 0))] if i == 0 else [])
+
+
 def _engine_inputs(n: int, frames: int, width: int, height: int):
     clips = [make_clip(frames, width, height, num_objects=1, seed=10 + k) for k in range(n)]
     return clips, [[Prompt.make(1, box=c.box(1, 0))] for c in clips]
@@ -67,10 +75,7 @@ def bench_multistream(
     net = build_model(model, checkpoint, device=dev, image_size=image_size)
     res = MultiStreamBenchResult(str(dev), model, image_size, frames, bf16, torch.get_num_threads())
 
-    warm_clips, warm_prompts = _engine_inputs(1, 8, width, height)  # CUDA initialises lazily
-    warm = StreamingEngine(net, config)
-    for i, f in enumerate(warm_clips[0].frames):
-        warm.step(f, warm_prompts[0] if i == 0 else [])
+    _warm_up(net, config, width, height, seed=10)
 
     for n in streams:
         clips, prompts = _engine_inputs(n, frames, width, height)
@@ -189,10 +194,7 @@ def _stream_process(spec: _ProcessSpec, n: int, k: int, ready, results) -> None:
         net = build_model(spec.model, spec.checkpoint, device=dev, image_size=spec.image_size)
         config = EngineConfig(bf16=spec.bf16)
         clip = make_clip(spec.frames, spec.width, spec.height, num_objects=1, seed=10 + k)
-        warm = make_clip(8, spec.width, spec.height, num_objects=1, seed=10 + k)
-        warm_engine = StreamingEngine(net, config)
-        for i, f in enumerate(warm.frames):
-            warm_engine.step(f, [Prompt.make(1, box=warm.box(1, 0))] if i == 0 else [])
+        _warm_up(net, config, spec.width, spec.height, seed=10 + k)
         engine = StreamingEngine(net, config)
         engine.step(clip.frames[0], [Prompt.make(1, box=clip.box(1, 0))])
         sync_device(dev)

@@ -147,7 +147,6 @@ def _warm(model: torch.nn.Module, config: EngineConfig, frames: list[np.ndarray]
     return durations
 
 
-
 class _Recorder(StatsWindow):
     """The tracker's stats window that also keeps every published result's timestamps."""
 

@@ -251,6 +251,18 @@ class StreamingEngine:
             "pointer": sorted(t.recent),
         }
 
+    def warmup_once(self) -> float | None:
+        """:meth:`warmup`, unless this engine's model was warmed already (engines sharing a
+        model need it once) or there is nothing to gain (eager, on a CPU).  Returns the
+        seconds spent, or None when it did not run."""
+        if getattr(self.model, "streamtrack_warmed", False) or not (
+            self.device.type == "cuda" or self.pad_batches
+        ):
+            return None
+        seconds = self.warmup()
+        self.model.streamtrack_warmed = True
+        return seconds
+
     @torch.inference_mode()
     def warmup(self, steps: int | None = None) -> float:
         """Run throwaway prompts and tracked frames through the model, so kernel selection,
@@ -308,20 +320,20 @@ class StreamingEngine:
             # the thread leading the batch: the streams' GPU work stays on one thread.
             return self.encoder.run(self, partial(self._prepare, frame), partial(self._track, job))
         image = self._prepare(frame)
-        with self._autocast():
+        with self.autocast():
             backbone_out = self.model.forward_image(image)
         return self._track(job, image, backbone_out)
 
     @torch.inference_mode()
     def _prepare(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self.autocast():
             return self._preprocess(frame)
 
     @torch.inference_mode()
     def _track(self, job: _StepJob, image: torch.Tensor, backbone_out: dict) -> FrameOutput:
         """Everything after the image encoder: prompts, memory attention, decoding, memory."""
         f, prompts = job.frame_idx, job.prompts
-        with self._autocast():
+        with self.autocast():
             session = {"cached_features": {f: (image, backbone_out)}}
             results: dict[int, tuple] = {}
             prompted = {p.obj_id for p in prompts}
@@ -359,9 +371,6 @@ class StreamingEngine:
     # ---------------------------------------------------------------- internals
     def autocast(self):
         """The autocast context this engine's model work runs in (bf16 on CUDA)."""
-        return self._autocast()
-
-    def _autocast(self):
         enabled = self.device.type == "cuda" and self.config.bf16
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 

@@ -155,13 +155,10 @@ class FleetActor:
         # One model per actor, one engine per stream; the streams' image-encoder passes
         # are batched into one forward by the actor's shared encoder.
         engine = StreamingEngine(model, config.engine, encoder=self._encoder)
-        with self._model_lock:
-            if not getattr(model, "streamtrack_warmed", False) and (
-                engine.device.type == "cuda" or engine.pad_batches
-            ):
-                # Kernel selection and compilation once per actor, before a live frame.
-                log.info("model warmed up in %.1f s", engine.warmup())
-                model.streamtrack_warmed = True
+        with self._model_lock:  # kernel selection and compilation once per actor, before a live frame
+            seconds = engine.warmup_once()
+        if seconds is not None:
+            log.info("model warmed up in %.1f s", seconds)
         return engine
 
     def _shared_model(self, key: ModelKey):

@@ -156,7 +156,7 @@ class SharedImageEncoder:
 
 
 def _autocast_of(member: object):
-    """The member engine's autocast context (bf16 on CUDA), or none."""
+    """The member engine's autocast context (bf16 on CUDA), or none (e.g. a test's member)."""
     autocast = getattr(member, "autocast", None)
     return autocast() if callable(autocast) else contextlib.nullcontext()
 
@@ -215,14 +215,11 @@ class StreamGroup:
     def run(self) -> dict[str, RunSummary]:
         """Run every stream to its end (or until ``stop``); a stream that fails is
         logged and recorded in ``errors`` while the others go on."""
-        engine = next(iter(self.trackers.values())).engine
-        if engine is not None and not getattr(self.model, "streamtrack_warmed", False) and (
-            engine.device.type == "cuda" or engine.pad_batches
-        ):
-            # Kernel selection and compilation once for the group, before any live frame
-            # (the trackers were handed their engines, so they do not warm up themselves).
-            log.info("model warmed up in %.1f s", engine.warmup())
-            self.model.streamtrack_warmed = True
+        # Kernel selection and compilation once for the group, before any live frame (the
+        # trackers were handed their engines, so they do not warm up themselves).
+        seconds = next(iter(self.trackers.values())).engine.warmup_once()
+        if seconds is not None:
+            log.info("model warmed up in %.1f s", seconds)
         threads = [
             threading.Thread(target=self._run_one, args=(name,), name=f"stream-{name}", daemon=True)
             for name in self.trackers

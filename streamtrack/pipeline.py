@@ -273,9 +273,10 @@ class Tracker:
             self.capture.start()  # a missing file or camera fails here, before the slow model load
             if self.engine is None:
                 self.engine = StreamingEngine.from_config(cfg.engine)
-                if cfg.engine.compile or self.engine.device.type == "cuda":
-                    # Compilation and kernel selection now, not on the first live frame.
-                    log.info("model warmed up in %.1f s", self.engine.warmup())
+                # Compilation and kernel selection now, not on the first live frame.
+                seconds = self.engine.warmup_once()
+                if seconds is not None:
+                    log.info("model warmed up in %.1f s", seconds)
             self._publish_status("tracker_state", old="starting", new="running",
                                  restarts=resume.restarts, resumed_at_frame=self.frames_seen)
             self._notify("running", {"pid": os.getpid()})
