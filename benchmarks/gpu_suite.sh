@@ -62,6 +62,17 @@ hd=${BENCH_ARGS:-"--device cuda --image-size 1024 --frame-size 1280x720"}
 
 # shellcheck disable=SC2046  # word splitting of $(m ...) and $hd is intended
 {
+# CUDA graphs (compile mode reduce-overhead): the per-frame step is host-bound on a GPU.
+cg="--compile-mode reduce-overhead"
+step engine-tiny-cudagraphs 240 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --frames 61 --objects 1 --repeats 3 --state-frames
+step latency-tiny-cudagraphs 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1
+step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1
+if [[ -z ${ONLY:-} || " $ONLY " == *" profile-tiny "* ]] && (($(left) > 60)); then
+    echo "== profile-tiny" | tee -a "$out/log.txt"
+    timeout $(($(left) < 120 ? $(left) : 120)) "$py" benchmarks/profile_step.py --checkpoint "$ckpts/sam2.1_hiera_tiny.pt" \
+        --out "$out" 2>>"$out/stderr.txt" | head -40 | tee -a "$out/log.txt"
+fi
+step engine-tiny-cudagraphs-4obj 240 engine $(m tiny) $hd --bf16 $cg --frames 31 --objects 1 4 --repeats 2 --state-frames
 step engine-tiny-bf16 75 engine $(m tiny) $hd --bf16 --frames 31 --objects 1 4 16 --repeats 2 --state-frames
 step engine-tiny-fp32 75 engine $(m tiny) $hd --frames 31 --objects 1 4 16 --repeats 2 --state-frames 50 500
 # A 30 fps 720p camera (the latency goal), then a source 3x faster than the engine (queue build-up).

@@ -34,6 +34,7 @@ class EngineBenchResult:
     bf16: bool = False
     preprocess: str = "exact"
     compile: bool = False  # torch.compile of the engine's encoder and step (warmed up before timing)
+    compile_mode: str = "default"
     official_vos_optimized: bool = False  # the official SAM2VideoPredictorVOS (compiled) build
     official_ms: dict[int, float] = field(default_factory=dict)  # objects -> ms/frame
     engine_ms: dict[int, float] = field(default_factory=dict)
@@ -41,6 +42,10 @@ class EngineBenchResult:
     marginal_ms: dict[str, float] = field(default_factory=dict)  # per extra object
     engine_state_bytes: dict[int, int] = field(default_factory=dict)  # frame -> bytes
     official_state_bytes: dict[int, int] = field(default_factory=dict)
+    # objects -> mask IoU between the two sides over every frame and object of the last run:
+    # a fast path that tracks something else is not faster
+    agreement_iou_mean: dict[int, float] = field(default_factory=dict)
+    agreement_iou_min: dict[int, float] = field(default_factory=dict)
 
 
 def _prompts(clip, n: int) -> list[Prompt]:
@@ -51,6 +56,21 @@ def _prompts(clip, n: int) -> list[Prompt]:
         dx = (i // len(clip.masks)) * 3.0
         out.append(Prompt.make(i + 1, box=[x0 + dx, y0, min(x1 + dx, clip.width - 1), y1]))
     return out
+
+
+def mask_ious(official_masks: list[torch.Tensor], engine_outputs: list) -> list[float]:
+    """IoU of every object's mask on every frame: the official predictor's video-resolution
+    logits (objects x 1 x H x W, thresholded at 0 as it does) against the engine's masks."""
+    if len(official_masks) != len(engine_outputs):
+        raise RuntimeError(f"official predictor gave {len(official_masks)} frames, "
+                           f"engine {len(engine_outputs)}")
+    ious = []
+    for logits, out in zip(official_masks, engine_outputs, strict=True):
+        theirs = (logits[:, 0] > 0).cpu().numpy()
+        for k, obj in enumerate(out.objects):
+            union = np.logical_or(theirs[k], obj.mask).sum()
+            ious.append(1.0 if union == 0 else float(np.logical_and(theirs[k], obj.mask).sum() / union))
+    return ious
 
 
 def _official_state_bytes(state) -> int:
@@ -80,6 +100,8 @@ def bench_engine(
     preprocess: str = "auto",
     repeats: int = 1,
     compile: bool = False,
+    compile_mode: str = "default",
+    compile_slots: int = 4,
     official_vos_optimized: bool = False,
     log=print,
 ) -> EngineBenchResult:
@@ -99,9 +121,11 @@ def bench_engine(
         Image.fromarray(f).save(jpeg_dir / f"{i:05d}.jpg", quality=95)
     decoded = [np.array(Image.open(jpeg_dir / f"{i:05d}.jpg").convert("RGB")) for i in range(frames)]
     bf16 = bf16 and dev.type == "cuda"
-    config = EngineConfig(preprocess=preprocess, bf16=bf16, compile=compile)
+    config = EngineConfig(preprocess=preprocess, bf16=bf16, compile=compile, compile_mode=compile_mode,
+                          compile_slots=compile_slots)
     res = EngineBenchResult(str(dev), model, image_size, frames, (width, height), torch.get_num_threads(),
-                            bf16=bf16, compile=compile, official_vos_optimized=official_vos_optimized)
+                            bf16=bf16, compile=compile, compile_mode=compile_mode if compile else "default",
+                            official_vos_optimized=official_vos_optimized)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     silence_official_progress()
@@ -129,26 +153,32 @@ def bench_engine(
                 official.add_new_points_or_box(state, 0, p.obj_id, box=np.array(p.box, np.float32))
             # Frame 0 (the prompted frame) is not timed on either side: the official
             # predictor computes it in add_new_points_or_box, before propagating.
+            official_masks = []  # kept as the predictor returns them: no work in the timed loop
             with autocast:
-                for i, _ in enumerate(official.propagate_in_video(state)):
+                for i, (_, _, video_res_masks) in enumerate(official.propagate_in_video(state)):
                     sync_device(dev)
+                    official_masks.append(video_res_masks)
                     if i == 0:
                         t0 = time.perf_counter()
             official_runs.append((time.perf_counter() - t0) / (frames - 1) * 1000)
             engine = StreamingEngine(engine_model, config)
             res.preprocess = engine.preprocess
-            engine.step(decoded[0], prompts)
+            engine_outputs = [engine.step(decoded[0], prompts)]
             sync_device(dev)
             t0 = time.perf_counter()
             for frame in decoded[1:]:
-                engine.step(frame)
+                engine_outputs.append(engine.step(frame))
                 sync_device(dev)
             engine_runs.append((time.perf_counter() - t0) / (frames - 1) * 1000)
         res.official_ms[n] = float(np.median(official_runs))
         res.engine_ms[n] = float(np.median(engine_runs))
         res.ratio[n] = res.engine_ms[n] / res.official_ms[n]
+        ious = mask_ious(official_masks, engine_outputs)
+        res.agreement_iou_mean[n], res.agreement_iou_min[n] = float(np.mean(ious)), float(np.min(ious))
+        del official_masks, engine_outputs
         log(f"  {n:2d} object(s): official {res.official_ms[n]:8.1f} ms/frame   "
-            f"engine {res.engine_ms[n]:8.1f} ms/frame   ratio {res.ratio[n]:.2f}")
+            f"engine {res.engine_ms[n]:8.1f} ms/frame   ratio {res.ratio[n]:.2f}   "
+            f"mask IoU vs official mean {res.agreement_iou_mean[n]:.3f} min {res.agreement_iou_min[n]:.3f}")
         if n == objects[0] and frames >= 2:
             res.official_state_bytes[frames] = _official_state_bytes(state)
         del state
@@ -231,6 +261,12 @@ def sync_device(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def compile_options(args) -> dict:
+    """``--compile``, ``--compile-mode`` (implies it) and ``--compile-slots`` as engine options."""
+    return {"compile": bool(args.compile or args.compile_mode),
+            "compile_mode": args.compile_mode or "default", "compile_slots": args.compile_slots}
+
+
 def main(args) -> int:
     if args.what in ("pipeline", "latency", "memory"):
         from streamtrack import bench_stream
@@ -253,7 +289,7 @@ def main(args) -> int:
         res = bench_engine(
             model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
             objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device,
-            bf16=args.bf16, preprocess=args.preprocess, repeats=args.repeats, compile=args.compile,
+            bf16=args.bf16, preprocess=args.preprocess, repeats=args.repeats, **compile_options(args),
             official_vos_optimized=args.official_vos_optimized, width=width, height=height, log=log,
         )
     if args.json:

@@ -32,7 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamtrack.bench import _official_state_bytes, _prompts, silence_official_progress, sync_device
+from streamtrack.bench import (
+    _official_state_bytes,
+    _prompts,
+    compile_options,
+    silence_official_progress,
+    sync_device,
+)
 from streamtrack.capture import CaptureConfig, open_source
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.errors import UserError
@@ -136,8 +142,9 @@ def _warm(model: torch.nn.Module, config: EngineConfig, frames: list[np.ndarray]
     """A few engine steps so neither side pays first-call costs in its timing;
     returns their durations in seconds (the first one carries the prompts)."""
     engine = StreamingEngine(model, config)
-    if config.compile:
-        engine.warmup()  # compiles every object batch size, untimed
+    # Compiled: every object batch size is compiled now, untimed, and the trackers that
+    # share this model later do not warm it up again.
+    engine.warmup_once()
     durations = []
     for i in range(steps):
         t0 = time.perf_counter()
@@ -262,6 +269,7 @@ class PipelineBenchResult:
     pipeline_runs_fps: list[float] = field(default_factory=list)
     messages_received: int = 0  # by a subscriber on 127.0.0.1, last run
     compile: bool = False  # torch.compile'd engine (both sides)
+    compile_mode: str = "default"
 
 
 def bench_pipeline(
@@ -277,6 +285,8 @@ def bench_pipeline(
     frame_size: tuple[int, int] = (320, 240),
     preprocess: str = "auto",
     compile: bool = False,
+    compile_mode: str = "default",
+    compile_slots: int = 4,
     log: Log = print,
 ) -> PipelineBenchResult:
     """Timed from the end of frame ``warmup - 1`` to the end of the last frame on both
@@ -290,7 +300,8 @@ def bench_pipeline(
     dev = resolve_device(device)
     width, height = frame_size
     res = PipelineBenchResult("pipeline", str(dev), model, image_size, frame_size, torch.get_num_threads(),
-                              frames, warmup, objects, repeats, compile=compile)
+                              frames, warmup, objects, repeats, compile=compile,
+                              compile_mode=compile_mode if compile else "default")
     with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
         tmp = Path(workdir)
         checkpoint = _checkpoint(model, checkpoint, tmp)
@@ -301,7 +312,8 @@ def bench_pipeline(
             raise RuntimeError(f"decoded {len(decoded)} of {frames} frames")
         prompts = _prompts(clip, objects)
         config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
-                              preprocess=preprocess, compile=compile)
+                              preprocess=preprocess, compile=compile, compile_mode=compile_mode,
+                              compile_slots=compile_slots)
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         res.frame_size = (decoded[0].shape[1], decoded[0].shape[0])
         _warm(net, config, decoded, prompts)
@@ -367,6 +379,7 @@ class LatencyBenchResult:
     dropped: dict[str, int] = field(default_factory=dict)
     messages_received: int = 0
     compile: bool = False  # torch.compile'd engine (both sides)
+    compile_mode: str = "default"
 
 
 def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float]:
@@ -388,6 +401,8 @@ def bench_latency(
     queue_depth: int | None = None,
     preprocess: str = "auto",
     compile: bool = False,
+    compile_mode: str = "default",
+    compile_slots: int = 4,
     log: Log = print,
 ) -> LatencyBenchResult:
     """``fps=None`` paces the clip like a 30 fps camera, or at 3x the engine's rate if
@@ -409,7 +424,8 @@ def bench_latency(
         clip = make_clip(clip_frames, width, height, num_objects=3, seed=3)
         prompts = _prompts(clip, objects)
         config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
-                              preprocess=preprocess, compile=compile)
+                              preprocess=preprocess, compile=compile, compile_mode=compile_mode,
+                              compile_slots=compile_slots)
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         # A first estimate of the step time only picks the source rate; the reported
         # step time is measured below on the decoded frames.
@@ -450,6 +466,7 @@ def bench_latency(
         queue_ms=_percentiles(queue, (50, 95)), pipeline_infer_ms=float(np.median(infer)),
         frames_decoded=tracked.frames_decoded, frames_delivered=tracked.frames_delivered,
         dropped=tracked.dropped, messages_received=tracked.received, compile=compile,
+        compile_mode=compile_mode if compile else "default",
     )
     res.ratio = res.latency_ms["p95"] / res.engine_step_ms
     res.meets_goal = res.ratio <= LATENCY_GOAL
@@ -651,10 +668,10 @@ def main(args: argparse.Namespace) -> int:
     res: PipelineBenchResult | LatencyBenchResult | MemoryBenchResult
     if args.what == "pipeline":
         res = bench_pipeline(**common, warmup=args.warmup, repeats=args.repeats, preprocess=args.preprocess,
-                             compile=args.compile)
+                             **compile_options(args))
     elif args.what == "latency":
         res = bench_latency(**common, warmup=args.warmup, clip_frames=args.clip_frames, fps=args.fps,
-                            queue_depth=args.queue_depth, preprocess=args.preprocess, compile=args.compile)
+                            queue_depth=args.queue_depth, preprocess=args.preprocess, **compile_options(args))
     elif args.what == "memory":
         res = bench_memory(**common, early_frame=args.early_frame, clip_frames=args.clip_frames,
                            official_frames=tuple(args.official_frames))

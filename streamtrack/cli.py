@@ -11,6 +11,7 @@ import logging
 import sys
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
+from streamtrack.compiled import MODES as COMPILE_MODES
 from streamtrack.errors import UserError
 from streamtrack.models import DEFAULT_MODEL, MODELS
 
@@ -191,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="engine, pipeline, latency: torch.compile the image encoder and the per-frame step "
                         "(compiled at warm-up, before timing)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, metavar="MODE",
+                   help="with --compile (implied): torch.compile's mode, one of "
+                        f"{', '.join(COMPILE_MODES)}; reduce-overhead replays CUDA graphs")
+    p.add_argument("--compile-slots", type=int, default=4, metavar="N",
+                   help="with --compile: warm-up compiles object batches of 1, 2, 4 ... up to N (default 4)")
     p.add_argument("--official-vos-optimized", action="store_true",
                    help="engine: baseline is sam2's compiled SAM2VideoPredictorVOS (CUDA)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4],

@@ -15,6 +15,16 @@ eager prompt encoder and decoder: their shapes depend on how many clicks a
 prompt has, and a recompile there would stall the stream on the frame the user
 is looking at.  ``StreamingEngine.warmup`` compiles every slot count up to
 ``EngineConfig.compile_slots`` before the first live frame.
+
+Modes (``EngineConfig.compile_mode``) are torch.compile's.  ``reduce-overhead`` and
+``max-autotune`` replay CUDA graphs: on a GPU a SAM 2 step is mostly the host
+launching small kernels, and a graph replay launches a whole module at once.  A
+graph's outputs live in memory that its next replay overwrites (and, without a
+backward pass, every new compiled call may reuse), so in those modes every
+compiled module's outputs are cloned as they come out, as sam2's
+``SAM2VideoPredictorVOS`` does: memory features outlive the frame, and several
+object batches share one decoder graph within a frame.  CUDA graphs are recorded
+per thread: run a cudagraph-mode engine's warm-up and steps on one thread.
 """
 
 from __future__ import annotations
@@ -24,6 +34,10 @@ import logging
 import threading
 
 import torch
+from sam2.modeling.position_encoding import PositionEmbeddingSine
+from torch.utils._pytree import tree_map_only
+
+from streamtrack.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +49,37 @@ def slot_count(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def is_compiled(model: torch.nn.Module) -> bool:
     return getattr(model, "streamtrack_compiled", False)
 
 
-def compile_model(model: torch.nn.Module, backend: str = "inductor") -> None:
+def uses_cudagraphs(model: torch.nn.Module) -> bool:
+    return getattr(model, "streamtrack_compile_mode", None) in CUDAGRAPH_MODES
+
+
+def compile_model(model: torch.nn.Module, backend: str = "inductor", mode: str = "default") -> None:
     """Compile ``model``'s per-frame modules in place, once (engines sharing the model
-    share the compiled code)."""
+    share the compiled code).  ``mode`` is torch.compile's (see the module docstring);
+    it applies to the inductor backend, but the outputs are cloned in a CUDA-graph mode
+    whatever the backend, so tests can stand in a backend with the same output rule."""
+    if mode not in MODES:
+        raise UserError(f"compile mode must be one of {', '.join(MODES)}, got {mode!r}")
     if is_compiled(model):
+        if model.streamtrack_compile_mode != mode:
+            raise UserError(f"this model is compiled in mode {model.streamtrack_compile_mode!r}, "
+                            f"not {mode!r}: engines sharing a model share one mode")
         return
+    cudagraphs = mode in CUDAGRAPH_MODES
+    _fill_position_caches(model)
+    options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
 
     def comp(fn, dynamic: bool):
-        return torch.compile(fn, dynamic=dynamic, backend=backend)
+        compiled = torch.compile(fn, dynamic=dynamic, backend=backend, **options)
+        return _cloning_outputs(compiled) if cudagraphs else compiled
 
     model.image_encoder.forward = comp(model.image_encoder.forward, dynamic=False)
     model.memory_encoder.forward = comp(model.memory_encoder.forward, dynamic=False)
@@ -54,8 +87,31 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor") -> None:
     for module in (model.sam_prompt_encoder, model.sam_mask_decoder):
         module.forward = _on_tracked_frames(module.forward, comp(module.forward, dynamic=False))
     model.streamtrack_compiled = True
-    log.info("torch.compile (%s) of the image encoder and the per-frame step; "
-             "compilation happens at warm-up", backend)
+    model.streamtrack_compile_mode = mode
+    log.info("torch.compile (%s, mode %s) of the image encoder and the per-frame step; "
+             "compilation happens at warm-up", backend, mode)
+
+
+def _fill_position_caches(model: torch.nn.Module) -> None:
+    """Compute sam2's cached sine position encodings now, eagerly, at every feature size of
+    this input size.  sam2 does so at construction only on CUDA and for 1024 inputs;
+    otherwise the first compiled call fills the cache with a tensor of its own, which in
+    a CUDA-graph mode lives in graph memory that later replays overwrite."""
+    size = model.image_size
+    device = next(model.parameters()).device
+    for module in model.modules():
+        if isinstance(module, PositionEmbeddingSine):
+            for stride in (4, 8, 16, 32):
+                module._pe(1, device, size // stride, size // stride)
+
+
+def _cloning_outputs(fn):
+    """``fn`` with every output tensor copied out of the CUDA graph's memory."""
+
+    def forward(*args, **kwargs):
+        return tree_map_only(torch.Tensor, torch.Tensor.clone, fn(*args, **kwargs))
+
+    return forward
 
 
 def _on_tracked_frames(eager, compiled):

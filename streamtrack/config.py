@@ -39,6 +39,7 @@ class Config:
     max_cond_frames: int | None = None
     fill_hole_area: int = 0
     compile: bool = False
+    compile_mode: str = "default"
     # source
     realtime: bool = False
     loop: bool = False

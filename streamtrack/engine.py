@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from streamtrack.compiled import compile_model, is_compiled, slot_count, tracked_frame
+from streamtrack.compiled import MODES as COMPILE_MODES
+from streamtrack.compiled import compile_model, is_compiled, slot_count, tracked_frame, uses_cudagraphs
 from streamtrack.errors import PromptError, UserError
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.protocol import mask_area, mask_bbox
@@ -133,6 +134,8 @@ class EngineConfig:
     compile: bool = False  # torch.compile the encoder and the per-frame step (streamtrack.compiled)
     compile_slots: int = 4  # warm-up compiles object batches of 1, 2, 4 ... up to this
     compile_backend: str = "inductor"
+    # torch.compile's mode; reduce-overhead / max-autotune replay CUDA graphs (single stream)
+    compile_mode: str = "default"
     bf16: bool = True  # autocast on CUDA
 
 
@@ -191,6 +194,9 @@ class StreamingEngine:
         if preprocess not in ("exact", "fast"):
             raise UserError(f"preprocess must be exact, fast or auto, got {preprocess!r}")
         self.preprocess = preprocess
+        if self.config.compile_mode not in COMPILE_MODES:
+            raise UserError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, "
+                            f"got {self.config.compile_mode!r}")
         cap = self.config.max_cond_frames
         if cap is not None and cap < 2:
             raise UserError("max_cond_frames must be at least 2 (SAM 2 attends to 2+ prompts)")
@@ -206,7 +212,7 @@ class StreamingEngine:
         self._staging: torch.Tensor | None = None  # pinned host buffer for frame uploads (CUDA)
         self.frame_idx = -1
         if self.config.compile:
-            compile_model(model, self.config.compile_backend)
+            compile_model(model, self.config.compile_backend, self.config.compile_mode)
         elif not is_compiled(model):  # compiled, it is folded into the encoder's graph instead
             cache_pos_embed(model.image_encoder.trunk)
         # Compiled code has static batch sizes: tracked objects run in batches padded to
@@ -275,7 +281,11 @@ class StreamingEngine:
         blank = np.zeros((s, s, 3), np.uint8)
         box = [s / 4, s / 4, 3 * s / 4, 3 * s / 4]
         if steps is None:
-            steps = self.mem_window + 2 if self.pad_batches else 2
+            steps = 2
+            if self.pad_batches:  # until the memory window is full: the last new shape
+                steps = self.mem_window + 2
+            if uses_cudagraphs(self.model):  # a graph per shape: until the pointer window is full
+                steps = max(self.mem_window, self.ptr_window) + 2
         batch_sizes = [1]
         if self.pad_batches:
             batch_sizes = sorted({slot_count(n) for n in range(1, max(self.config.compile_slots, 1) + 1)})

@@ -88,6 +88,7 @@ class RunConfig:
             model=cfg.model, checkpoint=cfg.checkpoint, device=cfg.device, image_size=cfg.image_size,
             preprocess=cfg.preprocess, max_cond_frames=cfg.max_cond_frames, lost_after=cfg.lost_after,
             fill_hole_area=cfg.fill_hole_area, compile=cfg.compile,
+            compile_mode=cfg.compile_mode,
         )
         capture = CaptureConfig(
             queue_depth=cfg.queue_depth, realtime=cfg.realtime, loop=cfg.loop,

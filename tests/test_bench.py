@@ -116,3 +116,37 @@ def test_multistream_reports_fps_per_stream_both_ways(capsys, tiny_checkpoint):
         assert r["process_fps"][n] > 0
         assert r["ratio"][n] == pytest.approx(r["batched_fps"][n] / r["sequential_fps"][n])
         assert 1.0 <= r["batch_size"][n] <= int(n)
+
+
+def test_engine_bench_times_both_sides_and_checks_they_agree(capsys, tiny_checkpoint):
+    r = bench_json(capsys, "engine", "--checkpoint", str(tiny_checkpoint), *TINY, "--frames", "4",
+                   "--objects", "1", "2", "--state-frames", "3")
+    for n in ("1", "2"):
+        assert r["engine_ms"][n] > 0 and r["official_ms"][n] > 0
+        assert r["ratio"][n] == pytest.approx(r["engine_ms"][n] / r["official_ms"][n])
+        # On a CPU in fp32 both sides compute the same masks (up to float rounding at the
+        # mask edges, as in the equivalence tests); the bench shows it.
+        assert 0.998 <= r["agreement_iou_min"][n] <= r["agreement_iou_mean"][n] <= 1.0
+    assert r["marginal_ms"]["engine"] == pytest.approx(r["engine_ms"]["2"] - r["engine_ms"]["1"])
+    assert r["engine_state_bytes"]["3"] > 0
+    assert r["compile"] is False and r["compile_mode"] == "default"
+
+
+def test_mask_ious_compares_every_object_on_every_frame():
+    from types import SimpleNamespace
+
+    import torch
+
+    from streamtrack.bench import mask_ious
+
+    a = np.zeros((4, 4), bool)
+    a[:2] = True  # 8 pixels
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True  # 8 pixels, 4 shared
+    logits = torch.from_numpy(np.stack([a, a])[:, None].astype(np.float32) * 2 - 1)
+    frame = SimpleNamespace(objects=[SimpleNamespace(mask=a), SimpleNamespace(mask=b)])
+    assert mask_ious([logits], [frame]) == [1.0, 4 / 12]
+    empty = SimpleNamespace(objects=[SimpleNamespace(mask=np.zeros((4, 4), bool))])
+    assert mask_ious([torch.full((1, 1, 4, 4), -1.0)], [empty]) == [1.0]  # both empty
+    with pytest.raises(RuntimeError, match="frames"):
+        mask_ious([logits], [])

@@ -7,9 +7,12 @@ shape that would recompile under inductor shows up here as a new graph.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.mutation_guard import GenerationTracker
 from torch._dynamo.utils import counters
 
 from streamtrack.compiled import slot_count
@@ -80,3 +83,88 @@ def test_compiled_engine_pads_batches_and_never_recompiles_after_warmup(tiny_che
     assert compiled.state_bytes() == eager.state_bytes()
     for obj_id in eager.object_ids:
         assert compiled.retained_frames(obj_id) == eager.retained_frames(obj_id)
+
+
+# --------------------------------------------------------------------- CUDA graphs
+# CUDA graphs without a backward pass (inductor's cudagraph trees): a new call of any
+# compiled function starts a new "generation", and its graphs may reuse the memory of
+# every output of the generations before.  This backend makes that happen on a CPU:
+# the first graph of a new call (by the generation counter cudagraph trees read)
+# poisons (NaN) every output of earlier calls that does not alias a graph input, so a
+# stale output cannot go unnoticed.
+
+
+def _poisoning_backend(gm, example_inputs):
+    def run(*args):
+        if GenerationTracker.generation != _last_generation[0]:
+            _last_generation[0] = GenerationTracker.generation
+            for ref in _returned:
+                t = ref()
+                if t is not None and t.is_floating_point():
+                    t.fill_(float("nan"))
+            _returned.clear()
+        outs = gm(*args)
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        _returned.extend(weakref.ref(o) for o in outs
+                         if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs)
+        return outs
+
+    return run
+
+
+_returned: list[weakref.ref] = []
+_last_generation = [-1]
+POISONING = "streamtrack_test_poisoning"
+torch._dynamo.register_backend(_poisoning_backend, name=POISONING)
+
+
+def _poisoned_engine(checkpoint, mode: str) -> StreamingEngine:
+    model = build_model("sam2.1_hiera_tiny", checkpoint, image_size=IMAGE_SIZE)
+    return StreamingEngine(model, EngineConfig(preprocess="exact", compile=True, compile_backend=POISONING,
+                                               compile_mode=mode, compile_slots=1))
+
+
+def _same_results(a_run, b_run) -> bool:
+    for a, b in zip(a_run, b_run, strict=True):
+        for oa, ob in zip(a.objects, b.objects, strict=True):
+            if not (np.array_equal(oa.mask, ob.mask) and torch.allclose(oa.logits, ob.logits, atol=1e-4)):
+                return False
+    return True
+
+
+def test_cudagraph_mode_copies_outputs_out_of_graph_memory(tiny_checkpoint):
+    clip = make_clip(12, 160, 120, num_objects=3, seed=5)
+    eager = StreamingEngine(build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=IMAGE_SIZE),
+                            EngineConfig(preprocess="exact"))
+    expected = _run(eager, clip)
+
+    graphs = _poisoned_engine(tiny_checkpoint, "reduce-overhead")
+    encoder_calls = []
+    graphs.model.image_encoder.register_forward_pre_hook(lambda *_: encoder_calls.append(1))
+    graphs.warmup()
+    # A graph per shape: warm-up runs until the pointer window is full.
+    assert len(encoder_calls) == max(graphs.mem_window, graphs.ptr_window) + 2
+    got = _run(graphs, clip)
+    assert _same_results(expected, got)
+    assert graphs.state_bytes() == eager.state_bytes()
+
+    # The same graphs without the copies: stale outputs are read, and tracking goes wrong.
+    # (Shows the backend above does bite.)
+    uncopied = _poisoned_engine(tiny_checkpoint, "default")
+    assert not _same_results(expected, _run(uncopied, clip))
+
+
+def test_compile_modes_are_checked(tiny_checkpoint):
+    from streamtrack.compiled import compile_model
+    from streamtrack.errors import UserError
+    from streamtrack.multistream import SharedImageEncoder
+
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=IMAGE_SIZE)
+    with pytest.raises(UserError, match="compile_mode must be one of"):
+        StreamingEngine(model, EngineConfig(compile=True, compile_mode="fastest"))
+    compile_model(model, POISONING, "reduce-overhead")
+    with pytest.raises(UserError, match="compiled in mode 'reduce-overhead', not 'default'"):
+        compile_model(model, POISONING, "default")
+    # CUDA graphs are recorded per thread; a stream group's steps run on several threads.
+    with pytest.raises(UserError, match="recorded per thread"):
+        SharedImageEncoder(model)
