@@ -67,6 +67,8 @@ cg="--compile-mode reduce-overhead"
 step engine-tiny-cudagraphs 240 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --frames 61 --objects 1 --repeats 3 --state-frames
 step latency-tiny-cudagraphs 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1
 step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1
+# Threads on one model, batched and not.
+step multistream-tiny-threads 80 multistream $(m tiny) $hd --bf16 --frames 60 --streams 1 2 4
 if [[ -z ${ONLY:-} || " $ONLY " == *" profile-tiny "* ]] && (($(left) > 60)); then
     echo "== profile-tiny" | tee -a "$out/log.txt"
     timeout $(($(left) < 120 ? $(left) : 120)) "$py" benchmarks/profile_step.py --checkpoint "$ckpts/sam2.1_hiera_tiny.pt" \
