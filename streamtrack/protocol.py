@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -292,8 +293,13 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ProtocolError(f"mask must be 2-D (H, W), got shape {m.shape}")
-    # pycocotools wants uint8 in column-major (Fortran) order.
-    rle = mask_utils.encode(np.asfortranarray(m.astype(bool, copy=False), dtype=np.uint8))
+    # pycocotools wants uint8 in column-major (Fortran) order.  numpy's reordering copy
+    # is slow (1.1 ms for a 720p mask on a 2-core VM, most of the encode time, per object
+    # per frame); OpenCV's transpose does it in 0.12 ms.  The transpose of a C-ordered
+    # W x H copy is the H x W mask in Fortran order, which pycocotools takes as is.
+    u8 = np.ascontiguousarray(m.astype(bool, copy=False)).view(np.uint8)
+    fortran = cv2.transpose(u8).T if u8.size else np.asfortranarray(u8)
+    rle = mask_utils.encode(fortran)
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode()}
 
 
