@@ -218,6 +218,11 @@ class StreamingEngine:
         # Compiled code has static batch sizes: tracked objects run in batches padded to
         # slot counts, so an object joining never meets an uncompiled shape.
         self.pad_batches = is_compiled(model)
+        if encoder is not None and uses_cudagraphs(model):
+            raise UserError(
+                f"compile mode {model.streamtrack_compile_mode} replays CUDA graphs, which are recorded "
+                "per thread, and streams sharing a model (a stream group, a fleet actor) step on "
+                "whichever thread leads a batch: use compile mode default for them")
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> StreamingEngine:

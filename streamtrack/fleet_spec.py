@@ -88,6 +88,7 @@ class ModelKey:
     image_size: int | None
     max_cond_frames: int | None  # set on the model itself by the engine
     compile: bool
+    compile_mode: str
 
 
 @dataclass
@@ -103,7 +104,8 @@ class StreamSpec:
     @property
     def model_key(self) -> ModelKey:
         c = self.config
-        return ModelKey(c.model, c.checkpoint, c.device, c.image_size, c.max_cond_frames, c.compile)
+        return ModelKey(c.model, c.checkpoint, c.device, c.image_size, c.max_cond_frames, c.compile,
+                        c.compile_mode)
 
     def run_config(self) -> RunConfig:
         """The tracker's configuration, exactly as ``streamtrack run`` would build it."""

@@ -30,9 +30,8 @@ from typing import Any
 
 import torch
 
-from streamtrack.compiled import slot_count, uses_cudagraphs
+from streamtrack.compiled import slot_count
 from streamtrack.engine import StreamingEngine
-from streamtrack.errors import UserError
 from streamtrack.models import build_model, resolve_device
 from streamtrack.pipeline import RunConfig, RunSummary, Tracker
 
@@ -64,11 +63,6 @@ class SharedImageEncoder:
 
     def __init__(self, model: torch.nn.Module, max_wait: float = 0.01, max_batch: int = 16,
                  pad_batches: bool | None = None):
-        if uses_cudagraphs(model):
-            raise UserError(
-                f"compile mode {model.streamtrack_compile_mode} replays CUDA graphs, which are "
-                "recorded per thread, and a stream group runs steps on whichever thread leads a "
-                "batch: compile streams that share a model in mode default")
         self.model = model
         self.max_wait = max_wait
         self.max_batch = max_batch

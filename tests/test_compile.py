@@ -167,4 +167,5 @@ def test_compile_modes_are_checked(tiny_checkpoint):
         compile_model(model, POISONING, "default")
     # CUDA graphs are recorded per thread; a stream group's steps run on several threads.
     with pytest.raises(UserError, match="recorded per thread"):
-        SharedImageEncoder(model)
+        config = EngineConfig(compile=True, compile_backend=POISONING, compile_mode="reduce-overhead")
+        StreamingEngine(model, config, encoder=SharedImageEncoder(model))

@@ -336,7 +336,7 @@ def test_actor_warms_its_shared_model_up_once_when_compiled(tiny_checkpoint, mon
     monkeypatch.setattr(StreamingEngine, "warmup", lambda self: warmed.append(self) or 0.0)
     engine_config = EngineConfig(checkpoint=str(tiny_checkpoint), image_size=128, device="cpu",
                                  compile=True, compile_backend="eager")
-    key = ModelKey("sam2.1_hiera_tiny", str(tiny_checkpoint), "cpu", 128, None, True)
+    key = ModelKey("sam2.1_hiera_tiny", str(tiny_checkpoint), "cpu", 128, None, True, "default")
     actor = FleetActor("test")
     engines = [actor._engine(RunConfig(source="a.mp4", stream=f"s{k}", engine=engine_config), key)
                for k in range(2)]

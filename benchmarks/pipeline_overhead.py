@@ -1,0 +1,94 @@
+"""The pipeline's host overhead, without a GPU: the tracker around a stand-in engine.
+
+    python benchmarks/pipeline_overhead.py [--host-ms 3] [--device-ms 7] [--objects 1]
+
+On a GPU a SAM 2 step is a few milliseconds of Python launching work (interpreter lock
+held) and a wait for the device (lock released).  The stand-in engine does exactly that
+-- ``--host-ms`` of Python, then ``--device-ms`` of sleep -- and returns full-frame
+masks, so the capture thread (decode 720p), the emit thread (RLE, JSON, ZeroMQ) and the
+tracker compete for the interpreter as they do on a GPU machine.  Prints frames/s of the
+stand-in stepped on decoded frames (the bare rate) and of the full pipeline, and their
+ratio (``bench pipeline``'s figure, goal >= 0.95), both measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from streamtrack.bench_stream import _decode, _run_tracker
+from streamtrack.engine import FrameOutput, ObjectOutput, ObjectState
+from streamtrack.pipeline import RunConfig
+from streamtrack.protocol import mask_area, mask_bbox
+from streamtrack.synthetic import make_clip, write_video
+
+
+class StandInEngine:
+    """Python for ``host_ms``, then a wait for ``device_ms`` (lock released), then masks."""
+
+    def __init__(self, host_ms: float, device_ms: float, objects: int, height: int, width: int):
+        self.host_s, self.device_s = host_ms / 1000, device_ms / 1000
+        self.object_ids = list(range(1, objects + 1))
+        self.masks = []
+        for k in self.object_ids:
+            m = np.zeros((height, width), bool)
+            m[height // 4 : height // 2, k * width // (objects + 2) : (k + 1) * width // (objects + 2)] = True
+            self.masks.append(m)
+
+    def step(self, image, prompts=(), timestamp=None) -> FrameOutput:
+        start = time.time()
+        end = time.perf_counter() + self.host_s
+        n = 0
+        while time.perf_counter() < end:  # interpreter work, as launching kernels is
+            n += 1
+        time.sleep(self.device_s)  # the device wait: the lock is free meanwhile
+        objects = tuple(
+            ObjectOutput(obj_id=k, mask=m, score=0.9, object_score_logit=2.0, iou=0.9, bbox=mask_bbox(m),
+                         area=mask_area(m), state=ObjectState.VISIBLE, prompted=False)
+            for k, m in zip(self.object_ids, self.masks, strict=True)
+        )
+        return FrameOutput(0, image.shape[1], image.shape[0], objects, start, time.time())
+
+    def state_bytes(self) -> int:
+        return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host-ms", type=float, default=3.0)
+    ap.add_argument("--device-ms", type=float, default=7.0)
+    ap.add_argument("--objects", type=int, default=1)
+    ap.add_argument("--frames", type=int, default=150)
+    ap.add_argument("--frame-size", default="1280x720")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    width, height = (int(v) for v in args.frame_size.split("x"))
+    engine = StandInEngine(args.host_ms, args.device_ms, args.objects, height, width)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = make_clip(args.frames, width, height, num_objects=3, seed=3)
+        video = write_video(clip.frames, Path(tmp) / "clip.mp4", fps=clip.fps)
+        decoded = _decode(video)
+        bare, piped = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for frame in decoded:
+                engine.step(frame)
+            bare.append(len(decoded) / (time.perf_counter() - t0))
+            run = RunConfig(source=str(video), stream="bench", publish="tcp://127.0.0.1:0",
+                            max_frames=args.frames, progress=False)
+            tracked = _run_tracker(run, engine)
+            published = [t.publish for t in tracked.stamps]
+            piped.append((len(published) - 5) / (published[-1] - published[4]))
+    b, p = float(np.median(bare)), float(np.median(piped))
+    print(f"stand-in engine ({args.host_ms:g} ms host + {args.device_ms:g} ms device, {args.objects} "
+          f"object(s), {width}x{height}): bare {b:.1f} frames/s, pipeline {p:.1f} frames/s, "
+          f"ratio {p / b:.3f} (goal >= 0.95); runs bare {[round(v, 1) for v in bare]} "
+          f"pipeline {[round(v, 1) for v in piped]}")
+
+
+if __name__ == "__main__":
+    main()
