@@ -27,11 +27,25 @@ from streamtrack.protocol import mask_area, mask_bbox
 from streamtrack.synthetic import make_clip, write_video
 
 
+def _python_work(iterations: int) -> int:
+    n = 0
+    for i in range(iterations):
+        n += i & 7
+    return n
+
+
 class StandInEngine:
-    """Python for ``host_ms``, then a wait for ``device_ms`` (lock released), then masks."""
+    """A fixed amount of Python (``host_ms`` when alone), then a wait for ``device_ms``
+    (lock released), then masks.  The Python part is a fixed number of iterations, not a
+    fixed time, so a step takes longer when other threads hold the interpreter lock, as
+    launching a fixed number of kernels does."""
 
     def __init__(self, host_ms: float, device_ms: float, objects: int, height: int, width: int):
-        self.host_s, self.device_s = host_ms / 1000, device_ms / 1000
+        self.device_s = device_ms / 1000
+        t0 = time.perf_counter()
+        _python_work(200_000)
+        per_iteration = (time.perf_counter() - t0) / 200_000
+        self.iterations = max(1, int(host_ms / 1000 / per_iteration))
         self.object_ids = list(range(1, objects + 1))
         self.masks = []
         for k in self.object_ids:
@@ -41,10 +55,7 @@ class StandInEngine:
 
     def step(self, image, prompts=(), timestamp=None) -> FrameOutput:
         start = time.time()
-        end = time.perf_counter() + self.host_s
-        n = 0
-        while time.perf_counter() < end:  # interpreter work, as launching kernels is
-            n += 1
+        _python_work(self.iterations)  # interpreter work, as launching kernels is
         time.sleep(self.device_s)  # the device wait: the lock is free meanwhile
         objects = tuple(
             ObjectOutput(obj_id=k, mask=m, score=0.9, object_score_logit=2.0, iou=0.9, bbox=mask_bbox(m),

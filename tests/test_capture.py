@@ -603,3 +603,23 @@ def test_slow_consumer_on_live_stream_gets_fresh_frames(rtsp_server: RtspServer)
     assert stats.dropped["queue_full"] >= 10
     # The newest of at most two queued frames at 30 fps: well under the consumer's period.
     assert float(np.median(ages)) < 0.1, ages
+
+
+def test_rgb_conversion_is_the_same_threaded_and_falls_back_without_threads(clip: Path) -> None:
+    from streamtrack.sources import PyAVReader
+
+    reader = PyAVReader(av.open(str(clip)), live=False)
+    try:
+        frame = next(f for p in reader._container.demux(reader._stream) for f in p.decode())
+        threaded = reader._to_rgb(frame)
+        np.testing.assert_array_equal(threaded, frame.to_ndarray(format="rgb24"))
+
+        class OldPyAV:  # a PyAV whose to_ndarray has no threads option
+            def to_ndarray(self, format: str) -> np.ndarray:
+                return frame.to_ndarray(format=format)
+
+        np.testing.assert_array_equal(reader._to_rgb(OldPyAV()), threaded)
+        assert reader._threaded_convert is False  # probed once, then plain calls
+        np.testing.assert_array_equal(reader._to_rgb(OldPyAV()), threaded)
+    finally:
+        reader.close()
