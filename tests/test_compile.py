@@ -45,8 +45,9 @@ def _prompts_for(clip, frame: int) -> list[Prompt]:
     return []
 
 
-def _run(engine: StreamingEngine, clip) -> list:
-    return [engine.step(f, _prompts_for(clip, i), return_logits=True) for i, f in enumerate(clip.frames)]
+def _run(engine: StreamingEngine, clip, frames: int | None = None) -> list:
+    return [engine.step(f, _prompts_for(clip, i), return_logits=True)
+            for i, f in enumerate(clip.frames[:frames])]
 
 
 def test_compiled_engine_pads_batches_and_never_recompiles_after_warmup(tiny_checkpoint):
@@ -151,7 +152,7 @@ def test_cudagraph_mode_copies_outputs_out_of_graph_memory(tiny_checkpoint):
     # The same graphs without the copies: stale outputs are read, and tracking goes wrong.
     # (Shows the backend above does bite.)
     uncopied = _poisoned_engine(tiny_checkpoint, "default")
-    assert not _same_results(expected, _run(uncopied, clip))
+    assert not _same_results(expected[:3], _run(uncopied, clip, frames=3))  # three frames are enough
 
 
 def test_compile_modes_are_checked(tiny_checkpoint):
