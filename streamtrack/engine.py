@@ -197,6 +197,8 @@ class StreamingEngine:
         if self.config.compile_mode not in COMPILE_MODES:
             raise UserError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, "
                             f"got {self.config.compile_mode!r}")
+        if self.config.compile_slots < 1:
+            raise UserError(f"compile_slots must be at least 1, got {self.config.compile_slots}")
         cap = self.config.max_cond_frames
         if cap is not None and cap < 2:
             raise UserError("max_cond_frames must be at least 2 (SAM 2 attends to 2+ prompts)")

@@ -163,6 +163,15 @@ def test_compile_modes_are_checked(tiny_checkpoint):
     model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=IMAGE_SIZE)
     with pytest.raises(UserError, match="compile_mode must be one of"):
         StreamingEngine(model, EngineConfig(compile=True, compile_mode="fastest"))
+    with pytest.raises(UserError, match="compile_slots must be at least 1"):
+        StreamingEngine(model, EngineConfig(compile=True, compile_slots=0))
+    # In a run's configuration a compile mode other than default turns compiling on.
+    from streamtrack.config import Config
+    from streamtrack.pipeline import RunConfig
+
+    run = RunConfig.from_config(Config(compile_mode="reduce-overhead"), "clip.mp4", {})
+    assert run.engine.compile and run.engine.compile_mode == "reduce-overhead"
+    assert not RunConfig.from_config(Config(), "clip.mp4", {}).engine.compile
     compile_model(model, POISONING, "reduce-overhead")
     with pytest.raises(UserError, match="compiled in mode 'reduce-overhead', not 'default'"):
         compile_model(model, POISONING, "default")
