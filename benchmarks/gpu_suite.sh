@@ -67,6 +67,13 @@ cg="--compile-mode reduce-overhead"
 step engine-tiny-cudagraphs 240 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --frames 61 --objects 1 --repeats 3 --state-frames
 step latency-tiny-cudagraphs 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1
 step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1
+# The larger models with CUDA graphs, and as a process per stream (streams per GPU).
+for size in small base_plus large; do
+    step "engine-$size-cudagraphs" 200 engine $(m $size) $hd --bf16 $cg --compile-slots 1 --frames 41 --objects 1 --repeats 2 --state-frames
+done
+for size in small base_plus large; do
+    step "multistream-$size-processes" 120 multistream $(m $size) $hd --bf16 --frames 40 --streams 2 4 --processes
+done
 # Threads on one model, batched and not.
 step multistream-tiny-threads 80 multistream $(m tiny) $hd --bf16 --frames 60 --streams 1 2 4
 if [[ -z ${ONLY:-} || " $ONLY " == *" profile-tiny "* ]] && (($(left) > 60)); then
