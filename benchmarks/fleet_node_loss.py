@@ -102,6 +102,8 @@ def main() -> None:
             time.sleep(args.pause)
             state = _entries(directory).get("a")
             log(f"after {args.pause:g} s without a free CPU, a is {state.state if state else '?'}")
+            # Its old actor is long dead now: everything it published has arrived.
+            last_a = sub.latest("a")
             cluster.add_node(num_cpus=1)
             log("a new node joined")
             back = _next(sub, "a", last_a.seq, timeout=180)
@@ -133,12 +135,10 @@ def _runs_pid(node, pid: int) -> bool:
 
 
 def _next(sub: Subscriber, stream: str, after_seq: int = -1, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = sub.recv(timeout=0.5)
-        if msg is not None and msg.result is not None and msg.stream == stream and msg.result.seq > after_seq:
-            return msg
-    raise SystemExit(f"no masks from {stream!r} after seq {after_seq} within {timeout:g} s")
+    msg = sub.latest(stream, timeout=timeout, after_seq=after_seq)
+    if msg is None:
+        raise SystemExit(f"no masks from {stream!r} after seq {after_seq} within {timeout:g} s")
+    return msg
 
 
 if __name__ == "__main__":

@@ -338,16 +338,23 @@ class Subscriber:
                 return None
             return self._pop_pending()
 
-    def latest(self, stream: str | None = None, timeout: float = 0.0) -> Message | None:
+    def latest(self, stream: str | None = None, timeout: float = 0.0,
+               after_seq: int | None = None) -> Message | None:
         """The newest masks message (of ``stream``, or of any stream), handed out or
-        not; waits up to ``timeout`` seconds if none has arrived yet."""
+        not; waits up to ``timeout`` seconds if none has arrived yet.  With
+        ``after_seq``, only a message whose ``seq`` is greater counts (e.g. the first
+        result after a restart, or after one already seen)."""
 
         def find() -> Message | None:
             st = self._state
             if stream is None:
-                return st.last_masks
-            slot = st.slots.get(f"masks/{stream}")
-            return None if slot is None else slot.msg
+                msg = st.last_masks
+            else:
+                slot = st.slots.get(f"masks/{stream}")
+                msg = None if slot is None else slot.msg
+            if msg is not None and after_seq is not None and not msg.seq > after_seq:
+                return None
+            return msg
 
         with self._cond:
             self._cond.wait_for(lambda: find() is not None or self.closed, timeout=timeout)

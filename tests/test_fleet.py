@@ -87,13 +87,11 @@ def directory_states(path: Path) -> dict[str, str]:
 
 
 def next_masks(sub: Subscriber, stream: str, after_seq: int = -1, timeout: float = 60.0):
-    """The next masks message of ``stream`` with seq > ``after_seq``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = sub.recv(timeout=0.5)
-        if msg is not None and msg.result is not None and msg.stream == stream and msg.result.seq > after_seq:
-            return msg
-    raise AssertionError(f"no masks from stream {stream!r} after seq {after_seq} within {timeout:g} s")
+    """A masks message of ``stream`` with seq > ``after_seq`` (the newest)."""
+    msg = sub.latest(stream, timeout=timeout, after_seq=after_seq)
+    if msg is None:
+        raise AssertionError(f"no masks from stream {stream!r} after seq {after_seq} within {timeout:g} s")
+    return msg
 
 
 def pid_alive(pid: int) -> bool:

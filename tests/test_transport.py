@@ -156,6 +156,9 @@ def test_multi_endpoint_subscribe_and_status_stats(tmp_path: Path) -> None:
         assert [s.kind for s in statuses] == ["source_state", "object_state"]
         assert statuses[1].data == {"obj_id": 1, "old": "visible", "new": "occluded"}
         assert sub.latest("cam1").seq == 200 and sub.latest("cam0").seq == 100
+        # after_seq: only something newer counts (waits, then gives up with None).
+        assert sub.latest("cam1", after_seq=199).seq == 200
+        assert sub.latest("cam1", timeout=0.05, after_seq=200) is None
 
 
 def test_topic_filter_and_frames(pub: Publisher) -> None:
