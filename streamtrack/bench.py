@@ -124,7 +124,7 @@ def bench_engine(
     config = EngineConfig(preprocess=preprocess, bf16=bf16, compile=compile, compile_mode=compile_mode,
                           compile_slots=compile_slots)
     res = EngineBenchResult(str(dev), model, image_size, frames, (width, height), torch.get_num_threads(),
-                            bf16=bf16, compile=compile, compile_mode=compile_mode if compile else "default",
+                            bf16=bf16, compile=config.compile, compile_mode=config.compile_mode,
                             official_vos_optimized=official_vos_optimized)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -263,8 +263,8 @@ def sync_device(dev: torch.device) -> None:
 
 def compile_options(args) -> dict:
     """``--compile``, ``--compile-mode`` (implies it) and ``--compile-slots`` as engine options."""
-    return {"compile": bool(args.compile or args.compile_mode),
-            "compile_mode": args.compile_mode or "default", "compile_slots": args.compile_slots}
+    return {"compile": args.compile, "compile_mode": args.compile_mode or "default",
+            "compile_slots": args.compile_slots}
 
 
 def main(args) -> int:

@@ -300,8 +300,7 @@ def bench_pipeline(
     dev = resolve_device(device)
     width, height = frame_size
     res = PipelineBenchResult("pipeline", str(dev), model, image_size, frame_size, torch.get_num_threads(),
-                              frames, warmup, objects, repeats, compile=compile,
-                              compile_mode=compile_mode if compile else "default")
+                              frames, warmup, objects, repeats)
     with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
         tmp = Path(workdir)
         checkpoint = _checkpoint(model, checkpoint, tmp)
@@ -314,6 +313,7 @@ def bench_pipeline(
         config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
                               preprocess=preprocess, compile=compile, compile_mode=compile_mode,
                               compile_slots=compile_slots)
+        res.compile, res.compile_mode = config.compile, config.compile_mode
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         res.frame_size = (decoded[0].shape[1], decoded[0].shape[0])
         _warm(net, config, decoded, prompts)
@@ -465,8 +465,8 @@ def bench_latency(
         engine_step_ms=step_ms, latency_ms=_percentiles(total, (50, 95, 99)),
         queue_ms=_percentiles(queue, (50, 95)), pipeline_infer_ms=float(np.median(infer)),
         frames_decoded=tracked.frames_decoded, frames_delivered=tracked.frames_delivered,
-        dropped=tracked.dropped, messages_received=tracked.received, compile=compile,
-        compile_mode=compile_mode if compile else "default",
+        dropped=tracked.dropped, messages_received=tracked.received, compile=config.compile,
+        compile_mode=config.compile_mode,
     )
     res.ratio = res.latency_ms["p95"] / res.engine_step_ms
     res.meets_goal = res.ratio <= LATENCY_GOAL

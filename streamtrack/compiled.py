@@ -67,7 +67,7 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor", mode: str =
     it applies to the inductor backend, but the outputs are cloned in a CUDA-graph mode
     whatever the backend, so tests can stand in a backend with the same output rule."""
     if mode not in MODES:
-        raise UserError(f"compile mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UserError(f"compile_mode must be one of {', '.join(MODES)}, got {mode!r}")
     if is_compiled(model):
         if model.streamtrack_compile_mode != mode:
             raise UserError(f"this model is compiled in mode {model.streamtrack_compile_mode!r}, "

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from streamtrack.compiled import MODES as COMPILE_MODES
 from streamtrack.compiled import compile_model, is_compiled, slot_count, tracked_frame, uses_cudagraphs
 from streamtrack.errors import PromptError, UserError
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
@@ -134,9 +133,14 @@ class EngineConfig:
     compile: bool = False  # torch.compile the encoder and the per-frame step (streamtrack.compiled)
     compile_slots: int = 4  # warm-up compiles object batches of 1, 2, 4 ... up to this
     compile_backend: str = "inductor"
-    # torch.compile's mode; reduce-overhead / max-autotune replay CUDA graphs (single stream)
+    # torch.compile's mode; reduce-overhead / max-autotune replay CUDA graphs (single stream).
+    # Any mode but default turns ``compile`` on.
     compile_mode: str = "default"
     bf16: bool = True  # autocast on CUDA
+
+    def __post_init__(self) -> None:
+        if self.compile_mode != "default":
+            self.compile = True
 
 
 @dataclass
@@ -194,9 +198,6 @@ class StreamingEngine:
         if preprocess not in ("exact", "fast"):
             raise UserError(f"preprocess must be exact, fast or auto, got {preprocess!r}")
         self.preprocess = preprocess
-        if self.config.compile_mode not in COMPILE_MODES:
-            raise UserError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, "
-                            f"got {self.config.compile_mode!r}")
         if self.config.compile_slots < 1:
             raise UserError(f"compile_slots must be at least 1, got {self.config.compile_slots}")
         cap = self.config.max_cond_frames

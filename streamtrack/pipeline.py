@@ -87,7 +87,7 @@ class RunConfig:
         engine = EngineConfig(
             model=cfg.model, checkpoint=cfg.checkpoint, device=cfg.device, image_size=cfg.image_size,
             preprocess=cfg.preprocess, max_cond_frames=cfg.max_cond_frames, lost_after=cfg.lost_after,
-            fill_hole_area=cfg.fill_hole_area, compile=cfg.compile or cfg.compile_mode != "default",
+            fill_hole_area=cfg.fill_hole_area, compile=cfg.compile,
             compile_mode=cfg.compile_mode,
         )
         capture = CaptureConfig(
