@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(COMPILE_MODES)}; reduce-overhead replays CUDA graphs")
     p.add_argument("--compile-slots", type=int, default=4, metavar="N",
                    help="with --compile: warm-up compiles object batches of 1, 2, 4 ... up to N (default 4)")
+    p.add_argument("--emit", choices=["thread", "process"], default="thread",
+                   help="pipeline, latency: the tracker's RLE, publishing and files on a thread (default) "
+                        "or in a process of their own")
     p.add_argument("--official-vos-optimized", action="store_true",
                    help="engine: baseline is sam2's compiled SAM2VideoPredictorVOS (CUDA)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4],

@@ -56,6 +56,7 @@ class Config:
     save_masks: str | None = None
     save_video: str | None = None
     publish_frames: bool = False
+    emit: str = "thread"
     show: bool = False
     max_restarts: int | None = None
     # security (optional CURVE encryption + client authentication; see docs/protocol.md)

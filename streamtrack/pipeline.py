@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,10 +28,10 @@ from streamtrack.capture import CaptureConfig, SourceKind, open_source
 from streamtrack.capture import StatusEvent as SourceEvent
 from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
+from streamtrack.emitter import EMIT_MODES, EmitterError, OutputsConfig, make_emitter
 from streamtrack.engine import EngineConfig, FrameOutput, Prompt, StreamingEngine, check_prompt
 from streamtrack.errors import PromptError, UserError
-from streamtrack.overlay import Annotation, annotate
-from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, encode_mask, now
+from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, now
 from streamtrack.publisher import StatsWindow
 
 log = logging.getLogger(__name__)
@@ -79,6 +77,12 @@ class RunConfig:
     # until a prompt arrives over the control channel, instead of racing through.
     wait_for_prompt: bool = False
     curve: CurveServer | None = None  # CURVE encryption + client keys on publish/control
+    # Where RLE, publishing and the files run: "thread" or "process" (see emitter.py).
+    emit: str = "thread"
+
+    def __post_init__(self) -> None:
+        if self.emit not in EMIT_MODES:
+            raise UserError(f"emit must be one of {', '.join(EMIT_MODES)}, got {self.emit!r}")
 
     @classmethod
     def from_config(cls, cfg: Config, source: str, prompts: dict[int, list[Prompt]],
@@ -100,7 +104,15 @@ class RunConfig:
             save_jsonl=cfg.save_jsonl, save_masks=cfg.save_masks, save_video=cfg.save_video,
             publish=cfg.publish, control=cfg.control, max_frames=cfg.max_frames, realtime=cfg.realtime,
             progress=progress, capture=capture, publish_frames=cfg.publish_frames, loop=cfg.loop,
-            curve=server_from_options(cfg.curve_secret, cfg.curve_clients),
+            curve=server_from_options(cfg.curve_secret, cfg.curve_clients), emit=cfg.emit,
+        )
+
+    @property
+    def outputs(self) -> OutputsConfig:
+        return OutputsConfig(
+            stream=self.stream, publish=self.publish, save_jsonl=self.save_jsonl, save_masks=self.save_masks,
+            save_video=self.save_video, publish_frames=self.publish_frames,
+            restarts=self.resume.restarts if self.resume else 0, curve=self.curve,
         )
 
     @property
@@ -256,9 +268,8 @@ class Tracker:
             for ep, what in ((cfg.publish, "publish"), (cfg.control, "control")):
                 if ep:
                     warn_if_exposed(ep, what)
-        outputs = _Outputs(cfg)
-        self._publisher = outputs.publisher
-        emitter = _Emitter(lambda frame, dequeue, out: self._emit(outputs, frame, dequeue, out))
+        emitter = make_emitter(cfg.emit, cfg.outputs, self._on_published)
+        self._publisher = emitter.publisher
         control = None
         summary = RunSummary()
         started = time.monotonic()
@@ -268,7 +279,7 @@ class Tracker:
 
                 control = ControlServer(cfg.control, self._controls, curve=cfg.curve)
             self._notify("bound", {
-                "publish": outputs.publisher.endpoint if outputs.publisher else None,
+                "publish": emitter.publisher.endpoint if emitter.publisher else None,
                 "control": control.endpoint if control else None,
             })
             self.capture.start()  # a missing file or camera fails here, before the slow model load
@@ -303,7 +314,7 @@ class Tracker:
                 if frame.frame_id < skip_to:
                     continue  # processed before a restart
                 if self._must_wait_for_prompt(seed):
-                    self._hold(frame, control, outputs.publisher)
+                    self._hold(frame, control, emitter.publisher)
                     if self._stop.is_set():
                         break
                 dequeue = now()
@@ -313,7 +324,9 @@ class Tracker:
                 prompts += cfg.prompts.get(self.frames_seen, [])
                 out = self._step(frame, _merge_prompts(prompts), self._controls.pending)
                 self._controls.pending = []
-                emitter.submit(frame, dequeue, out)
+                result = self._result(frame, dequeue, out)
+                emitter.submit(result, [o.mask for o in out.objects], frame.image)
+                self._status_changes(result)
                 self.frames_seen += 1
                 if bar is not None:
                     bar.update(1)
@@ -324,10 +337,9 @@ class Tracker:
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
+            self._publisher = None
             emitter.close()  # whatever was tracked is written before the files close
             self.capture.close()
-            self._publisher = None
-            outputs.close()
             if control is not None:
                 control.close()
         summary.frames = self.frames_seen - resume.frames_done
@@ -346,17 +358,14 @@ class Tracker:
             raise UserError(f"source {cfg.source!r} failed: {stats.last_error}")
         return summary
 
-    def _emit(self, outputs: _Outputs, frame, dequeue: float, out: FrameOutput) -> None:
-        """Result, RLE, publishing and files for one tracked frame (on the emit thread)."""
-        result = self._result(frame, dequeue, out)
-        if outputs.publisher is not None and self.config.publish_frames:
-            outputs.publisher.publish_frame(frame.frame_id, frame.image)
-        result = outputs.emit(result, frame.image, out)
+    def _on_published(self, result: FrameResult) -> None:
+        """Latency statistics once a result went out (on the emitter's thread, or, a few
+        frames later, on the tracker's with a process emitter)."""
         self.window.add(result)
-        self._status_changes(result)
-        if outputs.publisher is not None and time.monotonic() - self._last_stats >= 1.0:
+        publisher = self._publisher
+        if publisher is not None and time.monotonic() - self._last_stats >= 1.0:
             self._last_stats = time.monotonic()
-            outputs.publisher.publish_stats(self.window.snapshot(
+            publisher.publish_stats(self.window.snapshot(
                 dropped=self.capture.stats().dropped, memory_bytes=self.engine.state_bytes()))
 
     def _must_wait_for_prompt(self, seed: list[Prompt]) -> bool:
@@ -414,14 +423,14 @@ class Tracker:
             return
         try:
             pub.publish_status(kind, **data)
-        except UserError:  # closed under us while shutting down: nobody to tell
+        except (UserError, EmitterError):  # closed under us while shutting down: nobody to tell
             pass
 
     def _result(self, frame, dequeue: float, out: FrameOutput) -> FrameResult:
         objects = tuple(
             ObjectResult(
                 obj_id=o.obj_id, score=round(o.score, 4), state=o.state.value,
-                bbox=o.bbox, area=o.area, rle=encode_mask(o.mask), iou=round(o.iou, 4),
+                bbox=o.bbox, area=o.area, iou=round(o.iou, 4),  # the emitter adds the RLE
             )
             for o in out.objects
         )
@@ -445,91 +454,6 @@ class Tracker:
             self._publish_status("object_state", obj_id=obj_id,
                                  old=self._object_states[obj_id], new="removed")
         self._object_states = current
-
-
-class _Emitter:
-    """Runs ``handle(frame, dequeue, out)`` for each tracked frame on a worker thread, in order.
-
-    RLE encoding, JSON, publishing and file writes are host work: done here, the engine
-    starts on the next frame meanwhile (on a GPU the device would otherwise idle through
-    them).  The queue is short, so a slow disk slows the tracker rather than building a
-    backlog; the first error stops the handling and is raised on the tracker's thread.
-    """
-
-    def __init__(self, handle: Callable[[Any, float, FrameOutput], None], depth: int = 2):
-        self._handle = handle
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="emit", daemon=True)
-        self._thread.start()
-
-    def submit(self, frame, dequeue: float, out: FrameOutput) -> None:
-        self.check()
-        self._queue.put((frame, dequeue, out))
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        """Handle everything submitted, then stop (idempotent)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self.error is None:  # after a failure keep draining, so submit never blocks
-                try:
-                    self._handle(*item)
-                except BaseException as exc:
-                    self.error = exc
-
-
-class _Outputs:
-    def __init__(self, cfg: RunConfig):
-        from streamtrack.outputs import JsonlWriter, MaskPngWriter, VideoWriter
-
-        restarts = cfg.resume.restarts if cfg.resume else 0
-        self.publisher = None
-        self.jsonl = self.masks = self.video = None
-        try:
-            if cfg.save_jsonl:
-                self.jsonl = JsonlWriter(cfg.save_jsonl, append=restarts > 0)
-            self.masks = MaskPngWriter(cfg.save_masks) if cfg.save_masks else None
-            if cfg.save_video:
-                # An MP4 cannot be appended to: each restart writes the next part.
-                path = Path(cfg.save_video)
-                if restarts:
-                    path = path.with_name(f"{path.stem}.part{restarts + 1}{path.suffix}")
-                self.video = VideoWriter(str(path))
-            if cfg.publish:
-                from streamtrack.publisher import Publisher
-
-                self.publisher = Publisher(cfg.publish, stream=cfg.stream, curve=cfg.curve)
-        except BaseException:
-            self.close()
-            raise
-
-    def emit(self, result: FrameResult, image: np.ndarray, out: FrameOutput) -> FrameResult:
-        if self.publisher is not None:
-            result = self.publisher.publish_result(result)
-        else:
-            result = result.with_timestamps(publish=now())
-        if self.jsonl is not None:
-            self.jsonl.write(result)
-        if self.masks is not None:
-            self.masks.write(result.frame_id, {o.obj_id: o.mask for o in out.objects}, image.shape[:2])
-        if self.video is not None:
-            self.video.write(annotate(image, [
-                Annotation(o.obj_id, o.mask, o.bbox, o.score) for o in out.objects
-            ]))
-        return result
-
-    def close(self) -> None:
-        for w in (self.jsonl, self.masks, self.video, self.publisher):
-            if w is not None:
-                w.close()
 
 
 _LOCAL_HOSTS = ("localhost", "::1", "[::1]")

@@ -68,6 +68,14 @@ def connect_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
     return ep
 
 
+def status_event(stream: str, event: StatusEvent | str, data: Mapping[str, Any] | None,
+                 fields: Mapping[str, Any], clock: Callable[[], float]) -> StatusEvent:
+    """``event`` itself, or a new event of kind ``event`` with ``data`` and ``fields``."""
+    if isinstance(event, StatusEvent):
+        return event
+    return StatusEvent(stream=stream, kind=event, time=clock(), data={**(data or {}), **fields})
+
+
 class Publisher:
     """Publishes results on ``masks/<stream>``, events on ``status/<stream>``,
     stats on ``stats/<stream>`` and (optionally) JPEG frames on ``frames/<stream>``.
@@ -141,11 +149,7 @@ class Publisher:
 
         ``publish_status("source_state", old="connecting", new="streaming")``.
         """
-        if isinstance(event, str):
-            event = StatusEvent(
-                stream=self.stream, kind=event, time=self._clock(),
-                data={**(data or {}), **fields},
-            )
+        event = status_event(self.stream, event, data, fields, self._clock)
         self._send([status_topic(event.stream).encode(), event.to_json().encode()])
         return event
 

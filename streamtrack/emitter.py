@@ -1,0 +1,451 @@
+"""Emitting tracked frames -- RLE, publishing, result files -- off the engine's thread.
+
+The tracker hands each tracked frame to an emitter (its result without the masks
+encoded, the boolean masks, the image) and goes on to the next frame.  Two emitters,
+the same results on the wire and on disk:
+
+* :class:`ThreadEmitter` (``emit: thread``, the default): a worker thread in the
+  tracker's process.
+* :class:`ProcessEmitter` (``emit: process``): a child process (``python -m
+  streamtrack.emitter``) fed over a ZeroMQ PAIR socket (ipc).  It owns the publish
+  socket and the files; the tracker's status events and stats travel through it too, in
+  order with the results.  Where a step is mostly Python (a GPU launching kernels), a
+  thread in the tracker's process waits for the interpreter lock at every hand-off, up
+  to the 5 ms switch interval: the process takes that wait out of capture->publish
+  latency, for ~0.3-0.5 ms of the tracker's time per frame to hand the masks over
+  (figures in docs/benchmarks.md).
+
+Either way the tracker learns when a result went out (``on_published``: the result it
+submitted, with ``t.publish`` filled in), which feeds its latency statistics: at once from the thread,
+in batches of a few frames from the process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from streamtrack.curve import CurveServer
+from streamtrack.errors import UserError
+from streamtrack.overlay import Annotation, annotate
+from streamtrack.protocol import FrameResult, Stats, StatusEvent, encode_mask, now
+from streamtrack.publisher import Publisher, status_event
+
+log = logging.getLogger(__name__)
+
+EMIT_MODES = ("thread", "process")
+
+OnPublished = Callable[[FrameResult], None]
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    """Where a stream's results go: its publish endpoint and result files."""
+
+    stream: str = "cam0"
+    publish: str | None = None
+    save_jsonl: str | None = None
+    save_masks: str | None = None
+    save_video: str | None = None
+    publish_frames: bool = False  # JPEG previews on frames/<stream>
+    restarts: int = 0  # a restarted tracker appends to the JSONL and writes the next video part
+    curve: CurveServer | None = None
+
+    @property
+    def needs_image(self) -> bool:
+        return bool(self.save_video or self.publish_frames)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> OutputsConfig:
+        d = json.loads(text)
+        curve = d.pop("curve")
+        return cls(**d, curve=CurveServer(**curve) if curve else None)
+
+
+def with_rle(result: FrameResult, masks: Sequence[np.ndarray]) -> FrameResult:
+    """``result`` with each object's mask as COCO RLE (masks in ``result.objects``' order)."""
+    objects = tuple(replace(o, rle=encode_mask(m)) for o, m in zip(result.objects, masks, strict=True))
+    return replace(result, objects=objects)
+
+
+class Outputs:
+    """A stream's publisher and writers; ``emit`` sends one frame's result to all of them."""
+
+    def __init__(self, cfg: OutputsConfig):
+        from streamtrack.outputs import JsonlWriter, MaskPngWriter, VideoWriter
+
+        self.config = cfg
+        self.publisher: Publisher | None = None
+        self.jsonl = self.masks = self.video = None
+        try:
+            if cfg.save_jsonl:
+                self.jsonl = JsonlWriter(cfg.save_jsonl, append=cfg.restarts > 0)
+            self.masks = MaskPngWriter(cfg.save_masks) if cfg.save_masks else None
+            if cfg.save_video:
+                # An MP4 cannot be appended to: each restart writes the next part.
+                path = Path(cfg.save_video)
+                if cfg.restarts:
+                    path = path.with_name(f"{path.stem}.part{cfg.restarts + 1}{path.suffix}")
+                self.video = VideoWriter(str(path))
+            if cfg.publish:
+                self.publisher = Publisher(cfg.publish, stream=cfg.stream, curve=cfg.curve)
+        except BaseException:
+            self.close()
+            raise
+
+    def emit(self, result: FrameResult, masks: Sequence[np.ndarray], image: np.ndarray | None) -> FrameResult:
+        """RLE-encode, publish and write one frame; returns what was published."""
+        result = with_rle(result, masks)
+        if self.publisher is not None:
+            if self.config.publish_frames and image is not None:
+                self.publisher.publish_frame(result.frame_id, image)
+            result = self.publisher.publish_result(result)
+        else:
+            result = result.with_timestamps(publish=now())
+        if self.jsonl is not None:
+            self.jsonl.write(result)
+        if self.masks is not None:
+            by_id = {o.obj_id: m for o, m in zip(result.objects, masks, strict=True)}
+            self.masks.write(result.frame_id, by_id, (result.height, result.width))
+        if self.video is not None and image is not None:
+            self.video.write(annotate(image, [
+                Annotation(o.obj_id, m, o.bbox, o.score) for o, m in zip(result.objects, masks, strict=True)
+            ]))
+        return result
+
+    def close(self) -> None:
+        for w in (self.jsonl, self.masks, self.video, self.publisher):
+            if w is not None:
+                w.close()
+
+
+class ThreadEmitter:
+    """Emits on a worker thread, in order.  The queue is short, so a slow disk slows the
+    tracker rather than building a backlog; the first error stops the emitting and is
+    raised on the tracker's thread (``submit``/``check``)."""
+
+    def __init__(self, cfg: OutputsConfig, on_published: OnPublished, depth: int = 2):
+        self.outputs = Outputs(cfg)
+        self.publisher = self.outputs.publisher
+        self._on_published = on_published
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="emit", daemon=True)
+        self._thread.start()
+
+    def submit(self, result: FrameResult, masks: Sequence[np.ndarray], image: np.ndarray | None) -> None:
+        self.check()
+        self._queue.put((result, masks, image))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Emit everything submitted, then close the outputs (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        self.outputs.close()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is None:  # after a failure keep draining, so submit never blocks
+                try:
+                    result = item[0]
+                    published = self.outputs.emit(*item)
+                    self._on_published(result.with_timestamps(publish=published.t.publish))
+                except BaseException as exc:
+                    self.error = exc
+
+
+class EmitterError(RuntimeError):
+    """The emit process failed (a write error, or it died)."""
+
+
+class ProcessEmitter:
+    """Emits in a child process; the tracker's side of it.  Thread-safe for the
+    publisher calls (the capture thread publishes status events); ``submit``,
+    ``check`` and ``close`` belong to the tracker's thread."""
+
+    START_TIMEOUT = 60.0
+    ACK_BATCH = 8
+    ACK_INTERVAL = 0.25  # seconds
+    CLOSE_TIMEOUT = 120.0  # the child flushes the files (an MP4's last frames) first
+
+    def __init__(self, cfg: OutputsConfig, on_published: OnPublished, depth: int = 2):
+        self.config = cfg
+        self._on_published = on_published
+        self._pending: dict[int, FrameResult] = {}
+        self._drained = time.monotonic()
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._closed = False
+        self._dir = tempfile.mkdtemp(prefix="streamtrack-emit-")
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PAIR)
+        self._sock.setsockopt(zmq.SNDHWM, depth)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{self._dir}/emit"
+        self._sock.bind(endpoint)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "streamtrack.emitter", endpoint, cfg.to_json(), str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            kind, info = self._wait_for(b"ready", self.START_TIMEOUT)
+        except BaseException:
+            self._shut(kill=True)
+            raise
+        self.publisher = _RemotePublisher(self, info["publish"], cfg.stream) if info["publish"] else None
+
+    # ----------------------------------------------------------- tracker thread
+    def submit(self, result: FrameResult, masks: Sequence[np.ndarray], image: np.ndarray | None) -> None:
+        # Acknowledgements only feed statistics: handle them in batches, off most frames.
+        if len(self._pending) >= self.ACK_BATCH or time.monotonic() - self._drained > self.ACK_INTERVAL:
+            self._drained = time.monotonic()
+            self._drain()
+        self.check()
+        masks = [np.ascontiguousarray(m, dtype=bool) for m in masks]
+        send_image = image is not None and self.config.needs_image
+        header = {"result": result.to_dict(), "masks": [m.shape for m in masks],
+                  "image": list(image.shape) if send_image else None}
+        parts: list[Any] = [b"result", json.dumps(header).encode(), *masks]
+        if send_image:
+            parts.append(np.ascontiguousarray(image))
+        self._pending[result.seq] = result
+        self._send(parts)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if not self._closed and self._proc.poll() is not None:
+            self.error = EmitterError(f"the emit process exited unexpectedly (code {self._proc.returncode})")
+            raise self.error
+
+    def close(self) -> None:
+        """Emit everything submitted, close the outputs in the child, then stop it (idempotent)."""
+        if self._closed:
+            return
+        try:
+            # The last results' acknowledgements carry their publish times (the run's
+            # latency statistics): wait for them before closing the child.
+            deadline = time.monotonic() + self.CLOSE_TIMEOUT
+            while (self._pending and self.error is None and self._proc.poll() is None
+                   and time.monotonic() < deadline):  # after an error the child acknowledges nothing
+                self._drain(100, until=b"published")
+            if self._proc.poll() is None:
+                self._send([b"close"])
+                self._wait_for(b"closed", self.CLOSE_TIMEOUT)
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc if isinstance(exc, EmitterError) else EmitterError(str(exc))
+        finally:
+            self._closed = True
+            self._shut(kill=False)
+
+    # ----------------------------------------------------------------- plumbing
+    def _send(self, parts: list[Any]) -> None:
+        """Send, waiting while the child is behind (the backpressure a full queue gives
+        the thread emitter) but never on a dead child."""
+        with self._lock:
+            while True:
+                if self._sock.closed:
+                    raise UserError("publisher is closed")
+                try:
+                    # Copied, not zero-copy: measured the same for 720p masks, and pyzmq's
+                    # zero-copy frees buffers from a thread of its own (one more for the GIL).
+                    self._sock.send_multipart(parts, flags=zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    if self._proc.poll() is not None:
+                        code = self._proc.returncode
+                        raise EmitterError(f"the emit process exited (code {code})") from None
+                    self._sock.poll(100, zmq.POLLOUT)
+
+    def _drain(self, timeout_ms: int = 0, until: bytes | None = None) -> dict | None:
+        """Handle the child's messages; returns ``until``'s payload when it arrives."""
+        while True:
+            with self._lock:
+                if self._sock.closed:
+                    return None
+                # EVENTS is a cheap check; poll() builds a poller, worth it only to wait.
+                ready = (self._sock.poll(timeout_ms, zmq.POLLIN) if timeout_ms
+                         else self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+                if not ready:
+                    return None
+                kind, payload = self._sock.recv_multipart()
+            info = json.loads(payload) if payload else {}
+            if kind == b"published":
+                result = self._pending.pop(info["seq"], None)
+                if result is not None and self.error is None:
+                    try:
+                        self._on_published(result.with_timestamps(publish=info["publish"]))
+                    except BaseException as exc:
+                        self.error = exc
+            elif kind == b"error" and self.error is None:
+                self.error = EmitterError(info["message"])
+            elif kind == b"failed":  # the child could not start its outputs
+                cls = UserError if info.get("user") else EmitterError
+                raise cls(info["message"])
+            if kind == until:
+                return info
+            timeout_ms = 0 if until is None else timeout_ms
+
+    def _wait_for(self, kind: bytes, timeout: float) -> tuple[bytes, dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self._drain(100, until=kind)
+            if info is not None:
+                return kind, info
+            if self._proc.poll() is not None:
+                info = self._drain(0, until=kind)  # it may have said so just before exiting
+                if info is not None:
+                    return kind, info
+                raise EmitterError(f"the emit process exited (code {self._proc.returncode})")
+        raise EmitterError(f"the emit process did not answer within {timeout:g} s")
+
+    def _shut(self, kill: bool) -> None:
+        if kill and self._proc.poll() is None:
+            self._proc.kill()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        with self._lock:
+            self._sock.close(linger=0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class _RemotePublisher:
+    """The tracker's handle on the child's publisher: status events, stats and
+    preview frames go through the emit channel, in order with the results."""
+
+    def __init__(self, emitter: ProcessEmitter, endpoint: str, stream: str):
+        self._emitter = emitter
+        self.endpoint = endpoint
+        self.stream = stream
+
+    def publish_status(self, event: StatusEvent | str, data: dict | None = None,
+                       **fields: Any) -> StatusEvent:
+        event = status_event(self.stream, event, data, fields, now)
+        self._emitter._send([b"status", event.to_json().encode()])
+        return event
+
+    def publish_stats(self, stats: Stats) -> None:
+        self._emitter._send([b"stats", stats.to_json().encode()])
+
+    def publish_frame(self, frame_id: int, rgb: np.ndarray) -> bool:
+        img = np.ascontiguousarray(rgb)
+        self._emitter._send([b"frame", json.dumps({"frame_id": frame_id, "shape": img.shape}).encode(), img])
+        return True
+
+
+def make_emitter(mode: str, cfg: OutputsConfig, on_published: OnPublished) -> ThreadEmitter | ProcessEmitter:
+    if mode not in EMIT_MODES:
+        raise UserError(f"emit must be one of {', '.join(EMIT_MODES)}, got {mode!r}")
+    return (ProcessEmitter if mode == "process" else ThreadEmitter)(cfg, on_published)
+
+
+# --------------------------------------------------------------------- the child
+def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
+    # Ctrl-C reaches the whole process group; the tracker closes this process after the
+    # last result, so the files end complete.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = zmq.Context.instance().socket(zmq.PAIR)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(endpoint)
+
+    def tell(kind: bytes, info: dict | None = None) -> None:
+        # Never block for long on a tracker that stopped reading: it is gone or closing.
+        if sock.poll(1000, zmq.POLLOUT):
+            sock.send_multipart([kind, json.dumps(info).encode() if info is not None else b""])
+
+    try:
+        outputs = Outputs(OutputsConfig.from_json(config_json))
+    except UserError as exc:
+        tell(b"failed", {"message": str(exc), "user": True})
+        return 2
+    except Exception as exc:  # noqa: BLE001 - reported to the tracker, which raises it
+        tell(b"failed", {"message": f"{type(exc).__name__}: {exc}", "user": False})
+        return 1
+    tell(b"ready", {"publish": outputs.publisher.endpoint if outputs.publisher else None})
+    failed = False
+    try:
+        while True:
+            if not sock.poll(500, zmq.POLLIN):
+                if os.getppid() != parent_pid:
+                    return 0  # the tracker died without closing us: nobody to emit for
+                continue
+            parts = sock.recv_multipart(copy=False)
+            kind = parts[0].bytes
+            if kind == b"close":
+                break
+            if failed:
+                continue  # keep reading so the tracker never blocks; it raises the error
+            try:
+                _handle(outputs, kind, parts, tell)
+            except Exception as exc:  # noqa: BLE001
+                failed = True
+                tell(b"error", {"message": str(exc) if isinstance(exc, UserError)
+                                else f"{type(exc).__name__}: {exc}"})
+    finally:
+        try:
+            outputs.close()
+        except Exception as exc:  # noqa: BLE001
+            if not failed:
+                tell(b"error", {"message": f"{type(exc).__name__}: {exc}"})
+    tell(b"closed")
+    return 0
+
+
+def _handle(outputs: Outputs, kind: bytes, parts: list, tell: Callable[[bytes, dict], None]) -> None:
+    if kind == b"result":
+        header = json.loads(parts[1].bytes)
+        result = FrameResult.from_dict(header["result"], validate_masks=False)
+        n = len(header["masks"])
+        masks = [np.frombuffer(p.buffer, dtype=bool).reshape(shape)
+                 for p, shape in zip(parts[2:2 + n], header["masks"], strict=True)]
+        image = None
+        if header["image"] is not None:
+            image = np.frombuffer(parts[2 + n].buffer, dtype=np.uint8).reshape(header["image"])
+        published = outputs.emit(result, masks, image)
+        tell(b"published", {"seq": published.seq, "publish": published.t.publish})
+    elif outputs.publisher is None:
+        return
+    elif kind == b"status":
+        outputs.publisher.publish_status(StatusEvent.from_json(parts[1].bytes))
+    elif kind == b"stats":
+        outputs.publisher.publish_stats(Stats.from_json(parts[1].bytes))
+    elif kind == b"frame":
+        info = json.loads(parts[1].bytes)
+        image = np.frombuffer(parts[2].buffer, dtype=np.uint8).reshape(info["shape"])
+        outputs.publisher.publish_frame(info["frame_id"], image)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="streamtrack emit: %(message)s")
+    sys.exit(_child(sys.argv[1], sys.argv[2], int(sys.argv[3])))

@@ -1,0 +1,270 @@
+"""Emitters: the child-process emitter publishes and writes exactly what the thread one
+does, and fails loudly, never silently or by hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from PIL import Image
+
+from streamtrack.emitter import EmitterError, OutputsConfig, ProcessEmitter, ThreadEmitter, make_emitter
+from streamtrack.errors import UserError
+from streamtrack.protocol import FrameResult, ObjectResult, StatusEvent, Timestamps, mask_area, mask_bbox
+
+pytestmark = pytest.mark.timeout(120)
+
+H, W = 48, 64
+
+
+def frame(seq: int, obj_ids=(1, 2)) -> tuple[FrameResult, list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seq)
+    masks = [rng.random((H, W)) < 0.3 for _ in obj_ids]
+    objects = tuple(
+        ObjectResult(obj_id=k, score=0.5 + k / 10, state="visible", bbox=mask_bbox(m), area=mask_area(m),
+                     iou=0.8)
+        for k, m in zip(obj_ids, masks, strict=True)
+    )
+    result = FrameResult(stream="cam7", seq=seq, frame_id=seq + 3, pts=seq / 30, width=W, height=H,
+                         t=Timestamps(capture=1.0 + seq, dequeue=1.1 + seq, infer_start=1.2 + seq,
+                                      infer_end=1.3 + seq), objects=objects)
+    image = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
+    return result, masks, image
+
+
+class Wire:
+    """Every message on a publisher, in order (a plain SUB socket: the Subscriber keeps
+    only the newest of each kind)."""
+
+    def __init__(self, endpoint: str):
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(endpoint)
+
+    def wait_joined(self, publish) -> None:
+        # ZeroMQ's slow joiner: publish status pings until one arrives.
+        for _ in range(100):
+            publish()
+            if self.sock.poll(100):
+                self.sock.recv_multipart()
+                while self.sock.poll(50):
+                    self.sock.recv_multipart()
+                return
+        raise AssertionError("subscriber never joined")
+
+    def take(self, n: int, timeout: float = 10.0) -> list[list[bytes]]:
+        out = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n and time.monotonic() < deadline:
+            if self.sock.poll(100):
+                out.append(self.sock.recv_multipart())
+        return out
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def run_emitter(kind: str, tmp: Path, frames: int = 6) -> tuple[list[FrameResult], list[list[bytes]]]:
+    cfg = OutputsConfig(stream="cam7", publish="tcp://127.0.0.1:0", save_jsonl=str(tmp / "r.jsonl"),
+                        save_masks=str(tmp / "masks"), save_video=str(tmp / "v.mp4"), publish_frames=True)
+    published: list[FrameResult] = []
+    emitter = make_emitter(kind, cfg, published.append)
+    wire = Wire(emitter.publisher.endpoint)
+    try:
+        wire.wait_joined(lambda: emitter.publisher.publish_status("ping"))
+        for seq in range(frames):
+            result, masks, image = frame(seq, (1, 2) if seq < 3 else (2,))
+            emitter.submit(result, masks, image)
+            emitter.publisher.publish_status("object_state", obj_id=1, old="visible", new=f"n{seq}")
+        emitter.close()
+        emitter.check()
+        # per frame: a JPEG preview, the masks, a status event
+        return published, wire.take(3 * frames)
+    finally:
+        emitter.close()
+        wire.close()
+
+
+def test_process_emitter_publishes_and_writes_what_the_thread_emitter_does(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "p").mkdir()
+    thread_pub, thread_wire = run_emitter("thread", tmp_path / "t")
+    proc_pub, proc_wire = run_emitter("process", tmp_path / "p")
+
+    def stripped(result: FrameResult) -> dict:
+        d = result.to_dict()
+        assert d["t"].pop("publish") is not None
+        return d
+
+    # on_published: what was submitted, stamped with its publish time
+    assert len(proc_pub) == len(thread_pub) == 6
+    assert [stripped(r) for r in proc_pub] == [stripped(r) for r in thread_pub]
+    assert [r.seq for r in proc_pub] == list(range(6))
+    wire = {name: [FrameResult.from_json(p[1]) for p in msgs if p[0] == b"masks/cam7"]
+            for name, msgs in (("thread", thread_wire), ("process", proc_wire))}
+    assert [stripped(r) for r in wire["process"]] == [stripped(r) for r in wire["thread"]]
+    assert [r.t.publish for r in wire["process"]] == [r.t.publish for r in proc_pub]
+    for seq, r in enumerate(wire["process"]):  # the RLE is the masks that were handed over
+        _, masks, _ = frame(seq, (1, 2) if seq < 3 else (2,))
+        assert all(np.array_equal(o.mask(), m) for o, m in zip(r.objects, masks, strict=True))
+    lines = [json.loads(x) for x in (tmp_path / "p" / "r.jsonl").read_text().splitlines()]
+    assert lines == [r.to_dict() for r in wire["process"]]  # the file holds what went on the wire
+    for png in sorted((tmp_path / "t" / "masks").iterdir()):
+        other = tmp_path / "p" / "masks" / png.name
+        assert np.array_equal(np.array(Image.open(png)), np.array(Image.open(other)))
+    assert len(list((tmp_path / "p" / "masks").iterdir())) == 6
+
+    import av
+    with av.open(str(tmp_path / "p" / "v.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 6
+
+    def order(wire):
+        def key(header: dict):
+            return header.get("seq", header.get("data", {}).get("new"))
+        return [(p[0].decode().split("/")[0], key(json.loads(p[1]))) for p in wire]
+
+    # The same messages; through the process also in the order they were handed over
+    # (a thread emitter publishes a status event at once, ahead of queued results).
+    assert sorted(order(proc_wire), key=str) == sorted(order(thread_wire), key=str)
+    assert order(proc_wire) == [m for seq in range(6) for m in
+                                (("frames", None), ("masks", seq), ("status", f"n{seq}"))]
+
+
+def test_process_emitter_bind_error_is_the_same_one_line_user_error(tmp_path):
+    from streamtrack.publisher import Publisher
+
+    with Publisher("tcp://127.0.0.1:0") as taken:
+        with pytest.raises(UserError, match="address already in use") as thread_err:
+            ThreadEmitter(OutputsConfig(publish=taken.endpoint), lambda r: None)
+        with pytest.raises(UserError, match="address already in use") as proc_err:
+            ProcessEmitter(OutputsConfig(publish=taken.endpoint), lambda r: None)
+    assert str(proc_err.value) == str(thread_err.value)
+    with pytest.raises(UserError, match="emit must be one of thread, process"):
+        make_emitter("fork", OutputsConfig(), lambda r: None)
+
+
+def test_a_write_error_in_the_child_stops_the_tracker_with_its_message(tmp_path):
+    emitter = ProcessEmitter(OutputsConfig(save_masks=str(tmp_path / "m")), lambda r: None)
+    try:
+        result, masks, image = frame(0, (300,))  # a palette PNG holds ids up to 255
+        emitter.submit(result, masks, image)
+        with pytest.raises(EmitterError, match="up to 255, got 300"):
+            for seq in range(1, 200):
+                time.sleep(0.02)
+                emitter.submit(*frame(seq, (1,)))
+    finally:
+        t0 = time.monotonic()
+        emitter.close()
+    assert time.monotonic() - t0 < 10  # no wait for acknowledgements that will never come
+
+
+def test_a_dead_child_is_an_error_not_a_hang(tmp_path):
+    emitter = ProcessEmitter(OutputsConfig(publish="tcp://127.0.0.1:0"), lambda r: None)
+    emitter.submit(*frame(0))
+    emitter._proc.kill()
+    emitter._proc.wait(10)
+    t0 = time.monotonic()
+    with pytest.raises(EmitterError, match="exited"):
+        for seq in range(1, 50):  # more than any socket buffer could take without a reader
+            emitter.submit(*frame(seq))
+    assert time.monotonic() - t0 < 10
+    emitter.close()
+    with pytest.raises(EmitterError):
+        emitter.check()
+    with pytest.raises(UserError, match="closed"):
+        emitter.publisher.publish_status("late")
+
+
+def test_ctrl_c_reaches_the_child_but_it_keeps_emitting_until_closed(tmp_path):
+    published: list[FrameResult] = []
+    emitter = ProcessEmitter(OutputsConfig(save_jsonl=str(tmp_path / "r.jsonl")), published.append)
+    emitter.submit(*frame(0))
+    os.kill(emitter._proc.pid, signal.SIGINT)  # what Ctrl-C sends the whole process group
+    time.sleep(0.5)
+    emitter.submit(*frame(1))
+    emitter.close()
+    emitter.check()
+    assert [r.seq for r in published] == [0, 1]
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+    assert emitter._proc.returncode == 0
+
+
+CRASHING_TRACKER = """
+import sys
+from streamtrack.emitter import OutputsConfig, ProcessEmitter
+e = ProcessEmitter(OutputsConfig(publish="tcp://127.0.0.1:0"), lambda r: None)
+print(e._proc.pid, flush=True)
+import os
+os._exit(3)
+"""
+
+
+def test_the_child_exits_when_the_tracker_dies_without_closing_it():
+    out = subprocess.run([sys.executable, "-c", CRASHING_TRACKER], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    child = int(out.stdout.strip())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+        stat = Path(f"/proc/{child}/stat")
+        state = stat.read_text().split()[2] if stat.exists() else "X"
+        if state == "Z":
+            break  # exited; only its new parent has not reaped it yet
+        time.sleep(0.1)
+    else:
+        assert not Path(f"/proc/{child}").exists(), "the emit process outlived its tracker"
+
+
+def test_status_events_through_the_process_keep_their_fields(tmp_path):
+    emitter = ProcessEmitter(OutputsConfig(publish="tcp://127.0.0.1:0"), lambda r: None)
+    wire = Wire(emitter.publisher.endpoint)
+    try:
+        wire.wait_joined(lambda: emitter.publisher.publish_status("ping"))
+        sent = emitter.publisher.publish_status("source_state", old="connecting", new="streaming",
+                                                reason=None)
+        (msg,) = wire.take(1)
+        assert msg[0] == b"status/cam0"
+        assert StatusEvent.from_json(msg[1]) == sent
+    finally:
+        emitter.close()
+        wire.close()
+
+
+def test_tracker_with_a_process_emitter_gives_the_thread_runs_results(tiny_checkpoint, tmp_path):
+    from conftest import TEST_IMAGE_SIZE
+
+    from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+    from streamtrack.models import build_model
+    from streamtrack.pipeline import RunConfig, Tracker
+    from streamtrack.synthetic import make_clip, write_video
+
+    clip = make_clip(8, 160, 120, num_objects=2, seed=4)
+    video = write_video(clip.frames, tmp_path / "clip.mp4")
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
+    lines, summaries = {}, {}
+    for mode in ("thread", "process"):
+        run = RunConfig(source=str(video), prompts={0: [Prompt.make(1, box=clip.box(1, 0))],
+                                                    4: [Prompt.make(2, box=clip.box(2, 4))]},
+                        save_jsonl=str(tmp_path / f"{mode}.jsonl"), publish="tcp://127.0.0.1:0",
+                        progress=False, emit=mode)
+        summaries[mode] = Tracker(run, engine=StreamingEngine(model, EngineConfig())).run()
+        lines[mode] = [json.loads(x) for x in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+        for d in lines[mode]:
+            assert d["t"].pop("publish") >= d["t"]["infer_end"]
+            d.pop("t")
+    assert len(lines["process"]) == 8
+    assert lines["process"] == lines["thread"]
+    assert [len(d["objects"]) for d in lines["process"]] == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert summaries["process"].frames == 8 and summaries["process"].step_p50 > 0
+    assert set(summaries["process"].objects) == {1, 2}
+    assert summaries["process"].objects == summaries["thread"].objects
+    with pytest.raises(UserError, match="emit must be one of thread, process"):
+        RunConfig(source=str(video), emit="fork")
