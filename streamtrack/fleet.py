@@ -48,6 +48,7 @@ from streamtrack.fleet_spec import (
     check_unique,
     parse_stream,
     plan_actors,
+    plan_added,
     with_endpoints,
 )
 from streamtrack.pipeline import Resume, RunConfig, warn_if_exposed
@@ -265,15 +266,19 @@ class Fleet:
         return actor
 
     def _place(self, spec: StreamSpec) -> _Actor:
-        """An existing actor with the same model and room, else a new one."""
+        """An existing actor with the same model and room, else a new one (on GPUs, by
+        default, always a new one: an actor per stream)."""
         cap = self.options.streams_per_actor
-        candidates = [a for a in self.actors.values() if not a.dead and a.key == spec.model_key]
+        if cap is None and self._cluster_gpus > 0 and spec.model_key.device != "cpu":
+            cap = 1
+        siblings = [a for a in self.actors.values() if not a.dead and a.key == spec.model_key]
         load = {a.plan.name: sum(1 for s in self.streams.values() if s.actor == a.plan.name and not s.ended)
-                for a in candidates}
-        candidates = [a for a in candidates if cap is None or load[a.plan.name] < cap]
+                for a in siblings}
+        candidates = [a for a in siblings if cap is None or load[a.plan.name] < cap]
         if candidates:
             return min(candidates, key=lambda a: load[a.plan.name])
-        plan = plan_actors([spec], self.options, self._cluster_gpus, first_index=self._next_actor)[0]
+        plan = plan_added(spec, self.options, self._cluster_gpus, [a.plan for a in siblings],
+                          self._next_actor)
         return self._new_actor(plan, spec.model_key)
 
     def _add(self, spec: StreamSpec, actor: _Actor) -> None:

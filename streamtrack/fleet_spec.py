@@ -4,9 +4,9 @@
 
     fleet:                      # all optional
       address: null             # Ray cluster ("auto", "HOST:6379", "ray://HOST:10001"); null = local Ray
-      streams_per_actor: null   # null: one actor per GPU (GPU cluster), all streams in one actor (CPU)
+      streams_per_actor: null   # null: an actor per stream (GPU cluster), all streams in one actor (CPU)
       num_cpus: 1               # per actor
-      num_gpus: null            # per actor; null = 1 on a cluster with GPUs, else 0
+      num_gpus: null            # per actor; null = an even share of the GPUs (1 / actors per GPU), else 0
       max_restarts: 3           # Ray restarts a dead actor this often (-1 = forever)
       bind: 127.0.0.1           # host of automatic endpoints (0.0.0.0: reachable from other machines)
       directory: fleet.json     # where the endpoint directory is written
@@ -342,9 +342,15 @@ def plan_actors(streams: list[StreamSpec], options: FleetOptions, cluster_gpus: 
     """Group streams into actors.
 
     Only streams that can share a model (:class:`ModelKey`) share an actor.  On a
-    cluster with GPUs (and streams not pinned to the CPU) the default is one
-    actor per GPU, the streams spread evenly over them; on a CPU-only cluster all
-    streams go in one actor.  ``streams_per_actor`` overrides both.
+    cluster with GPUs (and streams not pinned to the CPU) the default is an actor per
+    stream, each with an equal share of the GPUs (``gpu_share``); on a CPU-only cluster
+    all streams go in one actor.  ``streams_per_actor`` (streams batched in one actor,
+    a whole GPU each unless ``num_gpus`` says otherwise) and ``num_gpus`` override these.
+
+    An actor per stream because it measured 2-2.5x the throughput of one actor
+    batching the streams on one GPU (H100 and H200, docs/scaling.md): a step there is
+    mostly Python launching kernels, and threads of one process take turns at the
+    interpreter lock, where processes do not.
     """
     groups: dict[ModelKey, list[StreamSpec]] = {}
     for s in streams:
@@ -353,17 +359,39 @@ def plan_actors(streams: list[StreamSpec], options: FleetOptions, cluster_gpus: 
     index = first_index
     for key, members in groups.items():
         gpu = cluster_gpus > 0 and key.device != "cpu"
-        gpus = (options.num_gpus if options.num_gpus is not None else 1.0) if gpu else 0.0
         per_actor = options.streams_per_actor
-        if per_actor is None:
-            slots = int(cluster_gpus // gpus) if gpu and gpus > 0 else 1
-            per_actor = math.ceil(len(members) / max(1, min(slots, len(members))))
+        if not gpu:
+            gpus = 0.0
+            per_actor = per_actor or len(members)
+        elif per_actor is None:
+            per_actor = 1
+            gpus = options.num_gpus if options.num_gpus is not None else gpu_share(len(members), cluster_gpus)
+        else:
+            gpus = options.num_gpus if options.num_gpus is not None else 1.0
         for start in range(0, len(members), per_actor):
             chunk = members[start:start + per_actor]
             plans.append(ActorPlan(name=f"fleet-{index}", streams=tuple(s.name for s in chunk),
                                    num_cpus=options.num_cpus, num_gpus=gpus))
             index += 1
     return plans
+
+
+def gpu_share(actors: int, cluster_gpus: float) -> float:
+    """The GPU fraction of each of ``actors`` actors spread evenly over the cluster's
+    GPUs: 1 while there are GPUs enough, else 1 / (actors per GPU, rounded up)."""
+    per_gpu = math.ceil(actors / max(1.0, math.floor(cluster_gpus)))
+    return 1.0 if per_gpu <= 1 else round(1.0 / per_gpu, 4)
+
+
+def plan_added(spec: StreamSpec, options: FleetOptions, cluster_gpus: float, siblings: list[ActorPlan],
+               index: int) -> ActorPlan:
+    """A new actor for a stream added at run time.  On GPUs, by default it takes the
+    smallest share its model's running actors have, so it packs like them (a whole GPU
+    would wait for one to be free)."""
+    plan = plan_actors([spec], options, cluster_gpus, first_index=index)[0]
+    if plan.num_gpus > 0 and options.num_gpus is None and siblings:
+        plan = replace(plan, num_gpus=min(min(a.num_gpus for a in siblings), plan.num_gpus))
+    return plan
 
 
 def with_endpoints(rc: RunConfig, publish: str | None, control: str | None) -> RunConfig:

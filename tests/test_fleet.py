@@ -26,7 +26,7 @@ from streamtrack import cli
 from streamtrack.control import ControlClient
 from streamtrack.fleet import Fleet
 from streamtrack.fleet_directory import read_directory
-from streamtrack.fleet_spec import FleetOptions, load_fleet, parse_fleet, plan_actors
+from streamtrack.fleet_spec import FleetOptions, load_fleet, parse_fleet, plan_actors, plan_added
 from streamtrack.subscriber import Subscriber
 from streamtrack.synthetic import make_clip, write_video
 
@@ -168,7 +168,7 @@ def test_relative_paths_and_automatic_endpoints(tmp_path, monkeypatch):
     assert s.run_config().wait_for_prompt  # prompt later: hold the first frame for a prompt
 
 
-def test_placement_one_actor_per_gpu_or_all_in_one_on_cpu(tmp_path):
+def test_placement_an_actor_per_stream_on_gpus_all_in_one_on_cpu(tmp_path):
     entries = [stream_entry(f"s{i}", "x.mp4", [BOX1]) for i in range(5)]
     spec = parse_fleet(fleet_doc(tmp_path, tmp_path / "c.pt", entries), "f.yaml")
     opts = spec.options
@@ -178,8 +178,20 @@ def test_placement_one_actor_per_gpu_or_all_in_one_on_cpu(tmp_path):
     doc = fleet_doc(tmp_path, tmp_path / "c.pt", entries)
     doc["defaults"]["device"] = "auto"
     on_gpus = parse_fleet(doc, "f.yaml").streams
+    # GPUs: an actor per stream, sharing the GPUs evenly (5 streams on 2 GPUs: 3 per GPU)
     gpu = plan_actors(on_gpus, FleetOptions(), cluster_gpus=2)
-    assert [len(p.streams) for p in gpu] == [3, 2] and all(p.num_gpus == 1 for p in gpu)
+    assert [p.streams for p in gpu] == [(f"s{i}",) for i in range(5)]
+    assert [p.num_gpus for p in gpu] == [0.3333] * 5
+    assert [p.num_gpus for p in plan_actors(on_gpus[:2], FleetOptions(), cluster_gpus=2)] == [1.0, 1.0]
+    assert [p.num_gpus for p in plan_actors(on_gpus[:4], FleetOptions(), cluster_gpus=1)] == [0.25] * 4
+    assert [p.num_gpus for p in plan_actors(on_gpus, FleetOptions(num_gpus=0.5), cluster_gpus=2)] == [0.5] * 5
+    batched = plan_actors(on_gpus, FleetOptions(streams_per_actor=3), cluster_gpus=2)  # opt in to batching
+    assert [len(p.streams) for p in batched] == [3, 2] and all(p.num_gpus == 1 for p in batched)
+    # a stream added at run time packs like its model's running actors
+    added = plan_added(on_gpus[0], FleetOptions(), 1, siblings=gpu[:3], index=7)
+    assert added.name == "fleet-7" and added.streams == ("s0",) and added.num_gpus == 0.3333
+    assert plan_added(on_gpus[0], FleetOptions(), 1, siblings=[], index=0).num_gpus == 1.0
+    assert plan_added(spec.streams[0], FleetOptions(), 1, siblings=gpu, index=0).num_gpus == 0  # device: cpu
     two = plan_actors(spec.streams, FleetOptions(streams_per_actor=2), cluster_gpus=0)
     assert [p.streams for p in two] == [("s0", "s1"), ("s2", "s3"), ("s4",)]
     entries[4]["image_size"] = 256  # another input size cannot share the model
