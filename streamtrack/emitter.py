@@ -375,6 +375,12 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
     # Ctrl-C reaches the whole process group; the tracker closes this process after the
     # last result, so the files end complete.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A tracker that dies without closing us (killed by its supervisor, a crash): stop at
+    # once, closing the files and freeing the publish endpoint for its successor.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _terminate_with_parent()
+    if os.getppid() != parent_pid:
+        return 0
     sock = zmq.Context.instance().socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.connect(endpoint)
@@ -420,6 +426,17 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
                 tell(b"error", {"message": f"{type(exc).__name__}: {exc}"})
     tell(b"closed")
     return 0
+
+
+def _terminate_with_parent() -> None:
+    """SIGTERM this process when its parent dies (Linux; elsewhere the receive loop's
+    parent check, every 0.5 s, does it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _handle(outputs: Outputs, kind: bytes, parts: list, tell: Callable[[bytes, dict], None]) -> None:

@@ -268,8 +268,9 @@ class Fleet:
     def _place(self, spec: StreamSpec) -> _Actor:
         """An existing actor with the same model and room, else a new one (on GPUs, by
         default, always a new one: an actor per stream)."""
+        key = spec.model_key
         cap = self.options.streams_per_actor
-        if cap is None and self._cluster_gpus > 0 and spec.model_key.device != "cpu":
+        if key.cudagraphs or (cap is None and self._cluster_gpus > 0 and key.device != "cpu"):
             cap = 1
         siblings = [a for a in self.actors.values() if not a.dead and a.key == spec.model_key]
         load = {a.plan.name: sum(1 for s in self.streams.values() if s.actor == a.plan.name and not s.ended)

@@ -151,6 +151,10 @@ class FleetActor:
     def _engine(self, config: RunConfig, key: ModelKey):
         from streamtrack.engine import StreamingEngine
 
+        if key.cudagraphs:
+            # The tracker loads, warms and steps it on the stream's own thread: CUDA graphs
+            # are recorded per thread, and this actor serves this one stream.
+            return None
         model = self._shared_model(key)
         # One model per actor, one engine per stream; the streams' image-encoder passes
         # are batched into one forward by the actor's shared encoder.

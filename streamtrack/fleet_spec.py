@@ -90,6 +90,12 @@ class ModelKey:
     compile: bool
     compile_mode: str
 
+    @property
+    def cudagraphs(self) -> bool:
+        """CUDA graphs are recorded per thread, so such a model serves one stream, whose
+        tracker builds and steps it on its own thread: an actor of its own."""
+        return self.compile_mode in ("reduce-overhead", "max-autotune")
+
 
 @dataclass
 class StreamSpec:
@@ -345,7 +351,8 @@ def plan_actors(streams: list[StreamSpec], options: FleetOptions, cluster_gpus: 
     cluster with GPUs (and streams not pinned to the CPU) the default is an actor per
     stream, each with an equal share of the GPUs (``gpu_share``); on a CPU-only cluster
     all streams go in one actor.  ``streams_per_actor`` (streams batched in one actor,
-    a whole GPU each unless ``num_gpus`` says otherwise) and ``num_gpus`` override these.
+    a whole GPU each unless ``num_gpus`` says otherwise) and ``num_gpus`` override these;
+    a model in a CUDA-graph compile mode always gets an actor per stream.
 
     An actor per stream because it measured 2-2.5x the throughput of one actor
     batching the streams on one GPU (H100 and H200, docs/scaling.md): a step there is
@@ -359,7 +366,7 @@ def plan_actors(streams: list[StreamSpec], options: FleetOptions, cluster_gpus: 
     index = first_index
     for key, members in groups.items():
         gpu = cluster_gpus > 0 and key.device != "cpu"
-        per_actor = options.streams_per_actor
+        per_actor = 1 if key.cudagraphs else options.streams_per_actor
         if not gpu:
             gpus = 0.0
             per_actor = per_actor or len(members)

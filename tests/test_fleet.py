@@ -24,6 +24,7 @@ import yaml
 
 from streamtrack import cli
 from streamtrack.control import ControlClient
+from streamtrack.errors import UserError
 from streamtrack.fleet import Fleet
 from streamtrack.fleet_directory import read_directory
 from streamtrack.fleet_spec import FleetOptions, load_fleet, parse_fleet, plan_actors, plan_added
@@ -194,9 +195,30 @@ def test_placement_an_actor_per_stream_on_gpus_all_in_one_on_cpu(tmp_path):
     assert plan_added(spec.streams[0], FleetOptions(), 1, siblings=gpu, index=0).num_gpus == 0  # device: cpu
     two = plan_actors(spec.streams, FleetOptions(streams_per_actor=2), cluster_gpus=0)
     assert [p.streams for p in two] == [("s0", "s1"), ("s2", "s3"), ("s4",)]
+    # CUDA graphs are recorded per thread: such a model serves one stream, however packed
+    graphs = [dict(e, compile_mode="reduce-overhead") for e in entries[:3]]
+    spec_g = parse_fleet(fleet_doc(tmp_path, tmp_path / "c.pt", graphs, streams_per_actor=3), "f.yaml")
+    assert [p.streams for p in plan_actors(spec_g.streams, spec_g.options, 0)] == [("s0",), ("s1",), ("s2",)]
+    assert spec_g.streams[0].model_key.cudagraphs and not spec.streams[0].model_key.cudagraphs
     entries[4]["image_size"] = 256  # another input size cannot share the model
     spec = parse_fleet(fleet_doc(tmp_path, tmp_path / "c.pt", entries), "f.yaml")
     assert [p.streams for p in plan_actors(spec.streams, opts, 0)] == [("s0", "s1", "s2", "s3"), ("s4",)]
+
+
+def test_an_actor_leaves_a_cuda_graph_model_to_the_streams_own_thread(tmp_path):
+    """Nothing loaded or shared in the actor: the tracker builds, warms and steps the
+    engine on the stream's thread, where its graphs are recorded."""
+    from streamtrack.fleet_actor import FleetActor
+
+    entry = stream_entry("g", "x.mp4", [BOX1], compile_mode="reduce-overhead")
+    spec = parse_fleet(fleet_doc(tmp_path, tmp_path / "missing.pt", [entry]), "f.yaml").streams[0]
+    actor = FleetActor("fleet-0")
+    assert actor._engine(spec.run_config(), spec.model_key) is None
+    assert actor._model is None and actor._encoder is None
+    eager = parse_fleet(fleet_doc(tmp_path, tmp_path / "missing.pt", [dict(entry, compile_mode="default")]),
+                        "f.yaml").streams[0]
+    with pytest.raises(UserError, match="missing.pt"):  # the shared path does load the model
+        actor._engine(eager.run_config(), eager.model_key)
 
 
 # ---------------------------------------------------------------------- on Ray
