@@ -209,13 +209,14 @@ class ProcessEmitter:
         self._sock.setsockopt(zmq.SNDHWM, depth)
         self._sock.setsockopt(zmq.LINGER, 0)
         endpoint = f"ipc://{self._dir}/emit"
-        self._sock.bind(endpoint)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "streamtrack.emitter", endpoint, cfg.to_json(), str(os.getpid())],
-            stdin=subprocess.DEVNULL,
-        )
+        self._proc: subprocess.Popen | None = None
         try:
-            kind, info = self._wait_for(b"ready", self.START_TIMEOUT)
+            self._sock.bind(endpoint)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "streamtrack.emitter", endpoint, cfg.to_json(), str(os.getpid())],
+                stdin=subprocess.DEVNULL,
+            )
+            info = self._wait_for(b"ready", self.START_TIMEOUT)
         except BaseException:
             self._shut(kill=True)
             raise
@@ -314,27 +315,28 @@ class ProcessEmitter:
                 return info
             timeout_ms = 0 if until is None else timeout_ms
 
-    def _wait_for(self, kind: bytes, timeout: float) -> tuple[bytes, dict]:
+    def _wait_for(self, kind: bytes, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self._drain(100, until=kind)
             if info is not None:
-                return kind, info
+                return info
             if self._proc.poll() is not None:
                 info = self._drain(0, until=kind)  # it may have said so just before exiting
                 if info is not None:
-                    return kind, info
+                    return info
                 raise EmitterError(f"the emit process exited (code {self._proc.returncode})")
         raise EmitterError(f"the emit process did not answer within {timeout:g} s")
 
     def _shut(self, kill: bool) -> None:
-        if kill and self._proc.poll() is None:
-            self._proc.kill()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        if self._proc is not None:
+            if kill and self._proc.poll() is None:
+                self._proc.kill()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
         with self._lock:
             self._sock.close(linger=0)
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -268,3 +268,13 @@ def test_tracker_with_a_process_emitter_gives_the_thread_runs_results(tiny_check
     assert summaries["process"].objects == summaries["thread"].objects
     with pytest.raises(UserError, match="emit must be one of thread, process"):
         RunConfig(source=str(video), emit="fork")
+
+
+def test_outputs_config_crosses_to_the_child_intact(tmp_path):
+    from streamtrack.curve import CurveServer
+
+    cfg = OutputsConfig(stream="s1", publish="tcp://127.0.0.1:0", save_jsonl="a.jsonl", save_masks="m",
+                        save_video="v.mp4", publish_frames=True, restarts=2,
+                        curve=CurveServer(secret_file="k/server.key_secret", clients_dir="k/clients"))
+    assert OutputsConfig.from_json(cfg.to_json()) == cfg
+    assert OutputsConfig.from_json(OutputsConfig().to_json()) == OutputsConfig()
