@@ -239,7 +239,8 @@ class FrameBuffer:
     policy: ClassVar[BufferPolicy]
     #: Convert to RGB on the capture thread before queueing. Only worth it when
     #: every queued frame will be delivered (it overlaps conversion with the
-    #: consumer's work); a dropping queue converts at hand-off instead.
+    #: consumer's work); a dropping queue converts at hand-off instead, except the
+    #: frame next in line.
     convert_on_put: ClassVar[bool]
 
     def __init__(self, depth: int, on_drop: Callable[[str], None]) -> None:
@@ -251,7 +252,7 @@ class FrameBuffer:
 
     def put(self, item: PendingFrame) -> bool:
         """Queue a frame; False if the buffer was finished (the source is stopping)."""
-        if self.convert_on_put:
+        if self.convert_on_put or self._next_in_line():
             item.frame()
         with self._cond:
             if not self._make_room():
@@ -294,6 +295,10 @@ class FrameBuffer:
         """Called with the lock held; True once a slot is free."""
         raise NotImplementedError
 
+    def _next_in_line(self) -> bool:
+        """Whether a frame put now would be the consumer's next one."""
+        return False
+
 
 class BlockingBuffer(FrameBuffer):
     """Waits for the consumer when full: no frame is ever dropped."""
@@ -313,6 +318,13 @@ class DropOldestBuffer(FrameBuffer):
 
     policy = BufferPolicy.DROP_OLDEST
     convert_on_put = False
+
+    def _next_in_line(self) -> bool:
+        # An empty queue: this frame is the consumer's next unless newer ones fill the
+        # queue first, so convert it here, overlapping the consumer's current step rather than
+        # delaying the next.  Frames queued behind it convert at hand-off, so at most
+        # one conversion per delivered frame is ever wasted on a drop.
+        return not self._items
 
     def _make_room(self) -> bool:
         if self._finished:

@@ -189,19 +189,26 @@ def _counting_raw(i: int, conversions: list[int]) -> RawFrame:
     return RawFrame(pts=float(i), convert=convert)
 
 
-def test_drop_oldest_never_converts_dropped_frames() -> None:
+def test_drop_oldest_converts_only_the_frame_next_in_line() -> None:
     conversions: list[int] = []
     drops: list[str] = []
     buffer = DropOldestBuffer(2, drops.append)
     for i in range(10):
         assert buffer.put(PendingFrame(_counting_raw(i, conversions), i, "t"))
-    assert conversions == []  # nothing converted on the producer side
+    # Only frame 0 met an empty queue (converted on the producer side, overlapping the
+    # consumer's step); frames queued behind others were dropped unconverted.
+    assert conversions == [0]
     assert drops == ["queue_full"] * 8
     item = buffer.get(timeout=0)
     assert item is not None and item.frame_id == 8
-    assert item.frame().image[0, 0, 0] == 8 and conversions == [8]
+    assert item.frame().image[0, 0, 0] == 8 and conversions == [0, 8]
     item.frame()
-    assert conversions == [8]  # converted once
+    assert conversions == [0, 8]  # converted once
+    assert buffer.get(timeout=0).frame_id == 9 and conversions == [0, 8]  # not yet: at hand-off
+    # A consumer that keeps up always takes a frame converted ahead of the hand-off.
+    assert buffer.put(PendingFrame(_counting_raw(10, conversions), 10, "t"))
+    assert conversions == [0, 8, 10]
+    assert buffer.get(timeout=0).frame().image[0, 0, 0] == 10 and conversions == [0, 8, 10]
 
 
 def test_blocking_buffer_waits_for_the_consumer_and_releases_on_finish() -> None:
