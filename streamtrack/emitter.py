@@ -307,7 +307,8 @@ class ProcessEmitter:
                     except BaseException as exc:
                         self.error = exc
             elif kind == b"error" and self.error is None:
-                self.error = EmitterError(info["message"])
+                # A user error in the child (a file it cannot write) stays one: one line, exit 2.
+                self.error = (UserError if info.get("user") else EmitterError)(info["message"])
             elif kind == b"failed":  # the child could not start its outputs
                 cls = UserError if info.get("user") else EmitterError
                 raise cls(info["message"])
@@ -418,8 +419,9 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
                 _handle(outputs, kind, parts, tell)
             except Exception as exc:  # noqa: BLE001
                 failed = True
-                tell(b"error", {"message": str(exc) if isinstance(exc, UserError)
-                                else f"{type(exc).__name__}: {exc}"})
+                user = isinstance(exc, UserError)
+                message = str(exc) if user else f"{type(exc).__name__}: {exc}"
+                tell(b"error", {"message": message, "user": user})
     finally:
         try:
             outputs.close()

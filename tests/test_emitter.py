@@ -152,12 +152,14 @@ def test_process_emitter_bind_error_is_the_same_one_line_user_error(tmp_path):
         make_emitter("fork", OutputsConfig(), lambda r: None)
 
 
-def test_a_write_error_in_the_child_stops_the_tracker_with_its_message(tmp_path):
-    emitter = ProcessEmitter(OutputsConfig(save_masks=str(tmp_path / "m")), lambda r: None)
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_write_error_stops_the_tracker_with_its_message(kind, tmp_path):
+    emitter = make_emitter(kind, OutputsConfig(save_masks=str(tmp_path / "m")), lambda r: None)
     try:
         result, masks, image = frame(0, (300,))  # a palette PNG holds ids up to 255
         emitter.submit(result, masks, image)
-        with pytest.raises(EmitterError, match="up to 255, got 300"):
+        # a user error (one line, exit 2) from the child as from the thread
+        with pytest.raises(UserError, match="up to 255, got 300"):
             for seq in range(1, 200):
                 time.sleep(0.02)
                 emitter.submit(*frame(seq, (1,)))
