@@ -85,6 +85,7 @@ def run_emitter(kind: str, tmp: Path, frames: int = 6) -> tuple[list[FrameResult
             result, masks, image = frame(seq, (1, 2) if seq < 3 else (2,))
             emitter.submit(result, masks, image)
             emitter.publisher.publish_status("object_state", obj_id=1, old="visible", new=f"n{seq}")
+            time.sleep(0.02)  # a camera's pace, not a burst past the publisher's high-water mark
         emitter.close()
         emitter.check()
         # per frame: a JPEG preview, the masks, a status event
