@@ -9,11 +9,13 @@ the same results on the wire and on disk:
 * :class:`ProcessEmitter` (``emit: process``): a child process (``python -m
   streamtrack.emitter``) fed over a ZeroMQ PAIR socket (ipc).  It owns the publish
   socket and the files; the tracker's status events and stats travel through it too, in
-  order with the results.  Where a step is mostly Python (a GPU launching kernels), a
-  thread in the tracker's process waits for the interpreter lock at every hand-off, up
-  to the 5 ms switch interval: the process takes that wait out of capture->publish
-  latency, for ~0.3-0.5 ms of the tracker's time per frame to hand the masks over
-  (figures in docs/benchmarks.md).
+  order with the results.  Where a step is mostly Python (a GPU launching kernels) and
+  frames come faster than the engine steps, a thread in the tracker's process waits for
+  the interpreter lock at every hand-off, up to the 5 ms switch interval: the process
+  takes that wait out of capture->publish latency, for ~0.3-0.5 ms of the tracker's
+  time per frame to hand the masks over.  At a live camera's pace the tracker idles
+  between frames with the lock free, and the thread is the faster (figures in
+  docs/benchmarks.md).
 
 Either way the tracker learns when a result went out (``on_published``: the result it
 submitted, with ``t.publish`` filled in), which feeds its latency statistics: at once from the thread,
