@@ -25,10 +25,12 @@ def bench_json(capsys, *args: str) -> dict:
     return json.loads(lines[0])
 
 
-def test_pipeline_reports_fps_of_both_sides_and_their_ratio(capsys, tiny_checkpoint):
+@pytest.mark.parametrize("emit", ["thread", "process"])
+def test_pipeline_reports_fps_of_both_sides_and_their_ratio(capsys, tiny_checkpoint, emit):
     r = bench_json(capsys, "pipeline", *TINY, "--checkpoint", str(tiny_checkpoint),
-                   "--frames", "6", "--warmup", "2", "--repeats", "2")
+                   "--frames", "6", "--warmup", "2", "--repeats", "2", "--emit", emit)
     assert r["benchmark"] == "pipeline" and r["objects"] == 1 and r["frames"] == 6
+    assert r["emit"] == emit
     assert r["frame_size"] == [96, 64] and r["image_size"] == 64
     assert len(r["engine_runs_fps"]) == len(r["pipeline_runs_fps"]) == 2
     assert all(f > 0 for f in r["engine_runs_fps"] + r["pipeline_runs_fps"])
