@@ -237,12 +237,6 @@ class FrameBuffer:
     """
 
     policy: ClassVar[BufferPolicy]
-    #: Convert to RGB on the capture thread before queueing. Only worth it when
-    #: every queued frame will be delivered (it overlaps conversion with the
-    #: consumer's work); a dropping queue converts at hand-off instead, except the
-    #: frame next in line.
-    convert_on_put: ClassVar[bool]
-
     def __init__(self, depth: int, on_drop: Callable[[str], None]) -> None:
         self.depth = depth
         self._on_drop = on_drop
@@ -252,7 +246,7 @@ class FrameBuffer:
 
     def put(self, item: PendingFrame) -> bool:
         """Queue a frame; False if the buffer was finished (the source is stopping)."""
-        if self.convert_on_put or self._next_in_line():
+        if self._convert_on_put():
             item.frame()
         with self._cond:
             if not self._make_room():
@@ -295,16 +289,20 @@ class FrameBuffer:
         """Called with the lock held; True once a slot is free."""
         raise NotImplementedError
 
-    def _next_in_line(self) -> bool:
-        """Whether a frame put now would be the consumer's next one."""
-        return False
+    def _convert_on_put(self) -> bool:
+        """Convert to RGB on the capture thread before queueing (overlapping the
+        consumer's work) rather than at hand-off.  Only worth it for a frame that will
+        be delivered; called without the lock."""
+        raise NotImplementedError
 
 
 class BlockingBuffer(FrameBuffer):
     """Waits for the consumer when full: no frame is ever dropped."""
 
     policy = BufferPolicy.BLOCK
-    convert_on_put = True
+
+    def _convert_on_put(self) -> bool:
+        return True  # every queued frame is delivered
 
     def _make_room(self) -> bool:
         while len(self._items) >= self.depth and not self._finished:
@@ -317,9 +315,8 @@ class DropOldestBuffer(FrameBuffer):
     """Evicts the oldest frame when full: the consumer always gets the newest."""
 
     policy = BufferPolicy.DROP_OLDEST
-    convert_on_put = False
 
-    def _next_in_line(self) -> bool:
+    def _convert_on_put(self) -> bool:
         # An empty queue: this frame is the consumer's next unless newer ones fill the
         # queue first, so convert it here, overlapping the consumer's current step rather than
         # delaying the next.  Frames queued behind it convert at hand-off, so at most

@@ -49,8 +49,6 @@ from streamtrack.overlay import Annotation, annotate
 from streamtrack.protocol import FrameResult, Stats, StatusEvent, encode_mask, now
 from streamtrack.publisher import Publisher, status_event
 
-log = logging.getLogger(__name__)
-
 EMIT_MODES = ("thread", "process")
 
 OnPublished = Callable[[FrameResult], None]
@@ -316,7 +314,6 @@ class ProcessEmitter:
                 raise cls(info["message"])
             if kind == until:
                 return info
-            timeout_ms = 0 if until is None else timeout_ms
 
     def _wait_for(self, kind: bytes, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -369,9 +366,14 @@ class _RemotePublisher:
         return True
 
 
-def make_emitter(mode: str, cfg: OutputsConfig, on_published: OnPublished) -> ThreadEmitter | ProcessEmitter:
+def check_emit_mode(mode: str) -> str:
     if mode not in EMIT_MODES:
         raise UserError(f"emit must be one of {', '.join(EMIT_MODES)}, got {mode!r}")
+    return mode
+
+
+def make_emitter(mode: str, cfg: OutputsConfig, on_published: OnPublished) -> ThreadEmitter | ProcessEmitter:
+    check_emit_mode(mode)
     return (ProcessEmitter if mode == "process" else ThreadEmitter)(cfg, on_published)
 
 

@@ -270,9 +270,9 @@ class Fleet:
         default, always a new one: an actor per stream)."""
         key = spec.model_key
         cap = self.options.streams_per_actor
-        if key.cudagraphs or (cap is None and self._cluster_gpus > 0 and key.device != "cpu"):
+        if key.cudagraphs or (cap is None and key.on_gpus(self._cluster_gpus)):
             cap = 1
-        siblings = [a for a in self.actors.values() if not a.dead and a.key == spec.model_key]
+        siblings = [a for a in self.actors.values() if not a.dead and a.key == key]
         load = {a.plan.name: sum(1 for s in self.streams.values() if s.actor == a.plan.name and not s.ended)
                 for a in siblings}
         candidates = [a for a in siblings if cap is None or load[a.plan.name] < cap]
@@ -280,7 +280,7 @@ class Fleet:
             return min(candidates, key=lambda a: load[a.plan.name])
         plan = plan_added(spec, self.options, self._cluster_gpus, [a.plan for a in siblings],
                           self._next_actor)
-        return self._new_actor(plan, spec.model_key)
+        return self._new_actor(plan, key)
 
     def _add(self, spec: StreamSpec, actor: _Actor) -> None:
         stream = _Stream(spec=spec, actor=actor.plan.name, run_config=spec.run_config())

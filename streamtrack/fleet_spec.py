@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from streamtrack.compiled import CUDAGRAPH_MODES
 from streamtrack.config import Config, coerce, load_yaml
 from streamtrack.engine import Prompt
 from streamtrack.errors import UserError
@@ -94,7 +95,11 @@ class ModelKey:
     def cudagraphs(self) -> bool:
         """CUDA graphs are recorded per thread, so such a model serves one stream, whose
         tracker builds and steps it on its own thread: an actor of its own."""
-        return self.compile_mode in ("reduce-overhead", "max-autotune")
+        return self.compile_mode in CUDAGRAPH_MODES
+
+    def on_gpus(self, cluster_gpus: float) -> bool:
+        """Whether its actors take GPUs: the cluster has some and it is not pinned to the CPU."""
+        return cluster_gpus > 0 and self.device != "cpu"
 
 
 @dataclass
@@ -365,7 +370,7 @@ def plan_actors(streams: list[StreamSpec], options: FleetOptions, cluster_gpus: 
     plans: list[ActorPlan] = []
     index = first_index
     for key, members in groups.items():
-        gpu = cluster_gpus > 0 and key.device != "cpu"
+        gpu = key.on_gpus(cluster_gpus)
         per_actor = 1 if key.cudagraphs else options.streams_per_actor
         if not gpu:
             gpus = 0.0

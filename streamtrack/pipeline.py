@@ -28,7 +28,7 @@ from streamtrack.capture import CaptureConfig, SourceKind, open_source
 from streamtrack.capture import StatusEvent as SourceEvent
 from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
-from streamtrack.emitter import EMIT_MODES, EmitterError, OutputsConfig, make_emitter
+from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
 from streamtrack.engine import EngineConfig, FrameOutput, Prompt, StreamingEngine, check_prompt
 from streamtrack.errors import PromptError, UserError
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, now
@@ -81,8 +81,7 @@ class RunConfig:
     emit: str = "thread"
 
     def __post_init__(self) -> None:
-        if self.emit not in EMIT_MODES:
-            raise UserError(f"emit must be one of {', '.join(EMIT_MODES)}, got {self.emit!r}")
+        check_emit_mode(self.emit)
 
     @classmethod
     def from_config(cls, cfg: Config, source: str, prompts: dict[int, list[Prompt]],
