@@ -133,6 +133,18 @@ def collect(sub: Subscriber, until, timeout: float) -> list:
     return got
 
 
+def restart_index(messages: list) -> int | None:
+    """Index of the first restarted tracker's ``tracker_state`` status, if any."""
+    return next((i for i, m in enumerate(messages) if m.kind == "status"
+                 and m.status.kind == "tracker_state" and m.status.data.get("restarts") == 1),
+                None)
+
+
+def masks_after_restart(messages: list) -> bool:
+    at = restart_index(messages)
+    return at is not None and any(m.kind == "masks" for m in messages[at + 1:])
+
+
 def engine_masks(clip_path: Path, checkpoint: Path, prompts: list[Prompt]) -> list[dict[int, np.ndarray]]:
     """What the engine computes in this process on the same decoded frames."""
     model = build_model("sam2.1_hiera_tiny", checkpoint, image_size=TEST_IMAGE_SIZE)
@@ -243,8 +255,7 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
         first_pid = tracker_status(proc.control)["pid"]
         os.kill(first_pid, signal.SIGKILL)
         killed_at = time.time()
-        after = collect(sub, lambda m: any(x.kind == "masks" and x.received > killed_at for x in m),
-                        timeout=300)
+        after = collect(sub, masks_after_restart, timeout=300)
         try:
             status = tracker_status(proc.control, timeout=10)
         except ControlError:  # already finished the clip
@@ -258,11 +269,15 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
     assert not pid_alive(first_pid)
     if status is not None:
         assert status["pid"] != first_pid and status["restarts"] == 1
-    pre = [m.result for m in before + after if m.kind == "masks" and m.received <= killed_at]
-    post = [m.result for m in after if m.kind == "masks" and m.received > killed_at]
+    # Split at the new tracker's "running" status, not at the time of the kill: masks
+    # the old process sent just before it died can still arrive after ``killed_at``.
+    msgs = before + after
+    restarted_at = restart_index(msgs)
+    assert restarted_at is not None, "no tracker_state status with restarts=1"
+    assert msgs[restarted_at].received > killed_at
+    pre = [m.result for m in msgs[:restarted_at] if m.kind == "masks"]
+    post = [m.result for m in msgs[restarted_at:] if m.kind == "masks"]
     assert post, "no message after the restart"
-    restarted = [m.status for m in after if m.kind == "status" and m.status.kind == "tracker_state"]
-    assert any(s.data.get("restarts") == 1 for s in restarted)
     # Same object ids on every frame after the restart.
     assert all({o.obj_id for o in r.objects} == {1, 2} for r in post)
     # The file resumed right after the last frame the supervisor saw (<= the last we
