@@ -70,6 +70,10 @@ step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --comp
 # The same two with RLE, publishing and files in a child process (emit: process).
 step latency-tiny-cudagraphs-emitprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process
 step pipeline-tiny-cudagraphs-emitprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process
+# Decoding in a child process too (decode: process): no capture thread in the tracker.
+step latency-tiny-cudagraphs-bothprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process --decode process
+step pipeline-tiny-cudagraphs-bothprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process
+step pipeline-tiny-cudagraphs-decodeprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --decode process
 # The larger models with CUDA graphs, and as a process per stream (streams per GPU).
 for size in small base_plus large; do
     step "engine-$size-cudagraphs" 200 engine $(m $size) $hd --bf16 $cg --compile-slots 1 --frames 41 --objects 1 --repeats 2 --state-frames

@@ -7,9 +7,10 @@ held) and a wait for the device (lock released).  The stand-in engine does exact
 -- ``--host-ms`` of Python, then ``--device-ms`` of sleep -- and returns full-frame
 masks, so the capture thread (decode 720p), the emit thread (RLE, JSON, ZeroMQ) and the
 tracker compete for the interpreter as they do on a GPU machine.  Prints frames/s of the
-stand-in stepped on decoded frames (the bare rate) and of the full pipeline with each
-emitter (``emit: thread`` and ``emit: process``), and their ratios (``bench pipeline``'s
-figure, goal >= 0.95), all measured in this run.
+stand-in stepped on decoded frames (the bare rate) and of the full pipeline with the
+decoder and the emitter each on a thread or in a process (``--variants``), and their
+ratios (``bench pipeline``'s figure, goal >= 0.95), all measured in this run; with
+``--live FPS``, capture -> publish latency behind a paced source instead.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ class StandInEngine:
         return 0
 
 
+def _variant(text: str) -> tuple[str, str]:
+    decode, _, emit = text.partition("/")
+    if decode not in ("thread", "process") or emit not in ("thread", "process"):
+        raise argparse.ArgumentTypeError(f"expected DECODE/EMIT, each thread or process, got {text!r}")
+    return decode, emit
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host-ms", type=float, default=3.0)
@@ -77,37 +85,55 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=150)
     ap.add_argument("--frame-size", default="1280x720")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", type=_variant, nargs="+", metavar="DECODE/EMIT",
+                    default=[("thread", "thread"), ("process", "thread"), ("thread", "process")],
+                    help="where the tracker decodes and emits (default thread/thread "
+                         "process/thread thread/process)")
+    ap.add_argument("--live", type=float, default=None, metavar="FPS",
+                    help="read the clip as a live source paced at FPS (looping) and report "
+                         "capture -> publish latency instead of throughput")
     args = ap.parse_args()
     width, height = (int(v) for v in args.frame_size.split("x"))
     engine = StandInEngine(args.host_ms, args.device_ms, args.objects, height, width)
-    modes = ("thread", "process")
+    variants = [tuple(v) for v in args.variants]
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(args.frames, width, height, num_objects=3, seed=3)
-        video = write_video(clip.frames, Path(tmp) / "clip.mp4", fps=clip.fps)
+        video = write_video(clip.frames, Path(tmp) / "clip.mp4", fps=args.live or clip.fps)
         decoded = _decode(video)
         bare: list[float] = []
-        piped: dict[str, list[float]] = {m: [] for m in modes}
-        emit_ms: dict[str, list[float]] = {m: [] for m in modes}
+        piped: dict[tuple, list[float]] = {v: [] for v in variants}
+        emit_ms: dict[tuple, list[float]] = {v: [] for v in variants}
+        latency_ms: dict[tuple, list[float]] = {v: [] for v in variants}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             for frame in decoded:
                 engine.step(frame)
             bare.append(len(decoded) / (time.perf_counter() - t0))
-            for mode in modes:  # interleaved, so a slow spell of the machine hits both
+            for decode, emit in variants:  # interleaved, so a slow spell of the machine hits all
+                live = dict(realtime=True, loop=True) if args.live else {}
                 run = RunConfig(source=str(video), stream="bench", publish="tcp://127.0.0.1:0",
-                                max_frames=args.frames, progress=False, emit=mode)
+                                max_frames=args.frames, progress=False, emit=emit, decode=decode, **live)
                 tracked = _run_tracker(run, engine)
                 published = [t.publish for t in tracked.stamps]
-                piped[mode].append((len(published) - 5) / (published[-1] - published[4]))
-                emit_ms[mode] += [(t.publish - t.infer_end) * 1000 for t in tracked.stamps[5:]]
+                piped[decode, emit].append((len(published) - 5) / (published[-1] - published[4]))
+                emit_ms[decode, emit] += [(t.publish - t.infer_end) * 1000 for t in tracked.stamps[5:]]
+                latency_ms[decode, emit] += [(t.publish - t.capture) * 1000 for t in tracked.stamps[5:]]
     b = float(np.median(bare))
     print(f"stand-in engine ({args.host_ms:g} ms host + {args.device_ms:g} ms device, {args.objects} "
           f"object(s), {width}x{height}): bare {b:.1f} frames/s, runs {[round(v, 1) for v in bare]}")
-    for mode in modes:
-        p = float(np.median(piped[mode]))
-        print(f"  emit {mode:7s}: pipeline {p:.1f} frames/s, ratio {p / b:.3f} (goal >= 0.95), runs "
-              f"{[round(v, 1) for v in piped[mode]]}; step end -> published p50 "
-              f"{np.percentile(emit_ms[mode], 50):.2f} ms, p95 {np.percentile(emit_ms[mode], 95):.2f} ms")
+    for variant in variants:
+        name = "decode {} / emit {}".format(*variant)
+        if args.live:
+            p50, p95, p99 = np.percentile(latency_ms[variant], (50, 95, 99))
+            print(f"  {name:32s}: live {args.live:g} fps, capture -> publish p50 {p50:.2f} ms, "
+                  f"p95 {p95:.2f} ms, p99 {p99:.2f} ms")
+            continue
+        p = float(np.median(piped[variant]))
+        e50, e95 = np.percentile(emit_ms[variant], (50, 95))
+        print(f"  {name:32s}: pipeline {p:.1f} frames/s, ratio {p / b:.3f} (goal >= 0.95), runs "
+              f"{[round(v, 1) for v in piped[variant]]}; step end -> published p50 {e50:.2f} ms, "
+              f"p95 {e95:.2f} ms")
+
 
 if __name__ == "__main__":
     main()

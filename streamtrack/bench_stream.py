@@ -271,6 +271,7 @@ class PipelineBenchResult:
     compile: bool = False  # torch.compile'd engine (both sides)
     compile_mode: str = "default"
     emit: str = "thread"  # where the tracker's RLE, publishing and files ran
+    decode: str = "thread"  # where the tracker's source was decoded
 
 
 def bench_pipeline(
@@ -289,6 +290,7 @@ def bench_pipeline(
     compile_mode: str = "default",
     compile_slots: int = 4,
     emit: str = "thread",
+    decode: str = "thread",
     log: Log = print,
 ) -> PipelineBenchResult:
     """Timed from the end of frame ``warmup - 1`` to the end of the last frame on both
@@ -315,7 +317,8 @@ def bench_pipeline(
         config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
                               preprocess=preprocess, compile=compile, compile_mode=compile_mode,
                               compile_slots=compile_slots)
-        res.compile, res.compile_mode, res.emit = config.compile, config.compile_mode, emit
+        res.compile, res.compile_mode = config.compile, config.compile_mode
+        res.emit, res.decode = emit, decode
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         res.frame_size = (decoded[0].shape[1], decoded[0].shape[0])
         _warm(net, config, decoded, prompts)
@@ -329,7 +332,8 @@ def bench_pipeline(
             res.engine_runs_fps.append((frames - warmup) / (ends[-1] - ends[warmup - 1]))
 
             run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
-                            publish="tcp://127.0.0.1:0", max_frames=frames, progress=False, emit=emit)
+                            publish="tcp://127.0.0.1:0", max_frames=frames, progress=False, emit=emit,
+                            decode=decode)
             tracked = _run_tracker(run, StreamingEngine(net, config))
             if len(tracked.stamps) != frames or any(n != objects for n in tracked.object_counts):
                 raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames, "
@@ -383,6 +387,7 @@ class LatencyBenchResult:
     compile: bool = False  # torch.compile'd engine (both sides)
     compile_mode: str = "default"
     emit: str = "thread"
+    decode: str = "thread"
 
 
 def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float]:
@@ -407,6 +412,7 @@ def bench_latency(
     compile_mode: str = "default",
     compile_slots: int = 4,
     emit: str = "thread",
+    decode: str = "thread",
     log: Log = print,
 ) -> LatencyBenchResult:
     """``fps=None`` paces the clip like a 30 fps camera, or at 3x the engine's rate if
@@ -455,7 +461,7 @@ def bench_latency(
         # few pixels off, which changes nothing in the timing.
         run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
                         publish="tcp://127.0.0.1:0", max_frames=frames, realtime=True, loop=True,
-                        capture=live, progress=False, emit=emit)
+                        capture=live, progress=False, emit=emit, decode=decode)
         tracked = _run_tracker(run, StreamingEngine(net, config))
         if len(tracked.stamps) != frames:
             raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames")
@@ -470,7 +476,7 @@ def bench_latency(
         queue_ms=_percentiles(queue, (50, 95)), pipeline_infer_ms=float(np.median(infer)),
         frames_decoded=tracked.frames_decoded, frames_delivered=tracked.frames_delivered,
         dropped=tracked.dropped, messages_received=tracked.received, compile=config.compile,
-        compile_mode=config.compile_mode, emit=emit,
+        compile_mode=config.compile_mode, emit=emit, decode=decode,
     )
     res.ratio = res.latency_ms["p95"] / res.engine_step_ms
     res.meets_goal = res.ratio <= LATENCY_GOAL
@@ -672,11 +678,11 @@ def main(args: argparse.Namespace) -> int:
     res: PipelineBenchResult | LatencyBenchResult | MemoryBenchResult
     if args.what == "pipeline":
         res = bench_pipeline(**common, warmup=args.warmup, repeats=args.repeats, preprocess=args.preprocess,
-                             emit=args.emit, **compile_options(args))
+                             emit=args.emit, decode=args.decode, **compile_options(args))
     elif args.what == "latency":
         res = bench_latency(**common, warmup=args.warmup, clip_frames=args.clip_frames, fps=args.fps,
                             queue_depth=args.queue_depth, preprocess=args.preprocess, emit=args.emit,
-                            **compile_options(args))
+                            decode=args.decode, **compile_options(args))
     elif args.what == "memory":
         res = bench_memory(**common, early_frame=args.early_frame, clip_frames=args.clip_frames,
                            official_frames=tuple(args.official_frames))

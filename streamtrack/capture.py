@@ -775,6 +775,7 @@ def open_source(
     *,
     on_status: StatusCallback | None = None,
     webcam_factory: VideoCaptureFactory | None = None,
+    decode: str = "thread",
 ) -> Capture:
     """A capture for ``source`` (not started): a file path, webcam index (``0``),
     device path (``/dev/video0``) or URL (``rtsp://``, ``http(s)://``, ...).
@@ -782,7 +783,14 @@ def open_source(
     Raises :class:`UserError` for a source that cannot be one (unknown scheme,
     missing file). ``webcam_factory`` replaces ``cv2.VideoCapture`` (tests, other
     backends): it gets the index or path and returns a VideoCapture-like object.
+    ``decode="process"`` decodes in a child process (see capture_process.py).
     """
-    return Capture(
-        parse_source(source), config, on_status=on_status, webcam_factory=webcam_factory
-    )
+    from streamtrack.capture_process import ProcessCapture, check_decode_mode
+
+    check_decode_mode(decode)
+    spec = parse_source(source)
+    if decode == "process":
+        if webcam_factory is not None:
+            raise ValueError("webcam_factory needs decode='thread' (it cannot cross processes)")
+        return ProcessCapture(spec, config, on_status=on_status)
+    return Capture(spec, config, on_status=on_status, webcam_factory=webcam_factory)

@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit", choices=["thread", "process"], default="thread",
                    help="pipeline, latency: the tracker's RLE, publishing and files on a thread (default) "
                         "or in a process of their own")
+    p.add_argument("--decode", choices=["thread", "process"], default="thread",
+                   help="pipeline, latency: the tracker's source decoded on a thread (default) "
+                        "or in a process of its own")
     p.add_argument("--official-vos-optimized", action="store_true",
                    help="engine: baseline is sam2's compiled SAM2VideoPredictorVOS (CUDA)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4],

@@ -57,6 +57,7 @@ class Config:
     save_video: str | None = None
     publish_frames: bool = False
     emit: str = "thread"
+    decode: str = "thread"
     show: bool = False
     max_restarts: int | None = None
     # security (optional CURVE encryption + client authentication; see docs/protocol.md)

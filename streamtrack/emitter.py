@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +40,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from streamtrack import childproc
 from streamtrack.curve import CurveServer
 from streamtrack.errors import UserError
 from streamtrack.overlay import Annotation, annotate
@@ -203,7 +201,7 @@ class ProcessEmitter:
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self._closed = False
-        self._dir = tempfile.mkdtemp(prefix="streamtrack-emit-")
+        self._dir = childproc.private_dir("streamtrack-emit-")
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PAIR)
         self._sock.setsockopt(zmq.SNDHWM, depth)
@@ -212,10 +210,7 @@ class ProcessEmitter:
         self._proc: subprocess.Popen | None = None
         try:
             self._sock.bind(endpoint)
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "streamtrack.emitter", endpoint, cfg.to_json(), str(os.getpid())],
-                stdin=subprocess.DEVNULL,
-            )
+            self._proc = childproc.spawn("streamtrack.emitter", endpoint, cfg.to_json())
             info = self._wait_for(b"ready", self.START_TIMEOUT)
         except BaseException:
             self._shut(kill=True)
@@ -329,14 +324,7 @@ class ProcessEmitter:
         raise EmitterError(f"the emit process did not answer within {timeout:g} s")
 
     def _shut(self, kill: bool) -> None:
-        if self._proc is not None:
-            if kill and self._proc.poll() is None:
-                self._proc.kill()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        childproc.stop(self._proc, kill)
         with self._lock:
             self._sock.close(linger=0)
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -379,14 +367,9 @@ def make_emitter(mode: str, cfg: OutputsConfig, on_published: OnPublished) -> Th
 
 # --------------------------------------------------------------------- the child
 def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
-    # Ctrl-C reaches the whole process group; the tracker closes this process after the
-    # last result, so the files end complete.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A tracker that dies without closing us (killed by its supervisor, a crash): stop at
     # once, closing the files and freeing the publish endpoint for its successor.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    _terminate_with_parent()
-    if os.getppid() != parent_pid:
+    if not childproc.become_child(parent_pid):
         return 0
     sock = zmq.Context.instance().socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 2000)
@@ -410,7 +393,7 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
     try:
         while True:
             if not sock.poll(500, zmq.POLLIN):
-                if os.getppid() != parent_pid:
+                if childproc.parent_gone(parent_pid):
                     return 0  # the tracker died without closing us: nobody to emit for
                 continue
             parts = sock.recv_multipart(copy=False)
@@ -434,17 +417,6 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
                 tell(b"error", {"message": f"{type(exc).__name__}: {exc}"})
     tell(b"closed")
     return 0
-
-
-def _terminate_with_parent() -> None:
-    """SIGTERM this process when its parent dies (Linux; elsewhere the receive loop's
-    parent check, every 0.5 s, does it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _handle(outputs: Outputs, kind: bytes, parts: list, tell: Callable[[bytes, dict], None]) -> None:

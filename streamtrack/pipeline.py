@@ -26,6 +26,7 @@ import numpy as np
 
 from streamtrack.capture import CaptureConfig, SourceKind, open_source
 from streamtrack.capture import StatusEvent as SourceEvent
+from streamtrack.capture_process import check_decode_mode
 from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
@@ -79,9 +80,13 @@ class RunConfig:
     curve: CurveServer | None = None  # CURVE encryption + client keys on publish/control
     # Where RLE, publishing and the files run: "thread" or "process" (see emitter.py).
     emit: str = "thread"
+    # Where the source is decoded and converted to RGB: "thread" or "process"
+    # (see capture_process.py).
+    decode: str = "thread"
 
     def __post_init__(self) -> None:
         check_emit_mode(self.emit)
+        check_decode_mode(self.decode)
 
     @classmethod
     def from_config(cls, cfg: Config, source: str, prompts: dict[int, list[Prompt]],
@@ -104,6 +109,7 @@ class RunConfig:
             publish=cfg.publish, control=cfg.control, max_frames=cfg.max_frames, realtime=cfg.realtime,
             progress=progress, capture=capture, publish_frames=cfg.publish_frames, loop=cfg.loop,
             curve=server_from_options(cfg.curve_secret, cfg.curve_clients), emit=cfg.emit,
+            decode=cfg.decode,
         )
 
     @property
@@ -262,7 +268,8 @@ class Tracker:
         cfg = self.config
         resume = cfg.resume or Resume()
         cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, loop=cfg.loop, name=cfg.stream)
-        self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status)
+        self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status,
+                                   decode=cfg.decode)
         if resume.restarts == 0 and cfg.curve is None:  # warn once; CURVE authenticates
             for ep, what in ((cfg.publish, "publish"), (cfg.control, "control")):
                 if ep:
@@ -412,7 +419,8 @@ class Tracker:
         return self.engine.step(frame.image, prompts, timestamp=ts)
 
     def _on_source_status(self, event: SourceEvent) -> None:
-        # Runs on the capture thread; the publisher is thread-safe.
+        # Runs on the capture thread (on the tracker's with decode: process); the
+        # publisher is thread-safe.
         self._publish_status("source_state", old=event.previous.value, new=event.state.value,
                              reason=event.error)
 

@@ -50,6 +50,22 @@ def clip40():
     return make_clip(40, 160, 120, num_objects=3, seed=1)
 
 
+def exits_within(pid: int, timeout: float) -> bool:
+    """True once ``pid`` is gone or a zombie (exited; only its parent has not reaped it)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 def save_jpeg_frames(frames, folder: Path):
     """Write frames as <index>.jpg (the official predictor's input) and read them back.
 

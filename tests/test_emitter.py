@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from conftest import exits_within
 from PIL import Image
 
 from streamtrack.emitter import EmitterError, OutputsConfig, ProcessEmitter, ThreadEmitter, make_emitter
@@ -214,16 +215,7 @@ os._exit(3)
 def test_the_child_exits_when_the_tracker_dies_without_closing_it():
     out = subprocess.run([sys.executable, "-c", CRASHING_TRACKER], capture_output=True, text=True, timeout=60)
     assert out.returncode == 3, out.stderr
-    child = int(out.stdout.strip())
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
-        stat = Path(f"/proc/{child}/stat")
-        state = stat.read_text().split()[2] if stat.exists() else "X"
-        if state == "Z":
-            break  # exited; only its new parent has not reaped it yet
-        time.sleep(0.1)
-    else:
-        assert not Path(f"/proc/{child}").exists(), "the emit process outlived its tracker"
+    assert exits_within(int(out.stdout.strip()), 10), "the emit process outlived its tracker"
 
 
 def test_status_events_through_the_process_keep_their_fields(tmp_path):

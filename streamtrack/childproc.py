@@ -1,0 +1,63 @@
+"""Plumbing shared by the tracker's helper processes (the emit and decode children).
+
+Each child is ``python -m streamtrack.<module>``, talks to the tracker over ZeroMQ
+sockets on ipc endpoints in a private temporary directory, and must never outlive
+the tracker: a tracker killed by its supervisor leaves no child holding a camera, a
+publish endpoint or half-written files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+
+def spawn(module: str, *args: str) -> subprocess.Popen:
+    """Start ``python -m module args... <this pid>`` with no stdin (stderr is shared)."""
+    return subprocess.Popen([sys.executable, "-m", module, *args, str(os.getpid())],
+                            stdin=subprocess.DEVNULL)
+
+
+def private_dir(prefix: str) -> str:
+    """A directory only this user can enter, for the ipc endpoints."""
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+def become_child(parent_pid: int) -> bool:
+    """Signal handling for a helper process; False if the parent is already gone.
+
+    Ctrl-C reaches the whole process group: the child ignores it, because the tracker
+    closes it after its last frame (so files end complete).  SIGTERM exits cleanly
+    (``finally`` blocks run), and the kernel sends it when the parent dies (Linux
+    ``PR_SET_PDEATHSIG``; note it follows the parent *thread* that spawned the child).
+    Elsewhere the child's own loop checks :func:`parent_gone`.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    return not parent_gone(parent_pid)
+
+
+def parent_gone(parent_pid: int) -> bool:
+    return os.getppid() != parent_pid
+
+
+def stop(proc: subprocess.Popen | None, kill: bool, wait: float = 10.0) -> None:
+    """Wait for ``proc`` to exit (killing it first if ``kill``, or after ``wait`` s)."""
+    if proc is None:
+        return
+    if kill and proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

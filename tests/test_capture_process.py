@@ -1,0 +1,151 @@
+"""Decoding in a child process (``decode: process``): what only the process can get
+wrong -- its own death, its parent's, the order of events and frames across two
+sockets, where the source's credentials go.  The behaviour a consumer shares with the
+capture thread is tested in test_capture.py, parametrized over both."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TEST_IMAGE_SIZE, exits_within
+
+from streamtrack.capture import CaptureConfig, SourceState, open_source
+from streamtrack.capture_process import ProcessCapture
+from streamtrack.errors import UserError
+from streamtrack.synthetic import make_clip, write_video
+
+pytestmark = pytest.mark.timeout(120)
+
+S = SourceState
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    clip = make_clip(30, 96, 64, num_objects=1, seed=2)
+    return write_video(clip.frames, tmp_path_factory.mktemp("clips") / "clip.mp4")
+
+
+def test_events_and_frames_reach_the_consumer_in_the_childs_order(video):
+    log: list[tuple[str, object]] = []
+    cap = open_source(str(video), CaptureConfig(queue_depth=1),
+                      on_status=lambda e: log.append(("event", e.state)), decode="process")
+    assert isinstance(cap, ProcessCapture)
+    with cap:
+        for frame in cap:
+            log.append(("frame", frame.frame_id))
+            time.sleep(0.005)
+    frames = [i for kind, i in log if kind == "frame"]
+    assert frames == list(range(30))
+    # Streaming is announced before the first frame, and the end only after the last
+    # one arrived (the child says "ended" while its last frames are still on the way).
+    assert log.index(("event", S.STREAMING)) < log.index(("frame", 0))
+    assert log[-1] == ("event", S.ENDED)
+    assert cap.stats().frames_decoded == cap.stats().frames_delivered == 30
+
+
+def test_a_dead_decode_process_fails_the_source_instead_of_hanging(video):
+    cap = open_source(str(video), CaptureConfig(realtime=True, loop=True), decode="process")
+    with cap:
+        assert cap.read(timeout=10) is not None
+        cap._proc.kill()
+        t0 = time.monotonic()
+        while cap.read(timeout=0.5) is not None:  # what was already on the way, then nothing
+            assert time.monotonic() - t0 < 5
+        assert cap.state is S.FAILED
+        assert "decode process exited" in cap.last_error
+        assert time.monotonic() - t0 < 5
+
+
+def test_close_while_the_child_waits_for_the_consumer(video):
+    cap = open_source(str(video), CaptureConfig(queue_depth=1), decode="process").start()
+    assert cap.read(timeout=10) is not None
+    time.sleep(0.3)  # the child fills the socket and waits to send the next frame
+    proc, directory = cap._proc, cap._dir
+    t0 = time.monotonic()
+    cap.close()
+    assert time.monotonic() - t0 < 3
+    assert proc.returncode == 0 and cap.state is S.STOPPED
+    assert not Path(directory).exists()
+    assert cap.read(timeout=0.1) is None
+
+
+def test_the_url_and_its_password_stay_off_the_command_line():
+    cap = open_source("rtsp://viewer:hunter2@127.0.0.1:9/none", decode="process").start()
+    try:
+        cmdline = Path(f"/proc/{cap._proc.pid}/cmdline").read_bytes()
+        assert b"hunter2" not in cmdline and b"rtsp" not in cmdline
+        assert cap.state in (S.CONNECTING, S.RECONNECTING)
+    finally:
+        cap.close()
+    assert cap.state is S.STOPPED
+
+
+def test_a_fake_webcam_cannot_cross_to_the_child():
+    with pytest.raises(ValueError, match="decode='thread'"):
+        open_source("0", webcam_factory=lambda target: None, decode="process")
+    with pytest.raises(UserError, match="decode must be one of thread, process"):
+        open_source("clip.mp4", decode="fork")
+
+
+CRASHING_TRACKER = """
+import sys
+from streamtrack.capture import CaptureConfig, open_source
+cap = open_source(sys.argv[1], CaptureConfig(realtime=True, loop=True), decode="process").start()
+assert cap.read(timeout=10) is not None
+print(cap._proc.pid, flush=True)
+import os
+os._exit(3)
+"""
+
+
+def test_the_child_exits_when_the_tracker_dies_without_closing_it(video):
+    out = subprocess.run([sys.executable, "-c", CRASHING_TRACKER, str(video)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert exits_within(int(out.stdout.strip()), 10), "the decode process outlived its tracker"
+
+
+def test_tracker_decoding_in_a_process_gives_the_thread_runs_results(tiny_checkpoint, tmp_path):
+    from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+    from streamtrack.models import build_model
+    from streamtrack.pipeline import RunConfig, Tracker
+
+    clip = make_clip(8, 160, 120, num_objects=2, seed=4)
+    video = write_video(clip.frames, tmp_path / "clip.mp4")
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
+    lines, summaries = {}, {}
+    for mode in ("thread", "process"):
+        run = RunConfig(source=str(video), prompts={0: [Prompt.make(1, box=clip.box(1, 0))],
+                                                    4: [Prompt.make(2, box=clip.box(2, 4))]},
+                        save_jsonl=str(tmp_path / f"{mode}.jsonl"), progress=False, decode=mode)
+        summaries[mode] = Tracker(run, engine=StreamingEngine(model, EngineConfig())).run()
+        lines[mode] = [json.loads(x) for x in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+        for d in lines[mode]:
+            d.pop("t")
+    # The thread's file source may already be "ended" while its last frames wait in the
+    # queue; the process tells the end once the last frame is delivered.
+    states = [d.pop("source_state") for d in lines["process"]]
+    assert set(states[:-1]) == {"streaming"} and states[-1] in ("streaming", "ended")
+    assert {d.pop("source_state") for d in lines["thread"]} <= {"streaming", "ended"}
+    assert [d["frame_id"] for d in lines["process"]] == list(range(8))
+    assert lines["process"] == lines["thread"]
+    assert summaries["process"].source_state == "ended" and summaries["process"].frames == 8
+    with pytest.raises(UserError, match="decode must be one of thread, process"):
+        RunConfig(source=str(video), decode="fork")
+
+
+def test_decode_is_a_config_key_that_reaches_the_run(tmp_path):
+    from streamtrack.config import load_config
+    from streamtrack.pipeline import RunConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("decode: process\n")
+    from_file = load_config(str(cfg_file), environ={})
+    assert RunConfig.from_config(from_file, "clip.mp4", {}).decode == "process"
+    assert load_config(environ={"STREAMTRACK_DECODE": "process"}).decode == "process"
+    assert RunConfig.from_config(load_config(environ={}), "clip.mp4", {}).decode == "thread"
