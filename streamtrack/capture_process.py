@@ -6,27 +6,31 @@ thread in the tracker's process -- the capture thread's demuxing, decoding and
 conversion among them -- delays its next launch while it holds the interpreter lock.
 :class:`ProcessCapture` runs the same :class:`~streamtrack.capture.Capture` (queue
 policy, reconnects, pacing, state machine) in ``python -m
-streamtrack.capture_process`` and hands its frames over ZeroMQ on ipc, one message
-per frame, received by libzmq's own thread without the interpreter lock.  The tracker's
-process runs no capture thread at all: it takes frames and status events on its own
-thread, in :meth:`ProcessCapture.read`.
+streamtrack.capture_process``.  The tracker's process runs no capture thread at all: it
+takes frames and status events on its own thread, in :meth:`ProcessCapture.read`.
 
-* Live sources (drop-oldest): the frame socket keeps only the newest frame
-  (``ZMQ_CONFLATE``), so the consumer always gets the newest one; frames it never saw
-  count as dropped (``queue_full``), from the gaps in frame ids.
-* Files (blocking): a high-water mark of one frame holds the child back while the
-  consumer is busy, so nothing is lost and memory stays bounded.
+Pixels travel through a ring of frame slots in shared memory; a ZeroMQ pair socket
+(ipc) carries the rest, in order: "frame in slot i" (with its id, times and the
+source's counters), status events, and back from the tracker, "slot i is free".  The
+child writes only into free slots, so the tracker reads a slot without locks, and
+copies the frame out of it at once (the engine and the emitter may keep a frame for
+as long as they like).  Each frame costs one copy on either side.
 
-Status events travel on a second socket.  Each frame says how many events preceded it,
-and the source's last event (ended, failed) waits until the consumer has the last
-frame, so the consumer sees them in the order the child did.
+* Live sources (drop-oldest): the tracker takes the newest frame that has arrived and
+  frees the older ones unseen; they count as dropped (``queue_full``), from the gaps
+  in frame ids.  The ring has room for several engine steps' worth of frames, so the
+  child rarely waits for a slot (when it does, its own drop-oldest queue keeps the
+  newest frames).
+* Files (blocking): the child waits for a free slot, so nothing is lost and memory
+  stays bounded.
 
-The cost: each frame is copied once more in the child and once through the socket
-(~1 ms for 1280x720 on the 2-core VM; figures in docs/benchmarks.md).
+The source's last event (ended, failed) waits until the tracker has taken the frames
+before it.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import shutil
@@ -34,7 +38,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
+from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 import zmq
@@ -56,8 +61,10 @@ from streamtrack.sources import SourceKind, SourceSpec, describe_error
 log = logging.getLogger(__name__)
 
 DECODE_MODES = ("thread", "process")
-_HEADER_AT = 4  # a frame message: header length (4 bytes LE), JSON header, padding, RGB pixels
-_PIXELS_ALIGN = 64
+# Slots in the ring.  Live: a 30 fps camera fills 8 in 0.27 s, longer than any GPU
+# step; 8 slots of 1280x720 RGB are 22 MB.  Files: one being read, two ready.
+LIVE_SLOTS = 8
+FILE_SLOTS = 3
 
 
 class DecodeProcessError(RuntimeError):
@@ -68,6 +75,34 @@ def check_decode_mode(mode: str) -> str:
     if mode not in DECODE_MODES:
         raise UserError(f"decode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
     return mode
+
+
+class _Ring:
+    """Frame slots of one shape in a shared-memory segment: created by the child,
+    attached by the tracker."""
+
+    def __init__(self, shape: tuple[int, ...], slots: int = 0, name: str | None = None) -> None:
+        self.shape = tuple(shape)
+        size = int(np.prod(self.shape)) * max(slots, 1)
+        if name is None:
+            self.shm = shared_memory.SharedMemory(create=True, size=size)
+        else:
+            self.shm = shared_memory.SharedMemory(name=name)
+            # Python < 3.13 tracks attached segments too, and would unlink the child's
+            # segment when the tracker exits; the child (or its tracker) owns it.
+            resource_tracker.unregister(self.shm._name, "shared_memory")  # noqa: SLF001
+        self.slots = np.ndarray((self.shm.size // int(np.prod(self.shape)), *self.shape),
+                                dtype=np.uint8, buffer=self.shm.buf)
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def close(self, unlink: bool = False) -> None:
+        del self.slots  # no view may outlive the mapping
+        self.shm.close()
+        if unlink:
+            self.shm.unlink()
 
 
 class ProcessCapture(Capture):
@@ -83,12 +118,10 @@ class ProcessCapture(Capture):
         super().__init__(spec, config, on_status=on_status)
         self._proc: subprocess.Popen | None = None
         self._dir: str | None = None
-        self._ctx = zmq.Context.instance()
         self._ctl: zmq.Socket | None = None
-        self._frames: zmq.Socket | None = None
-        self._poller = zmq.Poller()
-        self._events_in = 0  # the child's status events received
-        self._final: dict | None = None  # the child's last event, held until its last frame is here
+        self._ring: _Ring | None = None
+        self._ready: collections.deque[dict] = collections.deque()  # frames in slots, oldest first
+        self._final: dict | None = None  # the child's last event, held until its frames are taken
         self._child_stats: dict = {}
         self._last_id: int | None = None  # the newest frame delivered
         # ZeroMQ sockets are not thread-safe; ``state`` and ``stats`` may be asked from
@@ -104,11 +137,9 @@ class ProcessCapture(Capture):
             raise RuntimeError(f"{self.name}: start() on a source that is {self.state.value}")
         try:
             self._dir = childproc.private_dir("streamtrack-decode-")
-            self._ctl = self._socket(zmq.PAIR, "ctl")
-            newest_only = self.policy is BufferPolicy.DROP_OLDEST
-            self._frames = self._socket(zmq.PULL, "frames", conflate=newest_only)
-            self._poller.register(self._ctl, zmq.POLLIN)
-            self._poller.register(self._frames, zmq.POLLIN)
+            self._ctl = zmq.Context.instance().socket(zmq.PAIR)
+            self._ctl.setsockopt(zmq.LINGER, 0)
+            self._ctl.bind(f"ipc://{self._dir}/ctl")
             self._proc = childproc.spawn("streamtrack.capture_process", self._dir)
             # The source travels over the socket, not the command line: URLs carry passwords.
             config = asdict(self.config) | {"name": self.name, "policy": self.policy.value}
@@ -132,18 +163,17 @@ class ProcessCapture(Capture):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._sockets:
-                if self._frames is None:  # closed
+                if self._ctl is None:  # closed
                     return None
-                self._drain_control()
-                frame = self._receive_frame()
-                if frame is not None:
-                    return frame
+                self._drain()
+                if self._ready:
+                    return self._take()
                 if self._source_over():
                     return None
                 wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
                 if wait <= 0:
                     return None
-                self._poller.poll(wait * 1000)
+                self._ctl.poll(wait * 1000, zmq.POLLIN)
 
     @property
     def state(self) -> SourceState:
@@ -156,7 +186,7 @@ class ProcessCapture(Capture):
         with self._lock:
             delivered, last_id = self._delivered, self._last_id
         # Every frame id up to the newest delivered that the consumer did not get was
-        # dropped for a newer one, in the child's queue or the conflating socket.
+        # dropped for a newer one, in the child's queue or here.
         dropped = 0 if last_id is None else last_id + 1 - delivered
         return CaptureStats(
             state=super().state,
@@ -166,7 +196,7 @@ class ProcessCapture(Capture):
             reconnects=child.get("reconnects", 0),
             reconnect_attempts=child.get("reconnect_attempts", 0),
             decode_errors=child.get("decode_errors", 0),
-            queued=child.get("queued", 0),
+            queued=child.get("queued", 0) + len(self._ready),
             last_error=self.last_error,
         )
 
@@ -175,10 +205,11 @@ class ProcessCapture(Capture):
         self._transition(SourceState.STOPPED)
         if self._proc is None:
             return
-        try:
-            self._ctl.send_multipart([b"stop", b""], flags=zmq.NOBLOCK)
-        except (zmq.ZMQError, AttributeError):
-            pass  # gone already
+        with self._sockets:
+            try:
+                self._ctl.send_multipart([b"stop", b""], flags=zmq.NOBLOCK)
+            except (zmq.ZMQError, AttributeError):
+                pass  # gone already
         if timeout is None:
             timeout = self.config.open_timeout + self.config.read_timeout + 1.0
         self._shut(kill=False, wait=timeout)
@@ -191,18 +222,10 @@ class ProcessCapture(Capture):
         if self._sockets.acquire(blocking=False):
             try:
                 if self._ctl is not None:
-                    self._drain_control()
+                    self._drain()
                     self._source_over()
             finally:
                 self._sockets.release()
-
-    def _socket(self, kind: int, name: str, conflate: bool = False) -> zmq.Socket:
-        sock = self._ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        if kind == zmq.PULL:  # options before bind: the listener copies them
-            sock.setsockopt(zmq.CONFLATE, 1) if conflate else sock.setsockopt(zmq.RCVHWM, 1)
-        sock.bind(f"ipc://{self._dir}/{name}")
-        return sock
 
     def _open_in_child(self, request: bytes, timeout: float) -> dict | None:
         """None once the source is open; the child's reply if it could not open it."""
@@ -214,12 +237,11 @@ class ProcessCapture(Capture):
         while True:
             if self._ctl.poll(100, zmq.POLLIN):
                 kind, payload = self._ctl.recv_multipart()
-                info = json.loads(payload) if payload else {}
                 if kind == b"started":
                     return None
                 if kind == b"failed":
-                    return info
-                self._on_child_message(kind, info)
+                    return json.loads(payload)
+                self._on_child_message(kind, json.loads(payload) if payload else {})
             else:
                 self._check_started(deadline, timeout)
 
@@ -229,62 +251,59 @@ class ProcessCapture(Capture):
         if time.monotonic() > deadline:
             raise DecodeProcessError(f"the decode process did not start within {timeout:g} s")
 
-    def _drain_control(self, timeout_ms: int = 0) -> None:
-        """Handle the child's status and stats messages (waiting up to ``timeout_ms``
-        for the first)."""
+    def _drain(self) -> None:
+        """Handle every message the child has sent so far."""
         # EVENTS is a cheap check; poll() builds a poller, worth it only to wait.
-        ready = (self._ctl.poll(timeout_ms, zmq.POLLIN) if timeout_ms
-                 else self._ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN)
-        while ready:
+        while self._ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             kind, payload = self._ctl.recv_multipart()
             self._on_child_message(kind, json.loads(payload) if payload else {})
-            ready = self._ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN
 
     def _on_child_message(self, kind: bytes, info: dict) -> None:
-        if kind == b"status":
+        if kind == b"frame":
+            self._child_stats = info.pop("stats")
+            self._ready.append(info)
+        elif kind == b"status":
             if info.get("final"):
                 self._final = info
             else:
-                self._events_in += 1
                 self._transition(SourceState(info["state"]), info.get("error"))
         elif kind == b"stats":
             self._child_stats = info
 
-    def _receive_frame(self) -> Frame | None:
-        if not self._frames.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            return None
-        msg = self._frames.recv(copy=False)
-        view = msg.buffer
-        size = int.from_bytes(view[:_HEADER_AT], "little")
-        header = json.loads(bytes(view[_HEADER_AT:_HEADER_AT + size]))
-        # The status events the child sent before this frame come first.
-        deadline = time.monotonic() + 1.0
-        while self._events_in < header["events"] and time.monotonic() < deadline:
-            self._drain_control(50)
-        shape = tuple(header["shape"])
-        image = np.frombuffer(view, dtype=np.uint8, count=int(np.prod(shape)),
-                              offset=_pixels_offset(size)).reshape(shape)
-        self._child_stats = header["stats"]
+    def _take(self) -> Frame:
+        """The next frame to deliver, copied out of its slot; the slots it leaves are freed."""
+        if self.policy is BufferPolicy.DROP_OLDEST:
+            skipped = [[d["ring"], d["slot"]] for d in list(self._ready)[:-1]]
+            info = self._ready[-1]
+            self._ready.clear()
+        else:
+            skipped, info = [], self._ready.popleft()
+        ring = self._ring
+        if ring is None or ring.name != info["ring"]:  # the first frame, or a new frame size
+            if ring is not None:
+                ring.close()
+            ring = self._ring = _Ring(info["shape"], name=info["ring"])
+        image = ring.slots[info["slot"]].copy()
+        freed = [*skipped, [info["ring"], info["slot"]]]
+        self._ctl.send_multipart([b"free", json.dumps(freed).encode()])
         with self._lock:
             self._delivered += 1
-            self._last_id = header["frame_id"]
-        return Frame(image=image, frame_id=header["frame_id"], pts=header["pts"],
-                     capture_time=header["capture_time"],
-                     capture_monotonic=header["capture_monotonic"], source=self.name)
+            self._last_id = info["frame_id"]
+        return Frame(image=image, frame_id=info["frame_id"], pts=info["pts"],
+                     capture_time=info["capture_time"], capture_monotonic=info["capture_monotonic"],
+                     source=self.name)
 
     def _source_over(self) -> bool:
         """True once no frame will come: closed, the child's final event applied after
-        its last frame, or the child gone."""
+        its last frame was taken, or the child gone."""
         if super().state.terminal:
             return True
-        final = self._final
-        if final is not None:
-            last = final.get("last_frame_id")
-            if last is None or (self._last_id is not None and self._last_id >= last):
-                self._final = None
-                self._transition(SourceState(final["state"]), final.get("error"))
-                return True
-            return False
+        if self._final is not None:
+            if self._ready:
+                return False
+            final, self._final = self._final, None
+            self._transition(SourceState(final["state"]), final.get("error"))
+            return True
         if self._proc.poll() is not None:
             self._transition(SourceState.FAILED,
                              f"the decode process exited (code {self._proc.returncode})")
@@ -294,37 +313,21 @@ class ProcessCapture(Capture):
     def _shut(self, kill: bool, wait: float = 10.0) -> None:
         childproc.stop(self._proc, kill, wait)
         with self._sockets:
-            for sock in (self._ctl, self._frames):
-                if sock is not None:
-                    sock.close(linger=0)
-            self._ctl = self._frames = None
+            if self._ctl is not None:
+                self._ctl.close(linger=0)
+            self._ctl = None
+            self._ready.clear()
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def _pixels_offset(header_size: int) -> int:
-    end = _HEADER_AT + header_size
-    return -(-end // _PIXELS_ALIGN) * _PIXELS_ALIGN
-
-
-def _frame_message(frame: Frame, events: int, stats: dict) -> bytearray:
-    header = json.dumps({
-        "frame_id": frame.frame_id, "pts": frame.pts, "capture_time": frame.capture_time,
-        "capture_monotonic": frame.capture_monotonic, "shape": frame.image.shape,
-        "events": events, "stats": stats,
-    }).encode()
-    offset = _pixels_offset(len(header))
-    buf = bytearray(offset + frame.image.nbytes)
-    buf[:_HEADER_AT] = len(header).to_bytes(_HEADER_AT, "little")
-    buf[_HEADER_AT:_HEADER_AT + len(header)] = header
-    np.frombuffer(buf, dtype=np.uint8, offset=offset).reshape(frame.image.shape)[...] = frame.image
-    return buf
-
-
 def _stats_dict(cap: Capture) -> dict:
-    stats = asdict(cap.stats())
-    stats["state"] = stats["state"].value
-    return stats
+    stats = cap.stats()
+    # By hand, not asdict(): this goes with every frame, and asdict deep-copies.
+    return {f.name: getattr(stats, f.name) for f in fields(stats)} | {"state": stats.state.value}
 
 
 # --------------------------------------------------------------------- the child
@@ -333,51 +336,57 @@ class _Child:
 
     def __init__(self, directory: str, parent_pid: int) -> None:
         self.parent_pid = parent_pid
-        ctx = zmq.Context.instance()
-        self.ctl = ctx.socket(zmq.PAIR)
+        self.ctl = zmq.Context.instance().socket(zmq.PAIR)
         self.ctl.setsockopt(zmq.LINGER, 2000)
         self.ctl.connect(f"ipc://{directory}/ctl")
-        self.directory = directory
-        self.frames: zmq.Socket | None = None
-        self.events_sent = 0
         self.stopped = False
+        self.slots = LIVE_SLOTS
+        self.ring: _Ring | None = None
+        self.free: collections.deque[int] = collections.deque()
+        # Rings of earlier frame sizes, with the slots the tracker has yet to free.
+        self.retired: dict[str, tuple[_Ring, int]] = {}
 
-    def tell(self, kind: bytes, info: dict | None = None) -> None:
+    def tell(self, kind: bytes, info: dict | list | None = None) -> None:
         # Never block for long on a tracker that stopped reading: it is gone or closing.
         if self.ctl.poll(1000, zmq.POLLOUT):
             self.ctl.send_multipart([kind, json.dumps(info).encode() if info is not None else b""])
 
-    def wait_for(self, kind: bytes, timeout: float | None) -> dict | None:
-        """The payload of the tracker's next message if it is ``kind`` (None on a stop,
-        a timeout or a parent gone; ``timeout`` None waits for those)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while ((deadline is None or time.monotonic() < deadline)
-               and not childproc.parent_gone(self.parent_pid)):
+    def handle(self, timeout_ms: int = 0) -> None:
+        """The tracker's messages: freed slots, stop (waiting up to ``timeout_ms``)."""
+        ready = (self.ctl.poll(timeout_ms, zmq.POLLIN) if timeout_ms
+                 else self.ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        while ready and not self.stopped:
+            kind, payload = self.ctl.recv_multipart()
+            if kind == b"stop":
+                self.stopped = True
+            elif kind == b"free":
+                for ring, slot in json.loads(payload):
+                    if self.ring is not None and ring == self.ring.name:
+                        self.free.append(slot)
+                    elif ring in self.retired:
+                        self.release_retired(ring)
+            ready = self.ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN
+
+    def done(self) -> bool:
+        self.handle()
+        return self.stopped or childproc.parent_gone(self.parent_pid)
+
+    def wait_for_open(self, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not childproc.parent_gone(self.parent_pid):
             if self.ctl.poll(250, zmq.POLLIN):
-                got, payload = self.ctl.recv_multipart()
-                if got == kind:
-                    return json.loads(payload) if payload else {}
-                if got == b"stop":
-                    self.stopped = True
+                kind, payload = self.ctl.recv_multipart()
+                if kind == b"open":
+                    return json.loads(payload)
+                if kind == b"stop":
                     return None
         return None
-
-    def stop_requested(self) -> bool:
-        while not self.stopped and self.ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self.stopped = self.ctl.recv_multipart()[0] == b"stop"
-        return self.stopped or childproc.parent_gone(self.parent_pid)
 
     def open(self, request: dict) -> Capture | None:
         spec = SourceSpec(SourceKind(request["kind"]), request["target"], request["name"])
         try:
             cap = Capture(spec, CaptureConfig(**request["config"]))
-            self.frames = zmq.Context.instance().socket(zmq.PUSH)
-            self.frames.setsockopt(zmq.LINGER, 0)
-            if cap.policy is BufferPolicy.DROP_OLDEST:
-                self.frames.setsockopt(zmq.CONFLATE, 1)
-            else:
-                self.frames.setsockopt(zmq.SNDHWM, 1)
-            self.frames.connect(f"ipc://{self.directory}/frames")
+            self.slots = LIVE_SLOTS if cap.policy is BufferPolicy.DROP_OLDEST else FILE_SLOTS
             cap.start()
         except UserError as exc:
             self.tell(b"failed", {"message": str(exc), "user": True})
@@ -388,64 +397,77 @@ class _Child:
         self.tell(b"started")
         return cap
 
-    def send_frame(self, message: bytearray) -> bool:
-        """Send, waiting while the consumer is behind (files); False if stopped."""
-        poller = zmq.Poller()
-        poller.register(self.frames, zmq.POLLOUT)
-        poller.register(self.ctl, zmq.POLLIN)
-        while True:
-            try:
-                self.frames.send(message, flags=zmq.NOBLOCK, copy=False)
-                return True
-            except zmq.Again:
-                poller.poll(250)
-                if self.stop_requested():
-                    return False
+    def slot_for(self, shape: tuple[int, ...]) -> int:
+        """A free slot for a frame of ``shape`` (a new ring when the size changes)."""
+        if self.ring is None or self.ring.shape != shape:
+            if self.ring is not None:
+                self.retired[self.ring.name] = (self.ring, self.slots - len(self.free))
+                self.release_retired(self.ring.name, 0)
+            self.ring = _Ring(shape, self.slots)
+            self.free = collections.deque(range(self.slots))
+        return self.free.popleft()
+
+    def release_retired(self, name: str, freed: int = 1) -> None:
+        ring, held = self.retired[name]
+        if held - freed > 0:
+            self.retired[name] = (ring, held - freed)
+        else:
+            del self.retired[name]
+            ring.close(unlink=True)
 
     def pump(self, cap: Capture) -> None:
         """Frames and events to the tracker until the source is over or we are stopped."""
         final: StatusEvent | None = None  # the last event waits for the frames queued before it
-        last_id: int | None = None
         stats_at = 0.0
-        while not self.stop_requested():
+        while not self.done():
+            if self.ring is not None and not self.free:
+                self.handle(50)  # every slot is the tracker's: wait for one
+                continue
             frame = cap.read(timeout=0.05)
             for event in cap.status_events():
                 if event.state.terminal:
                     final = event
                 else:
-                    self.events_sent += 1
                     self.tell(b"status", {"state": event.state.value, "error": event.error})
             if frame is not None:
-                if not self.send_frame(_frame_message(frame, self.events_sent, _stats_dict(cap))):
-                    return
-                last_id, stats_at = frame.frame_id, time.monotonic()
+                slot = self.slot_for(frame.image.shape)
+                self.ring.slots[slot] = frame.image
+                self.tell(b"frame", {
+                    "ring": self.ring.name, "slot": slot, "shape": frame.image.shape,
+                    "frame_id": frame.frame_id, "pts": frame.pts, "capture_time": frame.capture_time,
+                    "capture_monotonic": frame.capture_monotonic, "stats": _stats_dict(cap)})
+                stats_at = time.monotonic()
             elif final is not None and not cap.stats().queued:
                 self.tell(b"stats", _stats_dict(cap))
-                self.tell(b"status", {"state": final.state.value, "error": final.error,
-                                      "final": True, "last_frame_id": last_id})
-                self.wait_for(b"stop", None)  # the tracker closes us once it has everything
+                self.tell(b"status", {"state": final.state.value, "error": final.error, "final": True})
+                while not self.done():  # the tracker closes us once it has everything
+                    self.handle(250)
                 return
             elif time.monotonic() - stats_at >= self.STATS_INTERVAL:
                 self.tell(b"stats", _stats_dict(cap))
                 stats_at = time.monotonic()
+
+    def close(self) -> None:
+        for ring in [*(r for r, _ in self.retired.values()), *([self.ring] if self.ring else [])]:
+            ring.close(unlink=True)
+        self.ctl.close(linger=0)
 
 
 def _child(directory: str, parent_pid: int) -> int:
     if not childproc.become_child(parent_pid):
         return 0
     child = _Child(directory, parent_pid)
-    request = child.wait_for(b"open", ProcessCapture.START_TIMEOUT)
-    if request is None:
-        return 0
-    cap = child.open(request)
-    if cap is None:
-        return 2
     try:
-        child.pump(cap)
+        request = child.wait_for_open(ProcessCapture.START_TIMEOUT)
+        cap = child.open(request) if request is not None else None
+        if cap is None:
+            return 0 if request is None else 2
+        try:
+            child.pump(cap)
+        finally:
+            cap.close()
     finally:
-        cap.close()
-        if child.frames is not None:
-            child.frames.close(linger=0)
+        child.close()
     return 0
 
 

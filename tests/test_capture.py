@@ -32,6 +32,7 @@ from streamtrack.capture import (
     SourceState,
     open_source,
 )
+from streamtrack.capture_process import LIVE_SLOTS
 from streamtrack.errors import UserError
 from streamtrack.sources import RawFrame, parse_source
 
@@ -618,7 +619,9 @@ def test_slow_consumer_on_live_stream_gets_fresh_frames(rtsp_server: RtspServer,
         stats = cap.stats()
     finally:
         cap.close()
-    assert max(queued) <= 2
+    # A decode process lets the ring's slots fill while the consumer is away; it takes
+    # the newest and frees the rest.
+    assert max(queued) <= (2 if decode == "thread" else LIVE_SLOTS + 2)
     assert stats.dropped["queue_full"] >= 10
     # The newest of at most two queued frames at 30 fps: well under the consumer's period.
     assert float(np.median(ages)) < 0.1, ages

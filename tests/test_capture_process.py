@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 from conftest import TEST_IMAGE_SIZE, exits_within
 
@@ -48,10 +50,51 @@ def test_events_and_frames_reach_the_consumer_in_the_childs_order(video):
     assert cap.stats().frames_decoded == cap.stats().frames_delivered == 30
 
 
+def _shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+
+
+def _ts_clip(path: Path, width: int, height: int, frames: int, level: int) -> bytes:
+    with av.open(str(path), "w", format="mpegts") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), level + 3 * i, np.uint8),
+                                               format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path.read_bytes()
+
+
+def test_a_new_frame_size_gets_a_new_ring_and_the_old_one_is_freed(tmp_path):
+    # A stream whose resolution changes mid-way (an MPEG-TS joined from two sizes).
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(_ts_clip(tmp_path / "a.ts", 96, 64, 6, 10)
+                       + _ts_clip(tmp_path / "b.ts", 64, 48, 6, 100))
+    before = _shm_segments()
+    seen = {}
+    for mode in ("thread", "process"):
+        got, rings = [], []
+        with open_source(str(joined), decode=mode) as cap:
+            for frame in cap:
+                got.append((frame.frame_id, frame.image.shape, round(float(frame.image.mean()))))
+                rings.append(_shm_segments() - before)
+                time.sleep(0.02)
+        seen[mode] = got
+    assert [shape for _, shape, _ in seen["process"]] == [(64, 96, 3)] * 6 + [(48, 64, 3)] * 6
+    assert seen["process"] == seen["thread"]
+    # One ring at a time once the consumer has freed the old size's slots, none after.
+    assert len(rings[2]) == 1 and len(rings[-1]) == 1 and rings[2] != rings[-1]
+    assert _shm_segments() == before
+
+
 def test_a_dead_decode_process_fails_the_source_instead_of_hanging(video):
+    before = _shm_segments()
     cap = open_source(str(video), CaptureConfig(realtime=True, loop=True), decode="process")
     with cap:
         assert cap.read(timeout=10) is not None
+        assert len(_shm_segments() - before) == 1
         cap._proc.kill()
         t0 = time.monotonic()
         while cap.read(timeout=0.5) is not None:  # what was already on the way, then nothing
@@ -59,6 +102,11 @@ def test_a_dead_decode_process_fails_the_source_instead_of_hanging(video):
         assert cap.state is S.FAILED
         assert "decode process exited" in cap.last_error
         assert time.monotonic() - t0 < 5
+    # The killed child's resource tracker unlinks its frame ring.
+    deadline = time.monotonic() + 10
+    while _shm_segments() != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _shm_segments() == before
 
 
 def test_close_while_the_child_waits_for_the_consumer(video):
