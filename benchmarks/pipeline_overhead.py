@@ -122,8 +122,9 @@ def main() -> None:
                 latency_ms[decode, emit] += [(t.publish - t.capture) * 1000 for t in tracked.stamps[5:]]
                 dequeue_ms[decode, emit] += [(t.dequeue - t.capture) * 1000 for t in tracked.stamps[5:]]
                 # The tracker's time between steps: taking the next frame, handing the result over.
-                between_ms[decode, emit] += [(b.infer_start - a.infer_end) * 1000
-                                             for a, b in zip(tracked.stamps[4:], tracked.stamps[5:])]
+                stamps = tracked.stamps
+                between_ms[decode, emit] += [(stamps[i].infer_start - stamps[i - 1].infer_end) * 1000
+                                             for i in range(5, len(stamps))]
     b = float(np.median(bare))
     print(f"stand-in engine ({args.host_ms:g} ms host + {args.device_ms:g} ms device, {args.objects} "
           f"object(s), {width}x{height}): bare {b:.1f} frames/s, runs {[round(v, 1) for v in bare]}")
