@@ -112,6 +112,7 @@ class ProcessCapture(Capture):
     ``state``, ``stats``); ``on_status`` is called on the thread that looked."""
 
     START_TIMEOUT = 60.0  # Python and the decoder libraries start, on a busy machine
+    REFILL_WAIT = 0.05  # s for the child's newer frames after a full ring (it sends at once)
 
     def __init__(self, spec: SourceSpec, config: CaptureConfig | None = None, *,
                  on_status: StatusCallback | None = None) -> None:
@@ -273,6 +274,8 @@ class ProcessCapture(Capture):
     def _take(self) -> Frame:
         """The next frame to deliver, copied out of its slot; the slots it leaves are freed."""
         if self.policy is BufferPolicy.DROP_OLDEST:
+            if len(self._ready) >= LIVE_SLOTS:
+                self._refill_full_ring()
             skipped = [[d["ring"], d["slot"]] for d in list(self._ready)[:-1]]
             info = self._ready[-1]
             self._ready.clear()
@@ -292,6 +295,23 @@ class ProcessCapture(Capture):
         return Frame(image=image, frame_id=info["frame_id"], pts=info["pts"],
                      capture_time=info["capture_time"], capture_monotonic=info["capture_monotonic"],
                      source=self.name)
+
+    def _refill_full_ring(self) -> None:
+        """Every slot held a frame (the consumer was away longer than the ring lasts, e.g.
+        paused), so newer frames wait in the child: free all but the newest and take
+        what the child sends into them, for a frame as fresh as the thread's queue gives."""
+        newest = self._ready.pop()
+        self._ctl.send_multipart([b"free", json.dumps(
+            [[d["ring"], d["slot"]] for d in self._ready]).encode()])
+        self._ready.clear()
+        self._ready.append(newest)
+        deadline = time.monotonic() + self.REFILL_WAIT
+        while self._final is None:
+            # Wait for the first newer frame, then only for those sent right behind it.
+            wait = deadline - time.monotonic() if len(self._ready) == 1 else 0.002
+            if wait <= 0 or not self._ctl.poll(max(1, int(wait * 1000)), zmq.POLLIN):
+                break
+            self._drain()
 
     def _source_over(self) -> bool:
         """True once no frame will come: closed, the child's final event applied after

@@ -604,6 +604,19 @@ def test_server_absent_at_start_then_appears(tmp_path: Path, decode: str) -> Non
         server.close()
 
 
+def test_a_consumer_back_from_a_long_pause_gets_a_fresh_frame(clip: Path, decode: str) -> None:
+    """Away longer than any buffer lasts (a paused tracker): the first frame back is
+    still the newest, not one from before the pause."""
+    with open_source(str(clip), CaptureConfig(realtime=True), decode=decode) as cap:
+        assert cap.read(timeout=10) is not None
+        time.sleep(0.6)  # 18 frames at 30 fps: more than the process's ring of 8 holds
+        frame = cap.read(timeout=2)
+        age = time.monotonic() - frame.capture_monotonic
+        decoded = cap.stats().frames_decoded
+    assert age < 0.1, f"a frame {age:.2f} s old after the pause"
+    assert frame.frame_id >= decoded - 3
+
+
 def test_slow_consumer_on_live_stream_gets_fresh_frames(rtsp_server: RtspServer, decode: str) -> None:
     """A consumer 5x slower than the stream: bounded queue, drops counted, frames stay recent."""
     cap = open_source(rtsp_server.url, CaptureConfig(**LIVE, queue_depth=2), decode=decode).start()
