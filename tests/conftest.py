@@ -66,6 +66,33 @@ def exits_within(pid: int, timeout: float) -> bool:
         time.sleep(0.1)
 
 
+def track_both_ways(tmp_path: Path, checkpoint: Path, option: str, **run_options):
+    """An 8-frame clip (object 1 prompted on frame 0, object 2 on frame 4) tracked twice,
+    with ``option`` (a RunConfig field) set to "thread" and to "process".
+
+    Returns ``({mode: parsed JSONL lines}, {mode: RunSummary})``.
+    """
+    import json
+
+    from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+    from streamtrack.models import build_model
+    from streamtrack.pipeline import RunConfig, Tracker
+    from streamtrack.synthetic import write_video
+
+    clip = make_clip(8, 160, 120, num_objects=2, seed=4)
+    video = write_video(clip.frames, tmp_path / "clip.mp4")
+    model = build_model("sam2.1_hiera_tiny", checkpoint, image_size=TEST_IMAGE_SIZE)
+    lines, summaries = {}, {}
+    for mode in ("thread", "process"):
+        run = RunConfig(source=str(video), prompts={0: [Prompt.make(1, box=clip.box(1, 0))],
+                                                    4: [Prompt.make(2, box=clip.box(2, 4))]},
+                        save_jsonl=str(tmp_path / f"{mode}.jsonl"), progress=False,
+                        **run_options, **{option: mode})
+        summaries[mode] = Tracker(run, engine=StreamingEngine(model, EngineConfig())).run()
+        lines[mode] = [json.loads(x) for x in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+    return lines, summaries
+
+
 def save_jpeg_frames(frames, folder: Path):
     """Write frames as <index>.jpg (the official predictor's input) and read them back.
 

@@ -5,7 +5,6 @@ capture thread is tested in test_capture.py, parametrized over both."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from conftest import TEST_IMAGE_SIZE, exits_within
+from conftest import exits_within, track_both_ways
 
 from streamtrack.capture import CaptureConfig, SourceState, open_source
 from streamtrack.capture_process import ProcessCapture
@@ -159,20 +158,10 @@ def test_the_child_exits_when_the_tracker_dies_without_closing_it(video):
 
 
 def test_tracker_decoding_in_a_process_gives_the_thread_runs_results(tiny_checkpoint, tmp_path):
-    from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
-    from streamtrack.models import build_model
-    from streamtrack.pipeline import RunConfig, Tracker
+    from streamtrack.pipeline import RunConfig
 
-    clip = make_clip(8, 160, 120, num_objects=2, seed=4)
-    video = write_video(clip.frames, tmp_path / "clip.mp4")
-    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
-    lines, summaries = {}, {}
-    for mode in ("thread", "process"):
-        run = RunConfig(source=str(video), prompts={0: [Prompt.make(1, box=clip.box(1, 0))],
-                                                    4: [Prompt.make(2, box=clip.box(2, 4))]},
-                        save_jsonl=str(tmp_path / f"{mode}.jsonl"), progress=False, decode=mode)
-        summaries[mode] = Tracker(run, engine=StreamingEngine(model, EngineConfig())).run()
-        lines[mode] = [json.loads(x) for x in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+    lines, summaries = track_both_ways(tmp_path, tiny_checkpoint, "decode")
+    for mode in lines:
         for d in lines[mode]:
             d.pop("t")
     # The thread's file source may already be "ended" while its last frames wait in the
@@ -184,7 +173,7 @@ def test_tracker_decoding_in_a_process_gives_the_thread_runs_results(tiny_checkp
     assert lines["process"] == lines["thread"]
     assert summaries["process"].source_state == "ended" and summaries["process"].frames == 8
     with pytest.raises(UserError, match="decode must be one of thread, process"):
-        RunConfig(source=str(video), decode="fork")
+        RunConfig(source="clip.mp4", decode="fork")
 
 
 def test_decode_is_a_config_key_that_reaches_the_run(tmp_path):

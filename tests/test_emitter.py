@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import exits_within
+from conftest import exits_within, track_both_ways
 from PIL import Image
 
 from streamtrack.emitter import EmitterError, OutputsConfig, ProcessEmitter, ThreadEmitter, make_emitter
@@ -234,24 +234,10 @@ def test_status_events_through_the_process_keep_their_fields(tmp_path):
 
 
 def test_tracker_with_a_process_emitter_gives_the_thread_runs_results(tiny_checkpoint, tmp_path):
-    from conftest import TEST_IMAGE_SIZE
+    from streamtrack.pipeline import RunConfig
 
-    from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
-    from streamtrack.models import build_model
-    from streamtrack.pipeline import RunConfig, Tracker
-    from streamtrack.synthetic import make_clip, write_video
-
-    clip = make_clip(8, 160, 120, num_objects=2, seed=4)
-    video = write_video(clip.frames, tmp_path / "clip.mp4")
-    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
-    lines, summaries = {}, {}
-    for mode in ("thread", "process"):
-        run = RunConfig(source=str(video), prompts={0: [Prompt.make(1, box=clip.box(1, 0))],
-                                                    4: [Prompt.make(2, box=clip.box(2, 4))]},
-                        save_jsonl=str(tmp_path / f"{mode}.jsonl"), publish="tcp://127.0.0.1:0",
-                        progress=False, emit=mode)
-        summaries[mode] = Tracker(run, engine=StreamingEngine(model, EngineConfig())).run()
-        lines[mode] = [json.loads(x) for x in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+    lines, summaries = track_both_ways(tmp_path, tiny_checkpoint, "emit", publish="tcp://127.0.0.1:0")
+    for mode in lines:
         for d in lines[mode]:
             assert d["t"].pop("publish") >= d["t"]["infer_end"]
             d.pop("t")
@@ -262,7 +248,7 @@ def test_tracker_with_a_process_emitter_gives_the_thread_runs_results(tiny_check
     assert set(summaries["process"].objects) == {1, 2}
     assert summaries["process"].objects == summaries["thread"].objects
     with pytest.raises(UserError, match="emit must be one of thread, process"):
-        RunConfig(source=str(video), emit="fork")
+        RunConfig(source="clip.mp4", emit="fork")
 
 
 def test_outputs_config_crosses_to_the_child_intact(tmp_path):
