@@ -45,6 +45,7 @@ from streamtrack.fleet_spec import (
     FleetSpec,
     ModelKey,
     StreamSpec,
+    actor_capacity,
     check_unique,
     parse_stream,
     plan_actors,
@@ -269,9 +270,7 @@ class Fleet:
         """An existing actor with the same model and room, else a new one (on GPUs, by
         default, always a new one: an actor per stream)."""
         key = spec.model_key
-        cap = self.options.streams_per_actor
-        if key.cudagraphs or (cap is None and key.on_gpus(self._cluster_gpus)):
-            cap = 1
+        cap = actor_capacity(key, self.options, self._cluster_gpus)
         siblings = [a for a in self.actors.values() if not a.dead and a.key == key]
         load = {a.plan.name: sum(1 for s in self.streams.values() if s.actor == a.plan.name and not s.ended)
                 for a in siblings}

@@ -370,22 +370,29 @@ def plan_actors(streams: list[StreamSpec], options: FleetOptions, cluster_gpus: 
     plans: list[ActorPlan] = []
     index = first_index
     for key, members in groups.items():
-        gpu = key.on_gpus(cluster_gpus)
-        per_actor = 1 if key.cudagraphs else options.streams_per_actor
-        if not gpu:
+        per_actor = actor_capacity(key, options, cluster_gpus) or len(members)
+        if not key.on_gpus(cluster_gpus):
             gpus = 0.0
-            per_actor = per_actor or len(members)
-        elif per_actor is None:
-            per_actor = 1
-            gpus = options.num_gpus if options.num_gpus is not None else gpu_share(len(members), cluster_gpus)
+        elif options.num_gpus is not None:
+            gpus = options.num_gpus
+        elif options.streams_per_actor is None and not key.cudagraphs:
+            gpus = gpu_share(len(members), cluster_gpus)  # the default, an actor per stream
         else:
-            gpus = options.num_gpus if options.num_gpus is not None else 1.0
+            gpus = 1.0
         for start in range(0, len(members), per_actor):
             chunk = members[start:start + per_actor]
             plans.append(ActorPlan(name=f"fleet-{index}", streams=tuple(s.name for s in chunk),
                                    num_cpus=options.num_cpus, num_gpus=gpus))
             index += 1
     return plans
+
+
+def actor_capacity(key: ModelKey, options: FleetOptions, cluster_gpus: float) -> int | None:
+    """How many streams of ``key`` one actor serves (None: no limit).  One for a
+    CUDA-graph model and, by default, on GPUs; else ``streams_per_actor``."""
+    if key.cudagraphs or (options.streams_per_actor is None and key.on_gpus(cluster_gpus)):
+        return 1
+    return options.streams_per_actor
 
 
 def gpu_share(actors: int, cluster_gpus: float) -> float:
