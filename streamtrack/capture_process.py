@@ -82,16 +82,17 @@ class _Ring:
     attached by the tracker."""
 
     def __init__(self, shape: tuple[int, ...], slots: int = 0, name: str | None = None) -> None:
+        """``slots`` to create a ring; ``name`` to attach to one."""
         self.shape = tuple(shape)
-        size = int(np.prod(self.shape)) * max(slots, 1)
+        frame_bytes = int(np.prod(self.shape))
         if name is None:
-            self.shm = shared_memory.SharedMemory(create=True, size=size)
+            self.shm = shared_memory.SharedMemory(create=True, size=frame_bytes * slots)
         else:
             self.shm = shared_memory.SharedMemory(name=name)
             # Python < 3.13 tracks attached segments too, and would unlink the child's
             # segment when the tracker exits; the child (or its tracker) owns it.
             resource_tracker.unregister(self.shm._name, "shared_memory")  # noqa: SLF001
-        self.slots = np.ndarray((self.shm.size // int(np.prod(self.shape)), *self.shape),
+        self.slots = np.ndarray((self.shm.size // frame_bytes, *self.shape),
                                 dtype=np.uint8, buffer=self.shm.buf)
 
     @property
@@ -159,7 +160,7 @@ class ProcessCapture(Capture):
         return self
 
     def read(self, timeout: float | None = 1.0) -> Frame | None:
-        if self.state is SourceState.IDLE:
+        if super().state is SourceState.IDLE:  # the loop below takes in the child's news
             raise RuntimeError("read() before start(): call start() or use 'with'")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -367,9 +368,7 @@ class _Child:
         self.retired: dict[str, tuple[_Ring, int]] = {}
 
     def tell(self, kind: bytes, info: dict | list | None = None) -> None:
-        # Never block for long on a tracker that stopped reading: it is gone or closing.
-        if self.ctl.poll(1000, zmq.POLLOUT):
-            self.ctl.send_multipart([kind, json.dumps(info).encode() if info is not None else b""])
+        childproc.tell(self.ctl, kind, info)
 
     def handle(self, timeout_ms: int = 0) -> None:
         """The tracker's messages: freed slots, stop (waiting up to ``timeout_ms``)."""

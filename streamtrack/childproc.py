@@ -8,11 +8,14 @@ publish endpoint or half-written files.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+
+import zmq
 
 
 def spawn(module: str, *args: str) -> subprocess.Popen:
@@ -61,3 +64,10 @@ def stop(proc: subprocess.Popen | None, kill: bool, wait: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def tell(sock: zmq.Socket, kind: bytes, info: dict | list | None = None) -> None:
+    """A child's message to the tracker: ``kind`` and JSON.  Never blocks for long on a
+    tracker that stopped reading: it is gone or closing."""
+    if sock.poll(1000, zmq.POLLOUT):
+        sock.send_multipart([kind, json.dumps(info).encode() if info is not None else b""])

@@ -376,9 +376,7 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
     sock.connect(endpoint)
 
     def tell(kind: bytes, info: dict | None = None) -> None:
-        # Never block for long on a tracker that stopped reading: it is gone or closing.
-        if sock.poll(1000, zmq.POLLOUT):
-            sock.send_multipart([kind, json.dumps(info).encode() if info is not None else b""])
+        childproc.tell(sock, kind, info)
 
     try:
         outputs = Outputs(OutputsConfig.from_json(config_json))
