@@ -357,7 +357,8 @@ def plan_actors(streams: list[StreamSpec], options: FleetOptions, cluster_gpus: 
     stream, each with an equal share of the GPUs (``gpu_share``); on a CPU-only cluster
     all streams go in one actor.  ``streams_per_actor`` (streams batched in one actor,
     a whole GPU each unless ``num_gpus`` says otherwise) and ``num_gpus`` override these;
-    a model in a CUDA-graph compile mode always gets an actor per stream.
+    a model in a CUDA-graph compile mode always gets an actor per stream, with the even
+    share by default, 1 / ``streams_per_actor`` of a GPU when that is set.
 
     An actor per stream because it measured 2-2.5x the throughput of one actor
     batching the streams on one GPU (H100 and H200, docs/scaling.md): a step there is
@@ -375,10 +376,12 @@ def plan_actors(streams: list[StreamSpec], options: FleetOptions, cluster_gpus: 
             gpus = 0.0
         elif options.num_gpus is not None:
             gpus = options.num_gpus
-        elif options.streams_per_actor is None and not key.cudagraphs:
+        elif options.streams_per_actor is None:
             gpus = gpu_share(len(members), cluster_gpus)  # the default, an actor per stream
         else:
-            gpus = 1.0
+            # streams_per_actor N means N streams to a GPU: a batched actor takes a
+            # whole GPU, and a CUDA-graph stream, alone in its actor, 1/N of one
+            gpus = 1.0 if per_actor > 1 else round(1.0 / options.streams_per_actor, 4)
         for start in range(0, len(members), per_actor):
             chunk = members[start:start + per_actor]
             plans.append(ActorPlan(name=f"fleet-{index}", streams=tuple(s.name for s in chunk),

@@ -200,6 +200,15 @@ def test_placement_an_actor_per_stream_on_gpus_all_in_one_on_cpu(tmp_path):
     spec_g = parse_fleet(fleet_doc(tmp_path, tmp_path / "c.pt", graphs, streams_per_actor=3), "f.yaml")
     assert [p.streams for p in plan_actors(spec_g.streams, spec_g.options, 0)] == [("s0",), ("s1",), ("s2",)]
     assert spec_g.streams[0].model_key.cudagraphs and not spec.streams[0].model_key.cudagraphs
+    # ...and shares the GPUs like any actor of one stream: evenly by default, and
+    # streams_per_actor N (N streams to a GPU) gives it 1/N of one
+    for e in graphs:
+        e["device"] = "auto"
+    on_gpus_g = parse_fleet(fleet_doc(tmp_path, tmp_path / "c.pt", graphs), "f.yaml").streams
+    assert [p.num_gpus for p in plan_actors(on_gpus_g, FleetOptions(), cluster_gpus=1)] == [0.3333] * 3
+    assert [p.num_gpus for p in plan_actors(on_gpus_g, FleetOptions(), cluster_gpus=4)] == [1.0] * 3
+    assert [p.num_gpus for p in plan_actors(on_gpus_g, FleetOptions(streams_per_actor=2), 4)] == [0.5] * 3
+    assert [p.num_gpus for p in plan_actors(on_gpus_g, FleetOptions(num_gpus=0.2), 1)] == [0.2] * 3
     entries[4]["image_size"] = 256  # another input size cannot share the model
     spec = parse_fleet(fleet_doc(tmp_path, tmp_path / "c.pt", entries), "f.yaml")
     assert [p.streams for p in plan_actors(spec.streams, opts, 0)] == [("s0", "s1", "s2", "s3"), ("s4",)]
