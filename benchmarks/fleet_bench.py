@@ -34,12 +34,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from streamtrack.bench_stream import parse_frame_size
 from streamtrack.capture import CaptureConfig
+from streamtrack.compiled import CUDAGRAPH_MODES, MODES
 from streamtrack.engine import EngineConfig, Prompt
+from streamtrack.errors import UserError
 from streamtrack.fleet_spec import ModelKey
 from streamtrack.pipeline import RunConfig
-
-BOX = [25, 30, 55, 54]  # object 1 of make_clip(.., 160, 120, seed=1) on frame 0
 
 
 @dataclass
@@ -52,12 +53,14 @@ class Row:
     frames_per_batch: float  # image-encoder frames per forward pass (1.0 = no batching happened)
 
 
-def run_layout(ray, n: int, one_actor: bool, args, clip: Path, checkpoint: Path) -> Row:
+def run_layout(ray, n: int, one_actor: bool, args, clip: Path, box: list[float], checkpoint: Path) -> Row:
     from streamtrack.fleet_actor import FleetActor
 
-    key = ModelKey(args.model, str(checkpoint), args.device, args.image_size, None, False)
+    compiled = args.compile_mode is not None
+    mode = args.compile_mode or "default"
+    key = ModelKey(args.model, str(checkpoint), args.device, args.image_size, None, compiled, mode)
     engine = EngineConfig(model=args.model, checkpoint=str(checkpoint), device=args.device,
-                          image_size=args.image_size)
+                          image_size=args.image_size, compile=compiled, compile_mode=mode, compile_slots=1)
     actors = []
     groups = [list(range(n))] if one_actor else [[i] for i in range(n)]
     share = 1.0 / len(groups)
@@ -70,7 +73,7 @@ def run_layout(ray, n: int, one_actor: bool, args, clip: Path, checkpoint: Path)
     for actor, members in zip(actors, groups, strict=True):
         for i in members:
             name = f"s{i}"
-            rc = RunConfig(source=str(clip), engine=engine, prompts={0: [Prompt.make(1, box=BOX)]},
+            rc = RunConfig(source=str(clip), engine=engine, prompts={0: [Prompt.make(1, box=box)]},
                            stream=name, publish="tcp://127.0.0.1:*", max_frames=total, loop=True,
                            progress=False, capture=CaptureConfig(loop=True, name=name))
             refs.append(actor.start_stream.remote(rc, key))
@@ -119,10 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1),
                    help="CPUs shared by the streams of each run (default: all)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs shared by each run (default 0)")
+    p.add_argument("--frame-size", default="160x120", help="source frames, WxH (default 160x120)")
+    p.add_argument("--compile-mode", choices=MODES, default=None,
+                   help="torch.compile the engines in this mode (default: not compiled); in a CUDA-graph "
+                        "mode a stream needs an actor of its own, so only `actor per stream` runs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     if min(args.streams) < 1 or args.frames < 2 or args.warmup < 1:
         p.error("--streams >= 1, --frames >= 2 and --warmup >= 1")
+    try:
+        width, height = parse_frame_size(args.frame_size)
+    except UserError as e:
+        p.error(str(e))
+    cudagraphs = args.compile_mode in CUDAGRAPH_MODES
     os.environ.setdefault("TQDM_DISABLE", "1")
     import ray
 
@@ -130,18 +142,25 @@ def main(argv: list[str] | None = None) -> int:
     from streamtrack.synthetic import make_clip, write_video
 
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
-        clip = write_video(make_clip(30, 160, 120, num_objects=1, seed=1).frames, Path(tmp) / "clip.mp4")
+        synthetic = make_clip(30, width, height, num_objects=1, seed=1)
+        clip = write_video(synthetic.frames, Path(tmp) / "clip.mp4")
+        box = synthetic.box(1)
         checkpoint = save_random_checkpoint(args.model, Path(tmp) / "weights.pt", seed=0)
-        ray.init(address="local", num_cpus=max(1, round(args.cpus)), num_gpus=args.gpus or None,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # A Ray already started in this process (a test's) is used as it is.
+        own_ray = not ray.is_initialized()
+        if own_ray:
+            ray.init(address="local", num_cpus=max(1, round(args.cpus)), num_gpus=args.gpus or None,
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             rows: list[Row] = []
             for n in args.streams:
-                rows.append(run_layout(ray, n, True, args, clip, checkpoint))
-                if n > 1:
-                    rows.append(run_layout(ray, n, False, args, clip, checkpoint))
+                if not cudagraphs:
+                    rows.append(run_layout(ray, n, True, args, clip, box, checkpoint))
+                if n > 1 or cudagraphs:
+                    rows.append(run_layout(ray, n, False, args, clip, box, checkpoint))
         finally:
-            ray.shutdown()
+            if own_ray:
+                ray.shutdown()
     base = next((r.fps_per_stream for r in rows if r.streams == 1), rows[0].fps_per_stream)
     per_actor = {r.streams: r.fps_per_stream for r in rows if r.layout == "actor per stream"}
     out = []
@@ -153,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
             d["one_actor_vs_actor_per_stream"] = round(r.fps_per_stream / per_actor[r.streams], 3)
         out.append(d)
     setup = {"model": args.model, "device": args.device, "image_size": args.image_size, "frames": args.frames,
-             "warmup": args.warmup, "cpus": args.cpus, "gpus": args.gpus}
+             "warmup": args.warmup, "cpus": args.cpus, "gpus": args.gpus, "frame_size": [width, height],
+             "compile_mode": args.compile_mode}
     if args.json:
         print(json.dumps({"setup": setup, "rows": out}))
         return 0
-    print(f"{args.model}, {args.device}, input {args.image_size}, {args.frames} frames per stream after "
-          f"{args.warmup} warm-up, {args.cpus:g} CPU / {args.gpus:g} GPU shared per run")
+    compiled = f", compiled ({args.compile_mode})" if args.compile_mode else ""
+    print(f"{args.model}, {args.device}{compiled}, input {args.image_size}, frames {width}x{height}, "
+          f"{args.frames} frames per stream after {args.warmup} warm-up, "
+          f"{args.cpus:g} CPU / {args.gpus:g} GPU shared per run")
     print(f"{'streams':>7}  {'layout':<17} {'fps/stream':>10} {'total fps':>9} {'vs 1 stream':>11} "
           f"{'one actor / per stream':>22} {'frames/batch':>12}")
     for d in out:

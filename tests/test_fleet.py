@@ -8,6 +8,7 @@ streams are synthetic H.264 clips, tracked by a small random-weight model at a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -355,6 +356,27 @@ def test_cli_fleet_on_a_cluster_stops_cleanly_on_sigint(local_ray, tiny_checkpoi
     assert json.loads(directory.read_text())["fleet"]["state"] == "stopped"
     wait_for("the actor process gone", lambda: not pid_alive(pid), timeout=30)
     assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2  # the cluster lives on
+
+
+def test_fleet_benchmark_runs_both_layouts_on_the_test_ray(local_ray, capsys, monkeypatch):
+    """benchmarks/fleet_bench.py (the streams-per-actor figures of docs/scaling.md) on
+    this module's Ray: every layout's streams make progress and the ratios add up."""
+    spec = importlib.util.spec_from_file_location("fleet_bench", REPO / "benchmarks/fleet_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "fleet_bench", bench)  # its dataclasses look themselves up there
+    spec.loader.exec_module(bench)
+    assert bench.main(["--streams", "1", "2", "--frames", "2", "--warmup", "1", "--image-size", "128",
+                       "--frame-size", "128x96", "--cpus", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["setup"]["frame_size"] == [128, 96]
+    rows = result["rows"]
+    assert [(r["streams"], r["layout"]) for r in rows] == [(1, "one actor"), (2, "one actor"),
+                                                         (2, "actor per stream")]
+    assert all(r["fps_per_stream"] > 0 and r["total_fps"] >= r["fps_per_stream"] for r in rows)
+    one, per_stream = rows[1], rows[2]
+    assert one["one_actor_vs_actor_per_stream"] == pytest.approx(
+        one["fps_per_stream"] / per_stream["fps_per_stream"], abs=0.01)
+    assert ray.is_initialized()  # the module's Ray is left running
 
 
 def test_example_fleet_file_is_valid(monkeypatch):
