@@ -141,6 +141,36 @@ def main(argv: list[str] | None = None) -> int:
     from streamtrack.models import save_random_checkpoint
     from streamtrack.synthetic import make_clip, write_video
 
+    setup = {"model": args.model, "device": args.device, "image_size": args.image_size, "frames": args.frames,
+             "warmup": args.warmup, "cpus": args.cpus, "gpus": args.gpus, "frame_size": [width, height],
+             "compile_mode": args.compile_mode}
+    if not args.json:
+        compiled = f", compiled ({args.compile_mode})" if args.compile_mode else ""
+        print(f"{args.model}, {args.device}{compiled}, input {args.image_size}, frames {width}x{height}, "
+              f"{args.frames} frames per stream after {args.warmup} warm-up, "
+              f"{args.cpus:g} CPU / {args.gpus:g} GPU shared per run")
+        print(f"{'streams':>7}  {'layout':<17} {'fps/stream':>10} {'total fps':>9} {'vs 1 stream':>11} "
+              f"{'one actor / per stream':>22} {'frames/batch':>12}", flush=True)
+    rows: list[dict] = []
+    per_stream_rate: dict[int, float] = {}
+
+    def record(r: Row) -> None:
+        """One finished row; printed at once, so a run cut short keeps what it measured."""
+        base = rows[0]["fps_per_stream"] if rows else r.fps_per_stream  # the smallest N comes first
+        d = {"streams": r.streams, "layout": r.layout, "fps_per_stream": round(r.fps_per_stream, 3),
+             "total_fps": round(r.total_fps, 3), "per_stream_vs_1_stream": round(r.fps_per_stream / base, 3),
+             "frames_per_encoder_batch": round(r.frames_per_batch, 2)}
+        if r.layout == "actor per stream":
+            per_stream_rate[r.streams] = r.fps_per_stream
+        elif r.streams in per_stream_rate:
+            d["one_actor_vs_actor_per_stream"] = round(r.fps_per_stream / per_stream_rate[r.streams], 3)
+        rows.append(d)
+        if not args.json:
+            ratio = d.get("one_actor_vs_actor_per_stream")
+            print(f"{d['streams']:>7}  {d['layout']:<17} {d['fps_per_stream']:>10.2f} {d['total_fps']:>9.2f} "
+                  f"{d['per_stream_vs_1_stream']:>11.2f} {'' if ratio is None else f'{ratio:.2f}':>22} "
+                  f"{d['frames_per_encoder_batch']:>12.2f}", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         synthetic = make_clip(30, width, height, num_objects=1, seed=1)
         clip = write_video(synthetic.frames, Path(tmp) / "clip.mp4")
@@ -152,42 +182,17 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(address="local", num_cpus=max(1, round(args.cpus)), num_gpus=args.gpus or None,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
-            rows: list[Row] = []
-            for n in args.streams:
-                if not cudagraphs:
-                    rows.append(run_layout(ray, n, True, args, clip, box, checkpoint))
+            for n in sorted(set(args.streams)):
+                # actor per stream first, so the one-actor row can print its ratio to it
                 if n > 1 or cudagraphs:
-                    rows.append(run_layout(ray, n, False, args, clip, box, checkpoint))
+                    record(run_layout(ray, n, False, args, clip, box, checkpoint))
+                if not cudagraphs:
+                    record(run_layout(ray, n, True, args, clip, box, checkpoint))
         finally:
             if own_ray:
                 ray.shutdown()
-    base = next((r.fps_per_stream for r in rows if r.streams == 1), rows[0].fps_per_stream)
-    per_actor = {r.streams: r.fps_per_stream for r in rows if r.layout == "actor per stream"}
-    out = []
-    for r in rows:
-        d = {"streams": r.streams, "layout": r.layout, "fps_per_stream": round(r.fps_per_stream, 3),
-             "total_fps": round(r.total_fps, 3), "per_stream_vs_1_stream": round(r.fps_per_stream / base, 3),
-             "frames_per_encoder_batch": round(r.frames_per_batch, 2)}
-        if r.layout == "one actor" and r.streams in per_actor:
-            d["one_actor_vs_actor_per_stream"] = round(r.fps_per_stream / per_actor[r.streams], 3)
-        out.append(d)
-    setup = {"model": args.model, "device": args.device, "image_size": args.image_size, "frames": args.frames,
-             "warmup": args.warmup, "cpus": args.cpus, "gpus": args.gpus, "frame_size": [width, height],
-             "compile_mode": args.compile_mode}
     if args.json:
-        print(json.dumps({"setup": setup, "rows": out}))
-        return 0
-    compiled = f", compiled ({args.compile_mode})" if args.compile_mode else ""
-    print(f"{args.model}, {args.device}{compiled}, input {args.image_size}, frames {width}x{height}, "
-          f"{args.frames} frames per stream after {args.warmup} warm-up, "
-          f"{args.cpus:g} CPU / {args.gpus:g} GPU shared per run")
-    print(f"{'streams':>7}  {'layout':<17} {'fps/stream':>10} {'total fps':>9} {'vs 1 stream':>11} "
-          f"{'one actor / per stream':>22} {'frames/batch':>12}")
-    for d in out:
-        ratio = d.get("one_actor_vs_actor_per_stream")
-        print(f"{d['streams']:>7}  {d['layout']:<17} {d['fps_per_stream']:>10.2f} {d['total_fps']:>9.2f} "
-              f"{d['per_stream_vs_1_stream']:>11.2f} {'' if ratio is None else f'{ratio:.2f}':>22} "
-              f"{d['frames_per_encoder_batch']:>12.2f}")
+        print(json.dumps({"setup": setup, "rows": rows}))
     return 0
 
 

@@ -22,7 +22,11 @@ py=${PYTHON:-python3}
 left() { echo $((budget - ($(date +%s) - start))); }
 
 # step NAME LIMIT_SECONDS ARGS...   (ARGS go to `streamtrack bench`)
-step() {
+step() { run_step "$1" "$2" -m streamtrack bench "${@:3}"; }
+# script_step NAME LIMIT_SECONDS SCRIPT ARGS...   (a benchmark script of its own)
+script_step() { run_step "$@"; }
+
+run_step() {
     local name=$1 limit=$2 remaining t0 rc
     shift 2
     if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
@@ -34,9 +38,9 @@ step() {
         return
     fi
     ((limit > remaining)) && limit=$remaining
-    echo "== $name (limit $limit s, $remaining s left): bench $*" | tee -a "$out/log.txt"
+    echo "== $name (limit $limit s, $remaining s left): $*" | tee -a "$out/log.txt"
     t0=$(date +%s)
-    timeout "$limit" "$py" -m streamtrack bench "$@" 2>>"$out/stderr.txt" | tee -a "$out/log.txt"
+    timeout "$limit" "$py" "$@" 2>>"$out/stderr.txt" | tee -a "$out/log.txt"
     rc=$?
     echo "-- $name: rc $rc, $(($(date +%s) - t0)) s" | tee -a "$out/log.txt"
 }
@@ -74,6 +78,11 @@ step pipeline-tiny-cudagraphs-emitprocess 120 pipeline $(m tiny) $hd --frames 30
 step latency-tiny-cudagraphs-bothprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process --decode process
 step pipeline-tiny-cudagraphs-bothprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process
 step pipeline-tiny-cudagraphs-decodeprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --decode process
+# The fleet on Ray (needs `ray` importable): an actor per stream against one actor batching
+# the streams, then CUDA-graph actors, one stream each (docs/scaling.md, GPU sizing).
+fl=${FLEET_ARGS:-"--device cuda --gpus 1 --cpus 8 --image-size 1024 --frame-size 1280x720"}
+script_step fleet-tiny 200 benchmarks/fleet_bench.py $fl --streams 1 2 4 --frames 150
+script_step fleet-tiny-cudagraphs 300 benchmarks/fleet_bench.py $fl --compile-mode reduce-overhead --streams 1 2 4 --frames 300
 # The larger models with CUDA graphs, and as a process per stream (streams per GPU).
 for size in small base_plus large; do
     step "engine-$size-cudagraphs" 200 engine $(m $size) $hd --bf16 $cg --compile-slots 1 --frames 41 --objects 1 --repeats 2 --state-frames
