@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -157,6 +157,21 @@ class _StepJob:
     return_logits: bool
 
 
+@dataclass(eq=False)
+class PendingStep:
+    """A step whose device work is queued (:meth:`StreamingEngine.launch`): its masks
+    and scores are on their way to host memory, and :meth:`StreamingEngine.finish`
+    waits for them and builds the :class:`FrameOutput`."""
+
+    job: _StepJob
+    ids: list[int] = field(default_factory=list)
+    masks: torch.Tensor | None = None  # (N, H, W) bool, host (page-locked on CUDA)
+    scalars: torch.Tensor | None = None  # (N, 2) object score logit, IoU
+    logits: torch.Tensor | None = None  # (N, S/4, S/4) with return_logits
+    copied: torch.cuda.Event | None = None  # the device->host copies are done (CUDA)
+    output: FrameOutput | None = None  # a frame with nothing to track: already final
+
+
 @dataclass
 class _Memory:
     """What one tracked frame leaves behind for one object."""
@@ -213,6 +228,8 @@ class StreamingEngine:
         self._tracks: dict[int, _Track] = {}
         self._maskmem_pos_enc: list[torch.Tensor] | None = None  # shared by all frames
         self._staging: torch.Tensor | None = None  # pinned host buffer for frame uploads (CUDA)
+        self._staged: torch.cuda.Event | None = None  # the last upload out of it is done
+        self._pending: deque[PendingStep] = deque()  # launched, not yet finished, oldest first
         self.frame_idx = -1
         if self.config.compile:
             compile_model(model, self.config.compile_backend, self.config.compile_mode)
@@ -307,7 +324,6 @@ class StreamingEngine:
         return time.perf_counter() - t0
 
     # --------------------------------------------------------------------- step
-    @torch.inference_mode()
     def step(
         self,
         frame: np.ndarray | torch.Tensor,
@@ -321,6 +337,21 @@ class StreamingEngine:
         All prompts are validated before anything changes: a bad prompt raises
         ``PromptError`` and the engine is as it was.
         """
+        return self.finish(self.launch(frame, prompts, timestamp=timestamp, return_logits=return_logits))
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        frame: np.ndarray | torch.Tensor,
+        prompts: list[Prompt] | tuple[Prompt, ...] = (),
+        *,
+        timestamp: float | None = None,
+        return_logits: bool = False,
+    ) -> PendingStep:
+        """The first half of :meth:`step`: queue the frame's device work, without waiting
+        for it.  The engine's state moves on at once, so the next frame can be launched
+        before this one is finished; on a GPU that keeps the device busy while the host
+        turns the last frame's masks into results.  Finish steps in launch order."""
         height, width = _check_frame(frame)
         prompts = list(prompts)
         inputs = [self._prompt_inputs(p, height, width) for p in _unique(prompts)]
@@ -328,19 +359,47 @@ class StreamingEngine:
         infer_start = time.time()
         self.frame_idx += 1
         f = self.frame_idx
+        job = _StepJob(f, height, width, prompts, inputs, now, infer_start, return_logits)
         if not self._tracks and not inputs:
             if self.encoder is not None:
                 self.encoder.idle(self)
-            return FrameOutput(f, width, height, (), infer_start, time.time())
-        job = _StepJob(f, height, width, prompts, inputs, now, infer_start, return_logits)
-        if self.encoder is not None:
+            pending = PendingStep(job, output=FrameOutput(f, width, height, (), infer_start, time.time()))
+        elif self.encoder is not None:
             # The encoder batches this frame with other streams' and runs the whole step on
             # the thread leading the batch: the streams' GPU work stays on one thread.
-            return self.encoder.run(self, partial(self._prepare, frame), partial(self._track, job))
-        image = self._prepare(frame)
-        with self.autocast():
-            backbone_out = self.model.forward_image(image)
-        return self._track(job, image, backbone_out)
+            pending = self.encoder.run(self, partial(self._prepare, frame), partial(self._track, job))
+        else:
+            image = self._prepare(frame)
+            with self.autocast():
+                backbone_out = self.model.forward_image(image)
+            pending = self._track(job, image, backbone_out)
+        self._pending.append(pending)
+        return pending
+
+    def finish(self, pending: PendingStep) -> FrameOutput:
+        """The second half of :meth:`step`: wait for ``pending``'s masks and scores and
+        build its output (object states move on here, frame by frame)."""
+        if not self._pending or self._pending[0] is not pending:
+            raise RuntimeError("finish() takes launched steps in the order they were launched")
+        self._pending.popleft()
+        if pending.output is not None:
+            return pending.output
+        if pending.copied is not None:
+            pending.copied.synchronize()
+        job = pending.job
+        masks = pending.masks.numpy()
+        scalars = pending.scalars.tolist()
+        prompted = {p.obj_id for p in job.prompts}
+        objects = []
+        for k, obj_id in enumerate(pending.ids):
+            logit, iou = scalars[k]
+            objects.append(
+                self._object_output(
+                    obj_id, masks[k], logit, iou, job.now, obj_id in prompted,
+                    pending.logits[k] if pending.logits is not None else None,
+                )
+            )
+        return FrameOutput(job.frame_idx, job.width, job.height, tuple(objects), job.infer_start, time.time())
 
     @torch.inference_mode()
     def _prepare(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -348,8 +407,9 @@ class StreamingEngine:
             return self._preprocess(frame)
 
     @torch.inference_mode()
-    def _track(self, job: _StepJob, image: torch.Tensor, backbone_out: dict) -> FrameOutput:
-        """Everything after the image encoder: prompts, memory attention, decoding, memory."""
+    def _track(self, job: _StepJob, image: torch.Tensor, backbone_out: dict) -> PendingStep:
+        """Everything after the image encoder: prompts, memory attention, decoding, memory;
+        then the masks and scores start their copy to the host."""
         f, prompts = job.frame_idx, job.prompts
         with self.autocast():
             session = {"cached_features": {f: (image, backbone_out)}}
@@ -369,22 +429,33 @@ class StreamingEngine:
                 low_res = fill_holes(low_res, self.config.fill_hole_area)
             video_res = F.interpolate(low_res, size=(job.height, job.width), mode="bilinear",
                                       align_corners=False)
-            masks = (video_res[:, 0] > 0).cpu().numpy()
+            masks = video_res[:, 0] > 0
             # One device->host copy for all scalars: a float() per object would sync each time.
             scalars = torch.stack(
                 [torch.stack([results[i][1].float(), results[i][2].float()]) for i in ids]
-            ).tolist()
-            logits_cpu = low_res[:, 0].cpu() if job.return_logits else None
-        objects = []
-        for k, obj_id in enumerate(ids):
-            logit, iou = scalars[k]
-            objects.append(
-                self._object_output(
-                    obj_id, masks[k], logit, iou, job.now, obj_id in prompted,
-                    logits_cpu[k] if logits_cpu is not None else None,
-                )
             )
-        return FrameOutput(f, job.width, job.height, tuple(objects), job.infer_start, time.time())
+            logits = low_res[:, 0] if job.return_logits else None
+        return self._to_host(PendingStep(job, ids, masks, scalars, logits))
+
+    def _to_host(self, pending: PendingStep) -> PendingStep:
+        """Start the copies of ``pending``'s tensors to the host.  On CUDA they go into
+        page-locked memory without blocking, and an event marks them done; they are
+        queued before any later frame's work, so later work cannot overwrite them."""
+        if self.device.type != "cuda":
+            pending.masks, pending.scalars = pending.masks.cpu(), pending.scalars.cpu()
+            pending.logits = pending.logits.cpu() if pending.logits is not None else None
+            return pending
+
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+        pending.masks, pending.scalars, pending.logits = (
+            host(pending.masks), host(pending.scalars), host(pending.logits))
+        pending.copied = torch.cuda.Event()
+        pending.copied.record()
+        return pending
 
     # ---------------------------------------------------------------- internals
     def autocast(self):
@@ -412,15 +483,20 @@ class StreamingEngine:
 
     def _upload(self, frame: torch.Tensor) -> torch.Tensor:
         """The uint8 frame on the engine's device.  On CUDA it goes through a reused
-        page-locked buffer so the copy is a DMA that does not stall the host; reusing it
-        is safe because every step ends by copying its masks back, which waits for the
-        copies queued before them."""
+        page-locked buffer so the copy is a DMA that does not stall the host.  With steps
+        launched ahead (:meth:`launch`) the last upload may still be reading the buffer:
+        an event after each upload says when it may be refilled (at once, usually)."""
         if self.device.type != "cuda" or frame.device.type != "cpu":
             return frame.to(self.device)
+        if self._staged is not None:
+            self._staged.synchronize()
         if self._staging is None or self._staging.shape != frame.shape:
             self._staging = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True)
         self._staging.copy_(frame)
-        return self._staging.to(self.device, non_blocking=True)
+        on_device = self._staging.to(self.device, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+        return on_device
 
     def _prompt_inputs(self, p: Prompt, height: int, width: int):
         """Validate a prompt and turn it into sam2's point/mask inputs (model pixels)."""
@@ -560,7 +636,8 @@ class StreamingEngine:
                     del t.cond[k]
 
     def _object_output(self, obj_id, mask, logit, iou, now, prompted, logits) -> ObjectOutput:
-        track = self._tracks[obj_id]
+        # An object removed after its frame was launched still gets that frame's output.
+        track = self._tracks.get(obj_id) or _Track(obj_id)
         if logit > 0:
             track.state, track.absent_since = ObjectState.VISIBLE, None
         else:

@@ -109,6 +109,46 @@ def expected_retained(f, prompt_frames, first):
     }
 
 
+def test_launching_a_frame_ahead_gives_the_same_outputs(tiny_checkpoint, clip40, frames, multi):
+    """launch(f + 1) before finish(f), as a GPU pipeline runs, over the three-object
+    clip with its later prompts: bit for bit what one step at a time gives."""
+    _, decoded = frames
+    _, stepped, *_ = multi
+    prompts = multi_prompts(clip40)
+    engine = make_engine(tiny_checkpoint)
+    masks, logits, pending = {}, {}, None
+    for f, frame in enumerate(decoded[: REFINE_AT + 4]):
+        launched = engine.launch(frame, prompts.get(f, []), return_logits=True)
+        for out in [engine.finish(pending)] if pending is not None else []:
+            masks[out.frame_idx] = {o.obj_id: o.mask for o in out.objects}
+            logits[out.frame_idx] = {o.obj_id: o.logits for o in out.objects}
+        pending = launched
+    out = engine.finish(pending)
+    masks[out.frame_idx] = {o.obj_id: o.mask for o in out.objects}
+    logits[out.frame_idx] = {o.obj_id: o.logits for o in out.objects}
+    assert sorted(masks) == list(range(REFINE_AT + 4)) and set(masks[REFINE_AT + 3]) == {1, 2, 3, 4}
+    for f in masks:
+        for oid, mask in masks[f].items():
+            assert np.array_equal(mask, stepped.masks[f][oid]), (f, oid)
+            assert torch.equal(logits[f][oid], stepped.logits[f][oid]), (f, oid)
+
+
+def test_launched_steps_finish_in_order(engine_two_frames, clip40):
+    engine = engine_two_frames
+    first = engine.launch(clip40.frames[2])
+    second = engine.launch(clip40.frames[3])
+    with pytest.raises(RuntimeError, match="order"):
+        engine.finish(second)
+    with pytest.raises(PromptError):  # a bad prompt launches nothing
+        engine.launch(clip40.frames[4], [BAD_PROMPTS["box outside"]])
+    engine.remove_object(1)  # after its frames were launched: they still report it
+    outs = [engine.finish(first), engine.finish(second)]
+    assert [(o.frame_idx, [x.obj_id for x in o.objects]) for o in outs] == [(2, [1]), (3, [1])]
+    with pytest.raises(RuntimeError, match="order"):
+        engine.finish(second)  # once only
+    assert engine.step(clip40.frames[4]).objects == ()
+
+
 def test_memory_bank_holds_exactly_what_sam2_reads(multi):
     *_, retained = multi
     prompt_frames = {1: {0, REFINE_AT}, 2: {0}, 3: {0}, 4: {REFINE_AT}}
