@@ -68,7 +68,7 @@ hd=${BENCH_ARGS:-"--device cuda --image-size 1024 --frame-size 1280x720"}
 {
 # CUDA graphs (compile mode reduce-overhead): the per-frame step is host-bound on a GPU.
 cg="--compile-mode reduce-overhead"
-step engine-tiny-cudagraphs 240 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --frames 61 --objects 1 --repeats 3 --state-frames
+step engine-tiny-cudagraphs 240 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --frames 61 --objects 1 --repeats 3 --state-frames --launch-ahead
 step latency-tiny-cudagraphs 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1
 step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1
 # The same two with RLE, publishing and files in a child process (emit: process).
@@ -85,7 +85,7 @@ script_step fleet-tiny 200 benchmarks/fleet_bench.py $fl --streams 1 2 4 --frame
 script_step fleet-tiny-cudagraphs 300 benchmarks/fleet_bench.py $fl --compile-mode reduce-overhead --streams 1 2 4 --frames 300
 # The larger models with CUDA graphs, and as a process per stream (streams per GPU).
 for size in small base_plus large; do
-    step "engine-$size-cudagraphs" 200 engine $(m $size) $hd --bf16 $cg --compile-slots 1 --frames 41 --objects 1 --repeats 2 --state-frames
+    step "engine-$size-cudagraphs" 200 engine $(m $size) $hd --bf16 $cg --compile-slots 1 --frames 41 --objects 1 --repeats 2 --state-frames --launch-ahead
 done
 for size in small base_plus large; do
     step "multistream-$size-processes" 120 multistream $(m $size) $hd --bf16 --frames 40 --streams 2 4 --processes
@@ -97,7 +97,7 @@ if [[ -z ${ONLY:-} || " $ONLY " == *" profile-tiny "* ]] && (($(left) > 60)); th
     timeout $(($(left) < 120 ? $(left) : 120)) "$py" benchmarks/profile_step.py --checkpoint "$ckpts/sam2.1_hiera_tiny.pt" \
         --out "$out" 2>>"$out/stderr.txt" | head -40 | tee -a "$out/log.txt"
 fi
-step engine-tiny-bf16 75 engine $(m tiny) $hd --bf16 --frames 31 --objects 1 4 16 --repeats 2 --state-frames
+step engine-tiny-bf16 75 engine $(m tiny) $hd --bf16 --frames 31 --objects 1 4 16 --repeats 2 --state-frames --launch-ahead
 step engine-tiny-fp32 75 engine $(m tiny) $hd --frames 31 --objects 1 4 16 --repeats 2 --state-frames 50 500
 # A 30 fps 720p camera (the latency goal), then a source 3x faster than the engine (queue build-up).
 step latency-tiny-30fps 40 latency $(m tiny) $hd --frames 300 --fps 30

@@ -46,6 +46,11 @@ class EngineBenchResult:
     # a fast path that tracks something else is not faster
     agreement_iou_mean: dict[int, float] = field(default_factory=dict)
     agreement_iou_min: dict[int, float] = field(default_factory=dict)
+    # --launch-ahead: the engine launching frame f + 1 before finishing frame f
+    launch_ahead: bool = False
+    ahead_ms: dict[int, float] = field(default_factory=dict)
+    ahead_ratio: dict[int, float] = field(default_factory=dict)  # vs official
+    ahead_same_masks: dict[int, bool] = field(default_factory=dict)  # as the engine one step at a time
 
 
 def _prompts(clip, n: int) -> list[Prompt]:
@@ -103,6 +108,7 @@ def bench_engine(
     compile_mode: str = "default",
     compile_slots: int = 4,
     official_vos_optimized: bool = False,
+    launch_ahead: bool = False,
     log=print,
 ) -> EngineBenchResult:
     """Both sides run under the same autocast setting (bf16 on CUDA only).
@@ -125,7 +131,7 @@ def bench_engine(
                           compile_slots=compile_slots)
     res = EngineBenchResult(str(dev), model, image_size, frames, (width, height), torch.get_num_threads(),
                             bf16=bf16, compile=config.compile, compile_mode=config.compile_mode,
-                            official_vos_optimized=official_vos_optimized)
+                            official_vos_optimized=official_vos_optimized, launch_ahead=launch_ahead)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     silence_official_progress()
@@ -146,7 +152,7 @@ def bench_engine(
     del state, warm_engine
     for n in objects:
         prompts = _prompts(clip, n)
-        official_runs, engine_runs = [], []
+        official_runs, engine_runs, ahead_runs = [], [], []
         for _ in range(repeats):  # alternate the two sides; keep the median of each
             state = official.init_state(str(jpeg_dir))
             for p in prompts:
@@ -170,15 +176,30 @@ def bench_engine(
                 engine_outputs.append(engine.step(frame))
                 sync_device(dev)
             engine_runs.append((time.perf_counter() - t0) / (frames - 1) * 1000)
+            if launch_ahead:
+                ms, ahead_outputs = _run_launching_ahead(StreamingEngine(engine_model, config), decoded,
+                                                         prompts, dev)
+                ahead_runs.append(ms)
         res.official_ms[n] = float(np.median(official_runs))
         res.engine_ms[n] = float(np.median(engine_runs))
         res.ratio[n] = res.engine_ms[n] / res.official_ms[n]
+        ahead = ""
+        if launch_ahead:
+            res.ahead_ms[n] = float(np.median(ahead_runs))
+            res.ahead_ratio[n] = res.ahead_ms[n] / res.official_ms[n]
+            res.ahead_same_masks[n] = all(
+                np.array_equal(a.mask, b.mask)
+                for x, y in zip(engine_outputs, ahead_outputs, strict=True)
+                for a, b in zip(x.objects, y.objects, strict=True))
+            ahead = (f"   launching ahead {res.ahead_ms[n]:8.1f} ms/frame   ratio {res.ahead_ratio[n]:.2f}   "
+                     f"same masks {'yes' if res.ahead_same_masks[n] else 'NO'}")
         ious = mask_ious(official_masks, engine_outputs)
         res.agreement_iou_mean[n], res.agreement_iou_min[n] = float(np.mean(ious)), float(np.min(ious))
         del official_masks, engine_outputs
         log(f"  {n:2d} object(s): official {res.official_ms[n]:8.1f} ms/frame   "
             f"engine {res.engine_ms[n]:8.1f} ms/frame   ratio {res.ratio[n]:.2f}   "
-            f"mask IoU vs official mean {res.agreement_iou_mean[n]:.3f} min {res.agreement_iou_min[n]:.3f}")
+            f"mask IoU vs official mean {res.agreement_iou_mean[n]:.3f} min {res.agreement_iou_min[n]:.3f}"
+            f"{ahead}")
         if n == objects[0] and frames >= 2:
             res.official_state_bytes[frames] = _official_state_bytes(state)
         del state
@@ -202,6 +223,25 @@ def bench_engine(
             log(f"  official state after {f:5d} frames: {b / 1024:.1f} KiB "
                 f"(+{b / f / 1024:.1f} KiB per frame, without bound)")
     return res
+
+
+def _run_launching_ahead(engine: StreamingEngine, decoded: list[np.ndarray], prompts: list[Prompt],
+                         dev: torch.device) -> tuple[float, list]:
+    """ms per frame over frames 1.. with frame f + 1 launched before frame f is finished
+    (the device gets the next frame's work while the host builds this frame's output),
+    and every frame's output."""
+    outputs = [engine.step(decoded[0], prompts)]
+    sync_device(dev)
+    t0 = time.perf_counter()
+    pending = None
+    for frame in decoded[1:]:
+        launched = engine.launch(frame)
+        if pending is not None:
+            outputs.append(engine.finish(pending))
+        pending = launched
+    outputs.append(engine.finish(pending))
+    sync_device(dev)
+    return (time.perf_counter() - t0) / (len(decoded) - 1) * 1000, outputs
 
 
 @dataclass
@@ -290,7 +330,8 @@ def main(args) -> int:
             model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
             objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device,
             bf16=args.bf16, preprocess=args.preprocess, repeats=args.repeats, **compile_options(args),
-            official_vos_optimized=args.official_vos_optimized, width=width, height=height, log=log,
+            official_vos_optimized=args.official_vos_optimized, launch_ahead=args.launch_ahead,
+            width=width, height=height, log=log,
         )
     if args.json:
         print(json.dumps(asdict(res)))

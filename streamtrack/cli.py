@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or in a process of its own")
     p.add_argument("--official-vos-optimized", action="store_true",
                    help="engine: baseline is sam2's compiled SAM2VideoPredictorVOS (CUDA)")
+    p.add_argument("--launch-ahead", action="store_true",
+                   help="engine: also time the engine launching frame f+1 before finishing frame f "
+                        "(the device works on the next frame while the host builds this one's output)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4],
                    help="multistream: stream counts (default 1 2 4)")
     p.add_argument("--processes", action="store_true",

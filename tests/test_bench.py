@@ -123,7 +123,7 @@ def test_multistream_reports_fps_per_stream_both_ways(capsys, tiny_checkpoint):
 
 def test_engine_bench_times_both_sides_and_checks_they_agree(capsys, tiny_checkpoint):
     r = bench_json(capsys, "engine", "--checkpoint", str(tiny_checkpoint), *TINY, "--frames", "4",
-                   "--objects", "1", "2", "--state-frames", "3")
+                   "--objects", "1", "2", "--state-frames", "3", "--launch-ahead")
     for n in ("1", "2"):
         assert r["engine_ms"][n] > 0 and r["official_ms"][n] > 0
         assert r["ratio"][n] == pytest.approx(r["engine_ms"][n] / r["official_ms"][n])
@@ -133,6 +133,11 @@ def test_engine_bench_times_both_sides_and_checks_they_agree(capsys, tiny_checkp
     assert r["marginal_ms"]["engine"] == pytest.approx(r["engine_ms"]["2"] - r["engine_ms"]["1"])
     assert r["engine_state_bytes"]["3"] > 0
     assert r["compile"] is False and r["compile_mode"] == "default"
+    # launching a frame ahead is timed on the same frames and tracks exactly the same
+    assert r["launch_ahead"] is True and set(r["ahead_ms"]) == {"1", "2"}
+    for n in ("1", "2"):
+        assert r["ahead_ms"][n] > 0 and r["ahead_same_masks"][n] is True
+        assert r["ahead_ratio"][n] == pytest.approx(r["ahead_ms"][n] / r["official_ms"][n])
 
 
 def test_mask_ious_compares_every_object_on_every_frame():
