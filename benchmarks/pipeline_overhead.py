@@ -49,32 +49,48 @@ class StandInEngine:
         per_iteration = (time.perf_counter() - t0) / 200_000
         self.iterations = max(1, int(host_ms / 1000 / per_iteration))
         self.object_ids = list(range(1, objects + 1))
+        self._device_free = 0.0  # perf_counter time the stand-in device is done with its queue
         self.masks = []
         for k in self.object_ids:
             m = np.zeros((height, width), bool)
             m[height // 4 : height // 2, k * width // (objects + 2) : (k + 1) * width // (objects + 2)] = True
             self.masks.append(m)
 
-    def step(self, image, prompts=(), timestamp=None) -> FrameOutput:
+    def launch(self, image, prompts=(), timestamp=None) -> tuple[float, float, tuple]:
         start = time.time()
         _python_work(self.iterations)  # interpreter work, as launching kernels is
-        time.sleep(self.device_s)  # the device wait: the lock is free meanwhile
+        # One device queue: this frame's work starts once launched and once the frame
+        # before it is done, as on a GPU stream.
+        self._device_free = max(time.perf_counter(), self._device_free) + self.device_s
+        return start, self._device_free, image.shape
+
+    def finish(self, pending: tuple[float, float, tuple]) -> FrameOutput:
+        start, done, shape = pending
+        wait = done - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)  # the device wait: the lock is free meanwhile
         objects = tuple(
             ObjectOutput(obj_id=k, mask=m, score=0.9, object_score_logit=2.0, iou=0.9, bbox=mask_bbox(m),
                          area=mask_area(m), state=ObjectState.VISIBLE, prompted=False)
             for k, m in zip(self.object_ids, self.masks, strict=True)
         )
-        return FrameOutput(0, image.shape[1], image.shape[0], objects, start, time.time())
+        return FrameOutput(0, shape[1], shape[0], objects, start, time.time())
+
+    def step(self, image, prompts=(), timestamp=None) -> FrameOutput:
+        return self.finish(self.launch(image, prompts, timestamp))
 
     def state_bytes(self) -> int:
         return 0
 
 
-def _variant(text: str) -> tuple[str, str]:
-    decode, _, emit = text.partition("/")
-    if decode not in ("thread", "process") or emit not in ("thread", "process"):
-        raise argparse.ArgumentTypeError(f"expected DECODE/EMIT, each thread or process, got {text!r}")
-    return decode, emit
+def _variant(text: str) -> tuple[str, str, bool]:
+    parts = text.split("/")
+    modes = ("thread", "process")
+    if not (len(parts) in (2, 3) and parts[0] in modes and parts[1] in modes
+            and parts[2:] in ([], ["ahead"])):
+        raise argparse.ArgumentTypeError(
+            f"expected DECODE/EMIT[/ahead], each thread or process, got {text!r}")
+    return parts[0], parts[1], len(parts) == 3
 
 
 def main() -> None:
@@ -85,10 +101,11 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=150)
     ap.add_argument("--frame-size", default="1280x720")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", type=_variant, nargs="+", metavar="DECODE/EMIT",
-                    default=[("thread", "thread"), ("process", "thread"), ("thread", "process")],
-                    help="where the tracker decodes and emits (default thread/thread "
-                         "process/thread thread/process)")
+    ap.add_argument("--variants", type=_variant, nargs="+", metavar="DECODE/EMIT[/ahead]",
+                    default=[("thread", "thread", False), ("process", "thread", False),
+                             ("thread", "process", False)],
+                    help="where the tracker decodes and emits, and /ahead to launch a waiting frame "
+                         "before finishing the last (default thread/thread process/thread thread/process)")
     ap.add_argument("--live", type=float, default=None, metavar="FPS",
                     help="read the clip as a live source paced at FPS (looping) and report "
                          "capture -> publish latency instead of throughput")
@@ -111,25 +128,28 @@ def main() -> None:
             for frame in decoded:
                 engine.step(frame)
             bare.append(len(decoded) / (time.perf_counter() - t0))
-            for decode, emit in variants:  # interleaved, so a slow spell of the machine hits all
+            for v in variants:  # interleaved, so a slow spell of the machine hits all
+                decode, emit, ahead = v
                 live = dict(realtime=True, loop=True) if args.live else {}
                 run = RunConfig(source=str(video), stream="bench", publish="tcp://127.0.0.1:0",
-                                max_frames=args.frames, progress=False, emit=emit, decode=decode, **live)
+                                max_frames=args.frames, progress=False, emit=emit, decode=decode,
+                                launch_ahead=ahead, **live)
                 tracked = _run_tracker(run, engine)
                 published = [t.publish for t in tracked.stamps]
-                piped[decode, emit].append((len(published) - 5) / (published[-1] - published[4]))
-                emit_ms[decode, emit] += [(t.publish - t.infer_end) * 1000 for t in tracked.stamps[5:]]
-                latency_ms[decode, emit] += [(t.publish - t.capture) * 1000 for t in tracked.stamps[5:]]
-                dequeue_ms[decode, emit] += [(t.dequeue - t.capture) * 1000 for t in tracked.stamps[5:]]
-                # The tracker's time between steps: taking the next frame, handing the result over.
+                piped[v].append((len(published) - 5) / (published[-1] - published[4]))
+                emit_ms[v] += [(t.publish - t.infer_end) * 1000 for t in tracked.stamps[5:]]
+                latency_ms[v] += [(t.publish - t.capture) * 1000 for t in tracked.stamps[5:]]
+                dequeue_ms[v] += [(t.dequeue - t.capture) * 1000 for t in tracked.stamps[5:]]
+                # The tracker's time between steps: taking the next frame, handing the result over
+                # (negative when a frame is launched before the one before it is finished).
                 stamps = tracked.stamps
-                between_ms[decode, emit] += [(stamps[i].infer_start - stamps[i - 1].infer_end) * 1000
-                                             for i in range(5, len(stamps))]
+                between_ms[v] += [(stamps[i].infer_start - stamps[i - 1].infer_end) * 1000
+                                  for i in range(5, len(stamps))]
     b = float(np.median(bare))
     print(f"stand-in engine ({args.host_ms:g} ms host + {args.device_ms:g} ms device, {args.objects} "
           f"object(s), {width}x{height}): bare {b:.1f} frames/s, runs {[round(v, 1) for v in bare]}")
     for variant in variants:
-        name = "decode {} / emit {}".format(*variant)
+        name = "decode {} / emit {}".format(*variant[:2]) + (" / ahead" if variant[2] else "")
         if args.live:
             p50, p95, p99 = np.percentile(latency_ms[variant], (50, 95, 99))
             print(f"  {name:32s}: live {args.live:g} fps, capture -> publish p50 {p50:.2f} ms, "

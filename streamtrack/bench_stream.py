@@ -272,6 +272,7 @@ class PipelineBenchResult:
     compile_mode: str = "default"
     emit: str = "thread"  # where the tracker's RLE, publishing and files ran
     decode: str = "thread"  # where the tracker's source was decoded
+    launch_ahead: bool = False  # the tracker launched a waiting frame before finishing the last
 
 
 def bench_pipeline(
@@ -291,6 +292,7 @@ def bench_pipeline(
     compile_slots: int = 4,
     emit: str = "thread",
     decode: str = "thread",
+    launch_ahead: bool = False,
     log: Log = print,
 ) -> PipelineBenchResult:
     """Timed from the end of frame ``warmup - 1`` to the end of the last frame on both
@@ -318,7 +320,7 @@ def bench_pipeline(
                               preprocess=preprocess, compile=compile, compile_mode=compile_mode,
                               compile_slots=compile_slots)
         res.compile, res.compile_mode = config.compile, config.compile_mode
-        res.emit, res.decode = emit, decode
+        res.emit, res.decode, res.launch_ahead = emit, decode, launch_ahead
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         res.frame_size = (decoded[0].shape[1], decoded[0].shape[0])
         _warm(net, config, decoded, prompts)
@@ -333,7 +335,7 @@ def bench_pipeline(
 
             run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
                             publish="tcp://127.0.0.1:0", max_frames=frames, progress=False, emit=emit,
-                            decode=decode)
+                            decode=decode, launch_ahead=launch_ahead)
             tracked = _run_tracker(run, StreamingEngine(net, config))
             if len(tracked.stamps) != frames or any(n != objects for n in tracked.object_counts):
                 raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames, "
@@ -388,6 +390,7 @@ class LatencyBenchResult:
     compile_mode: str = "default"
     emit: str = "thread"
     decode: str = "thread"
+    launch_ahead: bool = False
 
 
 def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float]:
@@ -413,6 +416,7 @@ def bench_latency(
     compile_slots: int = 4,
     emit: str = "thread",
     decode: str = "thread",
+    launch_ahead: bool = False,
     log: Log = print,
 ) -> LatencyBenchResult:
     """``fps=None`` paces the clip like a 30 fps camera, or at 3x the engine's rate if
@@ -461,7 +465,8 @@ def bench_latency(
         # few pixels off, which changes nothing in the timing.
         run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
                         publish="tcp://127.0.0.1:0", max_frames=frames, realtime=True, loop=True,
-                        capture=live, progress=False, emit=emit, decode=decode)
+                        capture=live, progress=False, emit=emit, decode=decode,
+                        launch_ahead=launch_ahead)
         tracked = _run_tracker(run, StreamingEngine(net, config))
         if len(tracked.stamps) != frames:
             raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames")
@@ -476,7 +481,7 @@ def bench_latency(
         queue_ms=_percentiles(queue, (50, 95)), pipeline_infer_ms=float(np.median(infer)),
         frames_decoded=tracked.frames_decoded, frames_delivered=tracked.frames_delivered,
         dropped=tracked.dropped, messages_received=tracked.received, compile=config.compile,
-        compile_mode=config.compile_mode, emit=emit, decode=decode,
+        compile_mode=config.compile_mode, emit=emit, decode=decode, launch_ahead=launch_ahead,
     )
     res.ratio = res.latency_ms["p95"] / res.engine_step_ms
     res.meets_goal = res.ratio <= LATENCY_GOAL
@@ -678,11 +683,12 @@ def main(args: argparse.Namespace) -> int:
     res: PipelineBenchResult | LatencyBenchResult | MemoryBenchResult
     if args.what == "pipeline":
         res = bench_pipeline(**common, warmup=args.warmup, repeats=args.repeats, preprocess=args.preprocess,
-                             emit=args.emit, decode=args.decode, **compile_options(args))
+                             emit=args.emit, decode=args.decode, launch_ahead=args.launch_ahead,
+                             **compile_options(args))
     elif args.what == "latency":
         res = bench_latency(**common, warmup=args.warmup, clip_frames=args.clip_frames, fps=args.fps,
                             queue_depth=args.queue_depth, preprocess=args.preprocess, emit=args.emit,
-                            decode=args.decode, **compile_options(args))
+                            decode=args.decode, launch_ahead=args.launch_ahead, **compile_options(args))
     elif args.what == "memory":
         res = bench_memory(**common, early_frame=args.early_frame, clip_frames=args.clip_frames,
                            official_frames=tuple(args.official_frames))

@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: baseline is sam2's compiled SAM2VideoPredictorVOS (CUDA)")
     p.add_argument("--launch-ahead", action="store_true",
                    help="engine: also time the engine launching frame f+1 before finishing frame f "
-                        "(the device works on the next frame while the host builds this one's output)")
+                        "(the device works on the next frame while the host builds this one's output); "
+                        "pipeline, latency: the tracker does so with a frame waiting (launch_ahead)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4],
                    help="multistream: stream counts (default 1 2 4)")
     p.add_argument("--processes", action="store_true",

@@ -58,6 +58,7 @@ class Config:
     publish_frames: bool = False
     emit: str = "thread"
     decode: str = "thread"
+    launch_ahead: bool = False
     show: bool = False
     max_restarts: int | None = None
     # security (optional CURVE encryption + client authentication; see docs/protocol.md)

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from streamtrack.capture import CaptureConfig, SourceKind, open_source
+from streamtrack.capture import CaptureConfig, Frame, SourceKind, open_source
 from streamtrack.capture import StatusEvent as SourceEvent
 from streamtrack.capture_process import check_decode_mode
 from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
-from streamtrack.engine import EngineConfig, FrameOutput, Prompt, StreamingEngine, check_prompt
+from streamtrack.engine import EngineConfig, FrameOutput, PendingStep, Prompt, StreamingEngine, check_prompt
 from streamtrack.errors import PromptError, UserError
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, now
 from streamtrack.publisher import StatsWindow
@@ -83,6 +83,9 @@ class RunConfig:
     # Where the source is decoded and converted to RGB: "thread" or "process"
     # (see capture_process.py).
     decode: str = "thread"
+    # Launch the next frame's device work before finishing this one, when that frame is
+    # already waiting (a GPU then works while the host builds results); see run().
+    launch_ahead: bool = False
 
     def __post_init__(self) -> None:
         check_emit_mode(self.emit)
@@ -109,7 +112,7 @@ class RunConfig:
             publish=cfg.publish, control=cfg.control, max_frames=cfg.max_frames, realtime=cfg.realtime,
             progress=progress, capture=capture, publish_frames=cfg.publish_frames, loop=cfg.loop,
             curve=server_from_options(cfg.curve_secret, cfg.curve_clients), emit=cfg.emit,
-            decode=cfg.decode,
+            decode=cfg.decode, launch_ahead=cfg.launch_ahead,
         )
 
     @property
@@ -245,6 +248,7 @@ class Tracker:
         self._notify = notify or (lambda kind, data: None)
         self._publisher = None  # set once the outputs exist; used by the capture thread too
         self._last_stats = 0.0  # when stats/<stream> was last published
+        self._in_flight: _InFlight | None = None  # launched, not finished (launch_ahead)
 
     def stop(self) -> None:
         self._stop.set()
@@ -311,15 +315,21 @@ class Tracker:
                     # so a file loses nothing while paused.
                     _serve_control(control, 100 if self._controls.paused else 0)
                 if self._controls.paused:
+                    self._finish_in_flight(emitter, bar)
                     continue
-                frame = self.capture.read(timeout=0.1)
+                # With a frame in flight only a frame already waiting is launched ahead:
+                # waiting for the source would hold the in-flight result back.
+                frame = self.capture.read(timeout=0.1 if self._in_flight is None else 0)
                 if frame is None:
-                    if self.capture.state.terminal:
+                    if self._in_flight is not None:
+                        self._finish_in_flight(emitter, bar)
+                    elif self.capture.state.terminal:
                         break
                     continue
                 if frame.frame_id < skip_to:
                     continue  # processed before a restart
                 if self._must_wait_for_prompt(seed):
+                    self._finish_in_flight(emitter, bar)
                     self._hold(frame, control, emitter.publisher)
                     if self._stop.is_set():
                         break
@@ -328,14 +338,15 @@ class Tracker:
                 prompts = [_fit_mask(p, frame.height, frame.width) for p in seed]
                 seed = []
                 prompts += cfg.prompts.get(self.frames_seen, [])
-                out = self._step(frame, _merge_prompts(prompts), self._controls.pending)
+                launched = _InFlight(frame, dequeue,
+                                     self._launch(frame, _merge_prompts(prompts), self._controls.pending))
                 self._controls.pending = []
-                result = self._result(frame, dequeue, out)
-                emitter.submit(result, [o.mask for o in out.objects], frame.image)
-                self._status_changes(result)
                 self.frames_seen += 1
-                if bar is not None:
-                    bar.update(1)
+                self._finish_in_flight(emitter, bar)  # the frame before, launched ahead of this one
+                self._in_flight = launched
+                if not cfg.launch_ahead:
+                    self._finish_in_flight(emitter, bar)
+            self._finish_in_flight(emitter, bar)
             emitter.close()
             emitter.check()
             if bar is not None:
@@ -348,7 +359,8 @@ class Tracker:
             self.capture.close()
             if control is not None:
                 control.close()
-        summary.frames = self.frames_seen - resume.frames_done
+        # A frame launched but not finished (interrupted) was never published.
+        summary.frames = self.frames_seen - resume.frames_done - (self._in_flight is not None)
         summary.seconds = time.monotonic() - started
         latency = self.window.latency()
         if "total" in latency:
@@ -395,16 +407,28 @@ class Tracker:
             else:
                 self._stop.wait(0.05)
 
-    def _step(self, frame, prompts: list[Prompt], requested: list[Prompt]) -> FrameOutput:
-        """Run the engine; prompts that came over the control channel and still do not
-        fit (e.g. sent before the first frame) are dropped with a status event rather
-        than taking the tracker down.  The engine validates before it changes state,
-        so the retry sees it untouched."""
+    def _finish_in_flight(self, emitter, bar) -> None:
+        """Wait for the frame in flight, if any, and hand its result to the outputs."""
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            return
+        out = self.require_engine().finish(launched.step)
+        result = self._result(launched.frame, launched.dequeue, out)
+        emitter.submit(result, [o.mask for o in out.objects], launched.frame.image)
+        self._status_changes(result)
+        if bar is not None:
+            bar.update(1)
+
+    def _launch(self, frame, prompts: list[Prompt], requested: list[Prompt]) -> PendingStep:
+        """Launch the engine's step; prompts that came over the control channel and still
+        do not fit (e.g. sent before the first frame) are dropped with a status event
+        rather than taking the tracker down.  The engine validates before it changes
+        state, so the retry sees it untouched."""
         assert self.engine is not None
         ts = frame.capture_monotonic
         if requested:
             try:
-                out = self.engine.step(frame.image, _merge_prompts(prompts + requested), timestamp=ts)
+                out = self.engine.launch(frame.image, _merge_prompts(prompts + requested), timestamp=ts)
             except PromptError as exc:
                 log.warning("dropping control prompt(s): %s", exc)
                 self._publish_status("error", message=f"prompt dropped: {exc}")
@@ -416,7 +440,7 @@ class Tracker:
                                          points=p.points, labels=p.labels, box=p.box,
                                          mask=p.mask is not None)
                 return out
-        return self.engine.step(frame.image, prompts, timestamp=ts)
+        return self.engine.launch(frame.image, prompts, timestamp=ts)
 
     def _on_source_status(self, event: SourceEvent) -> None:
         # Runs on the capture thread (on the tracker's with decode: process); the
@@ -464,6 +488,15 @@ class Tracker:
 
 
 _LOCAL_HOSTS = ("localhost", "::1", "[::1]")
+
+
+@dataclass
+class _InFlight:
+    """A frame whose engine step is launched and not yet finished."""
+
+    frame: Frame
+    dequeue: float
+    step: PendingStep
 
 
 def is_local_endpoint(endpoint: str | int) -> bool:

@@ -66,11 +66,12 @@ def exits_within(pid: int, timeout: float) -> bool:
         time.sleep(0.1)
 
 
-def track_both_ways(tmp_path: Path, checkpoint: Path, option: str, **run_options):
+def track_both_ways(tmp_path: Path, checkpoint: Path, option: str, values=("thread", "process"),
+                    **run_options):
     """An 8-frame clip (object 1 prompted on frame 0, object 2 on frame 4) tracked twice,
-    with ``option`` (a RunConfig field) set to "thread" and to "process".
+    with ``option`` (a RunConfig field) set to each of ``values`` ("thread", "process").
 
-    Returns ``({mode: parsed JSONL lines}, {mode: RunSummary})``.
+    Returns ``({value: parsed JSONL lines}, {value: RunSummary})``.
     """
     import json
 
@@ -83,7 +84,7 @@ def track_both_ways(tmp_path: Path, checkpoint: Path, option: str, **run_options
     video = write_video(clip.frames, tmp_path / "clip.mp4")
     model = build_model("sam2.1_hiera_tiny", checkpoint, image_size=TEST_IMAGE_SIZE)
     lines, summaries = {}, {}
-    for mode in ("thread", "process"):
+    for mode in values:
         run = RunConfig(source=str(video), prompts={0: [Prompt.make(1, box=clip.box(1, 0))],
                                                     4: [Prompt.make(2, box=clip.box(2, 4))]},
                         save_jsonl=str(tmp_path / f"{mode}.jsonl"), progress=False,

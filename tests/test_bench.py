@@ -25,12 +25,14 @@ def bench_json(capsys, *args: str) -> dict:
     return json.loads(lines[0])
 
 
-@pytest.mark.parametrize(("emit", "decode"), [("thread", "thread"), ("process", "process")])
-def test_pipeline_reports_fps_of_both_sides_and_their_ratio(capsys, tiny_checkpoint, emit, decode):
+@pytest.mark.parametrize(("emit", "decode", "ahead"),
+                         [("thread", "thread", True), ("process", "process", False)])
+def test_pipeline_reports_fps_of_both_sides_and_their_ratio(capsys, tiny_checkpoint, emit, decode, ahead):
     r = bench_json(capsys, "pipeline", *TINY, "--checkpoint", str(tiny_checkpoint),
-                   "--frames", "6", "--warmup", "2", "--repeats", "2", "--emit", emit, "--decode", decode)
+                   "--frames", "6", "--warmup", "2", "--repeats", "2", "--emit", emit, "--decode", decode,
+                   *(["--launch-ahead"] if ahead else []))
     assert r["benchmark"] == "pipeline" and r["objects"] == 1 and r["frames"] == 6
-    assert (r["emit"], r["decode"]) == (emit, decode)
+    assert (r["emit"], r["decode"], r["launch_ahead"]) == (emit, decode, ahead)
     assert r["frame_size"] == [96, 64] and r["image_size"] == 64
     assert len(r["engine_runs_fps"]) == len(r["pipeline_runs_fps"]) == 2
     assert all(f > 0 for f in r["engine_runs_fps"] + r["pipeline_runs_fps"])
@@ -50,11 +52,13 @@ def test_pipeline_table_names_both_sides_and_the_goal(capsys, tiny_checkpoint):
     assert "ratio pipeline / engine" in out and "goal >= 0.95" in out
 
 
-@pytest.mark.parametrize("decode", ["thread", "process"])
-def test_latency_reports_percentiles_step_time_and_drops(capsys, tiny_checkpoint, decode):
+@pytest.mark.parametrize(("decode", "ahead"), [("thread", True), ("process", False)])
+def test_latency_reports_percentiles_step_time_and_drops(capsys, tiny_checkpoint, decode, ahead):
     r = bench_json(capsys, "latency", *TINY, "--checkpoint", str(tiny_checkpoint),
-                   "--frames", "6", "--warmup", "2", "--clip-frames", "8", "--fps", "60", "--decode", decode)
+                   "--frames", "6", "--warmup", "2", "--clip-frames", "8", "--fps", "60", "--decode", decode,
+                   *(["--launch-ahead"] if ahead else []))
     assert r["benchmark"] == "latency" and r["frames"] == 6 and r["decode"] == decode
+    assert r["launch_ahead"] is ahead
     assert r["source_fps"] == 60 and r["queue_depth"] == 2  # the live drop-oldest default
     lat = r["latency_ms"]
     assert set(lat) == {"p50", "p95", "p99"} and 0 < lat["p50"] <= lat["p95"] <= lat["p99"]

@@ -72,3 +72,13 @@ def test_bad_environment_names_the_variable():
 def test_missing_config_lists_presets():
     with pytest.raises(UserError, match="not found .*webcam"):
         load_config("no-such-config", {}, {})
+
+
+def test_launch_ahead_is_a_config_key_that_reaches_the_run(tmp_path):
+    from streamtrack.pipeline import RunConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("launch_ahead: true\n")
+    assert RunConfig.from_config(load_config(str(cfg_file), environ={}), "clip.mp4", {}).launch_ahead is True
+    assert load_config(environ={"STREAMTRACK_LAUNCH_AHEAD": "true"}).launch_ahead is True
+    assert RunConfig.from_config(load_config(environ={}), "clip.mp4", {}).launch_ahead is False

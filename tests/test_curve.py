@@ -300,10 +300,13 @@ class _NoObjects:
 
     object_ids: list[int] = []
 
-    def step(self, image, prompts, timestamp=None) -> FrameOutput:
+    def launch(self, image, prompts, timestamp=None) -> FrameOutput:
         t = time.time()
         return FrameOutput(frame_idx=0, width=image.shape[1], height=image.shape[0], objects=(),
                            infer_start=t, infer_end=t)
+
+    def finish(self, launched: FrameOutput) -> FrameOutput:
+        return launched
 
     def state_bytes(self) -> int:
         return 0

@@ -17,7 +17,7 @@ class StubEngine:
     def __init__(self):
         self.calls: list[list[Prompt]] = []
 
-    def step(self, image, prompts, timestamp=None):
+    def launch(self, image, prompts, timestamp=None):
         if any(p.obj_id == 99 for p in prompts):
             raise PromptError("point (900, 10) is outside the 64x48 frame")
         self.calls.append(list(prompts))
@@ -48,7 +48,7 @@ def test_applied_control_prompts_are_reported_with_their_frame_and_coordinates()
     requested = [Prompt.make(2, points=[[10.5, 20.25], [3, 4]], labels=[1, 0]),
                  Prompt.make(3, box=[5, 6, 50, 45]),
                  Prompt(4, mask=np.ones((48, 64), bool))]
-    tracker._step(frame(17), [from_file], requested)
+    tracker._launch(frame(17), [from_file], requested)
     assert [p.obj_id for p in tracker.engine.calls[0]] == [1, 2, 3, 4]
     events = tracker._publisher.events
     # Only control prompts: a prompts-file entry is the user's own, known in advance.
@@ -62,7 +62,7 @@ def test_applied_control_prompts_are_reported_with_their_frame_and_coordinates()
 
 def test_dropped_prompts_are_reported_as_errors_not_applied():
     tracker = make_tracker()
-    tracker._step(frame(3), [Prompt.make(1, box=[1, 2, 30, 40])], [Prompt.make(99, points=[[900, 10]])])
+    tracker._launch(frame(3), [Prompt.make(1, box=[1, 2, 30, 40])], [Prompt.make(99, points=[[900, 10]])])
     assert [p.obj_id for p in tracker.engine.calls[0]] == [1]  # the frame still runs, without it
     (kind, data), = tracker._publisher.events
     assert kind == "error" and "prompt dropped" in data["message"]
@@ -70,5 +70,5 @@ def test_dropped_prompts_are_reported_as_errors_not_applied():
 
 def test_no_control_prompt_no_event():
     tracker = make_tracker()
-    tracker._step(frame(0), [Prompt.make(1, box=[1, 2, 30, 40])], [])
+    tracker._launch(frame(0), [Prompt.make(1, box=[1, 2, 30, 40])], [])
     assert tracker._publisher.events == []

@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 import yaml
-from conftest import TEST_IMAGE_SIZE
+from conftest import TEST_IMAGE_SIZE, track_both_ways
 from PIL import Image
 
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
@@ -114,6 +114,44 @@ def test_jsonl_pngs_and_engine_agree(tracked, tiny_checkpoint):
         assert np.array_equal(png, labels), f
     with av.open(str(out / "v.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == len(results)
+
+
+def test_launch_ahead_overlaps_two_frames_and_changes_no_result(tiny_checkpoint, tmp_path, monkeypatch):
+    """launch_ahead: a file's next frame is always waiting, so each frame is launched
+    before the one before it is finished; the results are those of one step at a time."""
+    events = []
+    launch, finish = StreamingEngine.launch, StreamingEngine.finish
+
+    def spy_launch(self, *args, **kwargs):
+        pending = launch(self, *args, **kwargs)
+        events.append(("launch", pending.job.frame_idx))
+        return pending
+
+    def spy_finish(self, pending):
+        events.append(("finish", pending.job.frame_idx))
+        return finish(self, pending)
+
+    monkeypatch.setattr(StreamingEngine, "launch", spy_launch)
+    monkeypatch.setattr(StreamingEngine, "finish", spy_finish)
+    lines, summaries = track_both_ways(tmp_path, tiny_checkpoint, "launch_ahead", values=(False, True))
+    for value in lines:
+        for d in lines[value]:
+            d.pop("t")
+            d.pop("source_state")  # a file's end may be seen a frame earlier or later
+    assert [d["frame_id"] for d in lines[True]] == list(range(8))
+    assert lines[True] == lines[False]
+    assert summaries[True].frames == summaries[False].frames == 8
+
+    def in_flight(run):  # most frames launched and not finished at once
+        depth = most = 0
+        for kind, _ in run:
+            depth += 1 if kind == "launch" else -1
+            most = max(most, depth)
+        return most
+
+    one_at_a_time, ahead = events[:16], events[16:]
+    assert in_flight(one_at_a_time) == 1 and in_flight(ahead) == 2
+    assert [f for kind, f in ahead if kind == "finish"] == list(range(8))
 
 
 def test_config_layers_and_print_config_round_trip(tmp_path):
