@@ -154,6 +154,64 @@ def test_launch_ahead_overlaps_two_frames_and_changes_no_result(tiny_checkpoint,
     assert [f for kind, f in ahead if kind == "finish"] == list(range(8))
 
 
+class _SlowDevice:
+    """Stands in for the engine: each launched frame takes 20 ms to finish."""
+
+    object_ids: list[int] = []
+
+    def __init__(self):
+        self.launched: list[int] = []
+        self.finished: list[int] = []
+
+    def launch(self, image, prompts, timestamp=None):
+        self.launched.append(len(self.launched))
+        return self.launched[-1], time.time()
+
+    def finish(self, pending):
+        from streamtrack.engine import FrameOutput
+
+        index, start = pending
+        time.sleep(0.02)
+        self.finished.append(index)
+        return FrameOutput(index, 64, 48, (), start, time.time())
+
+    def state_bytes(self) -> int:
+        return 0
+
+
+def test_launch_ahead_finishes_the_frame_in_flight_before_a_pause(tmp_path):
+    """Paused over the control channel, the tracker holds no launched frame back: the
+    last result is out while it waits, and resumed, it goes on without a gap."""
+    import threading
+
+    from streamtrack.control import ControlClient
+    from streamtrack.pipeline import RunConfig, Tracker
+
+    video = write_video(make_clip(40, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    engine = _SlowDevice()
+    bound = {}
+    run = RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False, launch_ahead=True)
+    tracker = Tracker(run, engine=engine,
+                      notify=lambda kind, data: bound.update(data) if kind == "bound" else None)
+    summary = {}
+    thread = threading.Thread(target=lambda: summary.update(run=tracker.run()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while len(engine.finished) < 5 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with ControlClient(bound["control"], timeout=10) as client:
+        assert client.pause()["ok"]
+        time.sleep(0.3)
+        assert engine.launched and engine.finished == engine.launched  # nothing in flight
+        paused_at = len(engine.finished)
+        time.sleep(0.2)
+        assert len(engine.launched) == paused_at  # and nothing new launched
+        assert client.resume()["ok"]
+    thread.join(30)
+    assert summary["run"].frames == 40 and engine.finished == list(range(40))
+    assert 5 <= paused_at < 40
+
+
 def test_config_layers_and_print_config_round_trip(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("image_size: 512\nstream: fromfile\ndevice: cpu\nlost_after: 9\n")
