@@ -71,6 +71,10 @@ cg="--compile-mode reduce-overhead"
 step engine-tiny-cudagraphs 240 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --frames 61 --objects 1 --repeats 3 --state-frames --launch-ahead
 step latency-tiny-cudagraphs 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1
 step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1
+# Launching a waiting frame before finishing the last (launch_ahead): the GPU works on the
+# next frame while the host builds this one's result.
+step pipeline-tiny-cudagraphs-ahead 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --launch-ahead
+step latency-tiny-cudagraphs-ahead 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --launch-ahead
 # The same two with RLE, publishing and files in a child process (emit: process).
 step latency-tiny-cudagraphs-emitprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process
 step pipeline-tiny-cudagraphs-emitprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process
