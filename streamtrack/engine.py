@@ -401,6 +401,12 @@ class StreamingEngine:
             )
         return FrameOutput(job.frame_idx, job.width, job.height, tuple(objects), job.infer_start, time.time())
 
+    def drop_launched(self) -> None:
+        """Forget launched steps that will not be finished (their caller stopped): the
+        next launch starts a fresh order.  Their frames stay tracked: the memory bank has
+        them."""
+        self._pending.clear()
+
     @torch.inference_mode()
     def _prepare(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
         with self.autocast():

@@ -354,6 +354,8 @@ class Tracker:
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
+            if self._in_flight is not None and self.engine is not None:
+                self.engine.drop_launched()  # interrupted with a frame in flight: never published
             self._publisher = None
             emitter.close()  # whatever was tracked is written before the files close
             self.capture.close()

@@ -147,6 +147,9 @@ def test_launched_steps_finish_in_order(engine_two_frames, clip40):
     with pytest.raises(RuntimeError, match="order"):
         engine.finish(second)  # once only
     assert engine.step(clip40.frames[4]).objects == ()
+    engine.launch(clip40.frames[5])  # abandoned by a caller that stopped
+    engine.drop_launched()
+    assert engine.step(clip40.frames[6]).frame_idx == 6
 
 
 def test_memory_bank_holds_exactly_what_sam2_reads(multi):
