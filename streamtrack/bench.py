@@ -50,7 +50,9 @@ class EngineBenchResult:
     launch_ahead: bool = False
     ahead_ms: dict[int, float] = field(default_factory=dict)
     ahead_ratio: dict[int, float] = field(default_factory=dict)  # vs official
-    ahead_same_masks: dict[int, bool] = field(default_factory=dict)  # as the engine one step at a time
+    # mask IoU against the engine one step at a time, worst frame and object (1.0: the same;
+    # a GPU's kernels need not repeat bit for bit from run to run)
+    ahead_iou_min: dict[int, float] = field(default_factory=dict)
 
 
 def _prompts(clip, n: int) -> list[Prompt]:
@@ -72,9 +74,7 @@ def mask_ious(official_masks: list[torch.Tensor], engine_outputs: list) -> list[
     ious = []
     for logits, out in zip(official_masks, engine_outputs, strict=True):
         theirs = (logits[:, 0] > 0).cpu().numpy()
-        for k, obj in enumerate(out.objects):
-            union = np.logical_or(theirs[k], obj.mask).sum()
-            ious.append(1.0 if union == 0 else float(np.logical_and(theirs[k], obj.mask).sum() / union))
+        ious += [_iou(theirs[k], obj.mask) for k, obj in enumerate(out.objects)]
     return ious
 
 
@@ -187,12 +187,12 @@ def bench_engine(
         if launch_ahead:
             res.ahead_ms[n] = float(np.median(ahead_runs))
             res.ahead_ratio[n] = res.ahead_ms[n] / res.official_ms[n]
-            res.ahead_same_masks[n] = all(
-                np.array_equal(a.mask, b.mask)
+            res.ahead_iou_min[n] = min(
+                _iou(a.mask, b.mask)
                 for x, y in zip(engine_outputs, ahead_outputs, strict=True)
                 for a, b in zip(x.objects, y.objects, strict=True))
             ahead = (f"   launching ahead {res.ahead_ms[n]:8.1f} ms/frame   ratio {res.ahead_ratio[n]:.2f}   "
-                     f"same masks {'yes' if res.ahead_same_masks[n] else 'NO'}")
+                     f"mask IoU vs one step at a time min {res.ahead_iou_min[n]:.3f}")
         ious = mask_ious(official_masks, engine_outputs)
         res.agreement_iou_mean[n], res.agreement_iou_min[n] = float(np.mean(ious)), float(np.min(ious))
         del official_masks, engine_outputs
@@ -223,6 +223,11 @@ def bench_engine(
             log(f"  official state after {f:5d} frames: {b / 1024:.1f} KiB "
                 f"(+{b / f / 1024:.1f} KiB per frame, without bound)")
     return res
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def _run_launching_ahead(engine: StreamingEngine, decoded: list[np.ndarray], prompts: list[Prompt],

@@ -140,7 +140,7 @@ def test_engine_bench_times_both_sides_and_checks_they_agree(capsys, tiny_checkp
     # launching a frame ahead is timed on the same frames and tracks exactly the same
     assert r["launch_ahead"] is True and set(r["ahead_ms"]) == {"1", "2"}
     for n in ("1", "2"):
-        assert r["ahead_ms"][n] > 0 and r["ahead_same_masks"][n] is True
+        assert r["ahead_ms"][n] > 0 and r["ahead_iou_min"][n] == 1.0  # fp32 on a CPU: the same masks
         assert r["ahead_ratio"][n] == pytest.approx(r["ahead_ms"][n] / r["official_ms"][n])
 
 
