@@ -82,6 +82,7 @@ step pipeline-tiny-cudagraphs-emitprocess 120 pipeline $(m tiny) $hd --frames 30
 step latency-tiny-cudagraphs-bothprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process --decode process
 step pipeline-tiny-cudagraphs-bothprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process
 step pipeline-tiny-cudagraphs-decodeprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --decode process
+step pipeline-tiny-cudagraphs-bothprocess-ahead 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process --launch-ahead
 # The fleet on Ray (needs `ray` importable): an actor per stream against one actor batching
 # the streams, then CUDA-graph actors, one stream each (docs/scaling.md, GPU sizing).
 fl=${FLEET_ARGS:-"--device cuda --gpus 1 --cpus 8 --image-size 1024 --frame-size 1280x720"}
