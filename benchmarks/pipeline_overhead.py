@@ -8,7 +8,9 @@ held) and a wait for the device (lock released).  The stand-in engine does exact
 masks, so the capture thread (decode 720p), the emit thread (RLE, JSON, ZeroMQ) and the
 tracker compete for the interpreter as they do on a GPU machine.  Prints frames/s of the
 stand-in stepped on decoded frames (the bare rate) and of the full pipeline with the
-decoder and the emitter each on a thread or in a process (``--variants``), and their
+decoder and the emitter each on a thread or in a process, and with ``/ahead`` the tracker's
+``launch_ahead`` (``--variants``; the stand-in's device time then overlaps the next
+frame's Python, as one GPU queue would), and their
 ratios (``bench pipeline``'s figure, goal >= 0.95), all measured in this run; with
 ``--live FPS``, capture -> publish latency behind a paced source instead.
 """
