@@ -58,9 +58,9 @@ def run_layout(ray, n: int, one_actor: bool, args, clip: Path, box: list[float],
 
     compiled = args.compile_mode is not None
     mode = args.compile_mode or "default"
-    key = ModelKey(args.model, str(checkpoint), args.device, args.image_size, None, compiled, mode)
     engine = EngineConfig(model=args.model, checkpoint=str(checkpoint), device=args.device,
                           image_size=args.image_size, compile=compiled, compile_mode=mode, compile_slots=1)
+    key = ModelKey.of(engine)
     actors = []
     groups = [list(range(n))] if one_actor else [[i] for i in range(n)]
     share = 1.0 / len(groups)

@@ -43,7 +43,7 @@ from typing import Any
 
 from streamtrack.compiled import CUDAGRAPH_MODES
 from streamtrack.config import Config, coerce, load_yaml
-from streamtrack.engine import Prompt
+from streamtrack.engine import EngineConfig, Prompt
 from streamtrack.errors import UserError
 from streamtrack.models import MODELS
 from streamtrack.pipeline import RunConfig
@@ -97,6 +97,12 @@ class ModelKey:
         tracker builds and steps it on its own thread: an actor of its own."""
         return self.compile_mode in CUDAGRAPH_MODES
 
+    @classmethod
+    def of(cls, c: Config | EngineConfig) -> ModelKey:
+        """The key of a run's model settings (a merged config or an engine config)."""
+        return cls(c.model, c.checkpoint, c.device, c.image_size, c.max_cond_frames, c.compile,
+                   c.compile_mode)
+
     def on_gpus(self, cluster_gpus: float) -> bool:
         """Whether its actors take GPUs: the cluster has some and it is not pinned to the CPU."""
         return cluster_gpus > 0 and self.device != "cpu"
@@ -114,9 +120,7 @@ class StreamSpec:
 
     @property
     def model_key(self) -> ModelKey:
-        c = self.config
-        return ModelKey(c.model, c.checkpoint, c.device, c.image_size, c.max_cond_frames, c.compile,
-                        c.compile_mode)
+        return ModelKey.of(self.config)
 
     def run_config(self) -> RunConfig:
         """The tracker's configuration, exactly as ``streamtrack run`` would build it."""
