@@ -48,7 +48,11 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
     printed = 0
     client_keys = client_from_args(args)
-    with Subscriber(args.endpoint, topics=args.topics, curve=client_keys) as sub:
+    if args.fleet:
+        subscriber = Subscriber.from_fleet(args.endpoint, topics=args.topics, curve=client_keys)
+    else:
+        subscriber = Subscriber(args.endpoint, topics=args.topics, curve=client_keys)
+    with subscriber as sub:
         last = time.monotonic()
         while args.count is None or printed < args.count:
             msg = sub.recv(timeout=0.25)
@@ -163,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555",
                    help="publisher endpoint (default tcp://127.0.0.1:5555), or a fleet's directory file "
                         "(fleet.json: all its streams)")
+    p.add_argument("--fleet", action="store_true",
+                   help="ENDPOINT is a fleet's control endpoint (fleet.control, e.g. tcp://head:41003): "
+                        "subscribe to all its streams, without its directory file (from another machine)")
     p.add_argument("--topics", nargs="+", default=["masks/", "status/", "stats/"], metavar="PREFIX",
                    help="topic prefixes (default masks/ status/ stats/; frames/ for JPEG headers)")
     p.add_argument("--rle", action="store_true", help="include the masks' RLE counts")

@@ -38,7 +38,7 @@ from typing import Any
 
 from streamtrack.control import ControlServer
 from streamtrack.errors import UserError
-from streamtrack.fleet_actor import FleetActor, StreamState
+from streamtrack.fleet_actor import FleetActor, StreamState, connectable, node_address
 from streamtrack.fleet_directory import StreamEntry, write_directory
 from streamtrack.fleet_spec import (
     ActorPlan,
@@ -231,8 +231,9 @@ class Fleet:
         self._cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
         if self.options.control_endpoint is not None:
             self._control = _FleetControlServer(self.options.control_endpoint, self)
-            self.control_endpoint = self._control.endpoint
-            warn_if_exposed(self.control_endpoint, "control")
+            warn_if_exposed(self._control.endpoint, "control")
+            # The directory lists what other machines connect to: not a wildcard.
+            self.control_endpoint = connectable(self._control.endpoint, node_address())
             log.info("fleet control on %s", self.control_endpoint)
         specs = {s.name: s for s in self.spec.streams}
         for s in self.spec.streams:

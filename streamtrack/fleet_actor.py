@@ -75,7 +75,7 @@ class FleetActor:
         self._encoder = None  # streamtrack.multistream.SharedImageEncoder over the model
         self._model_key: ModelKey | None = None
         self._streams: dict[str, _Stream] = {}
-        self._node = _node_address()
+        self._node = node_address()
 
     # ------------------------------------------------------------------ remote API
     def pid(self) -> int:
@@ -231,7 +231,8 @@ def connectable(endpoint: str | None, node: str) -> str | None:
     return endpoint
 
 
-def _node_address() -> str:
+def node_address() -> str:
+    """This process's node address in the Ray cluster (127.0.0.1 outside Ray)."""
     try:
         import ray
 

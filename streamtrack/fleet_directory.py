@@ -78,27 +78,48 @@ def read_directory(path: str | Path) -> dict[str, StreamEntry]:
         raise UserError(f"fleet directory {path}: cannot read JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("v") != VERSION or not isinstance(doc.get("streams"), dict):
         raise UserError(f"fleet directory {path}: not a streamtrack fleet directory (v{VERSION})")
+    return _entries(doc["streams"], f"fleet directory {path}")
+
+
+def _entries(streams: dict, where: str) -> dict[str, StreamEntry]:
     out: dict[str, StreamEntry] = {}
-    for name, entry in doc["streams"].items():
+    for name, entry in streams.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("state"), str):
-            raise UserError(f"fleet directory {path}: stream {name!r} is malformed")
+            raise UserError(f"{where}: stream {name!r} is malformed")
         known = {k: entry[k] for k in StreamEntry.__dataclass_fields__ if k in entry and k != "name"}
         out[name] = StreamEntry(name=name, **known)
     return out
 
 
-def publish_endpoints(path: str | Path, streams: list[str] | None = None) -> list[str]:
-    """The publish endpoints listed in a directory file (of ``streams``, or of all
-    streams that have one), in stream-name order."""
-    entries = read_directory(path)
-    if streams is not None:
-        missing = [s for s in streams if s not in entries]
-        if missing:
-            raise UserError(f"fleet directory {path}: no stream(s) {missing}; listed: {sorted(entries)}")
-    names = sorted(entries) if streams is None else list(streams)
+def fleet_streams(fleet: str | Path, timeout: float = 2.0) -> dict[str, StreamEntry]:
+    """The streams a fleet lists: read from its directory file, or asked of its control
+    endpoint (``list_streams``) when ``fleet`` is a ZeroMQ endpoint, which needs no shared
+    file system: what a client on another machine uses."""
+    if "://" not in str(fleet):
+        return read_directory(fleet)
+    from streamtrack.control import ControlClient
+
+    with ControlClient(str(fleet), timeout=timeout) as client:
+        reply = client.request({"cmd": "list_streams"})
+    if not reply["ok"] or not isinstance(reply.get("streams"), dict):
+        raise UserError(f"fleet control {fleet}: list_streams failed: {reply.get('error', reply)}")
+    return _entries(reply["streams"], f"fleet control {fleet}")
+
+
+def publish_endpoints(fleet: str | Path, streams: list[str] | None = None, *,
+                      require: bool = True, timeout: float = 2.0) -> list[str]:
+    """The publish endpoints a fleet lists (see :func:`fleet_streams`) for ``streams``, or
+    for every stream that has one, in stream-name order.  ``require``: a
+    :class:`UserError` when a named stream is unknown or no stream has an endpoint yet."""
+    entries = fleet_streams(fleet, timeout)
+    where = f"fleet directory {fleet}" if "://" not in str(fleet) else f"fleet control {fleet}"
+    missing = [s for s in streams or () if s not in entries]
+    if missing and require:
+        raise UserError(f"{where}: no stream(s) {missing}; listed: {sorted(entries)}")
+    names = sorted(entries) if streams is None else [s for s in streams if s in entries]
     eps = [entries[n].publish for n in names if entries[n].publish]
-    if not eps:
-        raise UserError(f"fleet directory {path}: no stream has a publish endpoint yet")
+    if not eps and require:
+        raise UserError(f"{where}: no stream has a publish endpoint yet")
     return eps  # type: ignore[return-value]
 
 

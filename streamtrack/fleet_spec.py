@@ -126,6 +126,7 @@ class StreamSpec:
         """The tracker's configuration, exactly as ``streamtrack run`` would build it."""
         rc = RunConfig.from_config(self.config, self.source, self.prompts, progress=False)
         rc.wait_for_prompt = self.prompt_later and not self.prompts
+        rc.warn_exposed = False  # the driver warns, once per endpoint, for every stream
         return rc
 
 

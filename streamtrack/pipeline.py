@@ -86,6 +86,9 @@ class RunConfig:
     # Launch the next frame's device work before finishing this one, when that frame is
     # already waiting (a GPU then works while the host builds results); see run().
     launch_ahead: bool = False
+    # Warn when publish/control bind an interface other machines reach (a fleet's driver
+    # does it once for all its streams instead).
+    warn_exposed: bool = True
 
     def __post_init__(self) -> None:
         check_emit_mode(self.emit)
@@ -274,7 +277,7 @@ class Tracker:
         cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, loop=cfg.loop, name=cfg.stream)
         self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status,
                                    decode=cfg.decode)
-        if resume.restarts == 0 and cfg.curve is None:  # warn once; CURVE authenticates
+        if cfg.warn_exposed and resume.restarts == 0 and cfg.curve is None:  # warn once; CURVE authenticates
             for ep, what in ((cfg.publish, "publish"), (cfg.control, "control")):
                 if ep:
                     warn_if_exposed(ep, what)

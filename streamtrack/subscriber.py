@@ -13,11 +13,14 @@ matters, so they go to a small bounded queue instead of being overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +35,7 @@ from streamtrack.protocol import (
     Stats,
     StatusEvent,
     decode_mask,
+    normalize_endpoint,
     now,
     parse_topic,
 )
@@ -156,11 +160,18 @@ class Subscriber:
         validate_masks: bool = False,
         context: zmq.Context | None = None,
         curve: CurveClient | None = None,
+        follow: Callable[[], list[str]] | None = None,
+        follow_interval: float = 1.0,
     ) -> None:
+        """``follow``: returns the endpoints to be connected to now; the receive thread
+        calls it every ``follow_interval`` seconds and connects to new endpoints and
+        disconnects from gone ones (a fleet's streams start, move to other nodes, end)."""
         from streamtrack.fleet_directory import is_directory_file, publish_endpoints
 
         if is_directory_file(endpoints):  # a fleet's directory file: all its streams
-            endpoints = publish_endpoints(str(endpoints))
+            path = str(endpoints)
+            endpoints = publish_endpoints(path)
+            follow = follow or partial(publish_endpoints, path, require=False)
         if isinstance(endpoints, (str, int)):
             endpoints = [endpoints]
         if isinstance(topics, str):
@@ -193,6 +204,8 @@ class Subscriber:
             sock.close(linger=0)
             raise UserError("Subscriber needs at least one endpoint")
         self.topics = tuple(topics)
+        self._follow = follow
+        self._follow_interval = follow_interval
         self._cond = threading.Condition()
         self._state = _State()
         self._stop = threading.Event()
@@ -204,19 +217,29 @@ class Subscriber:
         self._thread.start()
 
     @classmethod
-    def from_fleet(cls, directory: str, streams: list[str] | None = None, **kwargs) -> Subscriber:
-        """Subscribe to the streams of a ``streamtrack fleet`` (all, or ``streams``),
-        reading their endpoints from the fleet's directory file (e.g. ``fleet.json``)."""
+    def from_fleet(cls, fleet: str, streams: list[str] | None = None, *, follow: bool = True,
+                   **kwargs) -> Subscriber:
+        """Subscribe to the streams of a ``streamtrack fleet`` (all, or ``streams``), listed
+        by the fleet's directory file (e.g. ``fleet.json``) or, from another machine, by
+        its control endpoint (``fleet.control``, e.g. ``tcp://head:41003``).  ``follow``:
+        keep to what the fleet lists: a stream that moves to another node, or is added,
+        is connected to within a second or so."""
         from streamtrack.fleet_directory import publish_endpoints
 
-        return cls(publish_endpoints(directory, streams), **kwargs)
+        endpoints = publish_endpoints(fleet, streams)
+        listing = partial(publish_endpoints, fleet, streams, require=False) if follow else None
+        return cls(endpoints, follow=listing, **kwargs)
 
     # ----------------------------------------------------------- receive thread
     def _run(self, sock: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        next_follow = time.monotonic() + self._follow_interval
         try:
             while not self._stop.is_set():
+                if self._follow is not None and time.monotonic() >= next_follow:
+                    self._follow_endpoints(sock)
+                    next_follow = time.monotonic() + self._follow_interval
                 if not poller.poll(_POLL_MS):
                     continue
                 # Drain everything queued, then publish to consumers once.
@@ -233,6 +256,32 @@ class Subscriber:
             sock.close(linger=0)
             with self._cond:
                 self._cond.notify_all()
+
+    def _follow_endpoints(self, sock: zmq.Socket) -> None:
+        """Connect to the endpoints ``follow`` lists now and disconnect from the others
+        (on the receive thread, which owns the socket)."""
+        try:
+            wanted = [normalize_endpoint(ep) for ep in self._follow()]
+        except (UserError, ValueError) as exc:  # the fleet is busy or gone: keep what we have
+            log.debug("subscriber: endpoint list unavailable (%s)", exc)
+            return
+        connected = []
+        for ep in self.endpoints:
+            if ep in wanted:
+                connected.append(ep)
+            else:
+                with contextlib.suppress(zmq.ZMQError):  # never connected: nothing to undo
+                    sock.disconnect(ep)
+                log.info("subscriber: disconnected from %s", ep)
+        for ep in wanted:
+            if ep not in connected:
+                try:
+                    connected.append(connect_socket(sock, ep, "subscriber"))
+                except UserError as exc:
+                    log.warning("subscriber: %s", exc)
+                    continue
+                log.info("subscriber: connected to %s", ep)
+        self.endpoints = connected
 
     def _parse(self, parts: list[bytes], received: float) -> Message:
         if len(parts) < 2:

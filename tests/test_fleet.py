@@ -170,6 +170,18 @@ def test_relative_paths_and_automatic_endpoints(tmp_path, monkeypatch):
     assert s.run_config().wait_for_prompt  # prompt later: hold the first frame for a prompt
 
 
+def test_exposed_endpoints_are_warned_once_by_the_driver_not_by_every_tracker(tmp_path, caplog):
+    entries = [stream_entry(name, "x.mp4", [BOX1]) for name in ("a", "b", "c")]
+    spec = parse_fleet(fleet_doc(tmp_path, tmp_path / "c.pt", entries, bind="0.0.0.0"), "f.yaml")
+    fleet = Fleet(spec)
+    with caplog.at_level(logging.WARNING):
+        for s in spec.streams:
+            fleet._warn_if_exposed(s)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "publish endpoint tcp://0.0.0.0:*" in warned[0], warned
+    assert not any(s.run_config().warn_exposed for s in spec.streams)
+
+
 def test_placement_an_actor_per_stream_on_gpus_all_in_one_on_cpu(tmp_path):
     entries = [stream_entry(f"s{i}", "x.mp4", [BOX1]) for i in range(5)]
     spec = parse_fleet(fleet_doc(tmp_path, tmp_path / "c.pt", entries), "f.yaml")
@@ -293,6 +305,11 @@ def test_fleet_streams_restart_and_control(local_ray, tiny_checkpoint, clip_path
 
         # The fleet control channel: list, add, remove; bad requests answered, not fatal.
         control = json.loads(directory.read_text())["fleet"]["control"]
+        # From a machine without the directory file: the fleet's control lists the streams.
+        capsys.readouterr()
+        assert cli.main(["subscribe", control, "--fleet", "--count", "4", "--timeout", "60"]) == 0
+        topics = {json.loads(line)["topic"] for line in capsys.readouterr().out.splitlines()}
+        assert topics & {"masks/a", "masks/b"}, topics
         with ControlClient(control, timeout=10) as client:
             listed = client.request({"cmd": "list_streams"})
             assert listed["ok"] and set(listed["streams"]) == {"a", "b", "bad"}
@@ -324,6 +341,31 @@ def test_fleet_streams_restart_and_control(local_ray, tiny_checkpoint, clip_path
     assert result.streams["bad"]["state"] == "failed" and result.streams["b"]["restarts"] == 1
     assert json.loads(directory.read_text())["fleet"]["state"] == "stopped"
     wait_for("actor processes gone", lambda: not any(pid_alive(p) for p in pids), timeout=30)
+
+
+def test_a_wildcard_fleet_control_is_listed_with_the_node_address(local_ray, tiny_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    """A fleet control bound to every interface is listed in the directory with the
+    driver's node address: a wildcard is no address for another machine to connect to."""
+    import streamtrack.fleet
+
+    monkeypatch.setattr(streamtrack.fleet, "node_address", lambda: "198.18.0.7")
+    doc = fleet_doc(tmp_path, tiny_checkpoint, [], control="tcp://0.0.0.0:0", exit_when_done=False)
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    directory = tmp_path / "fleet.json"
+    fleet = Fleet(load_fleet(tmp_path / "fleet.yaml"), poll_interval=0.1)
+    runner = threading.Thread(target=fleet.run, daemon=True)
+    runner.start()
+    try:
+        listed = wait_for("the directory", lambda: directory.exists() and json.loads(directory.read_text()))
+        host, _, port = listed["fleet"]["control"].removeprefix("tcp://").rpartition(":")
+        assert host == "198.18.0.7" and int(port) > 0, listed["fleet"]
+        with ControlClient(f"tcp://127.0.0.1:{port}", timeout=10) as client:  # bound on every interface
+            assert client.request({"cmd": "list_streams"}) == {"ok": True, "streams": {}}
+    finally:
+        fleet.stop()
+        runner.join(30)
+    assert not runner.is_alive()
 
 
 def test_cli_fleet_on_a_cluster_stops_cleanly_on_sigint(local_ray, tiny_checkpoint, clip_path, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -577,3 +578,86 @@ def test_control_server_bind_errors_and_poll_once() -> None:
                 handled = server.poll_once(20)
             t.join(2)
             assert handled == 1 and done[0]["ok"] is True
+
+
+class _Listing:
+    """A fleet's stream listing that the test rewrites, as the fleet does on a move."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, str] = {}
+
+    def entries(self):
+        from streamtrack.fleet_directory import StreamEntry
+
+        return [StreamEntry(name=n, state="running", publish=ep) for n, ep in sorted(self.streams.items())]
+
+    def list_streams(self) -> dict[str, Any]:  # what the fleet's control server asks of the fleet
+        return {"streams": {e.name: e.to_dict() for e in self.entries()}}
+
+
+@pytest.mark.parametrize("via", ["directory file", "fleet control"])
+def test_fleet_subscriber_follows_streams_that_move_or_join(tmp_path: Path, via: str) -> None:
+    """A stream restarted on another node publishes on a new endpoint, and a stream added
+    at run time on one more: a fleet subscriber follows the listing by itself, and stops
+    listening to an endpoint the fleet no longer lists."""
+    from streamtrack.fleet import _FleetControlServer
+    from streamtrack.fleet_directory import write_directory
+
+    listing = _Listing()
+    directory = tmp_path / "fleet.json"
+    stop = threading.Event()
+    server = serving = None
+    if via == "fleet control":
+        server = _FleetControlServer(ANY_PORT, listing)
+        source = server.endpoint
+        serving = threading.Thread(target=lambda: [server.poll_once(20) for _ in iter(stop.is_set, True)])
+        serving.start()
+    else:
+        source = str(directory)
+
+    def publish_listing() -> None:
+        write_directory(directory, listing.entries(), {"state": "running"})
+
+    with Publisher(ANY_PORT, "a") as old, Publisher(ANY_PORT, "a") as moved, \
+            Publisher(ANY_PORT, "b") as added:
+        listing.streams = {"a": old.endpoint}
+        publish_listing()
+        try:
+            with Subscriber.from_fleet(source, follow_interval=0.1) as sub:
+                assert sub.endpoints == [old.endpoint]
+                _sync(old, sub, "a")
+                listing.streams = {"a": moved.endpoint, "b": added.endpoint}
+                publish_listing()
+                seen: dict[str, int] = {}
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and set(seen) != {"a", "b"}:
+                    old.publish_result(_result(1000, "a"))  # no longer listed: must not arrive
+                    moved.publish_result(_result(2000, "a"))
+                    added.publish_result(_result(3000, "b"))
+                    msg = sub.recv(timeout=0.05)
+                    if msg is not None and msg.seq in (2000, 3000):
+                        seen[msg.stream] = msg.seq
+                assert seen == {"a": 2000, "b": 3000}
+                assert sorted(sub.endpoints) == sorted([moved.endpoint, added.endpoint])
+                while sub.recv(timeout=0.2) is not None:
+                    pass
+                for _ in range(5):
+                    old.publish_result(_result(1001, "a"))
+                    time.sleep(0.02)
+                late = [m.seq for m in iter(lambda: sub.recv(timeout=0.3), None)]
+                assert 1001 not in late, late
+        finally:
+            stop.set()
+            if server is not None:
+                serving.join(5)
+                server.close()
+
+
+def test_subscribe_to_a_fleet_control_nobody_answers_is_one_line(capsys) -> None:
+    from streamtrack import cli
+
+    with socket.socket() as held:  # bound, never listening: nobody answers
+        held.bind(("127.0.0.1", 0))
+        assert cli.main(["subscribe", f"tcp://127.0.0.1:{held.getsockname()[1]}", "--fleet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no reply from control server" in err, err
