@@ -260,7 +260,7 @@ class Fleet:
             max_restarts=self.options.max_restarts, max_task_retries=0,
             # Threaded: report() answers while start_stream() is still loading the model.
             max_concurrency=8,
-        ).remote(plan.name, self.log_level)
+        ).remote(plan.name, self.log_level, self.options.fence_after)
         actor = _Actor(plan=plan, key=key, handle=handle)
         self.actors[plan.name] = actor
         log.info("actor %s: %s (%g CPU, %g GPU)", plan.name, ", ".join(plan.streams) or "-",
@@ -381,7 +381,7 @@ class Fleet:
                 # A restarted actor runs nothing (and one killed before its first
                 # report came back may look new): start the stream again.
                 why = f"actor {actor.plan.name} was restarted" if restarted else \
-                    f"actor {actor.plan.name} does not run it (restarted)"
+                    f"actor {actor.plan.name} does not run it (restarted, or fenced: it had lost the driver)"
                 self._restart(stream, actor, why)
             else:
                 self._update_stream(stream, rep, actor)

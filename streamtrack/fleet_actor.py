@@ -19,6 +19,14 @@ its error is kept for the driver and the other streams go on.
 
 The actor is threaded (Ray ``max_concurrency`` > 1), so ``report`` answers
 while another call is still loading the model; the stream table is locked.
+
+Fencing: the driver polls every actor (``report``) twice a second.  An actor that
+hears nothing from it for ``fence_after`` seconds has most likely been cut off
+from the cluster (a network partition), and Ray restarts its streams elsewhere
+once it declares the node dead; so the actor stops its streams and forgets them,
+and no second copy of a stream goes on publishing and writing its files.  If the
+driver was only slow, its next poll finds the streams gone and starts them again
+from their last masks, as after an actor restart.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ class _Stream:
 class FleetActor:
     """Hosts streams that share a model.  Public methods are the actor's remote API."""
 
-    def __init__(self, name: str, log_level: int = logging.INFO) -> None:
+    def __init__(self, name: str, log_level: int = logging.INFO, fence_after: float | None = None) -> None:
         logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s[{name}]: %(message)s")
         self.name = name
         self.incarnation = uuid.uuid4().hex
@@ -76,6 +84,9 @@ class FleetActor:
         self._model_key: ModelKey | None = None
         self._streams: dict[str, _Stream] = {}
         self._node = node_address()
+        self._heard = time.monotonic()  # the driver's last call
+        if fence_after is not None:
+            threading.Thread(target=self._fence, args=(fence_after,), name="fence", daemon=True).start()
 
     # ------------------------------------------------------------------ remote API
     def pid(self) -> int:
@@ -88,6 +99,7 @@ class FleetActor:
         already running is an error; a stream that ended may be started again.
         """
         name = config.stream
+        self._heard = time.monotonic()
         with self._lock:
             old = self._streams.get(name)
             if old is not None and old.state in (StreamState.STARTING, StreamState.RUNNING):
@@ -113,6 +125,7 @@ class FleetActor:
 
     def stop_stream(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
         """Stop one stream (its outputs are flushed) and forget it."""
+        self._heard = time.monotonic()
         with self._lock:
             stream = self._streams.pop(name, None)
         if stream is None:
@@ -140,6 +153,7 @@ class FleetActor:
     def report(self) -> dict[str, Any]:
         """Who this is (incarnation, pid, node), every stream's state and endpoints, and
         how well the shared encoder batches (frames per forward pass)."""
+        self._heard = time.monotonic()
         with self._lock:
             streams = {name: self._stream_report(name, s) for name, s in self._streams.items()}
         enc = self._encoder
@@ -148,6 +162,24 @@ class FleetActor:
                 "encoder": {"batches": enc.batches, "frames": enc.frames} if enc is not None else None}
 
     # ------------------------------------------------------------------- internals
+    def _fence(self, after: float) -> None:
+        """Stop every stream once the driver has been silent for ``after`` seconds."""
+        while True:
+            time.sleep(min(1.0, after / 4))
+            silent = time.monotonic() - self._heard
+            if silent < after:
+                continue
+            with self._lock:
+                names = [n for n, s in self._streams.items()
+                         if s.state in (StreamState.STARTING, StreamState.RUNNING)]
+            if names:
+                log.warning("no word from the fleet driver for %.0f s (cut off from the cluster?): "
+                            "stopping stream(s) %s, which Ray will restart elsewhere", silent,
+                            ", ".join(sorted(names)))
+                for name in names:
+                    self.stop_stream(name)
+            self._heard = time.monotonic()  # warn once per silence, not every second
+
     def _engine(self, config: RunConfig, key: ModelKey):
         from streamtrack.engine import StreamingEngine
 

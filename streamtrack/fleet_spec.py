@@ -12,6 +12,7 @@
       directory: fleet.json     # where the endpoint directory is written
       control: auto             # fleet control endpoint (list_streams, add/remove_stream); null = none
       exit_when_done: true      # stop once every stream has ended (false: run until Ctrl-C)
+      fence_after: 30           # an actor the driver has not polled for this long stops its streams
     defaults:                   # `streamtrack run` config keys applied to every stream
       model: sam2.1_hiera_tiny
       image_size: 512
@@ -70,6 +71,9 @@ class FleetOptions:
     directory: str = "fleet.json"
     control: str | None = AUTO
     exit_when_done: bool = True
+    # Seconds without a poll from the driver after which an actor stops its streams: one cut
+    # off from the cluster (Ray restarts them elsewhere) must not go on as a second copy.
+    fence_after: float | None = 30.0
 
     @property
     def control_endpoint(self) -> str | None:
@@ -211,6 +215,12 @@ def parse_options(opts: Any, where: str) -> FleetOptions:
                     or value < 0:
                 raise UserError(f"{where}: {key} must be a number >= 0, got {value!r}")
             values[key] = float(value)
+        elif key == "fence_after":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 2):
+                raise UserError(f"{where}: fence_after must be a number of seconds >= 2 (or null: "
+                                f"never), got {value!r}")
+            values[key] = None if value is None else float(value)
         elif key == "exit_when_done":
             if not isinstance(value, bool):
                 raise UserError(f"{where}: exit_when_done must be true or false, got {value!r}")

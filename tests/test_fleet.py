@@ -429,6 +429,31 @@ def test_example_fleet_file_is_valid(monkeypatch):
     assert len(plan_actors(spec.streams, spec.options, cluster_gpus=0)) == 1  # CPU: one actor
 
 
+def test_an_actor_the_driver_stops_polling_stops_its_streams(tiny_checkpoint, clip_path, tmp_path, caplog):
+    """Fencing: an actor cut off from the driver stops its streams (Ray restarts them
+    elsewhere), while one that is polled keeps them running (no Ray needed)."""
+    from streamtrack.fleet_actor import FleetActor
+
+    entry = stream_entry("s", clip_path, [BOX1], realtime=True)
+    spec = parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry]), "f.yaml").streams[0]
+    actor = FleetActor("fleet-0", fence_after=2.0)
+    try:
+        assert actor.start_stream(spec.run_config(), spec.model_key)["state"] == "running"
+        for _ in range(12):  # polled as the driver does: 3 s, longer than fence_after
+            assert actor.report()["streams"]["s"]["state"] == "running"
+            time.sleep(0.25)
+        stream = actor._streams["s"]
+        with caplog.at_level(logging.WARNING, logger="streamtrack.fleet_actor"):
+            wait_for("the stream fenced", lambda: not actor._streams and not stream.thread.is_alive(),
+                     timeout=15, every=0.1)
+        assert "no word from the fleet driver" in caplog.text and "stopping stream(s) s" in caplog.text
+        assert stream.tracker.frames_seen > 0
+    finally:
+        actor.stop_all()
+    with pytest.raises(UserError, match="fence_after must be a number of seconds >= 2"):
+        parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry], fence_after=0.5), "f.yaml")
+
+
 def test_actor_warms_its_shared_model_up_once_when_compiled(tiny_checkpoint, monkeypatch):
     """Engines handed to trackers do not warm up on their own: the actor does it, once
     per model, before its first stream's first frame (no Ray needed to check that)."""
