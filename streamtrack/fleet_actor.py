@@ -24,13 +24,16 @@ Fencing: the driver polls every actor (``report``) twice a second.  An actor tha
 hears nothing from it for ``fence_after`` seconds has most likely been cut off
 from the cluster (a network partition), and Ray restarts its streams elsewhere
 once it declares the node dead; so the actor stops its streams and forgets them,
-and no second copy of a stream goes on publishing and writing its files.  If the
+and no second copy of a stream goes on publishing and writing its files.  (A call
+of the driver's still running, such as a start waiting for its source, counts as
+hearing from it.)  If the
 driver was only slow, its next poll finds the streams gone and starts them again
 from their last masks, as after an actor restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -84,7 +87,8 @@ class FleetActor:
         self._model_key: ModelKey | None = None
         self._streams: dict[str, _Stream] = {}
         self._node = node_address()
-        self._heard = time.monotonic()  # the driver's last call
+        self._heard = time.monotonic()  # when the driver's last call began or ended
+        self._calls = 0  # the driver's calls running now (a start may wait a minute for its source)
         if fence_after is not None:
             threading.Thread(target=self._fence, args=(fence_after,), name="fence", daemon=True).start()
 
@@ -98,8 +102,11 @@ class FleetActor:
         Returns the stream's report (see :meth:`report`).  Starting a name that is
         already running is an error; a stream that ended may be started again.
         """
+        with self._driver_call():
+            return self._start_stream(config, model_key)
+
+    def _start_stream(self, config: RunConfig, model_key: ModelKey) -> dict[str, Any]:
         name = config.stream
-        self._heard = time.monotonic()
         with self._lock:
             old = self._streams.get(name)
             if old is not None and old.state in (StreamState.STARTING, StreamState.RUNNING):
@@ -125,7 +132,10 @@ class FleetActor:
 
     def stop_stream(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
         """Stop one stream (its outputs are flushed) and forget it."""
-        self._heard = time.monotonic()
+        with self._driver_call():
+            return self._stop_stream(name, timeout)
+
+    def _stop_stream(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
         with self._lock:
             stream = self._streams.pop(name, None)
         if stream is None:
@@ -162,12 +172,26 @@ class FleetActor:
                 "encoder": {"batches": enc.batches, "frames": enc.frames} if enc is not None else None}
 
     # ------------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _driver_call(self):
+        """A long call of the driver's (a start waiting for its source): the driver is not
+        silent while it runs."""
+        with self._lock:
+            self._calls += 1
+            self._heard = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls -= 1
+                self._heard = time.monotonic()
+
     def _fence(self, after: float) -> None:
         """Stop every stream once the driver has been silent for ``after`` seconds."""
         while True:
             time.sleep(min(1.0, after / 4))
             silent = time.monotonic() - self._heard
-            if silent < after:
+            if silent < after or self._calls:
                 continue
             with self._lock:
                 names = [n for n, s in self._streams.items()
@@ -177,7 +201,7 @@ class FleetActor:
                             "stopping stream(s) %s, which Ray will restart elsewhere", silent,
                             ", ".join(sorted(names)))
                 for name in names:
-                    self.stop_stream(name)
+                    self._stop_stream(name)
             self._heard = time.monotonic()  # warn once per silence, not every second
 
     def _engine(self, config: RunConfig, key: ModelKey):

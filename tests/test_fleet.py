@@ -442,6 +442,9 @@ def test_an_actor_the_driver_stops_polling_stops_its_streams(tiny_checkpoint, cl
         for _ in range(12):  # polled as the driver does: 3 s, longer than fence_after
             assert actor.report()["streams"]["s"]["state"] == "running"
             time.sleep(0.25)
+        with actor._driver_call():  # a call of the driver's that takes long (a start waiting for its source)
+            time.sleep(3)
+        assert actor.report()["streams"]["s"]["state"] == "running"
         stream = actor._streams["s"]
         with caplog.at_level(logging.WARNING, logger="streamtrack.fleet_actor"):
             wait_for("the stream fenced", lambda: not actor._streams and not stream.thread.is_alive(),
