@@ -111,7 +111,7 @@ def run_layout(ray, n: int, one_actor: bool, args, clip: Path, box: list[float],
                frames_per_batch)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4], help="stream counts (default 1 2 4)")
     p.add_argument("--frames", type=int, default=24, help="frames timed per stream (default 24)")
@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile the engines in this mode (default: not compiled); in a CUDA-graph "
                         "mode a stream needs an actor of its own, so only `actor per stream` runs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if min(args.streams) < 1 or args.frames < 2 or args.warmup < 1:
         p.error("--streams >= 1, --frames >= 2 and --warmup >= 1")

@@ -8,7 +8,8 @@
 # same process); steps run in priority order and a step that would outlast the budget
 # is cut short or skipped, so a fixed-length GPU lease always returns what fit.  The
 # tables go to OUTDIR/log.txt as they are printed (a step cut short keeps the rows it
-# finished), the benchmarks' stderr to OUTDIR/stderr.txt.
+# finished), the benchmarks' stderr to OUTDIR/stderr.txt.  GPU_SUITE_DRY=1 prints each
+# step's name and arguments (separated by \x1f) instead of running it (tests check them).
 set -u -o pipefail
 out=${1:-gpu-results}
 budget=${2:-570}
@@ -32,6 +33,12 @@ run_step() {
     if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
         return
     fi
+    if [[ -n ${GPU_SUITE_DRY:-} ]]; then
+        printf '%s' "$name"
+        printf '\x1f%s' "$@"
+        echo
+        return
+    fi
     remaining=$(left)
     if ((remaining < 30)); then
         echo "== $name: skipped ($remaining s left)" | tee -a "$out/log.txt"
@@ -45,6 +52,7 @@ run_step() {
     echo "-- $name: rc $rc, $(($(date +%s) - t0)) s" | tee -a "$out/log.txt"
 }
 
+if [[ -z ${GPU_SUITE_DRY:-} ]]; then
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/log.txt"
 # The host matters as much as the card: a step is mostly Python launching kernels, and thread
 # hand-offs cost far more under some sandboxed kernels (gVisor reports 4.4.0) than on Linux.
@@ -60,6 +68,7 @@ for name in ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus"
         save_random_checkpoint(name, p)
 print("random checkpoints ready")
 EOF
+fi
 
 m() { echo "--model sam2.1_hiera_$1 --checkpoint $ckpts/sam2.1_hiera_$1.pt"; }
 hd=${BENCH_ARGS:-"--device cuda --image-size 1024 --frame-size 1280x720"}
@@ -97,7 +106,7 @@ for size in small base_plus large; do
 done
 # Threads on one model, batched and not.
 step multistream-tiny-threads 80 multistream $(m tiny) $hd --bf16 --frames 60 --streams 1 2 4
-if [[ -z ${ONLY:-} || " $ONLY " == *" profile-tiny "* ]] && (($(left) > 60)); then
+if [[ -z ${GPU_SUITE_DRY:-} ]] && [[ -z ${ONLY:-} || " $ONLY " == *" profile-tiny "* ]] && (($(left) > 60)); then
     echo "== profile-tiny" | tee -a "$out/log.txt"
     timeout $(($(left) < 120 ? $(left) : 120)) "$py" benchmarks/profile_step.py --checkpoint "$ckpts/sam2.1_hiera_tiny.pt" \
         --out "$out" 2>>"$out/stderr.txt" | head -40 | tee -a "$out/log.txt"

@@ -162,3 +162,37 @@ def test_mask_ious_compares_every_object_on_every_frame():
     assert mask_ious([torch.full((1, 1, 4, 4), -1.0)], [empty]) == [1.0]  # both empty
     with pytest.raises(RuntimeError, match="frames"):
         mask_ious([logits], [])
+
+
+def test_every_gpu_suite_step_parses(monkeypatch, tmp_path):
+    """benchmarks/gpu_suite.sh runs on a GPU lease of minutes: a mistyped option there
+    costs a step.  Every step's arguments must parse as its benchmark's command line."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from streamtrack import bench_stream, cli
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", str(repo / "benchmarks/gpu_suite.sh"), str(tmp_path)],
+                         cwd=repo, env={**os.environ, "GPU_SUITE_DRY": "1"}, capture_output=True, text=True,
+                         check=True).stdout
+    steps = [line.split("\x1f") for line in out.splitlines() if "\x1f" in line]
+    names = [s[0] for s in steps]
+    assert len(names) == len(set(names)) >= 30, names
+    parser = cli.build_parser()
+    for name, *argv in steps:
+        if argv[:2] == ["-m", "streamtrack"]:
+            args = parser.parse_args(argv[2:])
+            assert args.what in name.split("-")[0], (name, args.what)
+            bench_stream.apply_defaults(args)
+            bench_stream.parse_frame_size(args.frame_size)
+        else:
+            script = repo / argv[0]
+            spec = importlib.util.spec_from_file_location(script.stem, script)
+            module = importlib.util.module_from_spec(spec)
+            monkeypatch.setitem(sys.modules, script.stem, module)
+            spec.loader.exec_module(module)
+            module.build_parser().parse_args(argv[1:])
