@@ -14,15 +14,16 @@ nothing outside the namespaces):
   endpoint, so it learns the streams' endpoints over the network alone.
 
 The commands are the ones docs/scaling.md gives for a multi-node cluster (token
-authentication, ``fleet.bind: 0.0.0.0``).  Two looping streams run, one actor each.  Then
-the script cuts the network link of the host running stream ``a``, as when a machine
-loses power or its cable: no connection is closed and nobody is told.  It prints when
-Ray declared the node dead, when ``a`` ran again on the spare host and when the client
-got its masks again (with which object ids, from which address), and whether ``b`` went
-on undisturbed.  From inside the cut-off host it probes ``a``'s old endpoint to see when
+authentication, ``fleet.bind: 0.0.0.0``). Two looping streams run, one actor each.
+Then the script cuts the network link of the host running stream ``a``, as when a
+machine loses power or its cable: no connection is closed and nobody is told. It
+prints when Ray declared the node dead, when ``a`` ran again on the spare host and
+when the client got its masks again (with which object ids, from which address), and
+whether ``b`` went on undisturbed (and when the fleet's directory listed ``a`` as
+unreachable). From inside the cut-off host it probes ``a``'s old endpoint to see when
 the tracker there stopped (fencing: an actor the driver has not polled for
-``fleet.fence_after`` seconds stops its streams), and so whether two copies of ``a`` ran
-at once.  Last it mends the link and times how long the old actor process lived on.
+``fleet.fence_after`` seconds stops its streams), and so whether two copies of ``a``
+ran at once. Last it mends the link and times how long the old actor process lived on.
 
 ``--fast-detection`` starts the head with shorter health checks (1 s period, 1 s
 timeout, 3 misses) instead of Ray's defaults (3 s, 10 s, 5 misses).  The namespaces
@@ -242,9 +243,13 @@ def main() -> None:
         cut_at = time.monotonic()
         sh("ip", "-n", netns(cut), "link", "set", "eth0", "down")
         log(f"cut the network link of {cut} ({a.node}), which runs stream a")
-        detected = wait("the fleet to see a's actor gone", lambda: (e := entries(directory).get("a"))
-                        and e.state != "running" and time.monotonic(), timeout=300)
-        log(f"a is {entries(directory)['a'].state} ({detected - cut_at:.1f} s after the cut)")
+        unreachable = wait("the fleet to list a unreachable", lambda: (e := entries(directory).get("a"))
+                           and e.state != "running" and time.monotonic(), timeout=300)
+        log(f"a is {entries(directory)['a'].state} ({unreachable - cut_at:.1f} s after the cut)")
+        detected = wait("Ray to declare the node dead", lambda: (e := entries(directory).get("a"))
+                        and e.state not in ("running", "unreachable") and time.monotonic(), timeout=300)
+        log(f"a is {entries(directory)['a'].state}: Ray declared {a.node} dead ({detected - cut_at:.1f} s "
+            f"after the cut)")
         moved = wait("a running on another node", lambda: (e := entries(directory).get("a"))
                      and e.state == "running" and e.node != a.node and (time.monotonic(), e), timeout=300)
         log(f"a running again on {moved[1].node} ({moved[0] - cut_at:.1f} s after the cut), "
@@ -279,7 +284,8 @@ def main() -> None:
             f"{'still there' if was_alive else 'gone already'}) ended {gone - mended_at:.1f} s later")
         print(json.dumps({
             "health_checks": "fast" if args.fast_detection else "default", "fence_after_s": args.fence_after,
-            "detected_s": round(detected - cut_at, 1), "running_again_s": round(moved[0] - cut_at, 1),
+            "unreachable_s": round(unreachable - cut_at, 1), "detected_s": round(detected - cut_at, 1),
+            "running_again_s": round(moved[0] - cut_at, 1),
             "client_back_s": round(back[0] - cut_at, 1), "objects_back": back[3],
             "b_messages_during": len(b_during), "b_longest_gap_s": round(max(gaps, default=0), 2),
             "b_restarts": b_entry.restarts, "old_tracker_silent_s": fenced_s, "two_copies_s": both_s,

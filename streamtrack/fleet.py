@@ -57,8 +57,10 @@ from streamtrack.supervisor import SeenMasks, install_stop_signals, resume_from_
 
 log = logging.getLogger(__name__)
 
-# Directory/list states beyond the actor's own: waiting for (re)start, actor being restarted.
+# Directory/list states beyond the actor's own: waiting for (re)start, actor being restarted,
+# actor not answering the driver (its node cut off, or the process frozen).
 RESTARTING = "restarting"
+UNREACHABLE = "unreachable"
 _ENDED = (StreamState.DONE, StreamState.FAILED, StreamState.STOPPED)
 
 
@@ -103,6 +105,7 @@ class _Actor:
     node: str | None = None
     dead: bool = False
     unavailable: bool = False  # being restarted by Ray
+    unanswered: bool = False  # its last report is overdue (unreachable_after)
     restarts: int = 0
     report_ref: Any = None
     last_report: float = 0.0  # when the pending (or last) report was requested (monotonic)
@@ -126,11 +129,16 @@ class Fleet:
     which it shuts down at the end.
     """
 
-    def __init__(self, spec: FleetSpec, *, log_level: int | None = None, poll_interval: float = 0.5) -> None:
+    def __init__(self, spec: FleetSpec, *, log_level: int | None = None, poll_interval: float = 0.5,
+                 unreachable_after: float = 10.0) -> None:
+        """``unreachable_after``: seconds an actor may leave a report unanswered before its
+        streams are listed as ``unreachable`` (Ray takes about a minute, by default, to
+        declare a cut-off node dead)."""
         self.spec = spec
         self.options = spec.options
         self.log_level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
         self.poll_interval = poll_interval
+        self.unreachable_after = unreachable_after
         self.streams: dict[str, _Stream] = {}
         self.actors: dict[str, _Actor] = {}
         self.control_endpoint: str | None = None
@@ -363,11 +371,15 @@ class Fleet:
             if not actor.dead and actor.report_ref is None and now - actor.last_report >= self.poll_interval:
                 actor.report_ref = actor.handle.report.remote()
                 actor.last_report = now
+            elif actor.report_ref is not None and now - actor.last_report >= self.unreachable_after:
+                self._on_actor_unanswered(actor, now - actor.last_report)
 
     def _on_report(self, actor: _Actor, report: dict[str, Any]) -> None:
         restarted = actor.incarnation is not None and report["incarnation"] != actor.incarnation
         actor.incarnation, actor.pid, actor.node = report["incarnation"], report["pid"], report["node"]
-        actor.unavailable = False
+        if actor.unanswered:
+            log.warning("actor %s answers again", actor.plan.name)
+        actor.unavailable = actor.unanswered = False
         if restarted:
             actor.restarts += 1
             self._dirty = True
@@ -425,6 +437,17 @@ class Fleet:
         for stream in self._streams_of(actor):
             if not stream.ended and stream.state != RESTARTING:
                 stream.state, stream.error = RESTARTING, f"actor {actor.plan.name} unavailable"
+                self._dirty = True
+
+    def _on_actor_unanswered(self, actor: _Actor, waited: float) -> None:
+        if not actor.unanswered:  # once per silence
+            log.warning("actor %s (node %s) has not answered for %.0f s: cut off, or frozen? Ray restarts "
+                        "it elsewhere once it declares the node dead; its streams stop themselves after "
+                        "fence_after", actor.plan.name, actor.node, waited)
+        actor.unanswered = True
+        for stream in self._streams_of(actor):
+            if stream.state == StreamState.RUNNING:
+                stream.state, stream.error = UNREACHABLE, f"actor {actor.plan.name} not answering"
                 self._dirty = True
 
     def _on_actor_dead(self, actor: _Actor, exc: BaseException) -> None:

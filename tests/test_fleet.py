@@ -368,6 +368,40 @@ def test_a_wildcard_fleet_control_is_listed_with_the_node_address(local_ray, tin
     assert not runner.is_alive()
 
 
+def test_an_actor_that_stops_answering_is_listed_unreachable_until_it_answers(local_ray, tiny_checkpoint,
+                                                                            clip_path, tmp_path):
+    """A frozen actor process (SIGSTOP), as one on a node cut off: the directory says so
+    within ``unreachable_after`` instead of "running" until Ray gives up on the node."""
+    doc = fleet_doc(tmp_path, tiny_checkpoint, [stream_entry("solo", clip_path, [BOX1])], control=None)
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    directory = tmp_path / "fleet.json"
+    fleet = Fleet(load_fleet(tmp_path / "fleet.yaml"), poll_interval=0.2, unreachable_after=2.0)
+    runner = threading.Thread(target=fleet.run, daemon=True)
+    runner.start()
+    pid = None
+    try:
+        running = wait_for("solo running", lambda: directory_states(directory).get("solo") == "running")
+        pid = read_directory(directory)["solo"].actor_pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        wait_for("solo unreachable", lambda: directory_states(directory).get("solo") == "unreachable",
+                 timeout=30)
+        assert time.monotonic() - stopped_at >= 2.0
+        entry = read_directory(directory)["solo"]
+        assert "not answering" in entry.error and entry.restarts == 0, entry
+        os.kill(pid, signal.SIGCONT)
+        pid = None
+        wait_for("solo running again", lambda: directory_states(directory).get("solo") == "running",
+                 timeout=30)
+        assert read_directory(directory)["solo"].restarts == 0  # the same tracker went on
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        fleet.stop()
+        runner.join(60)
+    assert not runner.is_alive() and running
+
+
 def test_cli_fleet_on_a_cluster_stops_cleanly_on_sigint(local_ray, tiny_checkpoint, clip_path, tmp_path):
     """`streamtrack fleet FILE --address` as users run it: joins the cluster, publishes,
     and on SIGINT stops its actors (no orphans) but leaves a cluster it did not start."""
