@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from fleet_node_loss import entries, wait  # this folder: run as a script
 
-from streamtrack.fleet_directory import read_directory
 from streamtrack.models import save_random_checkpoint
 from streamtrack.synthetic import make_clip, write_video
 
@@ -130,23 +130,6 @@ class Received:
     def of(self, stream: str, since: float = 0.0) -> list[tuple[float, str, int, list[int]]]:
         with self.lock:
             return [x for x in self.lines if x[1] == stream and x[0] >= since]
-
-
-def wait(what: str, check, timeout: float = 240.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def entries(directory: Path) -> dict:
-    try:
-        return read_directory(directory)
-    except Exception:  # noqa: BLE001 - not written yet, or being replaced
-        return {}
 
 
 def alive(pid: int) -> bool:

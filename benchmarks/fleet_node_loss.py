@@ -32,17 +32,19 @@ from streamtrack.subscriber import Subscriber
 from streamtrack.synthetic import make_clip, write_video
 
 
-def _wait(what: str, check, timeout: float = 180.0):
+def wait(what: str, check, timeout: float = 180.0, every: float = 0.2):
+    """``check()``'s first true value, polled every ``every`` s; exits the benchmark on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(every)
     raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def _entries(directory: Path) -> dict:
+def entries(directory: Path) -> dict:
+    """The fleet directory's streams, or {} while it is not written yet."""
     try:
         return read_directory(directory)
     except Exception:  # noqa: BLE001 - not written yet, or being replaced
@@ -84,7 +86,7 @@ def main() -> None:
     runner = threading.Thread(target=fleet.run, daemon=True)
     runner.start()
     try:
-        running = _wait("both streams running", lambda: (e := _entries(directory)) and all(
+        running = wait("both streams running", lambda: (e := entries(directory)) and all(
             e.get(n) is not None and e[n].state == "running" for n in ("a", "b")) and e)
         a, b = running["a"], running["b"]
         log(f"streams running: a on actor {a.actor} (pid {a.actor_pid}), b on {b.actor} (pid {b.actor_pid})")
@@ -100,7 +102,7 @@ def main() -> None:
             b_during = _next(sub, "b", last_b.seq, timeout=30)
             log(f"b still publishing while a is down (seq {b_during.seq})")
             time.sleep(args.pause)
-            state = _entries(directory).get("a")
+            state = entries(directory).get("a")
             log(f"after {args.pause:g} s without a free CPU, a is {state.state if state else '?'}")
             # Its old actor is long dead now: everything it published has arrived.
             last_a = sub.latest("a")
@@ -108,13 +110,13 @@ def main() -> None:
             log("a new node joined")
             back = _next(sub, "a", last_a.seq, timeout=180)
             dark = time.monotonic() - lost_at
-            entry = _entries(directory)["a"]
+            entry = entries(directory)["a"]
             log(f"a published again: seq {back.seq} (last before the loss {last_a.seq}), objects "
                 f"{[o.obj_id for o in back.objects]}, areas {[o.area for o in back.objects]}; actor pid "
                 f"{entry.actor_pid} (was {a.actor_pid}), restarts {entry.restarts}")
             log(f"a was dark for {dark:.1f} s, {args.pause:g} s of it waiting for a node to join")
             b_after = _next(sub, "b", b_during.seq, timeout=30)
-            log(f"b: seq {b_after.seq}, restarts {_entries(directory)['b'].restarts}")
+            log(f"b: seq {b_after.seq}, restarts {entries(directory)['b'].restarts}")
     finally:
         import ray
 
