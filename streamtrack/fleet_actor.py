@@ -26,9 +26,8 @@ from the cluster (a network partition), and Ray restarts its streams elsewhere
 once it declares the node dead; so the actor stops its streams and forgets them,
 and no second copy of a stream goes on publishing and writing its files.  (A call
 of the driver's still running, such as a start waiting for its source, counts as
-hearing from it.)  If the
-driver was only slow, its next poll finds the streams gone and starts them again
-from their last masks, as after an actor restart.
+hearing from it.)  If the driver was only slow, its next poll finds the streams
+gone and starts them again from their last masks, as after an actor restart.
 """
 
 from __future__ import annotations
