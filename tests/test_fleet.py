@@ -402,6 +402,43 @@ def test_an_actor_that_stops_answering_is_listed_unreachable_until_it_answers(lo
     assert not runner.is_alive() and running
 
 
+def test_streams_fenced_while_the_driver_was_silent_restart_with_their_objects(local_ray, tiny_checkpoint,
+                                                                             clip_path, tmp_path):
+    """The driver stops polling (as if cut off): the actor fences, its stream stops
+    publishing; once the driver polls again it finds the stream gone and starts it again
+    from its last masks, with the same object ids."""
+    doc = fleet_doc(tmp_path, tiny_checkpoint, [stream_entry("solo", clip_path, [BOX1, BOX2], realtime=True)],
+                    control=None, fence_after=2)
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    directory = tmp_path / "fleet.json"
+    fleet = Fleet(load_fleet(tmp_path / "fleet.yaml"), poll_interval=0.2)
+    silent = threading.Event()
+    poll = fleet._poll_actors
+    fleet._poll_actors = lambda: None if silent.is_set() else poll()
+    runner = threading.Thread(target=fleet.run, daemon=True)
+    runner.start()
+    try:
+        wait_for("solo running", lambda: directory_states(directory).get("solo") == "running")
+        pid = read_directory(directory)["solo"].actor_pid
+        with Subscriber.from_fleet(str(directory)) as sub:
+            before = next_masks(sub, "solo")
+            silent.set()
+            time.sleep(4)  # fence_after 2 s, checked every 0.5 s
+            last = sub.latest("solo", timeout=0.5)
+            assert sub.latest("solo", timeout=2, after_seq=last.seq) is None  # fenced: no more masks
+            silent.clear()
+            entry = wait_for("solo restarted", lambda: (e := read_directory(directory)["solo"]).restarts == 1
+                             and e.state == "running" and e)
+            after = next_masks(sub, "solo", last.seq)
+        assert [o.obj_id for o in after.objects] == [o.obj_id for o in before.objects] == [1, 2]
+        assert entry.actor_pid == pid  # the same actor process: its stream was stopped, not the actor
+    finally:
+        silent.clear()
+        fleet.stop()
+        runner.join(60)
+    assert not runner.is_alive()
+
+
 def test_cli_fleet_on_a_cluster_stops_cleanly_on_sigint(local_ray, tiny_checkpoint, clip_path, tmp_path):
     """`streamtrack fleet FILE --address` as users run it: joins the cluster, publishes,
     and on SIGINT stops its actors (no orphans) but leaves a cluster it did not start."""
