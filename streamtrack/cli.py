@@ -263,10 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "view", parents=[common], help="live window of a tracker: masks, latency HUD, click to prompt")
-    p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555, or a fleet's directory "
+                                    "file (fleet.json) with --stream")
     p.add_argument("--control", metavar="ENDPOINT",
-                   help="tracker control endpoint; clicks become prompts (without it: view only)")
-    p.add_argument("--stream", help="stream to show (default: the first one seen)")
+                   help="tracker control endpoint; clicks become prompts (without it: view only; a fleet "
+                        "stream's own by default)")
+    p.add_argument("--stream", help="stream to show (default: the first one seen; a fleet's only stream)")
+    p.add_argument("--fleet", action="store_true",
+                   help="ENDPOINT is a fleet's control endpoint (fleet.control): view --stream of that fleet")
     p.add_argument("--max-size", default="1280x720", metavar="WxH",
                    help="largest window image; the frame is scaled to fit (default 1280x720)")
     p.add_argument("--screenshots", default=".", metavar="DIR", help="where `s` saves PNGs (default .)")

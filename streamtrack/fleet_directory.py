@@ -123,6 +123,23 @@ def publish_endpoints(fleet: str | Path, streams: list[str] | None = None, *,
     return eps  # type: ignore[return-value]
 
 
+def fleet_stream(fleet: str | Path, name: str | None, timeout: float = 2.0) -> StreamEntry:
+    """One stream of a fleet (see :func:`fleet_streams`), to view or prompt it: ``name``, or
+    the only stream there is; a :class:`UserError` saying which streams there are otherwise."""
+    entries = fleet_streams(fleet, timeout)
+    if name is None:
+        if len(entries) != 1:
+            raise UserError(f"fleet {fleet} has streams {sorted(entries)}: pick one with --stream")
+        name = next(iter(entries))
+    entry = entries.get(name)
+    if entry is None:
+        raise UserError(f"fleet {fleet} has no stream {name!r}; streams: {sorted(entries)}")
+    if not entry.publish:
+        raise UserError(f"fleet stream {name!r} is {entry.state} and has no endpoint"
+                        + (f": {entry.error}" if entry.error else ""))
+    return entry
+
+
 def is_directory_file(endpoint: object) -> bool:
     """True when ``endpoint`` names a directory file rather than a ZeroMQ endpoint."""
     if not isinstance(endpoint, (str, Path)):

@@ -956,6 +956,20 @@ def main(args) -> int:
     if args.stream is not None:
         validate_stream(args.stream)
     curve = client_from_args(args)  # bad key files: one line, before any window
+    endpoint, control, stream = resolve_endpoints(args.endpoint, args.control, args.stream, args.fleet)
     check_display()  # before cv2 touches the display: imshow without one aborts the process
-    return Viewer(args.endpoint, args.control, args.stream, max_size=max_size,
+    return Viewer(endpoint, control, stream, max_size=max_size,
                   screenshots=args.screenshots, curve=curve).run()
+
+
+def resolve_endpoints(endpoint: str, control: str | None, stream: str | None,
+                      fleet: bool = False) -> tuple[str, str | None, str | None]:
+    """(publish, control, stream) to view.  A fleet (its directory file, or with ``fleet``
+    its control endpoint) names one stream's endpoints: its control unless ``control``
+    says otherwise, so clicks prompt that stream."""
+    from streamtrack.fleet_directory import fleet_stream, is_directory_file
+
+    if not (fleet or is_directory_file(endpoint)):
+        return endpoint, control, stream
+    entry = fleet_stream(endpoint, stream)
+    return entry.publish, control or entry.control, entry.name

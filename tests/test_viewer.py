@@ -381,6 +381,30 @@ def test_view_without_display_exits_2(monkeypatch, capsys):
     assert len(err) == 1 and "DISPLAY" in err[0]
 
 
+def test_view_a_fleet_stream_by_name_with_its_own_control(tmp_path, capsys):
+    from streamtrack.cli import main
+    from streamtrack.errors import UserError
+    from streamtrack.fleet_directory import StreamEntry, write_directory
+
+    directory = tmp_path / "fleet.json"
+    write_directory(directory, [
+        StreamEntry("lobby", "running", publish="tcp://127.0.0.1:41234", control="tcp://127.0.0.1:41235"),
+        StreamEntry("gate", "failed", error="video file not found: /srv/gate.mp4"),
+    ], {"state": "running"})
+    fleet = str(directory)
+    lobby = ("tcp://127.0.0.1:41234", "tcp://127.0.0.1:41235", "lobby")
+    assert v.resolve_endpoints(fleet, None, "lobby") == lobby
+    assert v.resolve_endpoints(fleet, "tcp://127.0.0.1:9", "lobby")[1] == "tcp://127.0.0.1:9"
+    assert v.resolve_endpoints("tcp://127.0.0.1:5555", None, None) == ("tcp://127.0.0.1:5555", None, None)
+    with pytest.raises(UserError, match=r"streams \['gate', 'lobby'\]: pick one with --stream"):
+        v.resolve_endpoints(fleet, None, None)
+    with pytest.raises(UserError, match="'gate' is failed and has no endpoint: video file not found"):
+        v.resolve_endpoints(fleet, None, "gate")
+    assert main(["view", fleet, "--stream", "door"]) == 2  # before any window
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no stream 'door'; streams: ['gate', 'lobby']" in err[0], err
+
+
 # ------------------------------------------------------------------- end to end (Xvfb)
 
 needs_x = pytest.mark.skipif(
