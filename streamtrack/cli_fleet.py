@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import signal
 import sys
+import threading
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -40,6 +41,8 @@ def command(args: argparse.Namespace) -> int:
 
     require_ray()  # one line if Ray is not installed, before anything starts
     fleet = Fleet(spec)
+    if not args.quiet:
+        threading.Thread(target=_announce, args=(fleet,), name="announce", daemon=True).start()
     summary = fleet.run()
     if not args.quiet:
         for name, s in summary.streams.items():
@@ -51,3 +54,13 @@ def command(args: argparse.Namespace) -> int:
     if summary.interrupted_by is not None:
         return 130
     return 1 if summary.failed else 0
+
+
+def _announce(fleet) -> None:
+    """Once the fleet runs: where clients find its streams (the run blocks the main thread)."""
+    if not fleet.wait_started():
+        return
+    directory = fleet.options.directory
+    control = f"control {fleet.control_endpoint}" if fleet.control_endpoint else "no control endpoint"
+    print(f"fleet: {len(fleet.streams)} stream(s) on Ray {fleet.options.address or '(local)'}; directory "
+          f"{directory}, {control}; watch them with `streamtrack subscribe {directory}`", file=sys.stderr)

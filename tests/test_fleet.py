@@ -466,6 +466,8 @@ def test_cli_fleet_on_a_cluster_stops_cleanly_on_sigint(local_ray, tiny_checkpoi
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert "solo: stopped" in err, err
+    # Where clients find the streams, said once at the start.
+    assert f"fleet: 1 stream(s) on Ray {local_ray}; directory {directory}, no control endpoint" in err, err
     assert json.loads(directory.read_text())["fleet"]["state"] == "stopped"
     wait_for("the actor process gone", lambda: not pid_alive(pid), timeout=30)
     assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2  # the cluster lives on
