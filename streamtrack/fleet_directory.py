@@ -102,8 +102,13 @@ def fleet_streams(fleet: str | Path, timeout: float = 2.0) -> dict[str, StreamEn
     with ControlClient(str(fleet), timeout=timeout) as client:
         reply = client.request({"cmd": "list_streams"})
     if not reply["ok"] or not isinstance(reply.get("streams"), dict):
-        raise UserError(f"fleet control {fleet}: list_streams failed: {reply.get('error', reply)}")
-    return _entries(reply["streams"], f"fleet control {fleet}")
+        raise UserError(f"{_where(fleet)}: list_streams failed: {reply.get('error', reply)}")
+    return _entries(reply["streams"], _where(fleet))
+
+
+def _where(fleet: str | Path) -> str:
+    """How errors name a fleet's listing: its directory file or its control endpoint."""
+    return f"fleet control {fleet}" if "://" in str(fleet) else f"fleet directory {fleet}"
 
 
 def publish_endpoints(fleet: str | Path, streams: list[str] | None = None, *,
@@ -112,7 +117,7 @@ def publish_endpoints(fleet: str | Path, streams: list[str] | None = None, *,
     for every stream that has one, in stream-name order.  ``require``: a
     :class:`UserError` when a named stream is unknown or no stream has an endpoint yet."""
     entries = fleet_streams(fleet, timeout)
-    where = f"fleet directory {fleet}" if "://" not in str(fleet) else f"fleet control {fleet}"
+    where = _where(fleet)
     missing = [s for s in streams or () if s not in entries]
     if missing and require:
         raise UserError(f"{where}: no stream(s) {missing}; listed: {sorted(entries)}")

@@ -166,12 +166,11 @@ class Subscriber:
         """``follow``: returns the endpoints to be connected to now; the receive thread
         calls it every ``follow_interval`` seconds and connects to new endpoints and
         disconnects from gone ones (a fleet's streams start, move to other nodes, end)."""
-        from streamtrack.fleet_directory import is_directory_file, publish_endpoints
+        from streamtrack.fleet_directory import is_directory_file
 
         if is_directory_file(endpoints):  # a fleet's directory file: all its streams
-            path = str(endpoints)
-            endpoints = publish_endpoints(path)
-            follow = follow or partial(publish_endpoints, path, require=False)
+            endpoints, listing = _fleet_listing(str(endpoints), None)
+            follow = follow or listing
         if isinstance(endpoints, (str, int)):
             endpoints = [endpoints]
         if isinstance(topics, str):
@@ -224,11 +223,8 @@ class Subscriber:
         its control endpoint (``fleet.control``, e.g. ``tcp://head:41003``).  ``follow``:
         keep to what the fleet lists: a stream that moves to another node, or is added,
         is connected to within a second or so."""
-        from streamtrack.fleet_directory import publish_endpoints
-
-        endpoints = publish_endpoints(fleet, streams)
-        listing = partial(publish_endpoints, fleet, streams, require=False) if follow else None
-        return cls(endpoints, follow=listing, **kwargs)
+        endpoints, listing = _fleet_listing(fleet, streams)
+        return cls(endpoints, follow=listing if follow else None, **kwargs)
 
     # ----------------------------------------------------------- receive thread
     def _run(self, sock: zmq.Socket) -> None:
@@ -444,3 +440,11 @@ class Subscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _fleet_listing(fleet: str, streams: list[str] | None) -> tuple[list[str], Callable[[], list[str]]]:
+    """A fleet's publish endpoints now (a :class:`UserError` if it lists none), and how to
+    list them again later (an empty list then, not an error: the fleet may be restarting)."""
+    from streamtrack.fleet_directory import publish_endpoints
+
+    return publish_endpoints(fleet, streams), partial(publish_endpoints, fleet, streams, require=False)
