@@ -46,11 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-from fleet_node_loss import entries, wait  # this folder: run as a script
-
-from streamtrack.models import save_random_checkpoint
-from streamtrack.synthetic import make_clip, write_video
+from fleet_node_loss import entries, wait, write_two_stream_fleet  # this folder: run as a script
 
 PREFIX = "stk"  # namespace and interface names: stk-head, stk-w1, ... (and stk-lan, the bridge's)
 NET = "198.18.0"
@@ -154,19 +150,9 @@ def main() -> None:
         raise SystemExit("fleet_netns_cluster: needs Ray (pip install -e '.[fleet]')")
 
     tmp = Path(tempfile.mkdtemp(prefix="streamtrack-netns-"))
-    checkpoint = save_random_checkpoint("sam2.1_hiera_tiny", tmp / "tiny.pt")
-    clip = write_video(make_clip(24, 160, 120, num_objects=2, seed=1).frames, tmp / "clip.mp4", fps=15)
-    directory = tmp / "fleet.json"
-    doc = {
-        "fleet": {"address": f"{address('head')}:{RAY_PORT}", "bind": "0.0.0.0", "directory": str(directory),
-                  "num_cpus": 1, "streams_per_actor": 1, "max_restarts": 3, "fence_after": args.fence_after},
-        "defaults": {"checkpoint": str(checkpoint), "image_size": args.image_size, "device": "cpu"},
-        "streams": [{"name": name, "source": str(clip), "loop": True, "realtime": True,
-                     "prompts": [{"obj_id": 1, "box": [25, 30, 55, 54]},
-                                 {"obj_id": 2, "box": [100, 65, 124, 91]}]}
-                    for name in ("a", "b")],
-    }
-    (tmp / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    directory = write_two_stream_fleet(tmp, args.image_size, [[25, 30, 55, 54], [100, 65, 124, 91]],
+                                       address=f"{address('head')}:{RAY_PORT}", bind="0.0.0.0",
+                                       fence_after=args.fence_after)
     env = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     t0 = time.monotonic()

@@ -32,6 +32,25 @@ from streamtrack.subscriber import Subscriber
 from streamtrack.synthetic import make_clip, write_video
 
 
+def write_two_stream_fleet(tmp: Path, image_size: int, boxes: list[list[int]], **fleet) -> Path:
+    """``tmp``/fleet.yaml: streams ``a`` and ``b`` looping one synthetic clip in real time,
+    each prompted with ``boxes`` (objects 1, 2 ...), one actor each (``fleet`` adds
+    options), with a random tiny checkpoint.  Returns the directory file's path."""
+    checkpoint = save_random_checkpoint("sam2.1_hiera_tiny", tmp / "tiny.pt")
+    clip = write_video(make_clip(24, 160, 120, num_objects=2, seed=1).frames, tmp / "clip.mp4", fps=15)
+    directory = tmp / "fleet.json"
+    doc = {
+        "fleet": {"directory": str(directory), "num_cpus": 1, "streams_per_actor": 1, "max_restarts": 3,
+                  **fleet},
+        "defaults": {"checkpoint": str(checkpoint), "image_size": image_size, "device": "cpu"},
+        "streams": [{"name": name, "source": str(clip), "loop": True, "realtime": True,
+                     "prompts": [{"obj_id": i, "box": box} for i, box in enumerate(boxes, start=1)]}
+                    for name in ("a", "b")],
+    }
+    (tmp / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    return directory
+
+
 def wait(what: str, check, timeout: float = 180.0, every: float = 0.2):
     """``check()``'s first true value, polled every ``every`` s; exits the benchmark on timeout."""
     deadline = time.monotonic() + timeout
@@ -60,8 +79,6 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     tmp = Path(tempfile.mkdtemp(prefix="streamtrack-node-loss-"))
-    checkpoint = save_random_checkpoint("sam2.1_hiera_tiny", tmp / "tiny.pt")
-    clip = write_video(make_clip(24, 160, 120, num_objects=2, seed=1).frames, tmp / "clip.mp4", fps=15)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -71,17 +88,8 @@ def main() -> None:
         print(f"[{time.monotonic() - t0:6.1f} s] {msg}", flush=True)
 
     log(f"cluster up: head (0 CPUs for actors) + 2 worker nodes of 1 CPU, address {cluster.address}")
-    directory = tmp / "fleet.json"
-    doc = {
-        "fleet": {"address": cluster.address, "directory": str(directory), "num_cpus": 1,
-                  "streams_per_actor": 1, "max_restarts": 3, "control": None},
-        "defaults": {"checkpoint": str(checkpoint), "image_size": args.image_size, "device": "cpu"},
-        "streams": [{"name": name, "source": str(clip), "loop": True, "realtime": True,
-                     "prompts": [{"obj_id": 1, "box": [10, 10, 60, 60]},
-                                 {"obj_id": 2, "box": [70, 40, 130, 100]}]}
-                    for name in ("a", "b")],
-    }
-    (tmp / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    directory = write_two_stream_fleet(tmp, args.image_size, [[10, 10, 60, 60], [70, 40, 130, 100]],
+                                       address=cluster.address, control=None)
     fleet = Fleet(load_fleet(tmp / "fleet.yaml"), log_level=logging.WARNING, poll_interval=0.3)
     runner = threading.Thread(target=fleet.run, daemon=True)
     runner.start()
