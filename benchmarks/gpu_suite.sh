@@ -76,31 +76,35 @@ hd=${BENCH_ARGS:-"--device cuda --image-size 1024 --frame-size 1280x720"}
 # shellcheck disable=SC2046  # word splitting of $(m ...) and $hd is intended
 {
 # CUDA graphs (compile mode reduce-overhead): the per-frame step is host-bound on a GPU.
+# Steps that have not run on a GPU yet come first (docs/benchmarks.md says which have).
 cg="--compile-mode reduce-overhead"
-step engine-tiny-cudagraphs 240 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --frames 61 --objects 1 --repeats 3 --state-frames --launch-ahead
+fl=${FLEET_ARGS:-"--device cuda --gpus 1 --cpus 8 --image-size 1024 --frame-size 1280x720"}
+# The latency goal with no capture thread in the tracker, then the same run with threads.
+step latency-tiny-cudagraphs-bothprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process --decode process
 step latency-tiny-cudagraphs 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1
+# CUDA-graph actors in the fleet on Ray (needs `ray` importable), one stream each.
+script_step fleet-tiny-cudagraphs 300 benchmarks/fleet_bench.py $fl --compile-mode reduce-overhead --streams 1 2 4 --frames 300
+# The larger models with CUDA graphs, and the official VOS-optimized build.
+for size in small base_plus large; do
+    step "engine-$size-cudagraphs" 200 engine $(m $size) $hd --bf16 $cg --compile-slots 1 --frames 41 --objects 1 --repeats 2 --state-frames --launch-ahead
+done
+step engine-tiny-bf16-vos 400 engine $(m tiny) $hd --bf16 --official-vos-optimized --frames 31 --objects 1 4 --repeats 3 --state-frames
+step latency-tiny-cudagraphs-emitprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process
+step pipeline-tiny-cudagraphs-emitprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process
+step pipeline-tiny-cudagraphs-bothprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process
+step pipeline-tiny-cudagraphs-decodeprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --decode process
+step multistream-large-processes-4 120 multistream $(m large) $hd --bf16 --frames 40 --streams 4 --processes
+# Run before: the tiny CUDA-graph engine, pipeline and latency, launching ahead or not.
+step engine-tiny-cudagraphs 240 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --frames 61 --objects 1 --repeats 3 --state-frames --launch-ahead
 step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1
 # Launching a waiting frame before finishing the last (launch_ahead): the GPU works on the
 # next frame while the host builds this one's result.
 step pipeline-tiny-cudagraphs-ahead 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --launch-ahead
 step latency-tiny-cudagraphs-ahead 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --launch-ahead
-# The same two with RLE, publishing and files in a child process (emit: process).
-step latency-tiny-cudagraphs-emitprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process
-step pipeline-tiny-cudagraphs-emitprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process
-# Decoding in a child process too (decode: process): no capture thread in the tracker.
-step latency-tiny-cudagraphs-bothprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process --decode process
-step pipeline-tiny-cudagraphs-bothprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process
-step pipeline-tiny-cudagraphs-decodeprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --decode process
 step pipeline-tiny-cudagraphs-bothprocess-ahead 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process --launch-ahead
-# The fleet on Ray (needs `ray` importable): an actor per stream against one actor batching
-# the streams, then CUDA-graph actors, one stream each (docs/scaling.md, GPU sizing).
-fl=${FLEET_ARGS:-"--device cuda --gpus 1 --cpus 8 --image-size 1024 --frame-size 1280x720"}
+# The fleet, eager: an actor per stream against one actor batching the streams
+# (docs/scaling.md, GPU sizing).
 script_step fleet-tiny 200 benchmarks/fleet_bench.py $fl --streams 1 2 4 --frames 150
-script_step fleet-tiny-cudagraphs 300 benchmarks/fleet_bench.py $fl --compile-mode reduce-overhead --streams 1 2 4 --frames 300
-# The larger models with CUDA graphs, and as a process per stream (streams per GPU).
-for size in small base_plus large; do
-    step "engine-$size-cudagraphs" 200 engine $(m $size) $hd --bf16 $cg --compile-slots 1 --frames 41 --objects 1 --repeats 2 --state-frames --launch-ahead
-done
 for size in small base_plus large; do
     step "multistream-$size-processes" 120 multistream $(m $size) $hd --bf16 --frames 40 --streams 2 4 --processes
 done
@@ -128,6 +132,5 @@ done
 step pipeline-tiny 35 pipeline $(m tiny) $hd --frames 200
 step latency-tiny-compiled 120 latency $(m tiny) $hd --frames 300 --fps 30 --compile
 step engine-tiny-cudagraphs-4obj 240 engine $(m tiny) $hd --bf16 $cg --frames 31 --objects 1 4 --repeats 2 --state-frames
-step engine-tiny-bf16-vos 400 engine $(m tiny) $hd --bf16 --official-vos-optimized --frames 31 --objects 1 4 --repeats 3 --state-frames
 }
 echo "done in $(($(date +%s) - start)) s" | tee -a "$out/log.txt"
