@@ -82,6 +82,8 @@ fl=${FLEET_ARGS:-"--device cuda --gpus 1 --cpus 8 --image-size 1024 --frame-size
 # The latency goal with no capture thread in the tracker, then the same run with threads.
 step latency-tiny-cudagraphs-bothprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process --decode process
 step latency-tiny-cudagraphs 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1
+# Host time per phase of a CUDA-graph step launched ahead: what stands between 9.7 ms and 8.3.
+script_step phases-tiny-cudagraphs 150 benchmarks/profile_step.py --checkpoint "$ckpts/sam2.1_hiera_tiny.pt" --compile-mode reduce-overhead --phases --steps 100
 # CUDA-graph actors in the fleet on Ray (needs `ray` importable), one stream each.
 script_step fleet-tiny-cudagraphs 300 benchmarks/fleet_bench.py $fl --compile-mode reduce-overhead --streams 1 2 4 --frames 300
 # The larger models with CUDA graphs, and the official VOS-optimized build.

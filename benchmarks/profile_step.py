@@ -8,12 +8,20 @@ wall time, GPU busy time (the sum of kernel times), and the operators that cost 
 the most.  GPU busy well below wall time means the step is host-bound: faster kernels
 will not help, fewer launches (CUDA graphs, fusion) will.  With ``--out`` the table and
 with ``--trace`` a Chrome trace, are written there.
+
+``--phases`` measures something else, without the profiler (whose own overhead inflates
+host time several-fold): the engine launches frame f+1 before it finishes frame f, as a
+GPU-bound stream would, and a clock around each compiled module, the preprocessing, the
+copy to the host and ``finish`` says how much host time each costs per frame.  What is
+left of ``launch`` is sam2's and the engine's Python between the modules.  On a GPU
+these are host times (the device runs behind them); on a CPU they include the compute.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +35,7 @@ from streamtrack.models import build_model
 from streamtrack.synthetic import make_clip
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="sam2.1_hiera_tiny")
     ap.add_argument("--checkpoint", required=True)
@@ -38,14 +46,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="tracked frames profiled")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--trace", action="store_true", help="with --out: also a Chrome trace")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_step.py needs a CUDA device")
+    ap.add_argument("--phases", action="store_true",
+                    help="host time per phase while launching ahead, instead of the profiler")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only with --phases (to try the script)")
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.device != "cuda" and not args.phases:
+        raise SystemExit("the profiler table needs --device cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("profile_step.py needs a CUDA device (or --phases --device cpu)")
+    device = torch.device(args.device)
     width, height = (int(v) for v in args.frame_size.split("x"))
     clip = make_clip(30, width, height, num_objects=3, seed=3)
-    config = EngineConfig(device="cuda", bf16=True, compile=args.compile_mode is not None,
+    config = EngineConfig(device=args.device, image_size=args.image_size, bf16=True,
+                          compile=args.compile_mode is not None,
                           compile_mode=args.compile_mode or "default", compile_slots=1)
-    model = build_model(args.model, args.checkpoint, device=torch.device("cuda"), image_size=args.image_size)
+    model = build_model(args.model, args.checkpoint, device=device, image_size=args.image_size)
     engine = StreamingEngine(model, config)
     t0 = time.perf_counter()
     engine.warmup()
@@ -53,6 +72,13 @@ def main() -> None:
     frames = clip.frames
     for i in range(20):  # past the memory and pointer windows
         engine.step(frames[i % len(frames)], _prompts(clip, args.objects) if i == 0 else [])
+    if args.phases:
+        text = host_phases(engine, model, frames, args.steps)
+        print(text)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"phases-{args.compile_mode or 'eager'}.txt").write_text(text + "\n")
+        return
     torch.cuda.synchronize()
     walls = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -78,6 +104,52 @@ def main() -> None:
         (args.out / f"profile-{mode}.txt").write_text(text + "\n")
         if args.trace:
             prof.export_chrome_trace(str(args.out / f"trace-{mode}.json"))
+
+
+def host_phases(engine: StreamingEngine, model: torch.nn.Module, frames: list, steps: int) -> str:
+    """Host ms per frame of each phase, launching frame f+1 before finishing frame f."""
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(name: str, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return wrapper
+
+    modules = {"image encoder": model.image_encoder, "memory attention": model.memory_attention,
+               "prompt encoder": model.sam_prompt_encoder, "mask decoder": model.sam_mask_decoder,
+               "memory encoder": model.memory_encoder}
+    for name, module in modules.items():
+        module.forward = timed(name, module.forward)  # an instance attribute: nn.Module calls it
+    engine._prepare = timed("preprocess (upload, resize)", engine._prepare)
+    engine._to_host = timed("copy to host (queued)", engine._to_host)
+    pending = engine.launch(frames[0])
+    spent.clear()
+    launch = finish = 0.0
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        t0 = time.perf_counter()
+        following = engine.launch(frames[i % len(frames)])
+        t1 = time.perf_counter()
+        engine.finish(pending)
+        finish += time.perf_counter() - t1
+        launch += t1 - t0
+        pending = following
+    wall = time.perf_counter() - start
+    engine.finish(pending)
+    per = 1000 / steps
+    inner = sum(spent.values())
+    rows = [("launch (all of it)", launch), *sorted(spent.items(), key=lambda kv: -kv[1]),
+            ("launch: Python between the above", launch - inner), ("finish (wait, build output)", finish),
+            ("loop, per frame", wall)]
+    device = next(model.parameters()).device
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    head = (f"host ms per frame, launching ahead, {steps} frames, {name}"
+            + ("" if device.type == "cuda" else " (on a CPU these include the compute)"))
+    return "\n".join([head] + [f"  {label:<36} {seconds * per:8.2f}" for label, seconds in rows])
 
 
 if __name__ == "__main__":
