@@ -17,10 +17,14 @@ import socket
 import sys
 import threading
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 from streamtrack.config import Config, load_config
 from streamtrack.errors import UserError
 from streamtrack.models import MODELS
+
+if TYPE_CHECKING:
+    from streamtrack.pipeline import RunSummary, Tracker
 
 _KEYS = {f.name for f in fields(Config)}
 _GIVEN = argparse.SUPPRESS  # absent from the namespace unless given on the command line
@@ -113,8 +117,9 @@ def command(args: argparse.Namespace) -> int:
     run_config.wait_for_prompt = cfg.show and not prompts
 
     if not cfg.publish:
-        summary = Tracker(run_config).run()
-        return _finish(summary, args, "")
+        summary, stopped_by = _run_in_process(Tracker(run_config))
+        code = _finish(summary, args, "")
+        return 143 if stopped_by == signal.SIGTERM else code
     from streamtrack.supervisor import Supervisor, SupervisorConfig, SupervisorGaveUp
 
     supervisor = Supervisor(run_config, SupervisorConfig(max_restarts=cfg.max_restarts))
@@ -139,6 +144,37 @@ def command(args: argparse.Namespace) -> int:
         _finish(summary, args, restarts)
         return 143
     return _finish(summary, args, restarts)
+
+
+def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
+    """Run ``tracker`` here; the first SIGINT or SIGTERM stops it after the frame in
+    flight, so every output is flushed whole.  A KeyboardInterrupt at an arbitrary point
+    could land inside the capture's or the emitter's locks; a second Ctrl-C still
+    interrupts at once (e.g. during a long model load)."""
+    import os
+
+    from streamtrack.supervisor import install_stop_signals
+
+    stopped_by: list[int] = []
+
+    def stop(signum: int) -> None:
+        if stopped_by:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        stopped_by.append(signum)
+        tracker.stop()
+        if signum == signal.SIGINT:  # os.write: print() is not safe in a signal handler
+            os.write(2, b"streamtrack: stopping after the current frame (Ctrl-C again to quit at once)\n")
+
+    restore = install_stop_signals(stop)
+    try:
+        summary = tracker.run()
+    finally:
+        restore()
+    if stopped_by:
+        summary.interrupted = True
+    return summary, (stopped_by[0] if stopped_by else None)
 
 
 def _finish(summary, args: argparse.Namespace, extra: str) -> int:

@@ -262,7 +262,24 @@ def test_bad_input_exit_2_one_line(clip_file, tiny_checkpoint, tmp_path, args, m
     assert message in r.stderr
 
 
-def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path):
+def _communicate_or_dump(proc: subprocess.Popen, timeout: float) -> str:
+    """``proc``'s stderr once it exits; if it does not within ``timeout``, fail with every
+    thread's stack (the CLI prints them on SIGUSR1) instead of a bare timeout."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        err = proc.communicate()[1]
+        raise AssertionError(f"still running {timeout} s after the signal; its threads:\n"
+                             f"{err[-6000:]}") from None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path, signum):
+    """Without --publish the tracker runs in the CLI's own process: the first Ctrl-C (or a
+    SIGTERM) stops it after the frame in flight, and every output is complete."""
     clip = make_clip(200, 160, 120, num_objects=1, seed=5)
     video = write_video(clip.frames, tmp_path / "long.mp4")
     out_jsonl, out_mp4 = tmp_path / "r.jsonl", tmp_path / "v.mp4"
@@ -278,15 +295,39 @@ def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path):
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted" in err
+    proc.send_signal(signum)
+    err = _communicate_or_dump(proc, 60)
+    assert proc.returncode == (130 if signum == signal.SIGINT else 143), err
+    assert "Traceback" not in err and "(interrupted)" in err
+    if signum == signal.SIGINT:
+        assert "stopping after the current frame" in err
     lines = out_jsonl.read_text().splitlines()
     results = [FrameResult.from_json(line) for line in lines]  # every line complete and valid
     assert 3 <= len(results) < 200
     with av.open(str(out_mp4)) as c:
         assert sum(1 for _ in c.decode(video=0)) == len(results)
+
+
+def test_usr1_prints_every_threads_stack_and_the_run_goes_on(tiny_checkpoint, tmp_path):
+    """`kill -USR1 PID` is how a user reports a stuck run: stacks on stderr, nothing stops."""
+    clip = make_clip(12, 160, 120, num_objects=1, seed=5)
+    video = write_video(clip.frames, tmp_path / "c.mp4")
+    out_jsonl = tmp_path / "r.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "run", str(video), "--checkpoint", str(tiny_checkpoint),
+         "--image-size", str(TEST_IMAGE_SIZE), "--box", ",".join(str(v) for v in clip.box(1, 0)),
+         "--save-jsonl", str(out_jsonl), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (out_jsonl.exists() and out_jsonl.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    err = _communicate_or_dump(proc, 240)
+    assert proc.returncode == 0, err
+    assert "Current thread" in err and "Thread 0x" in err, err  # the main thread and the others
+    assert len(out_jsonl.read_text().splitlines()) == 12
 
 
 def test_show_holds_the_first_frame_until_a_box_is_drawn(tiny_checkpoint, xdisplay, tmp_path):

@@ -223,7 +223,7 @@ def test_viewer_against_a_real_tracker(xdisplay, checkpoint_factory, tmp_path):
             xdo(xdisplay, "key", "space")  # resume: the queued prompts land on the next frame
             box_ev = wait_for(lambda: feed.applied(2), 60, "the box prompt applied by the tracker",
                               interval=0.2)
-            pt_ev = wait_for(lambda: feed.applied(3), 10, "the point prompt applied by the tracker",
+            pt_ev = wait_for(lambda: feed.applied(3), 30, "the point prompt applied by the tracker",
                              interval=0.2)
             want_box = (*to_source(drag[0], drag[1]), *to_source(drag[2], drag[3]))
             assert box_ev.data["box"] == pytest.approx(want_box, abs=0.1)
