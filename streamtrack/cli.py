@@ -7,14 +7,12 @@ stderr and exit with code 2; runtime failures exit with 1.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import logging
-import signal
 import sys
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
 from streamtrack.compiled import MODES as COMPILE_MODES
-from streamtrack.errors import UserError
+from streamtrack.errors import UserError, dump_stacks_on_usr1
 from streamtrack.models import DEFAULT_MODEL, MODELS
 
 log = logging.getLogger("streamtrack")
@@ -288,12 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGUSR1"):
-        # `kill -USR1 PID` prints every thread's stack to stderr: what a stuck run was doing.
-        try:
-            faulthandler.register(signal.SIGUSR1, all_threads=True)
-        except (AttributeError, ValueError, OSError):  # stderr without a file descriptor
-            pass
+    dump_stacks_on_usr1()
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else

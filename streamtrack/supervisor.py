@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from streamtrack.engine import Prompt
-from streamtrack.errors import UserError
+from streamtrack.errors import UserError, dump_stacks_on_usr1
 from streamtrack.pipeline import Resume, RunConfig, RunSummary, Tracker
 from streamtrack.protocol import FrameResult, decode_mask, normalize_endpoint
 
@@ -408,6 +408,7 @@ def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, lo
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    dump_stacks_on_usr1()  # the tracker's pid is in the control `status` reply
     threading.Thread(target=watch_lifeline, name="lifeline", daemon=True).start()
     try:
         tracker = Tracker(config, notify=report)
