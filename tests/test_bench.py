@@ -196,3 +196,35 @@ def test_every_gpu_suite_step_parses(monkeypatch, tmp_path):
             monkeypatch.setitem(sys.modules, script.stem, module)
             spec.loader.exec_module(module)
             module.build_parser().parse_args(argv[1:])
+
+
+def test_profile_step_phases_account_for_the_launch(monkeypatch, tiny_checkpoint):
+    """benchmarks/profile_step.py --phases: every phase is timed, and none inside another."""
+    import importlib.util
+    import re
+    import sys
+    from pathlib import Path
+
+    from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+    from streamtrack.models import build_model
+    from streamtrack.synthetic import make_clip
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks/profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "profile_step", module)
+    spec.loader.exec_module(module)
+
+    clip = make_clip(6, 96, 64, num_objects=1, seed=1)
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=64)
+    engine = StreamingEngine(model, EngineConfig(device="cpu", image_size=64))
+    engine.step(clip.frames[0], [Prompt.make(1, box=clip.box(1, 0))])
+    text = module.host_phases(engine, model, clip.frames, steps=3)
+    rows = dict(re.findall(r"^  (.+?)\s+(-?\d+\.\d+)$", text, flags=re.M))
+    ms = {k: float(v) for k, v in rows.items()}
+    phases = ["image encoder", "memory attention", "mask decoder", "memory encoder", "prompt encoder",
+              "preprocess (upload, resize)", "copy to host (queued)"]
+    assert all(ms[p] > 0 for p in phases), text
+    # A phase timed inside another (counted twice) would leave less than nothing between them.
+    assert ms["launch: Python between the above"] > 0, text
+    assert sum(ms[p] for p in phases) < ms["launch (all of it)"], text
