@@ -845,10 +845,13 @@ class Viewer:
                                          curve=self.curve)
             cv2.namedWindow(self.title, cv2.WINDOW_AUTOSIZE | cv2.WINDOW_GUI_NORMAL)
 
+            # Mouse events wait for the key of the same waitKeyEx call: when the loop falls
+            # behind, Qt delivers a key and the clicks after it in one batch and calls back
+            # the clicks first, so "n, then click" would mark the old object.
+            mouse_events: list[tuple[int, int, int, int]] = []
+
             def on_mouse(event: int, x: int, y: int, flags: int, _param: object) -> None:
-                self.apply(self.interaction.mouse(event, x, y, flags, self.transform), control)
-                if self.interaction.drag_box is not None:
-                    self._dirty = True
+                mouse_events.append((event, x, y, flags))
 
             cv2.setMouseCallback(self.title, on_mouse)
             shown = False
@@ -869,6 +872,10 @@ class Viewer:
                     shown = True
                 key = cv2.waitKeyEx(10)
                 self.apply(self.interaction.key(key), control)
+                while mouse_events:
+                    self.apply(self.interaction.mouse(*mouse_events.pop(0), self.transform), control)
+                    if self.interaction.drag_box is not None:
+                        self._dirty = True
                 if shown and cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
                     break  # closed with the window manager's button
         finally:
