@@ -12,6 +12,7 @@ process.  ``--show`` starts a viewer process subscribed to the tracker.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -118,8 +119,7 @@ def command(args: argparse.Namespace) -> int:
 
     if not cfg.publish:
         summary, stopped_by = _run_in_process(Tracker(run_config))
-        code = _finish(summary, args, "")
-        return 143 if stopped_by == signal.SIGTERM else code
+        return _finish(summary, args, "", stopped_by)
     from streamtrack.supervisor import Supervisor, SupervisorConfig, SupervisorGaveUp
 
     supervisor = Supervisor(run_config, SupervisorConfig(max_restarts=cfg.max_restarts))
@@ -140,10 +140,7 @@ def command(args: argparse.Namespace) -> int:
             viewer.terminate()
             viewer.wait(timeout=10)
     restarts = f", {supervisor.restarts} restart(s)" if supervisor.restarts else ""
-    if supervisor.interrupted_by == signal.SIGTERM:
-        _finish(summary, args, restarts)
-        return 143
-    return _finish(summary, args, restarts)
+    return _finish(summary, args, restarts, supervisor.interrupted_by)
 
 
 def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
@@ -151,8 +148,6 @@ def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
     flight, so every output is flushed whole.  A KeyboardInterrupt at an arbitrary point
     could land inside the capture's or the emitter's locks; a second Ctrl-C still
     interrupts at once (e.g. during a long model load)."""
-    import os
-
     from streamtrack.supervisor import install_stop_signals
 
     stopped_by: list[int] = []
@@ -177,9 +172,13 @@ def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
     return summary, (stopped_by[0] if stopped_by else None)
 
 
-def _finish(summary, args: argparse.Namespace, extra: str) -> int:
+def _finish(summary, args: argparse.Namespace, extra: str, stopped_by: int | None = None) -> int:
+    """Print the run's summary line; the exit code: 143 if SIGTERM stopped it, 130 if it
+    was interrupted otherwise, else 0."""
     if not args.quiet:
         print(summary.line() + extra, file=sys.stderr)
+    if stopped_by == signal.SIGTERM:
+        return 143
     return 130 if summary.interrupted else 0
 
 
