@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from streamtrack.capture import CaptureConfig, open_source
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.errors import UserError
 from streamtrack.models import build_model, resolve_device, save_random_checkpoint
-from streamtrack.pipeline import RunConfig, Tracker
+from streamtrack.pipeline import LoopTimes, RunConfig, Tracker
 from streamtrack.protocol import FrameResult, Timestamps
 from streamtrack.publisher import StatsWindow
 from streamtrack.synthetic import make_clip, write_video
@@ -145,13 +146,54 @@ def _warm(model: torch.nn.Module, config: EngineConfig, frames: list[np.ndarray]
     # Compiled: every object batch size is compiled now, untimed, and the trackers that
     # share this model later do not warm it up again.
     engine.warmup_once()
-    durations = []
-    for i in range(steps):
+    return [span.end - span.start for span in _bare_steps(engine, frames, prompts, steps)]
+
+
+class _Span(NamedTuple):
+    """One bare engine step's ``perf_counter`` times."""
+
+    start: float
+    launched: float  # launch() returned: the host queued the frame's work
+    end: float  # finish() returned, the device synced
+
+
+def _bare_steps(engine: StreamingEngine, frames: list[np.ndarray], prompts: list[Prompt], count: int,
+                interval: float = 0.0) -> list[_Span]:
+    """Step ``engine`` over ``count`` frames (cycling through ``frames``, the prompts on the
+    first), each as the tracker does it, ``launch`` then ``finish``, and time them.
+    ``interval`` > 0 starts step i no sooner than i * ``interval`` after the first, as a
+    live source hands frames over: the engine then idles between steps, as in a tracker
+    that keeps up with a camera, where back to back it never does."""
+    spans = []
+    first = time.perf_counter()
+    for i in range(count):
+        wait = first + i * interval - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
         t0 = time.perf_counter()
-        engine.step(frames[i % len(frames)], prompts if i == 0 else [])
+        pending = engine.launch(frames[i % len(frames)], prompts if i == 0 else [])
+        t1 = time.perf_counter()
+        engine.finish(pending)
         sync_device(engine.device)
-        durations.append(time.perf_counter() - t0)
-    return durations
+        spans.append(_Span(t0, t1, time.perf_counter()))
+    return spans
+
+
+def _phases_ms(spans: list[_Span]) -> dict[str, float]:
+    """Median ms of the bare engine's ``launch`` and ``finish``: the tracker's own
+    ``LoopTimes`` phases of the same names are comparable."""
+    return {"launch": float(np.median([s.launched - s.start for s in spans])) * 1000,
+            "finish": float(np.median([s.end - s.launched for s in spans])) * 1000}
+
+
+def _phase_rows(columns: dict[str, dict[str, float]]) -> list[tuple]:
+    """Rows of a per-phase table: ``columns`` maps a side's name to its phase medians."""
+    names = [n for n in LoopTimes.PHASES if any(n in c for c in columns.values())]
+    rows: list[tuple] = [("on the engine's thread, per frame (median ms)", *columns)]
+    for n in names:
+        cells = (f"{c[n]:.2f}" if n in c else "-" for c in columns.values())
+        rows.append((f"  {n.replace('_', ' ')}", *cells))
+    return rows
 
 
 class _Recorder(StatsWindow):
@@ -176,6 +218,7 @@ class _TrackedRun:
     frames_decoded: int
     frames_delivered: int
     dropped: dict[str, int]
+    loop_ms: dict[str, float]  # the tracker's LoopTimes medians
 
 
 def _count_masks(endpoint: str, stream: str, ready, stop, received) -> None:
@@ -229,7 +272,7 @@ def _run_tracker(run: RunConfig, engine: StreamingEngine) -> _TrackedRun:
     assert tracker.capture is not None
     stats = tracker.capture.stats()
     return _TrackedRun(recorder.stamps, recorder.object_counts, int(received.value), stats.frames_decoded,
-                       stats.frames_delivered, dict(stats.dropped))
+                       stats.frames_delivered, dict(stats.dropped), tracker.loop_times.medians_ms())
 
 
 def _table(rows: list[tuple], log: Log) -> None:
@@ -273,6 +316,14 @@ class PipelineBenchResult:
     emit: str = "thread"  # where the tracker's RLE, publishing and files ran
     decode: str = "thread"  # where the tracker's source was decoded
     launch_ahead: bool = False  # the tracker launched a waiting frame before finishing the last
+    # Median ms per frame of each phase on the engine's thread (LoopTimes), median over repeats.
+    engine_phases_ms: dict[str, float] = field(default_factory=dict)
+    tracker_phases_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {n: float(np.median([r[n] for r in runs if n in r]))
+            for n in LoopTimes.PHASES if any(n in r for r in runs)}
 
 
 def bench_pipeline(
@@ -324,14 +375,12 @@ def bench_pipeline(
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         res.frame_size = (decoded[0].shape[1], decoded[0].shape[0])
         _warm(net, config, decoded, prompts)
+        engine_phases: list[dict[str, float]] = []
+        tracker_phases: list[dict[str, float]] = []
         for r in range(repeats):  # alternate the sides; the median of each is reported
-            engine = StreamingEngine(net, config)
-            ends = []
-            for i, frame in enumerate(decoded):
-                engine.step(frame, prompts if i == 0 else [])
-                sync_device(dev)
-                ends.append(time.perf_counter())
-            res.engine_runs_fps.append((frames - warmup) / (ends[-1] - ends[warmup - 1]))
+            spans = _bare_steps(StreamingEngine(net, config), decoded, prompts, frames)
+            res.engine_runs_fps.append((frames - warmup) / (spans[-1].end - spans[warmup - 1].end))
+            engine_phases.append(_phases_ms(spans[warmup:]))
 
             run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
                             publish="tcp://127.0.0.1:0", max_frames=frames, progress=False, emit=emit,
@@ -343,18 +392,22 @@ def bench_pipeline(
             published = [t.publish for t in tracked.stamps]
             res.pipeline_runs_fps.append((frames - warmup) / (published[-1] - published[warmup - 1]))
             res.messages_received = tracked.received
+            tracker_phases.append(tracked.loop_ms)
             log(f"  run {r + 1}: bare engine {res.engine_runs_fps[-1]:.2f} fps, "
                 f"pipeline {res.pipeline_runs_fps[-1]:.2f} fps ({tracked.received} messages received)")
     res.engine_fps = float(np.median(res.engine_runs_fps))
     res.pipeline_fps = float(np.median(res.pipeline_runs_fps))
     res.ratio = res.pipeline_fps / res.engine_fps
     res.meets_goal = res.ratio >= PIPELINE_GOAL
+    res.engine_phases_ms = _median_phases(engine_phases)
+    res.tracker_phases_ms = _median_phases(tracker_phases)
     _table([
         ("", "frames/s", "ms/frame"),
         ("bare engine (frames decoded up front)", f"{res.engine_fps:.2f}", f"{1000 / res.engine_fps:.1f}"),
         ("pipeline (capture -> queue -> engine -> ZeroMQ)", f"{res.pipeline_fps:.2f}",
          f"{1000 / res.pipeline_fps:.1f}"),
     ], log)
+    _table(_phase_rows({"bare engine": res.engine_phases_ms, "tracker": res.tracker_phases_ms}), log)
     log(f"  ratio pipeline / engine: {res.ratio:.3f} (goal >= {PIPELINE_GOAL}): {_verdict(res.meets_goal)}")
     return res
 
@@ -376,6 +429,10 @@ class LatencyBenchResult:
     source_fps: float  # the paced file's frame rate
     queue_depth: int
     engine_step_ms: float = 0.0  # bare engine, median over the same clip's frames
+    engine_step_paced_ms: float = 0.0  # the same, each step started at the source's frame interval
+    engine_phases_ms: dict[str, float] = field(default_factory=dict)  # launch / finish medians, back to back
+    engine_paced_phases_ms: dict[str, float] = field(default_factory=dict)  # the same, paced
+    tracker_phases_ms: dict[str, float] = field(default_factory=dict)  # LoopTimes medians
     latency_ms: dict[str, float] = field(default_factory=dict)  # capture -> publish p50/p95/p99
     queue_ms: dict[str, float] = field(default_factory=dict)  # capture -> dequeue p50/p95
     pipeline_infer_ms: float = 0.0  # median engine step inside the tracker
@@ -391,6 +448,10 @@ class LatencyBenchResult:
     emit: str = "thread"
     decode: str = "thread"
     launch_ahead: bool = False
+
+
+def _median_step_ms(spans: list[_Span]) -> float:
+    return float(np.median([span.end - span.start for span in spans])) * 1000
 
 
 def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float]:
@@ -449,16 +510,15 @@ def bench_latency(
         video = write_video(clip.frames, tmp / "clip.mp4", fps=fps)
         decoded = _decode(video)
 
-        engine = StreamingEngine(net, config)
-        steps = []
-        for i in range(frames):
-            t0 = time.perf_counter()
-            engine.step(decoded[i % len(decoded)], prompts if i == 0 else [])
-            sync_device(dev)
-            steps.append(time.perf_counter() - t0)
-        step_ms = float(np.median(steps[warmup:])) * 1000
-        log(f"  bare engine: {step_ms:.1f} ms/step (median); source paced at {fps:.1f} fps "
-            f"(a frame every {1000 / fps:.1f} ms), live queue depth {depth}")
+        back_to_back = _bare_steps(StreamingEngine(net, config), decoded, prompts, frames)[warmup:]
+        # The same steps at the source's pace: what the step costs an engine that idles
+        # between frames (device clocks, the host thread's wake-ups), without the tracker.
+        paced = _bare_steps(StreamingEngine(net, config), decoded, prompts, frames,
+                            interval=1.0 / fps)[warmup:]
+        step_ms, paced_ms = _median_step_ms(back_to_back), _median_step_ms(paced)
+        log(f"  bare engine: {step_ms:.1f} ms/step back to back, {paced_ms:.1f} ms at the source's pace "
+            f"(medians); source paced at {fps:.1f} fps (a frame every {1000 / fps:.1f} ms), "
+            f"live queue depth {depth}")
 
         # The prompts go on the first frame the tracker gets; with a dropping queue that is
         # almost always frame 0 (the pacer releases it at once), and if not, the box is a
@@ -477,7 +537,9 @@ def bench_latency(
     res = LatencyBenchResult(
         "latency", str(dev), model, image_size, (decoded[0].shape[1], decoded[0].shape[0]),
         torch.get_num_threads(), frames, warmup, objects, float(fps), depth,
-        engine_step_ms=step_ms, latency_ms=_percentiles(total, (50, 95, 99)),
+        engine_step_ms=step_ms, engine_step_paced_ms=paced_ms, engine_phases_ms=_phases_ms(back_to_back),
+        engine_paced_phases_ms=_phases_ms(paced), tracker_phases_ms=tracked.loop_ms,
+        latency_ms=_percentiles(total, (50, 95, 99)),
         queue_ms=_percentiles(queue, (50, 95)), pipeline_infer_ms=float(np.median(infer)),
         frames_decoded=tracked.frames_decoded, frames_delivered=tracked.frames_delivered,
         dropped=tracked.dropped, messages_received=tracked.received, compile=config.compile,
@@ -494,7 +556,10 @@ def bench_latency(
         ("engine step in the tracker (median" + (", launch to finish)" if launch_ahead else ")"),
          f"{res.pipeline_infer_ms:.1f}", "", ""),
         ("bare engine step (median)", f"{res.engine_step_ms:.1f}", "", ""),
+        ("bare engine step at the source's pace (median)", f"{res.engine_step_paced_ms:.1f}", "", ""),
     ], log)
+    _table(_phase_rows({"bare engine": res.engine_phases_ms, "bare, paced": res.engine_paced_phases_ms,
+                        "tracker": res.tracker_phases_ms}), log)
     drops = sum(res.dropped.values())
     log(f"  capture: {res.frames_decoded} frames decoded, {res.frames_delivered} delivered, {drops} dropped "
         f"({', '.join(f'{k} {v}' for k, v in res.dropped.items()) or 'none'})")

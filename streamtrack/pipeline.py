@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,6 +232,28 @@ def _serve_control(control, wait_ms: int) -> None:
         n = control.poll_once(0, 64)
 
 
+class LoopTimes:
+    """Where the tracker's thread spends a frame, in seconds, over the last ``keep`` frames:
+    ``read`` (a frame out of the capture, any wait for it included), ``launch`` and
+    ``finish`` (the engine's two halves, as the bare engine's step splits), ``hand_over``
+    (building the result and giving it to the emitter).  Benchmarks set these beside
+    the bare engine's own, so a slower pipeline shows which part grew."""
+
+    PHASES = ("read", "launch", "finish", "hand_over")
+
+    def __init__(self, keep: int = 1000) -> None:
+        self.seconds: dict[str, deque[float]] = {name: deque(maxlen=keep) for name in self.PHASES}
+
+    def add(self, phase: str, since: float) -> float:
+        """Record the time from ``since`` (``perf_counter``) to now; returns now."""
+        t = time.perf_counter()
+        self.seconds[phase].append(t - since)
+        return t
+
+    def medians_ms(self) -> dict[str, float]:
+        return {name: float(np.median(v)) * 1000 for name, v in self.seconds.items() if v}
+
+
 class Tracker:
     """One source, one engine, its outputs.  Not thread-safe: run it on one thread
     (``stop()`` is the exception: any thread or a signal handler may call it)."""
@@ -252,6 +275,7 @@ class Tracker:
         self._publisher = None  # set once the outputs exist; used by the capture thread too
         self._last_stats = 0.0  # when stats/<stream> was last published
         self._in_flight: _InFlight | None = None  # launched, not finished (launch_ahead)
+        self.loop_times = LoopTimes()
 
     def stop(self) -> None:
         self._stop.set()
@@ -322,6 +346,7 @@ class Tracker:
                     continue
                 # With a frame in flight only a frame already waiting is launched ahead:
                 # waiting for the source would hold the in-flight result back.
+                t = time.perf_counter()
                 frame = self.capture.read(timeout=0.1 if self._in_flight is None else 0)
                 if frame is None:
                     if self._in_flight is not None:
@@ -329,6 +354,7 @@ class Tracker:
                     elif self.capture.state.terminal:
                         break
                     continue
+                self.loop_times.add("read", t)
                 if frame.frame_id < skip_to:
                     continue  # processed before a restart
                 if self._must_wait_for_prompt(seed):
@@ -341,8 +367,10 @@ class Tracker:
                 prompts = [_fit_mask(p, frame.height, frame.width) for p in seed]
                 seed = []
                 prompts += cfg.prompts.get(self.frames_seen, [])
+                t = time.perf_counter()
                 launched = _InFlight(frame, dequeue,
                                      self._launch(frame, _merge_prompts(prompts), self._controls.pending))
+                self.loop_times.add("launch", t)
                 self._controls.pending = []
                 self.frames_seen += 1
                 self._finish_in_flight(emitter, bar)  # the frame before, launched ahead of this one
@@ -417,12 +445,15 @@ class Tracker:
         launched, self._in_flight = self._in_flight, None
         if launched is None:
             return
+        t = time.perf_counter()
         out = self.require_engine().finish(launched.step)
+        t = self.loop_times.add("finish", t)
         result = self._result(launched.frame, launched.dequeue, out)
         emitter.submit(result, [o.mask for o in out.objects], launched.frame.image)
         self._status_changes(result)
         if bar is not None:
             bar.update(1)
+        self.loop_times.add("hand_over", t)
 
     def _launch(self, frame, prompts: list[Prompt], requested: list[Prompt]) -> PendingStep:
         """Launch the engine's step; prompts that came over the control channel and still

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
+import torch
 
+from streamtrack.bench_stream import _bare_steps
 from streamtrack.cli import main
+from streamtrack.pipeline import LoopTimes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,6 +46,10 @@ def test_pipeline_reports_fps_of_both_sides_and_their_ratio(capsys, tiny_checkpo
     assert r["goal_min"] == 0.95 and r["meets_goal"] == (r["ratio"] >= 0.95)
     # Results really went over ZeroMQ to a subscriber on 127.0.0.1.
     assert 1 <= r["messages_received"] <= 6
+    # Where the engine's thread spends a frame, on each side.
+    assert set(r["engine_phases_ms"]) == {"launch", "finish"}
+    assert set(r["tracker_phases_ms"]) == {"read", "launch", "finish", "hand_over"}
+    assert all(v >= 0 for v in [*r["engine_phases_ms"].values(), *r["tracker_phases_ms"].values()])
 
 
 def test_pipeline_table_names_both_sides_and_the_goal(capsys, tiny_checkpoint):
@@ -50,6 +58,7 @@ def test_pipeline_table_names_both_sides_and_the_goal(capsys, tiny_checkpoint):
     out = capsys.readouterr().out
     assert "bare engine" in out and "pipeline (capture" in out
     assert "ratio pipeline / engine" in out and "goal >= 0.95" in out
+    assert "per frame (median ms)" in out and "hand over" in out
 
 
 @pytest.mark.parametrize(("decode", "ahead"), [("thread", True), ("process", False)])
@@ -63,7 +72,7 @@ def test_latency_reports_percentiles_step_time_and_drops(capsys, tiny_checkpoint
     lat = r["latency_ms"]
     assert set(lat) == {"p50", "p95", "p99"} and 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     assert 0 <= r["queue_ms"]["p50"] <= r["queue_ms"]["p95"]
-    assert r["engine_step_ms"] > 0 and r["pipeline_infer_ms"] > 0
+    assert r["engine_step_ms"] > 0 and r["pipeline_infer_ms"] > 0 and r["engine_step_paced_ms"] > 0
     assert r["ratio"] == pytest.approx(lat["p95"] / r["engine_step_ms"])
     assert r["goal_max"] == 1.5 and r["meets_goal"] == (r["ratio"] <= 1.5)
     # Capture's own counters: every decoded frame was delivered, dropped or still queued.
@@ -71,6 +80,44 @@ def test_latency_reports_percentiles_step_time_and_drops(capsys, tiny_checkpoint
     assert r["frames_delivered"] >= r["frames"]
     assert r["frames_decoded"] >= r["frames_delivered"] + sum(r["dropped"].values())
     assert 1 <= r["messages_received"] <= 6
+    assert set(r["engine_phases_ms"]) == set(r["engine_paced_phases_ms"]) == {"launch", "finish"}
+    assert set(r["tracker_phases_ms"]) == {"read", "launch", "finish", "hand_over"}
+
+
+def test_bare_steps_at_a_pace_start_no_sooner_than_a_source_would_hand_frames_over():
+    class InstantEngine:
+        device = torch.device("cpu")
+
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def launch(self, frame, prompts) -> tuple:
+            self.calls.append((frame, prompts))
+            return frame, prompts
+
+        def finish(self, pending) -> None:
+            assert pending == self.calls[-1]  # finished in launch order, before the next launch
+
+    frames = [np.zeros(1), np.ones(1)]
+    engine = InstantEngine()
+    spans = _bare_steps(engine, frames, ["box"], 5, interval=0.03)
+    starts = [s.start for s in spans]
+    # The first step starts at once; step i no sooner than i intervals after it.
+    assert all(starts[i] - starts[0] >= i * 0.03 - 0.002 for i in range(1, 5)), starts
+    assert all(s.start <= s.launched <= s.end for s in spans)
+    assert [prompts for _, prompts in engine.calls] == [["box"], [], [], [], []]
+    assert [frame is frames[i % 2] for i, (frame, _) in enumerate(engine.calls)] == [True] * 5
+
+
+def test_loop_times_keep_the_last_frames_and_report_medians_in_ms():
+    times = LoopTimes(keep=3)
+    since = time.perf_counter() - 0.5
+    now = times.add("launch", since)
+    assert times.seconds["launch"][0] == pytest.approx(now - since)  # measured up to the returned now
+    for seconds in (0.001, 0.002, 0.009):  # push the 0.5 s out of the window
+        times.seconds["launch"].append(seconds)
+    times.seconds["read"].append(0.004)
+    assert times.medians_ms() == pytest.approx({"launch": 2.0, "read": 4.0})  # phases never seen: absent
 
 
 def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
