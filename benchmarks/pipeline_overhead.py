@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from streamtrack.bench_stream import _decode, _run_tracker
+from streamtrack.bench_stream import _bare_steps, _decode, _median_phases, _phases_ms, _run_tracker
 from streamtrack.engine import FrameOutput, ObjectOutput, ObjectState
 from streamtrack.pipeline import RunConfig
 from streamtrack.protocol import mask_area, mask_bbox
@@ -43,6 +44,8 @@ class StandInEngine:
     (lock released), then masks.  The Python part is a fixed number of iterations, not a
     fixed time, so a step takes longer when other threads hold the interpreter lock, as
     launching a fixed number of kernels does."""
+
+    device = torch.device("cpu")  # its "device" wait happens in finish(): nothing to sync
 
     def __init__(self, host_ms: float, device_ms: float, objects: int, height: int, width: int):
         self.device_s = device_ms / 1000
@@ -85,6 +88,10 @@ class StandInEngine:
         return 0
 
 
+def _phase_text(phases: dict[str, float]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in phases.items())
+
+
 def _variant(text: str) -> tuple[str, str, bool]:
     parts = text.split("/")
     modes = ("thread", "process")
@@ -125,11 +132,12 @@ def main() -> None:
         latency_ms: dict[tuple, list[float]] = {v: [] for v in variants}
         dequeue_ms: dict[tuple, list[float]] = {v: [] for v in variants}
         between_ms: dict[tuple, list[float]] = {v: [] for v in variants}
+        loop_ms: dict[tuple, list[dict[str, float]]] = {v: [] for v in variants}
+        bare_phases: list[dict[str, float]] = []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            for frame in decoded:
-                engine.step(frame)
-            bare.append(len(decoded) / (time.perf_counter() - t0))
+            spans = _bare_steps(engine, decoded, [], len(decoded))
+            bare.append(len(decoded) / (spans[-1].end - spans[0].start))
+            bare_phases.append(_phases_ms(spans))
             for v in variants:  # interleaved, so a slow spell of the machine hits all
                 decode, emit, ahead = v
                 live = dict(realtime=True, loop=True) if args.live else {}
@@ -137,6 +145,7 @@ def main() -> None:
                                 max_frames=args.frames, progress=False, emit=emit, decode=decode,
                                 launch_ahead=ahead, **live)
                 tracked = _run_tracker(run, engine)
+                loop_ms[v].append(tracked.loop_ms)
                 published = [t.publish for t in tracked.stamps]
                 piped[v].append((len(published) - 5) / (published[-1] - published[4]))
                 emit_ms[v] += [(t.publish - t.infer_end) * 1000 for t in tracked.stamps[5:]]
@@ -150,8 +159,11 @@ def main() -> None:
     b = float(np.median(bare))
     print(f"stand-in engine ({args.host_ms:g} ms host + {args.device_ms:g} ms device, {args.objects} "
           f"object(s), {width}x{height}): bare {b:.1f} frames/s, runs {[round(v, 1) for v in bare]}")
+    print(f"  {'bare':32s}: per frame, median ms: " + _phase_text(_median_phases(bare_phases)))
     for variant in variants:
         name = "decode {} / emit {}".format(*variant[:2]) + (" / ahead" if variant[2] else "")
+        phases = _median_phases(loop_ms[variant])
+        print(f"  {name:32s}: the tracker's thread per frame, median ms: " + _phase_text(phases))
         if args.live:
             p50, p95, p99 = np.percentile(latency_ms[variant], (50, 95, 99))
             print(f"  {name:32s}: live {args.live:g} fps, capture -> publish p50 {p50:.2f} ms, "
