@@ -79,9 +79,14 @@ hd=${BENCH_ARGS:-"--device cuda --image-size 1024 --frame-size 1280x720"}
 # Steps that have not run on a GPU yet come first (docs/benchmarks.md says which have).
 cg="--compile-mode reduce-overhead"
 fl=${FLEET_ARGS:-"--device cuda --gpus 1 --cpus 8 --image-size 1024 --frame-size 1280x720"}
-# The latency goal with no capture thread in the tracker, then the same run with threads.
+# The latency goal with no capture thread in the tracker, then the same run with threads;
+# each also times the bare engine at the source's pace and splits the engine's thread's
+# time per frame (read, launch, finish, hand over) on both sides.
 step latency-tiny-cudagraphs-bothprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process --decode process
 step latency-tiny-cudagraphs 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1
+# The pipeline's frames/s with its per-phase split, threads and child processes.
+step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1
+step pipeline-tiny-cudagraphs-bothprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process
 # Host time per phase of a CUDA-graph step launched ahead: what stands between 9.7 ms and 8.3.
 script_step phases-tiny-cudagraphs 150 benchmarks/profile_step.py --checkpoint "$ckpts/sam2.1_hiera_tiny.pt" --compile-mode reduce-overhead --phases --steps 100
 # CUDA-graph actors in the fleet on Ray (needs `ray` importable), one stream each.
@@ -93,12 +98,10 @@ done
 step engine-tiny-bf16-vos 400 engine $(m tiny) $hd --bf16 --official-vos-optimized --frames 31 --objects 1 4 --repeats 3 --state-frames
 step latency-tiny-cudagraphs-emitprocess 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg --compile-slots 1 --emit process
 step pipeline-tiny-cudagraphs-emitprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process
-step pipeline-tiny-cudagraphs-bothprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process
 step pipeline-tiny-cudagraphs-decodeprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --decode process
 step multistream-large-processes-4 120 multistream $(m large) $hd --bf16 --frames 40 --streams 4 --processes
 # Run before: the tiny CUDA-graph engine, pipeline and latency, launching ahead or not.
 step engine-tiny-cudagraphs 240 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --frames 61 --objects 1 --repeats 3 --state-frames --launch-ahead
-step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1
 # Launching a waiting frame before finishing the last (launch_ahead): the GPU works on the
 # next frame while the host builds this one's result.
 step pipeline-tiny-cudagraphs-ahead 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --launch-ahead
