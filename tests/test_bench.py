@@ -38,9 +38,10 @@ def test_pipeline_reports_fps_of_both_sides_and_their_ratio(capsys, tiny_checkpo
     assert r["benchmark"] == "pipeline" and r["objects"] == 1 and r["frames"] == 6
     assert (r["emit"], r["decode"], r["launch_ahead"]) == (emit, decode, ahead)
     assert r["frame_size"] == [96, 64] and r["image_size"] == 64
-    assert len(r["engine_runs_fps"]) == len(r["pipeline_runs_fps"]) == 2
-    assert all(f > 0 for f in r["engine_runs_fps"] + r["pipeline_runs_fps"])
+    assert len(r["engine_runs_fps"]) == len(r["pipeline_runs_fps"]) == len(r["capture_runs_fps"]) == 2
+    assert all(f > 0 for f in r["engine_runs_fps"] + r["pipeline_runs_fps"] + r["capture_runs_fps"])
     assert r["engine_fps"] == pytest.approx(float(np.median(r["engine_runs_fps"])))
+    assert r["capture_fps"] == pytest.approx(float(np.median(r["capture_runs_fps"])))
     assert r["pipeline_fps"] == pytest.approx(float(np.median(r["pipeline_runs_fps"])))
     assert r["ratio"] == pytest.approx(r["pipeline_fps"] / r["engine_fps"])
     assert r["goal_min"] == 0.95 and r["meets_goal"] == (r["ratio"] >= 0.95)
@@ -56,7 +57,7 @@ def test_pipeline_table_names_both_sides_and_the_goal(capsys, tiny_checkpoint):
     assert main(["bench", "pipeline", *TINY, "--checkpoint", str(tiny_checkpoint),
                  "--frames", "3", "--warmup", "1", "--objects", "2"]) == 0
     out = capsys.readouterr().out
-    assert "bare engine" in out and "pipeline (capture" in out
+    assert "bare engine" in out and "pipeline (capture" in out and "fed by the capture (thread)" in out
     assert "ratio pipeline / engine" in out and "goal >= 0.95" in out
     assert "per frame (median ms)" in out and "hand over" in out
 
