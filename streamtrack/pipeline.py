@@ -234,7 +234,8 @@ def _serve_control(control, wait_ms: int) -> None:
 
 class LoopTimes:
     """Where the tracker's thread spends a frame, in seconds, over the last ``keep`` frames:
-    ``read`` (a frame out of the capture, any wait for it included), ``launch`` and
+    ``read`` (the hand-off: from asking the capture for a frame, or from the frame's
+    decoding if that came later, until it is in hand; not the idle wait), ``launch`` and
     ``finish`` (the engine's two halves, as the bare engine's step splits), ``hand_over``
     (building the result and giving it to the emitter).  Benchmarks set these beside
     the bare engine's own, so a slower pipeline shows which part grew."""
@@ -249,6 +250,9 @@ class LoopTimes:
         t = time.perf_counter()
         self.seconds[phase].append(t - since)
         return t
+
+    def record(self, phase: str, seconds: float) -> None:
+        self.seconds[phase].append(seconds)
 
     def medians_ms(self) -> dict[str, float]:
         return {name: float(np.median(v)) * 1000 for name, v in self.seconds.items() if v}
@@ -346,7 +350,7 @@ class Tracker:
                     continue
                 # With a frame in flight only a frame already waiting is launched ahead:
                 # waiting for the source would hold the in-flight result back.
-                t = time.perf_counter()
+                asked = time.monotonic()
                 frame = self.capture.read(timeout=0.1 if self._in_flight is None else 0)
                 if frame is None:
                     if self._in_flight is not None:
@@ -354,7 +358,10 @@ class Tracker:
                     elif self.capture.state.terminal:
                         break
                     continue
-                self.loop_times.add("read", t)
+                # Frames are stamped on the monotonic clock as they are decoded (in a child
+                # process too): a frame that came during the wait is timed from there.
+                handed_over = time.monotonic() - max(asked, frame.capture_monotonic)
+                self.loop_times.record("read", max(0.0, handed_over))
                 if frame.frame_id < skip_to:
                     continue  # processed before a restart
                 if self._must_wait_for_prompt(seed):
