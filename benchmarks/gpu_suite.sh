@@ -87,6 +87,9 @@ step latency-tiny-cudagraphs 150 latency $(m tiny) $hd --frames 300 --fps 30 $cg
 # The pipeline's frames/s with its per-phase split, threads and child processes.
 step pipeline-tiny-cudagraphs 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1
 step pipeline-tiny-cudagraphs-bothprocess 120 pipeline $(m tiny) $hd --frames 300 $cg --compile-slots 1 --emit process --decode process
+# The official VOS build against the engine, both as CUDA graphs (the VOS build in
+# reduce-overhead mode: its own max-autotune compilation did not fit a run).
+step engine-tiny-cudagraphs-vos 300 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --official-vos-optimized --official-vos-mode reduce-overhead --frames 61 --objects 1 --repeats 3
 # Host time per phase of a CUDA-graph step launched ahead: what stands between 9.7 ms and 8.3.
 script_step phases-tiny-cudagraphs 150 benchmarks/profile_step.py --checkpoint "$ckpts/sam2.1_hiera_tiny.pt" --compile-mode reduce-overhead --phases --steps 100
 # CUDA-graph actors in the fleet on Ray (needs `ray` importable), one stream each.

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
-from streamtrack.models import build_model, resolve_device, save_random_checkpoint
+from streamtrack.errors import UserError
+from streamtrack.models import VOS_COMPILE_MODE, build_model, resolve_device, save_random_checkpoint
 from streamtrack.synthetic import make_clip
 
 
@@ -36,6 +37,7 @@ class EngineBenchResult:
     compile: bool = False  # torch.compile of the engine's encoder and step (warmed up before timing)
     compile_mode: str = "default"
     official_vos_optimized: bool = False  # the official SAM2VideoPredictorVOS (compiled) build
+    official_vos_mode: str = VOS_COMPILE_MODE  # the torch.compile mode it was built with
     official_ms: dict[int, float] = field(default_factory=dict)  # objects -> ms/frame
     engine_ms: dict[int, float] = field(default_factory=dict)
     ratio: dict[int, float] = field(default_factory=dict)  # engine / official
@@ -108,6 +110,7 @@ def bench_engine(
     compile_mode: str = "default",
     compile_slots: int = 4,
     official_vos_optimized: bool = False,
+    official_vos_mode: str = VOS_COMPILE_MODE,
     launch_ahead: bool = False,
     log=print,
 ) -> EngineBenchResult:
@@ -131,12 +134,15 @@ def bench_engine(
                           compile_slots=compile_slots)
     res = EngineBenchResult(str(dev), model, image_size, frames, (width, height), torch.get_num_threads(),
                             bf16=bf16, compile=config.compile, compile_mode=config.compile_mode,
-                            official_vos_optimized=official_vos_optimized, launch_ahead=launch_ahead)
+                            official_vos_optimized=official_vos_optimized,
+                            official_vos_mode=official_vos_mode, launch_ahead=launch_ahead)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     silence_official_progress()
     official = build_model(model, checkpoint, device=dev, image_size=image_size,
-                           vos_optimized=official_vos_optimized)
+                           vos_optimized=official_vos_optimized, vos_compile_mode=official_vos_mode)
+    if official_vos_optimized:
+        log(f"  official baseline: SAM2VideoPredictorVOS, compiled in torch.compile mode {official_vos_mode}")
     engine_model = build_model(model, checkpoint, device=dev, image_size=image_size)
     # Warm-up (kernel selection, allocator, lazy init) so neither side pays it in its timing.
     warm = _prompts(clip, 1)
@@ -331,11 +337,14 @@ def main(args) -> int:
         from streamtrack.bench_stream import parse_frame_size
 
         width, height = parse_frame_size(args.frame_size)
+        if args.official_vos_mode and not args.official_vos_optimized:
+            raise UserError("--official-vos-mode needs --official-vos-optimized")
         res = bench_engine(
             model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
             objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device,
             bf16=args.bf16, preprocess=args.preprocess, repeats=args.repeats, **compile_options(args),
-            official_vos_optimized=args.official_vos_optimized, launch_ahead=args.launch_ahead,
+            official_vos_optimized=args.official_vos_optimized,
+            official_vos_mode=args.official_vos_mode or VOS_COMPILE_MODE, launch_ahead=args.launch_ahead,
             width=width, height=height, log=log,
         )
     if args.json:

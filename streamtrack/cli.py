@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or in a process of its own")
     p.add_argument("--official-vos-optimized", action="store_true",
                    help="engine: baseline is sam2's compiled SAM2VideoPredictorVOS (CUDA)")
+    p.add_argument("--official-vos-mode", choices=COMPILE_MODES, default=None, metavar="MODE",
+                   help="engine, with --official-vos-optimized: compile its components in MODE instead "
+                        "of sam2's max-autotune, whose autotuning can take many minutes "
+                        "(reduce-overhead: the same CUDA graphs without it)")
     p.add_argument("--launch-ahead", action="store_true",
                    help="engine: also time the engine launching frame f+1 before finishing frame f "
                         "(the device works on the next frame while the host builds this one's output); "

@@ -9,6 +9,8 @@ match.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +101,31 @@ def hydra_overrides(image_size: int | None) -> list[str]:
     ]
 
 
+VOS_COMPILE_MODE = "max-autotune"  # what sam2's SAM2VideoPredictorVOS compiles with
+
+
+@contextmanager
+def torch_compile_mode(mode: str) -> Iterator[None]:
+    """Every ``torch.compile`` call made inside compiles in ``mode``.  sam2's VOS build
+    hard-codes ``max-autotune``, whose autotuning can take longer than a benchmark run
+    has; ``reduce-overhead`` gives the same CUDA graphs without it (the mode the
+    engine's own CUDA-graph figures use)."""
+    if mode == VOS_COMPILE_MODE:
+        yield
+        return
+    compile_ = torch.compile
+
+    def compile_in_mode(*args, **kwargs):
+        kwargs["mode"] = mode
+        return compile_(*args, **kwargs)
+
+    torch.compile = compile_in_mode
+    try:
+        yield
+    finally:
+        torch.compile = compile_
+
+
 def build_model(
     name: str = DEFAULT_MODEL,
     checkpoint: str | Path | None = None,
@@ -108,6 +135,7 @@ def build_model(
     kind: str = "video",
     random_init: bool = False,
     vos_optimized: bool = False,
+    vos_compile_mode: str = VOS_COMPILE_MODE,
 ) -> torch.nn.Module:
     """Build an official SAM 2 model and load its checkpoint.
 
@@ -116,7 +144,8 @@ def build_model(
     builds the plain ``SAM2Base`` used by ``SAM2ImagePredictor``.
     ``checkpoint=None`` means ``checkpoints/<name>.pt``; ``random_init=True``
     skips loading (tests and benchmarks only); ``vos_optimized=True`` builds sam2's
-    compiled ``SAM2VideoPredictorVOS`` (benchmark baseline, CUDA).
+    compiled ``SAM2VideoPredictorVOS`` (benchmark baseline, CUDA), its components
+    compiled in ``vos_compile_mode`` (sam2's own: ``max-autotune``).
     """
     from sam2.build_sam import build_sam2, build_sam2_video_predictor
 
@@ -131,9 +160,10 @@ def build_model(
         if not path.exists():
             raise CheckpointError(missing_checkpoint_message(spec, path))
     extra = {"vos_optimized": True} if vos_optimized and kind == "video" else {}
-    model = builder(
-        spec.config, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides, **extra
-    )
+    with torch_compile_mode(vos_compile_mode) if extra else nullcontext():
+        model = builder(
+            spec.config, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides, **extra
+        )
     if path is not None:
         load_checkpoint(model, path, spec.name)
     return model.to(device).eval()

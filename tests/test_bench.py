@@ -15,6 +15,7 @@ import torch
 from streamtrack.bench_stream import _bare_steps
 from streamtrack.cli import main
 from streamtrack.engine import FrameOutput
+from streamtrack.models import build_model
 from streamtrack.pipeline import LoopTimes, RunConfig, Tracker
 from streamtrack.synthetic import make_clip, write_video
 
@@ -186,11 +187,31 @@ def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
     (["latency", "--fps", "0"], "--fps must be > 0"),
     (["memory", "--frames", "10", "--early-frame", "20"], "--frames must be >= 21"),
     (["memory", "--frame-size", "big"], "--frame-size must look like 320x240"),
+    (["engine", "--official-vos-mode", "reduce-overhead"], "needs --official-vos-optimized"),
 ])
 def test_bad_options_are_one_line_user_errors(capsys, args, message):
     assert main(["bench", *args, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_the_official_vos_build_compiles_its_components_in_the_mode_asked(monkeypatch, mode):
+    """sam2 hard-codes max-autotune; the mode reaches every torch.compile call it makes,
+    and torch.compile is itself again afterwards."""
+    modes: list[str] = []
+
+    def fake_compile(fn=None, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    build_model("sam2.1_hiera_tiny", random_init=True, image_size=64, vos_optimized=True,
+                vos_compile_mode=mode)
+    assert len(modes) >= 4 and set(modes) == {mode}, modes  # encoder, memory, attention, heads
+    assert torch.compile is fake_compile
+    build_model("sam2.1_hiera_tiny", random_init=True, image_size=64)
+    assert len(modes) >= 4 and set(modes) == {mode}  # the plain build compiles nothing
 
 
 def test_multistream_reports_fps_per_stream_both_ways(capsys, tiny_checkpoint):
