@@ -15,13 +15,18 @@ GPU-bound stream would, and a clock around each compiled module, the preprocessi
 copy to the host and ``finish`` says how much host time each costs per frame.  What is
 left of ``launch`` is sam2's and the engine's Python between the modules.  On a GPU
 these are host times (the device runs behind them); on a CPU they include the compute.
+
+``--ops`` counts the operators a frame runs eagerly, outside the compiled regions, by the
+sam2 or streamtrack function that called them.  Each is a kernel launch (or, for a view,
+at least a trip through the dispatcher) that CUDA graphs do not absorb, so the count is
+the host work left to fuse, and it is the same on a CPU (``--device cpu``) as on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trace", action="store_true", help="with --out: also a Chrome trace")
     ap.add_argument("--phases", action="store_true",
                     help="host time per phase while launching ahead, instead of the profiler")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu only with --phases (to try the script)")
+    ap.add_argument("--ops", action="store_true",
+                    help="count the operators run outside compiled regions per frame, by caller")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only with --phases or --ops")
     return ap
 
 
 def main() -> None:
     args = build_parser().parse_args()
-    if args.device != "cuda" and not args.phases:
+    if args.device != "cuda" and not (args.phases or args.ops):
         raise SystemExit("the profiler table needs --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("profile_step.py needs a CUDA device (or --phases --device cpu)")
+        raise SystemExit("profile_step.py needs a CUDA device (or --phases/--ops --device cpu)")
     device = torch.device(args.device)
     width, height = (int(v) for v in args.frame_size.split("x"))
     clip = make_clip(30, width, height, num_objects=3, seed=3)
@@ -72,12 +79,13 @@ def main() -> None:
     frames = clip.frames
     for i in range(20):  # past the memory and pointer windows
         engine.step(frames[i % len(frames)], _prompts(clip, args.objects) if i == 0 else [])
-    if args.phases:
-        text = host_phases(engine, model, frames, args.steps)
+    if args.phases or args.ops:
+        what = "phases" if args.phases else "ops"
+        text = (host_phases if args.phases else eager_ops)(engine, model, frames, args.steps)
         print(text)
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"phases-{args.compile_mode or 'eager'}.txt").write_text(text + "\n")
+            (args.out / f"{what}-{args.compile_mode or 'eager'}.txt").write_text(text + "\n")
         return
     torch.cuda.synchronize()
     walls = []
@@ -150,6 +158,51 @@ def host_phases(engine: StreamingEngine, model: torch.nn.Module, frames: list, s
     head = (f"host ms per frame, launching ahead, {steps} frames, {name}"
             + ("" if device.type == "cuda" else " (on a CPU these include the compute)"))
     return "\n".join([head] + [f"  {label:<36} {seconds * per:8.2f}" for label, seconds in rows])
+
+
+def _caller(event) -> str:
+    """The nearest sam2 or streamtrack Python function above a profiled operator."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if ".py(" in parent.name and ("sam2/" in parent.name or "streamtrack/" in parent.name):
+            where = parent.name.split("site-packages/")[-1]
+            return where[where.rfind("/streamtrack/") + 1:] if "/streamtrack/" in where else where
+        parent = parent.cpu_parent
+    return "?"
+
+
+def _in_compiled_region(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::") or "Compiled" in parent.name:
+            return True  # inside another operator, or run by compiled code
+        parent = parent.cpu_parent
+    return False
+
+
+def eager_ops(engine: StreamingEngine, model: torch.nn.Module, frames: list, steps: int,
+              rows: int | None = 30) -> str:
+    """Operators per frame run outside compiled regions (top-level only), by caller: the
+    ``rows`` most frequent (None: all)."""
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for i in range(steps):
+            engine.step(frames[i % len(frames)])
+    events = prof.events()
+    regions = sum(1 for e in events if e.name.startswith("Torch-Compiled Region"))
+    eager = [e for e in events if e.name.startswith("aten::") and not _in_compiled_region(e)]
+    by_caller = Counter((e.name, _caller(e)) for e in eager)
+    views = sum(n for (name, _), n in by_caller.items() if name in _VIEWS)
+    lines = [f"operators per frame outside compiled regions: {len(eager) / steps:.1f} "
+             f"({views / steps:.1f} of them views), compiled regions per frame: {regions / steps:.1f}"]
+    for (name, caller), n in by_caller.most_common(rows):
+        lines.append(f"  {n / steps:6.1f}  {name:<26} {caller}")
+    return "\n".join(lines)
+
+
+# Operators that only make a new view of a tensor: no kernel, but a dispatcher trip each.
+_VIEWS = {"aten::permute", "aten::flatten", "aten::unsqueeze", "aten::select", "aten::expand",
+          "aten::view", "aten::slice", "aten::reshape", "aten::transpose", "aten::squeeze",
+          "aten::detach", "aten::alias", "aten::as_strided"}
 
 
 if __name__ == "__main__":

@@ -235,6 +235,7 @@ class StreamingEngine:
             compile_model(model, self.config.compile_backend, self.config.compile_mode)
         elif not is_compiled(model):  # compiled, it is folded into the encoder's graph instead
             cache_pos_embed(model.image_encoder.trunk)
+        cache_dense_pe(model.sam_prompt_encoder)  # called outside the compiled decoder, either way
         # Compiled code has static batch sizes: tracked objects run in batches padded to
         # slot counts, so an object joining never meets an uncompiled shape.
         self.pad_batches = is_compiled(model)
@@ -659,31 +660,48 @@ class StreamingEngine:
 
 
 def cache_pos_embed(trunk: torch.nn.Module) -> None:
-    """Compute the Hiera trunk's position embedding once per input size instead of per frame.
-
+    """Compute the Hiera trunk's position embedding once per input size instead of per frame:
     sam2's ``Hiera._get_pos_embed`` resizes (bicubic) and tiles fixed weights on every
-    forward pass; for a stream at one input size the result never changes.  The wrapper
-    calls sam2's own method and keeps its output (so results are bit-identical), keyed by
-    everything that can change it: size, device, autocast state.  Only under inference
-    mode, where the engine runs; anything else gets sam2's method as is.
-    """
-    if getattr(trunk, "streamtrack_pos_cache", None) is not None or not hasattr(trunk, "_get_pos_embed"):
+    forward pass; for a stream at one input size the result never changes."""
+    if hasattr(trunk, "pos_embed"):
+        _cache_constant(trunk, "_get_pos_embed", trunk.pos_embed, "streamtrack_pos_cache")
+
+
+def cache_dense_pe(prompt_encoder: torch.nn.Module) -> None:
+    """Compute the prompt encoder's dense position encoding once instead of per frame:
+    sam2 calls ``get_dense_pe()`` for every mask decoding, eagerly, outside the compiled
+    decoder (~15 small operators from fixed random frequencies), though it depends only
+    on the input size."""
+    pe_layer = getattr(prompt_encoder, "pe_layer", None)
+    if pe_layer is not None and hasattr(pe_layer, "positional_encoding_gaussian_matrix"):
+        _cache_constant(prompt_encoder, "get_dense_pe", pe_layer.positional_encoding_gaussian_matrix,
+                        "streamtrack_dense_pe_cache")
+
+
+def _cache_constant(owner: torch.nn.Module, method: str, source: torch.Tensor, attr: str) -> None:
+    """Replace ``owner.<method>`` by one that keeps sam2's result per arguments, so results
+    are bit-identical, keyed by everything else that can change it: ``source``'s device and
+    dtype (the weights it is computed from) and the autocast state.  Only under inference
+    mode, where the engine runs; anything else gets sam2's method as is.  Computed eagerly
+    outside any compiled region, the kept tensors never live in CUDA-graph memory.  The
+    cache is ``owner.<attr>``; a second engine on the model finds it and wraps nothing."""
+    if getattr(owner, attr, None) is not None:
         return
-    compute = trunk._get_pos_embed
+    compute = getattr(owner, method)
     cache: dict[tuple, torch.Tensor] = {}
 
-    def cached(hw):
+    def cached(*args):
         if not torch.is_inference_mode_enabled():
-            return compute(hw)
-        dev = trunk.pos_embed.device.type
-        key = (tuple(int(v) for v in hw), trunk.pos_embed.device, trunk.pos_embed.dtype,
+            return compute(*args)
+        dev = source.device.type
+        key = (tuple(tuple(int(v) for v in a) for a in args), source.device, source.dtype,
                torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         if key not in cache:
-            cache[key] = compute(hw)
+            cache[key] = compute(*args)
         return cache[key]
 
-    trunk._get_pos_embed = cached
-    trunk.streamtrack_pos_cache = cache
+    setattr(owner, method, cached)
+    setattr(owner, attr, cache)
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

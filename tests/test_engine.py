@@ -368,6 +368,27 @@ def test_fast_preprocessing_is_close_to_exact_and_takes_tensors(tiny_checkpoint,
         make_engine(tiny_checkpoint, preprocess="nearest")
 
 
+def test_dense_position_encoding_is_computed_once_and_bit_identical(tiny_checkpoint):
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
+    encoder = model.sam_prompt_encoder
+    with torch.inference_mode():
+        reference = encoder.get_dense_pe()  # sam2's own, before the engine wraps it
+    StreamingEngine(model, EngineConfig())
+    StreamingEngine(model, EngineConfig())  # a second engine on the model wraps it once
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference_bf16 = encoder.get_dense_pe()  # outside inference mode: sam2's method
+    with torch.inference_mode():
+        first, again = encoder.get_dense_pe(), encoder.get_dense_pe()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # another autocast state: its own entry
+            bf16 = encoder.get_dense_pe()
+    assert first is again and torch.equal(first, reference)
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, reference_bf16)
+    assert len(encoder.streamtrack_dense_pe_cache) == 2
+    with torch.no_grad():  # outside inference mode: sam2's method, nothing cached
+        assert encoder.get_dense_pe() is not first and torch.equal(encoder.get_dense_pe(), reference)
+    assert len(encoder.streamtrack_dense_pe_cache) == 2
+
+
 def test_position_embedding_is_computed_once_and_bit_identical(tiny_checkpoint):
     model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
     trunk = model.image_encoder.trunk
