@@ -299,28 +299,33 @@ def test_every_gpu_suite_step_parses(monkeypatch, tmp_path):
             module.build_parser().parse_args(argv[1:])
 
 
-def test_profile_step_counts_the_operators_a_frame_runs_eagerly(monkeypatch, tiny_checkpoint):
-    """benchmarks/profile_step.py --ops: operators outside compiled regions, by caller; the
-    prompt encoder's dense position encoding (a cumsum of a grid) is no longer among them."""
+def _profile_step_on_a_tracked_frame(monkeypatch, checkpoint):
+    """benchmarks/profile_step.py as a module, and a CPU engine (input 64) past its prompt."""
     import importlib.util
-    import re
     import sys
     from pathlib import Path
 
     from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
-    from streamtrack.synthetic import make_clip
 
     script = Path(__file__).resolve().parents[1] / "benchmarks/profile_step.py"
     spec = importlib.util.spec_from_file_location("profile_step", script)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "profile_step", module)
     spec.loader.exec_module(module)
-
     clip = make_clip(6, 96, 64, num_objects=1, seed=1)
-    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=64)
+    model = build_model("sam2.1_hiera_tiny", checkpoint, image_size=64)
     engine = StreamingEngine(model, EngineConfig(device="cpu", image_size=64))
     engine.step(clip.frames[0], [Prompt.make(1, box=clip.box(1, 0))])
-    text = module.eager_ops(engine, model, clip.frames, steps=2, rows=None)
+    return module, engine, model, clip.frames
+
+
+def test_profile_step_counts_the_operators_a_frame_runs_eagerly(monkeypatch, tiny_checkpoint):
+    """benchmarks/profile_step.py --ops: operators outside compiled regions, by caller; the
+    prompt encoder's dense position encoding (a cumsum of a grid) is no longer among them."""
+    import re
+
+    module, engine, model, frames = _profile_step_on_a_tracked_frame(monkeypatch, tiny_checkpoint)
+    text = module.eager_ops(engine, model, frames, steps=2, rows=None)
     total, views, regions = map(float, re.match(
         r"operators per frame outside compiled regions: (\S+) \((\S+) of them views\), "
         r"compiled regions per frame: (\S+)", text).groups())
@@ -333,26 +338,10 @@ def test_profile_step_counts_the_operators_a_frame_runs_eagerly(monkeypatch, tin
 
 def test_profile_step_phases_account_for_the_launch(monkeypatch, tiny_checkpoint):
     """benchmarks/profile_step.py --phases: every phase is timed, and none inside another."""
-    import importlib.util
     import re
-    import sys
-    from pathlib import Path
 
-    from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
-    from streamtrack.models import build_model
-    from streamtrack.synthetic import make_clip
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks/profile_step.py"
-    spec = importlib.util.spec_from_file_location("profile_step", script)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "profile_step", module)
-    spec.loader.exec_module(module)
-
-    clip = make_clip(6, 96, 64, num_objects=1, seed=1)
-    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=64)
-    engine = StreamingEngine(model, EngineConfig(device="cpu", image_size=64))
-    engine.step(clip.frames[0], [Prompt.make(1, box=clip.box(1, 0))])
-    text = module.host_phases(engine, model, clip.frames, steps=3)
+    module, engine, model, frames = _profile_step_on_a_tracked_frame(monkeypatch, tiny_checkpoint)
+    text = module.host_phases(engine, model, frames, steps=3)
     rows = dict(re.findall(r"^  (.+?)\s+(-?\d+\.\d+)$", text, flags=re.M))
     ms = {k: float(v) for k, v in rows.items()}
     phases = ["image encoder", "memory attention", "mask decoder", "memory encoder", "prompt encoder",
