@@ -160,24 +160,25 @@ def host_phases(engine: StreamingEngine, model: torch.nn.Module, frames: list, s
     return "\n".join([head] + [f"  {label:<36} {seconds * per:8.2f}" for label, seconds in rows])
 
 
-def _caller(event) -> str:
-    """The nearest sam2 or streamtrack Python function above a profiled operator."""
+def _ancestors(event):
     parent = event.cpu_parent
     while parent is not None:
+        yield parent
+        parent = parent.cpu_parent
+
+
+def _caller(event) -> str:
+    """The nearest sam2 or streamtrack Python function above a profiled operator."""
+    for parent in _ancestors(event):
         if ".py(" in parent.name and ("sam2/" in parent.name or "streamtrack/" in parent.name):
             where = parent.name.split("site-packages/")[-1]
             return where[where.rfind("/streamtrack/") + 1:] if "/streamtrack/" in where else where
-        parent = parent.cpu_parent
     return "?"
 
 
 def _in_compiled_region(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::") or "Compiled" in parent.name:
-            return True  # inside another operator, or run by compiled code
-        parent = parent.cpu_parent
-    return False
+    # Inside another operator, or run by compiled code.
+    return any(p.name.startswith("aten::") or "Compiled" in p.name for p in _ancestors(event))
 
 
 def eager_ops(engine: StreamingEngine, model: torch.nn.Module, frames: list, steps: int,

@@ -345,9 +345,9 @@ class PipelineBenchResult:
     tracker_phases_ms: dict[str, float] = field(default_factory=dict)
 
 
-def _fps(spans: list[_Span], warmup: int) -> float:
-    """Frames/s from the end of step ``warmup - 1`` to the end of the last."""
-    return (len(spans) - warmup) / (spans[-1].end - spans[warmup - 1].end)
+def _fps(ends: list[float], warmup: int) -> float:
+    """Frames/s from the end of frame ``warmup - 1`` to the end of the last."""
+    return (len(ends) - warmup) / (ends[-1] - ends[warmup - 1])
 
 
 def _median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -409,10 +409,10 @@ def bench_pipeline(
         tracker_phases: list[dict[str, float]] = []
         for r in range(repeats):  # alternate the sides; the median of each is reported
             spans = _bare_steps(StreamingEngine(net, config), decoded, prompts, frames)
-            res.engine_runs_fps.append(_fps(spans, warmup))
+            res.engine_runs_fps.append(_fps([s.end for s in spans], warmup))
             engine_phases.append(_phases_ms(spans[warmup:]))
             spans = _capture_steps(StreamingEngine(net, config), video, prompts, frames, decode)
-            res.capture_runs_fps.append(_fps(spans, warmup))
+            res.capture_runs_fps.append(_fps([s.end for s in spans], warmup))
 
             run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
                             publish="tcp://127.0.0.1:0", max_frames=frames, progress=False, emit=emit,
@@ -422,7 +422,7 @@ def bench_pipeline(
                 raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames, "
                                    f"object counts {sorted(set(tracked.object_counts))} (expected {objects})")
             published = [t.publish for t in tracked.stamps]
-            res.pipeline_runs_fps.append((frames - warmup) / (published[-1] - published[warmup - 1]))
+            res.pipeline_runs_fps.append(_fps(published, warmup))
             res.messages_received = tracked.received
             tracker_phases.append(tracked.loop_ms)
             log(f"  run {r + 1}: bare engine {res.engine_runs_fps[-1]:.2f} fps, fed by the capture "

@@ -332,18 +332,19 @@ class DropOldestBuffer(FrameBuffer):
     def _make_room(self) -> bool:
         if self._finished:
             return False
-        while len(self._items) >= self.depth:
-            self._items.popleft()  # never converted: dropping costs nothing
-            self._on_drop(DROP_QUEUE_FULL)
+        self._drop_oldest(keep=self.depth - 1)
         return True
 
     def _take(self) -> PendingFrame:
         # The frame dropped here may be the one converted on put: a newer frame converts at
         # hand-off instead (~2 ms at 720p), far less than the interval it is fresher by.
-        while len(self._items) > 1:
-            self._items.popleft()
-            self._on_drop(DROP_QUEUE_FULL)
+        self._drop_oldest(keep=1)
         return self._items.popleft()
+
+    def _drop_oldest(self, keep: int) -> None:
+        while len(self._items) > keep:
+            self._items.popleft()  # never converted (but perhaps the one converted on put)
+            self._on_drop(DROP_QUEUE_FULL)
 
 
 BUFFERS: dict[BufferPolicy, type[FrameBuffer]] = {

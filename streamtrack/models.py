@@ -110,9 +110,6 @@ def torch_compile_mode(mode: str) -> Iterator[None]:
     hard-codes ``max-autotune``, whose autotuning can take longer than a benchmark run
     has; ``reduce-overhead`` gives the same CUDA graphs without it (the mode the
     engine's own CUDA-graph figures use)."""
-    if mode == VOS_COMPILE_MODE:
-        yield
-        return
     compile_ = torch.compile
 
     def compile_in_mode(*args, **kwargs):

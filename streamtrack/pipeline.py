@@ -248,7 +248,7 @@ class LoopTimes:
     def add(self, phase: str, since: float) -> float:
         """Record the time from ``since`` (``perf_counter``) to now; returns now."""
         t = time.perf_counter()
-        self.seconds[phase].append(t - since)
+        self.record(phase, t - since)
         return t
 
     def record(self, phase: str, seconds: float) -> None:
