@@ -1,17 +1,22 @@
 """``torch.compile`` of the model's per-frame work, with shapes that never change mid-stream.
 
-What is compiled, following sam2's own ``SAM2VideoPredictorVOS``:
+What is compiled, following sam2's own ``SAM2VideoPredictorVOS`` but in larger units
+(each compiled call costs the host guard checks and, with CUDA graphs, a replay; the
+small operators between the modules cost a launch each):
 
 * the image encoder, static shapes (the input size is fixed; a shared encoder pads
   its batches to slot counts);
-* the memory encoder, static shapes;
+* memory encoding (``_encode_new_memory``: the memory encoder with the mask's scaling
+  and the no-object embedding around it), static shapes;
 * memory attention, dynamic shapes (the number of memory frames grows during the
   first frames and with every prompt);
-* the prompt encoder and mask decoder, static shapes, on tracked frames only.
+* the SAM heads (``_forward_sam_heads``: the prompt encoder and mask decoder with the
+  masks' upsampling, the best mask's choice and the object pointer's projection),
+  static shapes, on tracked frames only.
 
 Tracked objects run as batches padded to slot counts (1, 2, 4, 8 ...), so a new
 object joins a batch size that is already compiled.  Prompted frames keep the
-eager prompt encoder and decoder: their shapes depend on how many clicks a
+eager SAM heads: their shapes depend on how many clicks a
 prompt has, and a recompile there would stall the stream on the frame the user
 is looking at.  ``StreamingEngine.warmup`` compiles every slot count up to
 ``EngineConfig.compile_slots`` before the first live frame.
@@ -82,10 +87,14 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor", mode: str =
         return _cloning_outputs(compiled) if cudagraphs else compiled
 
     model.image_encoder.forward = comp(model.image_encoder.forward, dynamic=False)
-    model.memory_encoder.forward = comp(model.memory_encoder.forward, dynamic=False)
     model.memory_attention.forward = comp(model.memory_attention.forward, dynamic=True)
-    for module in (model.sam_prompt_encoder, model.sam_mask_decoder):
-        module.forward = _on_tracked_frames(module.forward, comp(module.forward, dynamic=False))
+    # sam2's methods around the prompt encoder, the decoder and the memory encoder, not
+    # just the modules: their glue (the masks' upsampling and choice, the object pointer's
+    # projection, the memory's scaling) then runs inside the same graph instead of as
+    # dozens of small launches between graphs.
+    model._encode_new_memory = comp(model._encode_new_memory, dynamic=False)
+    model._forward_sam_heads = _on_tracked_frames(
+        model._forward_sam_heads, comp(model._forward_sam_heads, dynamic=False))
     model.streamtrack_compiled = True
     model.streamtrack_compile_mode = mode
     log.info("torch.compile (%s, mode %s) of the image encoder and the per-frame step; "
@@ -124,7 +133,7 @@ def _on_tracked_frames(eager, compiled):
 
 @contextlib.contextmanager
 def tracked_frame():
-    """Within this block (on this thread) the prompt encoder and decoder run compiled."""
+    """Within this block (on this thread) the SAM heads run compiled."""
     previous = getattr(_tracking, "active", False)
     _tracking.active = True
     try:

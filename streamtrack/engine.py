@@ -235,7 +235,7 @@ class StreamingEngine:
             compile_model(model, self.config.compile_backend, self.config.compile_mode)
         elif not is_compiled(model):  # compiled, it is folded into the encoder's graph instead
             cache_pos_embed(model.image_encoder.trunk)
-        cache_dense_pe(model.sam_prompt_encoder)  # called outside the compiled decoder, either way
+        cache_dense_pe(model.sam_prompt_encoder)  # eager on prompted frames, either way
         # Compiled code has static batch sizes: tracked objects run in batches padded to
         # slot counts, so an object joining never meets an uncompiled shape.
         self.pad_batches = is_compiled(model)
@@ -691,7 +691,8 @@ def _cache_constant(owner: torch.nn.Module, method: str, source: torch.Tensor, a
     cache: dict[tuple, torch.Tensor] = {}
 
     def cached(*args):
-        if not torch.is_inference_mode_enabled():
+        # Traced into a compiled graph, sam2's computation becomes part of the graph.
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
             return compute(*args)
         dev = source.device.type
         key = (tuple(tuple(int(v) for v in a) for a in args), source.device, source.dtype,

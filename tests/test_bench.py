@@ -336,6 +336,29 @@ def test_profile_step_counts_the_operators_a_frame_runs_eagerly(monkeypatch, tin
     assert "aten::cumsum" not in text, text
 
 
+def test_compiled_sam_heads_and_memory_encoding_leave_no_operator_outside_their_graphs(
+        monkeypatch, tiny_checkpoint):
+    """Compiled, a tracked frame is four compiled calls (image encoder, memory attention,
+    SAM heads, memory encoding): sam2's glue around the decoder and the memory encoder,
+    the masks' upsampling, the pointer's projection, runs inside them, not between them."""
+    import re
+
+    from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+
+    module, _, _, frames = _profile_step_on_a_tracked_frame(monkeypatch, tiny_checkpoint)
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=64)
+    engine = StreamingEngine(model, EngineConfig(device="cpu", image_size=64, compile=True,
+                                                 compile_backend="eager", compile_slots=1))
+    engine.warmup()
+    engine.step(frames[0], [Prompt.make(1, box=(10, 10, 60, 50))])
+    for frame in frames[1:3]:
+        engine.step(frame)
+    text = module.eager_ops(engine, model, frames, steps=2, rows=None)
+    regions = float(re.search(r"compiled regions per frame: (\S+)", text).group(1))
+    assert regions == 4, text
+    assert "_forward_sam_heads" not in text and "_encode_new_memory" not in text, text
+
+
 def test_profile_step_phases_account_for_the_launch(monkeypatch, tiny_checkpoint):
     """benchmarks/profile_step.py --phases: every phase is timed, and none inside another."""
     import re
@@ -344,7 +367,7 @@ def test_profile_step_phases_account_for_the_launch(monkeypatch, tiny_checkpoint
     text = module.host_phases(engine, model, frames, steps=3)
     rows = dict(re.findall(r"^  (.+?)\s+(-?\d+\.\d+)$", text, flags=re.M))
     ms = {k: float(v) for k, v in rows.items()}
-    phases = ["image encoder", "memory attention", "mask decoder", "memory encoder", "prompt encoder",
+    phases = ["image encoder", "memory attention", "SAM heads (prompt encoder, decoder)", "memory encoding",
               "preprocess (upload, resize)", "copy to host (queued)"]
     assert all(ms[p] > 0 for p in phases), text
     # A phase timed inside another (counted twice) would leave less than nothing between them.
