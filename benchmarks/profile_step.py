@@ -129,7 +129,7 @@ def host_phases(engine: StreamingEngine, model: torch.nn.Module, frames: list, s
 
     # The compiled units (streamtrack.compiled), clocked from outside: a clock inside one
     # would be traced into its graph.
-    units = {"image encoder": (model.image_encoder, "forward"),
+    units = {"image encoder": (model, "forward_image"),
              "memory attention": (model.memory_attention, "forward"),
              "SAM heads (prompt encoder, decoder)": (model, "_forward_sam_heads"),
              "memory encoding": (model, "_encode_new_memory")}

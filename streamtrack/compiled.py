@@ -4,8 +4,9 @@ What is compiled, following sam2's own ``SAM2VideoPredictorVOS`` but in larger u
 (each compiled call costs the host guard checks and, with CUDA graphs, a replay; the
 small operators between the modules cost a launch each):
 
-* the image encoder, static shapes (the input size is fixed; a shared encoder pads
-  its batches to slot counts);
+* the image encoder (``forward_image``: with the decoder's projections of the
+  high-resolution features), static shapes (the input size is fixed; a shared encoder
+  pads its batches to slot counts);
 * memory encoding (``_encode_new_memory``: the memory encoder with the mask's scaling
   and the no-object embedding around it), static shapes;
 * memory attention, dynamic shapes (the number of memory frames grows during the
@@ -86,12 +87,13 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor", mode: str =
         compiled = torch.compile(fn, dynamic=dynamic, backend=backend, **options)
         return _cloning_outputs(compiled) if cudagraphs else compiled
 
-    model.image_encoder.forward = comp(model.image_encoder.forward, dynamic=False)
-    model.memory_attention.forward = comp(model.memory_attention.forward, dynamic=True)
-    # sam2's methods around the prompt encoder, the decoder and the memory encoder, not
-    # just the modules: their glue (the masks' upsampling and choice, the object pointer's
+    # sam2's methods around the image encoder, the prompt encoder, the decoder and the
+    # memory encoder, not just the modules: their glue (the decoder's projections of the
+    # high-resolution features, the masks' upsampling and choice, the object pointer's
     # projection, the memory's scaling) then runs inside the same graph instead of as
     # dozens of small launches between graphs.
+    model.forward_image = comp(model.forward_image, dynamic=False)
+    model.memory_attention.forward = comp(model.memory_attention.forward, dynamic=True)
     model._encode_new_memory = comp(model._encode_new_memory, dynamic=False)
     model._forward_sam_heads = _on_tracked_frames(
         model._forward_sam_heads, comp(model._forward_sam_heads, dynamic=False))
