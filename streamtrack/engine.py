@@ -669,9 +669,10 @@ def cache_pos_embed(trunk: torch.nn.Module) -> None:
 
 def cache_dense_pe(prompt_encoder: torch.nn.Module) -> None:
     """Compute the prompt encoder's dense position encoding once instead of per frame:
-    sam2 calls ``get_dense_pe()`` for every mask decoding, eagerly, outside the compiled
-    decoder (~15 small operators from fixed random frequencies), though it depends only
-    on the input size."""
+    sam2 calls ``get_dense_pe()`` for every mask decoding (~15 small operators from fixed
+    random frequencies), though it depends only on the input size.  Eager decodings (an
+    eager engine's, and prompted frames') use the kept result; a compiled one traces
+    sam2's computation into its graph."""
     pe_layer = getattr(prompt_encoder, "pe_layer", None)
     if pe_layer is not None and hasattr(pe_layer, "positional_encoding_gaussian_matrix"):
         _cache_constant(prompt_encoder, "get_dense_pe", pe_layer.positional_encoding_gaussian_matrix,
