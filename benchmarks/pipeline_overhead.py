@@ -39,6 +39,21 @@ def _python_work(iterations: int) -> int:
     return n
 
 
+_COUNTER = torch.zeros(1)
+
+
+def _launch_work(iterations: int) -> int:
+    """Tiny torch operations: like every kernel launch from Python, each one gives the
+    interpreter lock up and takes it back, and any other thread that wants the lock gets
+    it in between."""
+    for _ in range(iterations):
+        _COUNTER.add_(1)
+    return iterations
+
+
+HOST_WORK = {"python": _python_work, "launches": _launch_work}
+
+
 class StandInEngine:
     """A fixed amount of Python (``host_ms`` when alone), then a wait for ``device_ms``
     (lock released), then masks.  The Python part is a fixed number of iterations, not a
@@ -47,10 +62,12 @@ class StandInEngine:
 
     device = torch.device("cpu")  # its "device" wait happens in finish(): nothing to sync
 
-    def __init__(self, host_ms: float, device_ms: float, objects: int, height: int, width: int):
+    def __init__(self, host_ms: float, device_ms: float, objects: int, height: int, width: int,
+                 host_kind: str = "python"):
         self.device_s = device_ms / 1000
+        self.work = HOST_WORK[host_kind]
         t0 = time.perf_counter()
-        _python_work(200_000)
+        self.work(200_000)
         per_iteration = (time.perf_counter() - t0) / 200_000
         self.iterations = max(1, int(host_ms / 1000 / per_iteration))
         self.object_ids = list(range(1, objects + 1))
@@ -63,7 +80,7 @@ class StandInEngine:
 
     def launch(self, image, prompts=(), timestamp=None) -> tuple[float, float, tuple]:
         start = time.time()
-        _python_work(self.iterations)  # interpreter work, as launching kernels is
+        self.work(self.iterations)  # interpreter work, as launching kernels is
         # One device queue: this frame's work starts once launched and once the frame
         # before it is done, as on a GPU stream.
         self._device_free = max(time.perf_counter(), self._device_free) + self.device_s
@@ -106,6 +123,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host-ms", type=float, default=3.0)
     ap.add_argument("--device-ms", type=float, default=7.0)
+    ap.add_argument("--host-kind", choices=tuple(HOST_WORK), default="python",
+                    help="the host part as pure Python, which keeps the interpreter lock until Python "
+                         "takes it away (every 5 ms), or as tiny torch operations that each give it up, "
+                         "as a real step's kernel launches do (default python)")
     ap.add_argument("--objects", type=int, default=1)
     ap.add_argument("--frames", type=int, default=150)
     ap.add_argument("--frame-size", default="1280x720")
@@ -120,7 +141,7 @@ def main() -> None:
                          "capture -> publish latency instead of throughput")
     args = ap.parse_args()
     width, height = (int(v) for v in args.frame_size.split("x"))
-    engine = StandInEngine(args.host_ms, args.device_ms, args.objects, height, width)
+    engine = StandInEngine(args.host_ms, args.device_ms, args.objects, height, width, args.host_kind)
     variants = [tuple(v) for v in args.variants]
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(args.frames, width, height, num_objects=3, seed=3)
@@ -157,8 +178,9 @@ def main() -> None:
                 between_ms[v] += [(stamps[i].infer_start - stamps[i - 1].infer_end) * 1000
                                   for i in range(5, len(stamps))]
     b = float(np.median(bare))
-    print(f"stand-in engine ({args.host_ms:g} ms host + {args.device_ms:g} ms device, {args.objects} "
-          f"object(s), {width}x{height}): bare {b:.1f} frames/s, runs {[round(v, 1) for v in bare]}")
+    print(f"stand-in engine ({args.host_ms:g} ms host as {args.host_kind} + {args.device_ms:g} ms device, "
+          f"{args.objects} object(s), {width}x{height}): bare {b:.1f} frames/s, "
+          f"runs {[round(v, 1) for v in bare]}")
     print(f"  {'bare':32s}: per frame, median ms: " + _phase_text(_median_phases(bare_phases)))
     for variant in variants:
         name = "decode {} / emit {}".format(*variant[:2]) + (" / ahead" if variant[2] else "")
