@@ -13,6 +13,11 @@ decoder and the emitter each on a thread or in a process, and with ``/ahead`` th
 frame's Python, as one GPU queue would), and their
 ratios (``bench pipeline``'s figure, goal >= 0.95), all measured in this run; with
 ``--live FPS``, capture -> publish latency behind a paced source instead.
+
+``--host-kind launches`` makes the host part tiny torch calls instead of a pure Python
+loop: each gives the interpreter lock up and takes it back, as a real step's kernel
+launches do, so the other threads' Python lands on the step as it does on a GPU
+(``benchmarks/lock_probe.py`` shows the effect on its own).
 """
 
 from __future__ import annotations

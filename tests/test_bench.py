@@ -360,6 +360,27 @@ def test_compiled_sam_heads_and_memory_encoding_leave_no_operator_outside_their_
     assert not re.search("forward_image|_forward_sam_heads|_encode_new_memory", text), text
 
 
+def test_pipeline_overhead_stand_in_launches(monkeypatch):
+    """benchmarks/pipeline_overhead.py --host-kind launches: the host part is that many
+    torch calls, and the stand-in still steps like an engine."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks/pipeline_overhead.py"
+    spec = importlib.util.spec_from_file_location("pipeline_overhead", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pipeline_overhead", module)
+    spec.loader.exec_module(module)
+    before = float(module._COUNTER)
+    assert module._launch_work(7) == 7 and float(module._COUNTER) == before + 7
+    engine = module.StandInEngine(1.0, 1.0, 2, 72, 128, host_kind="launches")
+    assert engine.work is module._launch_work and engine.iterations >= 1
+    out = engine.step(np.zeros((72, 128, 3), np.uint8))
+    assert (out.width, out.height) == (128, 72) and [o.obj_id for o in out.objects] == [1, 2]
+    assert all(o.area > 0 and o.bbox is not None for o in out.objects)
+
+
 def test_profile_step_phases_account_for_the_launch(monkeypatch, tiny_checkpoint):
     """benchmarks/profile_step.py --phases: every phase is timed, and none inside another."""
     import re
