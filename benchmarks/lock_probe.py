@@ -1,23 +1,35 @@
-"""What another busy Python thread costs a loop of torch calls, and a loop of pure Python.
+"""What other threads' Python costs a loop of torch calls: the interpreter lock.
 
     python benchmarks/lock_probe.py [--calls 1000]
 
 Each torch call gives the interpreter lock up while the operator runs and takes it back
 after; a thread that wants the lock gets it in between and keeps it until it gives it up
 or Python takes it away (``sys.getswitchinterval()``, 5 ms).  A SAM 2 step on a GPU is
-hundreds of such calls, so every other thread's Python lands on it.  Times both loops
-alone and beside a thread spinning in pure Python, in the same run.
+hundreds of such calls, so every other thread's Python lands on it.
+
+1. A loop of torch calls and a pure-Python loop, each alone and beside a thread spinning
+   in pure Python, in the same run.
+2. The tracker's other threads' work, one piece at a time (720p): decoding (PyAV, one
+   decoder thread), the RGB conversion, and a mask's RLE.  Each runs on a thread beside
+   a loop of torch calls; the calls' lost time per piece is the lock that piece holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
+import av
 import torch
 from pipeline_overhead import _launch_work, _python_work
+
+from streamtrack.protocol import encode_mask
+from streamtrack.synthetic import make_clip, write_video
 
 
 def _timed(fn, n: int) -> float:
@@ -26,21 +38,14 @@ def _timed(fn, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=1000, help="torch calls in the loop (each may wait 5 ms)")
-    ap.add_argument("--python-iterations", type=int, default=2_000_000,
-                    help="iterations of the pure-Python loop (~0.1 s alone: several switch intervals)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+def beside_a_spinner(calls: int, python_iterations: int) -> None:
     stop = threading.Event()
 
     def spin() -> None:
         while not stop.is_set():
             _python_work(1000)
 
-    print(f"switch interval {sys.getswitchinterval() * 1000:g} ms")
-    loops = (("torch calls", _launch_work, args.calls), ("pure Python", _python_work, args.python_iterations))
+    loops = (("torch calls", _launch_work, calls), ("pure Python", _python_work, python_iterations))
     for name, fn, n in loops:
         alone = _timed(fn, n)
         stop.clear()
@@ -49,8 +54,73 @@ def main() -> None:
         beside = _timed(fn, n)
         stop.set()
         spinner.join()
-        print(f"{name:12s} ({n} iterations): alone {alone * 1000:.1f} ms, beside a spinning Python thread "
+        print(f"  {name:12s} ({n} iterations): alone {alone * 1000:.1f} ms, beside a spinning Python thread "
               f"{beside * 1000:.1f} ms ({beside / alone:.1f}x)")
+
+
+def _decoding(video: Path, convert: bool):
+    def run(n: int) -> None:
+        done = 0
+        while done < n:
+            with av.open(str(video)) as container:
+                stream = container.streams.video[0]
+                stream.codec_context.thread_count = 1  # one core for it, one for the calls
+                for frame in container.decode(stream):
+                    if convert:
+                        frame.to_ndarray(format="rgb24")
+                    done += 1
+                    if done >= n:
+                        break
+    return run
+
+
+def _call_seconds(chunk: int = 50, seconds: float = 0.5) -> float:
+    t0, calls = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        _launch_work(chunk)
+        calls += chunk
+    return (time.perf_counter() - t0) / calls
+
+
+def lock_per_piece(name: str, fn, n: int, rounds: int = 3, chunk: int = 50) -> None:
+    """Median over ``rounds`` of the torch calls' lost time per piece, each round against a
+    call time measured just before it (the VM's speed drifts)."""
+    alone = _timed(fn, n)
+    lost = []
+    for _ in range(rounds):
+        call_s = _call_seconds(chunk)
+        worker = threading.Thread(target=fn, args=(n,))
+        calls = 0
+        t0 = time.perf_counter()
+        worker.start()
+        while worker.is_alive():
+            _launch_work(chunk)
+            calls += chunk
+        lost.append((time.perf_counter() - t0 - calls * call_s) / n)
+    print(f"  {name:26s}: {alone / n * 1000:5.2f} ms each alone; the torch calls beside it lost "
+          f"{statistics.median(lost) * 1000:5.2f} ms each (rounds: "
+          f"{', '.join(f'{v * 1000:.2f}' for v in lost)})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=1000, help="torch calls in the loop (each may wait 5 ms)")
+    ap.add_argument("--python-iterations", type=int, default=2_000_000,
+                    help="iterations of the pure-Python loop (~0.1 s alone: several switch intervals)")
+    ap.add_argument("--frames", type=int, default=120, help="720p frames decoded per piece")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"1. beside a spinning thread (switch interval {sys.getswitchinterval() * 1000:g} ms)")
+    beside_a_spinner(args.calls, args.python_iterations)
+
+    print(f"2. the lock each piece of work holds (a torch call alone: {_call_seconds() * 1e6:.2f} us)")
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = make_clip(60, 1280, 720, num_objects=3, seed=3)
+        video = write_video(clip.frames, Path(tmp) / "clip.mp4", fps=30)
+        mask = clip.masks[1][0]  # a synthetic object's exact mask
+        lock_per_piece("decode a 720p frame", _decoding(video, convert=False), args.frames)
+        lock_per_piece("decode + RGB conversion", _decoding(video, convert=True), args.frames)
+        lock_per_piece("RLE of a 720p mask", lambda n: [encode_mask(mask) for _ in range(n)], 3 * args.frames)
 
 
 if __name__ == "__main__":
