@@ -10,7 +10,8 @@ hundreds of such calls, so every other thread's Python lands on it.
 1. A loop of torch calls and a pure-Python loop, each alone and beside a thread spinning
    in pure Python, in the same run.
 2. The tracker's other threads' work, one piece at a time (720p): decoding (PyAV, one
-   decoder thread), the RGB conversion, and a mask's RLE.  Each runs on a thread beside
+   decoder thread), the RGB conversion, and a mask's RLE (``encode_mask``, and
+   pycocotools scanning the pixels itself, for comparison).  Each runs on a thread beside
    a loop of torch calls; the calls' lost time per piece is the lock that piece holds.
 """
 
@@ -25,8 +26,11 @@ import time
 from pathlib import Path
 
 import av
+import cv2
+import numpy as np
 import torch
 from pipeline_overhead import _launch_work, _python_work
+from pycocotools import mask as mask_utils
 
 from streamtrack.protocol import encode_mask
 from streamtrack.synthetic import make_clip, write_video
@@ -72,6 +76,13 @@ def _decoding(video: Path, convert: bool):
                     if done >= n:
                         break
     return run
+
+
+def _pycocotools_rle(mask) -> dict:
+    """The RLE as pycocotools makes it from the pixels (what ``encode_mask`` did before it
+    scanned with numpy), from the same Fortran-ordered view."""
+    fortran = cv2.transpose(mask.view(np.uint8)).T
+    return mask_utils.encode(fortran)
 
 
 def _call_seconds(chunk: int = 50, seconds: float = 0.5) -> float:
@@ -121,6 +132,8 @@ def main() -> None:
         lock_per_piece("decode a 720p frame", _decoding(video, convert=False), args.frames)
         lock_per_piece("decode + RGB conversion", _decoding(video, convert=True), args.frames)
         lock_per_piece("RLE of a 720p mask", lambda n: [encode_mask(mask) for _ in range(n)], 3 * args.frames)
+        lock_per_piece("the same, pycocotools' scan", lambda n: [_pycocotools_rle(mask) for _ in range(n)],
+                       3 * args.frames)
 
 
 if __name__ == "__main__":
