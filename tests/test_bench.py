@@ -381,6 +381,27 @@ def test_pipeline_overhead_stand_in_launches(monkeypatch):
     assert all(o.area > 0 and o.bbox is not None for o in out.objects)
 
 
+def test_lock_probe_compares_the_same_rle(monkeypatch, capsys):
+    """benchmarks/lock_probe.py: its pycocotools baseline makes the RLE encode_mask makes,
+    and a piece of work is timed beside the torch calls and reported."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from streamtrack.protocol import encode_mask
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("lock_probe", benchmarks / "lock_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lock_probe", module)
+    spec.loader.exec_module(module)
+    mask = make_clip(1, 320, 240, num_objects=2, seed=4).masks[1][0]
+    assert module._pycocotools_rle(mask)["counts"].decode() == encode_mask(mask)["counts"]
+    module.lock_per_piece("rle", lambda n: [encode_mask(mask) for _ in range(n)], 5, rounds=1)
+    assert "rle" in capsys.readouterr().out
+
+
 def test_profile_step_phases_account_for_the_launch(monkeypatch, tiny_checkpoint):
     """benchmarks/profile_step.py --phases: every phase is timed, and none inside another."""
     import re
