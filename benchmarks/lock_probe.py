@@ -11,7 +11,8 @@ hundreds of such calls, so every other thread's Python lands on it.
    in pure Python, in the same run.
 2. The tracker's other threads' work, one piece at a time (720p): decoding (PyAV, one
    decoder thread), the RGB conversion, and a mask's RLE (``encode_mask``, and
-   pycocotools scanning the pixels itself, for comparison).  Each runs on a thread beside
+   pycocotools scanning the pixels itself, for comparison), and the emitter's whole work
+   for a one-object result (RLE, ZeroMQ publish, a JSONL line).  Each runs on a thread beside
    a loop of torch calls; the calls' lost time per piece is the lock that piece holds.
 """
 
@@ -32,7 +33,8 @@ import torch
 from pipeline_overhead import _launch_work, _python_work
 from pycocotools import mask as mask_utils
 
-from streamtrack.protocol import encode_mask
+from streamtrack.emitter import Outputs, OutputsConfig
+from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, encode_mask, mask_area, mask_bbox
 from streamtrack.synthetic import make_clip, write_video
 
 
@@ -85,6 +87,17 @@ def _pycocotools_rle(mask) -> dict:
     return mask_utils.encode(fortran)
 
 
+def _one_object_result(mask) -> FrameResult:
+    """A tracker's result for one object on ``mask``'s frame, before the emitter's RLE."""
+    h, w = mask.shape
+    return FrameResult(
+        stream="probe", seq=0, frame_id=0, pts=0.0, width=w, height=h,
+        t=Timestamps(capture=0.0, dequeue=0.0, infer_start=0.0, infer_end=0.0), source_state="streaming",
+        dropped={}, objects=(ObjectResult(obj_id=1, score=0.9, state="visible", bbox=mask_bbox(mask),
+                                          area=mask_area(mask), iou=0.9),),
+    )
+
+
 def _call_seconds(chunk: int = 50, seconds: float = 0.5) -> float:
     t0, calls = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
@@ -134,6 +147,14 @@ def main() -> None:
         lock_per_piece("RLE of a 720p mask", lambda n: [encode_mask(mask) for _ in range(n)], 3 * args.frames)
         lock_per_piece("the same, pycocotools' scan", lambda n: [_pycocotools_rle(mask) for _ in range(n)],
                        3 * args.frames)
+        outputs = Outputs(OutputsConfig(publish="tcp://127.0.0.1:0", stream="probe",
+                                        save_jsonl=str(Path(tmp) / "results.jsonl")))
+        try:
+            result = _one_object_result(mask)
+            lock_per_piece("emit it (RLE, publish, JSONL)", lambda n: [outputs.emit(result, [mask], None)
+                                                                     for _ in range(n)], 3 * args.frames)
+        finally:
+            outputs.close()
 
 
 if __name__ == "__main__":
