@@ -11,9 +11,9 @@ with ``--trace`` a Chrome trace, are written there.
 
 ``--phases`` measures something else, without the profiler (whose own overhead inflates
 host time several-fold): the engine launches frame f+1 before it finishes frame f, as a
-GPU-bound stream would, and a clock around each compiled module, the preprocessing, the
+GPU-bound stream would, and a clock around each compiled unit, the preprocessing, the
 copy to the host and ``finish`` says how much host time each costs per frame.  What is
-left of ``launch`` is sam2's and the engine's Python between the modules.  On a GPU
+left of ``launch`` is sam2's and the engine's Python between the units.  On a GPU
 these are host times (the device runs behind them); on a CPU they include the compute.
 
 ``--ops`` counts the operators a frame runs eagerly, outside the compiled regions, by the

@@ -268,10 +268,8 @@ def test_mask_ious_compares_every_object_on_every_frame():
 def test_every_gpu_suite_step_parses(monkeypatch, tmp_path):
     """benchmarks/gpu_suite.sh runs on a GPU lease of minutes: a mistyped option there
     costs a step.  Every step's arguments must parse as its benchmark's command line."""
-    import importlib.util
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     from streamtrack import bench_stream, cli
@@ -291,27 +289,30 @@ def test_every_gpu_suite_step_parses(monkeypatch, tmp_path):
             bench_stream.apply_defaults(args)
             bench_stream.parse_frame_size(args.frame_size)
         else:
-            script = repo / argv[0]
-            spec = importlib.util.spec_from_file_location(script.stem, script)
-            module = importlib.util.module_from_spec(spec)
-            monkeypatch.setitem(sys.modules, script.stem, module)
-            spec.loader.exec_module(module)
-            module.build_parser().parse_args(argv[1:])
+            _benchmark_script(monkeypatch, Path(argv[0]).stem).build_parser().parse_args(argv[1:])
 
 
-def _profile_step_on_a_tracked_frame(monkeypatch, checkpoint):
-    """benchmarks/profile_step.py as a module, and a CPU engine (input 64) past its prompt."""
+def _benchmark_script(monkeypatch, stem: str):
+    """``benchmarks/<stem>.py`` imported as a module (the scripts import each other, as
+    when run from there), for this test only."""
     import importlib.util
     import sys
     from pathlib import Path
 
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location(stem, benchmarks / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, stem, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _profile_step_on_a_tracked_frame(monkeypatch, checkpoint):
+    """benchmarks/profile_step.py as a module, and a CPU engine (input 64) past its prompt."""
     from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks/profile_step.py"
-    spec = importlib.util.spec_from_file_location("profile_step", script)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "profile_step", module)
-    spec.loader.exec_module(module)
+    module = _benchmark_script(monkeypatch, "profile_step")
     clip = make_clip(6, 96, 64, num_objects=1, seed=1)
     model = build_model("sam2.1_hiera_tiny", checkpoint, image_size=64)
     engine = StreamingEngine(model, EngineConfig(device="cpu", image_size=64))
@@ -363,15 +364,7 @@ def test_compiled_sam_heads_and_memory_encoding_leave_no_operator_outside_their_
 def test_pipeline_overhead_stand_in_launches(monkeypatch):
     """benchmarks/pipeline_overhead.py --host-kind launches: the host part is that many
     torch calls, and the stand-in still steps like an engine."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks/pipeline_overhead.py"
-    spec = importlib.util.spec_from_file_location("pipeline_overhead", script)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "pipeline_overhead", module)
-    spec.loader.exec_module(module)
+    module = _benchmark_script(monkeypatch, "pipeline_overhead")
     before = float(module._COUNTER)
     assert module._launch_work(7) == 7 and float(module._COUNTER) == before + 7
     engine = module.StandInEngine(1.0, 1.0, 2, 72, 128, host_kind="launches")
@@ -384,18 +377,9 @@ def test_pipeline_overhead_stand_in_launches(monkeypatch):
 def test_lock_probe_compares_the_same_rle(monkeypatch, capsys):
     """benchmarks/lock_probe.py: its pycocotools baseline makes the RLE encode_mask makes,
     and a piece of work is timed beside the torch calls and reported."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from streamtrack.protocol import encode_mask
 
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location("lock_probe", benchmarks / "lock_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "lock_probe", module)
-    spec.loader.exec_module(module)
+    module = _benchmark_script(monkeypatch, "lock_probe")
     mask = make_clip(1, 320, 240, num_objects=2, seed=4).masks[1][0]
     assert module._pycocotools_rle(mask)["counts"].decode() == encode_mask(mask)["counts"]
     module.lock_per_piece("rle", lambda n: [encode_mask(mask) for _ in range(n)], 5, rounds=1)
