@@ -16,6 +16,13 @@ copy to the host and ``finish`` says how much host time each costs per frame.  W
 left of ``launch`` is sam2's and the engine's Python between the units.  On a GPU
 these are host times (the device runs behind them); on a CPU they include the compute.
 
+``--guards`` times dynamo's guard checks (the "cache lookup" before every compiled
+call), per compiled unit, for two engines in the same run: one compiled with guards
+checked one by one (torch's default) and one with module subtrees checked by their
+dictionaries' version tags (``streamtrack.compiled.guard_by_dict_tags``, the engine's
+setting).  Guards are dynamo's whatever the backend, so ``--backend eager`` gives the
+same checks on a CPU without inductor's compile time.
+
 ``--ops`` counts the operators a frame runs eagerly, outside the compiled regions, by the
 sam2 or streamtrack function that called them.  Each is a kernel launch (or, for a view,
 at least a trip through the dispatcher) that CUDA graphs do not absorb, so the count is
@@ -27,11 +34,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter, defaultdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from streamtrack.bench import _prompts
 from streamtrack.compiled import MODES
@@ -55,33 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="host time per phase while launching ahead, instead of the profiler")
     ap.add_argument("--ops", action="store_true",
                     help="count the operators run outside compiled regions per frame, by caller")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu only with --phases or --ops")
+    ap.add_argument("--guards", action="store_true",
+                    help="time the guard checks per compiled call, checked one by one vs by dict tags")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only with --phases, --ops or --guards")
     return ap
 
 
 def main() -> None:
     args = build_parser().parse_args()
-    if args.device != "cuda" and not (args.phases or args.ops):
+    if args.device != "cuda" and not (args.phases or args.ops or args.guards):
         raise SystemExit("the profiler table needs --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("profile_step.py needs a CUDA device (or --phases/--ops --device cpu)")
-    device = torch.device(args.device)
+        raise SystemExit("profile_step.py needs a CUDA device (or --phases/--ops/--guards --device cpu)")
     width, height = (int(v) for v in args.frame_size.split("x"))
     clip = make_clip(30, width, height, num_objects=3, seed=3)
-    config = EngineConfig(device=args.device, image_size=args.image_size, bf16=True,
-                          compile=args.compile_mode is not None,
-                          compile_mode=args.compile_mode or "default", compile_slots=1)
-    model = build_model(args.model, args.checkpoint, device=device, image_size=args.image_size)
-    engine = StreamingEngine(model, config)
-    t0 = time.perf_counter()
-    engine.warmup()
-    print(f"warm-up {time.perf_counter() - t0:.1f} s")
     frames = clip.frames
-    for i in range(20):  # past the memory and pointer windows
-        engine.step(frames[i % len(frames)], _prompts(clip, args.objects) if i == 0 else [])
+    if args.guards:
+        print(guard_checks(args, frames, _prompts(clip, args.objects)))
+        return
+    spent: dict[str, float] = defaultdict(float)
+    model, engine = _tracking_engine(args, frames, _prompts(clip, args.objects),
+                                     wrap=partial(_timed, spent) if args.phases else None)
     if args.phases or args.ops:
         what = "phases" if args.phases else "ops"
-        text = (host_phases if args.phases else eager_ops)(engine, model, frames, args.steps)
+        text = (host_phases(engine, model, frames, args.steps, spent) if args.phases
+                else eager_ops(engine, model, frames, args.steps))
         print(text)
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -114,30 +121,109 @@ def main() -> None:
             prof.export_chrome_trace(str(args.out / f"trace-{mode}.json"))
 
 
-def host_phases(engine: StreamingEngine, model: torch.nn.Module, frames: list, steps: int) -> str:
-    """Host ms per frame of each phase, launching frame f+1 before finishing frame f."""
-    spent: dict[str, float] = defaultdict(float)
+def _tracking_engine(args, frames: list, prompts: list, wrap=None):
+    """A warmed-up engine past its memory and pointer windows, tracking ``prompts``; its
+    compiled units wrapped by ``wrap`` (see :func:`_wrap_units`) before they compile."""
+    config = EngineConfig(device=args.device, image_size=args.image_size, bf16=True,
+                          compile=args.compile_mode is not None or args.guards,
+                          compile_mode=args.compile_mode or "default", compile_backend=args.backend,
+                          compile_slots=1)
+    model = build_model(args.model, args.checkpoint, device=torch.device(args.device),
+                        image_size=args.image_size)
+    engine = StreamingEngine(model, config)
+    if wrap is not None:
+        _wrap_units(model, wrap)
+    t0 = time.perf_counter()
+    engine.warmup()
+    print(f"warm-up {time.perf_counter() - t0:.1f} s")
+    for i in range(20):
+        engine.step(frames[i % len(frames)], prompts if i == 0 else [])
+    return model, engine
 
-    def timed(name: str, fn):
+
+_UNITS = {"image encoder": ("", "forward_image"), "memory attention": ("memory_attention", "forward"),
+          "SAM heads (prompt encoder, decoder)": ("", "_forward_sam_heads"),
+          "memory encoding": ("", "_encode_new_memory")}
+
+
+def _wrap_units(model: torch.nn.Module, wrap) -> None:
+    """Replace each compiled unit (streamtrack.compiled) by ``wrap(name, unit)``, from
+    outside: a wrapper inside one would be traced into its graph.  An instance attribute:
+    nn.Module calls it, sam2 looks it up on the model.  Before the units compile: an
+    attribute set on a module afterwards changes its dictionary's tag, and dynamo then
+    checks that module's guards one by one on every call (see :func:`guard_checks`)."""
+    for name, (path, method) in _UNITS.items():
+        owner = model.get_submodule(path)
+        setattr(owner, method, wrap(name, getattr(owner, method)))
+
+
+def guard_checks(args, frames: list, prompts: list, rounds: int = 3) -> str:
+    """Median host µs of dynamo's cache lookup per compiled unit call, and their sum per
+    frame: guards checked one by one (torch's default), then by dict tags.  Dynamo keeps
+    compiled code per Python function, shared by every model, so the second engine
+    starts from an empty cache (``torch._dynamo.reset``) and compiles its own."""
+    import torch._dynamo.config as dynamo_config
+
+    def labelled(name: str, fn):
         def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
+            with record_function("unit: " + name):
                 return fn(*a, **k)
-            finally:
-                spent[name] += time.perf_counter() - t
         return wrapper
 
-    # The compiled units (streamtrack.compiled), clocked from outside: a clock inside one
-    # would be traced into its graph.
-    units = {"image encoder": (model, "forward_image"),
-             "memory attention": (model.memory_attention, "forward"),
-             "SAM heads (prompt encoder, decoder)": (model, "_forward_sam_heads"),
-             "memory encoding": (model, "_encode_new_memory")}
-    for name, (owner, method) in units.items():
-        # An instance attribute: nn.Module calls it, sam2 looks it up on the model.
-        setattr(owner, method, timed(name, getattr(owner, method)))
-    engine._prepare = timed("preprocess (upload, resize)", engine._prepare)
-    engine._to_host = timed("copy to host (queued)", engine._to_host)
+    lookups: dict[str, dict[str, list[float]]] = {}
+    for label in ("one by one", "by dict tags"):
+        torch._dynamo.reset()
+
+        def labelled_and_set(name: str, fn, tags: bool = label == "by dict tags"):
+            # The engine turned dict tags on when it compiled; guards are built at warm-up.
+            dynamo_config.use_recursive_dict_tags_for_guards = tags
+            return labelled(name, fn)
+
+        model, engine = _tracking_engine(args, frames, prompts, wrap=labelled_and_set)
+        lookups[label] = defaultdict(list)
+        for _ in range(rounds):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for i in range(args.steps):
+                    engine.step(frames[i % len(frames)])
+            events = prof.events()
+            units = [e for e in events if e.name.startswith("unit: ")]
+            for e in events:
+                if "Cache Lookup" in e.name:
+                    unit = next((u.name[6:] for u in units if u.time_range.start <= e.time_range.start
+                                 and e.time_range.end <= u.time_range.end), "other")
+                    lookups[label][unit].append(e.cpu_time_total)
+        del model, engine
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    per_frame = {k: sum(sum(v) for v in d.values()) / (rounds * args.steps) for k, d in lookups.items()}
+    calls = sum(len(v) for v in lookups["by dict tags"].values()) / (rounds * args.steps)
+    lines = [f"dynamo cache lookup (guard checks) per compiled call, median us (profiled), "
+             f"{args.steps} frames x {rounds} rounds each, {device}",
+             f"  {'unit':<36} {'one by one':>11} {'dict tags':>11} {'ratio':>7}"]
+    for unit in sorted(set(lookups["one by one"]) | set(lookups["by dict tags"])):
+        a, b = (float(np.median(d[unit])) if d[unit] else float("nan") for d in lookups.values())
+        lines.append(f"  {unit:<36} {a:11.1f} {b:11.1f} {b / a:7.2f}")
+    a, b = per_frame["one by one"], per_frame["by dict tags"]
+    lines.append(f"  {f'per frame (sum of {calls:g} calls)':<36} {a:11.1f} {b:11.1f} {b / a:7.2f}")
+    return "\n".join(lines)
+
+
+def _timed(spent: dict[str, float], name: str, fn):
+    """``fn``, adding its seconds to ``spent[name]``."""
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            spent[name] += time.perf_counter() - t
+    return wrapper
+
+
+def host_phases(engine: StreamingEngine, model: torch.nn.Module, frames: list, steps: int,
+                spent: dict[str, float]) -> str:
+    """Host ms per frame of each phase, launching frame f+1 before finishing frame f; the
+    compiled units already clocked into ``spent`` (see :func:`_tracking_engine`)."""
+    engine._prepare = _timed(spent, "preprocess (upload, resize)", engine._prepare)
+    engine._to_host = _timed(spent, "copy to host (queued)", engine._to_host)
     pending = engine.launch(frames[0])
     spent.clear()
     launch = finish = 0.0

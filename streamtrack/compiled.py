@@ -80,6 +80,7 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor", mode: str =
                             f"not {mode!r}: engines sharing a model share one mode")
         return
     cudagraphs = mode in CUDAGRAPH_MODES
+    guard_by_dict_tags()
     _fill_position_caches(model)
     options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
 
@@ -101,6 +102,21 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor", mode: str =
     model.streamtrack_compile_mode = mode
     log.info("torch.compile (%s, mode %s) of the image encoder and the per-frame step; "
              "compilation happens at warm-up", backend, mode)
+
+
+def guard_by_dict_tags() -> None:
+    """Let dynamo check a module subtree's guards by its dictionaries' version tags.
+
+    Every compiled call first checks its guards: for sam2's units about a thousand, most
+    on the parameters and attributes of the modules inside (each tensor's type, shape,
+    strides and dynamic-shape markings).  With this on, a subtree whose dictionaries are
+    untouched since the last call is passed at once; any assignment to a module's
+    attribute (a new parameter, a changed flag, a new cache entry) changes a tag and
+    the subtree is checked in full.  Nothing here assigns to the model while it streams.
+    It halves the guard checks per frame (``docs/benchmarks.md``).  A process-wide dynamo
+    setting, read when a function is compiled; the official ``vos_optimized`` baseline
+    gets it too, so both sides run under the same torch configuration."""
+    torch._dynamo.config.use_recursive_dict_tags_for_guards = True
 
 
 def _fill_position_caches(model: torch.nn.Module) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from streamtrack.compiled import guard_by_dict_tags
 from streamtrack.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ def build_model(
         if not path.exists():
             raise CheckpointError(missing_checkpoint_message(spec, path))
     extra = {"vos_optimized": True} if vos_optimized and kind == "video" else {}
+    if extra:
+        guard_by_dict_tags()  # the engine's compiled units check guards this way too
     with torch_compile_mode(vos_compile_mode) if extra else nullcontext():
         model = builder(
             spec.config, ckpt_path=None, device="cpu", hydra_overrides_extra=overrides, **extra

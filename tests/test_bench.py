@@ -348,6 +348,7 @@ def test_compiled_sam_heads_and_memory_encoding_leave_no_operator_outside_their_
     from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 
     module, _, _, frames = _profile_step_on_a_tracked_frame(monkeypatch, tiny_checkpoint)
+    torch._dynamo.reset()  # no other test's graphs count towards dynamo's recompile limit
     model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=64)
     engine = StreamingEngine(model, EngineConfig(device="cpu", image_size=64, compile=True,
                                                  compile_backend="eager", compile_slots=1))
@@ -389,9 +390,13 @@ def test_lock_probe_compares_the_same_rle(monkeypatch, capsys):
 def test_profile_step_phases_account_for_the_launch(monkeypatch, tiny_checkpoint):
     """benchmarks/profile_step.py --phases: every phase is timed, and none inside another."""
     import re
+    from collections import defaultdict
+    from functools import partial
 
     module, engine, model, frames = _profile_step_on_a_tracked_frame(monkeypatch, tiny_checkpoint)
-    text = module.host_phases(engine, model, frames, steps=3)
+    spent = defaultdict(float)
+    module._wrap_units(model, partial(module._timed, spent))
+    text = module.host_phases(engine, model, frames, steps=3, spent=spent)
     rows = dict(re.findall(r"^  (.+?)\s+(-?\d+\.\d+)$", text, flags=re.M))
     ms = {k: float(v) for k, v in rows.items()}
     phases = ["image encoder", "memory attention", "SAM heads (prompt encoder, decoder)", "memory encoding",
@@ -400,3 +405,28 @@ def test_profile_step_phases_account_for_the_launch(monkeypatch, tiny_checkpoint
     # A phase timed inside another (counted twice) would leave less than nothing between them.
     assert ms["launch: Python between the above"] > 0, text
     assert sum(ms[p] for p in phases) < ms["launch (all of it)"], text
+
+
+def test_profile_step_times_the_guard_checks_of_every_compiled_unit(monkeypatch, tiny_checkpoint):
+    """benchmarks/profile_step.py --guards: dynamo's cache lookups, attributed to the four
+    compiled units, for an engine compiled with each way of checking guards."""
+    import argparse
+    import re
+
+    import torch._dynamo.config as dynamo_config
+
+    module = _benchmark_script(monkeypatch, "profile_step")
+    clip = make_clip(4, 96, 64, num_objects=1, seed=1)
+    args = argparse.Namespace(model="sam2.1_hiera_tiny", checkpoint=tiny_checkpoint, image_size=64,
+                              device="cpu", compile_mode=None, guards=True, backend="eager", steps=2)
+    from streamtrack.engine import Prompt
+
+    prompts = [Prompt.make(1, box=clip.box(1, 0))]
+    try:
+        text = module.guard_checks(args, clip.frames, prompts, rounds=1)
+    finally:
+        dynamo_config.use_recursive_dict_tags_for_guards = True
+    rows = re.findall(r"^  (.+?)\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d+\.\d\d)$", text, flags=re.M)
+    units = {"image encoder", "memory attention", "SAM heads (prompt encoder, decoder)", "memory encoding"}
+    assert {r[0] for r in rows} == units | {"per frame (sum of 4 calls)"}, text
+    assert all(float(a) > 0 and float(b) > 0 for _, a, b, _ in rows), text

@@ -23,6 +23,15 @@ from streamtrack.synthetic import make_clip
 IMAGE_SIZE = 128  # dynamo traces every graph once per batch size: keep it small
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_caches():
+    """Dynamo keeps compiled code per Python function, for every model in the process, up
+    to a recompile limit; past it, a unit runs eagerly.  Each test here compiles its own
+    model, so none leaves its graphs to the tests after it."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(("n", "slots"), [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (16, 16), (17, 32)])
 def test_slot_count(n, slots):
     assert slot_count(n) == slots
@@ -185,3 +194,33 @@ def test_compile_modes_are_checked(tiny_checkpoint):
     with pytest.raises(UserError, match="recorded per thread"):
         config = EngineConfig(compile=True, compile_backend=POISONING, compile_mode="reduce-overhead")
         StreamingEngine(model, config, encoder=SharedImageEncoder(model))
+
+
+def test_guards_checked_by_dict_tags_still_see_a_changed_model(tiny_checkpoint):
+    """Compiled units skip the guards of module subtrees whose dictionaries are untouched
+    (``guard_by_dict_tags``); an attribute assigned mid-stream must still reach the graphs.
+    ``sigmoid_scale_for_mem_enc`` is a float that ``_encode_new_memory``'s graph holds as
+    a constant: a graph that missed the change would keep encoding memories the old way."""
+    clip = make_clip(8, 160, 120, num_objects=1, seed=7)
+    prompts = {0: [Prompt.make(1, box=clip.box(1, 0))]}
+
+    def run(engine, change_at: int | None) -> list:
+        outs = []
+        for i, frame in enumerate(clip.frames):
+            if i == change_at:
+                engine.model.sigmoid_scale_for_mem_enc *= 3.0
+            outs.append(engine.step(frame, prompts.get(i, []), return_logits=True))
+        return outs
+
+    def engine(compiled: bool) -> StreamingEngine:
+        model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=IMAGE_SIZE)
+        config = EngineConfig(preprocess="exact", compile=compiled, compile_backend="eager", compile_slots=1)
+        return StreamingEngine(model, config)
+
+    compiled = engine(compiled=True)
+    assert torch._dynamo.config.use_recursive_dict_tags_for_guards
+    compiled.warmup()
+    got = run(compiled, change_at=4)
+    assert _same_results(run(engine(compiled=False), change_at=4), got)
+    # (The change does move the results: a stale graph would not match.)
+    assert not _same_results(run(engine(compiled=False), change_at=None)[5:], got[5:])
