@@ -92,6 +92,9 @@ step pipeline-tiny-cudagraphs-bothprocess 120 pipeline $(m tiny) $hd --frames 30
 step engine-tiny-cudagraphs-vos 300 engine $(m tiny) $hd --bf16 $cg --compile-slots 1 --official-vos-optimized --official-vos-mode reduce-overhead --frames 61 --objects 1 --repeats 3
 # Host time per phase of a CUDA-graph step launched ahead: what stands between 9.7 ms and 8.3.
 script_step phases-tiny-cudagraphs 150 benchmarks/profile_step.py --checkpoint "$ckpts/sam2.1_hiera_tiny.pt" --compile-mode reduce-overhead --phases --steps 100
+# Dynamo's guard checks per compiled call, one by one vs by dict tags (the engine's
+# setting); the guards are dynamo's whatever the backend, so eager keeps it short.
+script_step guards-tiny 90 benchmarks/profile_step.py --checkpoint "$ckpts/sam2.1_hiera_tiny.pt" --guards --backend eager --steps 20
 # CUDA-graph actors in the fleet on Ray (needs `ray` importable), one stream each.
 script_step fleet-tiny-cudagraphs 300 benchmarks/fleet_bench.py $fl --compile-mode reduce-overhead --streams 1 2 4 --frames 300
 # The larger models with CUDA graphs, and the official VOS-optimized build.
