@@ -26,6 +26,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     from streamtrack.fleet_spec import load_fleet
+    from streamtrack.sources import redact_url
 
     spec = load_fleet(args.file)
     overrides = {k: v for k, v in (("address", args.address), ("directory", args.directory)) if v}
@@ -34,8 +35,9 @@ def command(args: argparse.Namespace) -> int:
     if args.check:
         for s in spec.streams:
             prompts = sum(len(v) for v in s.prompts.values())
-            print(f"{s.name}: {s.source} ({s.config.model}, image size {s.config.image_size or 'default'}, "
-                  f"{prompts} prompt(s){', prompt later' if s.prompt_later else ''})")
+            print(f"{s.name}: {redact_url(str(s.source))} ({s.config.model}, "
+                  f"image size {s.config.image_size or 'default'}, {prompts} prompt(s)"
+                  f"{', prompt later' if s.prompt_later else ''})")
         return 0
     from streamtrack.fleet import Fleet, require_ray
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from streamtrack.capture import CaptureConfig, Frame, SourceKind, open_source
+from streamtrack.capture import CaptureConfig, Frame, SourceKind, SourceState, open_source
 from streamtrack.capture import StatusEvent as SourceEvent
 from streamtrack.capture_process import check_decode_mode
 from streamtrack.config import Config
@@ -35,6 +35,7 @@ from streamtrack.engine import EngineConfig, FrameOutput, PendingStep, Prompt, S
 from streamtrack.errors import PromptError, UserError
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, now
 from streamtrack.publisher import StatsWindow
+from streamtrack.sources import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ class Tracker:
         summary.source_state = self.capture.state.value
         summary.objects = dict(self._object_states)
         if self.capture.state.value == "failed" and summary.frames == 0:
-            raise UserError(f"source {cfg.source!r} failed: {stats.last_error}")
+            raise UserError(f"source {redact_url(str(cfg.source))!r} failed: {stats.last_error}")
         return summary
 
     def _on_published(self, result: FrameResult) -> None:
@@ -488,6 +489,8 @@ class Tracker:
     def _on_source_status(self, event: SourceEvent) -> None:
         # Runs on the capture thread (on the tracker's with decode: process); the
         # publisher is thread-safe.
+        _log_source_change(redact_url(str(self.config.source)), event,
+                           self.capture.config.give_up_after if self.capture else None)
         self._publish_status("source_state", old=event.previous.value, new=event.state.value,
                              reason=event.error)
 
@@ -611,3 +614,20 @@ def _frame_count(path: str) -> int | None:
     except Exception:  # noqa: BLE001 - only a progress-bar nicety
         return None
 
+
+
+def _log_source_change(name: str, event: SourceEvent, give_up_after: float | None) -> None:
+    """Say on the console what a live source is doing when it is not simply streaming:
+    without it a camera that cannot be reached retries in silence.  One line per change
+    (the capture reports an outage once, however many attempts it takes)."""
+    if event.state is SourceState.RECONNECTING:
+        until = (f"giving up after {give_up_after:g} s" if give_up_after is not None
+                 else "until stopped (--give-up-after S to stop sooner)")
+        first = event.previous is SourceState.CONNECTING
+        log.warning("source %s: %s; %s, %s", name, event.error,
+                    "retrying" if first else "reconnecting", until)
+    elif event.state is SourceState.STALE:
+        log.warning("source %s: connected, but no frame is arriving", name)
+    elif event.state is SourceState.STREAMING and event.previous in (SourceState.RECONNECTING,
+                                                                      SourceState.STALE):
+        log.warning("source %s: frames arriving again", name)

@@ -159,6 +159,20 @@ def test_unreachable_cluster_is_one_line_not_minutes_of_retries(tmp_path, capsys
     assert time.monotonic() - started < 30
 
 
+def test_check_lists_the_streams_with_camera_credentials_hidden(tmp_path, capsys):
+    path = tmp_path / "fleet.yaml"
+    camera = "rtsp://admin:secret@10.0.0.7/live"
+    doc = fleet_doc(tmp_path, tmp_path / "c.pt", [stream_entry("door", camera, [BOX1]),
+                                                  stream_entry("clip", tmp_path / "a.mp4", [BOX1, BOX2])])
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["fleet", str(path), "--check"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("door: rtsp://***@10.0.0.7/live ("), out
+    assert "1 prompt(s)" in out[0], out
+    assert out[1].startswith(f"clip: {tmp_path / 'a.mp4'} (") and "2 prompt(s)" in out[1], out
+    assert "secret" not in "\n".join(out)
+
+
 def test_relative_paths_and_automatic_endpoints(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = parse_fleet({"streams": [{"name": "cam", "source": "videos/a.mp4", "prompt_later": True,

@@ -262,6 +262,41 @@ def test_bad_input_exit_2_one_line(clip_file, tiny_checkpoint, tmp_path, args, m
     assert message in r.stderr
 
 
+def test_unreachable_camera_is_reported_while_it_retries(tiny_checkpoint):
+    """A live source that cannot be reached says so at once, once, credentials hidden,
+    instead of retrying in silence until --give-up-after (or forever)."""
+    r = streamtrack("run", "rtsp://admin:secret@127.0.0.1:9/cam", "--box", "1,2,30,40",
+                    "--checkpoint", tiny_checkpoint, "--image-size", "256", "--give-up-after", "1.5")
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 2, r.stderr
+    assert lines[0].startswith("WARNING") and "rtsp://***@127.0.0.1:9/cam" in lines[0], r.stderr
+    assert "Connection refused" in lines[0] and "giving up after 1.5 s" in lines[0], r.stderr
+    assert "failed" in lines[1] and "secret" not in r.stderr, r.stderr
+
+
+def test_a_source_outage_and_its_end_are_one_console_line_each(caplog):
+    """What the console says as a camera drops, stalls and comes back; nothing while it
+    simply connects, streams or ends."""
+    from streamtrack.capture import SourceState as S
+    from streamtrack.capture import StatusEvent
+    from streamtrack.pipeline import _log_source_change
+
+    changes = [(S.CONNECTING, S.IDLE, None), (S.STREAMING, S.CONNECTING, None),
+               (S.RECONNECTING, S.STREAMING, "end of stream (disconnected)"),
+               (S.STREAMING, S.RECONNECTING, None), (S.STALE, S.STREAMING, None),
+               (S.STREAMING, S.STALE, None), (S.STOPPED, S.STREAMING, None)]
+    with caplog.at_level("INFO", logger="streamtrack.pipeline"):
+        for state, previous, error in changes:
+            _log_source_change("cam", StatusEvent(state, previous, 0.0, error), give_up_after=None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "source cam: end of stream (disconnected); reconnecting, "
+        "until stopped (--give-up-after S to stop sooner)",
+        "source cam: frames arriving again",
+        "source cam: connected, but no frame is arriving",
+        "source cam: frames arriving again",
+    ]
+
+
 def _communicate_or_dump(proc: subprocess.Popen, timeout: float) -> str:
     """``proc``'s stderr once it exits; if it does not within ``timeout``, fail with every
     thread's stack (the CLI prints them on SIGUSR1) instead of a bare timeout."""
