@@ -275,6 +275,7 @@ class Tracker:
         self._seq = resume.seq_start
         self._object_states: dict[int, str] = {}
         self.capture = None
+        self._give_up_after: float | None = None  # the live source's, once run() opens it
         self._controls = _Controls(self)
         self._notify = notify or (lambda kind, data: None)
         self._publisher = None  # set once the outputs exist; used by the capture thread too
@@ -304,6 +305,8 @@ class Tracker:
         cfg = self.config
         resume = cfg.resume or Resume()
         cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, loop=cfg.loop, name=cfg.stream)
+        # The capture thread may report a failed connection before open_source returns.
+        self._give_up_after = cap_cfg.give_up_after
         self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status,
                                    decode=cfg.decode)
         if cfg.warn_exposed and resume.restarts == 0 and cfg.curve is None:  # warn once; CURVE authenticates
@@ -489,8 +492,7 @@ class Tracker:
     def _on_source_status(self, event: SourceEvent) -> None:
         # Runs on the capture thread (on the tracker's with decode: process); the
         # publisher is thread-safe.
-        _log_source_change(redact_url(str(self.config.source)), event,
-                           self.capture.config.give_up_after if self.capture else None)
+        _log_source_change(redact_url(str(self.config.source)), event, self._give_up_after)
         self._publish_status("source_state", old=event.previous.value, new=event.state.value,
                              reason=event.error)
 
