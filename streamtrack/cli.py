@@ -16,6 +16,7 @@ from streamtrack.errors import UserError, dump_stacks_on_usr1
 from streamtrack.models import DEFAULT_MODEL, MODELS
 
 log = logging.getLogger("streamtrack")
+SILENCE_HINT_S = 5.0  # subscribe: say it is still waiting after this long without a message
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -52,19 +53,27 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         subscriber = Subscriber.from_fleet(args.endpoint, topics=args.topics, curve=client_keys)
     else:
         subscriber = Subscriber(args.endpoint, topics=args.topics, curve=client_keys)
+    why = (" (if it uses CURVE: is this client's key authorised there?)" if client_keys
+           else " (if it uses CURVE, pass --curve-server-key and --curve-secret)")
     with subscriber as sub:
         last = time.monotonic()
+        hinted = False
         while args.count is None or printed < args.count:
             msg = sub.recv(timeout=0.25)
             if msg is None:
-                if args.timeout is not None and time.monotonic() - last >= args.timeout:
-                    why = (" (if it uses CURVE: is this client's key authorised there?)" if client_keys
-                           else " (if it uses CURVE, pass --curve-server-key and --curve-secret)")
+                silent = time.monotonic() - last
+                if args.timeout is not None and silent >= args.timeout:
                     print(f"streamtrack: no message for {args.timeout:g} s from {args.endpoint}{why}",
                           file=sys.stderr)
                     return 1
+                if silent >= SILENCE_HINT_S and not hinted and not args.quiet:
+                    # Waiting is right for a subscriber, but a silent terminal looks like a hang.
+                    hinted = True
+                    print(f"streamtrack: nothing from {args.endpoint} in {SILENCE_HINT_S:g} s, still "
+                          "waiting: is a tracker running there, with a source and objects to track?",
+                          file=sys.stderr)
                 continue
-            last = time.monotonic()
+            last, hinted = time.monotonic(), False
             try:
                 print(json.dumps(_message_json(msg, args.rle), separators=(",", ":")), flush=True)
             except BrokenPipeError:  # `| head`: the reader is done

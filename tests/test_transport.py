@@ -661,3 +661,23 @@ def test_subscribe_to_a_fleet_control_nobody_answers_is_one_line(capsys) -> None
         assert cli.main(["subscribe", f"tcp://127.0.0.1:{held.getsockname()[1]}", "--fleet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no reply from control server" in err, err
+
+
+def test_subscribe_says_once_that_it_is_still_waiting_then_times_out(capsys, monkeypatch) -> None:
+    """A subscriber with no publisher behind it waits (publishers may come later), but
+    says so on stderr after a while instead of sitting silent; stdout stays JSON only."""
+    from streamtrack import cli
+
+    monkeypatch.setattr(cli, "SILENCE_HINT_S", 0.5)
+    with socket.socket() as held:  # a port nobody publishes on
+        held.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        assert cli.main(["subscribe", endpoint, "--timeout", "2"]) == 1
+        captured = capsys.readouterr()
+        assert cli.main(["-q", "subscribe", endpoint, "--timeout", "1"]) == 1
+        quiet = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and len(lines) == 2, lines
+    assert lines[0].startswith(f"streamtrack: nothing from {endpoint} in 0.5 s, still waiting"), lines
+    assert lines[1].startswith(f"streamtrack: no message for 2 s from {endpoint}"), lines
+    assert "still waiting" not in quiet.err and "no message for 1 s" in quiet.err, quiet.err
