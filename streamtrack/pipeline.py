@@ -617,7 +617,6 @@ def _frame_count(path: str) -> int | None:
         return None
 
 
-
 def _log_source_change(name: str, event: SourceEvent, give_up_after: float | None) -> None:
     """Say on the console what a live source is doing when it is not simply streaming:
     without it a camera that cannot be reached retries in silence.  One line per change
