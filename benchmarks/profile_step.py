@@ -36,11 +36,13 @@ import time
 from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from streamtrack import compiled
 from streamtrack.bench import _prompts
 from streamtrack.compiled import MODES
 from streamtrack.engine import EngineConfig, StreamingEngine
@@ -171,15 +173,12 @@ def guard_checks(args, frames: list, prompts: list, rounds: int = 3) -> str:
         return wrapper
 
     lookups: dict[str, dict[str, list[float]]] = {}
-    for label in ("one by one", "by dict tags"):
+    for label, tags in (("one by one", False), ("by dict tags", True)):
         torch._dynamo.reset()
-
-        def labelled_and_set(name: str, fn, tags: bool = label == "by dict tags"):
-            # The engine turned dict tags on when it compiled; guards are built at warm-up.
-            dynamo_config.use_recursive_dict_tags_for_guards = tags
-            return labelled(name, fn)
-
-        model, engine = _tracking_engine(args, frames, prompts, wrap=labelled_and_set)
+        # compile_model sets the flag; the guards are built with it at warm-up.
+        with mock.patch.object(compiled, "guard_by_dict_tags",
+                               partial(setattr, dynamo_config, "use_recursive_dict_tags_for_guards", tags)):
+            model, engine = _tracking_engine(args, frames, prompts, wrap=labelled)
         lookups[label] = defaultdict(list)
         for _ in range(rounds):
             with profile(activities=[ProfilerActivity.CPU]) as prof:

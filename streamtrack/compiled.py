@@ -115,10 +115,10 @@ def guard_by_dict_tags() -> None:
     the subtree is checked in full.  Nothing here assigns to the model while it streams.
     What the tags do not see is a tensor changed in place, as ``model.to()`` and
     ``model.half()`` change parameters: move or cast a model before an engine compiles
-    it (CUDA graphs hold the old tensors' addresses anyway).
-    It cuts the guard checks' time per frame by about 30 % (``docs/benchmarks.md``).  A process-wide dynamo
-    setting, read when a function is compiled; the official ``vos_optimized`` baseline
-    gets it too, so both sides run under the same torch configuration."""
+    it (CUDA graphs hold the old tensors' addresses anyway).  It cuts the guard checks'
+    time per frame by about 30 % (``docs/benchmarks.md``).  A process-wide dynamo setting,
+    read when a function is compiled; the official ``vos_optimized`` baseline gets it
+    too, so both sides run under the same torch configuration."""
     torch._dynamo.config.use_recursive_dict_tags_for_guards = True
 
 

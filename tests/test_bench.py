@@ -347,7 +347,8 @@ def test_compiled_sam_heads_and_memory_encoding_leave_no_operator_outside_their_
 
     from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 
-    module, _, _, frames = _profile_step_on_a_tracked_frame(monkeypatch, tiny_checkpoint)
+    module = _benchmark_script(monkeypatch, "profile_step")
+    frames = make_clip(3, 96, 64, num_objects=1, seed=1).frames
     torch._dynamo.reset()  # no other test's graphs count towards dynamo's recompile limit
     model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=64)
     engine = StreamingEngine(model, EngineConfig(device="cpu", image_size=64, compile=True,
@@ -415,12 +416,12 @@ def test_profile_step_times_the_guard_checks_of_every_compiled_unit(monkeypatch,
 
     import torch._dynamo.config as dynamo_config
 
+    from streamtrack.engine import Prompt
+
     module = _benchmark_script(monkeypatch, "profile_step")
     clip = make_clip(4, 96, 64, num_objects=1, seed=1)
     args = argparse.Namespace(model="sam2.1_hiera_tiny", checkpoint=tiny_checkpoint, image_size=64,
                               device="cpu", compile_mode=None, guards=True, backend="eager", steps=2)
-    from streamtrack.engine import Prompt
-
     prompts = [Prompt.make(1, box=clip.box(1, 0))]
     try:
         text = module.guard_checks(args, clip.frames, prompts, rounds=1)
