@@ -50,6 +50,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--preprocess", choices=["auto", "exact", "fast"],
                    help="exact = the official predictor's resize (CPU default); fast = on-device")
     g.add_argument("--lost-after", type=float, metavar="S", help="seconds absent before 'lost' (3)")
+    g.add_argument("--max-objects", type=int, metavar="N",
+                   help="objects tracked at once; a prompt for one more is refused (64)")
     g = p.add_argument_group("prompts")
     g.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1",
                    help="a new object (repeatable)")

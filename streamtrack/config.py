@@ -38,6 +38,7 @@ class Config:
     lost_after: float = 3.0
     max_cond_frames: int | None = None
     fill_hole_area: int = 0
+    max_objects: int = 64
     compile: bool = False
     compile_mode: str = "default"
     # source

@@ -14,6 +14,7 @@ import logging
 import math
 import numbers
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -48,6 +49,12 @@ MAX_POINTS = 64
 MAX_OBJ_ID = 2**31 - 1
 MAX_COORD = 1e6  # pixels; far beyond any real frame, catches garbage like 1e300
 _MAX_REQUEST_ID_LEN = 128
+_MAX_INT_ID = 2**63  # request ids are echoed: keep them within what any client's JSON parser reads
+
+
+def _shorten(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class ControlError(UserError):
@@ -149,11 +156,15 @@ def _obj_id(value: Any) -> int:
 def _coord(value: Any, name: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise PromptError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
+    try:
+        v = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        v = math.inf
+    if not math.isfinite(v) and not isinstance(value, numbers.Integral):
         raise PromptError(f"{name} must be finite, got {value!r}")
     if not 0 <= v <= MAX_COORD:
-        raise PromptError(f"{name} must be a pixel coordinate >= 0, got {value!r}")
+        shown = f"a {len(str(value))}-digit integer" if v == math.inf else repr(value)
+        raise PromptError(f"{name} must be a pixel coordinate from 0 to {MAX_COORD:g}, got {shown}")
     return v
 
 
@@ -343,16 +354,18 @@ class ControlServer:
         self.handled = 0
         self.rejected = 0
 
-    def poll_once(self, timeout_ms: int = 0, max_requests: int = 32) -> int:
+    def poll_once(self, timeout_ms: int = 0, max_requests: int = 32, budget_s: float | None = None) -> int:
         """Answer the requests waiting now (waiting up to ``timeout_ms`` for the first).
 
-        Returns how many requests were answered. ``max_requests`` bounds the time
-        spent here so a flood of requests cannot stall the tracker.
+        Returns how many requests were answered.  ``max_requests`` and ``budget_s``
+        (seconds, checked after each request) bound the time spent here, so a flood of
+        requests, or of slow ones, cannot stall the tracker: the rest wait their turn.
         """
         if self._sock.closed or not self._sock.poll(timeout_ms, zmq.POLLIN):
             return 0
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         n = 0
-        while n < max_requests:
+        while n < max_requests and (deadline is None or n == 0 or time.monotonic() < deadline):
             try:
                 parts = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -399,8 +412,8 @@ class ControlServer:
                 request = loads(text)
             except ProtocolError as exc:
                 raise PromptError(str(exc)) from exc
-            if isinstance(request, Mapping):
-                request_id = self._request_id(request.get("id"))
+            if isinstance(request, Mapping) and request.get("id") is not None:
+                request_id = self._request_id(request["id"])
             result = self.execute(request)
             reply: dict[str, Any] = {"ok": True}
             if result is not None:
@@ -432,14 +445,21 @@ class ControlServer:
         return dispatch(self.handler, parse_command(request))
 
     @staticmethod
-    def _request_id(value: Any) -> str | int | None:
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, int) or (
-            isinstance(value, str) and len(value) <= _MAX_REQUEST_ID_LEN
-        ):
+    def _request_id(value: Any) -> str | int:
+        """The request's ``id``, echoed in the reply; one that cannot be echoed safely
+        is refused rather than dropped, so a pipelining client never gets an answer it
+        cannot match."""
+        if isinstance(value, int) and not isinstance(value, bool) and -_MAX_INT_ID <= value < _MAX_INT_ID:
             return value
-        return None
+        if isinstance(value, str) and len(value) <= _MAX_REQUEST_ID_LEN:
+            try:
+                value.encode("utf-8")  # a lone surrogate (valid JSON escape) is not text
+            except UnicodeEncodeError:
+                pass
+            else:
+                return value
+        raise PromptError(f"id must be a string of up to {_MAX_REQUEST_ID_LEN} characters or a "
+                          f"64-bit integer, got {_shorten(value)}")
 
     def close(self) -> None:
         if not self._sock.closed:

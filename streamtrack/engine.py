@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import partial
 from typing import TYPE_CHECKING
@@ -137,10 +137,16 @@ class EngineConfig:
     # Any mode but default turns ``compile`` on.
     compile_mode: str = "default"
     bf16: bool = True  # autocast on CUDA
+    # Objects tracked at once: each costs a share of every step, so an unbounded count
+    # (a runaway prompt script, a hostile control client) would stall the stream.
+    max_objects: int = 64
 
     def __post_init__(self) -> None:
         if self.compile_mode != "default":
             self.compile = True
+        if isinstance(self.max_objects, bool) or not isinstance(self.max_objects, int) \
+                or self.max_objects < 1:
+            raise UserError(f"max_objects must be a positive integer, got {self.max_objects!r}")
 
 
 @dataclass
@@ -258,6 +264,15 @@ class StreamingEngine:
     def object_ids(self) -> list[int]:
         return list(self._tracks)
 
+    def check_room(self, obj_ids: set[int]) -> None:
+        """Raise ``PromptError`` if tracking ``obj_ids`` besides the current objects would
+        exceed ``max_objects``."""
+        new = obj_ids - self._tracks.keys()
+        if new and len(self._tracks) + len(new) > self.config.max_objects:
+            raise PromptError(
+                f"object {min(new)}: {len(self._tracks)} objects are tracked and max_objects is "
+                f"{self.config.max_objects}; remove one first (or raise max_objects)")
+
     def remove_object(self, obj_id: int) -> None:
         if obj_id not in self._tracks:
             raise PromptError(f"unknown object id {obj_id}; known: {self.object_ids}")
@@ -316,7 +331,8 @@ class StreamingEngine:
         if self.pad_batches:
             batch_sizes = sorted({slot_count(n) for n in range(1, max(self.config.compile_slots, 1) + 1)})
         for n in batch_sizes:
-            scratch = StreamingEngine(self.model, self.config, encoder=None)
+            room = replace(self.config, max_objects=max(self.config.max_objects, n))
+            scratch = StreamingEngine(self.model, room, encoder=None)
             prompts = [Prompt.make(i + 1, box=box) for i in range(n)]
             for i in range(max(steps, 1)):
                 scratch.step(blank, prompts if i == 0 else [])
@@ -356,6 +372,7 @@ class StreamingEngine:
         height, width = _check_frame(frame)
         prompts = list(prompts)
         inputs = [self._prompt_inputs(p, height, width) for p in _unique(prompts)]
+        self.check_room({p.obj_id for p in prompts})
         now = time.monotonic() if timestamp is None else timestamp
         infer_start = time.time()
         self.frame_idx += 1

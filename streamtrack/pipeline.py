@@ -14,6 +14,7 @@ file, and the ``seq`` to continue from (see :mod:`streamtrack.supervisor`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -95,6 +96,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_emit_mode(self.emit)
         check_decode_mode(self.decode)
+        ids = {p.obj_id for frame_prompts in self.prompts.values() for p in frame_prompts}
+        if len(ids) > self.engine.max_objects:
+            raise UserError(f"the prompts name {len(ids)} objects and max_objects is "
+                            f"{self.engine.max_objects}: raise it (--max-objects) or prompt fewer")
 
     @classmethod
     def from_config(cls, cfg: Config, source: str, prompts: dict[int, list[Prompt]],
@@ -104,7 +109,7 @@ class RunConfig:
             model=cfg.model, checkpoint=cfg.checkpoint, device=cfg.device, image_size=cfg.image_size,
             preprocess=cfg.preprocess, max_cond_frames=cfg.max_cond_frames, lost_after=cfg.lost_after,
             fill_hole_area=cfg.fill_hole_area, compile=cfg.compile,
-            compile_mode=cfg.compile_mode,
+            compile_mode=cfg.compile_mode, max_objects=cfg.max_objects,
         )
         capture = CaptureConfig(
             queue_depth=cfg.queue_depth, realtime=cfg.realtime, loop=cfg.loop,
@@ -187,32 +192,59 @@ class _Controls:
         self.paused = False
 
     def add_prompt(self, cmd):
-        prompt = Prompt.make(cmd.obj_id, cmd.points, cmd.labels, cmd.box, cmd.mask_array())
         size = self.tracker.frame_size
+        if cmd.mask is not None:
+            # Checked before decoding: a few bytes of RLE can stand for a gigapixel mask.
+            if size is None:
+                raise PromptError(f"object {cmd.obj_id}: a mask prompt is checked against the frame, and "
+                                  "no frame has come yet; send it again once one has")
+            if tuple(cmd.mask["size"]) != size:
+                raise PromptError(f"object {cmd.obj_id}: mask shape {tuple(cmd.mask['size'])} does not "
+                                  f"match the frame {size}")
+        engine = self.tracker.engine
+        limit = self.tracker.config.engine.max_objects
+        known = set(engine.object_ids if engine is not None else ()) | {p.obj_id for p in self.pending}
+        if cmd.obj_id not in known and len(known) >= limit:
+            raise PromptError(f"object {cmd.obj_id}: {len(known)} objects are tracked or queued and "
+                              f"max_objects is {limit}; remove one first")
+        prompt = Prompt.make(cmd.obj_id, cmd.points, cmd.labels, cmd.box, cmd.mask_array())
         if size is not None:
             check_prompt(prompt, *size)
         self.pending = [p for p in self.pending if p.obj_id != prompt.obj_id]
         self.pending.append(prompt)
-        return {"queued_for_frame": self.tracker.frames_seen}
+        return {"queued_for_frame": self.tracker.next_seq}
 
     def remove_object(self, obj_id):
-        self.tracker.require_engine().remove_object(obj_id)
+        queued = any(p.obj_id == obj_id for p in self.pending)
+        # An object whose first prompt is still queued is cancelled, not left to appear.
         self.pending = [p for p in self.pending if p.obj_id != obj_id]
-        return {"objects": self.tracker.require_engine().object_ids}
+        engine = self.tracker.engine
+        if queued and (engine is None or obj_id not in engine.object_ids):
+            return {"objects": engine.object_ids if engine is not None else []}
+        engine = self.tracker.require_engine()
+        engine.remove_object(obj_id)
+        return {"objects": engine.object_ids}
 
     def reset(self):
         self.pending.clear()
-        self.tracker.require_engine().reset()
+        if self.tracker.engine is not None:  # loading, there are only queued prompts to drop
+            self.tracker.engine.reset()
         return {"objects": []}
 
     def status(self):
         return self.tracker.status()
 
     def pause(self):
+        # Subscribers see masks and stats stop: this tells them why.  While the model
+        # loads the tracker is not running yet; it says it is paused once it starts.
+        if not self.paused and self.tracker.engine is not None:
+            self.tracker.publish_status("tracker_state", old="running", new="paused")
         self.paused = True
         return {"paused": True}
 
     def resume(self):
+        if self.paused and self.tracker.engine is not None:
+            self.tracker.publish_status("tracker_state", old="paused", new="running")
         self.paused = False
         return {"paused": False}
 
@@ -227,10 +259,26 @@ _CONTROL_BUDGET = 0.25  # seconds
 
 
 def _serve_control(control, wait_ms: int) -> None:
-    deadline = time.monotonic() + _CONTROL_BUDGET
-    n = control.poll_once(wait_ms, 64)
-    while n == 64 and time.monotonic() < deadline:
-        n = control.poll_once(0, 64)
+    control.poll_once(wait_ms, max_requests=1024, budget_s=_CONTROL_BUDGET)
+
+
+@contextlib.contextmanager
+def _answering(control):
+    """Answer control requests on a thread meanwhile (the model loading, seconds to
+    minutes): ``status`` works, prompts queue, the rest says the model is loading.  The
+    tracker's thread takes the socket back afterwards (the join orders the two)."""
+    if control is None:
+        yield
+        return
+    stop = threading.Event()
+    thread = threading.Thread(target=control.serve, args=(stop, 50), name="control-while-loading",
+                              daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class LoopTimes:
@@ -286,6 +334,11 @@ class Tracker:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def next_seq(self) -> int:
+        """The ``seq`` of the next frame to launch (its result's, in ``masks/<stream>``)."""
+        return self._seq + (self._in_flight is not None)
+
     def require_engine(self) -> StreamingEngine:
         if self.engine is None:
             raise UserError("the model is still loading; try again in a moment")
@@ -329,13 +382,17 @@ class Tracker:
             })
             self.capture.start()  # a missing file or camera fails here, before the slow model load
             if self.engine is None:
-                self.engine = StreamingEngine.from_config(cfg.engine)
-                # Compilation and kernel selection now, not on the first live frame.
-                seconds = self.engine.warmup_once()
+                with _answering(control):
+                    engine = StreamingEngine.from_config(cfg.engine)
+                    # Compilation and kernel selection now, not on the first live frame.
+                    seconds = engine.warmup_once()
+                self.engine = engine
                 if seconds is not None:
                     log.info("model warmed up in %.1f s", seconds)
-            self._publish_status("tracker_state", old="starting", new="running",
-                                 restarts=resume.restarts, resumed_at_frame=self.frames_seen)
+            self.publish_status("tracker_state", old="starting", new="running",
+                                restarts=resume.restarts, resumed_at_frame=self.frames_seen)
+            if self._controls.paused:  # paused while the model loaded
+                self.publish_status("tracker_state", old="running", new="paused")
             self._notify("running", {"pid": os.getpid()})
             skip_to = resume.skip_to_frame if cfg.resumable_file else 0
             seed: list[Prompt] = list(resume.seed)
@@ -478,12 +535,13 @@ class Tracker:
                 out = self.engine.launch(frame.image, _merge_prompts(prompts + requested), timestamp=ts)
             except PromptError as exc:
                 log.warning("dropping control prompt(s): %s", exc)
-                self._publish_status("error", message=f"prompt dropped: {exc}")
+                self.publish_status("error", message=f"prompt dropped: {exc}")
             else:
                 # The control reply only says "queued": this tells a remote client which
                 # frame its prompt landed on, with the coordinates the engine used.
+                seq = self.next_seq
                 for p in requested:
-                    self._publish_status("prompt_applied", obj_id=p.obj_id, frame_id=frame.frame_id,
+                    self.publish_status("prompt_applied", obj_id=p.obj_id, frame_id=frame.frame_id, seq=seq,
                                          points=p.points, labels=p.labels, box=p.box,
                                          mask=p.mask is not None)
                 return out
@@ -493,10 +551,10 @@ class Tracker:
         # Runs on the capture thread (on the tracker's with decode: process); the
         # publisher is thread-safe.
         _log_source_change(redact_url(str(self.config.source)), event, self._give_up_after)
-        self._publish_status("source_state", old=event.previous.value, new=event.state.value,
+        self.publish_status("source_state", old=event.previous.value, new=event.state.value,
                              reason=event.error)
 
-    def _publish_status(self, kind: str, **data: Any) -> None:
+    def publish_status(self, kind: str, **data: Any) -> None:
         pub = self._publisher
         if pub is None:
             return
@@ -528,9 +586,9 @@ class Tracker:
         for obj_id, state in current.items():
             old = self._object_states.get(obj_id)
             if old != state:
-                self._publish_status("object_state", obj_id=obj_id, old=old, new=state)
+                self.publish_status("object_state", obj_id=obj_id, old=old, new=state)
         for obj_id in self._object_states.keys() - current.keys():
-            self._publish_status("object_state", obj_id=obj_id,
+            self.publish_status("object_state", obj_id=obj_id,
                                  old=self._object_states[obj_id], new="removed")
         self._object_states = current
 

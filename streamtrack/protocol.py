@@ -203,10 +203,22 @@ def _reject_constant(name: str) -> float:
     raise ProtocolError(f"non-standard JSON constant {name} (NaN/Infinity are not allowed)")
 
 
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Python keeps the last of a repeated key, other parsers (and proxies, loggers) the
+    # first: {"cmd": "status", "cmd": "reset"} must not mean different things to each.
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ProtocolError(f"duplicate key {dup!r} in a JSON object")
+    return d
+
+
 def loads(data: str | bytes) -> Any:
-    """Parse strict JSON (no NaN/Infinity); raise :class:`ProtocolError` on failure."""
+    """Parse strict JSON (no NaN/Infinity, no repeated keys); raise :class:`ProtocolError`
+    on failure."""
     try:
-        return json.loads(data, parse_constant=_reject_constant)
+        return json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicate_keys)
     except ProtocolError:
         raise
     except (ValueError, TypeError, RecursionError) as exc:

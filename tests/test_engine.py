@@ -257,6 +257,21 @@ def test_duplicate_prompt_and_unknown_object(engine_two_frames, clip40):
     assert engine.object_ids == [1]
 
 
+def test_max_objects_refuses_one_more_object_and_leaves_the_engine_untouched(engine_two_frames, clip40):
+    engine = engine_two_frames
+    engine.config.max_objects = 2
+    before = (engine.frame_idx, engine.object_ids, engine.state_bytes())
+    two_more = [Prompt.make(2, box=clip40.box(2, 2)), Prompt.make(3, box=clip40.box(3, 2))]
+    with pytest.raises(PromptError, match="object 2: 1 objects are tracked and max_objects is 2"):
+        engine.step(clip40.frames[2], two_more)
+    assert (engine.frame_idx, engine.object_ids, engine.state_bytes()) == before
+    # One more fits; refining a tracked object needs no room.
+    out = engine.step(clip40.frames[2], [two_more[0], Prompt.make(1, box=clip40.box(1, 2))])
+    assert [o.obj_id for o in out.objects] == [1, 2]
+    engine.remove_object(1)
+    assert [o.obj_id for o in engine.step(clip40.frames[3], [two_more[1]]).objects] == [2, 3]
+
+
 def test_bad_frames(engine_two_frames):
     for bad in (np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32), [1, 2, 3]):
         with pytest.raises(UserError, match="frame"):

@@ -1,14 +1,22 @@
-"""The tracker confirms control prompts with ``prompt_applied`` status events (no model needed)."""
+"""The tracker's side of the control channel: ``prompt_applied`` status events, and what
+each request does to the tracker's state (no model needed: stand-in engines)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
+import pytest
 
-from streamtrack.engine import Prompt
-from streamtrack.errors import PromptError
+from streamtrack.control import AddPrompt, ControlClient, parse_command
+from streamtrack.engine import EngineConfig, FrameOutput, Prompt
+from streamtrack.errors import PromptError, UserError
 from streamtrack.pipeline import RunConfig, Tracker
+from streamtrack.protocol import encode_mask
+from streamtrack.synthetic import make_clip, write_video
 
 
 class StubEngine:
@@ -53,9 +61,9 @@ def test_applied_control_prompts_are_reported_with_their_frame_and_coordinates()
     events = tracker._publisher.events
     # Only control prompts: a prompts-file entry is the user's own, known in advance.
     assert [k for k, _ in events] == ["prompt_applied"] * 3
-    assert events[0][1] == {"obj_id": 2, "frame_id": 17, "points": ((10.5, 20.25), (3.0, 4.0)),
+    assert events[0][1] == {"obj_id": 2, "frame_id": 17, "seq": 0, "points": ((10.5, 20.25), (3.0, 4.0)),
                             "labels": (1, 0), "box": None, "mask": False}
-    assert events[1][1] == {"obj_id": 3, "frame_id": 17, "points": None, "labels": None,
+    assert events[1][1] == {"obj_id": 3, "frame_id": 17, "seq": 0, "points": None, "labels": None,
                             "box": (5.0, 6.0, 50.0, 45.0), "mask": False}
     assert events[2][1]["obj_id"] == 4 and events[2][1]["mask"] is True
 
@@ -72,3 +80,166 @@ def test_no_control_prompt_no_event():
     tracker = make_tracker()
     tracker._launch(frame(0), [Prompt.make(1, box=[1, 2, 30, 40])], [])
     assert tracker._publisher.events == []
+
+
+class TrackedIds:
+    """The engine as the control handler sees it: the ids it tracks."""
+
+    def __init__(self, ids=()):
+        self.ids = list(ids)
+        self.launched: list[list[Prompt]] = []
+
+    @property
+    def object_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def remove_object(self, obj_id: int) -> None:
+        if obj_id not in self.ids:
+            raise PromptError(f"unknown object id {obj_id}; known: {self.ids}")
+        self.ids.remove(obj_id)
+
+    def launch(self, image, prompts, timestamp=None):
+        self.launched.append(list(prompts))
+        self.ids += [p.obj_id for p in prompts if p.obj_id not in self.ids]
+        return len(self.launched) - 1
+
+    def finish(self, index):
+        return FrameOutput(index, 64, 48, (), time.time(), time.time())
+
+    def warmup_once(self):
+        return None
+
+    def state_bytes(self) -> int:
+        return 0
+
+
+def tracker_with(ids=(), max_objects=64, frame_size=(48, 64)):
+    tracker = Tracker(RunConfig(source="clip.mp4", engine=EngineConfig(max_objects=max_objects)),
+                      engine=TrackedIds(ids))
+    tracker._publisher = StubPublisher()
+    tracker.frame_size = frame_size
+    return tracker
+
+
+def add(tracker, obj_id, **prompt):
+    return tracker._controls.add_prompt(parse_command({"cmd": "add_prompt", "obj_id": obj_id, **prompt}))
+
+
+def test_removing_an_object_still_queued_cancels_it():
+    """Added and removed between two frames (paused, or a pipelining client): the object
+    never appears, and the removal is not reported as a failure."""
+    tracker = tracker_with(ids=[1])
+    controls = tracker._controls
+    add(tracker, 5, box=[1, 2, 30, 40])
+    assert controls.remove_object(5) == {"objects": [1]}
+    assert controls.pending == []
+    # A tracked object with a refinement queued: both go.
+    add(tracker, 1, points=[[3, 4]])
+    assert controls.remove_object(1) == {"objects": []} and controls.pending == []
+    with pytest.raises(PromptError, match="unknown object id 7"):
+        controls.remove_object(7)
+    tracker._launch(frame(0), [], controls.pending)
+    assert tracker.engine.launched == [[]]
+
+
+def test_max_objects_counts_tracked_and_queued_objects():
+    tracker = tracker_with(ids=[1], max_objects=3)
+    add(tracker, 2, box=[1, 2, 30, 40])
+    add(tracker, 3, box=[1, 2, 30, 40])
+    with pytest.raises(PromptError, match="object 4: 3 objects are tracked or queued and max_objects is 3"):
+        add(tracker, 4, box=[1, 2, 30, 40])
+    add(tracker, 1, points=[[5, 5]])  # refining a known object needs no room
+    add(tracker, 3, points=[[6, 6]])  # nor does replacing a queued prompt
+    tracker._controls.remove_object(2)
+    add(tracker, 4, box=[1, 2, 30, 40])
+    assert sorted(p.obj_id for p in tracker._controls.pending) == [1, 3, 4]
+
+
+def test_prompts_naming_more_objects_than_max_objects_are_refused_up_front():
+    prompts = {0: [Prompt.make(1, box=[0, 0, 5, 5]), Prompt.make(2, box=[0, 0, 5, 5])],
+               9: [Prompt.make(3, box=[0, 0, 5, 5]), Prompt.make(1, points=[[1, 1]])]}
+    with pytest.raises(UserError, match="the prompts name 3 objects and max_objects is 2"):
+        RunConfig(source="clip.mp4", prompts=prompts, engine=EngineConfig(max_objects=2))
+    RunConfig(source="clip.mp4", prompts=prompts, engine=EngineConfig(max_objects=3))
+    with pytest.raises(UserError, match="max_objects must be a positive integer"):
+        EngineConfig(max_objects=0)
+
+
+def test_a_mask_prompt_is_checked_against_the_frame_before_it_is_decoded():
+    """A few bytes of RLE can stand for a gigapixel mask: its size is compared first."""
+    huge = {"size": [16384, 16384], "counts": "PPPPP8"}  # one run of 16384 * 16384 zeros
+    fits = encode_mask(np.ones((48, 64), bool))
+    with mock.patch.object(AddPrompt, "mask_array", side_effect=AssertionError("decoded")):
+        with pytest.raises(PromptError, match=r"shape \(16384, 16384\) does not match the frame \(48, 64\)"):
+            add(tracker_with(), 2, mask=huge)
+        with pytest.raises(PromptError, match="no frame has come yet"):
+            add(tracker_with(frame_size=None), 2, mask=fits)
+    tracker = tracker_with()
+    add(tracker, 2, mask=fits)
+    assert tracker._controls.pending[0].mask.shape == (48, 64)
+
+
+def test_pause_and_resume_are_announced_to_subscribers():
+    tracker = tracker_with(ids=[1])
+    controls = tracker._controls
+    assert controls.pause() == {"paused": True}
+    controls.pause()  # already paused: nothing new to say
+    assert controls.resume() == {"paused": False}
+    controls.resume()
+    assert tracker._publisher.events == [
+        ("tracker_state", {"old": "running", "new": "paused"}),
+        ("tracker_state", {"old": "paused", "new": "running"}),
+    ]
+
+
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_queued_for_frame_is_the_seq_of_the_result_the_prompt_lands_on(in_flight):
+    tracker = tracker_with()
+    tracker._seq = 41  # results published so far
+    if in_flight:  # launched ahead: one frame's result is still to come before ours
+        tracker._in_flight = object()
+    reply = add(tracker, 2, box=[1, 2, 30, 40])
+    tracker._launch(frame(900), [], tracker._controls.pending)
+    (kind, data), = tracker._publisher.events
+    assert kind == "prompt_applied" and data["frame_id"] == 900
+    assert reply["queued_for_frame"] == data["seq"] == 41 + in_flight
+
+
+def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypatch):
+    """Loading takes seconds to minutes: status answers, prompts queue for the first frame,
+    and what needs the model says so, instead of the requests waiting unanswered."""
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    release = threading.Event()
+
+    def slow_load(config):
+        assert release.wait(30)
+        return TrackedIds()
+
+    monkeypatch.setattr("streamtrack.pipeline.StreamingEngine.from_config", slow_load)
+    bound: dict = {}
+    tracker = Tracker(RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False),
+                      notify=lambda kind, data: bound.update(data) if kind == "bound" else None)
+    summary = {}
+    thread = threading.Thread(target=lambda: summary.update(run=tracker.run()), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "control" not in bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with ControlClient(bound["control"], timeout=5) as client:
+            assert client.status()["frames"] == 0
+            assert client.add_prompt(1, box=[1, 2, 30, 40])["queued_for_frame"] == 0
+            assert client.reset() == {"ok": True, "objects": []}  # drops what is queued
+            assert client.add_prompt(1, box=[1, 2, 30, 40])["ok"]
+            assert client.remove_object(1) == {"ok": True, "objects": []}  # cancelled while queued
+            reply = client.request({"cmd": "remove_object", "obj_id": 9})
+            assert reply == {"ok": False, "error": "the model is still loading; try again in a moment"}
+            assert client.add_prompt(2, box=[1, 2, 30, 40])["ok"]
+            release.set()
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        release.set()
+        tracker.stop()
+    assert summary["run"].frames == 6
+    assert [p.obj_id for p in tracker.engine.launched[0]] == [2]

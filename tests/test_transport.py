@@ -386,8 +386,11 @@ _MALFORMED: list[tuple[Any, str]] = [
     ({"cmd": "add_prompt", "obj_id": 1, "box": [0, 0, 1]}, r"box must be \[x0, y0, x1, y1\]"),
     ({"cmd": "add_prompt", "obj_id": 1, "box": [5, 0, 1, 1]}, "x0 < x1"),
     ({"cmd": "add_prompt", "obj_id": 1, "box": [0, 3, 1, 3]}, "y0 < y1"),
-    ({"cmd": "add_prompt", "obj_id": 1, "box": [-1, 0, 1, 1]}, ">= 0"),
-    ({"cmd": "add_prompt", "obj_id": 1, "box": [0, 0, 1e300, 1]}, ">= 0"),
+    ({"cmd": "add_prompt", "obj_id": 1, "box": [-1, 0, 1, 1]}, r"box\[0\] must be a pixel coordinate from 0"),
+    ({"cmd": "add_prompt", "obj_id": 1, "box": [0, 0, 1e300, 1]}, r"from 0 to 1e\+06, got 1e\+300"),
+    # An integer too large for a float is a bad coordinate too, not a handler failure.
+    ({"cmd": "add_prompt", "obj_id": 1, "points": [[10**400, 5]]},
+     r"points\[0\]\.x must be a pixel coordinate from 0 to 1e\+06, got a 401-digit integer"),
     ({"cmd": "add_prompt", "obj_id": 1, "box": [0, 0, "1", 1]}, "must be a number"),
     ({"cmd": "add_prompt", "obj_id": 1, "points": []}, "must not be empty"),
     ({"cmd": "add_prompt", "obj_id": 1, "points": [[1, 2, 3]]}, r"points\[0\] must be \[x, y\]"),
@@ -459,6 +462,15 @@ def _raw(client: ControlClient, payload: Any) -> dict[str, Any]:
         ([b'{"cmd": "status", "x": NaN}'], "NaN"),
         ([b'{"cmd": "status"}', b"extra"], "one JSON message part"),
         ([b""], "invalid JSON"),
+        # Parsers disagree on which of a repeated key counts: refused, never run.
+        ([b'{"cmd": "status", "cmd": "reset"}'], "duplicate key 'cmd'"),
+        ([b'{"cmd": "add_prompt", "obj_id": 1, "box": [0, 0, 5, 5], "obj_id": 2}'], "duplicate key 'obj_id'"),
+        # An id that cannot be echoed back as it came is refused, not silently dropped.
+        ([b'{"cmd": "reset", "id": 1.5}'], "id must be a string of up to 128 characters or a 64-bit integer"),
+        ([b'{"cmd": "reset", "id": {"a": 1}}'], "id must be"),
+        ([b'{"cmd": "reset", "id": "' + b"x" * 129 + b'"}'], "id must be"),
+        ([b'{"cmd": "reset", "id": ' + b"9" * 30 + b"}"], "id must be"),
+        ([b'{"cmd": "reset", "id": "\\ud800"}'], "id must be"),
     ],
 )
 def test_garbage_bytes_are_answered(served: Served, parts: list[bytes], match: str) -> None:
@@ -470,7 +482,8 @@ def test_garbage_bytes_are_answered(served: Served, parts: list[bytes], match: s
         req.send_multipart(parts)
         assert req.poll(2000), "no reply"
         reply = json.loads(req.recv())
-        assert reply["ok"] is False and match in reply["error"]
+        assert reply["ok"] is False and match in reply["error"] and "id" not in reply
+        assert served.handler.calls == []  # nothing ran
         req.send(b'{"cmd": "status"}')
         assert req.poll(2000)
         assert json.loads(req.recv())["ok"] is True
@@ -578,6 +591,34 @@ def test_control_server_bind_errors_and_poll_once() -> None:
                 handled = server.poll_once(20)
             t.join(2)
             assert handled == 1 and done[0]["ok"] is True
+
+
+def test_poll_once_stops_answering_when_its_time_budget_is_spent() -> None:
+    """Slow requests (a large JSON body takes tens of ms to parse) queued in a burst are
+    answered a budget's worth at a time, so the tracker's frames go on between them."""
+    handler = RecordingHandler()
+    handler.status = lambda: time.sleep(0.1) or {}  # type: ignore[method-assign]
+    with ControlServer(ANY_PORT, handler) as server:
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(server.endpoint)
+        try:
+            for i in range(10):
+                dealer.send_multipart([b"", json.dumps({"cmd": "status", "id": i}).encode()])
+            time.sleep(0.3)  # all ten are at the server
+            # Each takes >= 0.1 s, so at most 3 fit a 0.25 s budget (checked after each).
+            answered = server.poll_once(1000, max_requests=64, budget_s=0.25)
+            assert 1 <= answered <= 3
+            while answered < 10:
+                n = server.poll_once(1000, max_requests=64, budget_s=0.25)
+                assert 1 <= n <= 3
+                answered += n
+            ids = []
+            while dealer.poll(1000):
+                ids.append(json.loads(dealer.recv_multipart()[-1])["id"])
+            assert ids == list(range(10))
+        finally:
+            dealer.close()
 
 
 class _Listing:
