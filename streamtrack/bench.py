@@ -339,6 +339,9 @@ def main(args) -> int:
         width, height = parse_frame_size(args.frame_size)
         if args.official_vos_mode and not args.official_vos_optimized:
             raise UserError("--official-vos-mode needs --official-vos-optimized")
+        if args.official_vos_optimized and resolve_device(args.device).type != "cuda":
+            raise UserError("--official-vos-optimized is sam2's build for CUDA (compiled, CUDA graphs): "
+                            "it needs a GPU (--device cuda)")
         res = bench_engine(
             model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
             objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device,

@@ -78,6 +78,13 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name, value in DEFAULTS.get(args.what, {}).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    # Counts every benchmark takes; each one checks its own further limits.
+    for name in ("frames", "repeats", "compile_slots"):
+        if getattr(args, name, None) is not None:
+            _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    for name in ("objects", "streams"):
+        for value in getattr(args, name, None) or ():
+            _positive(f"--{name}", value)
     return args
 
 

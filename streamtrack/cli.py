@@ -12,7 +12,7 @@ import sys
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
 from streamtrack.compiled import MODES as COMPILE_MODES
-from streamtrack.errors import UserError, dump_stacks_on_usr1
+from streamtrack.errors import UserError, dump_stacks_on_usr1, same_file
 from streamtrack.models import DEFAULT_MODEL, MODELS
 
 log = logging.getLogger("streamtrack")
@@ -122,6 +122,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from streamtrack import segment as seg
 
     image = seg.load_image(args.image)
+    for what, out in (("--out", args.out), ("--save-rle", args.save_rle)):
+        if out and same_file(out, args.image):
+            raise UserError(f"{what} {out} is the input image, which it would overwrite: write elsewhere")
     objects = seg.prompts_from_args(args.box, args.point, args.prompts)
     seg.check_prompts(objects, *image.shape[:2])  # fail on a bad prompt before building the model
     segmenter = seg.Segmenter(args.model, args.checkpoint, args.device, args.image_size)
@@ -142,7 +145,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="official-format .pt (default checkpoints/<model>.pt)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
-                   help="model input size, a multiple of 32 (default: the model's 1024)")
+                   help="model input size, a multiple of 32 up to 2048 (default: the model's 1024)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,10 +301,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_coordinates(argv: list[str]) -> list[str]:
+    """``--box -10,5,60,80`` as ``--box=-10,5,60,80``: argparse takes a value starting with
+    '-' for an option and says only "expected one argument"; the prompt's own check then
+    says what is wrong with it (a coordinate outside the frame)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--box", "--point") and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     dump_stacks_on_usr1()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_coordinates(sys.argv[1:] if argv is None else argv))
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
                                               logging.INFO if args.verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -10,6 +10,7 @@ values of the wrong type are errors that name the key and where it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from streamtrack.errors import UserError
+from streamtrack.errors import UserError, read_text_file
 from streamtrack.models import DEFAULT_MODEL
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -71,6 +72,11 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
+# The smallest value of each numeric key (seconds, counts); any float must be finite.
+_MINIMUM: dict[str, int] = {
+    "lost_after": 0, "max_cond_frames": 2, "fill_hole_area": 0, "max_objects": 1, "max_frames": 1,
+    "queue_depth": 1, "reconnect_max": 0, "stale_after": 0, "give_up_after": 0, "max_restarts": 0,
+}
 
 
 def _base_type(tp) -> tuple[type, bool]:
@@ -99,6 +105,10 @@ def coerce(key: str, value: Any, where: str) -> Any:
         value = float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise UserError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
+    if key in _MINIMUM and value < _MINIMUM[key]:
+        raise UserError(f"{where}: {key} must be at least {_MINIMUM[key]}, got {value!r}")
     return value
 
 
@@ -121,6 +131,8 @@ def find_config_file(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"config {path} is a directory, not a YAML file")
     preset = CONFIG_DIR / f"{name}.yaml"
     if preset.is_file():
         return preset
@@ -128,11 +140,19 @@ def find_config_file(name: str) -> Path:
     raise UserError(f"config {name!r} not found (a YAML file, or a preset: {', '.join(presets)})")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's complaint on one line, with where it is (its own text spans lines)."""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return what if mark is None else f"{what}, line {mark.line + 1} column {mark.column + 1}"
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
+    text = read_text_file(path, "config")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"config {path}: cannot read YAML ({str(e).splitlines()[0]})") from None
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path}: cannot read YAML ({_yaml_problem(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

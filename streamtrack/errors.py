@@ -7,6 +7,7 @@ everything else is a runtime failure (exit code 1).
 
 import faulthandler
 import signal
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -23,6 +24,36 @@ class DownloadError(UserError):
 
 class PromptError(UserError, ValueError):
     """A prompt (points, box, mask, object id) is malformed or out of range."""
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path, or :class:`UserError` saying why it is not a file to read."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a directory, not a file")
+    if not p.is_file():
+        raise UserError(f"{what} {p} not found")
+    return p
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (an output about to overwrite an input)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve() or (Path(a).exists() and Path(a).samefile(b))
+    except OSError:
+        return False
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a file the user named (a prompts, config or fleet file), or
+    :class:`UserError`: a video or checkpoint passed to the wrong option is binary."""
+    p = existing_file(path, what)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {p} is not a text file (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {p}: {e.strerror}") from None
 
 
 def dump_stacks_on_usr1() -> None:

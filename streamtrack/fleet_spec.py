@@ -45,8 +45,8 @@ from typing import Any
 from streamtrack.compiled import CUDAGRAPH_MODES
 from streamtrack.config import Config, coerce, load_yaml
 from streamtrack.engine import EngineConfig, Prompt
-from streamtrack.errors import UserError
-from streamtrack.models import MODELS
+from streamtrack.errors import UserError, existing_file
+from streamtrack.models import MODELS, check_image_size
 from streamtrack.pipeline import RunConfig
 from streamtrack.protocol import normalize_endpoint, validate_stream
 
@@ -147,9 +147,7 @@ class FleetSpec:
 
 def load_fleet(path: str | Path) -> FleetSpec:
     """Read and validate a fleet file (:class:`UserError`, one line, on any problem)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"fleet file {p} not found")
+    p = existing_file(path, "fleet file")
     return parse_fleet(load_yaml(p), str(p))
 
 
@@ -273,9 +271,11 @@ def parse_stream(entry: Any, defaults: dict[str, Any], options: FleetOptions, wh
             cfg_values[key] = str(Path(cfg_values[key]).expanduser().absolute())
     if cfg_values.get("model") is not None and cfg_values["model"] not in MODELS:
         raise UserError(f"{where}: model must be one of {', '.join(MODELS)}, got {cfg_values['model']!r}")
-    size = cfg_values.get("image_size")
-    if size is not None and (size <= 0 or size % 32):
-        raise UserError(f"{where}: image_size must be a positive multiple of 32, got {size}")
+    if cfg_values.get("image_size") is not None:
+        try:
+            check_image_size(cfg_values["image_size"])
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
     config = Config(**cfg_values)
     config.stream = name
     prompt_later = entry.get("prompt_later", False)

@@ -75,11 +75,17 @@ def get_spec(name: str) -> ModelSpec:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
+# SAM 2 is trained at 1024; twice that is already 4x the encoder's work and memory, and
+# a mistyped size (an extra digit) would otherwise run the machine out of memory.
+MAX_IMAGE_SIZE = 2048
+
+
 def check_image_size(image_size: int) -> int:
     # Hiera downsamples by 32 overall and the memory encoder by 16; anything that
     # is not a multiple of 32 would make the feature grids disagree.
-    if not isinstance(image_size, int) or image_size < 64 or image_size % 32:
-        raise UserError(f"image size must be a multiple of 32 and at least 64, got {image_size}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) \
+            or not 64 <= image_size <= MAX_IMAGE_SIZE or image_size % 32:
+        raise UserError(f"image size must be a multiple of 32 from 64 to {MAX_IMAGE_SIZE}, got {image_size}")
     return image_size
 
 
@@ -183,18 +189,33 @@ def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor
     """
     path = Path(path)
     where = f"checkpoint {path} for {model_name}"
+    if path.is_dir():
+        raise CheckpointError(f"{where} is a directory, not a file")
     if not path.is_file():
         raise CheckpointError(f"{where}: no such file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{where} is not a readable PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{where} is not a readable PyTorch checkpoint ({_load_problem(path, e)})") \
+            from None
     if not isinstance(blob, dict) or "model" not in blob or not isinstance(blob["model"], dict):
         raise CheckpointError(
             f"{where} is not in the official format (a dict with key 'model' holding the state dict)"
         )
     return blob["model"]
+
+
+def _load_problem(path: Path, e: Exception) -> str:
+    """Why ``torch.load`` failed, in words for the user (torch's own text suggests
+    unsafe loading, or is a bare key such as '101' for a text file)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive (the official checkpoints are)
+        return "not a zip archive as torch.save writes: another kind of file, or a damaged download"
+    if "central directory" in str(e):
+        return "the archive is cut short: an unfinished download? fetch it again"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
 
 
 def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, model_name: str) -> None:

@@ -6,6 +6,7 @@ still leaves complete lines, images and a playable video.
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,33 +17,57 @@ from streamtrack.errors import UserError
 from streamtrack.overlay import PALETTE
 from streamtrack.protocol import FrameResult
 
+log = logging.getLogger(__name__)
 
-def _prepare(path: str | Path, what: str) -> Path:
+
+# What PyAV muxes the H.264 overlay into, by file extension.
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v")
+
+
+def _writable(path: str | Path, what: str) -> Path:
+    """Make the file's folder and check the file can be written, without truncating it:
+    a run that fails before its first result (a bad checkpoint, a missing camera) must
+    not have emptied the results of an earlier one."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the folder for {what} {path}: {e.strerror}") from None
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a file name")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path}: {e.strerror}") from None
+    if not existed:
+        path.unlink()  # nothing is left behind by a run that ends before its first result
     return path
 
 
 class JsonlWriter:
-    """``append=True`` for a restarted tracker: the lines written before the crash stay."""
+    """An existing file is replaced at the first result (``append=True``, for a restarted
+    tracker: the lines written before the crash stay)."""
 
     def __init__(self, path: str | Path, append: bool = False):
-        self.path = _prepare(path, "--save-jsonl")
-        try:
-            self._file = open(self.path, "a" if append else "w", encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot write {self.path}: {e.strerror}") from None
+        self.path = _writable(path, "--save-jsonl")
+        self._mode = "a" if append else "w"
+        self._file = None
 
     def write(self, result: FrameResult) -> None:
+        if self._file is None:
+            try:
+                self._file = open(self.path, self._mode, encoding="utf-8")
+            except OSError as e:
+                raise UserError(f"cannot write --save-jsonl {self.path}: {e.strerror}") from None
         # One whole line per write, flushed: a reader (or a crash) never sees half a line.
         self._file.write(result.to_json() + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class MaskPngWriter:
@@ -54,6 +79,10 @@ class MaskPngWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create --save-masks folder {self.folder}: {e.strerror}") from None
+        earlier = sum(1 for _ in self.folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))
+        if earlier:
+            log.warning("--save-masks folder %s already holds %d frame PNGs: this run replaces those of "
+                        "the frames it tracks and leaves the others", self.folder, earlier)
         palette = [0, 0, 0] + [c for rgb in PALETTE for c in rgb] * 26
         self._palette = palette[: 256 * 3]
 
@@ -75,7 +104,10 @@ class VideoWriter:
     """Overlay video (H.264 MP4 via PyAV), opened lazily at the first frame's size."""
 
     def __init__(self, path: str | Path, fps: float = 30.0):
-        self.path = _prepare(path, "--save-video")
+        if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
+            raise UserError(f"--save-video {path}: unknown video file extension {Path(path).suffix!r} "
+                            f"(use {', '.join(VIDEO_EXTENSIONS)})")
+        self.path = _writable(path, "--save-video")
         self.fps = fps
         self._container = None
         self._stream = None
@@ -99,7 +131,12 @@ class VideoWriter:
         self._container.mux(s.encode(frame))
 
     def close(self) -> None:
+        import av
+
         if self._container is not None:
-            self._container.mux(self._stream.encode(None))
-            self._container.close()
-            self._container = None
+            container, self._container = self._container, None
+            try:
+                container.mux(self._stream.encode(None))
+                container.close()
+            except (OSError, av.FFmpegError) as e:  # e.g. the disk filled up
+                raise UserError(f"cannot finish video {self.path}: {e}") from None

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,8 @@ from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
 from streamtrack.engine import EngineConfig, FrameOutput, PendingStep, Prompt, StreamingEngine, check_prompt
-from streamtrack.errors import PromptError, UserError
-from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, now
+from streamtrack.errors import PromptError, UserError, same_file
+from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now
 from streamtrack.publisher import StatsWindow
 from streamtrack.sources import redact_url
 
@@ -96,6 +97,19 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_emit_mode(self.emit)
         check_decode_mode(self.decode)
+        if self.curve is not None and not (self.publish or self.control):
+            raise UserError("--curve-secret and --curve-clients secure --publish and --control: "
+                            "without either there is nothing to encrypt")
+        if self.publish and self.control and not str(self.publish).endswith((":0", ":*")):
+            endpoint = normalize_endpoint(self.publish)
+            if endpoint == normalize_endpoint(self.control):
+                raise UserError(f"--publish and --control are the same endpoint {endpoint}: "
+                                "give each its own port")
+        if Path(self.source).is_file():
+            for what, out in (("--save-jsonl", self.save_jsonl), ("--save-video", self.save_video)):
+                if out and same_file(out, self.source):
+                    raise UserError(f"{what} {out} is the source video, which it would overwrite: "
+                                    "write the results elsewhere")
         ids = {p.obj_id for frame_prompts in self.prompts.values() for p in frame_prompts}
         if len(ids) > self.engine.max_objects:
             raise UserError(f"the prompts name {len(ids)} objects and max_objects is "
@@ -368,7 +382,7 @@ class Tracker:
                     warn_if_exposed(ep, what)
         emitter = make_emitter(cfg.emit, cfg.outputs, self._on_published)
         self._publisher = emitter.publisher
-        control = None
+        control = bar = None
         summary = RunSummary()
         started = time.monotonic()
         try:
@@ -376,10 +390,14 @@ class Tracker:
                 from streamtrack.control import ControlServer
 
                 control = ControlServer(cfg.control, self._controls, curve=cfg.curve)
-            self._notify("bound", {
-                "publish": emitter.publisher.endpoint if emitter.publisher else None,
-                "control": control.endpoint if control else None,
-            })
+            bound = {"publish": emitter.publisher.endpoint if emitter.publisher else None,
+                     "control": control.endpoint if control else None}
+            self._notify("bound", bound)
+            for what, given in (("publish", cfg.publish), ("control", cfg.control)):
+                # Nobody can connect to a port the system picked until it is told which (a
+                # fleet lists its streams' endpoints itself).
+                if cfg.warn_exposed and given and str(given).endswith((":0", ":*")) and resume.restarts == 0:
+                    log.warning("%s: bound %s (the port was left to the system)", what, bound[what])
             self.capture.start()  # a missing file or camera fails here, before the slow model load
             if self.engine is None:
                 with _answering(control):
@@ -448,11 +466,11 @@ class Tracker:
             self._finish_in_flight(emitter, bar)
             emitter.close()
             emitter.check()
-            if bar is not None:
-                bar.close()
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
+            if bar is not None:  # its line ends before an error is printed, and is not redrawn after
+                bar.close()
             if self._in_flight is not None and self.engine is not None:
                 self.engine.drop_launched()  # interrupted with a frame in flight: never published
             self._publisher = None
@@ -462,6 +480,12 @@ class Tracker:
                 control.close()
         # A frame launched but not finished (interrupted) was never published.
         summary.frames = self.frames_seen - resume.frames_done - (self._in_flight is not None)
+        late = sorted(f for f in cfg.prompts if f >= self.frames_seen)
+        ended = not (summary.interrupted or self._stop.is_set()) and (
+            cfg.max_frames is None or self.frames_seen < cfg.max_frames)
+        if late and ended:
+            log.warning("prompts for frame%s %s never applied: the source ended after %d frames",
+                        "s" if len(late) > 1 else "", ", ".join(map(str, late)), self.frames_seen)
         summary.seconds = time.monotonic() - started
         latency = self.window.latency()
         if "total" in latency:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from streamtrack.engine import Prompt
-from streamtrack.errors import UserError
+from streamtrack.errors import UserError, read_text_file
 
 _FIELDS = {"obj_id", "frame", "box", "points", "labels", "mask"}
 
@@ -67,10 +67,8 @@ def load_prompts_file(path: str | Path) -> dict[int, list[Prompt]]:
     """Read a prompts file into {frame: [Prompt, ...]}; every entry is checked."""
     path = Path(path)
     try:
-        entries = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"prompts file {path} not found") from None
-    except (OSError, json.JSONDecodeError) as e:
+        entries = json.loads(read_text_file(path, "prompts file"))
+    except json.JSONDecodeError as e:
         raise UserError(f"prompts file {path} is not valid JSON ({e})") from None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"prompts file {path}: expected a non-empty JSON list of prompts")

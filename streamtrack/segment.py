@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from streamtrack.engine import Prompt, check_prompt
-from streamtrack.errors import PromptError, UserError
+from streamtrack.errors import PromptError, UserError, existing_file
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.overlay import Annotation, annotate, draw_boxes, draw_points
 from streamtrack.protocol import encode_mask, mask_area, mask_bbox
@@ -375,9 +375,7 @@ def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8 (as the tutorial: PIL, ``convert("RGB")``)."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image {path} not found")
+    path = existing_file(path, "image")
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))

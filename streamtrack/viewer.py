@@ -925,9 +925,34 @@ def _draw_help(disp: np.ndarray) -> None:
 
 def check_display() -> None:
     """Raise :class:`UserError` when no display is reachable (imshow would abort)."""
-    if sys.platform.startswith(("linux", "freebsd")) and not os.environ.get("DISPLAY"):
+    if not sys.platform.startswith(("linux", "freebsd")):
+        return
+    display = os.environ.get("DISPLAY")
+    if not display:
         raise UserError("no display: DISPLAY is not set (run the viewer in a desktop session, "
                         "use ssh -X, or start Xvfb for headless use)")
+    if not _x_display_opens(display):
+        # Qt would abort the process with advice to reinstall the application.
+        raise UserError(f"no display: cannot connect to DISPLAY={display} (is that X server running? "
+                        "over ssh, log in again with -X)")
+
+
+def _x_display_opens(name: str) -> bool:
+    """Whether Xlib can open ``name``; True when Xlib is not there to ask."""
+    import ctypes
+
+    try:
+        x11 = ctypes.CDLL("libX11.so.6")
+    except OSError:
+        return True
+    x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    x11.XOpenDisplay.restype = ctypes.c_void_p
+    x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    handle = x11.XOpenDisplay(name.encode())
+    if not handle:
+        return False
+    x11.XCloseDisplay(handle)
+    return True
 
 
 def viewer_command(endpoint: str, control: str | None = None, stream: str | None = None,

@@ -188,6 +188,11 @@ def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
     (["memory", "--frames", "10", "--early-frame", "20"], "--frames must be >= 21"),
     (["memory", "--frame-size", "big"], "--frame-size must look like 320x240"),
     (["engine", "--official-vos-mode", "reduce-overhead"], "needs --official-vos-optimized"),
+    (["engine", "--official-vos-optimized"], "it needs a GPU (--device cuda)"),
+    (["engine", "--frames", "0"], "--frames must be >= 1, got 0"),
+    (["engine", "--objects", "1", "0"], "--objects must be >= 1, got 0"),
+    (["engine", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["multistream", "--streams", "2", "0"], "--streams must be >= 1, got 0"),
 ])
 def test_bad_options_are_one_line_user_errors(capsys, args, message):
     assert main(["bench", *args, "--device", "cpu"]) == 2

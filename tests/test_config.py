@@ -52,6 +52,14 @@ def test_environment_values_are_parsed():
         ("model: null\n", "model cannot be empty"),
         ("- a\n- b\n", "expected a mapping"),
         ("a: [\n", "cannot read YAML"),
+        ("device: cpu\nimage_size: [256\n", r"cannot read YAML \(.*line 3 column 1\)"),  # where it broke
+        ("lost_after: -5\n", "lost_after must be at least 0, got -5.0"),
+        ("lost_after: .nan\n", "lost_after must be a finite number, got nan"),
+        ("max_frames: 0\n", "max_frames must be at least 1, got 0"),
+        ("max_restarts: -1\n", "max_restarts must be at least 0"),
+        ("max_objects: 0\n", "max_objects must be at least 1"),
+        ("queue_depth: 0\n", "queue_depth must be at least 1"),
+        ("give_up_after: -2\n", "give_up_after must be at least 0"),
     ],
 )
 def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
@@ -72,6 +80,15 @@ def test_bad_environment_names_the_variable():
 def test_missing_config_lists_presets():
     with pytest.raises(UserError, match="not found .*webcam"):
         load_config("no-such-config", {}, {})
+
+
+def test_a_directory_or_binary_file_as_config_is_one_clear_line(tmp_path):
+    with pytest.raises(UserError, match=f"config {tmp_path} is a directory, not a YAML file"):
+        load_config(str(tmp_path), {}, {})
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\xfd\xff" * 10)
+    with pytest.raises(UserError, match=f"config {binary} is not a text file \\(byte 4 is not UTF-8\\)"):
+        load_config(str(binary), {}, {})
 
 
 def test_launch_ahead_is_a_config_key_that_reaches_the_run(tmp_path):

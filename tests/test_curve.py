@@ -286,8 +286,11 @@ def test_cli_needs_both_halves(keys, capsys):
 def test_config_keys_reach_the_run(keys, tmp_path):
     f = tmp_path / "secure.yaml"
     f.write_text(f"curve_secret: {keys / 'server.key_secret'}\ncurve_clients: {keys / 'clients'}\n")
-    run = RunConfig.from_config(load_config(str(f), {}, {}), "clip.mp4", {})
+    run = RunConfig.from_config(load_config(str(f), {"publish": "tcp://127.0.0.1:0"}, {}), "clip.mp4", {})
     assert run.curve == _server(keys)
+    # Keys for sockets the run does not open: a mistake, not silently nothing.
+    with pytest.raises(UserError, match="without either there is nothing to encrypt"):
+        RunConfig.from_config(load_config(str(f), {}, {}), "clip.mp4", {})
     assert RunConfig.from_config(load_config(None, {}, {}), "clip.mp4", {}).curve is None
     assert curve.server_from_options(None, None) is None
 

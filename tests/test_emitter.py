@@ -17,7 +17,14 @@ import zmq
 from conftest import exits_within, track_both_ways
 from PIL import Image
 
-from streamtrack.emitter import EmitterError, OutputsConfig, ProcessEmitter, ThreadEmitter, make_emitter
+from streamtrack.emitter import (
+    EmitterError,
+    Outputs,
+    OutputsConfig,
+    ProcessEmitter,
+    ThreadEmitter,
+    make_emitter,
+)
 from streamtrack.errors import UserError
 from streamtrack.protocol import FrameResult, ObjectResult, StatusEvent, Timestamps, mask_area, mask_bbox
 
@@ -152,6 +159,44 @@ def test_process_emitter_bind_error_is_the_same_one_line_user_error(tmp_path):
     assert str(proc_err.value) == str(thread_err.value)
     with pytest.raises(UserError, match="emit must be one of thread, process"):
         make_emitter("fork", OutputsConfig(), lambda r: None)
+
+
+def test_an_earlier_runs_files_survive_until_the_first_new_result(tmp_path, caplog):
+    """A run that stops before its first result (a bad checkpoint, a missing camera) has
+    not emptied the results of the run before."""
+    jsonl, video, masks_dir = tmp_path / "r.jsonl", tmp_path / "o.mp4", tmp_path / "m"
+    jsonl.write_text("earlier\n")
+    video.write_bytes(b"earlier video")
+    masks_dir.mkdir()
+    (masks_dir / "000099.png").write_bytes(b"earlier mask")
+    cfg = OutputsConfig(save_jsonl=str(jsonl), save_video=str(video), save_masks=str(masks_dir))
+    with caplog.at_level("WARNING", logger="streamtrack.outputs"):
+        Outputs(cfg).close()
+    assert jsonl.read_text() == "earlier\n" and video.read_bytes() == b"earlier video"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--save-masks folder {masks_dir} already holds 1 frame PNGs: this run replaces those of the "
+        "frames it tracks and leaves the others"]
+    outputs = Outputs(OutputsConfig(save_jsonl=str(jsonl)))
+    outputs.emit(*frame(0))
+    outputs.close()
+    lines = jsonl.read_text().splitlines()
+    assert len(lines) == 1 and FrameResult.from_json(lines[0]).seq == 0  # replaced, not appended
+    fresh = tmp_path / "new" / "r.jsonl"
+    Outputs(OutputsConfig(save_jsonl=str(fresh))).close()
+    assert not fresh.exists()  # nothing left behind by a run that wrote nothing
+
+
+@pytest.mark.parametrize(("option", "path", "message"), [
+    ("save_video", "o.xyz", r"unknown video file extension '\.xyz' \(use \.mp4, \.mkv, \.mov, \.m4v\)"),
+    ("save_video", "adir.mp4", "--save-video .*adir.mp4 is a directory; give a file name"),
+    ("save_jsonl", "adir.mp4", "--save-jsonl .*adir.mp4 is a directory; give a file name"),
+    ("save_video", "afile/o.mp4", "cannot create the folder for --save-video"),
+])
+def test_unusable_output_paths_are_refused_before_any_work(tmp_path, option, path, message):
+    (tmp_path / "adir.mp4").mkdir()
+    (tmp_path / "afile").write_text("a file, not a folder")
+    with pytest.raises(UserError, match=message):
+        Outputs(OutputsConfig(**{option: str(tmp_path / path)}))
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])

@@ -113,6 +113,8 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("mutate, expected", [
     (lambda d: d["streams"][1].update(image_size="big"), "stream 'b': image_size must be int"),
+    # what `run` refuses, `fleet --check` refuses too
+    (lambda d: d["streams"][1].update(image_size=32), "stream 'b': image size must be a multiple of 32"),
     (lambda d: d["streams"][0].update(colour="red"), "stream 'a': unknown field(s) ['colour']"),
     (lambda d: d["streams"][1].pop("source"), "stream 'b': source must be"),
     (lambda d: d["streams"][1].update(name="a"), "stream 'a': name used twice"),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -90,6 +91,10 @@ def _bad(tmp_path, tiny_checkpoint, case: str):
     elif case == "truncated":
         data = tiny_checkpoint.read_bytes()
         path.write_bytes(data[: len(data) // 2])
+    elif case == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif case == "directory":
+        path.mkdir()
     elif case == "nonexistent":
         pass
     return path
@@ -102,8 +107,11 @@ def _bad(tmp_path, tiny_checkpoint, case: str):
         ("unexpected", "1 unexpected keys .*extra.weight"),
         ("shape", "wrong shape .*no_mem_embed"),
         ("not_official", "not in the official format"),
-        ("not_checkpoint", "not a readable PyTorch checkpoint"),
-        ("truncated", "not a readable PyTorch checkpoint"),
+        # torch's own words would be "(101)", or advice to load unsafely: not passed on.
+        ("not_checkpoint", r"not a readable PyTorch checkpoint \(not a zip archive as torch.save writes"),
+        ("random_bytes", r"not a readable PyTorch checkpoint \(not a zip archive as torch.save writes"),
+        ("truncated", r"not a readable PyTorch checkpoint \(the archive is cut short"),
+        ("directory", "is a directory, not a file"),
         ("nonexistent", "no such file"),
     ],
 )

@@ -243,3 +243,19 @@ def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypat
         tracker.stop()
     assert summary["run"].frames == 6
     assert [p.obj_id for p in tracker.engine.launched[0]] == [2]
+
+
+def test_a_port_left_to_the_system_is_reported(tmp_path, caplog):
+    """Nobody can subscribe to port 0 until told which port it became."""
+    video = write_video(make_clip(3, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    bound: dict = {}
+    run = RunConfig(source=str(video), publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
+                    progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    tracker = Tracker(run, engine=TrackedIds(),
+                      notify=lambda kind, data: bound.update(data) if kind == "bound" else None)
+    with caplog.at_level("WARNING", logger="streamtrack.pipeline"):
+        assert tracker.run().frames == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"publish: bound {bound['publish']} (the port was left to the system)",
+        f"control: bound {bound['control']} (the port was left to the system)"]
+    assert not bound["publish"].endswith(":0")

@@ -244,6 +244,14 @@ def test_config_layers_and_print_config_round_trip(tmp_path):
          "outside the 160x120 frame"),
         (["rtsp://127.0.0.1:9/none", "--box", "1,2,30,40", "--checkpoint", "{tiny}", "--image-size",
           "256", "--give-up-after", "1"], "failed"),
+        # argparse alone would take "-10,2,30,40" for an option and say "expected one argument"
+        (["{video}", "--box", "-10,2,30,40", "--checkpoint", "{tiny}", "--image-size", "256"],
+         "box corner (-10, 2) is outside the 160x120 frame"),
+        (["{video}", "--prompts", "{video}"], "is not a text file"),  # a video given as the prompts
+        (["{video}", "--prompts", "{tmp}"], "is a directory, not a file"),
+        (["{video}", "--box", "1,2,30,40", "--save-jsonl", "{video}"], "is the source video"),
+        (["{video}", "--box", "1,2,30,40", "--image-size", "1048576"], "from 64 to 2048"),  # a digit too many
+        (["{video}", "--box", "1,2,30,40", "--box", "3,4,40,50", "--max-objects", "1"], "max_objects is 1"),
     ],
 )
 def test_bad_input_exit_2_one_line(clip_file, tiny_checkpoint, tmp_path, args, message):
@@ -255,11 +263,41 @@ def test_bad_input_exit_2_one_line(clip_file, tiny_checkpoint, tmp_path, args, m
     bad_checkpoint = tmp_path / "x.pt"
     bad_checkpoint.write_text("nope")
     names = dict(video=video, bad_prompts=bad_prompts, bad_config=bad_config,
-                 bad_checkpoint=bad_checkpoint, tiny=tiny_checkpoint)
+                 bad_checkpoint=bad_checkpoint, tiny=tiny_checkpoint, tmp=tmp_path)
+    video_bytes = Path(video).read_bytes()
     r = streamtrack("run", *[a.format(**names) for a in args], "-q")
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr
+    assert Path(video).read_bytes() == video_bytes  # the source is never written to
+
+
+def test_an_error_on_the_first_frame_gets_a_line_after_the_progress_bar(clip_file, tiny_checkpoint):
+    _, video, _ = clip_file
+    r = streamtrack("run", str(video), "--box", "1,2,500,40", "--checkpoint", tiny_checkpoint,
+                    "--image-size", "256", env={"TQDM_DISABLE": ""})  # the bar on, as in a terminal
+    assert r.returncode == 2, r.stderr
+    # The bar's line ends before the error, and the bar is not drawn again after it.
+    *bar, error = [line for line in r.stderr.replace("\r", "\n").split("\n") if line]
+    assert error.startswith("streamtrack: error: object 1:"), r.stderr
+    assert "outside the 160x120 frame" in error
+    assert bar and all("tracking" in line for line in bar), r.stderr
+
+
+def test_prompts_for_frames_past_the_end_are_reported(clip_file, tiny_checkpoint, tmp_path):
+    _, video, _ = clip_file
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"obj_id": 1, "frame": 0, "box": [1, 2, 30, 40]},
+                                   {"obj_id": 2, "frame": 500, "box": [1, 2, 30, 40]}]))
+    r = streamtrack("run", str(video), "--prompts", str(prompts), "--checkpoint", tiny_checkpoint,
+                    "--image-size", "256", "-q")
+    assert r.returncode == 0, r.stderr
+    r = streamtrack("run", str(video), "--prompts", str(prompts), "--checkpoint", tiny_checkpoint,
+                    "--image-size", "256", "--max-frames", "20")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if line.startswith("WARNING")]
+    assert warning == ["WARNING streamtrack.pipeline: prompts for frame 500 never applied: the source "
+                       "ended after 16 frames"], r.stderr
 
 
 def test_unreachable_camera_is_reported_while_it_retries(tiny_checkpoint):

@@ -333,12 +333,18 @@ BAD_INPUTS = {
     "not-an-image": (["notimage.png", "--point", "10,10"], "is not a readable image"),
     "point-outside": (["IMAGE", "--point", "161,10"], "outside the 160x120 image"),
     "bad-box": (["IMAGE", "--box", "1,2,three,4"], "--box '1,2,three,4'"),
+    "directory": (["folder", "--point", "10,10"], "image folder is a directory, not a file"),
+    "binary-prompts": (["IMAGE", "--prompts", "IMAGE"], "is not a text file"),
+    # --out is "<case>.png": here the input image itself, which must not be overwritten
+    "out-is-input": (["out-is-input.png", "--point", "10,10"], "--out out-is-input.png is the input image"),
 }
 
 
 def test_cli_bad_input_exits_2(image_png, tmp_path):
     # The cases run concurrently: each is mostly interpreter + torch start-up.
     (tmp_path / "notimage.png").write_text("not an image\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "out-is-input.png").write_bytes(image_png.read_bytes())
     procs = {}
     for name, (args, _) in BAD_INPUTS.items():
         args = [str(image_png) if a == "IMAGE" else a for a in args]
@@ -353,4 +359,7 @@ def test_cli_bad_input_exits_2(image_png, tmp_path):
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("streamtrack: error: "), (name, stderr)
         assert message in lines[0], (name, lines[0])
-        assert not (tmp_path / f"{name}.png").exists()
+        if name == "out-is-input":
+            assert (tmp_path / f"{name}.png").read_bytes() == image_png.read_bytes()
+        else:
+            assert not (tmp_path / f"{name}.png").exists()

@@ -381,6 +381,19 @@ def test_view_without_display_exits_2(monkeypatch, capsys):
     assert len(err) == 1 and "DISPLAY" in err[0]
 
 
+def test_view_with_a_display_nobody_serves_exits_2():
+    """A stale DISPLAY (an ssh -X session gone, a wrong :N): one line, not Qt aborting the
+    process with advice to reinstall.  In a child process, since Qt's abort would take
+    the test run with it."""
+    unused = next(n for n in range(97, 200) if not Path(f"/tmp/.X11-unix/X{n}").exists())
+    r = subprocess.run([sys.executable, "-m", "streamtrack", "view", "tcp://127.0.0.1:5555"],
+                       env={**os.environ, "DISPLAY": f":{unused}"}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [f"streamtrack: error: no display: cannot connect to DISPLAY=:{unused} "
+                                     "(is that X server running? over ssh, log in again with -X)"]
+
+
 def test_view_a_fleet_stream_by_name_with_its_own_control(tmp_path, capsys):
     from streamtrack.cli import main
     from streamtrack.errors import UserError
