@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
+from streamtrack.compiled import MODES as COMPILE_MODES
 from streamtrack.errors import UserError, read_text_file
-from streamtrack.models import DEFAULT_MODEL
+from streamtrack.models import DEFAULT_MODEL, MODELS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ENV_PREFIX = "STREAMTRACK_"
@@ -72,6 +73,12 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
+# Keys with a fixed set of values, checked here so the error names the file or option
+# (the stages that use them check again: emitter.EMIT_MODES, capture_process.DECODE_MODES).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model": tuple(MODELS), "compile_mode": COMPILE_MODES, "preprocess": ("auto", "exact", "fast"),
+    "emit": ("thread", "process"), "decode": ("thread", "process"),
+}
 # The smallest value of each numeric key (seconds, counts); any float must be finite.
 _MINIMUM: dict[str, int] = {
     "lost_after": 0, "max_cond_frames": 2, "fill_hole_area": 0, "max_objects": 1, "max_frames": 1,
@@ -107,6 +114,8 @@ def coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
     if tp is float and not math.isfinite(value):
         raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UserError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in _MINIMUM and value < _MINIMUM[key]:
         raise UserError(f"{where}: {key} must be at least {_MINIMUM[key]}, got {value!r}")
     return value
@@ -140,6 +149,25 @@ def find_config_file(name: str) -> Path:
     raise UserError(f"config {name!r} not found (a YAML file, or a preset: {', '.join(presets)})")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last one silently, so the first would look set and not be)."""
+
+
+def _mapping_without_repeats(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} given twice",
+                                                        key_node.start_mark)
+            seen.add(key_node.value)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """PyYAML's complaint on one line, with where it is (its own text spans lines)."""
     what = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -150,7 +178,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def load_yaml(path: Path) -> dict[str, Any]:
     text = read_text_file(path, "config")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         raise UserError(f"config {path}: cannot read YAML ({_yaml_problem(e)})") from None
     if data is None:

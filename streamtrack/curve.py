@@ -304,8 +304,8 @@ def make_keys(folder: str | os.PathLike[str], client: str | None = None, *,
     Each client's public key is copied into ``clients/``, which authorises it.
     """
     require_curve()
-    name = client or "client"
-    if name == "server" or name.startswith(".") or any(c in name for c in "/\\ "):
+    name = "client" if client is None else client
+    if not name or name == "server" or name.startswith(".") or any(c in name for c in "/\\ "):
         raise UserError(f"client name {name!r}: use letters, digits, '-' or '_' (not 'server')")
     d = Path(folder)
     try:

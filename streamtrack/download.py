@@ -60,6 +60,9 @@ def _fetch(url: str, dest: Path, spec: ModelSpec, *, timeout: float, progress: b
         raise DownloadError(f"cannot download {spec.name}: HTTP {e.code} from {url}; {hint}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
+        if isinstance(reason, str) and reason.startswith("unknown url type"):  # not a network problem
+            raise DownloadError(f"cannot download {spec.name} from {url}: {reason} "
+                                "(give an http://, https:// or file:// URL)") from None
         raise DownloadError(f"cannot download {spec.name} (offline? {reason}); {hint}") from None
 
 

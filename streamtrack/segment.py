@@ -14,6 +14,7 @@ COCO-RLE JSON file.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,12 @@ def make_predictor(model: torch.nn.Module, **kwargs):
     """The official ``SAM2ImagePredictor`` on ``model``, fixed up for the model's input size."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    predictor = SAM2ImagePredictor(model, **kwargs)
+    with warnings.catch_warnings():
+        # sam2 scripts its transforms with torch.jit.script, which torch now deprecates: its
+        # concern, and two lines of stderr on every segment run otherwise.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script. is deprecated",
+                                category=FutureWarning)
+        predictor = SAM2ImagePredictor(model, **kwargs)
     predictor._bb_feat_sizes = feature_sizes(model.image_size)
     return predictor
 

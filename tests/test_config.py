@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamtrack.config import CONFIG_DIR, Config, load_config
+from streamtrack.config import CONFIG_DIR, Config, load_config, load_yaml
 from streamtrack.errors import UserError
 
 
@@ -53,6 +53,9 @@ def test_environment_values_are_parsed():
         ("- a\n- b\n", "expected a mapping"),
         ("a: [\n", "cannot read YAML"),
         ("device: cpu\nimage_size: [256\n", r"cannot read YAML \(.*line 3 column 1\)"),  # where it broke
+        ("device: cpu\nimage_size: 256\ndevice: cuda\n", r"key 'device' given twice, line 3 column 1"),
+        ("emit: rocket\n", "emit must be one of thread, process, got 'rocket'"),
+        ("compile_mode: fast\n", "compile_mode must be one of default, reduce-overhead"),
         ("lost_after: -5\n", "lost_after must be at least 0, got -5.0"),
         ("lost_after: .nan\n", "lost_after must be a finite number, got nan"),
         ("max_frames: 0\n", "max_frames must be at least 1, got 0"),
@@ -99,3 +102,20 @@ def test_launch_ahead_is_a_config_key_that_reaches_the_run(tmp_path):
     assert RunConfig.from_config(load_config(str(cfg_file), environ={}), "clip.mp4", {}).launch_ahead is True
     assert load_config(environ={"STREAMTRACK_LAUNCH_AHEAD": "true"}).launch_ahead is True
     assert RunConfig.from_config(load_config(environ={}), "clip.mp4", {}).launch_ahead is False
+
+
+def test_the_config_choices_are_the_stages_own():
+    from streamtrack.capture_process import DECODE_MODES
+    from streamtrack.compiled import MODES
+    from streamtrack.config import CHOICES
+    from streamtrack.emitter import EMIT_MODES
+    from streamtrack.models import MODELS
+
+    assert CHOICES == {"model": tuple(MODELS), "compile_mode": MODES, "preprocess": ("auto", "exact", "fast"),
+                       "emit": EMIT_MODES, "decode": DECODE_MODES}
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    f = tmp_path / "anchors.yaml"
+    f.write_text("base: &b {a: 1, c: 3}\nother:\n  <<: *b\n  a: 2\n")
+    assert load_yaml(f) == {"base": {"a": 1, "c": 3}, "other": {"a": 2, "c": 3}}

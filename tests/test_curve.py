@@ -134,6 +134,9 @@ def test_keys_command_adds_a_client_and_keeps_the_server(tmp_path, capsys):
     assert cli.main(["keys", str(d), "--client", "laptop"]) == 0
     assert (d / "server.key_secret").read_bytes() == before
     assert (d / "clients" / "laptop.key").is_file() and (d / "laptop.key_secret").is_file()
+    capsys.readouterr()
+    assert cli.main(["keys", str(d), "--client", ""]) == 2  # not the default client pair again
+    assert "client name '': use letters" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------- pub/sub

@@ -166,6 +166,11 @@ def test_download_offline_fails_cleanly(tmp_path):
         download_checkpoint("sam2.1_hiera_tiny", tmp_path, url="http://127.0.0.1:9/nothing.pt", timeout=5)
     assert "save it as" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
+    # A mistyped URL is not a network problem: no "offline?" then.
+    with pytest.raises(DownloadError) as info:
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, url="htps://example.com/x.pt", timeout=5)
+    assert str(info.value) == ("cannot download sam2.1_hiera_tiny from htps://example.com/x.pt: unknown url "
+                               "type: htps (give an http://, https:// or file:// URL)")
 
 
 def test_download_cli_offline_exit_code(tmp_path):

@@ -349,6 +349,16 @@ def _communicate_or_dump(proc: subprocess.Popen, timeout: float) -> str:
                              f"{err[-6000:]}") from None
 
 
+def test_ctrl_c_while_torch_loads_is_one_line():
+    """The first second or two of any command is importing torch and sam2."""
+    proc = subprocess.Popen([sys.executable, "-m", "streamtrack", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # the interpreter is up, the imports are not done
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (130, "", "streamtrack: interrupted\n")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path, signum):
     """Without --publish the tracker runs in the CLI's own process: the first Ctrl-C (or a

@@ -311,6 +311,7 @@ def test_cli_end_to_end(image_png, tiny_checkpoint, segmenter, clip, tmp_path):
            "--out", "o/overlay.png", "--save-masks", "m", "--save-rle", "r.json"]
     proc = _cli(*cmd, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no library's deprecation notices either
 
     # One --box with --points is one object; its 3 scores are printed best first and
     # equal what the Segmenter gives in process on the same pixels.
