@@ -131,7 +131,7 @@ def bench_engine(
     decoded = [np.array(Image.open(jpeg_dir / f"{i:05d}.jpg").convert("RGB")) for i in range(frames)]
     bf16 = bf16 and dev.type == "cuda"
     config = EngineConfig(preprocess=preprocess, bf16=bf16, compile=compile, compile_mode=compile_mode,
-                          compile_slots=compile_slots)
+                          compile_slots=compile_slots, max_objects=max(EngineConfig.max_objects, *objects))
     res = EngineBenchResult(str(dev), model, image_size, frames, (width, height), torch.get_num_threads(),
                             bf16=bf16, compile=config.compile, compile_mode=config.compile_mode,
                             official_vos_optimized=official_vos_optimized,

@@ -406,7 +406,7 @@ def bench_pipeline(
         prompts = _prompts(clip, objects)
         config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
                               preprocess=preprocess, compile=compile, compile_mode=compile_mode,
-                              compile_slots=compile_slots)
+                              compile_slots=compile_slots, max_objects=max(EngineConfig.max_objects, objects))
         res.compile, res.compile_mode = config.compile, config.compile_mode
         res.emit, res.decode, res.launch_ahead = emit, decode, launch_ahead
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
@@ -543,7 +543,7 @@ def bench_latency(
         prompts = _prompts(clip, objects)
         config = EngineConfig(model=model, checkpoint=checkpoint, device=str(dev), image_size=image_size,
                               preprocess=preprocess, compile=compile, compile_mode=compile_mode,
-                              compile_slots=compile_slots)
+                              compile_slots=compile_slots, max_objects=max(EngineConfig.max_objects, objects))
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         # A first estimate of the step time only picks the source rate; the reported
         # step time is measured below on the decoded frames.

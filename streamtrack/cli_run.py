@@ -12,6 +12,7 @@ process.  ``--show`` starts a viewer process subscribed to the tracker.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING
 from streamtrack.config import Config, load_config
 from streamtrack.errors import UserError
 from streamtrack.models import MODELS
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from streamtrack.pipeline import RunSummary, Tracker
@@ -117,6 +120,9 @@ def command(args: argparse.Namespace) -> int:
     run_config = RunConfig.from_config(cfg, args.source, prompts, progress=not args.quiet)
     if run_config.curve is not None:
         run_config.curve.load()  # bad key files fail now, in one line, not after the model load
+        if not (cfg.publish or cfg.control):
+            log.warning("--curve-secret/--curve-clients secure --publish and --control; this run "
+                        "opens neither, so they are not used")
     run_config.wait_for_prompt = cfg.show and not prompts
 
     if not cfg.publish:

@@ -175,16 +175,16 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return what if mark is None else f"{what}, line {mark.line + 1} column {mark.column + 1}"
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    text = read_text_file(path, "config")
+def load_yaml(path: Path, what: str = "config") -> dict[str, Any]:
+    text = read_text_file(path, what)
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
-        raise UserError(f"config {path}: cannot read YAML ({_yaml_problem(e)})") from None
+        raise UserError(f"{what} {path}: cannot read YAML ({_yaml_problem(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config {path}: expected a mapping of keys to values")
+        raise UserError(f"{what} {path}: expected a mapping of keys to values")
     return data
 
 

@@ -62,7 +62,10 @@ class OutputsConfig:
     save_masks: str | None = None
     save_video: str | None = None
     publish_frames: bool = False  # JPEG previews on frames/<stream>
-    restarts: int = 0  # a restarted tracker appends to the JSONL and writes the next video part
+    restarts: int = 0  # a restarted tracker writes the next video part
+    # Results of this run are in the files already (a restart after some were written):
+    # the JSONL is appended to instead of replaced.
+    continued: bool = False
     curve: CurveServer | None = None
 
     @property
@@ -96,8 +99,9 @@ class Outputs:
         self.jsonl = self.masks = self.video = None
         try:
             if cfg.save_jsonl:
-                self.jsonl = JsonlWriter(cfg.save_jsonl, append=cfg.restarts > 0)
-            self.masks = MaskPngWriter(cfg.save_masks) if cfg.save_masks else None
+                self.jsonl = JsonlWriter(cfg.save_jsonl, append=cfg.continued)
+            if cfg.save_masks:
+                self.masks = MaskPngWriter(cfg.save_masks, warn_earlier=not cfg.restarts)
             if cfg.save_video:
                 # An MP4 cannot be appended to: each restart writes the next part.
                 path = Path(cfg.save_video)
@@ -131,9 +135,15 @@ class Outputs:
         return result
 
     def close(self) -> None:
+        failed = None
         for w in (self.jsonl, self.masks, self.video, self.publisher):
             if w is not None:
-                w.close()
+                try:
+                    w.close()
+                except Exception as e:  # noqa: BLE001 - the others still close (the port is freed)
+                    failed = failed or e
+        if failed is not None:
+            raise failed
 
 
 class ThreadEmitter:

@@ -31,7 +31,7 @@ def existing_file(path: str | Path, what: str) -> Path:
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{what} {p} is a directory, not a file")
-    if not p.is_file():
+    if not p.exists():  # a pipe (--prompts <(...), /dev/stdin) is readable too
         raise UserError(f"{what} {p} not found")
     return p
 

@@ -148,7 +148,7 @@ class FleetSpec:
 def load_fleet(path: str | Path) -> FleetSpec:
     """Read and validate a fleet file (:class:`UserError`, one line, on any problem)."""
     p = existing_file(path, "fleet file")
-    return parse_fleet(load_yaml(p), str(p))
+    return parse_fleet(load_yaml(p, "fleet file"), str(p))
 
 
 def parse_fleet(doc: Any, where: str) -> FleetSpec:

@@ -7,6 +7,7 @@ still leaves complete lines, images and a playable video.
 from __future__ import annotations
 
 import logging
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 # What PyAV muxes the H.264 overlay into, by file extension.
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v", ".avi")
 
 
 def _writable(path: str | Path, what: str) -> Path:
@@ -35,7 +36,9 @@ def _writable(path: str | Path, what: str) -> Path:
         raise UserError(f"cannot create the folder for {what} {path}: {e.strerror}") from None
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory; give a file name")
-    existed = path.exists()
+    if path.exists() and not path.is_file():
+        return path  # a FIFO or a device: opening it to probe would signal its reader an end
+    existed = os.path.lexists(path)  # a dangling symlink too: its target is the file
     try:
         with open(path, "a"):
             pass
@@ -73,13 +76,13 @@ class JsonlWriter:
 class MaskPngWriter:
     """One palette PNG per frame, pixel value = object id (0 = background), as DAVIS."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, warn_earlier: bool = True):
         self.folder = Path(folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create --save-masks folder {self.folder}: {e.strerror}") from None
-        earlier = sum(1 for _ in self.folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))
+        earlier = warn_earlier and sum(1 for _ in self.folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))
         if earlier:
             log.warning("--save-masks folder %s already holds %d frame PNGs: this run replaces those of "
                         "the frames it tracks and leaves the others", self.folder, earlier)

@@ -97,12 +97,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_emit_mode(self.emit)
         check_decode_mode(self.decode)
-        if self.curve is not None and not (self.publish or self.control):
-            raise UserError("--curve-secret and --curve-clients secure --publish and --control: "
-                            "without either there is nothing to encrypt")
-        if self.publish and self.control and not str(self.publish).endswith((":0", ":*")):
+        if self.publish and self.control:
             endpoint = normalize_endpoint(self.publish)
-            if endpoint == normalize_endpoint(self.control):
+            if endpoint == normalize_endpoint(self.control) and not _system_port(endpoint):
                 raise UserError(f"--publish and --control are the same endpoint {endpoint}: "
                                 "give each its own port")
         if Path(self.source).is_file():
@@ -145,6 +142,7 @@ class RunConfig:
             stream=self.stream, publish=self.publish, save_jsonl=self.save_jsonl, save_masks=self.save_masks,
             save_video=self.save_video, publish_frames=self.publish_frames,
             restarts=self.resume.restarts if self.resume else 0, curve=self.curve,
+            continued=bool(self.resume and (self.resume.seq_start or self.resume.frames_done)),
         )
 
     @property
@@ -215,12 +213,15 @@ class _Controls:
             if tuple(cmd.mask["size"]) != size:
                 raise PromptError(f"object {cmd.obj_id}: mask shape {tuple(cmd.mask['size'])} does not "
                                   f"match the frame {size}")
-        engine = self.tracker.engine
-        limit = self.tracker.config.engine.max_objects
+        engine, cfg = self.tracker.engine, self.tracker.config
         known = set(engine.object_ids if engine is not None else ()) | {p.obj_id for p in self.pending}
-        if cmd.obj_id not in known and len(known) >= limit:
-            raise PromptError(f"object {cmd.obj_id}: {len(known)} objects are tracked or queued and "
-                              f"max_objects is {limit}; remove one first")
+        # Room is kept for the prompts file's objects still to come: refusing one of those
+        # later would stop the run.
+        later = {p.obj_id for f, ps in cfg.prompts.items() if f >= self.tracker.frames_seen for p in ps}
+        if cmd.obj_id not in known | later and len(known | later) >= cfg.engine.max_objects:
+            raise PromptError(f"object {cmd.obj_id}: {len(known | later)} objects are tracked, queued or "
+                              f"prompted later by the prompts file, and max_objects is "
+                              f"{cfg.engine.max_objects}; remove one first")
         prompt = Prompt.make(cmd.obj_id, cmd.points, cmd.labels, cmd.box, cmd.mask_array())
         if size is not None:
             check_prompt(prompt, *size)
@@ -270,6 +271,11 @@ Notify = Callable[[str, dict[str, Any]], None]
 # How long one loop iteration may spend answering control requests: a flood of
 # (bad) requests gets answered quickly without starving the engine.
 _CONTROL_BUDGET = 0.25  # seconds
+
+
+def _system_port(endpoint: str) -> bool:
+    """Whether a normalised tcp endpoint leaves the port to the system (``0``, ``*``)."""
+    return endpoint.startswith("tcp://") and endpoint.endswith((":0", ":*"))
 
 
 def _serve_control(control, wait_ms: int) -> None:
@@ -396,7 +402,8 @@ class Tracker:
             for what, given in (("publish", cfg.publish), ("control", cfg.control)):
                 # Nobody can connect to a port the system picked until it is told which (a
                 # fleet lists its streams' endpoints itself).
-                if cfg.warn_exposed and given and str(given).endswith((":0", ":*")) and resume.restarts == 0:
+                picked = given and _system_port(normalize_endpoint(given))
+                if picked and cfg.warn_exposed and not resume.restarts:
                     log.warning("%s: bound %s (the port was left to the system)", what, bound[what])
             self.capture.start()  # a missing file or camera fails here, before the slow model load
             if self.engine is None:
@@ -481,7 +488,7 @@ class Tracker:
         # A frame launched but not finished (interrupted) was never published.
         summary.frames = self.frames_seen - resume.frames_done - (self._in_flight is not None)
         late = sorted(f for f in cfg.prompts if f >= self.frames_seen)
-        ended = not (summary.interrupted or self._stop.is_set()) and (
+        ended = self.frames_seen > 0 and not (summary.interrupted or self._stop.is_set()) and (
             cfg.max_frames is None or self.frames_seen < cfg.max_frames)
         if late and ended:
             log.warning("prompts for frame%s %s never applied: the source ended after %d frames",
@@ -499,6 +506,11 @@ class Tracker:
         summary.objects = dict(self._object_states)
         if self.capture.state.value == "failed" and summary.frames == 0:
             raise UserError(f"source {redact_url(str(cfg.source))!r} failed: {stats.last_error}")
+        unwritten = [f"{what} {path}" for what, path in (("--save-jsonl", cfg.save_jsonl),
+                                                         ("--save-video", cfg.save_video)) if path]
+        if self.frames_seen == 0 and unwritten:  # an earlier run's file there would pass for this one's
+            log.warning("no frame was tracked, so %s %s not written", " and ".join(unwritten),
+                        "were" if len(unwritten) > 1 else "was")
         return summary
 
     def _on_published(self, result: FrameResult) -> None:

@@ -119,3 +119,19 @@ def test_yaml_merge_keys_still_work(tmp_path):
     f = tmp_path / "anchors.yaml"
     f.write_text("base: &b {a: 1, c: 3}\nother:\n  <<: *b\n  a: 2\n")
     assert load_yaml(f) == {"base": {"a": 1, "c": 3}, "other": {"a": 2, "c": 3}}
+
+
+def test_a_prompts_file_may_be_a_pipe():
+    """`--prompts <(make_prompts)` or /dev/stdin: not a regular file, still readable."""
+    import os
+
+    from streamtrack.prompts import load_prompts_file
+
+    r, w = os.pipe()
+    os.write(w, b'[{"obj_id": 4, "box": [1, 2, 30, 40]}]')
+    os.close(w)
+    try:
+        prompts = load_prompts_file(f"/dev/fd/{r}")
+    finally:
+        os.close(r)
+    assert [(frame, [p.obj_id for p in ps]) for frame, ps in prompts.items()] == [(0, [4])]

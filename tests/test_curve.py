@@ -286,14 +286,17 @@ def test_cli_needs_both_halves(keys, capsys):
     assert "curve_clients" in capsys.readouterr().err
 
 
-def test_config_keys_reach_the_run(keys, tmp_path):
+def test_config_keys_reach_the_run(keys, tmp_path, caplog):
     f = tmp_path / "secure.yaml"
     f.write_text(f"curve_secret: {keys / 'server.key_secret'}\ncurve_clients: {keys / 'clients'}\n")
     run = RunConfig.from_config(load_config(str(f), {"publish": "tcp://127.0.0.1:0"}, {}), "clip.mp4", {})
     assert run.curve == _server(keys)
-    # Keys for sockets the run does not open: a mistake, not silently nothing.
-    with pytest.raises(UserError, match="without either there is nothing to encrypt"):
-        RunConfig.from_config(load_config(str(f), {}, {}), "clip.mp4", {})
+    # Keys for sockets the run does not open (a shared config, a local job): said, not silent.
+    with caplog.at_level("WARNING", logger="streamtrack.cli_run"):
+        assert cli.main(["run", str(tmp_path / "missing.mp4"), "--box", "1,1,5,5", "--config", str(f)]) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "--curve-secret/--curve-clients secure --publish and --control; this run opens neither, so they "
+        "are not used"]
     assert RunConfig.from_config(load_config(None, {}, {}), "clip.mp4", {}).curve is None
     assert curve.server_from_options(None, None) is None
 

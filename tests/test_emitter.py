@@ -186,8 +186,44 @@ def test_an_earlier_runs_files_survive_until_the_first_new_result(tmp_path, capl
     assert not fresh.exists()  # nothing left behind by a run that wrote nothing
 
 
+def test_a_restart_appends_only_when_this_run_wrote_results_already(tmp_path):
+    """A tracker that died before its first result left an earlier run's file as it was:
+    its restart replaces that file, not appends to it."""
+    from streamtrack.pipeline import Resume, RunConfig
+
+    jsonl = tmp_path / "r.jsonl"
+    for resume, kept in ((Resume(restarts=1), []), (Resume(restarts=1, frames_done=4, seq_start=4), ["x"])):
+        jsonl.write_text("x\n")
+        cfg = RunConfig(source="clip.mp4", save_jsonl=str(jsonl), resume=resume).outputs
+        outputs = Outputs(cfg)
+        outputs.emit(*frame(7))
+        outputs.close()
+        assert jsonl.read_text().splitlines()[:-1] == kept
+
+
+def test_pipes_and_links_as_outputs_are_not_probed_by_opening_them(tmp_path):
+    """A FIFO's reader would see the probe's close as the end; a dangling symlink names
+    the file to create."""
+    import threading
+
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(tmp_path / "runs" / "today.jsonl")
+    (tmp_path / "runs").mkdir()
+    done = threading.Event()
+    threading.Thread(target=lambda: (Outputs(OutputsConfig(save_jsonl=str(fifo))).close(), done.set()),
+                     daemon=True).start()
+    assert done.wait(10), "opening the FIFO to probe it blocks with no reader"
+    outputs = Outputs(OutputsConfig(save_jsonl=str(link)))
+    assert link.is_symlink()
+    outputs.emit(*frame(0))
+    outputs.close()
+    assert link.is_symlink() and len((tmp_path / "runs" / "today.jsonl").read_text().splitlines()) == 1
+
+
 @pytest.mark.parametrize(("option", "path", "message"), [
-    ("save_video", "o.xyz", r"unknown video file extension '\.xyz' \(use \.mp4, \.mkv, \.mov, \.m4v\)"),
+    ("save_video", "o.xyz", r"unknown video file extension '\.xyz' \(use \.mp4, \.mkv, .*\.avi\)"),
     ("save_video", "adir.mp4", "--save-video .*adir.mp4 is a directory; give a file name"),
     ("save_jsonl", "adir.mp4", "--save-jsonl .*adir.mp4 is a directory; give a file name"),
     ("save_video", "afile/o.mp4", "cannot create the folder for --save-video"),

@@ -113,9 +113,9 @@ class TrackedIds:
         return 0
 
 
-def tracker_with(ids=(), max_objects=64, frame_size=(48, 64)):
-    tracker = Tracker(RunConfig(source="clip.mp4", engine=EngineConfig(max_objects=max_objects)),
-                      engine=TrackedIds(ids))
+def tracker_with(ids=(), max_objects=64, frame_size=(48, 64), prompts=None):
+    tracker = Tracker(RunConfig(source="clip.mp4", engine=EngineConfig(max_objects=max_objects),
+                                prompts=prompts or {}), engine=TrackedIds(ids))
     tracker._publisher = StubPublisher()
     tracker.frame_size = frame_size
     return tracker
@@ -146,13 +146,24 @@ def test_max_objects_counts_tracked_and_queued_objects():
     tracker = tracker_with(ids=[1], max_objects=3)
     add(tracker, 2, box=[1, 2, 30, 40])
     add(tracker, 3, box=[1, 2, 30, 40])
-    with pytest.raises(PromptError, match="object 4: 3 objects are tracked or queued and max_objects is 3"):
+    with pytest.raises(PromptError, match="object 4: 3 objects are tracked, queued or .*max_objects is 3"):
         add(tracker, 4, box=[1, 2, 30, 40])
     add(tracker, 1, points=[[5, 5]])  # refining a known object needs no room
     add(tracker, 3, points=[[6, 6]])  # nor does replacing a queued prompt
     tracker._controls.remove_object(2)
     add(tracker, 4, box=[1, 2, 30, 40])
     assert sorted(p.obj_id for p in tracker._controls.pending) == [1, 3, 4]
+
+
+def test_room_is_kept_for_the_prompts_files_objects_still_to_come():
+    """Refusing a prompts-file object later would stop the run: a control prompt is refused
+    now instead."""
+    tracker = tracker_with(ids=[1], max_objects=3, prompts={5: [Prompt.make(9, box=[1, 2, 30, 40])]})
+    add(tracker, 2, box=[1, 2, 30, 40])
+    with pytest.raises(PromptError, match="object 3: 3 objects are tracked, queued or prompted later"):
+        add(tracker, 3, box=[1, 2, 30, 40])
+    tracker.frames_seen = 6  # past frame 5: object 9 is tracked by now, or never will be
+    add(tracker, 3, box=[1, 2, 30, 40])
 
 
 def test_prompts_naming_more_objects_than_max_objects_are_refused_up_front():
@@ -249,7 +260,7 @@ def test_a_port_left_to_the_system_is_reported(tmp_path, caplog):
     """Nobody can subscribe to port 0 until told which port it became."""
     video = write_video(make_clip(3, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
     bound: dict = {}
-    run = RunConfig(source=str(video), publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
+    run = RunConfig(source=str(video), publish="0", control="tcp://127.0.0.1:0",
                     progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
     tracker = Tracker(run, engine=TrackedIds(),
                       notify=lambda kind, data: bound.update(data) if kind == "bound" else None)
@@ -259,3 +270,17 @@ def test_a_port_left_to_the_system_is_reported(tmp_path, caplog):
         f"publish: bound {bound['publish']} (the port was left to the system)",
         f"control: bound {bound['control']} (the port was left to the system)"]
     assert not bound["publish"].endswith(":0")
+
+
+def test_a_run_that_tracked_nothing_says_its_files_were_not_written(tmp_path, caplog):
+    """An earlier run's file at that path would pass for this one's."""
+    video = write_video(make_clip(3, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    run = RunConfig(source=str(video), save_jsonl=str(tmp_path / "r.jsonl"), progress=False,
+                    save_video=str(tmp_path / "o.mp4"), prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    tracker = Tracker(run, engine=TrackedIds())
+    tracker.stop()  # e.g. a window closed before the first frame
+    with caplog.at_level("WARNING", logger="streamtrack.pipeline"):
+        assert tracker.run().frames == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"no frame was tracked, so --save-jsonl {tmp_path / 'r.jsonl'} and --save-video "
+        f"{tmp_path / 'o.mp4'} were not written"]
