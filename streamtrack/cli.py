@@ -139,13 +139,13 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, image_size_default: str = "the model's 1024") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS), metavar="NAME",
                    help=f"SAM 2 model (default {DEFAULT_MODEL}; see `streamtrack models`)")
     p.add_argument("--checkpoint", help="official-format .pt (default checkpoints/<model>.pt)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
-                   help="model input size, a multiple of 32 up to 2048 (default: the model's 1024)")
+                   help=f"model input size, a multiple of 32 from 64 to 2048 (default: {image_size_default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,11 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "latency: capture->publish latency of a paced source vs the engine step; "
                         "memory: RSS and state over a long stream vs the official predictor; "
                         "multistream: streams on one model with a batched encoder vs one after another")
-    _add_model_options(p)
+    # Small inputs by default, so each benchmark runs in minutes on a CPU; GPU figures use 1024.
+    _add_model_options(p, "engine, preprocess, multistream 256; pipeline, latency 128; memory 64")
     p.add_argument("--frames", type=int, default=None,
-                   help="frames per run (default 24; pipeline, latency 60; memory 2000)")
+                   help="frames per run (default 24; pipeline, latency 60; memory 2000; multistream 12)")
     p.add_argument("--objects", type=int, nargs="+", default=None,
-                   help="object counts (default 1 4; pipeline, latency, memory: one count, default 1)")
+                   help="object counts (default 1 4; pipeline, latency, memory, multistream: one count, "
+                        "default 1)")
     p.add_argument("--state-frames", type=int, nargs="*", default=[50, 500],
                    help="report engine state bytes after these frames (default 50 500)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")

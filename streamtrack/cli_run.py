@@ -49,7 +49,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", help="official-format .pt (default checkpoints/<model>.pt)")
     g.add_argument("--device", help="auto|cpu|cuda|mps (default auto)")
     g.add_argument("--image-size", type=int, metavar="N",
-                   help="model input size, a multiple of 32 up to 2048 (default: the model's 1024)")
+                   help="model input size, a multiple of 32 from 64 to 2048 (default: the model's 1024)")
     g.add_argument("--preprocess", choices=["auto", "exact", "fast"],
                    help="exact = the official predictor's resize (CPU default); fast = on-device")
     g.add_argument("--lost-after", type=float, metavar="S", help="seconds absent before 'lost' (3)")

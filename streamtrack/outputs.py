@@ -21,6 +21,8 @@ from streamtrack.protocol import FrameResult
 log = logging.getLogger(__name__)
 
 
+# A palette PNG's pixel is the object id.
+MASK_PNG_MAX_ID = 255
 # What PyAV muxes the H.264 overlay into, by file extension.
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v", ".avi")
 
@@ -92,8 +94,8 @@ class MaskPngWriter:
     def write(self, frame_id: int, masks: dict[int, np.ndarray], shape: tuple[int, int]) -> None:
         labels = np.zeros(shape, np.uint8)
         for obj_id, mask in sorted(masks.items()):
-            if obj_id > 255:
-                raise UserError(f"--save-masks stores object ids up to 255, got {obj_id}")
+            if obj_id > MASK_PNG_MAX_ID:
+                raise UserError(f"--save-masks stores object ids up to {MASK_PNG_MAX_ID}, got {obj_id}")
             labels[mask] = obj_id
         img = Image.fromarray(labels, mode="P")
         img.putpalette(self._palette)

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
 from streamtrack.engine import EngineConfig, FrameOutput, PendingStep, Prompt, StreamingEngine, check_prompt
 from streamtrack.errors import PromptError, UserError, same_file
+from streamtrack.outputs import MASK_PNG_MAX_ID
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now
 from streamtrack.publisher import StatsWindow
 from streamtrack.sources import redact_url
@@ -102,12 +104,15 @@ class RunConfig:
             if endpoint == normalize_endpoint(self.control) and not _system_port(endpoint):
                 raise UserError(f"--publish and --control are the same endpoint {endpoint}: "
                                 "give each its own port")
-        if Path(self.source).is_file():
+        source = _local_file(self.source)
+        if source is not None:
             for what, out in (("--save-jsonl", self.save_jsonl), ("--save-video", self.save_video)):
-                if out and same_file(out, self.source):
+                if out and same_file(out, source):
                     raise UserError(f"{what} {out} is the source video, which it would overwrite: "
                                     "write the results elsewhere")
         ids = {p.obj_id for frame_prompts in self.prompts.values() for p in frame_prompts}
+        if self.save_masks and ids and max(ids) > MASK_PNG_MAX_ID:
+            raise UserError(f"object {max(ids)}: --save-masks stores object ids up to {MASK_PNG_MAX_ID}")
         if len(ids) > self.engine.max_objects:
             raise UserError(f"the prompts name {len(ids)} objects and max_objects is "
                             f"{self.engine.max_objects}: raise it (--max-objects) or prompt fewer")
@@ -206,7 +211,7 @@ class _Controls:
     def add_prompt(self, cmd):
         size = self.tracker.frame_size
         if cmd.mask is not None:
-            # Checked before decoding: a few bytes of RLE can stand for a gigapixel mask.
+            # Checked before expanding it: a few bytes of RLE can stand for a gigapixel mask.
             if size is None:
                 raise PromptError(f"object {cmd.obj_id}: a mask prompt is checked against the frame, and "
                                   "no frame has come yet; send it again once one has")
@@ -214,6 +219,8 @@ class _Controls:
                 raise PromptError(f"object {cmd.obj_id}: mask shape {tuple(cmd.mask['size'])} does not "
                                   f"match the frame {size}")
         engine, cfg = self.tracker.engine, self.tracker.config
+        if cfg.save_masks and cmd.obj_id > MASK_PNG_MAX_ID:  # the PNG writer would stop the run
+            raise PromptError(f"object {cmd.obj_id}: --save-masks stores object ids up to {MASK_PNG_MAX_ID}")
         known = set(engine.object_ids if engine is not None else ()) | {p.obj_id for p in self.pending}
         # Room is kept for the prompts file's objects still to come: refusing one of those
         # later would stop the run.
@@ -271,6 +278,14 @@ Notify = Callable[[str, dict[str, Any]], None]
 # How long one loop iteration may spend answering control requests: a flood of
 # (bad) requests gets answered quickly without starving the engine.
 _CONTROL_BUDGET = 0.25  # seconds
+
+
+def _local_file(source: str) -> Path | None:
+    """The file a source reads, if it is one (a path, or a ``file://`` URL)."""
+    source = str(source)
+    path = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path)) if source.startswith("file://") \
+        else Path(source)
+    return path if path.is_file() else None
 
 
 def _system_port(endpoint: str) -> bool:

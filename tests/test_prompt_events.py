@@ -284,3 +284,23 @@ def test_a_run_that_tracked_nothing_says_its_files_were_not_written(tmp_path, ca
     assert [r.getMessage() for r in caplog.records] == [
         f"no frame was tracked, so --save-jsonl {tmp_path / 'r.jsonl'} and --save-video "
         f"{tmp_path / 'o.mp4'} were not written"]
+
+
+def test_ids_a_mask_png_cannot_hold_are_refused_before_they_stop_the_run(tmp_path):
+    """--save-masks writes palette PNGs (pixel = object id): id 300 would stop the run at
+    its first frame; refused when it is given instead."""
+    tracker = tracker_with()
+    tracker.config.save_masks = str(tmp_path / "m")
+    with pytest.raises(PromptError, match="object 300: --save-masks stores object ids up to 255"):
+        add(tracker, 300, box=[1, 2, 30, 40])
+    add(tracker, 255, box=[1, 2, 30, 40])
+    with pytest.raises(UserError, match="object 256: --save-masks stores object ids up to 255"):
+        RunConfig(source="clip.mp4", save_masks=str(tmp_path / "m"),
+                  prompts={3: [Prompt.make(256, box=[1, 2, 30, 40])]})
+
+
+def test_a_file_url_source_is_not_an_output_either(tmp_path):
+    video = write_video(make_clip(2, 64, 48, num_objects=1).frames, tmp_path / "my clip.mp4")
+    with pytest.raises(UserError, match="is the source video, which it would overwrite"):
+        RunConfig(source=video.as_uri(), save_jsonl=str(video))
+    RunConfig(source=video.as_uri(), save_jsonl=str(tmp_path / "r.jsonl"))
