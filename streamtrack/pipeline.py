@@ -521,6 +521,15 @@ class Tracker:
         summary.objects = dict(self._object_states)
         if self.capture.state.value == "failed" and summary.frames == 0:
             raise UserError(f"source {redact_url(str(cfg.source))!r} failed: {stats.last_error}")
+        if self.capture.kind is SourceKind.FILE and self.capture.state is SourceState.ENDED:
+            # A file cut short (an unfinished download or recording) decodes up to the cut
+            # and ends there like a whole one; its header still counts every frame.
+            declared = _frame_count(cfg.source)
+            if declared and stats.frames_decoded < declared - 1:
+                log.warning("video file %s ended after %d of the %d frames its header declares: is it cut "
+                            "short?", cfg.source, stats.frames_decoded, declared)
+            if stats.decode_errors:
+                log.warning("video file %s: %d damaged packet(s) skipped", cfg.source, stats.decode_errors)
         unwritten = [f"{what} {path}" for what, path in (("--save-jsonl", cfg.save_jsonl),
                                                          ("--save-video", cfg.save_video)) if path]
         if self.frames_seen == 0 and unwritten:  # an earlier run's file there would pass for this one's

@@ -304,3 +304,32 @@ def test_a_file_url_source_is_not_an_output_either(tmp_path):
     with pytest.raises(UserError, match="is the source video, which it would overwrite"):
         RunConfig(source=video.as_uri(), save_jsonl=str(video))
     RunConfig(source=video.as_uri(), save_jsonl=str(tmp_path / "r.jsonl"))
+
+
+def test_a_video_file_cut_short_is_reported(tmp_path, caplog):
+    """An unfinished download or recording decodes up to the cut and ends like a whole file;
+    its header still counts every frame."""
+    import av
+
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), mode="w", options={"movflags": "faststart"}) as container:  # index first
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.options = {"g": "10", "bf": "0", "preset": "veryfast"}
+        for rgb in make_clip(30, 160, 120, num_objects=1).frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])
+    for video in (whole, cut):
+        caplog.clear()
+        run = RunConfig(source=str(video), progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+        with caplog.at_level("WARNING", logger="streamtrack.pipeline"):
+            frames = Tracker(run, engine=TrackedIds()).run().frames
+        messages = [r.getMessage() for r in caplog.records]
+        if video == whole:
+            assert frames == 30 and messages == []
+        else:
+            assert 0 < frames < 29
+            assert messages == [f"video file {cut} ended after {frames} of the 30 frames its header "
+                                "declares: is it cut short?"]
