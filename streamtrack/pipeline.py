@@ -602,8 +602,8 @@ class Tracker:
                 seq = self.next_seq
                 for p in requested:
                     self.publish_status("prompt_applied", obj_id=p.obj_id, frame_id=frame.frame_id, seq=seq,
-                                         points=p.points, labels=p.labels, box=p.box,
-                                         mask=p.mask is not None)
+                                        points=p.points, labels=p.labels, box=p.box,
+                                        mask=p.mask is not None)
                 return out
         return self.engine.launch(frame.image, prompts, timestamp=ts)
 
@@ -612,7 +612,7 @@ class Tracker:
         # publisher is thread-safe.
         _log_source_change(redact_url(str(self.config.source)), event, self._give_up_after)
         self.publish_status("source_state", old=event.previous.value, new=event.state.value,
-                             reason=event.error)
+                            reason=event.error)
 
     def publish_status(self, kind: str, **data: Any) -> None:
         pub = self._publisher
@@ -649,7 +649,7 @@ class Tracker:
                 self.publish_status("object_state", obj_id=obj_id, old=old, new=state)
         for obj_id in self._object_states.keys() - current.keys():
             self.publish_status("object_state", obj_id=obj_id,
-                                 old=self._object_states[obj_id], new="removed")
+                                old=self._object_states[obj_id], new="removed")
         self._object_states = current
 
 
