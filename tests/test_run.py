@@ -349,11 +349,25 @@ def _communicate_or_dump(proc: subprocess.Popen, timeout: float) -> str:
                              f"{err[-6000:]}") from None
 
 
+_SLOW_CLI_IMPORT = """
+import sys, time
+class SlowImport:  # holds the import of streamtrack.cli (torch, sam2) until the test's Ctrl-C
+    def find_spec(self, name, path=None, target=None):
+        if name == "streamtrack.cli":
+            print("importing", flush=True)
+            time.sleep(60)
+sys.meta_path.insert(0, SlowImport())
+from streamtrack.__main__ import main
+sys.argv = ["streamtrack", "models"]
+raise SystemExit(main())
+"""
+
+
 def test_ctrl_c_while_torch_loads_is_one_line():
     """The first second or two of any command is importing torch and sam2."""
-    proc = subprocess.Popen([sys.executable, "-m", "streamtrack", "models"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI_IMPORT], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # the interpreter is up, the imports are not done
+    assert proc.stdout.readline() == "importing\n"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert (proc.returncode, out, err) == (130, "", "streamtrack: interrupted\n")
