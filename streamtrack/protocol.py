@@ -608,7 +608,7 @@ class StatusEvent:
     ``kind`` names what changed; well-known kinds are ``source_state`` (data:
     ``old``, ``new``, ``reason``), ``object_state`` (``obj_id``, ``old``, ``new``),
     ``tracker_state`` (``old``, ``new``), ``prompt_applied`` (``obj_id``, ``frame_id``,
-    ``points``, ``labels``, ``box``, ``mask``) and ``error`` (``message``). ``data`` holds
+    ``seq``, ``points``, ``labels``, ``box``, ``mask``) and ``error`` (``message``). ``data`` holds
     the kind-specific JSON fields, so new kinds need no protocol change.
     """
 
