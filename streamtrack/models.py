@@ -208,8 +208,11 @@ def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor
 def _load_problem(path: Path, e: Exception) -> str:
     """Why ``torch.load`` failed, in words for the user (torch's own text suggests
     unsafe loading, or is a bare key such as '101' for a text file)."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as unreadable:  # e.g. no permission: torch.load failed on the same
+        return unreadable.strerror or str(unreadable)
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive (the official checkpoints are)
         return "not a zip archive as torch.save writes: another kind of file, or a damaged download"
     if "central directory" in str(e):

@@ -123,6 +123,27 @@ def test_bad_checkpoint_refused(tmp_path, tiny_checkpoint, tiny_model, case, mes
     assert "sam2.1_hiera_tiny" in text and str(path) in text and "\n" not in text
 
 
+def test_unreadable_checkpoint_is_one_line(tmp_path, monkeypatch):
+    """No permission to read it (not testable with chmod here: the tests may run as root)."""
+    import builtins
+
+    from streamtrack.models import read_state_dict
+
+    path = tmp_path / "locked.pt"
+    path.write_bytes(b"PK\x03\x04")
+    real_open = builtins.open
+
+    def deny(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: deny(path))
+    with pytest.raises(CheckpointError, match=r"is not a readable PyTorch checkpoint \(Permission denied\)"):
+        read_state_dict(path, "sam2.1_hiera_tiny")
+
+
 def test_checkpoint_of_another_model_refused(checkpoint_factory, tiny_model):
     small = checkpoint_factory("sam2.1_hiera_small")
     with pytest.raises(CheckpointError, match="does not match model sam2.1_hiera_tiny"):
