@@ -758,6 +758,15 @@ def _check_frame(frame) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
+def check_mask_shape(oid: int, shape: tuple[int, ...], height: int, width: int,
+                     surface: str = "frame") -> None:
+    """Raise ``PromptError`` unless a mask prompt of ``shape`` fits a ``width`` x ``height``
+    frame (a control client checks an RLE's size with it before expanding the mask)."""
+    if tuple(shape) != (height, width):
+        raise PromptError(
+            f"object {oid}: mask shape {tuple(shape)} does not match the {surface} {(height, width)}")
+
+
 def check_prompt(p: Prompt, height: int, width: int, surface: str = "frame") -> None:
     """Raise ``PromptError`` (one line, naming the object) unless ``p`` is well formed and
     fits a ``width`` x ``height`` frame.  Coordinates may lie on the edge (x = W)."""
@@ -767,11 +776,7 @@ def check_prompt(p: Prompt, height: int, width: int, surface: str = "frame") -> 
     if p.mask is not None:
         if p.points is not None or p.box is not None:
             raise PromptError(f"object {oid}: a mask prompt cannot be combined with points or a box")
-        shape = np.asarray(p.mask).shape
-        if shape != (height, width):
-            raise PromptError(
-                f"object {oid}: mask shape {shape} does not match the {surface} {(height, width)}"
-            )
+        check_mask_shape(oid, np.asarray(p.mask).shape, height, width, surface)
         return
     if p.box is None and p.points is None:
         raise PromptError(f"object {oid}: a prompt needs a box, points or a mask")

@@ -34,7 +34,15 @@ from streamtrack.capture_process import check_decode_mode
 from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
-from streamtrack.engine import EngineConfig, FrameOutput, PendingStep, Prompt, StreamingEngine, check_prompt
+from streamtrack.engine import (
+    EngineConfig,
+    FrameOutput,
+    PendingStep,
+    Prompt,
+    StreamingEngine,
+    check_mask_shape,
+    check_prompt,
+)
 from streamtrack.errors import PromptError, UserError, same_file
 from streamtrack.outputs import MASK_PNG_MAX_ID
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now
@@ -215,9 +223,7 @@ class _Controls:
             if size is None:
                 raise PromptError(f"object {cmd.obj_id}: a mask prompt is checked against the frame, and "
                                   "no frame has come yet; send it again once one has")
-            if tuple(cmd.mask["size"]) != size:
-                raise PromptError(f"object {cmd.obj_id}: mask shape {tuple(cmd.mask['size'])} does not "
-                                  f"match the frame {size}")
+            check_mask_shape(cmd.obj_id, cmd.mask["size"], *size)
         engine, cfg = self.tracker.engine, self.tracker.config
         if cfg.save_masks and cmd.obj_id > MASK_PNG_MAX_ID:  # the PNG writer would stop the run
             raise PromptError(f"object {cmd.obj_id}: --save-masks stores object ids up to {MASK_PNG_MAX_ID}")
