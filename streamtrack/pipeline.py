@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from streamtrack.capture import CaptureConfig, Frame, SourceKind, SourceState, open_source
+from streamtrack.capture import CaptureConfig, CaptureStats, Frame, SourceKind, SourceState, open_source
 from streamtrack.capture import StatusEvent as SourceEvent
 from streamtrack.capture_process import check_decode_mode
 from streamtrack.config import Config
@@ -409,7 +409,7 @@ class Tracker:
                     warn_if_exposed(ep, what)
         emitter = make_emitter(cfg.emit, cfg.outputs, self._on_published)
         self._publisher = emitter.publisher
-        control = bar = None
+        control = bar = declared = None
         summary = RunSummary()
         started = time.monotonic()
         try:
@@ -442,7 +442,9 @@ class Tracker:
             self._notify("running", {"pid": os.getpid()})
             skip_to = resume.skip_to_frame if cfg.resumable_file else 0
             seed: list[Prompt] = list(resume.seed)
-            bar = _progress(cfg, self.capture)
+            if self.capture.kind is SourceKind.FILE:
+                declared = _frame_count(cfg.source)  # the progress bar's total; a file cut short
+            bar = _progress(cfg, self.capture, declared)
             if bar is not None and self.frames_seen:
                 bar.update(self.frames_seen)
             while not self._stop.is_set():
@@ -508,12 +510,6 @@ class Tracker:
                 control.close()
         # A frame launched but not finished (interrupted) was never published.
         summary.frames = self.frames_seen - resume.frames_done - (self._in_flight is not None)
-        late = sorted(f for f in cfg.prompts if f >= self.frames_seen)
-        ended = self.frames_seen > 0 and not (summary.interrupted or self._stop.is_set()) and (
-            cfg.max_frames is None or self.frames_seen < cfg.max_frames)
-        if late and ended:
-            log.warning("prompts for frame%s %s never applied: the source ended after %d frames",
-                        "s" if len(late) > 1 else "", ", ".join(map(str, late)), self.frames_seen)
         summary.seconds = time.monotonic() - started
         latency = self.window.latency()
         if "total" in latency:
@@ -527,10 +523,22 @@ class Tracker:
         summary.objects = dict(self._object_states)
         if self.capture.state.value == "failed" and summary.frames == 0:
             raise UserError(f"source {redact_url(str(cfg.source))!r} failed: {stats.last_error}")
+        self._report_what_went_unseen(summary.interrupted, stats, declared)
+        return summary
+
+    def _report_what_went_unseen(self, interrupted: bool, stats: CaptureStats, declared: int | None) -> None:
+        """Warn about what a run that ends quietly would otherwise leave unsaid: prompts past
+        the source's end, a file cut short, result files not written."""
+        cfg = self.config
+        late = sorted(f for f in cfg.prompts if f >= self.frames_seen)
+        ended = self.frames_seen > 0 and not (interrupted or self._stop.is_set()) and (
+            cfg.max_frames is None or self.frames_seen < cfg.max_frames)
+        if late and ended:
+            log.warning("prompts for frame%s %s never applied: the source ended after %d frames",
+                        "s" if len(late) > 1 else "", ", ".join(map(str, late)), self.frames_seen)
         if self.capture.kind is SourceKind.FILE and self.capture.state is SourceState.ENDED:
             # A file cut short (an unfinished download or recording) decodes up to the cut
             # and ends there like a whole one; its header still counts every frame.
-            declared = _frame_count(cfg.source)
             if declared and stats.frames_decoded < declared - 1:
                 log.warning("video file %s ended after %d of the %d frames its header declares: is it cut "
                             "short?", cfg.source, stats.frames_decoded, declared)
@@ -541,7 +549,6 @@ class Tracker:
         if self.frames_seen == 0 and unwritten:  # an earlier run's file there would pass for this one's
             log.warning("no frame was tracked, so %s %s not written", " and ".join(unwritten),
                         "were" if len(unwritten) > 1 else "was")
-        return summary
 
     def _on_published(self, result: FrameResult) -> None:
         """Latency statistics once a result went out (on the emitter's thread, or, a few
@@ -720,12 +727,11 @@ def _merge_prompts(prompts: list[Prompt]) -> list[Prompt]:
     return list(by_id.values())
 
 
-def _progress(cfg: RunConfig, capture):
+def _progress(cfg: RunConfig, capture, total: int | None):
     if not cfg.progress or capture.kind is not SourceKind.FILE:
         return None
     from tqdm import tqdm
 
-    total = _frame_count(cfg.source)
     if cfg.max_frames is not None:
         total = min(total, cfg.max_frames) if total else cfg.max_frames
     return tqdm(total=total or None, unit="frame", desc="tracking", dynamic_ncols=True)
