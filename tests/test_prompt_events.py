@@ -1,5 +1,5 @@
 """The tracker's side of the control channel: ``prompt_applied`` status events, and what
-each request does to the tracker's state (no model needed: stand-in engines)."""
+each request does to the tracker's state (no model needed: a stand-in engine)."""
 
 from __future__ import annotations
 
