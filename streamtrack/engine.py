@@ -78,15 +78,25 @@ class Prompt:
 
     @classmethod
     def make(cls, obj_id, points=None, labels=None, box=None, mask=None) -> Prompt:
-        """Build a prompt from lists/arrays; labels default to foreground."""
+        """Build a prompt from lists/arrays; labels default to foreground.  Raises
+        ``PromptError`` for input that is not numbers of the right shape."""
         if points is not None:
-            points = tuple(tuple(float(v) for v in p) for p in np.asarray(points).tolist())
+            try:
+                points = tuple(tuple(float(v) for v in p) for p in np.asarray(points).tolist())
+            except (TypeError, ValueError):
+                raise PromptError(
+                    f"object {obj_id}: points are a list of (x, y) pairs, e.g. [[40, 30]], "
+                    f"got {points!r}") from None
             if labels is None:
                 labels = (1,) * len(points)
         if labels is not None:
             labels = tuple(np.asarray(labels).reshape(-1).tolist())
         if box is not None:
-            box = tuple(float(v) for v in np.asarray(box, dtype=float).reshape(-1).tolist())
+            try:
+                box = tuple(float(v) for v in np.asarray(box, dtype=float).reshape(-1).tolist())
+            except (TypeError, ValueError):
+                raise PromptError(
+                    f"object {obj_id}: a box is 4 numbers x0,y0,x1,y1, got {box!r}") from None
         return cls(obj_id=obj_id, points=points, labels=labels, box=box, mask=mask)
 
 
@@ -144,6 +154,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.compile_mode != "default":
             self.compile = True
+        if self.device is None or isinstance(self.device, torch.device):
+            self.device = "auto" if self.device is None else str(self.device)
+        lost = self.lost_after
+        if isinstance(lost, bool) or not isinstance(lost, (int, float)) or not lost >= 0:
+            raise UserError(f"lost_after must be a number of seconds >= 0, got {lost!r}")
         if isinstance(self.max_objects, bool) or not isinstance(self.max_objects, int) \
                 or self.max_objects < 1:
             raise UserError(f"max_objects must be a positive integer, got {self.max_objects!r}")
@@ -253,6 +268,10 @@ class StreamingEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> StreamingEngine:
+        """Build the model ``config`` names (``model``, ``checkpoint``, ``device``,
+        ``image_size``) and an engine on it; the constructor takes a built model and
+        reads only the tracking settings.  Raises ``UserError`` (``CheckpointError`` for
+        a checkpoint that is missing or does not match the model)."""
         device = resolve_device(config.device)
         model = build_model(
             config.model, config.checkpoint, device=device, image_size=config.image_size
@@ -274,8 +293,9 @@ class StreamingEngine:
                 f"{self.config.max_objects}; remove one first (or raise max_objects)")
 
     def remove_object(self, obj_id: int) -> None:
+        """Stop tracking ``obj_id`` (``PromptError`` if it is not tracked)."""
         if obj_id not in self._tracks:
-            raise PromptError(f"unknown object id {obj_id}; known: {self.object_ids}")
+            raise PromptError(f"unknown object id {obj_id!r}; known: {self.object_ids}")
         del self._tracks[obj_id]
 
     def reset(self) -> None:
@@ -344,23 +364,30 @@ class StreamingEngine:
     def step(
         self,
         frame: np.ndarray | torch.Tensor,
-        prompts: list[Prompt] | tuple[Prompt, ...] = (),
+        prompts: list[Prompt] | tuple[Prompt, ...] | Prompt | None = (),
         *,
         timestamp: float | None = None,
         return_logits: bool = False,
     ) -> FrameOutput:
         """Track every object on ``frame`` (RGB uint8, HxWx3), applying ``prompts`` first.
 
-        All prompts are validated before anything changes: a bad prompt raises
-        ``PromptError`` and the engine is as it was.
+        All input is validated before anything changes: a bad prompt raises
+        ``PromptError``, a bad frame or timestamp ``UserError`` (``PromptError`` is a
+        ``ValueError`` too; both are ``streamtrack.errors.UserError``), and the engine is
+        as it was.  ``step`` while steps from :meth:`launch` are unfinished raises
+        ``RuntimeError``: finish them first (or :meth:`drop_launched`).
         """
+        if self._pending:
+            raise RuntimeError(
+                f"step() with {len(self._pending)} launched step(s) unfinished: finish() them "
+                "first, or drop_launched()")
         return self.finish(self.launch(frame, prompts, timestamp=timestamp, return_logits=return_logits))
 
     @torch.inference_mode()
     def launch(
         self,
         frame: np.ndarray | torch.Tensor,
-        prompts: list[Prompt] | tuple[Prompt, ...] = (),
+        prompts: list[Prompt] | tuple[Prompt, ...] | Prompt | None = (),
         *,
         timestamp: float | None = None,
         return_logits: bool = False,
@@ -368,12 +395,19 @@ class StreamingEngine:
         """The first half of :meth:`step`: queue the frame's device work, without waiting
         for it.  The engine's state moves on at once, so the next frame can be launched
         before this one is finished; on a GPU that keeps the device busy while the host
-        turns the last frame's masks into results.  Finish steps in launch order."""
+        turns the last frame's masks into results.  Finish steps in launch order.
+        Raises as :meth:`step`, before anything changes."""
         height, width = _check_frame(frame)
-        prompts = list(prompts)
+        frame = _without_negative_strides(frame)
+        prompts = _prompt_list(prompts)
+        for p in prompts:
+            check_prompt(p, height, width)
         inputs = [self._prompt_inputs(p, height, width) for p in _unique(prompts)]
+        prompts = [p if type(p.obj_id) is int else replace(p, obj_id=int(p.obj_id)) for p in prompts]
         self.check_room({p.obj_id for p in prompts})
-        now = time.monotonic() if timestamp is None else timestamp
+        if timestamp is not None and not _finite(timestamp):
+            raise UserError(f"timestamp must be a finite number of seconds, got {timestamp!r}")
+        now = time.monotonic() if timestamp is None else float(timestamp)
         infer_start = time.time()
         self.frame_idx += 1
         f = self.frame_idx
@@ -396,7 +430,8 @@ class StreamingEngine:
 
     def finish(self, pending: PendingStep) -> FrameOutput:
         """The second half of :meth:`step`: wait for ``pending``'s masks and scores and
-        build its output (object states move on here, frame by frame)."""
+        build its output (object states move on here, frame by frame).  ``RuntimeError``
+        unless ``pending`` is the oldest step launched and not yet finished."""
         if not self._pending or self._pending[0] is not pending:
             raise RuntimeError("finish() takes launched steps in the order they were launched")
         self._pending.popleft()
@@ -523,8 +558,7 @@ class StreamingEngine:
         return on_device
 
     def _prompt_inputs(self, p: Prompt, height: int, width: int):
-        """Validate a prompt and turn it into sam2's point/mask inputs (model pixels)."""
-        check_prompt(p, height, width)
+        """Turn a prompt (checked by ``check_prompt``) into sam2's point/mask inputs (model pixels)."""
         if p.mask is not None:
             m = torch.from_numpy(np.asarray(p.mask).astype(bool))[None, None].float().to(self.device)
             s = self.image_size
@@ -776,10 +810,14 @@ def check_prompt(p: Prompt, height: int, width: int, surface: str = "frame") -> 
     if p.mask is not None:
         if p.points is not None or p.box is not None:
             raise PromptError(f"object {oid}: a mask prompt cannot be combined with points or a box")
-        check_mask_shape(oid, np.asarray(p.mask).shape, height, width, surface)
+        mask = np.asarray(p.mask)
+        check_mask_shape(oid, mask.shape, height, width, surface)
+        _check_binary(oid, mask)
         return
     if p.box is None and p.points is None:
         raise PromptError(f"object {oid}: a prompt needs a box, points or a mask")
+    if p.points is None and p.labels is not None:
+        raise PromptError(f"object {oid}: labels need points (a box takes no labels)")
     if p.box is not None:
         box = list(p.box)
         if len(box) != 4 or not all(_finite(v) for v in box):
@@ -799,6 +837,43 @@ def check_prompt(p: Prompt, height: int, width: int, surface: str = "frame") -> 
         if any(len(pt) != 2 or not all(_finite(v) for v in pt) for pt in p.points):
             raise PromptError(f"object {oid}: points are (x, y) pairs of finite numbers")
         _check_inside(oid, p.points, width, height, "point", surface)
+
+
+def _check_binary(oid: int, mask: np.ndarray) -> None:
+    """A float mask must be 0/1: any other value would silently count as the object (as in
+    sam2, which turns a mask prompt into booleans), so a probability or logit map given as
+    a prompt would cover the whole frame."""
+    if mask.dtype.kind not in "fc":
+        return
+    if not np.isin(mask, (0.0, 1.0)).all():
+        finite = mask[np.isfinite(mask)]
+        seen = f"values in [{finite.min():g}, {finite.max():g}]" if finite.size else "no finite values"
+        raise PromptError(
+            f"object {oid}: a float mask prompt must hold only 0 and 1 (got {seen}); "
+            "threshold a soft mask first, e.g. mask > 0.5")
+
+
+def _prompt_list(prompts) -> list[Prompt]:
+    """``prompts`` as a list: None or one ``Prompt`` are accepted for convenience."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, Prompt):
+        return [prompts]
+    if isinstance(prompts, (dict, str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise PromptError(
+            f"prompts must be a list of Prompt (Prompt.make(...)), got {type(prompts).__name__}")
+    prompts = list(prompts)
+    for p in prompts:
+        if not isinstance(p, Prompt):
+            raise PromptError(f"prompts must be Prompt objects (Prompt.make(...)), got {type(p).__name__}")
+    return prompts
+
+
+def _without_negative_strides(frame):
+    """torch cannot wrap numpy views with negative strides (``bgr[..., ::-1]``): copy those."""
+    if isinstance(frame, np.ndarray) and any(s < 0 for s in frame.strides):
+        return np.ascontiguousarray(frame)
+    return frame
 
 
 def _finite(v) -> bool:

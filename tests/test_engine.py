@@ -230,6 +230,11 @@ BAD_PROMPTS = {
     "mask and box": Prompt(2, mask=np.ones((120, 160), bool), box=(1.0, 1.0, 5.0, 5.0)),
     "object id zero": Prompt.make(0, box=[10, 10, 50, 50]),
     "object id str": Prompt("a", box=(10.0, 10.0, 50.0, 50.0)),
+    # Any non-zero value would count as the object: a probability map covered the frame.
+    "soft mask": Prompt(2, mask=np.full((120, 160), 0.9, np.float32)),
+    "nan mask": Prompt(2, mask=np.full((120, 160), np.nan)),
+    "labels without points": Prompt(2, box=(10.0, 10.0, 50.0, 50.0), labels=(1,)),
+    "a dict": {"obj_id": 2, "box": [10, 10, 50, 50]},
 }
 
 
@@ -245,6 +250,63 @@ def test_bad_prompt_leaves_engine_untouched(engine_two_frames, clip40, case):
     assert after == before
     out = engine.step(clip40.frames[2])
     assert [o.obj_id for o in out.objects] == [1] and out.frame_idx == 2
+
+
+def test_prompt_make_refuses_what_is_not_coordinates():
+    with pytest.raises(PromptError, match=r"object 1: points are a list of \(x, y\) pairs"):
+        Prompt.make(1, points=[40, 30])  # one flat point
+    with pytest.raises(PromptError, match="object 1: a box is 4 numbers"):
+        Prompt.make(1, box="20,10,70,50")
+
+
+def test_float_masks_of_0_and_1_are_the_same_prompt_as_booleans(tiny_checkpoint, clip40):
+    outs = []
+    for mask in (clip40.masks[2][0], clip40.masks[2][0].astype(np.float64)):
+        engine = make_engine(tiny_checkpoint)
+        outs.append(engine.step(clip40.frames[0], [Prompt.make(2, mask=mask)]).by_id(2))
+    assert outs[0].area > 0 and np.array_equal(outs[0].mask, outs[1].mask)
+
+
+def test_one_prompt_none_and_numpy_ids_are_accepted(engine_two_frames, clip40):
+    engine = engine_two_frames
+    out = engine.step(clip40.frames[2], Prompt.make(np.int64(2), box=clip40.box(2, 2)))
+    assert [type(o.obj_id) for o in out.objects] == [int, int] and engine.object_ids == [1, 2]
+    assert type(engine.object_ids[1]) is int  # json.dumps-able, like every other id
+    assert [o.obj_id for o in engine.step(clip40.frames[3], None).objects] == [1, 2]
+
+
+def test_flipped_frame_views_are_tracked_as_their_copies(tiny_checkpoint, clip40):
+    """``bgr[..., ::-1]`` has negative strides, which torch cannot wrap (the GPU path)."""
+    outs = []
+    for flip in (lambda f: np.ascontiguousarray(f[:, ::-1]), lambda f: f[:, ::-1]):
+        engine = make_engine(tiny_checkpoint, preprocess="fast")
+        engine.step(flip(clip40.frames[0]), [Prompt.make(1, box=[0, 0, 80, 60])])
+        outs.append(engine.step(flip(clip40.frames[1])).by_id(1))
+    assert np.array_equal(outs[0].mask, outs[1].mask) and outs[0].score == outs[1].score
+
+
+def test_step_refuses_while_launched_steps_are_unfinished(engine_two_frames, clip40):
+    engine = engine_two_frames
+    first = engine.launch(clip40.frames[2])
+    with pytest.raises(RuntimeError, match="1 launched step"):
+        engine.step(clip40.frames[3], [Prompt.make(2, box=clip40.box(2, 3))])
+    assert engine.frame_idx == 2 and engine.object_ids == [1]  # nothing tracked, nothing lost
+    assert engine.finish(first).frame_idx == 2
+    assert engine.step(clip40.frames[3]).frame_idx == 3
+
+
+def test_timestamps_and_settings_are_checked_before_anything_changes(engine_two_frames, clip40):
+    engine = engine_two_frames
+    with pytest.raises(UserError, match="timestamp must be a finite number"):
+        engine.step(clip40.frames[2], [Prompt.make(2, box=clip40.box(2, 2))], timestamp="now")
+    assert engine.frame_idx == 1 and engine.object_ids == [1]
+    for bad in (-1, "3", float("nan"), True):
+        with pytest.raises(UserError, match="lost_after must be"):
+            EngineConfig(lost_after=bad)
+    assert EngineConfig(device=torch.device("cpu")).device == "cpu"
+    assert EngineConfig(device=None).device == "auto"
+    with pytest.raises(PromptError, match="unknown object id '1'"):
+        engine.remove_object("1")
 
 
 def test_duplicate_prompt_and_unknown_object(engine_two_frames, clip40):
