@@ -85,10 +85,22 @@ def make_predictor(model: torch.nn.Module, **kwargs):
     return predictor
 
 
+def as_image(image) -> np.ndarray:
+    """``image`` as a numpy array torch can wrap: a PIL image is converted to RGB, a view
+    with negative strides (``bgr[..., ::-1]``) is copied.  Checked by :func:`check_image`."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray) and any(s < 0 for s in image.strides):
+        return np.ascontiguousarray(image)
+    return image
+
+
 def check_image(image: np.ndarray) -> tuple[int, int]:
     """Return (H, W) of an RGB uint8 image, or raise ``UserError``."""
     if not isinstance(image, np.ndarray):
-        raise UserError(f"an image must be a numpy array, got {type(image).__name__}")
+        raise UserError(f"an image must be a numpy array or PIL image, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
         raise UserError(f"an image must be RGB uint8 of shape (H, W, 3), got {image.shape} {image.dtype}")
     return image.shape[0], image.shape[1]
@@ -138,7 +150,7 @@ class Segmenter:
     ):
         if isinstance(model, torch.nn.Module):
             if checkpoint is not None or image_size is not None:
-                raise ValueError("checkpoint and image_size apply only when a model name is given")
+                raise UserError("checkpoint and image_size apply only when a model name is given")
         else:
             dev = device if isinstance(device, torch.device) else resolve_device(device)
             model = build_model(model, checkpoint, device=dev, image_size=image_size, kind="image")
@@ -160,8 +172,11 @@ class Segmenter:
 
     @torch.inference_mode()
     def set_image(self, image_rgb: np.ndarray) -> None:
-        """Embed ``image_rgb`` (RGB uint8, HxWx3); later ``predict`` calls reuse the embedding."""
+        """Embed ``image_rgb`` (RGB uint8, HxWx3, or a PIL image); later ``predict`` calls
+        reuse the embedding."""
+        image_rgb = as_image(image_rgb)
         hw = check_image(image_rgb)
+        self._hw = None  # sam2 forgets the last image first: so does predict() if this fails
         with self._autocast():
             self.predictor.set_image(image_rgb)
         self._hw = hw
@@ -170,7 +185,9 @@ class Segmenter:
         self, image_rgb: np.ndarray, objects: Sequence[Prompt], multimask: bool = False
     ) -> list[SegmentResult]:
         """Embed the image and predict one ``SegmentResult`` per object, in the given order."""
+        image_rgb = as_image(image_rgb)
         height, width = check_image(image_rgb)
+        objects = list(objects)
         # Prompts first: a bad prompt should not cost an image embedding.
         check_prompts(objects, height, width)
         self.set_image(image_rgb)
@@ -234,7 +251,11 @@ def render_overlay(
 ) -> np.ndarray:
     """The tutorial's look: each object's best mask filled at ``alpha`` with a white
     smoothed border, prompt boxes outlined in green, fg/bg points as green/red stars."""
-    check_image(image)
+    height, width = check_image(image)
+    for r in results:
+        if r.mask.shape != (height, width):
+            raise UserError(f"object {r.obj_id}: its mask is {r.mask.shape[1]}x{r.mask.shape[0]}, "
+                            f"the image {width}x{height}: results of another image?")
     objects = [Annotation(r.obj_id, r.mask, r.bbox, r.score) for r in results]
     out = annotate(image, objects, alpha=alpha, borders=True, labels=labels,
                    random_colors=random_colors, border_width=2)

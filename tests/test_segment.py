@@ -20,7 +20,7 @@ from conftest import TEST_IMAGE_SIZE
 from PIL import Image
 
 from streamtrack.engine import Prompt
-from streamtrack.errors import PromptError
+from streamtrack.errors import PromptError, UserError
 from streamtrack.models import build_model
 from streamtrack.overlay import color_for
 from streamtrack.protocol import decode_mask, mask_bbox
@@ -168,6 +168,39 @@ def test_bad_prompts_are_rejected(segmenter, prompt, message):
     with pytest.raises(PromptError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         segmenter.predict([prompt])
     assert "\n" not in str(e.value)
+
+
+def test_flipped_views_pil_images_and_generators_are_taken(segmenter, image, clip):
+    prompts = [Prompt.make(1, box=clip.box(1))]
+    try:
+        want = segmenter.segment(np.ascontiguousarray(image[:, ::-1]), prompts)[0]
+        for given in (image[:, ::-1], Image.fromarray(np.ascontiguousarray(image[:, ::-1]))):
+            got = segmenter.segment(given, (p for p in prompts))[0]  # a generator of prompts too
+            assert np.array_equal(got.masks, want.masks) and np.array_equal(got.scores, want.scores)
+    finally:
+        segmenter.set_image(image)  # the other tests' image
+
+
+def test_a_failed_set_image_forgets_the_last_image(tiny_checkpoint, image, clip, monkeypatch):
+    seg = Segmenter(MODEL, tiny_checkpoint, device="cpu", image_size=TEST_IMAGE_SIZE)
+    seg.set_image(image)
+
+    def fail(_image):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(seg.predictor, "set_image", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        seg.set_image(image[::2, ::2].copy())
+    with pytest.raises(RuntimeError, match="call set_image"):  # not the previous image's masks
+        seg.predict([Prompt.make(1, box=[1, 1, 20, 20])])
+    with pytest.raises(UserError, match="apply only when a model name is given"):
+        Segmenter(seg.model, image_size=TEST_IMAGE_SIZE)
+
+
+def test_overlay_of_another_images_results_is_refused(segmenter, image, clip):
+    result = segmenter.predict([Prompt.make(1, box=clip.box(1))])
+    with pytest.raises(UserError, match=r"object 1: its mask is 160x120, the image 80x60"):
+        render_overlay(image[::2, ::2].copy(), result)
 
 
 def test_empty_and_duplicate_prompts_are_rejected():
