@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from streamtrack.protocol import mask_bbox
+
 # A fixed palette (tab10-like, RGB) indexed by object id: an object keeps its colour.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -58,13 +60,20 @@ def annotate(
 
     Colours come from :data:`PALETTE` by object id, or, with ``random_colors``,
     from a generator seeded with ``seed`` (None = a different look each call).
+    An object without a ``bbox`` gets its mask's; a mask must have the image's size.
     """
     out = image.copy()
     rng = np.random.default_rng(seed) if random_colors else None
     for obj in objects:
-        if obj.mask is None or obj.bbox is None:
+        if obj.mask is None:
             continue
-        x0, y0, x1, y1 = (int(v) for v in obj.bbox)
+        if obj.mask.shape != out.shape[:2]:
+            raise ValueError(f"object {obj.obj_id}: mask shape {obj.mask.shape} does not match "
+                             f"the image's {out.shape[:2]}")
+        bbox = obj.bbox if obj.bbox is not None else mask_bbox(obj.mask)
+        if bbox is None:  # an empty mask
+            continue
+        x0, y0, x1, y1 = (int(v) for v in bbox)
         color = random_color(rng) if rng is not None else color_for(obj.obj_id)
         roi = out[y0:y1, x0:x1]
         m = np.asarray(obj.mask[y0:y1, x0:x1], dtype=bool)

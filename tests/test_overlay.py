@@ -227,10 +227,23 @@ def test_the_first_palette_ids_get_distinct_colours():
     assert color_for(n + 1) == color_for(1)
 
 
-def test_objects_without_mask_or_box_are_skipped():
+def test_objects_without_a_mask_or_with_an_empty_one_are_skipped():
     image = textured(2)
-    out = annotate(image, [Annotation(1, None, (0, 0, 10, 10), 0.9), Annotation(2, RECT, None, 0.9)])
+    empty = np.zeros_like(RECT)
+    out = annotate(image, [Annotation(1, None, (0, 0, 10, 10), 0.9), Annotation(2, empty, None, 0.9)])
     assert np.array_equal(out, image)
+
+
+def test_an_object_without_a_box_gets_its_masks():
+    image = textured(2)
+    assert np.array_equal(annotate(image, [Annotation(2, RECT, None, 0.9)]),
+                          annotate(image, [anno(2, RECT, 0.9)]))
+    assert not np.array_equal(annotate(image, [Annotation(2, RECT, None, 0.9)]), image)
+
+
+def test_a_mask_of_another_size_is_refused():
+    with pytest.raises(ValueError, match=r"object 3: mask shape \(\d+, \d+\) does not match"):
+        annotate(textured(2), [Annotation(3, RECT.T.copy(), None, 0.9)])
 
 
 def test_random_colours_are_reproducible_with_a_seed():
