@@ -8,9 +8,13 @@ ZeroMQ (and sees the gap in ``seq``), the tracker never notices.
 from __future__ import annotations
 
 import errno
+import ipaddress
+import logging
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +35,8 @@ from streamtrack.protocol import (
     status_topic,
     validate_stream,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from streamtrack.curve import CurveServer
@@ -61,11 +67,38 @@ def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
 def connect_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
     """Connect ``sock`` (asynchronous in ZeroMQ: the peer may come up later)."""
     ep = normalize_endpoint(endpoint)
+    if ep.startswith("tcp://") and ep.endswith(":*"):
+        raise UserError(f"cannot connect {what} to {endpoint!r}: port 0 (any free port) is for "
+                        "binding; give the port the other side bound")
     try:
         sock.connect(ep)
     except zmq.ZMQError as exc:
         raise UserError(f"cannot connect {what} to {ep}: {exc}") from exc
     return ep
+
+
+def warn_unreachable(endpoints: list[str], what: str) -> None:
+    """Log a warning for each connected endpoint that cannot work as given: a host name
+    that does not resolve, an ipc:// path in a folder that does not exist.  ZeroMQ would
+    retry them silently forever; the warning says why nothing arrives (a host that
+    appears later still connects)."""
+    for ep in endpoints:
+        scheme, _, rest = ep.partition("://")
+        if scheme == "tcp":
+            host, _, port = rest.rpartition(":")
+            host = host.strip("[]")
+            try:
+                ipaddress.ip_address(host)
+                continue
+            except ValueError:
+                pass
+            try:
+                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:
+                reason = getattr(exc, "strerror", None) or exc
+                log.warning("%s: host %r of %s does not resolve (%s); still trying", what, host, ep, reason)
+        elif scheme == "ipc" and not Path(rest).parent.is_dir():
+            log.warning("%s: %s is in a folder that does not exist; still trying", what, ep)
 
 
 def status_event(stream: str, event: StatusEvent | str, data: Mapping[str, Any] | None,

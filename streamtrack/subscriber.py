@@ -39,7 +39,7 @@ from streamtrack.protocol import (
     now,
     parse_topic,
 )
-from streamtrack.publisher import connect_socket
+from streamtrack.publisher import connect_socket, warn_unreachable
 
 if TYPE_CHECKING:
     from streamtrack.curve import CurveClient
@@ -173,11 +173,7 @@ class Subscriber:
             follow = follow or listing
         if isinstance(endpoints, (str, int)):
             endpoints = [endpoints]
-        if isinstance(topics, str):
-            topics = [topics]
-        topics = list(topics)
-        if not topics:
-            raise UserError("Subscriber needs at least one topic filter")
+        topics = _topic_list(topics)
         # Masks are validated when decoded (decode_mask); checking every RLE of every
         # message in the receive thread would only slow down the drain.
         self._validate_masks = validate_masks
@@ -202,6 +198,11 @@ class Subscriber:
         if not self.endpoints:
             sock.close(linger=0)
             raise UserError("Subscriber needs at least one endpoint")
+        # ZeroMQ connects in the background and retries forever, so a mistyped host
+        # would look like a publisher with nothing to say: say so (off the caller's
+        # thread: a name lookup can take seconds).
+        threading.Thread(target=warn_unreachable, args=(list(self.endpoints), "subscriber"),
+                         name="streamtrack-subscriber-check", daemon=True).start()
         self.topics = tuple(topics)
         self._follow = follow
         self._follow_interval = follow_interval
@@ -406,7 +407,10 @@ class Subscriber:
             return find()
 
     def __iter__(self) -> Iterator[Message]:
-        """Yield new messages until :meth:`close` (newest-only per topic)."""
+        """Yield new messages until :meth:`close` (newest-only per topic).  The loop waits
+        as long as no message comes (no publisher yet, or one that stopped): use
+        :meth:`recv` with a timeout to wait a bounded time."""
+        self._check_open()
         while not self.closed:
             msg = self.recv(timeout=0.25)
             if msg is not None:
@@ -435,11 +439,32 @@ class Subscriber:
         with self._cond:
             self._cond.notify_all()
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this Subscriber is closed; make a new one")
+
     def __enter__(self) -> Subscriber:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _topic_list(topics) -> list[str]:
+    """Topic filters as strings (bytes, as pyzmq spells them, are accepted)."""
+    if isinstance(topics, (str, bytes)):
+        topics = [topics]
+    out = []
+    for t in topics:
+        if isinstance(t, bytes):
+            t = t.decode("ascii", errors="strict") if t.isascii() else None
+        if not isinstance(t, str):
+            raise UserError(f"topic filters are strings such as 'masks/', got {topics!r}")
+        out.append(t)
+    if not out:
+        raise UserError("Subscriber needs at least one topic filter")
+    return out
 
 
 def _fleet_listing(fleet: str, streams: list[str] | None) -> tuple[list[str], Callable[[], list[str]]]:

@@ -274,6 +274,42 @@ def test_publisher_endpoint_errors() -> None:
         p.publish_result(_result(0))
 
 
+def test_subscriber_arguments_that_cannot_work_are_named(pub: Publisher, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="port 0 .any free port. is for binding"):
+        Subscriber(0)
+    with pytest.raises(UserError, match="topic filters are strings"):
+        Subscriber(pub.endpoint, topics=[5])
+    with Subscriber(pub.endpoint, topics=b"masks/") as sub:  # bytes, as pyzmq spells topics
+        assert sub.topics == ("masks/",)
+        _sync(pub, sub)
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(sub).__next__()
+    with pytest.raises(RuntimeError, match="closed"), sub:
+        pass
+
+
+def test_subscriber_warns_of_hosts_and_paths_that_do_not_exist(caplog, monkeypatch, tmp_path) -> None:
+    import streamtrack.publisher as publisher
+
+    def unknown(host, *args, **kwargs):
+        if host == "camera-typo":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [()]
+
+    monkeypatch.setattr(publisher.socket, "getaddrinfo", unknown)
+    ipc = f"ipc://{tmp_path}/missing/sock"
+    with caplog.at_level("WARNING", logger="streamtrack.publisher"), \
+            Subscriber(["tcp://camera-typo:5555", ipc, "tcp://127.0.0.1:5999", "localhost:5998"]):
+        deadline = time.monotonic() + 5
+        while len(caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert [r.getMessage() for r in caplog.records] == [
+        "subscriber: host 'camera-typo' of tcp://camera-typo:5555 does not resolve "
+        "(Name or service not known); still trying",
+        f"subscriber: {ipc} is in a folder that does not exist; still trying",
+    ]
+
+
 # ------------------------------------------------------------------------ control
 
 
