@@ -33,6 +33,7 @@ from enum import Enum
 from types import TracebackType
 from typing import ClassVar
 
+import av
 import numpy as np
 
 from streamtrack.errors import UserError
@@ -636,7 +637,10 @@ class Capture:
                 assert reader is not None
                 self._run_file(reader)
         except Exception as exc:  # never die silently: the consumer sees `failed`
-            log.exception("%s: capture failed", self.name)
+            if isinstance(exc, (av.FFmpegError, OSError)):  # the input's fault, said in one line
+                log.warning("%s: capture failed: %s", self.name, describe_error(exc, self.spec))
+            else:
+                log.exception("%s: capture failed", self.name)
             self._transition(SourceState.FAILED, describe_error(exc, self.spec))
         finally:
             self._release_reader()
@@ -671,15 +675,25 @@ class Capture:
                 except Exception as exc:
                     error = describe_error(exc, self.spec)
                     self._count_attempt()
+                    if self._decoded == 0 and isinstance(exc, _WRONG_ADDRESS):
+                        # Never streamed and the server says the address is wrong (a typo,
+                        # bad credentials): retrying would only hide it.  A source that has
+                        # streamed keeps retrying whatever it gets (a camera rebooting).
+                        self._transition(SourceState.FAILED, error)
+                        return
                     outage_since = outage_since or time.monotonic()
                     if not self._wait_to_retry(error, outage_since, backoff.next_delay()):
                         return
                     continue
             self._set_reader(reader)
             delivered, error = self._pump_live(reader)
+            ends = error is None and delivered and getattr(reader, "ends_at_eof", False)
             self._release_reader()
             reader = None
             if self._stop.is_set():
+                return
+            if ends:  # a file at a URL, not a camera: its end is the end
+                self._transition(SourceState.ENDED)
                 return
             if delivered:
                 outage_since = time.monotonic()
@@ -782,6 +796,11 @@ class Capture:
                 return
             if state is SourceState.STREAMING and idle >= stale_after:
                 self._transition(SourceState.STALE, only_from=SourceState.STREAMING)
+
+
+# Answers that say the address itself is wrong rather than the server being away.
+_WRONG_ADDRESS = (av.HTTPBadRequestError, av.HTTPUnauthorizedError, av.HTTPForbiddenError,
+                  av.HTTPNotFoundError, av.ProtocolNotFoundError)
 
 
 def open_source(

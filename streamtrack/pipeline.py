@@ -410,6 +410,7 @@ class Tracker:
         emitter = make_emitter(cfg.emit, cfg.outputs, self._on_published)
         self._publisher = emitter.publisher
         control = bar = declared = None
+        console = contextlib.ExitStack()
         summary = RunSummary()
         started = time.monotonic()
         try:
@@ -445,8 +446,13 @@ class Tracker:
             if self.capture.kind is SourceKind.FILE:
                 declared = _frame_count(cfg.source)  # the progress bar's total; a file cut short
             bar = _progress(cfg, self.capture, declared)
-            if bar is not None and self.frames_seen:
-                bar.update(self.frames_seen)
+            if bar is not None:
+                from tqdm.contrib.logging import logging_redirect_tqdm
+
+                # Warnings print on lines of their own above the bar, not glued to its line.
+                console.enter_context(logging_redirect_tqdm())
+                if self.frames_seen:
+                    bar.update(self.frames_seen)
             while not self._stop.is_set():
                 if cfg.max_frames is not None and self.frames_seen >= cfg.max_frames:
                     break
@@ -499,6 +505,7 @@ class Tracker:
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
+            console.close()
             if bar is not None:  # its line ends before an error is printed, and is not redrawn after
                 bar.close()
             if self._in_flight is not None and self.engine is not None:
@@ -539,11 +546,14 @@ class Tracker:
         if self.capture.kind is SourceKind.FILE and self.capture.state is SourceState.ENDED:
             # A file cut short (an unfinished download or recording) decodes up to the cut
             # and ends there like a whole one; its header still counts every frame.
-            if declared and stats.frames_decoded < declared - 1:
+            missing = declared - stats.frames_decoded if declared else 0
+            if missing > 1 + stats.decode_errors:
                 log.warning("video file %s ended after %d of the %d frames its header declares: is it cut "
                             "short?", cfg.source, stats.frames_decoded, declared)
             if stats.decode_errors:
-                log.warning("video file %s: %d damaged packet(s) skipped", cfg.source, stats.decode_errors)
+                # Frame numbers count decoded frames: a prompts file's later frames move up.
+                log.warning("video file %s: %d damaged packet(s) skipped; frames after them are numbered "
+                            "without them", cfg.source, stats.decode_errors)
         unwritten = [f"{what} {path}" for what, path in (("--save-jsonl", cfg.save_jsonl),
                                                          ("--save-video", cfg.save_video)) if path]
         if self.frames_seen == 0 and unwritten:  # an earlier run's file there would pass for this one's

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import av
 import cv2
@@ -44,10 +45,14 @@ __all__ = [
     "redact_url",
 ]
 
+_HTTP_SCHEMES = frozenset({"http", "https"})
+
 #: URL schemes handed to PyAV as live network streams.
 NETWORK_SCHEMES = frozenset(
     {"rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt"}
 )
+
+_V4L2_MAJOR = 81  # Linux's video4linux character devices (/dev/videoN)
 
 # Probe only a little of a live stream before the first frame: RTSP carries the
 # H.264 parameters in its SDP, so long probing only adds start-up latency.
@@ -86,7 +91,11 @@ class SourceSpec:
 
 def redact_url(url: str) -> str:
     """Hide the user:password part of a URL so it never reaches logs or errors."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # malformed (e.g. an unclosed [): hide anything before an @
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if "@" in rest else url
     if "@" not in parts.netloc:
         return url
     host = parts.netloc.rsplit("@", 1)[1]
@@ -104,18 +113,24 @@ def parse_source(source: str | int) -> SourceSpec:
 
     Only the form is checked here (and that a file exists); opening happens later.
     """
-    if isinstance(source, int):
+    if isinstance(source, int) and not isinstance(source, bool):
         return _webcam_spec(source)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str):
+        raise UserError(f"a video source is a path, URL or webcam index, got {type(source).__name__}: "
+                        f"{_SOURCE_HELP}")
     text = source.strip()
     if not text:
         raise UserError(f"empty video source: {_SOURCE_HELP}")
-    if text.isdigit():
+    if text.isdigit() or (text.startswith("-") and text[1:].isdigit()):
         return _webcam_spec(int(text))
     if text.startswith("/dev/"):
-        return SourceSpec(SourceKind.WEBCAM, text, os.path.basename(text))
+        return _device_spec(text)
     if "://" in text:
         return _url_spec(text)
-    return _file_spec(text)
+    # A file name may begin or end with spaces: keep them if that is the file.
+    return _file_spec(source if os.path.exists(source) else text)
 
 
 def _webcam_spec(index: int) -> SourceSpec:
@@ -124,17 +139,38 @@ def _webcam_spec(index: int) -> SourceSpec:
     return SourceSpec(SourceKind.WEBCAM, index, f"webcam{index}")
 
 
+def _device_spec(path: str) -> SourceSpec:
+    """A webcam by device path.  Anything under /dev that exists and is not a video
+    device (``/dev/null``, ``/dev/stdin``) is refused here rather than by OpenCV."""
+    if os.path.exists(path):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise UserError(f"cannot use {path}: {exc.strerror}") from None
+        if not stat.S_ISCHR(st.st_mode) or os.major(st.st_rdev) != _V4L2_MAJOR:
+            raise UserError(f"{path} is not a video device (webcams are /dev/videoN)")
+    return SourceSpec(SourceKind.WEBCAM, path, os.path.basename(path))
+
+
 def _url_spec(text: str) -> SourceSpec:
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        return _file_spec(parts.path)
-    if scheme not in NETWORK_SCHEMES:
-        raise UserError(f"unsupported video source scheme '{scheme}://': {_SOURCE_HELP}")
-    if not parts.hostname:
+    try:
+        parts = urlsplit(text)
+        scheme = parts.scheme.lower()
+        if scheme == "file":
+            if parts.netloc not in ("", "localhost"):
+                raise UserError(f"a file:// URL names a local path (file:///path/to/video.mp4), "
+                                f"got host {parts.netloc!r} in {text}")
+            return _file_spec(unquote(parts.path))
+        if scheme not in NETWORK_SCHEMES:
+            raise UserError(f"unsupported video source scheme '{scheme}://': {_SOURCE_HELP}")
+        host, _port = parts.hostname, parts.port  # both raise ValueError for a malformed netloc
+    except ValueError as exc:
+        raise UserError(f"malformed video source URL {redact_url(text)}: {exc}") from None
+    if not host:
         raise UserError(f"video source URL has no host: {redact_url(text)}")
-    name = parts.hostname + (parts.path.rstrip("/") or "")
-    return SourceSpec(SourceKind.NETWORK, text, name)
+    name = host + (parts.path.rstrip("/") or "")
+    # FFmpeg knows its protocols by their lower-case names only.
+    return SourceSpec(SourceKind.NETWORK, urlunsplit(parts._replace(scheme=scheme)), name)
 
 
 def _file_spec(path: str) -> SourceSpec:
@@ -142,6 +178,9 @@ def _file_spec(path: str) -> SourceSpec:
         raise UserError(f"video file not found: {path}")
     if os.path.isdir(path):
         raise UserError(f"video source is a directory, not a file: {path}")
+    if not os.path.isfile(path):
+        # A named pipe blocks until a writer comes, and can be read only once.
+        raise UserError(f"video source is not a regular file (a pipe or a device?): {path}")
     stem = os.path.splitext(os.path.basename(path))[0]
     return SourceSpec(SourceKind.FILE, path, stem or "file")
 
@@ -179,13 +218,17 @@ class FrameReader(Protocol):
 def _pyav_options(url: str, read_timeout: float) -> dict[str, str]:
     """Low-latency demuxer options for a live network stream."""
     options = {
-        "fflags": "nobuffer",
         "probesize": _LIVE_PROBESIZE,
         "analyzeduration": _LIVE_ANALYZEDURATION_US,
         # Socket I/O timeout (microseconds), so a silent server cannot block a read.
         "timeout": str(int(read_timeout * 1_000_000)),
     }
-    if urlsplit(url).scheme.lower() in ("rtsp", "rtsps"):
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in _HTTP_SCHEMES:
+        # Over HTTP nobuffer throws away what probing read: the first frames of every
+        # connection, all of a short file.
+        options["fflags"] = "nobuffer"
+    if scheme in ("rtsp", "rtsps"):
         # TCP interleaving: no UDP ports to open, no packet loss artefacts.
         options["rtsp_transport"] = "tcp"
     return options
@@ -211,6 +254,10 @@ class PyAVReader:
         rate = self._stream.average_rate or self._stream.guessed_rate
         self._fps = float(rate) if rate else None
         self._decode_errors = 0
+        # A file served over HTTP has a duration, a camera's stream has none: its end is
+        # the end of the source, not a disconnect to retry.
+        self.ends_at_eof = container.duration is not None and \
+            urlsplit(str(container.name)).scheme.lower() in _HTTP_SCHEMES
 
     @property
     def fps(self) -> float | None:
@@ -222,7 +269,17 @@ class PyAVReader:
 
     def frames(self) -> Iterator[RawFrame]:
         # demux() ends with an empty packet per stream that flushes the decoder.
-        for packet in self._container.demux(self._stream):
+        packets = self._container.demux(self._stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except av.ExitError:
+                # The read timeout's interrupt: a live source gone silent, or a file whose
+                # demuxer spends that long searching damaged data for the next packet.
+                raise TimeoutError("no video data within the read timeout "
+                                   "(a silent stream, a damaged file or a stalled disk)") from None
             try:
                 decoded = packet.decode()
             except av.InvalidDataError:
@@ -236,15 +293,29 @@ class PyAVReader:
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
         # swscale's own threads (0 = one per core) convert a 720p frame ~1.7x faster on two
         # cores, bit for bit the same; on a live source this runs on the tracker's thread.
+        rgb = None
         if self._threaded_convert:
             try:
-                return frame.to_ndarray(format="rgb24", threads=0)
+                rgb = frame.to_ndarray(format="rgb24", threads=0)
             except TypeError:  # a PyAV without the threads option
                 self._threaded_convert = False
-        return frame.to_ndarray(format="rgb24")
+        if rgb is None:
+            rgb = frame.to_ndarray(format="rgb24")
+        return upright(rgb, getattr(frame, "rotation", 0))
 
     def close(self) -> None:
         self._container.close()
+
+
+_ROTATE_CCW = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
+
+
+def upright(image: np.ndarray, rotation: float) -> np.ndarray:
+    """``image`` as players show it: a phone video (or a JPEG's EXIF orientation) is stored
+    sideways with a display rotation, ``rotation`` degrees counterclockwise (PyAV's
+    ``VideoFrame.rotation``).  Prompts, masks and overlays are all in the shown frame."""
+    turns = round(rotation / 90) % 4 if rotation else 0
+    return cv2.rotate(image, _ROTATE_CCW[turns]) if turns else image
 
 
 def open_pyav(

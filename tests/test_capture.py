@@ -266,6 +266,13 @@ def test_blocking_buffer_waits_for_the_consumer_and_releases_on_finish() -> None
         ("foo://camera/1", "unsupported video source scheme 'foo://'"),
         ("rtsp:///path", "video source URL has no host"),
         ("   ", "empty video source"),
+        ("http://[::1", "malformed video source URL http://\\[::1: Invalid IPv6 URL"),
+        ("rtsp://127.0.0.1:99999/x", "malformed video source URL .*: Port out of range"),
+        ("rtsp://127.0.0.1:abc/x", "malformed video source URL"),
+        ("-1", "webcam index must be >= 0, got -1"),
+        ("/dev/null", "/dev/null is not a video device"),
+        ("file://media/clip.mp4", "a file:// URL names a local path .*got host 'media'"),
+        ("file:///nonexistent/a%20b.mp4", "video file not found: /nonexistent/a b.mp4"),
     ],
 )
 def test_bad_source_strings_fail_fast_with_one_line(source: str, message: str) -> None:
@@ -279,6 +286,93 @@ def test_bad_source_strings_fail_fast_with_one_line(source: str, message: str) -
 def test_directory_is_not_a_video(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="is a directory"):
         open_source(str(tmp_path))
+
+
+def stalling_avi(path: Path) -> Path:
+    """An MJPEG AVI whose last chunks are noise: libavformat then spends seconds searching it
+    for the next packet after the 10 good frames (a damaged download)."""
+    import re
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(10):
+            image = np.full((48, 64, 3), i * STEP, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    data = bytearray(path.read_bytes())
+    chunks = [m.start() for m in re.finditer(b"00dc", data)]
+    noise = np.random.default_rng(0)
+    for at in chunks[-7:-4]:
+        size = int.from_bytes(data[at + 4 : at + 8], "little")
+        data[at + 8 : at + 8 + size] = noise.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    return path
+
+
+def test_a_file_that_stalls_fails_in_one_line(tmp_path: Path, caplog) -> None:
+    bad = stalling_avi(tmp_path / "damaged.avi")
+    with caplog.at_level("WARNING", logger="streamtrack.capture"), \
+            open_source(str(bad), CaptureConfig(read_timeout=0.5)) as cap:
+        frames = list(cap)
+    assert len(frames) == 10 and cap.state is S.FAILED
+    assert cap.last_error.startswith("TimeoutError: no video data within the read timeout")
+    assert [(r.getMessage(), r.exc_info) for r in caplog.records] == [
+        (f"damaged: capture failed: {cap.last_error}", None)]  # no traceback
+
+
+def test_a_named_pipe_is_refused_before_it_can_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)  # opening it would wait for a writer; reading it twice loses data
+    with pytest.raises(UserError, match="not a regular file"):
+        open_source(str(fifo))
+
+
+def test_paths_spaces_and_file_urls_name_the_file(tmp_path: Path, clip: Path) -> None:
+    spaced = tmp_path / " a clip ü.mp4"
+    spaced.symlink_to(clip)
+    for source in (spaced, str(spaced), spaced.as_uri()):
+        spec = parse_source(source)
+        assert spec.kind is SourceKind.FILE and spec.target == str(spaced), source
+    assert parse_source("RTSP://cam.local/x").target == "rtsp://cam.local/x"  # FFmpeg's spelling
+    for bad in (b"clip.mp4", None, 0.5):
+        with pytest.raises(UserError, match="a video source is a path, URL or webcam index"):
+            parse_source(bad)  # type: ignore[arg-type]
+
+
+def _rotate_display(path: Path, width: int, height: int) -> Path:
+    """Give an MP4 the display matrix of a phone video shot in portrait (shown turned 90
+    degrees clockwise), as ``ffmpeg -metadata:s:v rotate=90`` writes it."""
+    data = bytearray(path.read_bytes())
+    tkhd = data.find(b"tkhd")
+    assert tkhd > 0 and data[tkhd + 4] == 0  # version 0 header
+    matrix = tkhd + 4 + 4 + 20 + 8 + 8
+    one, minus_one = 0x10000, (-0x10000) & 0xFFFFFFFF
+    values = [0, one, 0, minus_one, 0, 0, height << 16, 0, 0x40000000]
+    data[matrix : matrix + 36] = b"".join(v.to_bytes(4, "big") for v in values)
+    path.write_bytes(data)
+    return path
+
+
+def test_a_rotated_video_is_delivered_as_players_show_it(tmp_path: Path, decode: str) -> None:
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=CLIP_FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        image = np.zeros((48, 64, 3), np.uint8)
+        image[:16, :16] = 255  # a marker in the stored top-left corner
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    _rotate_display(path, 64, 48)
+    with open_source(str(path), decode=decode) as cap:
+        frames = list(cap)
+    assert len(frames) == 3
+    for f in frames:
+        assert f.image.shape == (64, 48, 3)  # portrait
+        assert f.image[:16, -16:].mean() > 200 and f.image[:, :16].mean() < 30  # now top-right
 
 
 @pytest.mark.parametrize("content", [b"this is not a video\n" * 200, b"", bytes(range(256)) * 64])
@@ -530,6 +624,44 @@ def test_refusing_url_reconnects_then_gives_up_without_hanging(decode: str) -> N
     assert events[-1].error == stats.last_error
     cap.close()
     assert cap.state is S.FAILED
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path):
+    """A plain HTTP server on 127.0.0.1 serving ``tmp_path``: (folder, base URL)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_video_file_over_http_is_read_whole_once(http_folder) -> None:
+    folder, base = http_folder
+    make_clip(folder / "clip.mp4", 12)
+    events: list = []
+    config = CaptureConfig(**LIVE, policy="block")
+    with open_source(f"{base}/clip.mp4", config, on_status=events.append) as cap:
+        frames = [f for f in cap]
+        assert cap.state is S.ENDED
+    assert [grey_index(f) for f in frames] == list(range(12))  # the first frames too
+    assert S.RECONNECTING not in {e.state for e in events}  # its end is not a disconnect
+
+
+def test_a_url_the_server_does_not_have_fails_at_once(http_folder, decode: str) -> None:
+    _, base = http_folder
+    cap = open_source(f"{base}/missing.mp4", CaptureConfig(**LIVE), decode=decode).start()
+    assert wait_for(lambda: cap.state is S.FAILED, 5 + START_BUDGET[decode])
+    assert "404" in cap.last_error
+    cap.close()
 
 
 def test_refusing_url_keeps_retrying_by_default_and_closes_fast() -> None:

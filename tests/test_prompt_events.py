@@ -317,3 +317,27 @@ def test_a_video_file_cut_short_is_reported(tmp_path, caplog):
             assert 0 < frames < 29
             assert messages == [f"video file {cut} ended after {frames} of the 30 frames its header "
                                 "declares: is it cut short?"]
+
+
+def test_warnings_during_a_run_print_on_lines_of_their_own(tmp_path, capfd):
+    """Not glued to the progress bar's line (which ends only when the bar closes)."""
+    import logging
+    import re
+    import sys
+
+    from test_capture import stalling_avi
+
+    from streamtrack.capture import CaptureConfig
+
+    video = stalling_avi(tmp_path / "damaged.avi")
+    console = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(console)
+    try:
+        run = RunConfig(source=str(video), progress=True, capture=CaptureConfig(read_timeout=0.5),
+                        prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+        assert Tracker(run, engine=TrackedIds()).run().frames == 10
+    finally:
+        logging.getLogger().removeHandler(console)
+    err = capfd.readouterr().err
+    assert "tracking" in err and "damaged: capture failed: TimeoutError" in err
+    assert re.search(r"(^|[\r\n])damaged: capture failed: TimeoutError", err), err
