@@ -399,12 +399,14 @@ def format_scores(result: SegmentResult) -> str:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (as the tutorial: PIL, ``convert("RGB")``)."""
-    from PIL import Image, UnidentifiedImageError
+    """Read an image file as RGB uint8 (as the tutorial: PIL, ``convert("RGB")``), turned
+    upright as its EXIF orientation says (a phone photo is stored sideways): prompts
+    and masks are in the image as viewers show it."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = existing_file(path, "image")
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+            return np.array(ImageOps.exif_transpose(im).convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable image ({_reason(e)})") from None

@@ -28,6 +28,7 @@ from streamtrack.segment import (
     Segmenter,
     SegmentResult,
     check_prompts,
+    load_image,
     prompts_from_args,
     render_overlay,
     save_masks_png,
@@ -179,6 +180,17 @@ def test_flipped_views_pil_images_and_generators_are_taken(segmenter, image, cli
             assert np.array_equal(got.masks, want.masks) and np.array_equal(got.scores, want.scores)
     finally:
         segmenter.set_image(image)  # the other tests' image
+
+
+def test_a_photo_stored_sideways_is_loaded_upright(tmp_path):
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:10, :10] = 255  # top-left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = load_image(tmp_path / "phone.jpg")
+    assert shown.shape == (60, 40, 3)
+    assert shown[:10, -10:].mean() > 200 and shown[:, :10].mean() < 30  # now top-right
 
 
 def test_a_failed_set_image_forgets_the_last_image(tiny_checkpoint, image, clip, monkeypatch):
