@@ -221,8 +221,10 @@ class StreamingEngine:
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None, *,
                  encoder: SharedImageEncoder | None = None):
-        """``encoder``: a :class:`~streamtrack.multistream.SharedImageEncoder` over the same
-        model, to batch this engine's image-encoder pass with other streams'."""
+        """An engine on a built ``model``, at the model's own input size and on its device:
+        ``config``'s ``model``, ``checkpoint``, ``device`` and ``image_size`` are for
+        :meth:`from_config`.  ``encoder``: a :class:`~streamtrack.multistream.SharedImageEncoder`
+        over the same model, to batch this engine's image-encoder pass with other streams'."""
         self.config = config or EngineConfig()
         self.encoder = encoder
         self.model = model.eval()
