@@ -91,7 +91,7 @@ def as_image(image) -> np.ndarray:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # writable: torch warns on read-only arrays
     if isinstance(image, np.ndarray) and any(s < 0 for s in image.strides):
         return np.ascontiguousarray(image)
     return image
