@@ -246,7 +246,43 @@ def host_phases(engine: StreamingEngine, model: torch.nn.Module, frames: list, s
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     head = (f"host ms per frame, launching ahead, {steps} frames, {name}"
             + ("" if device.type == "cuda" else " (on a CPU these include the compute)"))
-    return "\n".join([head] + [f"  {label:<36} {seconds * per:8.2f}" for label, seconds in rows])
+    lines = [head] + [f"  {label:<36} {seconds * per:8.2f}" for label, seconds in rows]
+    if device.type == "cuda":
+        lines += sync_points(engine, frames, min(steps, 10))
+    return "\n".join(lines)
+
+
+def sync_points(engine: StreamingEngine, frames: list, steps: int) -> list[str]:
+    """Where the host waits for the device without meaning to (torch's sync debug mode:
+    ``.item()``, a blocking copy, ``nonzero``...), per half of the step.  One in ``launch``
+    would make launching ahead wait for the frame before, so the host's work and the
+    device's no longer overlap.  ``finish`` waits on an event (not counted): that wait is
+    meant."""
+    import warnings
+
+    where: dict[str, Counter] = {"launch": Counter(), "finish": Counter()}
+    pending = engine.launch(frames[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(1, steps + 1):
+                seen = len(caught)
+                following = engine.launch(frames[i % len(frames)])
+                where["launch"].update(f"{w.filename}:{w.lineno}" for w in caught[seen:])
+                seen = len(caught)
+                engine.finish(pending)
+                where["finish"].update(f"{w.filename}:{w.lineno}" for w in caught[seen:])
+                pending = following
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    engine.finish(pending)
+    lines = [f"implicit host-device syncs per frame ({steps} frames, torch sync debug mode): "
+             + ", ".join(f"{half} {sum(c.values()) / steps:.1f}" for half, c in where.items())]
+    for half, counter in where.items():
+        for place, n in counter.most_common(5):
+            lines.append(f"  {half:<7} {n / steps:5.1f}  {place}")
+    return lines
 
 
 def _ancestors(event):
