@@ -131,7 +131,7 @@ class Outputs:
         if self.video is not None and image is not None:
             self.video.write(annotate(image, [
                 Annotation(o.obj_id, m, o.bbox, o.score) for o, m in zip(result.objects, masks, strict=True)
-            ]))
+            ]), result.pts)
         return result
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ still leaves complete lines, images and a playable video.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -63,16 +64,44 @@ class JsonlWriter:
     def write(self, result: FrameResult) -> None:
         if self._file is None:
             try:
+                if self._mode == "a":
+                    _drop_torn_line(self.path)
                 self._file = open(self.path, self._mode, encoding="utf-8")
             except OSError as e:
                 raise UserError(f"cannot write --save-jsonl {self.path}: {e.strerror}") from None
-        # One whole line per write, flushed: a reader (or a crash) never sees half a line.
+        # One line per write, flushed; a process killed during the write can still leave
+        # part of one (the kernel copies in pages), which a restart drops.
         self._file.write(result.to_json() + "\n")
         self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a file back to its last whole line: a tracker killed while writing one (SIGKILL,
+    the OOM killer) leaves its first part, and the next line appended would join it."""
+    if not path.is_file():
+        return
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - 65536)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        if keep < end:
+            f.truncate(keep)
+            log.warning("--save-jsonl %s: dropped the last %d bytes, a line cut short when the tracker "
+                        "died", path, end - keep)
 
 
 class MaskPngWriter:
@@ -105,8 +134,17 @@ class MaskPngWriter:
         """Nothing to flush: each PNG is written whole in ``write`` (same interface as the others)."""
 
 
+# Fragmented MP4, a fragment per frame flushed at once: every frame muxed stays playable if
+# the process is killed (a plain MP4 writes its index at the end, and without it nothing
+# plays).  ~100 bytes a frame of overhead; every current player reads it.
+_FRAGMENTED = {"movflags": "frag_every_frame+empty_moov+default_base_moof"}
+_MS = Fraction(1, 1000)
+
+
 class VideoWriter:
-    """Overlay video (H.264 MP4 via PyAV), opened lazily at the first frame's size."""
+    """Overlay video (H.264 via PyAV), opened lazily at the first frame's size.  Frames are
+    timed by their source ``pts`` (a 10 fps file plays at 10 fps, a live source's drops
+    show as the time they took); ``fps`` is the rate assumed for frames without one."""
 
     def __init__(self, path: str | Path, fps: float = 30.0):
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
@@ -116,24 +154,46 @@ class VideoWriter:
         self.fps = fps
         self._container = None
         self._stream = None
+        self._first_pts: float | None = None
+        self._last_ms: int | None = None
 
-    def write(self, rgb: np.ndarray) -> None:
+    def write(self, rgb: np.ndarray, pts: float | None = None) -> None:
         import av
 
         if self._container is None:
+            options = {"flush_packets": "1"}
+            if self.path.suffix.lower() in (".mp4", ".mov", ".m4v"):
+                options.update(_FRAGMENTED)
             try:
-                self._container = av.open(str(self.path), mode="w")
+                self._container = av.open(str(self.path), mode="w", options=options)
             except (OSError, av.FFmpegError) as e:
                 raise UserError(f"cannot write video {self.path}: {e}") from None
             stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
             h, w = rgb.shape[:2]
             stream.width, stream.height = w - w % 2, h - h % 2
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": "23", "preset": "veryfast"}
+            stream.time_base = stream.codec_context.time_base = _MS
+            # No B-frames or look-ahead: each frame is muxed as it comes, not ~20 frames later.
+            stream.options = {"crf": "23", "preset": "veryfast", "tune": "zerolatency"}
             self._stream = stream
         s = self._stream
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: s.height, : s.width]), format="rgb24")
+        frame.pts, frame.time_base = self._timestamp_ms(pts), _MS
         self._container.mux(s.encode(frame))
+
+    def _timestamp_ms(self, pts: float | None) -> int:
+        """Milliseconds from the first frame, always increasing (a loop or a restart of the
+        source's clock, or no pts at all, continues at the nominal rate)."""
+        step = max(1, round(1000 / self.fps))
+        ms = None
+        if pts is not None and math.isfinite(pts):
+            if self._first_pts is None:
+                self._first_pts = pts
+            ms = round((pts - self._first_pts) * 1000)
+        if self._last_ms is not None and (ms is None or ms <= self._last_ms):
+            ms = self._last_ms + step
+        self._last_ms = ms if ms is not None else 0
+        return self._last_ms
 
     def close(self) -> None:
         import av

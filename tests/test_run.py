@@ -475,3 +475,53 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _result(seq: int, pts: float | None = None) -> FrameResult:
+    return FrameResult(stream="cam0", seq=seq, frame_id=seq, pts=pts, width=4, height=3, objects=())
+
+
+def test_a_restart_drops_the_line_a_killed_tracker_cut_short(tmp_path, caplog):
+    from streamtrack.outputs import JsonlWriter
+
+    path = tmp_path / "out.jsonl"
+    whole = _result(0).to_json() + "\n"
+    path.write_text(whole + _result(1).to_json()[:30])  # SIGKILL in the middle of a write
+    writer = JsonlWriter(path, append=True)
+    with caplog.at_level("WARNING", logger="streamtrack.outputs"):
+        writer.write(_result(1))
+    writer.close()
+    assert [FrameResult.from_json(line).seq for line in path.read_text().splitlines()] == [0, 1]
+    assert "dropped the last 30 bytes, a line cut short" in caplog.text
+    path.write_text(_result(0).to_json()[:10])  # not even one whole line
+    writer = JsonlWriter(path, append=True)
+    writer.write(_result(2))
+    writer.close()
+    assert [FrameResult.from_json(line).seq for line in path.read_text().splitlines()] == [2]
+
+
+def test_the_overlay_video_is_timed_by_pts(tmp_path):
+    from streamtrack.outputs import VideoWriter
+
+    writer = VideoWriter(tmp_path / "v.mp4")  # assumes 30 fps for frames without pts
+    pts = [5.0, 5.1, 5.2, 5.4, None, 0.0]  # a 10 fps source, a drop, none, a loop
+    for i, p in enumerate(pts):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8), p)
+    writer.close()
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        times = [round(f.time, 3) for f in c.decode(video=0)]
+    assert times == [0.0, 0.1, 0.2, 0.4, 0.433, 0.466]
+
+
+def test_the_overlay_video_of_a_killed_process_plays(tmp_path):
+    """A plain MP4 writes its index at the end: killed before, nothing of it plays."""
+    video = tmp_path / "killed.mp4"
+    code = ("import os, sys, numpy as np\n"
+            "from streamtrack.outputs import VideoWriter\n"
+            "w = VideoWriter(sys.argv[1])\n"
+            "for i in range(20):\n"
+            "    w.write(np.full((48, 64, 3), 10 * i, np.uint8), i / 10)\n"
+            "os._exit(0)  # no close: as SIGKILL\n")
+    subprocess.run([sys.executable, "-c", code, str(video)], check=True, timeout=60)
+    with av.open(str(video)) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= 19  # all but the frame in progress
