@@ -155,7 +155,7 @@ class RunConfig:
             stream=self.stream, publish=self.publish, save_jsonl=self.save_jsonl, save_masks=self.save_masks,
             save_video=self.save_video, publish_frames=self.publish_frames,
             restarts=self.resume.restarts if self.resume else 0, curve=self.curve,
-            continued=bool(self.resume and (self.resume.seq_start or self.resume.frames_done)),
+            continued=bool(self.resume and (self.resume.frames_done or self.resume.skip_to_frame)),
         )
 
     @property
@@ -562,8 +562,10 @@ class Tracker:
 
     def _on_published(self, result: FrameResult) -> None:
         """Latency statistics once a result went out (on the emitter's thread, or, a few
-        frames later, on the tracker's with a process emitter)."""
+        frames later, on the tracker's with a process emitter), and, for a supervisor, where
+        a restart would continue: this result is published and in the files."""
         self.window.add(result)
+        self._notify("emitted", {"seq": result.seq, "frame_id": result.frame_id})
         publisher = self._publisher
         if publisher is not None and time.monotonic() - self._last_stats >= 1.0:
             self._last_stats = time.monotonic()

@@ -46,6 +46,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -102,6 +103,14 @@ class _Seen:
     seq: int | None = None
     frame_id: int | None = None
     masks: dict[int, dict[str, Any]] = field(default_factory=dict)  # obj_id -> RLE
+    # The last result the tracker itself reported as published and written to its files
+    # (over its report pipe, which loses nothing): where a restart picks up.  The masks
+    # stream can be behind it (a subscriber catching up) or ahead (files being written).
+    emitted_seq: int | None = None
+    emitted_frame_id: int | None = None
+
+    def note_emitted(self, seq: int, frame_id: int) -> None:
+        self.emitted_seq, self.emitted_frame_id = seq, frame_id
 
     def update(self, result: FrameResult) -> None:
         self.seq, self.frame_id = result.seq, result.frame_id
@@ -186,6 +195,8 @@ class Supervisor:
                                 sub = self._subscribe(config)
                         elif kind == "running":
                             self._set_state(TrackerState.RUNNING)
+                        elif kind == "emitted":
+                            self._note_emitted(child, data)
                         elif kind in ("done", "user_error", "error"):
                             child.result = (kind, data)
                     self._drain(sub)
@@ -194,7 +205,7 @@ class Supervisor:
                         child.stop(self.sup.stop_timeout)
                     child.poll_stop()
                     if not child.proc.is_alive():
-                        outcome = child.finish()
+                        outcome = child.finish(partial(self._note_emitted, child))
                     else:
                         child.proc.join(0.05)
                 self._drain(sub)
@@ -207,10 +218,12 @@ class Supervisor:
                     self._set_state(TrackerState.FAILED)
                     raise UserError(data["message"])
                 if self._stop.is_set():  # killed while stopping: that is a stop too
+                    total.frames += child.emitted
                     total.interrupted = True
                     self._set_state(TrackerState.DONE)
                     break
                 # The child died: crash, signal, OOM killer.
+                total.frames += child.emitted
                 ran = time.monotonic() - child_started
                 failed_starts = 0 if self.state is TrackerState.RUNNING else failed_starts + 1
                 if ran >= self.sup.backoff_reset_after:
@@ -243,6 +256,10 @@ class Supervisor:
         if self.interrupted_by is not None:
             total.interrupted = True
         return total
+
+    def _note_emitted(self, child: _Child, data: dict[str, Any]) -> None:
+        child.emitted += 1
+        self._seen.note_emitted(data["seq"], data["frame_id"])
 
     def _resume(self, config: RunConfig) -> Resume:
         """Seed masks and position for the next child, from the masks stream."""
@@ -326,6 +343,7 @@ class _Child:
         self._reports = reports
         self._lifeline = lifeline
         self.result: tuple[str, dict[str, Any]] | None = None
+        self.emitted = 0  # results it reported published and written
         self._stop_sent_at: float | None = None
         self._stop_timeout = 0.0
 
@@ -359,11 +377,13 @@ class _Child:
             if self.proc.is_alive():
                 self.proc.terminate()
 
-    def finish(self) -> tuple[str, dict[str, Any]]:
+    def finish(self, on_emitted: Callable[[dict[str, Any]], None]) -> tuple[str, dict[str, Any]]:
         self.proc.join()
         for kind, data in self.reports():  # anything sent just before exiting
             if kind in ("done", "user_error", "error"):
                 self.result = (kind, data)
+            elif kind == "emitted":
+                on_emitted(data)
         self._reports.close()
         self._lifeline.close()
         # A child that said "done" is done, whatever its interpreter did on the way out.
@@ -383,9 +403,12 @@ def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, lo
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s[tracker]: %(message)s")
     tracker: Tracker | None = None
 
+    sending = threading.Lock()  # results are reported from the emitter's thread
+
     def report(kind: str, data: dict[str, Any]) -> None:
         try:
-            reports.send((kind, data))
+            with sending:
+                reports.send((kind, data))
         except (OSError, ValueError):  # supervisor gone: the lifeline stops us
             pass
 
@@ -433,12 +456,20 @@ SeenMasks = _Seen
 def resume_from_seen(seen: _Seen, before: Resume, restarts: int) -> Resume:
     """Seed masks and position for a restarted tracker, from what ``seen`` kept of its
     masks stream; ``before`` is the :class:`Resume` the dead tracker was started with."""
-    if seen.seq is None:  # nothing published yet: start over as configured
-        return replace(before, restarts=restarts)
+    published = [s for s in (seen.seq, seen.emitted_seq) if s is not None]
+    # Sequence numbers are never used twice: a frame processed again gets a new one.
+    seq_start = max(published) + 1 if published else before.seq_start
+    if seen.seq is None:  # no masks to seed from yet: start over as configured
+        return replace(before, restarts=restarts, seq_start=seq_start)
     seed = tuple(Prompt(obj_id=k, mask=decode_mask(rle)) for k, rle in sorted(seen.masks.items()))
-    done = seen.seq + 1 - before.seq_start + before.frames_done
-    return Resume(seed=seed, frames_done=done, skip_to_frame=(seen.frame_id or 0) + 1,
-                  seq_start=seen.seq + 1, restarts=restarts)
+    # Continue after the last frame that is in the files too (a frame published but not
+    # yet written when the tracker died is processed again), or, with no word from the
+    # tracker itself, after the last frame received.
+    at_seq, at_frame = ((seen.emitted_seq, seen.emitted_frame_id) if seen.emitted_seq is not None
+                        else (seen.seq, seen.frame_id))
+    done = at_seq + 1 - before.seq_start + before.frames_done
+    return Resume(seed=seed, frames_done=done, skip_to_frame=(at_frame or 0) + 1,
+                  seq_start=seq_start, restarts=restarts)
 
 
 def seed_from_masks(masks: dict[int, np.ndarray]) -> Resume:

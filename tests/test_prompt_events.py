@@ -341,3 +341,24 @@ def test_warnings_during_a_run_print_on_lines_of_their_own(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "tracking" in err and "damaged: capture failed: TimeoutError" in err
     assert re.search(r"(^|[\r\n])damaged: capture failed: TimeoutError", err), err
+
+
+@pytest.mark.parametrize("emit", ["thread", "process"])
+def test_the_tracker_reports_a_result_once_it_is_published_and_written(tmp_path, emit):
+    """Where a supervisor continues after a crash: a frame reported is in the files."""
+    import json
+
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    jsonl = tmp_path / "out.jsonl"
+    reported = []
+
+    def notify(kind, data):
+        if kind == "emitted":
+            lines = jsonl.read_text().splitlines()
+            reported.append((data["seq"], data["frame_id"], json.loads(lines[-1])["seq"]))
+
+    run = RunConfig(source=str(video), progress=False, save_jsonl=str(jsonl), emit=emit,
+                    prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    Tracker(run, engine=TrackedIds(), notify=notify).run()
+    assert [(seq, frame) for seq, frame, _ in reported] == [(i, i) for i in range(6)]
+    assert all(last_written >= seq for seq, _, last_written in reported)

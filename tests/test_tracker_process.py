@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +33,10 @@ from streamtrack.control import ControlClient, ControlError
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.errors import UserError
 from streamtrack.models import build_model
-from streamtrack.pipeline import RunConfig, is_local_endpoint, warn_if_exposed
+from streamtrack.pipeline import Resume, RunConfig, is_local_endpoint, warn_if_exposed
 from streamtrack.protocol import FrameResult, ObjectResult, decode_mask
 from streamtrack.subscriber import Subscriber
-from streamtrack.supervisor import Supervisor, _Seen
+from streamtrack.supervisor import Supervisor, _Seen, resume_from_seen
 from streamtrack.synthetic import make_clip, write_video
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -251,7 +251,9 @@ def test_file_every_frame_in_order_masks_equal_engine_slow_subscriber_fresh(
 
 @pytest.mark.timeout(500)
 def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path, tiny_checkpoint):
-    proc = launch(tmp_path, clip_path, tiny_checkpoint, boxes=(BOX1, BOX2), quiet=False)
+    jsonl, masks, video = tmp_path / "out.jsonl", tmp_path / "masks", tmp_path / "out.mp4"
+    proc = launch(tmp_path, clip_path, tiny_checkpoint, "--save-jsonl", str(jsonl), "--save-masks",
+                  str(masks), "--save-video", str(video), boxes=(BOX1, BOX2), quiet=False)
     sub = Subscriber(proc.publish, topics=["masks/", "status/"])
     try:
         before = collect(sub, lambda m: sum(x.kind == "masks" for x in m) >= 4, timeout=300)
@@ -283,12 +285,23 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
     assert post, "no message after the restart"
     # Same object ids on every frame after the restart.
     assert all({o.obj_id for o in r.objects} == {1, 2} for r in post)
-    # The file resumed right after the last frame the supervisor saw (<= the last we
-    # saw): every frame was published at least once, seq continued.
+    # The file resumed right after the last frame the tracker reported published and
+    # written (<= the last we saw): every frame was published at least once; a frame
+    # processed again has a new seq (at most the one in flight between publishing and
+    # reporting can repeat one), and seq continues from there.
     assert post[0].frame_id <= pre[-1].frame_id + 1
     assert {r.frame_id for r in pre + post} == set(range(FRAMES))
-    assert post[0].seq == post[0].frame_id and [r.seq for r in post] == list(
+    assert post[0].seq >= pre[-1].seq and [r.seq for r in post] == list(
         range(post[0].seq, post[0].seq + len(post)))
+    # The files hold every frame, each line whole (a frame may be there twice, with a new
+    # seq), and the killed tracker's part of the video plays.
+    lines = [FrameResult.from_json(line) for line in jsonl.read_text().splitlines()]
+    assert {r.frame_id for r in lines} == set(range(FRAMES))
+    assert sorted(int(p.stem) for p in masks.glob("*.png")) == list(range(FRAMES))
+    import av
+
+    with av.open(str(video)) as first_part:  # written by the tracker that was killed
+        assert sum(1 for _ in first_part.decode(video=0)) >= 1
     # Re-seeded from the last published masks: the first frame after the restart
     # starts from those masks.
     last = {o.obj_id: o for o in pre[-1].objects}
@@ -494,6 +507,29 @@ def test_supervisor_keeps_newest_nonempty_mask_and_forgets_removed_objects():
     assert (decode_mask(seen.masks[1]) == b).all() and (decode_mask(seen.masks[2]) == a).all()
     seen.update(result(2, {1: b}))  # 2 removed over the control channel
     assert set(seen.masks) == {1} and seen.seq == 2
+
+
+def test_a_restart_continues_after_the_last_frame_in_the_files_with_new_seqs():
+    before = Resume(frames_done=3, skip_to_frame=3, seq_start=3)
+    seen = _Seen()
+    assert resume_from_seen(seen, before, 1) == replace(before, restarts=1)  # nothing yet
+    frame = FrameResult(stream="cam0", seq=10, frame_id=10, pts=None, width=4, height=3,
+                        objects=(ObjectResult.from_mask(1, np.ones((3, 4), bool), score=0.9),))
+    seen.update(frame)
+    # The tracker wrote up to frame 8 (frames 9 and 10 were published, not yet written).
+    seen.note_emitted(8, 8)
+    r = resume_from_seen(seen, before, 1)
+    assert (r.skip_to_frame, r.seq_start, r.frames_done) == (9, 11, 9)
+    # The subscriber is behind what the tracker published and wrote.
+    seen.note_emitted(12, 12)
+    r = resume_from_seen(seen, before, 1)
+    assert (r.skip_to_frame, r.seq_start, r.frames_done) == (13, 13, 13)
+    assert [p.obj_id for p in r.seed] == [1]
+    # Without word from the tracker (a fleet's actors): after the last frame received.
+    seen = _Seen()
+    seen.update(frame)
+    r = resume_from_seen(seen, before, 1)
+    assert (r.skip_to_frame, r.seq_start, r.frames_done) == (11, 11, 11)
 
 
 def test_supervisor_config_errors():
