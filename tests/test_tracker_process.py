@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -310,6 +311,9 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
             a, b = decode_mask(o.rle), decode_mask(last[o.obj_id].rle)
             assert (a & b).sum() / (a | b).sum() > 0.5
     assert "restart" in proc.err()
+    # The summary counts both trackers' frames (a frame processed again counts twice).
+    summary = re.search(r"^(\d+) frames in ", proc.err(), re.M)
+    assert summary and FRAMES <= int(summary.group(1)) <= FRAMES + 2, proc.err()
 
 
 @pytest.mark.timeout(200)
