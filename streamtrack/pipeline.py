@@ -369,6 +369,7 @@ class Tracker:
         self._notify = notify or (lambda kind, data: None)
         self._publisher = None  # set once the outputs exist; used by the capture thread too
         self._last_stats = 0.0  # when stats/<stream> was last published
+        self._video_clock = False  # lost_after counts the file's own time (pts)
         self._in_flight: _InFlight | None = None  # launched, not finished (launch_ahead)
         self.loop_times = LoopTimes()
 
@@ -441,7 +442,8 @@ class Tracker:
             if self._controls.paused:  # paused while the model loaded
                 self.publish_status("tracker_state", old="running", new="paused")
             self._notify("running", {"pid": os.getpid()})
-            skip_to = resume.skip_to_frame if cfg.resumable_file else 0
+            self._video_clock = cfg.resumable_file
+            skip_to = resume.skip_to_frame if self._video_clock else 0
             seed: list[Prompt] = list(resume.seed)
             if self.capture.kind is SourceKind.FILE:
                 declared = _frame_count(cfg.source)  # the progress bar's total; a file cut short
@@ -614,7 +616,9 @@ class Tracker:
         rather than taking the tracker down.  The engine validates before it changes
         state, so the retry sees it untouched."""
         assert self.engine is not None
-        ts = frame.capture_monotonic
+        # The clock of lost_after: a file read at decode speed goes by its own time (an
+        # object absent for 3 s of video is lost whether those took 0.3 s or 30 s to track).
+        ts = frame.pts if self._video_clock and frame.pts is not None else frame.capture_monotonic
         if requested:
             try:
                 out = self.engine.launch(frame.image, _merge_prompts(prompts + requested), timestamp=ts)

@@ -362,3 +362,27 @@ def test_the_tracker_reports_a_result_once_it_is_published_and_written(tmp_path,
     Tracker(run, engine=TrackedIds(), notify=notify).run()
     assert [(seq, frame) for seq, frame, _ in reported] == [(i, i) for i in range(6)]
     assert all(last_written >= seq for seq, _, last_written in reported)
+
+
+@pytest.mark.parametrize(("realtime", "video_time"), [(False, True), (True, False)])
+def test_lost_after_counts_a_files_own_time(tmp_path, realtime, video_time):
+    """Read at decode speed, a file's objects age by its pts, not by how long tracking took."""
+    video = write_video(make_clip(4, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4", fps=10)
+
+    class Clocked(TrackedIds):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def launch(self, image, prompts, timestamp=None):
+            self.times.append(timestamp)
+            return super().launch(image, prompts, timestamp)
+
+    engine = Clocked()
+    run = RunConfig(source=str(video), progress=False, realtime=realtime,
+                    prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    Tracker(run, engine=engine).run()
+    if video_time:
+        assert engine.times == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    else:
+        assert len(engine.times) == 4 and engine.times != pytest.approx([0.0, 0.1, 0.2, 0.3])
