@@ -144,7 +144,8 @@ _MS = Fraction(1, 1000)
 class VideoWriter:
     """Overlay video (H.264 via PyAV), opened lazily at the first frame's size.  Frames are
     timed by their source ``pts`` (a 10 fps file plays at 10 fps, a live source's drops
-    show as the time they took); ``fps`` is the rate assumed for frames without one."""
+    show as the time they took); ``fps`` is the rate assumed for frames without one, and
+    an AVI's constant rate."""
 
     def __init__(self, path: str | Path, fps: float = 30.0):
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
@@ -156,6 +157,7 @@ class VideoWriter:
         self._stream = None
         self._first_pts: float | None = None
         self._last_ms: int | None = None
+        self._timed = True
 
     def write(self, rgb: np.ndarray, pts: float | None = None) -> None:
         import av
@@ -172,13 +174,18 @@ class VideoWriter:
             h, w = rgb.shape[:2]
             stream.width, stream.height = w - w % 2, h - h % 2
             stream.pix_fmt = "yuv420p"
-            stream.time_base = stream.codec_context.time_base = _MS
+            # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames
+            # a second): its frames go at ``fps``.
+            self._timed = self.path.suffix.lower() != ".avi"
+            if self._timed:
+                stream.time_base = stream.codec_context.time_base = _MS
             # No B-frames or look-ahead: each frame is muxed as it comes, not ~20 frames later.
             stream.options = {"crf": "23", "preset": "veryfast", "tune": "zerolatency"}
             self._stream = stream
         s = self._stream
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: s.height, : s.width]), format="rgb24")
-        frame.pts, frame.time_base = self._timestamp_ms(pts), _MS
+        if self._timed:
+            frame.pts, frame.time_base = self._timestamp_ms(pts), _MS
         self._container.mux(s.encode(frame))
 
     def _timestamp_ms(self, pts: float | None) -> int:

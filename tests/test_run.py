@@ -511,6 +511,14 @@ def test_the_overlay_video_is_timed_by_pts(tmp_path):
     with av.open(str(tmp_path / "v.mp4")) as c:
         times = [round(f.time, 3) for f in c.decode(video=0)]
     assert times == [0.0, 0.1, 0.2, 0.4, 0.433, 0.466]
+    # AVI has a constant rate: its frames go at the writer's fps, one after another.
+    writer = VideoWriter(tmp_path / "v.avi", fps=10)
+    for i, p in enumerate(pts):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8), p)
+    writer.close()
+    with av.open(str(tmp_path / "v.avi")) as c:
+        times = [f.time for f in c.decode(video=0)]
+    assert len(times) == 6 and np.allclose(np.diff(times), 0.1)
 
 
 def test_the_overlay_video_of_a_killed_process_plays(tmp_path):
