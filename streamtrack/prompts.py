@@ -107,10 +107,14 @@ def _entry(entry, where: str, base: Path) -> tuple[Prompt, int]:
             box = np.asarray(box, dtype=float)
             if box.shape != (4,):
                 raise ValueError("box must be [x0, y0, x1, y1]")
+            if not (np.isfinite(box).all() and box[0] < box[2] and box[1] < box[3]):
+                raise ValueError(f"box {box.tolist()} needs finite x0 < x1 and y0 < y1")
         if points is not None:
             points = np.asarray(points, dtype=float)
             if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
                 raise ValueError("points must be a non-empty list of [x, y]")
+            if not np.isfinite(points).all():
+                raise ValueError("points must be finite numbers")
         if labels is not None:
             labels = np.asarray(labels)
             if labels.ndim != 1 or not np.isin(labels, (0, 1)).all():

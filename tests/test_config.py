@@ -135,3 +135,18 @@ def test_a_prompts_file_may_be_a_pipe():
     finally:
         os.close(r)
     assert [(frame, [p.obj_id for p in ps]) for frame, ps in prompts.items()] == [(0, [4])]
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ('{"obj_id": 2, "box": [50, 50, 10, 10]}', r"box \[50.0, 50.0, 10.0, 10.0\] needs finite x0 < x1"),
+    ('{"obj_id": 2, "box": [1, 2, NaN, 40]}', "needs finite x0 < x1"),
+    ('{"obj_id": 2, "points": [[1, Infinity]]}', "points must be finite numbers"),
+])
+def test_a_prompts_file_names_the_entry_with_a_bad_box_or_point(tmp_path, entry, message):
+    from streamtrack.prompts import load_prompts_file
+
+    f = tmp_path / "p.json"
+    f.write_text(f'[{{"obj_id": 1, "box": [1, 2, 30, 40]}}, {entry}]')
+    with pytest.raises(UserError, match=message) as info:
+        load_prompts_file(f)
+    assert str(info.value).startswith(f"prompts file {f}, entry 1: ")
