@@ -49,6 +49,9 @@ NOT_PUBLISHING_AFTER = 2.0  # seconds without any message before the banner says
 WARN_STATES = frozenset({"connecting", "reconnecting", "stale", "failed"})
 DONE_STATES = frozenset({"ended", "stopped"})
 MAX_PROMPT_POINTS = 64  # the control protocol's limit per request
+# A blank canvas of the source's size stands in for frames that are not sent; beyond this
+# (a bogus size on the wire) the small placeholder does.
+MAX_BLANK_PIXELS = 4096 * 4096
 
 # BGR colours of the window (OpenCV draws in BGR; the overlay palette is RGB).
 BANNER_WARN_BGR = (0, 140, 255)  # orange: source reconnecting / stale
@@ -565,6 +568,7 @@ class Viewer:
         self.result_rate = RateMeter()
         self.tracker_fps: tuple[float, float] | None = None  # (fps from stats, when received)
         self.transform: ViewTransform | None = None
+        self.click_transform: ViewTransform | None = None  # None while no source-sized image is shown
         self.last_message = -math.inf
         self.started = now()
         self.toasts: list[_Toast] = []
@@ -605,6 +609,10 @@ class Viewer:
                 self.source.update(ev.data["new"], ev.time)
             elif ev.kind == "error":
                 self.toast(f"tracker: {ev.data.get('message', '?')}", error=True)
+            elif ev.kind == "tracker_state" and ev.data.get("new") in ("running", "paused"):
+                # The tracker's word on pausing: a pause that timed out, or a restarted
+                # (unpaused) tracker, would leave the key's guess out of step.
+                self.interaction.paused = ev.data["new"] == "paused"
         self._dirty = True
 
     def toast(self, text: str, *, error: bool = False, seconds: float = 4.0) -> None:
@@ -646,8 +654,15 @@ class Viewer:
                 except Exception as exc:  # one bad mask must not take the window down
                     log.warning("object %d: bad mask: %s", o.obj_id, exc)
                     continue
-                bbox = tuple(int(v) for v in o.bbox)
-                annos.append(Annotation(o.obj_id, mask, bbox, o.score))  # type: ignore[arg-type]
+                if mask.shape != (result.height, result.width):
+                    log.warning("object %d: a %dx%d mask on a %dx%d frame: not drawn", o.obj_id,
+                                mask.shape[1], mask.shape[0], result.width, result.height)
+                    continue
+                # The box only says where to draw: keep it on the frame, whatever was sent.
+                x0, x1 = (int(min(max(v, 0), result.width)) for v in (o.bbox[0], o.bbox[2]))
+                y0, y1 = (int(min(max(v, 0), result.height)) for v in (o.bbox[1], o.bbox[3]))
+                if x0 < x1 and y0 < y1:
+                    annos.append(Annotation(o.obj_id, mask, (x0, y0, x1, y1), o.score))
             self._anno_key, self._annotations = key, annos
         return self._annotations
 
@@ -662,9 +677,11 @@ class Viewer:
         result = pairing.result if pairing else None
         if pairing is not None and pairing.frame is not None:
             image = self._decode(pairing.frame)
-        if image is None and result is not None and result.width and result.height:
+        if image is None and result is not None and result.width and result.height \
+                and result.width * result.height <= MAX_BLANK_PIXELS:
             image = np.full((result.height, result.width, 3), 40, np.uint8)
-        if image is None:
+        placeholder = image is None  # nothing of the source's size to show or click on yet
+        if placeholder:
             image = np.full((360, 640, 3), 40, np.uint8)
         h, w = image.shape[:2]
         annos = []
@@ -676,6 +693,8 @@ class Viewer:
         if tf is None or (tf.src_w, tf.src_h) != (w, h):
             mw, mh = self.config.max_size
             tf = self.transform = ViewTransform.fit(w, h, mw, mh, upscale=self.config.upscale)
+        # Clicks on the placeholder would be prompts in its coordinates, not the source's.
+        self.click_transform = None if placeholder else tf
         interp = cv2.INTER_AREA if tf.scale < 1 else cv2.INTER_LINEAR
         disp = cv2.resize(image, (tf.disp_w, tf.disp_h), interpolation=interp)
         disp = cv2.cvtColor(disp, cv2.COLOR_RGB2BGR)
@@ -801,6 +820,8 @@ class Viewer:
             elif isinstance(a, ToggleHelp):
                 pass
             elif control is None:
+                if isinstance(a, (Pause, Resume)):
+                    self.interaction.paused = isinstance(a, Resume)  # not sent: nothing changed
                 self.toast(f"view only: {a.name} not sent (start the viewer with --control)", error=True)
             else:
                 control.submit(a)
@@ -811,7 +832,11 @@ class Viewer:
         if self.canvas is None:
             return None
         folder = self.config.screenshots
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.toast(f"could not save a screenshot in {folder}: {e.strerror}", error=True)
+            return None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         result = self.pairer.latest_result
         fid = f"-f{result.frame_id}" if result is not None else ""
@@ -822,10 +847,13 @@ class Viewer:
             n += 1
         # Write then rename: whoever watches the folder never sees half a PNG.
         tmp = path.with_name(f".{path.stem}.tmp.png")
-        if cv2.imwrite(str(tmp), self.canvas):
-            os.replace(tmp, path)
-            self.toast(f"saved {path}")
-            return path
+        try:
+            if cv2.imwrite(str(tmp), self.canvas):
+                os.replace(tmp, path)
+                self.toast(f"saved {path}")
+                return path
+        except (OSError, cv2.error):
+            pass
         self.toast(f"could not write {path}", error=True)
         return None
 
@@ -873,10 +901,10 @@ class Viewer:
                 key = cv2.waitKeyEx(10)
                 self.apply(self.interaction.key(key), control)
                 while mouse_events:
-                    self.apply(self.interaction.mouse(*mouse_events.pop(0), self.transform), control)
+                    self.apply(self.interaction.mouse(*mouse_events.pop(0), self.click_transform), control)
                     if self.interaction.drag_box is not None:
                         self._dirty = True
-                if shown and cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
+                if shown and not _window_open(self.title):
                     break  # closed with the window manager's button
         finally:
             if control is not None:
@@ -885,6 +913,15 @@ class Viewer:
             cv2.destroyAllWindows()
             cv2.waitKey(1)
         return 0
+
+
+def _window_open(title: str) -> bool:
+    import cv2
+
+    try:
+        return cv2.getWindowProperty(title, cv2.WND_PROP_VISIBLE) >= 1
+    except cv2.error:  # Qt has destroyed the window already (its close button)
+        return False
 
 
 def _shade(img: np.ndarray, x0: int, y0: int, x1: int, y1: int, alpha: float = 0.55) -> None:

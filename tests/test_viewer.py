@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -677,3 +678,63 @@ def test_viewer_command_line():
     assert cmd[1:] == ["-m", "streamtrack", "view", "tcp://127.0.0.1:5555", "--control",
                        "tcp://127.0.0.1:5556", "--stream", "cam0", "--max-size", "800x600"]
     assert Path(cmd[0]).name.startswith("python")
+
+
+def test_odd_results_from_the_network_do_not_take_the_window_down():
+    """A publisher is another process: a bogus size, a mask of another size or a box far
+    off the frame is not drawn (the rest is)."""
+    _, masks = _scene()
+    vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
+    vw.handle(_msg("masks", result=_result(1, w=1_000_000, h=1_000_000)))
+    vw.compose(now())  # the placeholder, not a 2.7 TiB canvas
+    assert (vw.transform.src_w, vw.transform.src_h) == (640, 360) and vw.click_transform is None
+    good = _objects(masks)
+    small = ObjectResult.from_mask(5, np.ones((10, 10), bool), score=0.9)
+    huge = 10**12
+    far = replace(ObjectResult.from_mask(6, masks[2], score=0.9), bbox=(huge, huge, 2 * huge, 2 * huge))
+    vw.handle(_msg("masks", result=_result(2, objects=(*good, small, far), w=SRC_W, h=SRC_H)))
+    vw.compose(now())
+    assert [a.obj_id for a in vw._annotations] == [o.obj_id for o in good]
+
+
+def test_clicks_before_a_frame_of_the_source_is_shown_are_not_prompts():
+    vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
+    vw.compose(now())  # the placeholder
+    assert vw.transform is not None and vw.click_transform is None
+    _, masks = _scene()
+    vw.handle(_msg("masks", result=_result(3, objects=_objects(masks), w=SRC_W, h=SRC_H)))
+    vw.compose(now())
+    assert vw.click_transform is vw.transform and (vw.transform.src_w, vw.transform.src_h) == (SRC_W, SRC_H)
+
+
+def test_the_pause_shown_follows_the_tracker():
+    vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
+    vw.apply(vw.interaction.key(ord(" ")), None)  # view only: nothing was sent
+    assert not vw.interaction.paused
+    vw.interaction.paused = True  # paused from this viewer; then the tracker restarted
+    vw.handle(_msg("status", status=StatusEvent("cam0", "tracker_state", now(),
+                                                {"old": "starting", "new": "running", "restarts": 1})))
+    assert not vw.interaction.paused
+    vw.handle(_msg("status", status=StatusEvent("cam0", "tracker_state", now(),
+                                                {"old": "running", "new": "paused"})))
+    assert vw.interaction.paused
+
+
+def test_a_screenshot_folder_that_cannot_be_made_is_a_toast(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = v.ViewerConfig(max_size=MAX_SIZE, screenshots=blocker / "shots")
+    vw = v.Viewer("tcp://127.0.0.1:1", config=config)
+    vw.canvas = vw.compose(now())
+    assert vw.save_screenshot() is None
+    assert vw.toasts[-1].error and "could not save a screenshot" in vw.toasts[-1].text
+
+
+def test_a_window_closed_with_its_button_is_closed_not_an_error(monkeypatch):
+    def destroyed(*_):  # what OpenCV's Qt backend raises once the window is gone
+        raise cv2.error("NULL guiReceiver (please create a window)")
+
+    monkeypatch.setattr(cv2, "getWindowProperty", destroyed)
+    assert v._window_open("streamtrack") is False
+    monkeypatch.setattr(cv2, "getWindowProperty", lambda *_: 1.0)
+    assert v._window_open("streamtrack") is True
