@@ -620,11 +620,22 @@ class Tracker:
         # object absent for 3 s of video is lost whether those took 0.3 s or 30 s to track).
         ts = frame.pts if self._video_clock and frame.pts is not None else frame.capture_monotonic
         if requested:
+            # A prompt that does not fit this frame (sent before the first one, or for
+            # another source size) is dropped alone: the others sent with it still apply.
+            fitting = []
+            for p in requested:
+                try:
+                    check_prompt(p, frame.height, frame.width)
+                except PromptError as exc:
+                    self._drop_prompts(exc)
+                else:
+                    fitting.append(p)
+            requested = fitting
+        if requested:
             try:
                 out = self.engine.launch(frame.image, _merge_prompts(prompts + requested), timestamp=ts)
             except PromptError as exc:
-                log.warning("dropping control prompt(s): %s", exc)
-                self.publish_status("error", message=f"prompt dropped: {exc}")
+                self._drop_prompts(exc)
             else:
                 # The control reply only says "queued": this tells a remote client which
                 # frame its prompt landed on, with the coordinates the engine used.
@@ -635,6 +646,10 @@ class Tracker:
                                         mask=p.mask is not None)
                 return out
         return self.engine.launch(frame.image, prompts, timestamp=ts)
+
+    def _drop_prompts(self, exc: PromptError) -> None:
+        log.warning("dropping control prompt(s): %s", exc)
+        self.publish_status("error", message=f"prompt dropped: {exc}")
 
     def _on_source_status(self, event: SourceEvent) -> None:
         # Runs on the capture thread (on the tracker's with decode: process); the

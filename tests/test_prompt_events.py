@@ -74,7 +74,8 @@ def add(tracker, obj_id, **prompt):
 
 
 def frame(frame_id):
-    return SimpleNamespace(image=np.zeros((48, 64, 3), np.uint8), capture_monotonic=1.0, frame_id=frame_id)
+    return SimpleNamespace(image=np.zeros((48, 64, 3), np.uint8), capture_monotonic=1.0, frame_id=frame_id,
+                           height=48, width=64, pts=None)
 
 
 def test_applied_control_prompts_are_reported_with_their_frame_and_coordinates():
@@ -101,6 +102,16 @@ def test_dropped_prompts_are_reported_as_errors_not_applied():
     assert [p.obj_id for p in tracker.engine.launched[0]] == [1]  # the frame still runs, without it
     (kind, data), = tracker._publisher.events
     assert kind == "error" and "prompt dropped" in data["message"]
+
+
+def test_a_prompt_that_does_not_fit_the_frame_is_dropped_alone():
+    tracker = tracker_with()
+    off_frame = Prompt.make(5, box=[100, 100, 550, 325])  # drawn on a 640x360 placeholder
+    tracker._launch(frame(3), [], [off_frame, Prompt.make(6, box=[5, 6, 50, 45])])
+    assert [p.obj_id for p in tracker.engine.launched[0]] == [6]
+    events = [(k, d.get("obj_id")) for k, d in tracker._publisher.events]
+    assert events == [("error", None), ("prompt_applied", 6)]
+    assert "object 5" in tracker._publisher.events[0][1]["message"]
 
 
 def test_no_control_prompt_no_event():
