@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", default="1280x720", metavar="WxH",
                    help="largest window image; the frame is scaled to fit (default 1280x720)")
     p.add_argument("--screenshots", default=".", metavar="DIR", help="where `s` saves PNGs (default .)")
+    p.add_argument("--control-timeout", type=float, default=2.0, metavar="S",
+                   help="seconds to wait for a control reply (default 2; a tracker replies after its "
+                        "frame in hand, so raise it for one that takes seconds per frame)")
     curve.add_client_options(p)
     p.set_defaults(func=_cmd_view)
 

@@ -907,11 +907,13 @@ class Viewer:
                 if shown and not _window_open(self.title):
                     break  # closed with the window manager's button
         finally:
+            # The window goes first: requests still queued for a dead tracker may take a
+            # timeout each, and a window that no longer redraws looks hung.
+            cv2.destroyAllWindows()
+            cv2.waitKey(1)
             if control is not None:
                 control.close(self.config.control_timeout + 1.0)
             sub.close()
-            cv2.destroyAllWindows()
-            cv2.waitKey(1)
         return 0
 
 
@@ -1022,13 +1024,16 @@ def main(args) -> int:
     from streamtrack.protocol import validate_stream
 
     max_size = parse_size(args.max_size)
+    timeout = args.control_timeout
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise UserError(f"--control-timeout must be a number of seconds > 0, got {timeout}")
+    config = ViewerConfig(max_size=max_size, screenshots=Path(args.screenshots), control_timeout=timeout)
     if args.stream is not None:
         validate_stream(args.stream)
     curve = client_from_args(args)  # bad key files: one line, before any window
     endpoint, control, stream = resolve_endpoints(args.endpoint, args.control, args.stream, args.fleet)
     check_display()  # before cv2 touches the display: imshow without one aborts the process
-    return Viewer(endpoint, control, stream, max_size=max_size,
-                  screenshots=args.screenshots, curve=curve).run()
+    return Viewer(endpoint, control, stream, config=config, curve=curve).run()
 
 
 def resolve_endpoints(endpoint: str, control: str | None, stream: str | None,

@@ -738,3 +738,10 @@ def test_a_window_closed_with_its_button_is_closed_not_an_error(monkeypatch):
     assert v._window_open("streamtrack") is False
     monkeypatch.setattr(cv2, "getWindowProperty", lambda *_: 1.0)
     assert v._window_open("streamtrack") is True
+
+
+def test_view_control_timeout_is_an_option(capsys):
+    from streamtrack.cli import main
+
+    assert main(["view", "tcp://127.0.0.1:1", "--control-timeout", "0"]) == 2
+    assert "--control-timeout must be a number of seconds > 0, got 0.0" in capsys.readouterr().err
