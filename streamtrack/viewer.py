@@ -23,6 +23,7 @@ import os
 import queue
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import OrderedDict, deque
@@ -798,10 +799,13 @@ class Viewer:
         mono = time.monotonic()
         self.toasts = [t for t in self.toasts if t.until > mono]
         ty = hgt - 26
+        width = max(20, (disp.shape[1] - 10) // cv2.getTextSize("m", font, fs, 1)[0][0])
         for t in reversed(self.toasts):
-            cv2.putText(disp, t.text[:90], (5, ty), font, fs, (80, 80, 255) if t.error else (160, 255, 160),
-                        1, cv2.LINE_AA)
-            ty -= lh
+            # Wrapped at words, not cut: the end of an error often says what to do.
+            for line in reversed(textwrap.wrap(t.text, width, max_lines=3, placeholder=" ...")):
+                cv2.putText(disp, line, (5, ty), font, fs, (80, 80, 255) if t.error else (160, 255, 160),
+                            1, cv2.LINE_AA)
+                ty -= lh
         banner = banner_for(self.source.state, at - max(self.last_message, self.started),
                             self.last_message > -math.inf, paused=self.interaction.paused)
         if banner is not None:

@@ -745,3 +745,15 @@ def test_view_control_timeout_is_an_option(capsys):
 
     assert main(["view", "tcp://127.0.0.1:1", "--control-timeout", "0"]) == 2
     assert "--control-timeout must be a number of seconds > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_long_toasts_wrap_at_words_instead_of_being_cut(monkeypatch):
+    vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
+    text = "add_prompt 7: no reply within 2 s (is the tracker running? --control-timeout waits longer)"
+    vw.toast(text, error=True)
+    drawn = []
+    real = cv2.putText
+    monkeypatch.setattr(cv2, "putText", lambda img, s, *a, **k: drawn.append(s) or real(img, s, *a, **k))
+    vw.compose(now())
+    lines = [s for s in drawn if s and s in text]  # drawn bottom up: the last line first
+    assert len(lines) >= 2 and " ".join(reversed(lines)) == text
