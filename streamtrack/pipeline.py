@@ -68,6 +68,9 @@ class Resume:
     skip_to_frame: int = 0
     seq_start: int = 0
     restarts: int = 0
+    # Control prompts the dead tracker had answered "queued" but whose frame's result was
+    # not out yet: queued again, so an acknowledged prompt is not lost to a crash.
+    queued: tuple[Prompt, ...] = ()
 
 
 @dataclass
@@ -240,12 +243,15 @@ class _Controls:
             check_prompt(prompt, *size)
         self.pending = [p for p in self.pending if p.obj_id != prompt.obj_id]
         self.pending.append(prompt)
+        self.tracker.report_queued()
         return {"queued_for_frame": self.tracker.next_seq}
 
     def remove_object(self, obj_id):
         queued = any(p.obj_id == obj_id for p in self.pending)
         # An object whose first prompt is still queued is cancelled, not left to appear.
         self.pending = [p for p in self.pending if p.obj_id != obj_id]
+        if queued:
+            self.tracker.report_queued()
         engine = self.tracker.engine
         if queued and (engine is None or obj_id not in engine.object_ids):
             return {"objects": engine.object_ids if engine is not None else []}
@@ -254,7 +260,9 @@ class _Controls:
         return {"objects": engine.object_ids}
 
     def reset(self):
-        self.pending.clear()
+        if self.pending:
+            self.pending.clear()
+            self.tracker.report_queued()
         if self.tracker.engine is not None:  # loading, there are only queued prompts to drop
             self.tracker.engine.reset()
         return {"objects": []}
@@ -381,6 +389,10 @@ class Tracker:
         """The ``seq`` of the next frame to launch (its result's, in ``masks/<stream>``)."""
         return self._seq + (self._in_flight is not None)
 
+    def report_queued(self) -> None:
+        """Tell a supervisor which control prompts wait for a frame (carried over a restart)."""
+        self._notify("queued", {"prompts": list(self._controls.pending)})
+
     def require_engine(self) -> StreamingEngine:
         if self.engine is None:
             raise UserError("the model is still loading; try again in a moment")
@@ -445,6 +457,9 @@ class Tracker:
             self._video_clock = cfg.resumable_file
             skip_to = resume.skip_to_frame if self._video_clock else 0
             seed: list[Prompt] = list(resume.seed)
+            if resume.queued:  # before those sent while this tracker loaded, which win
+                self._controls.pending = _merge_prompts([*resume.queued, *self._controls.pending])
+                self.report_queued()
             if self.capture.kind is SourceKind.FILE:
                 declared = _frame_count(cfg.source)  # the progress bar's total; a file cut short
             bar = _progress(cfg, self.capture, declared)
@@ -492,10 +507,12 @@ class Tracker:
                 seed = []
                 prompts += cfg.prompts.get(self.frames_seen, [])
                 t = time.perf_counter()
-                launched = _InFlight(frame, dequeue,
-                                     self._launch(frame, _merge_prompts(prompts), self._controls.pending))
+                requested, seq = self._controls.pending, self.next_seq
+                launched = _InFlight(frame, dequeue, self._launch(frame, _merge_prompts(prompts), requested))
                 self.loop_times.add("launch", t)
                 self._controls.pending = []
+                if requested:  # in the frame now: done once that frame's result is out
+                    self._notify("applied", {"seq": seq, "prompts": requested})
                 self.frames_seen += 1
                 self._finish_in_flight(emitter, bar)  # the frame before, launched ahead of this one
                 self._in_flight = launched

@@ -16,12 +16,16 @@ exponentially growing delay and starts a new child that
   themselves),
 * seeds every object with its last mask on its first frame, so tracking
   continues with the same object ids,
-* continues ``seq`` after the last result the supervisor received, and
-* for a file read at decode speed, continues after the last published frame
-  (paced or looping files and live sources just take the next frame they get).
+* continues ``seq`` after the highest one published (received by the supervisor or
+  reported by the tracker over its pipe),
+* for a file read at decode speed, continues after the last frame the tracker reported
+  published and written to its files (paced or looping files and live sources just
+  take the next frame they get), and
+* queues again the control prompts the tracker had answered "queued" but whose frame's
+  result was not out yet (the tracker reports them over its pipe).
 
 What is not carried over: each object's memory bank (it restarts from the seed
-mask), a paused state, and prompts queued but not yet applied.
+mask) and a paused state.
 
 User errors in the child (bad source, bad checkpoint, bad prompt file) are not
 retried: :meth:`Supervisor.run` raises :class:`UserError` with the child's
@@ -108,9 +112,22 @@ class _Seen:
     # stream can be behind it (a subscriber catching up) or ahead (files being written).
     emitted_seq: int | None = None
     emitted_frame_id: int | None = None
+    # Control prompts answered "queued" (waiting for a frame), and those applied to a frame
+    # whose result is not out yet (by that frame's seq): a restart queues them again.
+    queued: list[Prompt] = field(default_factory=list)
+    applied: list[tuple[int, list[Prompt]]] = field(default_factory=list)
 
     def note_emitted(self, seq: int, frame_id: int) -> None:
         self.emitted_seq, self.emitted_frame_id = seq, frame_id
+        self.applied = [(s, ps) for s, ps in self.applied if s > seq]
+
+    def unfinished_prompts(self) -> tuple[Prompt, ...]:
+        """What a restarted tracker should queue: the newest prompt per object."""
+        latest: dict[int, Prompt] = {}
+        for p in [*(p for _, ps in self.applied for p in ps), *self.queued]:
+            latest.pop(p.obj_id, None)
+            latest[p.obj_id] = p
+        return tuple(latest.values())
 
     def update(self, result: FrameResult) -> None:
         self.seq, self.frame_id = result.seq, result.frame_id
@@ -195,8 +212,8 @@ class Supervisor:
                                 sub = self._subscribe(config)
                         elif kind == "running":
                             self._set_state(TrackerState.RUNNING)
-                        elif kind == "emitted":
-                            self._note_emitted(child, data)
+                        elif kind in _PROGRESS_REPORTS:
+                            self._note_progress(child, kind, data)
                         elif kind in ("done", "user_error", "error"):
                             child.result = (kind, data)
                     self._drain(sub)
@@ -205,7 +222,7 @@ class Supervisor:
                         child.stop(self.sup.stop_timeout)
                     child.poll_stop()
                     if not child.proc.is_alive():
-                        outcome = child.finish(partial(self._note_emitted, child))
+                        outcome = child.finish(partial(self._note_progress, child))
                     else:
                         child.proc.join(0.05)
                 self._drain(sub)
@@ -257,13 +274,24 @@ class Supervisor:
             total.interrupted = True
         return total
 
-    def _note_emitted(self, child: _Child, data: dict[str, Any]) -> None:
-        child.emitted += 1
-        self._seen.note_emitted(data["seq"], data["frame_id"])
+    def _note_progress(self, child: _Child, kind: str, data: dict[str, Any]) -> None:
+        """What a restart needs to know: results out and in the files, and control prompts
+        queued or applied to a frame."""
+        if kind == "emitted":
+            child.emitted += 1
+            self._seen.note_emitted(data["seq"], data["frame_id"])
+        elif kind == "queued":
+            self._seen.queued = list(data["prompts"])
+        elif kind == "applied":
+            self._seen.applied.append((data["seq"], list(data["prompts"])))
 
     def _resume(self, config: RunConfig) -> Resume:
-        """Seed masks and position for the next child, from the masks stream."""
-        return resume_from_seen(self._seen, config.resume or Resume(), self.restarts)
+        """Seed masks and position for the next child, from the masks stream, with the
+        control prompts it had not finished (it reports them again once it runs)."""
+        resume = replace(resume_from_seen(self._seen, config.resume or Resume(), self.restarts),
+                         queued=self._seen.unfinished_prompts())
+        self._seen.queued, self._seen.applied = [], []
+        return resume
 
     def _pin_endpoints(self, config: RunConfig, bound: dict[str, Any]) -> RunConfig:
         """Restarts bind exactly what the first child bound (port 0 resolved), so
@@ -335,6 +363,10 @@ def _describe_exit(code: int | None) -> str:
 # ------------------------------------------------------------------------ child
 
 
+# Reports a tracker sends as it goes (besides its milestones), kept for a restart.
+_PROGRESS_REPORTS = ("emitted", "queued", "applied")
+
+
 class _Child:
     """One tracker process and its two pipes (reports up, a lifeline down)."""
 
@@ -377,13 +409,13 @@ class _Child:
             if self.proc.is_alive():
                 self.proc.terminate()
 
-    def finish(self, on_emitted: Callable[[dict[str, Any]], None]) -> tuple[str, dict[str, Any]]:
+    def finish(self, on_progress: Callable[[str, dict[str, Any]], None]) -> tuple[str, dict[str, Any]]:
         self.proc.join()
         for kind, data in self.reports():  # anything sent just before exiting
             if kind in ("done", "user_error", "error"):
                 self.result = (kind, data)
-            elif kind == "emitted":
-                on_emitted(data)
+            elif kind in _PROGRESS_REPORTS:
+                on_progress(kind, data)
         self._reports.close()
         self._lifeline.close()
         # A child that said "done" is done, whatever its interpreter did on the way out.

@@ -397,3 +397,32 @@ def test_lost_after_counts_a_files_own_time(tmp_path, realtime, video_time):
         assert engine.times == pytest.approx([0.0, 0.1, 0.2, 0.3])
     else:
         assert len(engine.times) == 4 and engine.times != pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_control_prompts_are_reported_queued_then_applied_with_their_frames_seq():
+    """What a supervisor keeps to queue them again if the tracker dies before the frame is out."""
+    reports = []
+    tracker = Tracker(RunConfig(source="clip.mp4"), engine=TrackedIds(),
+                      notify=lambda kind, data: reports.append((kind, data)))
+    tracker._publisher = StubPublisher()
+    tracker.frame_size = (48, 64)
+    add(tracker, 2, box=[1, 2, 30, 40])
+    add(tracker, 3, points=[[5, 6]])
+    tracker._controls.remove_object(3)
+    assert [(k, [p.obj_id for p in d["prompts"]]) for k, d in reports] == [
+        ("queued", [2]), ("queued", [2, 3]), ("queued", [2])]
+
+
+def test_a_restarted_tracker_queues_the_prompts_its_predecessor_had_not_finished(tmp_path):
+    from streamtrack.pipeline import Resume
+
+    video = write_video(make_clip(3, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    carried = (Prompt.make(7, box=[1, 2, 30, 40]),)
+    reports = []
+    engine = TrackedIds([1])
+    run = RunConfig(source=str(video), progress=False,
+                    resume=Resume(seed=(Prompt(1, mask=np.ones((48, 64), bool)),), queued=carried))
+    Tracker(run, engine=engine, notify=lambda kind, data: reports.append((kind, data))).run()
+    assert [p.obj_id for p in engine.launched[0]] == [1, 7]  # the seed, then the carried prompt
+    applied = [d for k, d in reports if k == "applied"]
+    assert [(d["seq"], [p.obj_id for p in d["prompts"]]) for d in applied] == [(0, [7])]

@@ -536,6 +536,17 @@ def test_a_restart_continues_after_the_last_frame_in_the_files_with_new_seqs():
     assert (r.skip_to_frame, r.seq_start, r.frames_done) == (11, 11, 11)
 
 
+def test_prompts_queued_or_in_a_frame_not_yet_out_are_carried_over_a_restart():
+    a, b, c = (Prompt.make(i, box=[1, 2, 30, 40]) for i in (1, 2, 3))
+    seen = _Seen()
+    seen.applied.append((5, [a]))  # applied to the frame of seq 5
+    seen.applied.append((6, [b]))
+    seen.queued = [c, Prompt.make(2, points=[[3, 4]])]  # a newer prompt for object 2
+    seen.note_emitted(5, 5)  # seq 5 is out: a is done
+    carried = seen.unfinished_prompts()
+    assert [(p.obj_id, p.points is not None) for p in carried] == [(3, False), (2, True)]
+
+
 def test_supervisor_config_errors():
     with pytest.raises(UserError, match="publish endpoint"):
         Supervisor(RunConfig(source="x.mp4"))
