@@ -243,7 +243,7 @@ class _Controls:
             check_prompt(prompt, *size)
         self.pending = [p for p in self.pending if p.obj_id != prompt.obj_id]
         self.pending.append(prompt)
-        self.tracker.report_queued()
+        self.tracker._notify("queued", {"prompt": prompt})  # each prompt once (masks are big)
         return {"queued_for_frame": self.tracker.next_seq}
 
     def remove_object(self, obj_id):
@@ -251,7 +251,7 @@ class _Controls:
         # An object whose first prompt is still queued is cancelled, not left to appear.
         self.pending = [p for p in self.pending if p.obj_id != obj_id]
         if queued:
-            self.tracker.report_queued()
+            self.tracker._notify("unqueued", {"obj_id": obj_id})
         engine = self.tracker.engine
         if queued and (engine is None or obj_id not in engine.object_ids):
             return {"objects": engine.object_ids if engine is not None else []}
@@ -262,7 +262,7 @@ class _Controls:
     def reset(self):
         if self.pending:
             self.pending.clear()
-            self.tracker.report_queued()
+            self.tracker._notify("unqueued", {"obj_id": None})  # all of them
         if self.tracker.engine is not None:  # loading, there are only queued prompts to drop
             self.tracker.engine.reset()
         return {"objects": []}
@@ -389,10 +389,6 @@ class Tracker:
         """The ``seq`` of the next frame to launch (its result's, in ``masks/<stream>``)."""
         return self._seq + (self._in_flight is not None)
 
-    def report_queued(self) -> None:
-        """Tell a supervisor which control prompts wait for a frame (carried over a restart)."""
-        self._notify("queued", {"prompts": list(self._controls.pending)})
-
     def require_engine(self) -> StreamingEngine:
         if self.engine is None:
             raise UserError("the model is still loading; try again in a moment")
@@ -458,8 +454,11 @@ class Tracker:
             skip_to = resume.skip_to_frame if self._video_clock else 0
             seed: list[Prompt] = list(resume.seed)
             if resume.queued:  # before those sent while this tracker loaded, which win
-                self._controls.pending = _merge_prompts([*resume.queued, *self._controls.pending])
-                self.report_queued()
+                loaded = {p.obj_id for p in self._controls.pending}
+                carried = [p for p in resume.queued if p.obj_id not in loaded]
+                self._controls.pending = [*carried, *self._controls.pending]
+                for p in carried:  # a supervisor keeps them until their frame is out
+                    self._notify("queued", {"prompt": p})
             if self.capture.kind is SourceKind.FILE:
                 declared = _frame_count(cfg.source)  # the progress bar's total; a file cut short
             bar = _progress(cfg, self.capture, declared)
@@ -512,7 +511,7 @@ class Tracker:
                 self.loop_times.add("launch", t)
                 self._controls.pending = []
                 if requested:  # in the frame now: done once that frame's result is out
-                    self._notify("applied", {"seq": seq, "prompts": requested})
+                    self._notify("applied", {"seq": seq, "obj_ids": [p.obj_id for p in requested]})
                 self.frames_seen += 1
                 self._finish_in_flight(emitter, bar)  # the frame before, launched ahead of this one
                 self._in_flight = launched

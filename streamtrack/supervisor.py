@@ -114,7 +114,7 @@ class _Seen:
     emitted_frame_id: int | None = None
     # Control prompts answered "queued" (waiting for a frame), and those applied to a frame
     # whose result is not out yet (by that frame's seq): a restart queues them again.
-    queued: list[Prompt] = field(default_factory=list)
+    queued: dict[int, Prompt] = field(default_factory=dict)  # obj_id -> prompt, in order
     applied: list[tuple[int, list[Prompt]]] = field(default_factory=list)
 
     def note_emitted(self, seq: int, frame_id: int) -> None:
@@ -124,10 +124,26 @@ class _Seen:
     def unfinished_prompts(self) -> tuple[Prompt, ...]:
         """What a restarted tracker should queue: the newest prompt per object."""
         latest: dict[int, Prompt] = {}
-        for p in [*(p for _, ps in self.applied for p in ps), *self.queued]:
+        for p in [*(p for _, ps in self.applied for p in ps), *self.queued.values()]:
             latest.pop(p.obj_id, None)
             latest[p.obj_id] = p
         return tuple(latest.values())
+
+    def note_prompts(self, kind: str, data: dict[str, Any]) -> None:
+        """Follow the tracker's control queue: a prompt queued, unqueued (removed, or all
+        by a reset: ``obj_id`` None), or applied to the frame of ``seq``."""
+        if kind == "queued":
+            prompt = data["prompt"]
+            self.queued.pop(prompt.obj_id, None)
+            self.queued[prompt.obj_id] = prompt
+        elif kind == "unqueued":
+            if data["obj_id"] is None:
+                self.queued.clear()
+            else:
+                self.queued.pop(data["obj_id"], None)
+        elif kind == "applied":
+            ids = data["obj_ids"]
+            self.applied.append((data["seq"], [self.queued.pop(i) for i in ids if i in self.queued]))
 
     def update(self, result: FrameResult) -> None:
         self.seq, self.frame_id = result.seq, result.frame_id
@@ -280,17 +296,15 @@ class Supervisor:
         if kind == "emitted":
             child.emitted += 1
             self._seen.note_emitted(data["seq"], data["frame_id"])
-        elif kind == "queued":
-            self._seen.queued = list(data["prompts"])
-        elif kind == "applied":
-            self._seen.applied.append((data["seq"], list(data["prompts"])))
+        else:
+            self._seen.note_prompts(kind, data)
 
     def _resume(self, config: RunConfig) -> Resume:
         """Seed masks and position for the next child, from the masks stream, with the
         control prompts it had not finished (it reports them again once it runs)."""
         resume = replace(resume_from_seen(self._seen, config.resume or Resume(), self.restarts),
                          queued=self._seen.unfinished_prompts())
-        self._seen.queued, self._seen.applied = [], []
+        self._seen.queued, self._seen.applied = {}, []
         return resume
 
     def _pin_endpoints(self, config: RunConfig, bound: dict[str, Any]) -> RunConfig:
@@ -364,7 +378,7 @@ def _describe_exit(code: int | None) -> str:
 
 
 # Reports a tracker sends as it goes (besides its milestones), kept for a restart.
-_PROGRESS_REPORTS = ("emitted", "queued", "applied")
+_PROGRESS_REPORTS = ("emitted", "queued", "unqueued", "applied")
 
 
 class _Child:

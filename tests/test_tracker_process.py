@@ -537,14 +537,18 @@ def test_a_restart_continues_after_the_last_frame_in_the_files_with_new_seqs():
 
 
 def test_prompts_queued_or_in_a_frame_not_yet_out_are_carried_over_a_restart():
-    a, b, c = (Prompt.make(i, box=[1, 2, 30, 40]) for i in (1, 2, 3))
+    a, b, c, d = (Prompt.make(i, box=[1, 2, 30, 40]) for i in (1, 2, 3, 4))
     seen = _Seen()
-    seen.applied.append((5, [a]))  # applied to the frame of seq 5
-    seen.applied.append((6, [b]))
-    seen.queued = [c, Prompt.make(2, points=[[3, 4]])]  # a newer prompt for object 2
-    seen.note_emitted(5, 5)  # seq 5 is out: a is done
+    for kind, data in [("queued", {"prompt": a}), ("queued", {"prompt": b}),
+                       ("applied", {"seq": 5, "obj_ids": [1]}), ("applied", {"seq": 6, "obj_ids": [2]}),
+                       ("queued", {"prompt": c}), ("queued", {"prompt": d}), ("unqueued", {"obj_id": 4}),
+                       ("queued", {"prompt": Prompt.make(2, points=[[3, 4]])})]:  # newer, for object 2
+        seen.note_prompts(kind, data)
+    seen.note_emitted(5, 5)  # seq 5 is out: a is done; b's frame (seq 6) is not
     carried = seen.unfinished_prompts()
     assert [(p.obj_id, p.points is not None) for p in carried] == [(3, False), (2, True)]
+    seen.note_prompts("unqueued", {"obj_id": None})  # a reset
+    assert [p.obj_id for p in seen.unfinished_prompts()] == [2]  # b, in its frame already
 
 
 def test_supervisor_config_errors():
