@@ -19,7 +19,6 @@ import logging
 import os
 import threading
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,9 +44,9 @@ from streamtrack.engine import (
 )
 from streamtrack.errors import PromptError, UserError, same_file
 from streamtrack.outputs import MASK_PNG_MAX_ID
-from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now
+from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now, system_port
 from streamtrack.publisher import StatsWindow
-from streamtrack.sources import redact_url
+from streamtrack.sources import parse_source, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ class RunConfig:
         check_decode_mode(self.decode)
         if self.publish and self.control:
             endpoint = normalize_endpoint(self.publish)
-            if endpoint == normalize_endpoint(self.control) and not _system_port(endpoint):
+            if endpoint == normalize_endpoint(self.control) and not system_port(endpoint):
                 raise UserError(f"--publish and --control are the same endpoint {endpoint}: "
                                 "give each its own port")
         source = _local_file(self.source)
@@ -165,13 +164,7 @@ class RunConfig:
     def resumable_file(self) -> bool:
         """A file read at decode speed, frame by frame: a restart can continue exactly
         after the last published frame.  Paced or looping files behave like live ones."""
-        from streamtrack.sources import parse_source
-
-        try:
-            kind = parse_source(self.source).kind
-        except UserError:
-            return False
-        return kind is SourceKind.FILE and not self.realtime and not self.loop
+        return _local_file(self.source) is not None and not self.realtime and not self.loop
 
 
 @dataclass
@@ -295,16 +288,13 @@ _CONTROL_BUDGET = 0.25  # seconds
 
 
 def _local_file(source: str) -> Path | None:
-    """The file a source reads, if it is one (a path, or a ``file://`` URL)."""
-    source = str(source)
-    path = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path)) if source.startswith("file://") \
-        else Path(source)
-    return path if path.is_file() else None
-
-
-def _system_port(endpoint: str) -> bool:
-    """Whether a normalised tcp endpoint leaves the port to the system (``0``, ``*``)."""
-    return endpoint.startswith("tcp://") and endpoint.endswith((":0", ":*"))
+    """The file a source reads, if it is one (a path, or a ``file://`` URL), as the capture
+    reads the source string."""
+    try:
+        spec = parse_source(source)
+    except UserError:
+        return None
+    return Path(spec.target) if spec.kind is SourceKind.FILE else None
 
 
 def _serve_control(control, wait_ms: int) -> None:
@@ -433,7 +423,7 @@ class Tracker:
             for what, given in (("publish", cfg.publish), ("control", cfg.control)):
                 # Nobody can connect to a port the system picked until it is told which (a
                 # fleet lists its streams' endpoints itself).
-                picked = given and _system_port(normalize_endpoint(given))
+                picked = given and system_port(normalize_endpoint(given))
                 if picked and cfg.warn_exposed and not resume.restarts:
                     log.warning("%s: bound %s (the port was left to the system)", what, bound[what])
             self.capture.start()  # a missing file or camera fails here, before the slow model load

@@ -135,6 +135,12 @@ def normalize_endpoint(endpoint: str | int) -> str:
     return ep
 
 
+def system_port(endpoint: str) -> bool:
+    """Whether a normalised tcp endpoint leaves the port to the system (``0``, ``*``):
+    something to bind, not to connect to."""
+    return endpoint.startswith("tcp://") and endpoint.endswith((":0", ":*"))
+
+
 # ----------------------------------------------------------------- field validation
 # Small checkers shared by every from_dict(): each names the offending field, so an
 # error message says exactly what was wrong with a message.

@@ -33,6 +33,7 @@ from streamtrack.protocol import (
     now,
     stats_topic,
     status_topic,
+    system_port,
     validate_stream,
 )
 
@@ -67,7 +68,7 @@ def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
 def connect_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
     """Connect ``sock`` (asynchronous in ZeroMQ: the peer may come up later)."""
     ep = normalize_endpoint(endpoint)
-    if ep.startswith("tcp://") and ep.endswith(":*"):
+    if system_port(ep):
         raise UserError(f"cannot connect {what} to {endpoint!r}: port 0 (any free port) is for "
                         "binding; give the port the other side bound")
     try:
