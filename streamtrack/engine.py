@@ -400,7 +400,7 @@ class StreamingEngine:
         turns the last frame's masks into results.  Finish steps in launch order.
         Raises as :meth:`step`, before anything changes."""
         height, width = _check_frame(frame)
-        frame = _without_negative_strides(frame)
+        frame = without_negative_strides(frame)
         prompts = _prompt_list(prompts)
         for p in prompts:
             check_prompt(p, height, width)
@@ -871,8 +871,9 @@ def _prompt_list(prompts) -> list[Prompt]:
     return prompts
 
 
-def _without_negative_strides(frame):
-    """torch cannot wrap numpy views with negative strides (``bgr[..., ::-1]``): copy those."""
+def without_negative_strides(frame):
+    """torch cannot wrap numpy views with negative strides (``bgr[..., ::-1]``): copy those
+    (anything else is returned as it is)."""
     if isinstance(frame, np.ndarray) and any(s < 0 for s in frame.strides):
         return np.ascontiguousarray(frame)
     return frame

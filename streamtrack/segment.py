@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamtrack.engine import Prompt, check_prompt
+from streamtrack.engine import Prompt, check_prompt, without_negative_strides
 from streamtrack.errors import PromptError, UserError, existing_file
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.overlay import Annotation, annotate, draw_boxes, draw_points
@@ -92,9 +92,7 @@ def as_image(image) -> np.ndarray:
 
     if isinstance(image, Image.Image):
         return np.array(image.convert("RGB"))  # writable: torch warns on read-only arrays
-    if isinstance(image, np.ndarray) and any(s < 0 for s in image.strides):
-        return np.ascontiguousarray(image)
-    return image
+    return without_negative_strides(image)
 
 
 def check_image(image: np.ndarray) -> tuple[int, int]:
