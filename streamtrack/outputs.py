@@ -157,7 +157,9 @@ class VideoWriter:
         self._stream = None
         self._first_pts: float | None = None
         self._last_ms: int | None = None
-        self._timed = True
+        # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames a
+        # second): its frames go at ``fps``.
+        self._timed = self.path.suffix.lower() != ".avi"
 
     def write(self, rgb: np.ndarray, pts: float | None = None) -> None:
         import av
@@ -174,9 +176,6 @@ class VideoWriter:
             h, w = rgb.shape[:2]
             stream.width, stream.height = w - w % 2, h - h % 2
             stream.pix_fmt = "yuv420p"
-            # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames
-            # a second): its frames go at ``fps``.
-            self._timed = self.path.suffix.lower() != ".avi"
             if self._timed:
                 stream.time_base = stream.codec_context.time_base = _MS
             # No B-frames or look-ahead: each frame is muxed as it comes, not ~20 frames later.
