@@ -80,6 +80,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--show", action="store_true", help="open a viewer window (masks, latency HUD, clicks)")
     g.add_argument("--max-restarts", type=int, metavar="N",
                    help="supervised runs: give up after N restarts of a crashed tracker (default: never)")
+    g.add_argument("--hang-timeout", type=float, metavar="S",
+                   help="supervised runs: kill and restart a tracker that shows no sign of life for "
+                        "S seconds (default 300; 0 = never)")
     g = p.add_argument_group("security (CURVE; keys from `streamtrack keys DIR`)")
     g.add_argument("--curve-secret", metavar="FILE",
                    help="encrypt --publish/--control with this server secret key (server.key_secret)")
@@ -130,7 +133,8 @@ def command(args: argparse.Namespace) -> int:
         return _finish(summary, args, "", stopped_by)
     from streamtrack.supervisor import Supervisor, SupervisorConfig, SupervisorGaveUp
 
-    supervisor = Supervisor(run_config, SupervisorConfig(max_restarts=cfg.max_restarts))
+    supervisor = Supervisor(run_config, SupervisorConfig(max_restarts=cfg.max_restarts,
+                                                         hang_timeout=cfg.hang_timeout))
     if cfg.show:
         from streamtrack.viewer import spawn_viewer
 

@@ -52,9 +52,9 @@ from streamtrack.protocol import normalize_endpoint, validate_stream
 
 AUTO = "auto"
 # Run-config keys a stream may not set: the name is the stream, a fleet has no
-# window, restarts are Ray's (fleet.max_restarts), and CURVE keys would leave the
-# driver unable to read the masks it re-seeds from.
-_NOT_PER_STREAM = {"stream", "show", "max_restarts", "curve_secret", "curve_clients"}
+# window, restarts are Ray's (fleet.max_restarts; Ray has no hang detection of its own),
+# and CURVE keys would leave the driver unable to read the masks it re-seeds from.
+_NOT_PER_STREAM = {"stream", "show", "max_restarts", "hang_timeout", "curve_secret", "curve_clients"}
 _RUN_KEYS = [f.name for f in fields(Config) if f.name not in _NOT_PER_STREAM]
 _STREAM_KEYS = {"name", "source", "prompts", "prompt_later", *_RUN_KEYS}
 _TOP_KEYS = {"fleet", "defaults", "streams"}

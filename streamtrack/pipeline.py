@@ -285,6 +285,9 @@ Notify = Callable[[str, dict[str, Any]], None]
 # How long one loop iteration may spend answering control requests: a flood of
 # (bad) requests gets answered quickly without starving the engine.
 _CONTROL_BUDGET = 0.25  # seconds
+# How often the loop tells a supervisor it is alive (idle, paused or tracking); the
+# supervisor kills a tracker that stays silent for its hang timeout.
+ALIVE_EVERY = 1.0  # seconds
 
 
 def _local_file(source: str) -> Path | None:
@@ -370,6 +373,7 @@ class Tracker:
         self._video_clock = False  # lost_after counts the file's own time (pts)
         self._in_flight: _InFlight | None = None  # launched, not finished (launch_ahead)
         self.loop_times = LoopTimes()
+        self._alive_sent = 0.0  # monotonic time of the last "alive" report
 
     def stop(self) -> None:
         self._stop.set()
@@ -460,6 +464,7 @@ class Tracker:
                 if self.frames_seen:
                     bar.update(self.frames_seen)
             while not self._stop.is_set():
+                self._alive()
                 if cfg.max_frames is not None and self.frames_seen >= cfg.max_frames:
                     break
                 if control is not None:
@@ -593,6 +598,7 @@ class Tracker:
         self.frame_size = (frame.height, frame.width)
         last = 0.0
         while not self._stop.is_set() and not self._controls.pending:
+            self._alive()
             if publisher is not None and time.monotonic() - last >= 0.5:
                 publisher.publish_frame(frame.frame_id, frame.image)
                 last = time.monotonic()
@@ -600,6 +606,15 @@ class Tracker:
                 _serve_control(control, 50)
             else:
                 self._stop.wait(0.05)
+
+    def _alive(self) -> None:
+        """Report that the loop goes round (at most every ALIVE_EVERY seconds).  Sent from
+        the loop itself, not a thread of its own, so a step or an output that never returns
+        stops the reports."""
+        t = time.monotonic()
+        if t - self._alive_sent >= ALIVE_EVERY:
+            self._alive_sent = t
+            self._notify("alive", {})
 
     def _finish_in_flight(self, emitter, bar) -> None:
         """Wait for the frame in flight, if any, and hand its result to the outputs."""

@@ -9,8 +9,10 @@ The tracker (capture thread + engine loop + publisher + control server,
 ``spawn`` method (a fresh interpreter: no forked torch/ZeroMQ/thread state).
 The supervisor subscribes to the child's own ``masks/<stream>`` topic and keeps
 the newest non-empty mask of every object.  When the child dies (a crash, an
-uncaught exception, SIGKILL, the OOM killer), the supervisor waits a bounded,
-exponentially growing delay and starts a new child that
+uncaught exception, SIGKILL, the OOM killer) or hangs (its loop sends no sign of
+life for ``hang_timeout`` seconds: it is then killed, after printing its threads'
+stacks), the supervisor waits a bounded, exponentially growing delay and starts a
+new child that
 
 * binds the same endpoints (so subscribers and control clients reconnect by
   themselves),
@@ -58,7 +60,7 @@ import numpy as np
 
 from streamtrack.engine import Prompt
 from streamtrack.errors import UserError, dump_stacks_on_usr1
-from streamtrack.pipeline import Resume, RunConfig, RunSummary, Tracker
+from streamtrack.pipeline import ALIVE_EVERY, Resume, RunConfig, RunSummary, Tracker
 from streamtrack.protocol import FrameResult, decode_mask, normalize_endpoint
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ class SupervisorConfig:
     max_restarts: int | None = None  # None = restart forever
     max_failed_starts: int = 5  # consecutive deaths before the first frame -> give up
     stop_timeout: float = 15.0  # s for a graceful stop before SIGKILL
+    # s without a sign of life from a running tracker's loop before it counts as hung and is
+    # killed (and restarted); 0 or None = never.  Longer than any step or output can take
+    # (a CPU at full size with many objects, compiling a new object count on a GPU).
+    hang_timeout: float | None = 300.0
     log_level: int | None = None  # the child's logging level (default: this process's)
 
     def __post_init__(self) -> None:
@@ -98,6 +104,9 @@ class SupervisorConfig:
             raise UserError(f"max restarts must be >= 0, got {self.max_restarts}")
         if self.max_failed_starts < 1 or self.stop_timeout <= 0:
             raise UserError("max_failed_starts must be >= 1 and stop_timeout > 0")
+        if self.hang_timeout and not self.hang_timeout >= 2 * ALIVE_EVERY:
+            raise UserError(f"hang_timeout must be 0 (never) or at least {2 * ALIVE_EVERY:.0f} s "
+                            f"(the tracker reports every {ALIVE_EVERY:.0f} s), got {self.hang_timeout}")
 
 
 @dataclass
@@ -233,6 +242,9 @@ class Supervisor:
                         elif kind in ("done", "user_error", "error"):
                             child.result = (kind, data)
                     self._drain(sub)
+                    if (self.sup.hang_timeout and self.state is TrackerState.RUNNING
+                            and child.hung is None and child.silent_for() > self.sup.hang_timeout):
+                        child.kill_hung()
                     if self._stop.is_set() and self.state is not TrackerState.STOPPING:
                         self._set_state(TrackerState.STOPPING)
                         child.stop(self.sup.stop_timeout)
@@ -261,7 +273,7 @@ class Supervisor:
                 failed_starts = 0 if self.state is TrackerState.RUNNING else failed_starts + 1
                 if ran >= self.sup.backoff_reset_after:
                     backoff = self.sup.backoff_initial
-                why = data.get("message") or _describe_exit(child.proc.exitcode)
+                why = data.get("message") or child.hung or _describe_exit(child.proc.exitcode)
                 if failed_starts >= self.sup.max_failed_starts:
                     self._set_state(TrackerState.FAILED)
                     raise SupervisorGaveUp(
@@ -390,6 +402,8 @@ class _Child:
         self._lifeline = lifeline
         self.result: tuple[str, dict[str, Any]] | None = None
         self.emitted = 0  # results it reported published and written
+        self.last_report = time.monotonic()  # any report is a sign of life
+        self.hung: str | None = None  # why it was killed, if it was killed as hung
         self._stop_sent_at: float | None = None
         self._stop_timeout = 0.0
 
@@ -413,7 +427,27 @@ class _Child:
                 out.append(self._reports.recv())
         except (EOFError, OSError):
             pass
+        if out:
+            self.last_report = time.monotonic()
         return out
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_report
+
+    def kill_hung(self) -> None:
+        """Kill a tracker whose loop stopped reporting (a deadlock, a device that never
+        answers, a stopped process), after it printed its threads' stacks for a bug report."""
+        silent = self.silent_for()
+        self.hung = f"no sign of life for {silent:.0f} s; killed as hung"
+        log.warning("tracker process %d sent no sign of life for %.0f s: killing it as hung "
+                    "(its threads' stacks follow)", self.proc.pid, silent)
+        try:
+            os.kill(self.proc.pid, signal.SIGUSR1)  # faulthandler: every thread's stack
+            os.kill(self.proc.pid, signal.SIGCONT)  # a stopped process prints it once continued
+        except ProcessLookupError:
+            return
+        self.proc.join(1.0)
+        self.proc.kill()
 
     def stop(self, timeout: float) -> None:
         """Graceful first (SIGTERM: the tracker finishes its frame and flushes)."""

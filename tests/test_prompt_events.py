@@ -434,3 +434,59 @@ def test_a_restarted_tracker_queues_the_prompts_its_predecessor_had_not_finished
     assert [p.obj_id for p in engine.launched[0]] == [1, 7]  # the seed, then the carried prompt
     assert [(k, d) for k, d in reports if k == "applied"] == [("applied", {"seq": 0, "obj_ids": [7]})]
     assert [d["prompt"].obj_id for k, d in reports if k == "queued"] == [7]  # kept until its frame is out
+
+
+def test_the_loop_reports_it_is_alive_while_paused_and_not_while_a_step_never_returns(tmp_path):
+    """A supervisor kills a tracker that stops reporting; paused or idle is not hung, a
+    step that never returns is."""
+    from streamtrack.pipeline import ALIVE_EVERY
+
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    step_returns = threading.Event()
+    stuck = threading.Event()
+
+    class StuckOnFrame3(TrackedIds):
+        def launch(self, image, prompts, timestamp=None):
+            if len(self.launched) == 3:
+                stuck.set()
+                assert step_returns.wait(30)
+            return super().launch(image, prompts, timestamp)
+
+    reports: list[tuple[str, float]] = []
+    bound: dict = {}
+
+    def notify(kind, data):
+        reports.append((kind, time.monotonic()))
+        if kind == "bound":
+            bound.update(data)
+
+    run = RunConfig(source=str(video), realtime=True, loop=True, control="tcp://127.0.0.1:0",
+                    progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    tracker = Tracker(run, engine=StuckOnFrame3(), notify=notify)
+    thread = threading.Thread(target=tracker.run, daemon=True)
+    thread.start()
+
+    def alive_between(t0, t1):
+        return sum(kind == "alive" and t0 <= t < t1 for kind, t in reports)
+
+    try:
+        deadline = time.monotonic() + 20
+        while "control" not in bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with ControlClient(bound["control"], timeout=5) as client:
+            client.pause()
+            paused = time.monotonic()
+            time.sleep(3.5 * ALIVE_EVERY)
+            assert alive_between(paused, time.monotonic()) >= 3
+            client.resume()
+        assert stuck.wait(20)
+        since = time.monotonic()
+        time.sleep(2.5 * ALIVE_EVERY)
+        assert alive_between(since, time.monotonic()) == 0
+        step_returns.set()
+        time.sleep(1.5 * ALIVE_EVERY)
+        assert alive_between(since, time.monotonic()) >= 1
+    finally:
+        step_returns.set()
+        tracker.stop()
+        thread.join(30)

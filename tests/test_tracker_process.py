@@ -37,7 +37,7 @@ from streamtrack.models import build_model
 from streamtrack.pipeline import Resume, RunConfig, is_local_endpoint, warn_if_exposed
 from streamtrack.protocol import FrameResult, ObjectResult, decode_mask
 from streamtrack.subscriber import Subscriber
-from streamtrack.supervisor import Supervisor, _Seen, resume_from_seen
+from streamtrack.supervisor import Supervisor, SupervisorConfig, _Seen, resume_from_seen
 from streamtrack.synthetic import make_clip, write_video
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 FRAMES = 16
 BOX1 = "25,30,55,54"  # object 1 of make_clip(.., 160, 120, seed=1) on frame 0
 BOX2 = "100,65,124,91"  # object 2
+HANG_TIMEOUT = 20  # s, the shared live tracker's: far above its steps, even on a loaded machine
 
 
 def free_port() -> int:
@@ -341,7 +342,8 @@ def test_user_error_in_tracker_process_is_not_restarted(tmp_path, clip_path):
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, clip_path, tiny_checkpoint) -> Iterator[Proc]:
     """A tracker on a looping, real-time-paced file: runs until stopped."""
-    proc = launch(tmp_path_factory.mktemp("live"), clip_path, tiny_checkpoint, "--realtime", "--loop")
+    proc = launch(tmp_path_factory.mktemp("live"), clip_path, tiny_checkpoint, "--realtime", "--loop",
+                  "--hang-timeout", str(HANG_TIMEOUT), quiet=False)
     try:
         with Subscriber(proc.publish) as sub:  # first result: the frame size is known
             collect(sub, lambda m: len(m) >= 1, timeout=240)
@@ -464,6 +466,26 @@ def test_subscribe_cli_prints_json_lines(live, capsys):
     assert decode_mask(line["objects"][0]["rle"]).shape == (120, 160)
 
 
+@pytest.mark.timeout(300)
+def test_a_stopped_tracker_is_killed_as_hung_and_restarted(live):
+    """A stopped process stands in for a deadlock: alive, but its loop never goes round."""
+    pid = tracker_status(live.control)["pid"]
+    with Subscriber(live.publish, topics=["masks/", "status/"]) as sub:
+        collect(sub, lambda m: any(x.kind == "masks" for x in m), timeout=60)
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        msgs = collect(sub, masks_after_restart, timeout=240)
+    restarted = msgs[restart_index(msgs)].status
+    assert restarted.data["restarts"] == 1
+    assert time.monotonic() - stopped_at >= HANG_TIMEOUT
+    assert not pid_alive(pid)
+    status = tracker_status(live.control)
+    assert status["pid"] != pid and status["restarts"] == 1 and status["objects"].keys() == {"1"}
+    err = live.err()
+    assert f"tracker process {pid} sent no sign of life" in err and "killed as hung" in err
+    assert "most recent call first" in err  # the hung tracker's stacks, for a bug report
+
+
 @pytest.mark.timeout(120)
 def test_sigterm_stops_supervisor_and_tracker_no_orphan(live):
     """Runs last on the shared live tracker: it stops it."""
@@ -560,3 +582,6 @@ def test_supervisor_config_errors():
         Supervisor(RunConfig(source="x.mp4"))
     with pytest.raises(UserError, match="inproc"):
         Supervisor(RunConfig(source="x.mp4", publish="inproc://x"))
+    with pytest.raises(UserError, match="hang_timeout must be 0 .never. or at least 2 s"):
+        SupervisorConfig(hang_timeout=1.5)
+    assert SupervisorConfig(hang_timeout=0).hang_timeout == 0
