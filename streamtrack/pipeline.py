@@ -161,6 +161,11 @@ class RunConfig:
         )
 
     @property
+    def progress_bar(self) -> bool:
+        """Whether a run shows a progress bar on stderr (a local file's; live sources have none)."""
+        return self.progress and _local_file(self.source) is not None
+
+    @property
     def resumable_file(self) -> bool:
         """A file read at decode speed, frame by frame: a restart can continue exactly
         after the last published frame.  Paced or looping files behave like live ones."""

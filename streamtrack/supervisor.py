@@ -46,6 +46,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -286,6 +287,9 @@ class Supervisor:
                         f"({self.sup.max_restarts}) is reached")
                 self.restarts += 1
                 self._set_state(TrackerState.BACKOFF)
+                if self.config.progress_bar and not data.get("message"):
+                    # Killed: its progress bar's line was never ended; the warning gets its own.
+                    sys.stderr.write("\n")
                 log.warning("tracker process died (%s); restart %d in %.1f s",
                             why, self.restarts, backoff)
                 if self._stop.wait(backoff):
