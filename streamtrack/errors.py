@@ -49,7 +49,7 @@ def read_text_file(path: str | Path, what: str) -> str:
     :class:`UserError`: a video or checkpoint passed to the wrong option is binary."""
     p = existing_file(path, what)
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")  # with or without the BOM some editors write
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {p} is not a text file (byte {e.start} is not UTF-8)") from None
     except OSError as e:

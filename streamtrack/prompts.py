@@ -6,7 +6,8 @@ A prompts file is a JSON list; each entry prompts one object on one frame::
      {"obj_id": 2, "frame": 0, "points": [[x, y], [x, y]], "labels": [1, 0]},
      {"obj_id": 3, "frame": 30, "mask": "mask.png"}]
 
-``mask`` is a PNG path (relative to the file; non-zero = object) or a COCO RLE dict.
+``mask`` is a PNG path (relative to the file; non-zero = object, or, in an image with
+transparent pixels, opaque = object) or a COCO RLE dict; an empty mask is refused.
 Geometry is checked against the frame by the engine when the frame arrives.
 """
 
@@ -104,21 +105,22 @@ def _entry(entry, where: str, base: Path) -> tuple[Prompt, int]:
         raise UserError(f"{where}: give a box, points or a mask")
     try:
         if box is not None:
-            box = np.asarray(box, dtype=float)
+            box = _array(box, "box must be [x0, y0, x1, y1]")
             if box.shape != (4,):
                 raise ValueError("box must be [x0, y0, x1, y1]")
             if not (np.isfinite(box).all() and box[0] < box[2] and box[1] < box[3]):
                 raise ValueError(f"box {box.tolist()} needs finite x0 < x1 and y0 < y1")
         if points is not None:
-            points = np.asarray(points, dtype=float)
+            points = _array(points, "points must be a non-empty list of [x, y]")
             if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
                 raise ValueError("points must be a non-empty list of [x, y]")
             if not np.isfinite(points).all():
                 raise ValueError("points must be finite numbers")
         if labels is not None:
-            labels = np.asarray(labels)
-            if labels.ndim != 1 or not np.isin(labels, (0, 1)).all():
+            labels = np.asarray(labels, dtype=object)
+            if labels.ndim != 1 or not all(type(v) is int and v in (0, 1) for v in labels):
                 raise ValueError("labels must be a list of 0 (background) / 1 (foreground)")
+            labels = labels.astype(int)
             if points is None or len(labels) != len(points):
                 raise ValueError("labels need points, one label per point")
         if mask is not None:
@@ -128,19 +130,58 @@ def _entry(entry, where: str, base: Path) -> tuple[Prompt, int]:
     return Prompt.make(obj_id, points=points, labels=labels, box=box, mask=mask), frame
 
 
+def _array(value, form: str) -> np.ndarray:
+    """Coordinates from JSON as floats.  Booleans are not coordinates (numpy would take
+    ``true`` for 1), and ragged lists get ``form`` instead of numpy's wording."""
+    def has_bool(v) -> bool:
+        return isinstance(v, bool) or (isinstance(v, list) and any(has_bool(x) for x in v))
+
+    if has_bool(value):
+        raise ValueError(form)
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(form) from None
+
+
 def _load_mask(mask, base: Path) -> np.ndarray:
     if isinstance(mask, dict):
         from streamtrack.protocol import decode_mask
 
-        return decode_mask(mask)
-    if isinstance(mask, str):
-        from PIL import Image
-
+        pixels = decode_mask(mask)
+        what = "mask"
+    elif isinstance(mask, str):
         p = base / mask
-        if not p.is_file():
+        if not p.exists():
             raise ValueError(f"mask file {p} not found")
-        return np.array(Image.open(p).convert("L")) > 0
-    raise ValueError("mask must be a PNG path or a COCO RLE {size, counts}")
+        if not p.is_file():
+            raise ValueError(f"mask file {p} is not a file")
+        pixels = _mask_image(p)
+        what = f"mask file {p}"
+    else:
+        raise ValueError("mask must be a PNG path or a COCO RLE {size, counts}")
+    if not pixels.any():
+        # An empty prompt would add an object that is "occluded" from its first frame.
+        raise ValueError(f"{what} is empty: it marks no pixel of the object")
+    return pixels
+
+
+def _mask_image(path: Path) -> np.ndarray:
+    """A mask PNG as booleans: non-zero pixels, or, where some pixels are transparent, the
+    opaque ones (an object cut out on a transparent background, whatever its colours)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
+            alpha = np.array(im.getchannel("A")) if "A" in im.getbands() else None
+            if alpha is not None and alpha.min() < alpha.max():
+                return alpha > 0
+            return np.array(im.convert("L")) > 0
+    except (OSError, Image.DecompressionBombError) as e:  # not an image, cut short, unreadable
+        raise ValueError(f"mask file {path} is not a readable image ({e})") from None
 
 
 def merge(*sources: dict[int, list[Prompt]]) -> dict[int, list[Prompt]]:
@@ -149,6 +190,9 @@ def merge(*sources: dict[int, list[Prompt]]) -> dict[int, list[Prompt]]:
         for frame, prompts in src.items():
             for p in prompts:
                 if any(q.obj_id == p.obj_id for q in merged[frame]):
-                    raise UserError(f"object {p.obj_id} is prompted twice on frame {frame}")
+                    raise UserError(
+                        f"object {p.obj_id} is prompted twice on frame {frame} (--box objects are "
+                        f"numbered 1, 2, ..., the --point object comes next: give the prompts "
+                        f"file's objects other ids)")
                 merged[frame].append(p)
     return dict(merged)

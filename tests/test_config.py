@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from streamtrack.config import CONFIG_DIR, Config, load_config, load_yaml
@@ -137,10 +139,16 @@ def test_a_prompts_file_may_be_a_pipe():
     assert [(frame, [p.obj_id for p in ps]) for frame, ps in prompts.items()] == [(0, [4])]
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 @pytest.mark.parametrize(("entry", "message"), [
     ('{"obj_id": 2, "box": [50, 50, 10, 10]}', r"box \[50.0, 50.0, 10.0, 10.0\] needs finite x0 < x1"),
     ('{"obj_id": 2, "box": [1, 2, NaN, 40]}', "needs finite x0 < x1"),
     ('{"obj_id": 2, "points": [[1, Infinity]]}', "points must be finite numbers"),
+    ('{"obj_id": 2, "points": [[1, 2], [3]]}', r"points must be a non-empty list of \[x, y\]$"),
+    ('{"obj_id": 2, "box": [true, 2, 30, 40]}', r"box must be \[x0, y0, x1, y1\]$"),
+    ('{"obj_id": 2, "points": [[1, 2]], "labels": [true]}', "labels must be a list of 0"),
+    ('{"obj_id": 2, "points": [[1, 2]], "labels": [1.0]}', "labels must be a list of 0"),
+    ('{"obj_id": 2, "mask": {"size": [4, 4], "counts": "`0"}}', "mask is empty: it marks no pixel"),
 ])
 def test_a_prompts_file_names_the_entry_with_a_bad_box_or_point(tmp_path, entry, message):
     from streamtrack.prompts import load_prompts_file
@@ -150,3 +158,66 @@ def test_a_prompts_file_names_the_entry_with_a_bad_box_or_point(tmp_path, entry,
     with pytest.raises(UserError, match=message) as info:
         load_prompts_file(f)
     assert str(info.value).startswith(f"prompts file {f}, entry 1: ")
+
+
+def _mask_entry_error(tmp_path, make, name="m.png") -> str:
+    from streamtrack.prompts import load_prompts_file
+
+    make(tmp_path / name)
+    f = tmp_path / "p.json"
+    f.write_text(f'[{{"obj_id": 1, "mask": "{name}"}}]')
+    with pytest.raises(UserError) as info:
+        load_prompts_file(f)
+    return str(info.value)
+
+
+def test_a_mask_file_that_is_not_a_whole_image_or_is_empty_is_one_line(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(good)
+    m = tmp_path / "m.png"
+    assert "m.png is not a readable image" in _mask_entry_error(tmp_path, lambda p: p.write_text("hello"))
+    assert "m.png is not a readable image" in _mask_entry_error(
+        tmp_path, lambda p: p.write_bytes(good.read_bytes()[:2000]))
+    assert f"mask file {m} is empty" in _mask_entry_error(
+        tmp_path, lambda p: Image.fromarray(np.zeros((8, 8), np.uint8)).save(p))
+    assert f"mask file {tmp_path / 'd'} is not a file" in _mask_entry_error(tmp_path, Path.mkdir, "d")
+
+
+def test_a_mask_cut_out_on_a_transparent_background_is_its_opaque_pixels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from streamtrack.prompts import load_prompts_file
+
+    alpha = np.zeros((6, 8), np.uint8)
+    alpha[1:4, 2:5] = 255
+    for colour in (0, 255):  # a black or a white object: only the alpha channel tells
+        rgb = np.full((6, 8, 3), colour, np.uint8)
+        Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "m.png")
+        (tmp_path / "p.json").write_text('[{"obj_id": 1, "mask": "m.png"}]')
+        (prompt,) = load_prompts_file(tmp_path / "p.json")[0]
+        assert (prompt.mask == (alpha > 0)).all()
+    opaque = np.dstack([np.zeros((6, 8, 3), np.uint8), np.full((6, 8), 255, np.uint8)])
+    opaque[1:4, 2:5, :3] = 255  # opaque everywhere: the pixels' values mark the object
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "m.png")
+    (prompt,) = load_prompts_file(tmp_path / "p.json")[0]
+    assert (prompt.mask == (alpha > 0)).all()
+
+
+def test_an_id_given_by_box_and_by_the_prompts_file_says_how_box_objects_are_numbered():
+    from streamtrack.engine import Prompt
+    from streamtrack.prompts import from_cli, merge
+
+    with pytest.raises(UserError, match=r"object 2 is prompted twice on frame 0 \(--box objects are"):
+        merge(from_cli(["1,2,30,40"], ["5,6"]), {0: [Prompt.make(2, box=[1, 2, 30, 40])]})
+
+
+def test_a_prompts_file_with_a_byte_order_mark_is_read(tmp_path):
+    from streamtrack.prompts import load_prompts_file
+
+    f = tmp_path / "p.json"
+    f.write_bytes(b"\xef\xbb\xbf" + b'[{"obj_id": 3, "box": [1, 2, 30, 40]}]')
+    assert [p.obj_id for p in load_prompts_file(f)[0]] == [3]
