@@ -23,6 +23,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
     from streamtrack.download import download_checkpoint
 
     names = list(MODELS) if args.model == "all" else [args.model]
+    if args.url and len(names) > 1:
+        raise UserError("--url names one file: download one model with it, not 'all'")
     for name in names:
         path = download_checkpoint(name, force=args.force, url=args.url, progress=not args.quiet)
         print(f"{name}: {path}")
@@ -31,7 +33,12 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     for spec in MODELS.values():
-        have = "yes" if spec.default_path().exists() else "no"
+        path = spec.default_path()
+        have = "no"
+        if path.exists():
+            # A copy cut short shows in its size (checking every file would load each model).
+            size = path.stat().st_size / 2**20
+            have = "yes" if size >= 0.95 * spec.size_mb else f"incomplete? ({size:.0f} of ~{spec.size_mb} MB)"
         print(f"{spec.name:24} {spec.config:40} {spec.size_mb:5d} MB  downloaded: {have}")
     return 0
 

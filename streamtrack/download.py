@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from streamtrack.errors import DownloadError
+from streamtrack.errors import CheckpointError, DownloadError
 from streamtrack.models import ModelSpec, build_model, check_state_dict, get_spec, read_state_dict
 
 
@@ -26,18 +26,27 @@ def download_checkpoint(
 
     The file is written to ``<name>.pt.part`` and renamed only once it loads and
     its keys and shapes match the model, so an interrupted or bad download never
-    leaves a file that looks usable.
+    leaves a file that looks usable.  A file already in place is verified too (a copy
+    cut short by hand would otherwise pass for downloaded); ``force`` replaces it.
     """
     spec = get_spec(name)
     target = spec.default_path(checkpoint_dir)
     if target.exists() and not force:
+        try:
+            verify_checkpoint(target, spec)
+        except CheckpointError as e:
+            raise DownloadError(f"{e}; `streamtrack download {name} --force` replaces it") from None
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create the folder {target.parent} for {spec.filename}: "
+                            f"{e.strerror or e}") from None
     part = target.with_name(target.name + ".part")
     source = url or spec.url
     try:
         _fetch(source, part, spec, timeout=timeout, progress=progress)
-        verify_checkpoint(part, spec)
+        verify_checkpoint(part, spec, shown_as=f"the file from {source}")
         os.replace(part, target)
     except BaseException:
         part.unlink(missing_ok=True)
@@ -47,26 +56,57 @@ def download_checkpoint(
 
 def _fetch(url: str, dest: Path, spec: ModelSpec, *, timeout: float, progress: bool) -> None:
     hint = f"download {url} by other means and save it as {spec.default_path()}"
+
+    def cannot_write(e: OSError) -> DownloadError:  # the disk, not the network
+        return DownloadError(f"cannot write {dest}: {e.strerror or e}")
+
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=spec.filename, disable=not progress
-            ) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as e:
-        raise DownloadError(f"cannot download {spec.name}: HTTP {e.code} from {url}; {hint}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", None) or e
-        if isinstance(reason, str) and reason.startswith("unknown url type"):  # not a network problem
-            raise DownloadError(f"cannot download {spec.name} from {url}: {reason} "
+        out = open(dest, "wb")
+    except OSError as e:
+        raise cannot_write(e) from None
+    with out:
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raise DownloadError(f"cannot download {spec.name}: HTTP {e.code} from {url}; {hint}") from None
+        except ValueError as e:  # no scheme at all: not a URL
+            raise DownloadError(f"cannot download {spec.name} from {url}: {e} "
                                 "(give an http://, https:// or file:// URL)") from None
-        raise DownloadError(f"cannot download {spec.name} (offline? {reason}); {hint}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            if isinstance(reason, str) and reason.startswith("unknown url type"):  # not a network problem
+                raise DownloadError(f"cannot download {spec.name} from {url}: {reason} "
+                                    "(give an http://, https:// or file:// URL)") from None
+            raise DownloadError(f"cannot download {spec.name} (offline? {reason}); {hint}") from None
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with response, tqdm(total=total, unit="B", unit_scale=True, desc=spec.filename,
+                            disable=not progress) as bar:
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except OSError as e:
+                    raise DownloadError(f"download of {spec.name} from {url} broke off ({e}); {hint}") \
+                        from None
+                if not chunk:
+                    break
+                try:
+                    out.write(chunk)
+                except OSError as e:
+                    raise cannot_write(e) from None
+                bar.update(len(chunk))
+        try:
+            out.flush()
+        except OSError as e:
+            raise cannot_write(e) from None
 
 
-def verify_checkpoint(path: Path, spec: ModelSpec) -> None:
-    state = read_state_dict(path, spec.name)
-    check_state_dict(build_model(spec.name, random_init=True), state, path, spec.name)
-
+def verify_checkpoint(path: Path, spec: ModelSpec, shown_as: str | None = None) -> None:
+    """Refuse a file that does not load as ``spec``'s model; messages name it ``shown_as``
+    (a download's temporary file is gone by the time the message is read)."""
+    try:
+        state = read_state_dict(path, spec.name)
+        check_state_dict(build_model(spec.name, random_init=True), state, path, spec.name)
+    except CheckpointError as e:
+        if shown_as is None:
+            raise
+        raise CheckpointError(str(e).replace(f"checkpoint {path}", shown_as, 1)) from None

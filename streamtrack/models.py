@@ -9,6 +9,7 @@ match.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -160,9 +161,9 @@ def build_model(
     overrides = hydra_overrides(image_size)  # a bad size is reported before a missing file
     path = None
     if not random_init:
-        path = Path(checkpoint) if checkpoint else spec.default_path()
+        path = Path(checkpoint).expanduser() if checkpoint else spec.default_path()
         if not path.exists():
-            raise CheckpointError(missing_checkpoint_message(spec, path))
+            raise CheckpointError(missing_checkpoint_message(spec, path, given=bool(checkpoint)))
     extra = {"vos_optimized": True} if vos_optimized and kind == "video" else {}
     if extra:
         guard_by_dict_tags()  # the engine's compiled units check guards this way too
@@ -175,7 +176,11 @@ def build_model(
     return model.to(device).eval()
 
 
-def missing_checkpoint_message(spec: ModelSpec, path: Path) -> str:
+def missing_checkpoint_message(spec: ModelSpec, path: Path, given: bool = False) -> str:
+    """``given``: the user named ``path`` (a typo then, more likely than a download to make)."""
+    if given:
+        return (f"checkpoint {path} not found: check the path (`streamtrack download {spec.name}` "
+                f"fetches the official {spec.name} checkpoint into {spec.default_path()})")
     return (
         f"checkpoint for {spec.name} not found at {path}; run `streamtrack download {spec.name}`"
         f" or fetch {spec.url} and save it as {spec.default_path()} (or pass --checkpoint FILE)"
@@ -196,8 +201,8 @@ def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint"
-        raise CheckpointError(f"{where} is not a readable PyTorch checkpoint ({_load_problem(path, e)})") \
-            from None
+        raise CheckpointError(f"{where} is not a readable PyTorch checkpoint "
+                              f"({_load_problem(path, e, model_name)})") from None
     if not isinstance(blob, dict) or "model" not in blob or not isinstance(blob["model"], dict):
         raise CheckpointError(
             f"{where} is not in the official format (a dict with key 'model' holding the state dict)"
@@ -205,7 +210,7 @@ def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor
     return blob["model"]
 
 
-def _load_problem(path: Path, e: Exception) -> str:
+def _load_problem(path: Path, e: Exception, model_name: str) -> str:
     """Why ``torch.load`` failed, in words for the user (torch's own text suggests
     unsafe loading, or is a bare key such as '101' for a text file)."""
     try:
@@ -216,8 +221,13 @@ def _load_problem(path: Path, e: Exception) -> str:
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive (the official checkpoints are)
         return "not a zip archive as torch.save writes: another kind of file, or a damaged download"
     if "central directory" in str(e):
-        return "the archive is cut short: an unfinished download? fetch it again"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (f"the archive is cut short: an unfinished download? fetch it again, e.g. "
+                f"`streamtrack download {model_name} --force`")
+    if "Weights only load failed" in str(e):
+        return ("it holds Python objects besides tensors, and streamtrack loads checkpoints as data "
+                "only (weights_only), never as code")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch's text has terminal colours
+    first = text.splitlines()[0] if text else type(e).__name__
     return first if len(first) <= 160 else first[:157] + "..."
 
 
@@ -226,22 +236,45 @@ def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, mode
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    not_tensors = [f"{k} is a {type(state[k]).__name__}" for k in expected
+                   if k in state and not torch.is_tensor(state[k])]
     wrong_shape = [
         f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)
+        if k in state and torch.is_tensor(state[k]) and state[k].shape != v.shape
     ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if not_tensors:
+        problems.append(f"{len(not_tensors)} values that are not tensors (e.g. {not_tensors[0]})")
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} tensors of the wrong shape (e.g. {wrong_shape[0]})")
     if problems:
+        other = _model_of(state)
+        hint = f" (it looks like a {other} checkpoint: pass --model {other})" if other not in (
+            None, model_name) else ""
         raise CheckpointError(
-            f"checkpoint {path} does not match model {model_name}: " + "; ".join(problems)
+            f"checkpoint {path} does not match model {model_name}: " + "; ".join(problems) + hint
         )
+
+
+# (Hiera blocks, embedding width) of each size's image encoder: what tells the sizes apart.
+_HIERA_SIZES = {(12, 96): "tiny", (16, 96): "small", (24, 112): "base_plus", (48, 144): "large"}
+
+
+def _model_of(state: dict) -> str | None:
+    """Which official model a state dict belongs to, from its image encoder's depth and
+    width (and SAM 2.1's extra keys), or None if it is none of them."""
+    blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
+    embed = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    if not torch.is_tensor(embed) or not all(b.isdigit() for b in blocks):
+        return None
+    size = _HIERA_SIZES.get((len(blocks), embed.shape[0]))
+    family = "sam2.1" if "no_obj_embed_spatial" in state else "sam2"
+    return f"{family}_hiera_{size}" if size else None
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path, model_name: str) -> None:

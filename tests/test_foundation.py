@@ -146,8 +146,47 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, monkeypatch):
 
 def test_checkpoint_of_another_model_refused(checkpoint_factory, tiny_model):
     small = checkpoint_factory("sam2.1_hiera_small")
-    with pytest.raises(CheckpointError, match="does not match model sam2.1_hiera_tiny"):
+    with pytest.raises(CheckpointError, match="does not match model sam2.1_hiera_tiny: .*"
+                       r"\(it looks like a sam2.1_hiera_small checkpoint: "
+                       r"pass --model sam2.1_hiera_small\)$"):
         load_checkpoint(tiny_model, small, "sam2.1_hiera_tiny")
+
+
+def test_which_model_a_state_dict_is_of():
+    from streamtrack.models import _model_of
+
+    for name in ("sam2_hiera_tiny", "sam2.1_hiera_base_plus"):
+        assert _model_of(build_model(name, random_init=True).state_dict()) == name
+    assert _model_of({"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(3)}) is None
+
+
+def test_a_state_dict_value_that_is_not_a_tensor_is_refused_by_name(tiny_checkpoint, tiny_model, tmp_path):
+    blob = torch.load(tiny_checkpoint, weights_only=True)
+    blob["model"]["no_mem_embed"] = [1, 2, 3]
+    torch.save(blob, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"1 values that are not tensors \(e.g. no_mem_embed is a list"):
+        load_checkpoint(tiny_model, tmp_path / "odd.pt", "sam2.1_hiera_tiny")
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_in_plain_words(tmp_path):
+    from streamtrack.models import read_state_dict
+
+    torch.save({"model": {}, "extra": Path("x")}, tmp_path / "objects.pt")
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "objects.pt", "sam2.1_hiera_tiny")
+    assert str(info.value).endswith("(it holds Python objects besides tensors, and streamtrack loads "
+                                    "checkpoints as data only (weights_only), never as code)")
+    assert "\x1b" not in str(info.value)
+
+
+def test_a_checkpoint_path_given_and_missing_is_a_typo_not_a_download(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError) as info:
+        build_model("sam2.1_hiera_tiny", tmp_path / "nope.pt")
+    assert str(info.value).startswith(f"checkpoint {tmp_path / 'nope.pt'} not found: check the path")
+    assert "--checkpoint FILE" not in str(info.value)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'nope.pt'} not found"):
+        build_model("sam2.1_hiera_tiny", "~/nope.pt")  # ~ is the user's home, as in a shell
 
 
 def test_sam2_checkpoint_loads_sam2_model(checkpoint_factory):
@@ -194,6 +233,44 @@ def test_download_offline_fails_cleanly(tmp_path):
                                "type: htps (give an http://, https:// or file:// URL)")
 
 
+def test_download_names_what_failed_locally_and_refuses_what_is_not_a_url(tmp_path, tiny_checkpoint,
+                                                                        monkeypatch):
+    import streamtrack.download
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DownloadError, match=r"cannot create the folder .*/file/sub for sam2.1_hiera_tiny.pt"):
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path / "file" / "sub", url="http://127.0.0.1:9/x.pt")
+    with pytest.raises(DownloadError, match="from notaurl: unknown url type"):
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, url="notaurl")
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.file = open(path, mode)
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(streamtrack.download, "open", FullDisk, raising=False)
+    with pytest.raises(DownloadError, match=r"^cannot write .*tiny.pt.part: No space left on device$"):
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, url=tiny_checkpoint.as_uri(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_download_cli_refuses_one_url_for_all_models():
+    r = run_cli("download", "all", "--url", "http://127.0.0.1:9/x.pt")
+    assert r.returncode == 2 and r.stderr == (
+        "streamtrack: error: --url names one file: download one model with it, not 'all'\n")
+
+
 def test_download_cli_offline_exit_code(tmp_path):
     r = run_cli("download", "sam2.1_hiera_tiny", "--url", "http://127.0.0.1:9/x.pt", "--force")
     assert r.returncode == 2
@@ -208,9 +285,14 @@ def test_download_verifies_and_renames(tmp_path, tiny_checkpoint, checkpoint_fac
     )
     assert good == tmp_path / "sam2.1_hiera_tiny.pt" and good.read_bytes() == tiny_checkpoint.read_bytes()
     wrong = checkpoint_factory("sam2.1_hiera_small").as_uri()
-    with pytest.raises(CheckpointError, match="does not match model sam2.1_hiera_tiny"):
+    with pytest.raises(CheckpointError, match=f"^the file from {wrong} does not match model sam2.1_hiera_"):
         download_checkpoint("sam2.1_hiera_tiny", tmp_path, url=wrong, force=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sam2.1_hiera_tiny.pt"]
+    # A file already in place is checked too: one cut short is not "downloaded".
+    good.write_bytes(tiny_checkpoint.read_bytes()[:100_000])
+    with pytest.raises(DownloadError, match=r"cut short.*`streamtrack download sam2.1_hiera_tiny --force` "
+                                            r"replaces it$"):
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, progress=False)
 
 
 def test_main_without_command_prints_help(capsys):
