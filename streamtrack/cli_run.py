@@ -31,6 +31,16 @@ if TYPE_CHECKING:
     from streamtrack.pipeline import RunSummary, Tracker
 
 _KEYS = {f.name for f in fields(Config)}
+
+
+class _Once(argparse.Action):
+    """An option given at most once: argparse would keep the last ``--config`` silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice: a run reads one config file (it can set "
+                         "every key; the environment and options override it)")
+        setattr(namespace, self.dest, values)
 _GIVEN = argparse.SUPPRESS  # absent from the namespace unless given on the command line
 
 
@@ -39,7 +49,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                        argument_default=_GIVEN)
     p.add_argument("source", help="webcam index (0), /dev/videoN, rtsp:// or http(s):// URL, or a file")
     g = p.add_argument_group("configuration")
-    g.add_argument("--config", default=None, metavar="FILE|PRESET",
+    g.add_argument("--config", default=None, metavar="FILE|PRESET", action=_Once,
                    help="YAML configuration, or a preset from configs/ (default, webcam, rtsp, file)")
     g.add_argument("--print-config", action="store_true", default=False,
                    help="print the merged configuration as YAML and exit")

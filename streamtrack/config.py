@@ -10,6 +10,7 @@ values of the wrong type are errors that name the key and where it came from.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import types
@@ -22,7 +23,9 @@ import yaml
 
 from streamtrack.compiled import MODES as COMPILE_MODES
 from streamtrack.errors import UserError, read_text_file
-from streamtrack.models import DEFAULT_MODEL, MODELS
+from streamtrack.models import DEFAULT_MODEL, MODELS, check_device_name, check_image_size
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ENV_PREFIX = "STREAMTRACK_"
@@ -86,6 +89,8 @@ _MINIMUM: dict[str, int] = {
     "queue_depth": 1, "reconnect_max": 0, "stale_after": 0, "give_up_after": 0, "max_restarts": 0,
     "hang_timeout": 0,
 }
+# Keys checked by the stage that uses them, called here too so that the error names the layer.
+_CHECKS = {"image_size": check_image_size, "device": check_device_name}
 
 
 def _base_type(tp) -> tuple[type, bool]:
@@ -104,7 +109,8 @@ def coerce(key: str, value: Any, where: str) -> Any:
     if key not in _FIELDS:
         raise UserError(f"{where}: unknown key {key!r}; known keys: {', '.join(_FIELDS)}")
     tp, optional = _base_type(_FIELDS[key].type)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")
+                         and optional):
         if optional:
             return None
         raise UserError(f"{where}: {key} cannot be empty")
@@ -120,6 +126,11 @@ def coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in _MINIMUM and value < _MINIMUM[key]:
         raise UserError(f"{where}: {key} must be at least {_MINIMUM[key]}, got {value!r}")
+    if key in _CHECKS:
+        try:
+            _CHECKS[key](value)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
     return value
 
 
@@ -206,6 +217,11 @@ def load_config(
     for name, text in env.items():
         if name.startswith(ENV_PREFIX) and name != ENV_PREFIX + "CONFIG":
             key = name[len(ENV_PREFIX):].lower()
+            if key not in _FIELDS:
+                # Wrapper scripts may use the prefix too: say it, do not stop every run for it.
+                log.warning("environment %s: not a setting, ignored (settings: STREAMTRACK_ and a key of "
+                            "`streamtrack run --print-config`, e.g. STREAMTRACK_IMAGE_SIZE)", name)
+                continue
             values[key] = coerce(key, text, f"environment {name}")
     for key, value in (cli or {}).items():
         values[key] = coerce(key, value, f"option --{key.replace('_', '-')}")

@@ -285,6 +285,13 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, model_name: str) -
     log.info("loaded %s from %s", model_name, path)
 
 
+def check_device_name(device: str) -> str:
+    """The form of a device name, whether or not this machine has that device."""
+    if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UserError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
+    return device
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is a user error."""
     if device == "auto":
@@ -293,8 +300,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise UserError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
+    check_device_name(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available here")
     if device == "mps" and not torch.backends.mps.is_available():

@@ -65,6 +65,8 @@ def test_environment_values_are_parsed():
         ("max_objects: 0\n", "max_objects must be at least 1"),
         ("queue_depth: 0\n", "queue_depth must be at least 1"),
         ("give_up_after: -2\n", "give_up_after must be at least 0"),
+        ("image_size: 100\n", "image size must be a multiple of 32 from 64 to 2048, got 100"),
+        ("device: gpu\n", r"device must be auto, cpu, cuda\[:N\] or mps, got 'gpu'"),
     ],
 )
 def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
@@ -78,8 +80,32 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
 def test_bad_environment_names_the_variable():
     with pytest.raises(UserError, match="environment STREAMTRACK_SHOW: show must be true or false"):
         load_config(None, {}, {"STREAMTRACK_SHOW": "maybe"})
-    with pytest.raises(UserError, match="environment STREAMTRACK_NOPE: unknown key 'nope'"):
-        load_config(None, {}, {"STREAMTRACK_NOPE": "1"})
+    with pytest.raises(UserError, match="environment STREAMTRACK_IMAGE_SIZE: image size must be a multiple"):
+        load_config(None, {}, {"STREAMTRACK_IMAGE_SIZE": "100"})
+
+
+def test_a_variable_with_the_prefix_that_is_no_setting_is_a_warning(caplog):
+    """Wrapper scripts use STREAMTRACK_ names too; a typo still shows."""
+    with caplog.at_level("WARNING", logger="streamtrack.config"):
+        cfg = load_config(None, {}, {"STREAMTRACK_HOME": "/opt/x", "STREAMTRACK_IMAGE_SIZE": "128"})
+    assert cfg.image_size == 128
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["environment STREAMTRACK_HOME"]
+
+
+def test_an_empty_variable_for_a_key_that_may_be_unset_unsets_it():
+    cfg = load_config(None, {}, {"STREAMTRACK_CHECKPOINT": "", "STREAMTRACK_GIVE_UP_AFTER": " "})
+    assert cfg.checkpoint is None and cfg.give_up_after is None
+    with pytest.raises(UserError, match="environment STREAMTRACK_MODEL: model must be one of .*got .."):
+        load_config(None, {}, {"STREAMTRACK_MODEL": ""})
+
+
+def test_config_given_twice_is_refused():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "streamtrack", "run", "x.mp4", "--config", "webcam",
+                        "--config", "file", "--print-config"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--config given twice" in r.stderr
 
 
 def test_missing_config_lists_presets():
