@@ -46,6 +46,9 @@ DEFAULT_MAX_SIZE = (1280, 720)
 # shake, and a 2-pixel box is never what anybody meant.
 DRAG_THRESHOLD = 6.0
 NOT_PUBLISHING_AFTER = 2.0  # seconds without any message before the banner says so
+# ... or this many of the tracker's usual intervals between results, if longer (a CPU
+# tracker taking seconds per frame publishes nothing while it steps).
+NOT_PUBLISHING_INTERVALS = 3.0
 # Source states that deserve a warning banner (see capture.SourceState).
 WARN_STATES = frozenset({"connecting", "reconnecting", "stale", "failed"})
 DONE_STATES = frozenset({"ended", "stopped"})
@@ -571,6 +574,8 @@ class Viewer:
         self.transform: ViewTransform | None = None
         self.click_transform: ViewTransform | None = None  # None while no source-sized image is shown
         self.last_message = -math.inf
+        self._result_gaps: deque[float] = deque(maxlen=8)  # s between the last results received
+        self._last_result_at: float | None = None
         self.started = now()
         self.toasts: list[_Toast] = []
         self.canvas: np.ndarray | None = None  # BGR, what the window shows
@@ -592,6 +597,9 @@ class Viewer:
             return  # ZeroMQ topic filters are prefixes: masks/cam0 also matches cam01
         self.last_message = msg.received
         if msg.result is not None:
+            if self._last_result_at is not None:
+                self._result_gaps.append(msg.received - self._last_result_at)
+            self._last_result_at = msg.received
             r = msg.result
             self.pairer.add_result(r)
             self.interaction.observe(o.obj_id for o in r.objects)
@@ -620,6 +628,13 @@ class Viewer:
         self.toasts.append(_Toast(text, time.monotonic() + seconds, error))
         del self.toasts[:-4]
         self._dirty = True
+
+    def silence_limit(self) -> float:
+        """Seconds without a message before the tracker counts as not publishing."""
+        if not self._result_gaps:
+            return NOT_PUBLISHING_AFTER
+        # The median: one long gap (a pause, a reconnect) does not stretch the limit.
+        return max(NOT_PUBLISHING_AFTER, NOT_PUBLISHING_INTERVALS * float(np.median(self._result_gaps)))
 
     def tracker_rate(self, at: float) -> float:
         """Stats' fps while they are fresh, else measured from result timestamps."""
@@ -807,7 +822,8 @@ class Viewer:
                             1, cv2.LINE_AA)
                 ty -= lh
         banner = banner_for(self.source.state, at - max(self.last_message, self.started),
-                            self.last_message > -math.inf, paused=self.interaction.paused)
+                            self.last_message > -math.inf, self.silence_limit(),
+                            paused=self.interaction.paused)
         if banner is not None:
             text, color = banner
             cv2.rectangle(disp, (0, 0), (disp.shape[1], 26), color, -1)

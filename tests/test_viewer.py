@@ -359,6 +359,27 @@ def test_compose_draws_masks_hud_and_banner():
     check_overlay(vw.compose(vw.last_message + 2.5)[..., ::-1], image, masks, banner=v.BANNER_DEAD_BGR)
 
 
+def test_a_tracker_that_takes_seconds_per_frame_is_not_called_silent_between_its_results():
+    image, masks = _scene()
+    vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
+    t0 = now()
+    for i in range(4):  # a CPU tracker: a result every 3 s, nothing in between
+        vw.handle(_msg("frames", received=t0 + 3 * i, frame=FrameHeader("cam0", i, SRC_W, SRC_H, t0),
+                       jpeg=_jpeg(image)))
+        vw.handle(_msg("masks", received=t0 + 3 * i,
+                       result=_result(i, objects=_objects(masks), w=SRC_W, h=SRC_H)))
+    vw.source.update("streaming", now())
+    assert vw.silence_limit() == pytest.approx(9.0)
+    check_overlay(vw.compose(vw.last_message + 4)[..., ::-1], image, masks, banner=None, frame=False)
+    check_overlay(vw.compose(vw.last_message + 9.5)[..., ::-1], image, masks, banner=v.BANNER_DEAD_BGR,
+                  frame=False)
+    # One long gap (a pause) among quick results does not stretch the limit.
+    for i in range(4, 12):
+        vw.handle(_msg("masks", received=t0 + 60 + 0.1 * i,
+                       result=_result(i, objects=_objects(masks), w=SRC_W, h=SRC_H)))
+    assert vw.silence_limit() == v.NOT_PUBLISHING_AFTER
+
+
 def test_compose_without_frames_draws_masks_on_blank_canvas():
     _, masks = _scene()
     vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
