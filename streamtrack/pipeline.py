@@ -375,6 +375,7 @@ class Tracker:
         self._notify = notify or (lambda kind, data: None)
         self._publisher = None  # set once the outputs exist; used by the capture thread too
         self._last_stats = 0.0  # when stats/<stream> was last published
+        self._stats_lock = threading.Lock()  # the window: results on the emitter's thread
         self._video_clock = False  # lost_after counts the file's own time (pts)
         self._in_flight: _InFlight | None = None  # launched, not finished (launch_ahead)
         self.loop_times = LoopTimes()
@@ -582,13 +583,30 @@ class Tracker:
         """Latency statistics once a result went out (on the emitter's thread, or, a few
         frames later, on the tracker's with a process emitter), and, for a supervisor, where
         a restart would continue: this result is published and in the files."""
-        self.window.add(result)
+        with self._stats_lock:
+            self.window.add(result)
         self._notify("emitted", {"seq": result.seq, "frame_id": result.frame_id})
-        publisher = self._publisher
-        if publisher is not None and time.monotonic() - self._last_stats >= 1.0:
-            self._last_stats = time.monotonic()
-            publisher.publish_stats(self.window.snapshot(
-                dropped=self.capture.stats().dropped, memory_bytes=self.engine.state_bytes()))
+        self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        """``stats/<stream>`` at most once a second, after results and from the loop while
+        none come (source down, paused, waiting for a prompt): the topic is a heartbeat, and
+        its fps falls while no frame is tracked."""
+        publisher, capture = self._publisher, self.capture
+        if publisher is None or capture is None:
+            return
+        with self._stats_lock:
+            t = time.monotonic()
+            if t - self._last_stats < 1.0:
+                return
+            self._last_stats = t
+            stats = self.window.snapshot(
+                dropped=capture.stats().dropped, source_state=capture.state.value,
+                memory_bytes=self.engine.state_bytes() if self.engine is not None else None, at=now())
+        try:
+            publisher.publish_stats(stats)
+        except (UserError, EmitterError):  # closed under us while shutting down: nobody to tell
+            pass
 
     def _must_wait_for_prompt(self, seed: list[Prompt]) -> bool:
         return (
@@ -613,13 +631,14 @@ class Tracker:
                 self._stop.wait(0.05)
 
     def _alive(self) -> None:
-        """Report that the loop goes round (at most every ALIVE_EVERY seconds).  Sent from
-        the loop itself, not a thread of its own, so a step or an output that never returns
-        stops the reports."""
+        """Report that the loop goes round (at most every ALIVE_EVERY seconds), to a
+        supervisor and on ``stats/<stream>``.  Sent from the loop itself, not a thread of its
+        own, so a step or an output that never returns stops the reports."""
         t = time.monotonic()
         if t - self._alive_sent >= ALIVE_EVERY:
             self._alive_sent = t
             self._notify("alive", {})
+        self._publish_stats()
 
     def _finish_in_flight(self, emitter, bar) -> None:
         """Wait for the frame in flight, if any, and hand its result to the outputs."""

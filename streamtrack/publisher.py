@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import socket
 import threading
 from collections import deque
@@ -259,10 +260,12 @@ class StatsWindow:
         self._done.append(done)
         self.frames += 1
 
-    def fps(self) -> float:
+    def fps(self, at: float | None = None) -> float:
+        """Frames per second over the window; with ``at`` (a time), up to then, so the rate
+        falls while frames stop coming."""
         if len(self._done) < 2:
             return 0.0
-        span = self._done[-1] - self._done[0]
+        span = max(self._done[-1], at if at is not None else -math.inf) - self._done[0]
         return (len(self._done) - 1) / span if span > 0 else 0.0
 
     def latency(self) -> dict[str, Latency]:
@@ -279,12 +282,15 @@ class StatsWindow:
         dropped: Mapping[str, int] | None = None,
         memory_bytes: int | None = None,
         time: float | None = None,
+        at: float | None = None,
+        source_state: str | None = None,
     ) -> Stats:
-        """A :class:`Stats` message for ``publish_stats``."""
+        """A :class:`Stats` message for ``publish_stats``; ``at``: see :meth:`fps`."""
         return Stats(
             stream=self.stream,
             time=now() if time is None else time,
-            fps=self.fps(),
+            fps=self.fps(at),
+            source_state=source_state,
             latency=self.latency(),
             dropped=dict(dropped or {}),
             memory_bytes=memory_bytes,

@@ -391,12 +391,12 @@ def banner_for(source_state: str | None, silent_for: float, ever_received: bool,
     if source_state in WARN_STATES:
         quiet = f" (no frames for {silent_for:.0f} s)" if silent_for > limit else ""
         return f"SOURCE {source_state.upper()}{quiet}", BANNER_WARN_BGR
-    if silent_for > limit and paused and ever_received:
-        # A paused tracker publishes nothing: the silence is what the user asked for.
-        return "TRACKER PAUSED (space resumes)", BANNER_DONE_BGR
     if silent_for > limit:
+        # A paused tracker still sends stats every second: silence is not the pause.
         what = "TRACKER NOT PUBLISHING" if ever_received else "WAITING FOR TRACKER"
         return f"{what}: no message for {silent_for:.0f} s", BANNER_DEAD_BGR
+    if paused and ever_received:
+        return "TRACKER PAUSED (space resumes)", BANNER_DONE_BGR
     if source_state in DONE_STATES:
         return f"SOURCE {source_state.upper()}", BANNER_DONE_BGR
     return None

@@ -490,3 +490,42 @@ def test_the_loop_reports_it_is_alive_while_paused_and_not_while_a_step_never_re
         step_returns.set()
         tracker.stop()
         thread.join(30)
+
+
+def test_stats_keep_coming_every_second_while_paused_with_a_falling_rate(tmp_path):
+    """stats/<stream> is a heartbeat: a subscriber tells a paused tracker (or one whose
+    source is down) from a dead one."""
+    from streamtrack.subscriber import Subscriber
+
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    bound: dict = {}
+    run = RunConfig(source=str(video), realtime=True, loop=True, control="tcp://127.0.0.1:0",
+                    publish="tcp://127.0.0.1:0", progress=False,
+                    prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    tracker = Tracker(run, engine=TrackedIds(),
+                      notify=lambda kind, data: bound.update(data) if kind == "bound" else None)
+    thread = threading.Thread(target=tracker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "control" not in bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with Subscriber(bound["publish"], topics=["masks/", "stats/"]) as sub, \
+                ControlClient(bound["control"], timeout=5) as client:
+            while (msg := sub.recv(timeout=10)) is not None and msg.kind != "masks":
+                pass
+            client.pause()
+            paused = time.monotonic()
+            got = []
+            while time.monotonic() - paused < 3.6:
+                msg = sub.recv(timeout=0.2)
+                if msg is not None and time.monotonic() - paused > 0.5:  # frames in hand are out
+                    got.append(msg)
+            client.resume()
+    finally:
+        tracker.stop()
+        thread.join(30)
+    assert {m.kind for m in got} == {"stats"}
+    assert len(got) >= 2
+    assert all(m.stats.source_state == "streaming" for m in got)
+    assert got[-1].stats.fps < got[0].stats.fps

@@ -204,11 +204,11 @@ def test_source_state_and_banner():
 
 
 def test_banner_while_paused_from_the_viewer():
-    # A paused tracker publishes nothing: that silence is not an alarm...
-    assert v.banner_for("streaming", 30, True, paused=True) == ("TRACKER PAUSED (space resumes)",
-                                                               v.BANNER_DONE_BGR)
-    assert v.banner_for("streaming", 0.5, True, paused=True) is None
-    # ...but a source going down still is, and so is a tracker never heard from.
+    # A paused tracker sends no masks, but stats every second: it says so at once...
+    assert v.banner_for("streaming", 0.5, True, paused=True) == ("TRACKER PAUSED (space resumes)",
+                                                                v.BANNER_DONE_BGR)
+    # ...and a paused tracker gone silent is not just paused, nor is a source going down.
+    assert v.banner_for("streaming", 30, True, paused=True)[0].startswith("TRACKER NOT PUBLISHING")
     assert v.banner_for("reconnecting", 30, True, paused=True)[1] == v.BANNER_WARN_BGR
     assert v.banner_for(None, 30, False, paused=True)[1] == v.BANNER_DEAD_BGR
 
