@@ -176,6 +176,8 @@ class CaptureConfig:
     stale_after: float | None = 2.0  # live: no frame for this long -> stale
     give_up_after: float | None = None  # live: s of failed reconnecting -> failed
     name: str | None = None  # default: derived from the source
+    # The first frame's id: a restarted tracker's live source continues the ids it published.
+    first_frame_id: int = 0
 
     def __post_init__(self) -> None:
         if self.policy is not None:
@@ -197,6 +199,8 @@ class CaptureConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"{name} must be > 0 or None, got {value}")
+        if self.first_frame_id < 0:
+            raise UserError(f"first_frame_id must be >= 0, got {self.first_frame_id}")
 
 
 # ---------------------------------------------------------------------------
@@ -442,7 +446,7 @@ class Capture:
             maxlen=_MAX_STATUS_EVENTS
         )
         self._last_error: str | None = None
-        self._next_id = 0
+        self._next_id = self.config.first_frame_id
         self._decoded = 0
         self._delivered = 0
         self._dropped: dict[str, int] = {DROP_QUEUE_FULL: 0}

@@ -189,7 +189,7 @@ class ProcessCapture(Capture):
             delivered, last_id = self._delivered, self._last_id
         # Every frame id up to the newest delivered that the consumer did not get was
         # dropped for a newer one, in the child's queue or here.
-        dropped = 0 if last_id is None else last_id + 1 - delivered
+        dropped = 0 if last_id is None else last_id + 1 - self.config.first_frame_id - delivered
         return CaptureStats(
             state=super().state,
             frames_decoded=child.get("frames_decoded", 0),

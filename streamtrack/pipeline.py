@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,12 @@ class Resume:
     # Control prompts the dead tracker had answered "queued" but whose frame's result was
     # not out yet: queued again, so an acknowledged prompt is not lost to a crash.
     queued: tuple[Prompt, ...] = ()
+    # What the results said so far, continued by a restarted tracker: a live source's next
+    # frame id (ids are never reused), the drop counts, and each object's state (so that
+    # object_state events report changes, not every re-seeded object as new).
+    frame_id_start: int = 0
+    dropped_before: dict[str, int] = field(default_factory=dict)
+    object_states: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -368,7 +374,8 @@ class Tracker:
         self.window = StatsWindow(stream=config.stream)
         self._stop = threading.Event()
         self._seq = resume.seq_start
-        self._object_states: dict[int, str] = {}
+        self._object_states: dict[int, str] = dict(resume.object_states)
+        self._dropped_before = dict(resume.dropped_before)
         self.capture = None
         self._give_up_after: float | None = None  # the live source's, once run() opens it
         self._controls = _Controls(self)
@@ -408,6 +415,8 @@ class Tracker:
         cfg = self.config
         resume = cfg.resume or Resume()
         cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, loop=cfg.loop, name=cfg.stream)
+        if not cfg.resumable_file:  # a file read frame by frame continues at its own ids
+            cap_cfg = replace(cap_cfg, first_frame_id=resume.frame_id_start)
         # The capture thread may report a failed connection before open_source returns.
         self._give_up_after = cap_cfg.give_up_after
         self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status,
@@ -544,7 +553,7 @@ class Tracker:
             summary.step_p50 = latency["infer"].p50
         summary.read_ahead = cfg.resumable_file
         stats = self.capture.stats()
-        summary.dropped = dict(stats.dropped)
+        summary.dropped = self._dropped(stats)
         summary.source_state = self.capture.state.value
         summary.objects = dict(self._object_states)
         if self.capture.state.value == "failed" and summary.frames == 0:
@@ -601,7 +610,7 @@ class Tracker:
                 return
             self._last_stats = t
             stats = self.window.snapshot(
-                dropped=capture.stats().dropped, source_state=capture.state.value,
+                dropped=self._dropped(capture.stats()), source_state=capture.state.value,
                 memory_bytes=self.engine.state_bytes() if self.engine is not None else None, at=now())
         try:
             publisher.publish_stats(stats)
@@ -727,8 +736,13 @@ class Tracker:
             width=out.width, height=out.height,
             t=Timestamps(capture=frame.capture_time, dequeue=dequeue,
                          infer_start=out.infer_start, infer_end=out.infer_end),
-            source_state=self.capture.state.value, dropped=dict(stats.dropped), objects=objects,
+            source_state=self.capture.state.value, dropped=self._dropped(stats), objects=objects,
         )
+
+    def _dropped(self, stats: CaptureStats) -> dict[str, int]:
+        """The source's drop counts, with those of the trackers before a restart."""
+        return {k: stats.dropped.get(k, 0) + self._dropped_before.get(k, 0)
+                for k in {*stats.dropped, *self._dropped_before}}
 
     def _status_changes(self, result: FrameResult) -> None:
         current = {o.obj_id: o.state for o in result.objects}

@@ -117,6 +117,8 @@ class _Seen:
     seq: int | None = None
     frame_id: int | None = None
     masks: dict[int, dict[str, Any]] = field(default_factory=dict)  # obj_id -> RLE
+    states: dict[int, str] = field(default_factory=dict)  # obj_id -> state in the newest result
+    dropped: dict[str, int] = field(default_factory=dict)  # the newest result's drop counts
     # The last result the tracker itself reported as published and written to its files
     # (over its report pipe, which loses nothing): where a restart picks up.  The masks
     # stream can be behind it (a subscriber catching up) or ahead (files being written).
@@ -157,6 +159,8 @@ class _Seen:
 
     def update(self, result: FrameResult) -> None:
         self.seq, self.frame_id = result.seq, result.frame_id
+        self.states = {o.obj_id: o.state for o in result.objects}
+        self.dropped = dict(result.dropped)
         present = {o.obj_id for o in result.objects}
         # Objects missing from the newest result were removed (control): forget them.
         for obj_id in list(self.masks):
@@ -263,6 +267,7 @@ class Supervisor:
                 if kind == "user_error":
                     self._set_state(TrackerState.FAILED)
                     raise UserError(data["message"])
+                total.dropped = dict(self._seen.dropped)  # counted on by the next tracker
                 if self._stop.is_set():  # killed while stopping: that is a stop too
                     total.frames += child.emitted
                     total.interrupted = True
@@ -546,6 +551,9 @@ def resume_from_seen(seen: _Seen, before: Resume, restarts: int) -> Resume:
     if seen.seq is None:  # no masks to seed from yet: start over as configured
         return replace(before, restarts=restarts, seq_start=seq_start)
     seed = tuple(Prompt(obj_id=k, mask=decode_mask(rle)) for k, rle in sorted(seen.masks.items()))
+    # A live source's ids go on after the newest one published (a file read frame by frame
+    # continues at its own frame numbers, skip_to_frame).
+    ids = [f for f in (seen.frame_id, seen.emitted_frame_id) if f is not None]
     # Continue after the last frame that is in the files too (a frame published but not
     # yet written when the tracker died is processed again), or, with no word from the
     # tracker itself, after the last frame received.
@@ -553,7 +561,10 @@ def resume_from_seen(seen: _Seen, before: Resume, restarts: int) -> Resume:
                         else (seen.seq, seen.frame_id))
     done = at_seq + 1 - before.seq_start + before.frames_done
     return Resume(seed=seed, frames_done=done, skip_to_frame=(at_frame or 0) + 1,
-                  seq_start=seq_start, restarts=restarts)
+                  seq_start=seq_start, restarts=restarts,
+                  frame_id_start=max(ids) + 1 if ids else before.frame_id_start,
+                  dropped_before=dict(seen.dropped),
+                  object_states={k: v for k, v in seen.states.items() if k in seen.masks})
 
 
 def seed_from_masks(masks: dict[int, np.ndarray]) -> Resume:

@@ -108,6 +108,15 @@ def test_a_dead_decode_process_fails_the_source_instead_of_hanging(video):
     assert _shm_segments() == before
 
 
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_frame_ids_can_start_after_a_restarted_trackers_last_one(video, mode):
+    with open_source(str(video), CaptureConfig(first_frame_id=500), decode=mode) as cap:
+        ids = [f.frame_id for f in cap]
+        stats = cap.stats()
+    assert ids == list(range(500, 500 + len(ids))) and len(ids) > 1
+    assert stats.dropped == {"queue_full": 0}  # counted from the first id, not from 0
+
+
 def test_close_while_the_child_waits_for_the_consumer(video):
     cap = open_source(str(video), CaptureConfig(queue_depth=1), decode="process").start()
     assert cap.read(timeout=10) is not None

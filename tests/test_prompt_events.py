@@ -529,3 +529,35 @@ def test_stats_keep_coming_every_second_while_paused_with_a_falling_rate(tmp_pat
     assert len(got) >= 2
     assert all(m.stats.source_state == "streaming" for m in got)
     assert got[-1].stats.fps < got[0].stats.fps
+
+
+def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_live_source(tmp_path):
+    from streamtrack.engine import ObjectOutput, ObjectState
+    from streamtrack.pipeline import Resume
+
+    class SeesObjectOne(TrackedIds):
+        def finish(self, index):
+            mask = np.zeros((48, 64), bool)
+            mask[5:20, 5:30] = True
+            one = ObjectOutput(1, mask, 0.9, 2.0, 0.8, (5, 5, 30, 20), int(mask.sum()),
+                               ObjectState.VISIBLE, False)
+            return FrameOutput(index, 64, 48, (one,), time.time(), time.time())
+
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    seed = np.zeros((48, 64), bool)
+    seed[5:20, 5:30] = True
+    resume = Resume(seed=(Prompt(obj_id=1, mask=seed),), frames_done=40, seq_start=40, restarts=1,
+                    frame_id_start=11450, dropped_before={"queue_full": 7},
+                    object_states={1: "visible"})
+    run = RunConfig(source=str(video), realtime=True, max_frames=43, progress=False,
+                    save_jsonl=str(tmp_path / "r.jsonl"), resume=resume)
+    tracker = Tracker(run, engine=SeesObjectOne())
+    tracker._publisher = publisher = StubPublisher()
+    tracker.publish_status = lambda kind, **data: publisher.publish_status(kind, **data)
+    tracker.run()
+    from streamtrack.protocol import FrameResult
+
+    results = [FrameResult.from_json(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r.frame_id for r in results][:1] == [11450] and len(results) == 3
+    assert all(r.frame_id >= 11450 and r.dropped["queue_full"] >= 7 for r in results)
+    assert [e for e in publisher.events if e[0] == "object_state"] == []  # still visible: no change

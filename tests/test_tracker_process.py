@@ -558,12 +558,27 @@ def test_a_restart_continues_after_the_last_frame_in_the_files_with_new_seqs():
     r = resume_from_seen(seen, before, 1)
     assert (r.skip_to_frame, r.seq_start, r.frames_done) == (13, 13, 13)
     assert [p.obj_id for p in r.seed] == [1]
+
     # Without word from the tracker (a fleet's actors): after the last frame received.
     seen = _Seen()
     seen.update(frame)
     r = resume_from_seen(seen, before, 1)
     assert (r.skip_to_frame, r.seq_start, r.frames_done) == (11, 11, 11)
 
+
+def test_a_restart_carries_frame_ids_drop_counts_and_object_states_on():
+    """A live source's next tracker numbers frames after the last one published, counts
+    drops on from the last result's, and knows the objects' states (no object_state event
+    calls a re-seeded object new)."""
+    objects = (ObjectResult.from_mask(1, np.ones((3, 4), bool), score=0.9),
+               ObjectResult.from_mask(2, np.zeros((3, 4), bool), score=0.1, state="occluded"))
+    seen = _Seen()
+    seen.update(FrameResult(stream="cam0", seq=40, frame_id=11449, pts=None, width=4, height=3,
+                            dropped={"queue_full": 11301}, objects=objects))
+    seen.note_emitted(39, 11447)
+    r = resume_from_seen(seen, Resume(), 1)
+    assert r.frame_id_start == 11450 and r.dropped_before == {"queue_full": 11301}
+    assert r.object_states == {1: "visible", 2: "occluded"}
 
 def test_prompts_queued_or_in_a_frame_not_yet_out_are_carried_over_a_restart():
     a, b, c, d = (Prompt.make(i, box=[1, 2, 30, 40]) for i in (1, 2, 3, 4))
