@@ -129,20 +129,23 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from streamtrack import segment as seg
 
     image = seg.load_image(args.image)
-    for what, out in (("--out", args.out), ("--save-rle", args.save_rle)):
-        if out and same_file(out, args.image):
-            raise UserError(f"{what} {out} is the input image, which it would overwrite: write elsewhere")
     objects = seg.prompts_from_args(args.box, args.point, args.prompts)
     seg.check_prompts(objects, *image.shape[:2])  # fail on a bad prompt before building the model
+    # The outputs too: a mistyped path should not cost a model run, nor any file the user has.
+    outputs = seg.check_output_paths(args.out, args.save_masks, args.save_rle, [p.obj_id for p in objects])
+    for i, (what, path) in enumerate(outputs):
+        if same_file(path, args.image):
+            raise UserError(f"{what} {path} is the input image, which it would overwrite: write elsewhere")
+        for other, other_path in outputs[i + 1:]:
+            if same_file(path, other_path):
+                raise UserError(f"{what} {path} and {other} {other_path} are the same file: "
+                                "give each output its own path")
     segmenter = seg.Segmenter(args.model, args.checkpoint, args.device, args.image_size)
     results = segmenter.segment(image, objects, multimask=args.multimask)
     for r in results:
         print(seg.format_scores(r))
-    seg.save_overlay(args.out, image, results, objects)
-    if args.save_masks:
-        seg.save_masks_png(os.path.join(args.save_masks, ""), results)  # always a folder here
-    if args.save_rle:
-        seg.save_rle_json(args.save_rle, results)
+    masks = None if args.save_masks is None else os.path.join(args.save_masks, "")  # always a folder here
+    seg.save_outputs(args.out, image, results, objects, masks=masks, rle=args.save_rle)
     return 0
 
 

@@ -8,12 +8,19 @@ with points); several box-only objects go through the predictor as one batched
 ``predict(box=Nx4)`` call, as in the tutorial's batched boxes.
 
 Output helpers write the tutorial-style overlay, one 0/255 PNG per object and a
-COCO-RLE JSON file.
+COCO-RLE JSON file, all or none: a failed write leaves the files already there as
+they were.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import math
+import os
+import re
+import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -264,6 +271,132 @@ def render_overlay(
     return out
 
 
+def image_format(path: str | Path, what: str = "overlay") -> str:
+    """The PIL format an RGB image written to ``path`` gets from its extension, or
+    ``UserError`` naming it as ``what`` (a missing or unknown extension, or a format
+    PIL cannot write in RGB)."""
+    from PIL import Image
+
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix) if suffix else None
+    if fmt is None:
+        problem = f"unknown image extension {suffix!r}" if suffix else "no extension"
+        raise UserError(f"{what} {path} has {problem}: give one such as .png or .jpg")
+    problem = "" if fmt in Image.SAVE else "PIL reads them only"
+    if not problem:
+        try:
+            # Some writers exist only as stubs (HDF5, WMF) or take only 1-bit or palette images.
+            Image.new("RGB", (16, 16)).save(io.BytesIO(), format=fmt)
+        except (OSError, ValueError) as e:
+            problem = _reason(e)
+    if problem:
+        raise UserError(f"{what} {path}: cannot write an RGB {fmt} image ({problem}); "
+                        "give another extension such as .png or .jpg")
+    return fmt
+
+
+def _encode_image(array: np.ndarray, fmt: str, what: str, path: Path) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    try:
+        Image.fromarray(array).save(buffer, format=fmt)
+    except (OSError, ValueError) as e:  # e.g. larger than the format allows (WebP: 16383 px)
+        raise UserError(f"cannot write {what} {path}: {_reason(e)}") from None
+    return buffer.getvalue()
+
+
+def overlay_file(path: str | Path, image: np.ndarray, results: Sequence[SegmentResult],
+                 prompts: Sequence[Prompt] = (), **kwargs) -> tuple[Path, bytes, np.ndarray]:
+    """(path, encoded bytes, overlay) of :func:`render_overlay` for ``path``'s format."""
+    path = Path(path)
+    fmt = image_format(path)
+    out = render_overlay(image, results, prompts, **kwargs)
+    return path, _encode_image(out, fmt, "overlay", path), out
+
+
+def mask_files(dir_or_prefix: str | Path, results: Sequence[SegmentResult]) -> list[tuple[Path, bytes]]:
+    """(path, PNG bytes) per object as :func:`save_masks_png` writes them."""
+    paths = mask_paths(dir_or_prefix, [r.obj_id for r in results])
+    return [(path, _encode_image(r.mask.astype(np.uint8) * 255, "PNG", "mask", path))
+            for path, r in zip(paths, results, strict=True)]
+
+
+def rle_file(path: str | Path, results: Sequence[SegmentResult]) -> tuple[Path, bytes, dict]:
+    """(path, JSON bytes, dict) of :func:`results_to_dict`."""
+    data = results_to_dict(results)
+    return Path(path), (json.dumps(data, allow_nan=False) + "\n").encode(), data
+
+
+def write_files(files: Sequence[tuple[str, Path, bytes]]) -> None:
+    """Write ``(what, path, data)`` files all or none: each goes to a temporary name in
+    its own folder, and only once all are written are they renamed over their paths.
+
+    A failure leaves the files that were there as they were, removes the temporary
+    files and any folder made for them, and raises ``UserError`` naming the file.
+    """
+    pending: list[tuple[str, Path, Path, Path]] = []  # what, path as given, temporary, target
+    made: list[Path] = []
+    done = False
+    try:
+        targets: dict[Path, str] = {}
+        for what, path, data in files:
+            # Through a symlink, as a plain write would: the link itself stays.
+            target = Path(os.path.realpath(path))
+            if target in targets:
+                raise UserError(f"cannot write {what} {path}: the {targets[target]} is written there")
+            targets[target] = what
+            try:
+                if target.is_dir():
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+                _make_folders(target.parent, made)
+                pending.append((what, path, _write_temporary(target, data), target))
+            except OSError as e:
+                raise UserError(f"cannot write {what} {path}: {_reason(e)}") from None
+        while pending:
+            what, path, temporary, target = pending[0]
+            try:
+                os.replace(temporary, target)
+            except OSError as e:
+                raise UserError(f"cannot write {what} {path}: {_reason(e)}") from None
+            pending.pop(0)
+        done = True
+    finally:
+        for _, _, temporary, _ in pending:
+            temporary.unlink(missing_ok=True)
+        for folder in reversed(made) if not done else ():
+            try:
+                folder.rmdir()
+            except OSError:  # it holds a file renamed into place before the failure
+                pass
+
+
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    # One at a time, to know which ones to remove again if a later write fails.
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir()
+        made.append(f)
+
+
+def _write_temporary(target: Path, data: bytes) -> Path:
+    # Beside the target, so that os.replace is a rename within one file system; hidden,
+    # and short enough for a 255-byte file name limit.
+    temporary = target.with_name(f".{target.name[:200]}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
 def save_overlay(
     path: str | Path,
     image: np.ndarray,
@@ -271,16 +404,10 @@ def save_overlay(
     prompts: Sequence[Prompt] = (),
     **kwargs,
 ) -> np.ndarray:
-    """Write :func:`render_overlay` to ``path`` (format from the extension); return the overlay."""
-    from PIL import Image
-
-    out = render_overlay(image, results, prompts, **kwargs)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(out).save(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot write overlay {path}: {_reason(e)}") from None
+    """Write :func:`render_overlay` to ``path`` (format from the extension); return the overlay.
+    A failure leaves an existing file at ``path`` as it was."""
+    path, data, out = overlay_file(path, image, results, prompts, **kwargs)
+    write_files([("overlay", path, data)])
     return out
 
 
@@ -297,23 +424,18 @@ def mask_paths(dir_or_prefix: str | Path, obj_ids: Sequence[int]) -> list[Path]:
 
 
 def save_masks_png(dir_or_prefix: str | Path, results: Sequence[SegmentResult]) -> list[Path]:
-    """One grayscale PNG per object (its best mask): 255 inside, 0 outside."""
-    from PIL import Image
-
-    paths = mask_paths(dir_or_prefix, [r.obj_id for r in results])
-    try:
-        for path, r in zip(paths, results, strict=True):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(r.mask.astype(np.uint8) * 255).save(path)
-    except OSError as e:
-        raise UserError(f"cannot write masks to {dir_or_prefix}: {_reason(e)}") from None
-    return paths
+    """One grayscale PNG per object (its best mask): 255 inside, 0 outside; all of them
+    or, on a failure, none."""
+    files = mask_files(dir_or_prefix, results)
+    write_files([("mask", path, data) for path, data in files])
+    return [path for path, _ in files]
 
 
 def _mask_record(mask: np.ndarray, score: float) -> dict:
     bbox = mask_bbox(mask)
     return {
-        "score": float(score),
+        # JSON has no NaN or infinity: a checkpoint with NaN weights gives such scores.
+        "score": float(score) if math.isfinite(score) else None,
         "bbox": None if bbox is None else list(bbox),
         "area": mask_area(mask),
         "rle": encode_mask(mask),
@@ -323,7 +445,9 @@ def _mask_record(mask: np.ndarray, score: float) -> dict:
 def results_to_dict(results: Sequence[SegmentResult]) -> dict:
     """JSON-ready results: per object its best mask as COCO RLE (column-major,
     ``counts`` a string) with obj_id, score, bbox [x0, y0, x1, y1] (x1/y1 exclusive)
-    and area; with multimask output, all candidates (best first) under ``candidates``."""
+    and area; with multimask output, all candidates (best first) under ``candidates``.
+    A score that is not finite (NaN or infinite, from a broken checkpoint) is ``None``
+    (JSON ``null``)."""
     height, width = results[0].masks.shape[1:] if results else (0, 0)
     objects = []
     for r in results:
@@ -335,15 +459,75 @@ def results_to_dict(results: Sequence[SegmentResult]) -> dict:
 
 
 def save_rle_json(path: str | Path, results: Sequence[SegmentResult]) -> dict:
-    """Write :func:`results_to_dict` as JSON to ``path``; return the dict."""
-    data = results_to_dict(results)
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, allow_nan=False) + "\n")
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {_reason(e)}") from None
-    return data
+    """Write :func:`results_to_dict` as JSON to ``path``; return the dict.  A failure
+    leaves an existing file at ``path`` as it was."""
+    path, data, out = rle_file(path, results)
+    write_files([("RLE file", path, data)])
+    return out
+
+
+def save_outputs(
+    out: str | Path,
+    image: np.ndarray,
+    results: Sequence[SegmentResult],
+    prompts: Sequence[Prompt] = (),
+    *,
+    masks: str | Path | None = None,
+    rle: str | Path | None = None,
+    **kwargs,
+) -> None:
+    """The overlay, and the mask PNGs and RLE JSON when asked for, written together:
+    all are encoded first, then written all or none (:func:`write_files`), so a run
+    that fails replaces none of the files a previous run left."""
+    path, data, _ = overlay_file(out, image, results, prompts, **kwargs)
+    files = [("overlay", path, data)]
+    if masks is not None:
+        files += [("mask", p, d) for p, d in mask_files(masks, results)]
+    if rle is not None:
+        path, data, _ = rle_file(rle, results)
+        files.append(("RLE file", path, data))
+    write_files(files)
+
+
+def check_output_paths(
+    out: str | Path,
+    masks: str | Path | None = None,
+    rle: str | Path | None = None,
+    obj_ids: Sequence[int] = (),
+) -> list[tuple[str, Path]]:
+    """Refuse, in one line, outputs of ``streamtrack segment`` that cannot be written:
+    an overlay extension PIL cannot write, a directory where a file goes (or a file
+    where the ``--save-masks`` folder goes), a folder that cannot be made.  Returns
+    (option, path) of each file the run writes (``masks`` is a folder here).
+
+    Checked before the model is built: a mistyped path should cost neither a model
+    run nor, half-way through the writes, a file the user had.
+    """
+    outputs = [("--out", Path(out))]
+    if masks is not None:
+        folder = Path(masks)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--save-masks {masks} is a file, not a folder (it gets object_<id>.png files)")
+        _check_folder("--save-masks", masks, folder)
+        outputs += [("--save-masks file", p) for p in mask_paths(os.path.join(masks, ""), obj_ids)]
+    if rle is not None:
+        outputs.append(("--save-rle", Path(rle)))
+    for what, path in outputs:
+        if path.is_dir():
+            raise UserError(f"{what} {path} is a directory, not a file")
+        _check_folder(what, path, path.parent)
+    image_format(out, "--out")
+    return outputs
+
+
+def _check_folder(what: str, path: str | Path, folder: Path) -> None:
+    # The first part of the folder that exists decides whether the rest can be made.
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{what} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot write in {folder} (permission denied)")
 
 
 def _reason(e: Exception) -> str:
@@ -399,12 +583,71 @@ def format_scores(result: SegmentResult) -> str:
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8 (as the tutorial: PIL, ``convert("RGB")``), turned
     upright as its EXIF orientation says (a phone photo is stored sideways): prompts
-    and masks are in the image as viewers show it."""
+    and masks are in the image as viewers show it.
+
+    Images of more than 8 bits per pixel, which ``convert("RGB")`` would clip to
+    nearly all white or all black, are scaled to 0-255 first (:func:`to_8bit`).  An image
+    over PIL's decompression-bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``, 179 Mpx) is
+    refused with ``UserError``; below it, PIL's warning is not printed: the user named
+    the file.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = existing_file(path, "image")
     try:
-        with Image.open(path) as im:
-            return np.array(ImageOps.exif_transpose(im).convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                if im.mode in HIGH_DEPTH_MODES:
+                    return np.repeat(to_8bit(np.asarray(im))[..., None], 3, axis=2)
+                return np.array(im.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{_mpx(int(found.group(1)))} Mpx, " if found else ""
+        raise UserError(f"image {path} is too large: {size}more than PIL's limit of "
+                        f"{_mpx(2 * Image.MAX_IMAGE_PIXELS)} Mpx; downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable image ({_reason(e)})") from None
+
+
+# PIL modes of one channel with more than 8 bits: 16-bit unsigned, 32-bit signed, 32-bit float.
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(values: np.ndarray) -> np.ndarray:
+    """One channel of more than 8 bits as uint8, for the model's 8-bit RGB input.
+
+    * unsigned 16-bit: by the type's range (``>> 8``), so 0 and 65535 are black and white;
+    * integers (PIL mode ``I``): kept if in 0-255, by the 16-bit range if in 0-65535 (a
+      16-bit PNG may open as ``I``), else stretched from the image's min to its max;
+    * floats (mode ``F``): times 255 if in [0, 1], else stretched from the image's min to
+      its max; NaN is black, infinities are black or white.
+
+    A constant image outside those ranges is black.
+    """
+    if values.dtype.kind == "u" and values.dtype.itemsize == 2:
+        return (values >> 8).astype(np.uint8)
+    if values.dtype.kind in "iu":
+        lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if lo >= 0 and hi <= 255:
+            return values.astype(np.uint8)
+        if lo >= 0 and hi <= 65535:
+            return (values >> 8).astype(np.uint8)
+        return _stretch(values.astype(np.float64), lo, hi)
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    return _stretch(np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo), lo, hi)
+
+
+def _stretch(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scaled = (values - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _mpx(pixels: int) -> str:
+    mpx = pixels / 1e6
+    return f"{mpx:,.0f}" if mpx >= 10 else f"{mpx:.2g}"

@@ -9,16 +9,20 @@ hard-codes those of a 1024 input).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+import PIL.Image
 import pytest
 from conftest import TEST_IMAGE_SIZE
 from PIL import Image
 
+import streamtrack.segment as segment_module
 from streamtrack.engine import Prompt
 from streamtrack.errors import PromptError, UserError
 from streamtrack.models import build_model
@@ -383,6 +387,9 @@ BAD_INPUTS = {
     "binary-prompts": (["IMAGE", "--prompts", "IMAGE"], "is not a text file"),
     # --out is "<case>.png": here the input image itself, which must not be overwritten
     "out-is-input": (["out-is-input.png", "--point", "10,10"], "--out out-is-input.png is the input image"),
+    # Found before the model is built (the checkpoint does not exist).
+    "rle-is-a-folder": (["IMAGE", "--point", "10,10", "--save-rle", "folder"],
+                        "--save-rle folder is a directory, not a file"),
 }
 
 
@@ -409,3 +416,149 @@ def test_cli_bad_input_exits_2(image_png, tmp_path):
             assert (tmp_path / f"{name}.png").read_bytes() == image_png.read_bytes()
         else:
             assert not (tmp_path / f"{name}.png").exists()
+
+
+def test_non_finite_scores_are_written_as_null(image, tmp_path):
+    # A checkpoint with NaN weights gives NaN scores; JSON has no NaN.
+    masks = np.zeros((3, *image.shape[:2]), bool)
+    masks[:, 10:20, 30:50] = True
+    result = SegmentResult(1, masks, np.array([np.nan, np.inf, 0.25], np.float32))
+    save_rle_json(tmp_path / "r.json", [result])
+    (obj,) = json.loads((tmp_path / "r.json").read_text())["objects"]
+    assert obj["score"] is None and obj["area"] == 200
+    assert [c["score"] for c in obj["candidates"]] == [None, None, 0.25]
+
+
+def _tiff_i16b(values: np.ndarray, path: Path) -> None:
+    Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes()).save(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "expected"),
+    [
+        # 16-bit grayscale PNG, mode I;16: 0..65535 -> 0..255 as value / 257.
+        ("i16.png", lambda v, p: Image.fromarray(v).save(p), lambda v: v / 257),
+        ("i16b.tif", _tiff_i16b, lambda v: v / 257),
+        ("int32.tif", lambda v, p: Image.fromarray(v.astype(np.int32)).save(p), lambda v: v / 257),
+        # Beyond 16 bits or negative: the image's own range.
+        ("signed.tif", lambda v, p: Image.fromarray(v.astype(np.int32) - 40000).save(p),
+         lambda v: (v - v.min()) * 255 / (v.max() - v.min())),
+        ("unit.tif", lambda v, p: Image.fromarray((v / 65535).astype(np.float32)).save(p), lambda v: v / 257),
+        ("float.tif", lambda v, p: Image.fromarray(v.astype(np.float32) * 7 - 3).save(p),
+         lambda v: (v - v.min()) * 255 / (v.max() - v.min())),
+    ],
+)
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, name, make, expected):
+    ramp = np.arange(120 * 160, dtype=np.float64).reshape(120, 160) * 65535 / (120 * 160 - 1)
+    values = ramp.astype(np.uint16)
+    values[:5] = 0  # black stays black
+    make(values, tmp_path / name)
+    loaded = load_image(tmp_path / name)
+    assert loaded.shape == (120, 160, 3) and loaded.dtype == np.uint8
+    assert np.array_equal(loaded[..., 0], loaded[..., 2])
+    want = expected(values.astype(np.float64))
+    assert abs(loaded.mean() - want.mean()) < 1.0
+    assert np.abs(loaded[..., 0] - want).max() <= 1.0
+    assert loaded[:5].max() == 0 and loaded[-1, -1, 0] >= 254
+
+
+def test_an_image_over_pils_size_limit_is_refused_in_one_line(image_png, monkeypatch):
+    # 160x120 = 19,200 px: over twice this limit PIL refuses to open the image.
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 5000)
+    with pytest.raises(UserError, match=r"is too large: 0\.019 Mpx, more than PIL's limit of 0\.01 Mpx; "
+                                        r"downscale it") as e:
+        load_image(image_png)
+    assert "\n" not in str(e.value)
+
+
+def test_a_large_image_loads_without_pils_warning(image_png, monkeypatch):
+    # Over this limit (but not twice it), PIL warns on stderr of a "decompression bomb DOS
+    # attack": not for a file the user named.
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 15000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(image_png).shape == (120, 160, 3)
+
+
+def _files(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+def test_a_failed_write_replaces_nothing(segmenter, image, clip, tmp_path):
+    prompts = [Prompt.make(1, box=clip.box(1)), Prompt.make(2, box=clip.box(2))]
+    results = segmenter.predict(prompts)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "object_1.png").write_bytes(b"earlier mask")
+    (tmp_path / "m" / "object_2.png").mkdir()  # cannot be written
+    (tmp_path / "keep.png").write_bytes(b"earlier overlay")
+    (tmp_path / "old.json").write_text("{}\n")
+    (tmp_path / "afile.txt").write_text("a file\n")
+    before = _files(tmp_path)
+
+    with pytest.raises(UserError) as e:
+        save_masks_png(tmp_path / "m", results)
+    assert (tmp_path / "m" / "object_1.png").read_bytes() == b"earlier mask"
+    assert re.fullmatch(r"cannot write mask .*object_2\.png: Is a directory", str(e.value))
+    # The overlay and the RLE file are not written either when a mask's folder cannot be made.
+    with pytest.raises(UserError, match=r"cannot write mask .*afile\.txt/new/object_1\.png: Not a directory"):
+        segment_module.save_outputs(tmp_path / "keep.png", image, results, prompts,
+                                    masks=tmp_path / "afile.txt" / "new/", rle=tmp_path / "old.json")
+    # Nor are the folders made for the files before the one that fails left behind.
+    with pytest.raises(UserError, match=r"cannot write RLE file .*/m: Is a directory"):
+        segment_module.save_outputs(tmp_path / "new" / "o.png", image, results, prompts,
+                                    masks=tmp_path / "new" / "m/", rle=tmp_path / "m")
+    assert _files(tmp_path) == before, "no file replaced, no temporary file or new folder left"
+
+    segment_module.save_outputs(tmp_path / "keep.png", image, results, prompts,
+                                masks=tmp_path / "new" / "m/", rle=tmp_path / "old.json")
+    overlay = np.array(Image.open(tmp_path / "keep.png"))
+    assert np.array_equal(overlay, render_overlay(image, results, prompts))
+    assert [o["obj_id"] for o in json.loads((tmp_path / "old.json").read_text())["objects"]] == [1, 2]
+    for r in results:
+        assert np.array_equal(np.array(Image.open(tmp_path / "new" / "m" / f"object_{r.obj_id}.png")) > 0,
+                              r.mask)
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []
+
+
+OUTPUT_MISTAKES = {
+    "out-unknown-extension": (["--out", "x.xyz"], "--out x.xyz has unknown image extension '.xyz'"),
+    "out-no-extension": (["--out", "noext"], "--out noext has no extension"),
+    "out-read-only-format": (["--out", "x.psd"], "--out x.psd: cannot write an RGB PSD image"),
+    "out-directory": (["--out", "folder"], "--out folder is a directory, not a file"),
+    "out-under-a-file": (["--out", "afile.txt/o.png"],
+                         "--out afile.txt/o.png: afile.txt is a file, not a folder"),
+    "rle-directory": (["--out", "keep.png", "--save-rle", "folder"], "--save-rle folder is a directory"),
+    "masks-a-file": (["--out", "keep.png", "--save-masks", "keep.json"], "--save-masks keep.json is a file"),
+    "masks-overwrite-the-input": (
+        ["--out", "o.png", "--save-masks", "sm"],
+        "--save-masks file sm/object_1.png is the input image, which it would overwrite"),
+    "out-is-rle": (["--out", "keep.png", "--save-rle", "./keep.png"],
+                   "--out keep.png and --save-rle keep.png are the same file"),
+    "out-is-a-mask": (["--out", "m/object_1.png", "--save-masks", "m"],
+                      "--out m/object_1.png and --save-masks file m/object_1.png are the same file"),
+}
+
+
+@pytest.mark.parametrize("case", OUTPUT_MISTAKES)
+def test_cli_output_mistakes_are_refused_before_the_model_is_built(case, image_png, tmp_path, monkeypatch):
+    from streamtrack.cli import _cmd_segment, build_parser
+
+    def no_model(*args, **kwargs):
+        pytest.fail("the model was built")
+
+    monkeypatch.setattr(segment_module, "Segmenter", no_model)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile.txt").write_text("a file\n")
+    (tmp_path / "keep.png").write_bytes(b"earlier overlay")
+    (tmp_path / "keep.json").write_text("{}\n")
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "object_1.png").write_bytes(image_png.read_bytes())
+    before = _files(tmp_path)
+    options, message = OUTPUT_MISTAKES[case]
+    image = "sm/object_1.png" if case == "masks-overwrite-the-input" else str(image_png)
+    args = build_parser().parse_args(["segment", image, "--box", "10,10,60,60", *options])
+    with pytest.raises(UserError) as e:
+        _cmd_segment(args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert _files(tmp_path) == before
