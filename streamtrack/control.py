@@ -552,6 +552,9 @@ class ControlClient:
                     "its server.key?" if self._curve is not None else
                     "is the tracker running with --control on this endpoint? A tracker that "
                     "requires CURVE authentication answers only clients with authorised keys")
+            # A tracker answers after its frame in hand: a slow one may yet carry it out.
+            hint += ("; a tracker busy with a slow frame answers later and may still carry the "
+                     "request out: raise the timeout for one that takes seconds per frame")
             raise ControlTimeout(
                 f"no reply from control server {self.endpoint} within {self.timeout:g} s ({hint})"
             )

@@ -568,9 +568,11 @@ def test_client_times_out_without_server_and_recovers(tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path}/control.sock"
     with ControlClient(endpoint, timeout=0.3) as c:
         t0 = time.monotonic()
-        with pytest.raises(ControlTimeout, match="no reply"):
+        with pytest.raises(ControlTimeout, match="no reply") as info:
             c.status()
         assert time.monotonic() - t0 < 1.5
+        # Not "not applied": a tracker busy with a slow frame answers, and acts, later.
+        assert "may still carry the request out" in str(info.value)
         with pytest.raises(TimeoutError):  # also catchable as the builtin
             c.request({"cmd": "status"})
         s = Served(endpoint)
