@@ -11,9 +11,9 @@ import logging
 import sys
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
-from streamtrack.compiled import MODES as COMPILE_MODES
 from streamtrack.errors import UserError, dump_stacks_on_usr1, same_file
 from streamtrack.models import DEFAULT_MODEL, MODELS
+from streamtrack.tracking import COMPILE_MODES
 
 log = logging.getLogger("streamtrack")
 SILENCE_HINT_S = 5.0  # subscribe: say it is still waiting after this long without a message

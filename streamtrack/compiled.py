@@ -44,6 +44,7 @@ from sam2.modeling.position_encoding import PositionEmbeddingSine
 from torch.utils._pytree import tree_map_only
 
 from streamtrack.errors import UserError
+from streamtrack.tracking import COMPILE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def slot_count(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MODES = COMPILE_MODES
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 

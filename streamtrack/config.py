@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from streamtrack.compiled import MODES as COMPILE_MODES
 from streamtrack.errors import UserError, read_text_file
 from streamtrack.models import DEFAULT_MODEL, MODELS, check_device_name, check_image_size
+from streamtrack.tracking import COMPILE_MODES
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from streamtrack.compiled import guard_by_dict_tags
 from streamtrack.errors import CheckpointError, UserError
+
+if TYPE_CHECKING:  # imported where used: a process that runs no model (a supervisor) never loads it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def torch_compile_mode(mode: str) -> Iterator[None]:
     hard-codes ``max-autotune``, whose autotuning can take longer than a benchmark run
     has; ``reduce-overhead`` gives the same CUDA graphs without it (the mode the
     engine's own CUDA-graph figures use)."""
+    import torch
+
     compile_ = torch.compile
 
     def compile_in_mode(*args, **kwargs):
@@ -166,6 +169,8 @@ def build_model(
             raise CheckpointError(missing_checkpoint_message(spec, path, given=bool(checkpoint)))
     extra = {"vos_optimized": True} if vos_optimized and kind == "video" else {}
     if extra:
+        from streamtrack.compiled import guard_by_dict_tags
+
         guard_by_dict_tags()  # the engine's compiled units check guards this way too
     with torch_compile_mode(vos_compile_mode) if extra else nullcontext():
         model = builder(
@@ -192,6 +197,8 @@ def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor
 
     ``weights_only=True``: a checkpoint is data, never code.
     """
+    import torch
+
     path = Path(path)
     where = f"checkpoint {path} for {model_name}"
     if path.is_dir():
@@ -233,6 +240,8 @@ def _load_problem(path: Path, e: Exception, model_name: str) -> str:
 
 def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, model_name: str) -> None:
     """Refuse a state dict whose keys or shapes differ from the model's."""
+    import torch
+
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -268,6 +277,8 @@ _HIERA_SIZES = {(12, 96): "tiny", (16, 96): "small", (24, 112): "base_plus", (48
 def _model_of(state: dict) -> str | None:
     """Which official model a state dict belongs to, from its image encoder's depth and
     width (and SAM 2.1's extra keys), or None if it is none of them."""
+    import torch
+
     blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
     embed = state.get("image_encoder.trunk.patch_embed.proj.weight")
     if not torch.is_tensor(embed) or not all(b.isdigit() for b in blocks):
@@ -294,6 +305,8 @@ def check_device_name(device: str) -> str:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is a user error."""
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -319,6 +332,8 @@ def save_random_checkpoint(
     layers by 100 and lifts the object-score bias by 2, so masks depend on the
     prompt and the memory, which makes equivalence tests sharper.  Test-only.
     """
+    import torch
+
     torch.manual_seed(seed)
     model = build_model(name, random_init=True)
     state = model.state_dict()

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,15 +33,10 @@ from streamtrack.capture_process import check_decode_mode
 from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
-from streamtrack.engine import (
-    EngineConfig,
-    FrameOutput,
-    PendingStep,
-    Prompt,
-    StreamingEngine,
-    check_mask_shape,
-    check_prompt,
-)
+from streamtrack.tracking import EngineConfig, FrameOutput, Prompt, check_mask_shape, check_prompt
+
+if TYPE_CHECKING:
+    from streamtrack.engine import PendingStep, StreamingEngine
 from streamtrack.errors import PromptError, UserError, same_file
 from streamtrack.outputs import MASK_PNG_MAX_ID
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now, system_port
@@ -448,6 +443,8 @@ class Tracker:
             self.capture.start()  # a missing file or camera fails here, before the slow model load
             if self.engine is None:
                 with _answering(control):
+                    from streamtrack.engine import StreamingEngine  # torch: the tracker's process only
+
                     engine = StreamingEngine.from_config(cfg.engine)
                     # Compilation and kernel selection now, not on the first live frame.
                     seconds = engine.warmup_once()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamtrack.engine import Prompt
 from streamtrack.errors import UserError, read_text_file
+from streamtrack.tracking import Prompt
 
 _FIELDS = {"obj_id", "frame", "box", "points", "labels", "mask"}
 

@@ -59,10 +59,10 @@ from typing import Any
 
 import numpy as np
 
-from streamtrack.engine import Prompt
 from streamtrack.errors import UserError, dump_stacks_on_usr1
 from streamtrack.pipeline import ALIVE_EVERY, Resume, RunConfig, RunSummary, Tracker
 from streamtrack.protocol import FrameResult, decode_mask, normalize_endpoint
+from streamtrack.tracking import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -224,7 +224,7 @@ def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypat
         assert release.wait(30)
         return TrackedIds()
 
-    monkeypatch.setattr("streamtrack.pipeline.StreamingEngine.from_config", slow_load)
+    monkeypatch.setattr("streamtrack.engine.StreamingEngine.from_config", slow_load)
     bound: dict = {}
     tracker = Tracker(RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False),
                       notify=lambda kind, data: bound.update(data) if kind == "bound" else None)
@@ -333,15 +333,22 @@ def test_a_video_file_cut_short_is_reported(tmp_path, caplog):
                                 "declares: is it cut short?"]
 
 
-def test_warnings_during_a_run_print_on_lines_of_their_own(tmp_path, capfd):
+def test_warnings_during_a_run_print_on_lines_of_their_own(tmp_path, capfd, monkeypatch):
     """Not glued to the progress bar's line (which ends only when the bar closes)."""
     import logging
     import re
     import sys
 
+    import tqdm
     from test_capture import stalling_avi
 
     from streamtrack.capture import CaptureConfig
+
+    class Shown(tqdm.tqdm):  # on, whatever TQDM_DISABLE said when tqdm was imported
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False})
+
+    monkeypatch.setattr(tqdm, "tqdm", Shown)
 
     video = stalling_avi(tmp_path / "damaged.avi")
     console = logging.StreamHandler(sys.stderr)

@@ -595,6 +595,15 @@ def test_prompts_queued_or_in_a_frame_not_yet_out_are_carried_over_a_restart():
     assert [p.obj_id for p in seen.unfinished_prompts()] == [2]  # b, in its frame already
 
 
+def test_the_supervisor_runs_without_torch():
+    """The `run` process only supervises: torch and sam2 (~480 MiB) are the tracker
+    process's alone."""
+    code = ("import sys, streamtrack.cli, streamtrack.cli_run, streamtrack.supervisor, streamtrack.prompts;"
+            "print(sorted(m for m in ('torch', 'sam2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_supervisor_config_errors():
     with pytest.raises(UserError, match="publish endpoint"):
         Supervisor(RunConfig(source="x.mp4"))
