@@ -730,8 +730,10 @@ class Capture:
         Returns the frames decoded and the error that ended it (None for EOF)."""
         start = self._decoded
         error = None
+        # A file at a URL, with --realtime: at its own pace, as a player shows it.
+        paced = self.config.realtime and getattr(reader, "ends_at_eof", False)
         try:
-            self._pump(reader, None)
+            self._pump(reader, _Pacer(reader.fps, self._stop) if paced else None)
         except Exception as exc:
             error = describe_error(exc, self.spec)
         return self._decoded - start, error

@@ -656,6 +656,21 @@ def test_a_video_file_over_http_is_read_whole_once(http_folder) -> None:
     assert S.RECONNECTING not in {e.state for e in events}  # its end is not a disconnect
 
 
+def test_a_video_file_over_http_with_realtime_plays_at_its_frame_rate(http_folder) -> None:
+    """Decoded as fast as it downloads, a slower tracker would get a few of its frames."""
+    folder, base = http_folder
+    make_clip(folder / "clip.mp4", 12, fps=20)
+    with open_source(f"{base}/clip.mp4", CaptureConfig(realtime=True)) as cap:
+        got, started = [], None
+        while (frame := cap.read(timeout=5)) is not None:
+            started = started or time.monotonic()
+            got.append(grey_index(frame))
+            time.sleep(0.03)  # a consumer slower than decoding, faster than 20 fps
+        took = time.monotonic() - started
+        assert cap.state is S.ENDED
+    assert got == list(range(12)) and took >= 11 / 20 * 0.8
+
+
 def test_a_url_the_server_does_not_have_fails_at_once(http_folder, decode: str) -> None:
     _, base = http_folder
     cap = open_source(f"{base}/missing.mp4", CaptureConfig(**LIVE), decode=decode).start()
