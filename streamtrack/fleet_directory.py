@@ -115,7 +115,8 @@ def publish_endpoints(fleet: str | Path, streams: list[str] | None = None, *,
                       require: bool = True, timeout: float = 2.0) -> list[str]:
     """The publish endpoints a fleet lists (see :func:`fleet_streams`) for ``streams``, or
     for every stream that has one, in stream-name order.  ``require``: a
-    :class:`UserError` when a named stream is unknown or no stream has an endpoint yet."""
+    :class:`UserError` when a named stream is unknown, or when no stream has an endpoint
+    and none will (all ended or failed; streams still starting get theirs soon)."""
     entries = fleet_streams(fleet, timeout)
     where = _where(fleet)
     missing = [s for s in streams or () if s not in entries]
@@ -123,8 +124,10 @@ def publish_endpoints(fleet: str | Path, streams: list[str] | None = None, *,
         raise UserError(f"{where}: no stream(s) {missing}; listed: {sorted(entries)}")
     names = sorted(entries) if streams is None else [s for s in streams if s in entries]
     eps = [entries[n].publish for n in names if entries[n].publish]
-    if not eps and require:
-        raise UserError(f"{where}: no stream has a publish endpoint yet")
+    coming = [n for n in names if entries[n].state in ("starting", "restarting")]
+    if not eps and not coming and require:
+        states = ", ".join(f"{n} {entries[n].state}" for n in names) or "no streams"
+        raise UserError(f"{where}: no stream has a publish endpoint ({states})")
     return eps  # type: ignore[return-value]
 
 

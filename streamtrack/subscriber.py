@@ -195,7 +195,7 @@ class Subscriber:
         except BaseException:
             sock.close(linger=0)
             raise
-        if not self.endpoints:
+        if not self.endpoints and follow is None:  # following: endpoints may come later
             sock.close(linger=0)
             raise UserError("Subscriber needs at least one endpoint")
         # ZeroMQ connects in the background and retries forever, so a mistyped host
@@ -468,8 +468,9 @@ def _topic_list(topics) -> list[str]:
 
 
 def _fleet_listing(fleet: str, streams: list[str] | None) -> tuple[list[str], Callable[[], list[str]]]:
-    """A fleet's publish endpoints now (a :class:`UserError` if it lists none), and how to
-    list them again later (an empty list then, not an error: the fleet may be restarting)."""
+    """A fleet's publish endpoints now (none yet while its streams start; a
+    :class:`UserError` if it lists none that will have one), and how to list them again
+    later (an empty list then, not an error: the fleet may be restarting)."""
     from streamtrack.fleet_directory import publish_endpoints
 
     return publish_endpoints(fleet, streams), partial(publish_endpoints, fleet, streams, require=False)

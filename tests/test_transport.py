@@ -732,6 +732,25 @@ def test_fleet_subscriber_follows_streams_that_move_or_join(tmp_path: Path, via:
                 server.close()
 
 
+def test_a_fleet_subscriber_started_while_its_streams_start_connects_when_they_run(tmp_path: Path) -> None:
+    """``streamtrack fleet`` says "watch them with streamtrack subscribe DIR" while its
+    streams load their models: that must wait for them, not fail."""
+    from streamtrack.fleet_directory import StreamEntry, write_directory
+
+    directory = tmp_path / "fleet.json"
+    write_directory(directory, [StreamEntry(name="a", state="starting")], {"state": "running"})
+    with Publisher(ANY_PORT, "a") as pub, Subscriber.from_fleet(str(directory), follow_interval=0.1) as sub:
+        assert sub.endpoints == []
+        write_directory(directory, [StreamEntry(name="a", state="running", publish=pub.endpoint)],
+                        {"state": "running"})
+        _sync(pub, sub, "a")
+        assert sub.endpoints == [pub.endpoint]
+    write_directory(directory, [StreamEntry(name="a", state="failed", error="no camera")],
+                    {"state": "running"})
+    with pytest.raises(UserError, match=r"no stream has a publish endpoint \(a failed\)"):
+        Subscriber.from_fleet(str(directory))
+
+
 def test_subscribe_to_a_fleet_control_nobody_answers_is_one_line(capsys) -> None:
     from streamtrack import cli
 
