@@ -89,6 +89,8 @@ _MINIMUM: dict[str, int] = {
     "queue_depth": 1, "reconnect_max": 0, "stale_after": 0, "give_up_after": 0, "max_restarts": 0,
     "hang_timeout": 0,
 }
+# Seconds that must be more than 0 (the capture's timers; null turns the optional ones off).
+_ABOVE_ZERO = {"reconnect_max", "stale_after", "give_up_after"}
 # Keys checked by the stage that uses them, called here too so that the error names the layer.
 _CHECKS = {"image_size": check_image_size, "device": check_device_name}
 
@@ -126,6 +128,9 @@ def coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in _MINIMUM and value < _MINIMUM[key]:
         raise UserError(f"{where}: {key} must be at least {_MINIMUM[key]}, got {value!r}")
+    if key in _ABOVE_ZERO and not value > 0:
+        hint = " (null: never)" if optional else ""
+        raise UserError(f"{where}: {key} must be more than 0{hint}, got {value!r}")
     if key in _CHECKS:
         try:
             _CHECKS[key](value)
