@@ -153,7 +153,7 @@ def _add_model_options(p: argparse.ArgumentParser, image_size_default: str = "th
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS), metavar="NAME",
                    help=f"SAM 2 model (default {DEFAULT_MODEL}; see `streamtrack models`)")
     p.add_argument("--checkpoint", help="official-format .pt (default checkpoints/<model>.pt)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]|mps (default auto)")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help=f"model input size, a multiple of 32 from 64 to 2048 (default: {image_size_default})")
 
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="object counts (default 1 4; pipeline, latency, memory, multistream: one count, "
                         "default 1)")
     p.add_argument("--state-frames", type=int, nargs="*", default=[50, 500],
-                   help="report engine state bytes after these frames (default 50 500)")
+                   help="engine: report engine state bytes after these frames (default 50 500)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="engine, pipeline, latency: torch.compile the image encoder and the per-frame step "
@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multistream: stream counts (default 1 2 4)")
     p.add_argument("--processes", action="store_true",
                    help="multistream: also run each stream in its own process (own model copy)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per side, median reported")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="timed runs per side, median reported (default 1)")
     p.add_argument("--preprocess", default="auto", choices=["auto", "exact", "fast"],
                    help="engine preprocessing (auto: exact on CPU, fast on CUDA)")
     p.add_argument("--frame-size", default=None, metavar="WxH",
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file (PNG, JPEG, ...)")
     _add_model_options(p)
     p.add_argument("--box", action="append", metavar="x0,y0,x1,y1",
-                   help="an object (repeatable); one --box with --points = one object prompted by both")
+                   help="an object (repeatable); one --box with --point = one object prompted by both")
     p.add_argument("--point", action="append", metavar="x,y[,label]",
                    help="a point; all points are one object; label 1 = foreground (default), 0 = background")
     p.add_argument("--prompts", metavar="FILE.json",
@@ -290,7 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
         return viewer.main(args)
 
     p = sub.add_parser(
-        "view", parents=[common], help="live window of a tracker: masks, latency HUD, click to prompt")
+        "view", parents=[common], help="live window of a tracker: masks, latency HUD, click to prompt",
+        description="A live window of a running tracker. The picture comes from the tracker's "
+                    "frames/ topic: run it with --publish-frames (--show does), or the masks are "
+                    "drawn on a blank canvas.")
     p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555, or a fleet's directory "
                                     "file (fleet.json) with --stream")
     p.add_argument("--control", metavar="ENDPOINT",

@@ -50,18 +50,21 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="webcam index (0), /dev/videoN, rtsp:// or http(s):// URL, or a file")
     g = p.add_argument_group("configuration")
     g.add_argument("--config", default=None, metavar="FILE|PRESET", action=_Once,
-                   help="YAML configuration, or a preset from configs/ (default, webcam, rtsp, file)")
+                   help="YAML configuration, or a preset from configs/ (default, webcam, rtsp, file); "
+                        "it sets any key, also those without an option here (configs/default.yaml "
+                        "lists them all, --print-config shows the result)")
     g.add_argument("--print-config", action="store_true", default=False,
                    help="print the merged configuration as YAML and exit")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(MODELS), metavar="NAME",
                    help="SAM 2 model (default sam2.1_hiera_tiny; see `streamtrack models`)")
     g.add_argument("--checkpoint", help="official-format .pt (default checkpoints/<model>.pt)")
-    g.add_argument("--device", help="auto|cpu|cuda|mps (default auto)")
+    g.add_argument("--device", help="auto|cpu|cuda[:N]|mps (default auto)")
     g.add_argument("--image-size", type=int, metavar="N",
                    help="model input size, a multiple of 32 from 64 to 2048 (default: the model's 1024)")
     g.add_argument("--preprocess", choices=["auto", "exact", "fast"],
-                   help="exact = the official predictor's resize (CPU default); fast = on-device")
+                   help="exact = the official predictor's resize; fast = on-device (default auto: "
+                        "exact on a CPU, fast on a GPU)")
     g.add_argument("--lost-after", type=float, metavar="S", help="seconds absent before 'lost' (3)")
     g.add_argument("--max-objects", type=int, metavar="N",
                    help="objects tracked at once; a prompt for one more is refused (64)")
