@@ -54,7 +54,8 @@ _MAX_INT_ID = 2**63  # request ids are echoed: keep them within what any client'
 
 def _shorten(value: Any, limit: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    size = len(value) if isinstance(value, (str, bytes)) else len(text)  # not repr's quotes
+    return text if len(text) <= limit else f"{text[:limit]}... ({size} characters)"
 
 
 class ControlError(UserError):
@@ -550,8 +551,9 @@ class ControlClient:
             hint = ("is the tracker running with --control on this endpoint, and is this "
                     "client's public key in its --curve-clients folder and --curve-server-key "
                     "its server.key?" if self._curve is not None else
-                    "is the tracker running with --control on this endpoint? A tracker that "
-                    "requires CURVE authentication answers only clients with authorised keys")
+                    "is a tracker running with --control on this endpoint (or a fleet, with its "
+                    "control endpoint)? A tracker that requires CURVE authentication answers "
+                    "only clients with authorised keys")
             # A tracker answers after its frame in hand: a slow one may yet carry it out.
             hint += ("; a tracker busy with a slow frame answers later and may still carry the "
                      "request out: raise the timeout for one that takes seconds per frame")

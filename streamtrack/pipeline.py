@@ -465,7 +465,7 @@ class Tracker:
                 self._controls.pending = [*carried, *self._controls.pending]
                 for p in carried:  # a supervisor keeps them until their frame is out
                     self._notify("queued", {"prompt": p})
-            if self.capture.kind is SourceKind.FILE:
+            if self.capture.kind is SourceKind.FILE and not cfg.loop:  # a loop has no end
                 declared = _frame_count(cfg.source)  # the progress bar's total; a file cut short
             bar = _progress(cfg, self.capture, declared)
             if bar is not None:

@@ -568,3 +568,26 @@ def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_li
     assert [r.frame_id for r in results][:1] == [11450] and len(results) == 3
     assert all(r.frame_id >= 11450 and r.dropped["queue_full"] >= 7 for r in results)
     assert [e for e in publisher.events if e[0] == "object_state"] == []  # still visible: no change
+
+
+def test_a_looping_file_has_no_progress_total(tmp_path, monkeypatch):
+    """It never ends: a bar at 58/90 after 1,700 frames would say otherwise."""
+    import tqdm
+
+    totals = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            totals.append(kwargs.get("total"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    for loop, max_frames in ((True, None), (True, 9), (False, None)):
+        tracker = Tracker(RunConfig(source=str(video), loop=loop, max_frames=max_frames, progress=True,
+                                    prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]}),
+                          engine=TrackedIds())
+        if loop and max_frames is None:  # endless: stopped, as by Ctrl-C
+            threading.Timer(1.0, tracker.stop).start()
+        tracker.run()
+    assert totals == [None, 9, 6]
