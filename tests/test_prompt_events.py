@@ -3,6 +3,7 @@ each request does to the tracker's state (no model needed: a stand-in engine).""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from types import SimpleNamespace
@@ -443,12 +444,39 @@ def test_a_restarted_tracker_queues_the_prompts_its_predecessor_had_not_finished
     assert [d["prompt"].obj_id for k, d in reports if k == "queued"] == [7]  # kept until its frame is out
 
 
+@contextlib.contextmanager
+def live_tracker(tmp_path, engine, **options):
+    """A tracker on a looping real-time clip, run on a thread until the block ends:
+    (its reports to a supervisor as (kind, monotonic time), its bound endpoints)."""
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    reports: list[tuple[str, float]] = []
+    bound: dict = {}
+
+    def notify(kind, data):
+        reports.append((kind, time.monotonic()))
+        if kind == "bound":
+            bound.update(data)
+
+    run = RunConfig(source=str(video), realtime=True, loop=True, control="tcp://127.0.0.1:0",
+                    progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]}, **options)
+    tracker = Tracker(run, engine=engine, notify=notify)
+    thread = threading.Thread(target=tracker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "control" not in bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield reports, bound
+    finally:
+        tracker.stop()
+        thread.join(30)
+
+
 def test_the_loop_reports_it_is_alive_while_paused_and_not_while_a_step_never_returns(tmp_path):
     """A supervisor kills a tracker that stops reporting; paused or idle is not hung, a
     step that never returns is."""
     from streamtrack.pipeline import ALIVE_EVERY
 
-    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
     step_returns = threading.Event()
     stuck = threading.Event()
 
@@ -459,44 +487,26 @@ def test_the_loop_reports_it_is_alive_while_paused_and_not_while_a_step_never_re
                 assert step_returns.wait(30)
             return super().launch(image, prompts, timestamp)
 
-    reports: list[tuple[str, float]] = []
-    bound: dict = {}
-
-    def notify(kind, data):
-        reports.append((kind, time.monotonic()))
-        if kind == "bound":
-            bound.update(data)
-
-    run = RunConfig(source=str(video), realtime=True, loop=True, control="tcp://127.0.0.1:0",
-                    progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
-    tracker = Tracker(run, engine=StuckOnFrame3(), notify=notify)
-    thread = threading.Thread(target=tracker.run, daemon=True)
-    thread.start()
-
-    def alive_between(t0, t1):
-        return sum(kind == "alive" and t0 <= t < t1 for kind, t in reports)
-
     try:
-        deadline = time.monotonic() + 20
-        while "control" not in bound and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with ControlClient(bound["control"], timeout=5) as client:
-            client.pause()
-            paused = time.monotonic()
-            time.sleep(3.5 * ALIVE_EVERY)
-            assert alive_between(paused, time.monotonic()) >= 3
-            client.resume()
-        assert stuck.wait(20)
-        since = time.monotonic()
-        time.sleep(2.5 * ALIVE_EVERY)
-        assert alive_between(since, time.monotonic()) == 0
-        step_returns.set()
-        time.sleep(1.5 * ALIVE_EVERY)
-        assert alive_between(since, time.monotonic()) >= 1
+        with live_tracker(tmp_path, StuckOnFrame3()) as (reports, bound):
+            def alive_between(t0, t1):
+                return sum(kind == "alive" and t0 <= t < t1 for kind, t in reports)
+
+            with ControlClient(bound["control"], timeout=5) as client:
+                client.pause()
+                paused = time.monotonic()
+                time.sleep(3.5 * ALIVE_EVERY)
+                assert alive_between(paused, time.monotonic()) >= 3
+                client.resume()
+            assert stuck.wait(20)
+            since = time.monotonic()
+            time.sleep(2.5 * ALIVE_EVERY)
+            assert alive_between(since, time.monotonic()) == 0
+            step_returns.set()
+            time.sleep(1.5 * ALIVE_EVERY)
+            assert alive_between(since, time.monotonic()) >= 1
     finally:
         step_returns.set()
-        tracker.stop()
-        thread.join(30)
 
 
 def test_stats_keep_coming_every_second_while_paused_with_a_falling_rate(tmp_path):
@@ -504,34 +514,19 @@ def test_stats_keep_coming_every_second_while_paused_with_a_falling_rate(tmp_pat
     source is down) from a dead one."""
     from streamtrack.subscriber import Subscriber
 
-    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
-    bound: dict = {}
-    run = RunConfig(source=str(video), realtime=True, loop=True, control="tcp://127.0.0.1:0",
-                    publish="tcp://127.0.0.1:0", progress=False,
-                    prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
-    tracker = Tracker(run, engine=TrackedIds(),
-                      notify=lambda kind, data: bound.update(data) if kind == "bound" else None)
-    thread = threading.Thread(target=tracker.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while "control" not in bound and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with Subscriber(bound["publish"], topics=["masks/", "stats/"]) as sub, \
-                ControlClient(bound["control"], timeout=5) as client:
-            while (msg := sub.recv(timeout=10)) is not None and msg.kind != "masks":
-                pass
-            client.pause()
-            paused = time.monotonic()
-            got = []
-            while time.monotonic() - paused < 3.6:
-                msg = sub.recv(timeout=0.2)
-                if msg is not None and time.monotonic() - paused > 0.5:  # frames in hand are out
-                    got.append(msg)
-            client.resume()
-    finally:
-        tracker.stop()
-        thread.join(30)
+    with live_tracker(tmp_path, TrackedIds(), publish="tcp://127.0.0.1:0") as (_, bound), \
+            Subscriber(bound["publish"], topics=["masks/", "stats/"]) as sub, \
+            ControlClient(bound["control"], timeout=5) as client:
+        while (msg := sub.recv(timeout=10)) is not None and msg.kind != "masks":
+            pass
+        client.pause()
+        paused = time.monotonic()
+        got = []
+        while time.monotonic() - paused < 3.6:
+            msg = sub.recv(timeout=0.2)
+            if msg is not None and time.monotonic() - paused > 0.5:  # frames in hand are out
+                got.append(msg)
+        client.resume()
     assert {m.kind for m in got} == {"stats"}
     assert len(got) >= 2
     assert all(m.stats.source_state == "streaming" for m in got)
