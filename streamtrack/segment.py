@@ -21,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -335,13 +336,18 @@ def write_files(files: Sequence[tuple[str, Path, bytes]]) -> None:
 
     A failure leaves the files that were there as they were, removes the temporary
     files and any folder made for them, and raises ``UserError`` naming the file.
+    A path that is not a regular file (``/dev/stdout``, a named pipe, a device) cannot
+    be renamed over: it is written as it is, once the others are in place.
     """
     pending: list[tuple[str, Path, Path, Path]] = []  # what, path as given, temporary, target
+    streams = [(what, path, data) for what, path, data in files if _is_stream(path)]
     made: list[Path] = []
     done = False
     try:
         targets: dict[Path, str] = {}
         for what, path, data in files:
+            if _is_stream(path):
+                continue
             # Through a symlink, as a plain write would: the link itself stays.
             target = Path(os.path.realpath(path))
             if target in targets:
@@ -361,6 +367,12 @@ def write_files(files: Sequence[tuple[str, Path, bytes]]) -> None:
             except OSError as e:
                 raise UserError(f"cannot write {what} {path}: {_reason(e)}") from None
             pending.pop(0)
+        for what, path, data in streams:
+            try:
+                with open(path, "wb") as f:
+                    f.write(data)
+            except OSError as e:
+                raise UserError(f"cannot write {what} {path}: {_reason(e)}") from None
         done = True
     finally:
         for _, _, temporary, _ in pending:
@@ -370,6 +382,15 @@ def write_files(files: Sequence[tuple[str, Path, bytes]]) -> None:
                 folder.rmdir()
             except OSError:  # it holds a file renamed into place before the failure
                 pass
+
+
+def _is_stream(path: Path) -> bool:
+    """Something there that is neither a regular file nor a folder: a device, a pipe."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _make_folders(folder: Path, made: list[Path]) -> None:

@@ -520,6 +520,22 @@ def test_a_failed_write_replaces_nothing(segmenter, image, clip, tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []
 
 
+def test_an_output_that_is_a_pipe_or_a_device_is_written_into_not_replaced(segmenter, image, clip, tmp_path):
+    """--save-rle /dev/stdout, a named pipe: renaming a file over them would replace them."""
+    import os
+    import threading
+
+    results = segmenter.predict([Prompt.make(1, box=clip.box(1))])
+    fifo = tmp_path / "rle.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    segment_module.save_outputs(tmp_path / "o.png", image, results, masks=None, rle=fifo)
+    reader.join(10)
+    assert fifo.is_fifo() and [o["obj_id"] for o in json.loads(got[0])["objects"]] == [1]
+
+
 OUTPUT_MISTAKES = {
     "out-unknown-extension": (["--out", "x.xyz"], "--out x.xyz has unknown image extension '.xyz'"),
     "out-no-extension": (["--out", "noext"], "--out noext has no extension"),
