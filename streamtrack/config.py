@@ -67,7 +67,7 @@ class Config:
     launch_ahead: bool = False
     show: bool = False
     max_restarts: int | None = None
-    hang_timeout: float = 300.0
+    hang_timeout: float | None = 300.0
     # security (optional CURVE encryption + client authentication; see docs/protocol.md)
     curve_secret: str | None = None
     curve_clients: str | None = None
@@ -91,8 +91,20 @@ _MINIMUM: dict[str, int] = {
 }
 # Seconds that must be more than 0 (the capture's timers; null turns the optional ones off).
 _ABOVE_ZERO = {"reconnect_max", "stale_after", "give_up_after"}
+# A supervised tracker reports once a second (pipeline.ALIVE_EVERY): less than two reports'
+# time would take a healthy one for hung.
+HANG_TIMEOUT_MIN = 2.0
+
+
+def check_hang_timeout(seconds: float | None) -> float | None:
+    if seconds and not seconds >= HANG_TIMEOUT_MIN:
+        raise UserError(f"hang_timeout must be 0 or null (never) or at least {HANG_TIMEOUT_MIN:g} s "
+                        f"(a tracker reports once a second), got {seconds}")
+    return seconds
+
+
 # Keys checked by the stage that uses them, called here too so that the error names the layer.
-_CHECKS = {"image_size": check_image_size, "device": check_device_name}
+_CHECKS = {"image_size": check_image_size, "device": check_device_name, "hang_timeout": check_hang_timeout}
 
 
 def _base_type(tp) -> tuple[type, bool]:

@@ -59,8 +59,9 @@ from typing import Any
 
 import numpy as np
 
+from streamtrack.config import check_hang_timeout
 from streamtrack.errors import UserError, dump_stacks_on_usr1
-from streamtrack.pipeline import ALIVE_EVERY, Resume, RunConfig, RunSummary, Tracker
+from streamtrack.pipeline import Resume, RunConfig, RunSummary, Tracker
 from streamtrack.protocol import FrameResult, decode_mask, normalize_endpoint
 from streamtrack.tracking import Prompt
 
@@ -105,9 +106,7 @@ class SupervisorConfig:
             raise UserError(f"max restarts must be >= 0, got {self.max_restarts}")
         if self.max_failed_starts < 1 or self.stop_timeout <= 0:
             raise UserError("max_failed_starts must be >= 1 and stop_timeout > 0")
-        if self.hang_timeout and not self.hang_timeout >= 2 * ALIVE_EVERY:
-            raise UserError(f"hang_timeout must be 0 (never) or at least {2 * ALIVE_EVERY:.0f} s "
-                            f"(the tracker reports every {ALIVE_EVERY:.0f} s), got {self.hang_timeout}")
+        check_hang_timeout(self.hang_timeout)
 
 
 @dataclass
@@ -234,7 +233,13 @@ class Supervisor:
                 self.pid = child.proc.pid
                 child_started = time.monotonic()
                 outcome = None
+                looked = time.monotonic()
                 while outcome is None:
+                    if time.monotonic() - looked > _SUSPENDED_AFTER:
+                        # This loop itself did not run (the whole run was suspended, Ctrl-Z,
+                        # or the machine was): the tracker's silence is not its own.
+                        child.last_report = time.monotonic()
+                    looked = time.monotonic()
                     for kind, data in child.reports():
                         if kind == "bound":
                             config = self._pin_endpoints(config, data)
@@ -249,6 +254,7 @@ class Supervisor:
                     self._drain(sub)
                     if (self.sup.hang_timeout and self.state is TrackerState.RUNNING
                             and child.hung is None and child.silent_for() > self.sup.hang_timeout):
+                        self._end_bar_line(child)
                         child.kill_hung()
                     if self._stop.is_set() and self.state is not TrackerState.STOPPING:
                         self._set_state(TrackerState.STOPPING)
@@ -292,9 +298,8 @@ class Supervisor:
                         f"({self.sup.max_restarts}) is reached")
                 self.restarts += 1
                 self._set_state(TrackerState.BACKOFF)
-                if self.config.progress_bar and not data.get("message"):
-                    # Killed: its progress bar's line was never ended; the warning gets its own.
-                    sys.stderr.write("\n")
+                if not data.get("message"):  # killed: its progress bar's line was never ended
+                    self._end_bar_line(child)
                 log.warning("tracker process died (%s); restart %d in %.1f s",
                             why, self.restarts, backoff)
                 if self._stop.wait(backoff):
@@ -310,6 +315,13 @@ class Supervisor:
         if self.interrupted_by is not None:
             total.interrupted = True
         return total
+
+    def _end_bar_line(self, child: _Child) -> None:
+        """End the line of a dead or dying tracker's progress bar (once), so that the
+        warning about it gets a line of its own."""
+        if self.config.progress_bar and not child.bar_line_ended:
+            sys.stderr.write("\n")
+            child.bar_line_ended = True
 
     def _note_progress(self, child: _Child, kind: str, data: dict[str, Any]) -> None:
         """What a restart needs to know: results out and in the files, and control prompts
@@ -398,6 +410,9 @@ def _describe_exit(code: int | None) -> str:
 # ------------------------------------------------------------------------ child
 
 
+# The supervisor's loop runs every 50 ms; a gap this long means it was suspended itself.
+_SUSPENDED_AFTER = 5.0  # seconds
+
 # Reports a tracker sends as it goes (besides its milestones), kept for a restart.
 _PROGRESS_REPORTS = ("emitted", "queued", "unqueued", "applied")
 
@@ -411,8 +426,9 @@ class _Child:
         self._lifeline = lifeline
         self.result: tuple[str, dict[str, Any]] | None = None
         self.emitted = 0  # results it reported published and written
-        self.last_report = time.monotonic()  # any report is a sign of life
+        self.last_report = time.monotonic()  # the last sign of life from its loop
         self.hung: str | None = None  # why it was killed, if it was killed as hung
+        self.bar_line_ended = False
         self._stop_sent_at: float | None = None
         self._stop_timeout = 0.0
 
@@ -436,7 +452,9 @@ class _Child:
                 out.append(self._reports.recv())
         except (EOFError, OSError):
             pass
-        if out:
+        # Signs of life come from the tracker's loop; results are reported from the
+        # emitter's thread, which may go on a little while the loop is stuck.
+        if any(kind in ("alive", "running") for kind, _ in out):
             self.last_report = time.monotonic()
         return out
 

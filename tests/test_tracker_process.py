@@ -470,6 +470,22 @@ def test_subscribe_cli_prints_json_lines(live, capsys):
 
 
 @pytest.mark.timeout(300)
+def test_a_suspended_run_is_not_taken_for_a_hung_tracker(live):
+    """Ctrl-Z, then fg after longer than the hang timeout: the supervisor was stopped
+    too, so the tracker's silence is not its own."""
+    pid = tracker_status(live.control)["pid"]
+    for p in (live.popen.pid, pid):
+        os.kill(p, signal.SIGSTOP)
+    time.sleep(HANG_TIMEOUT + 2)
+    os.kill(live.popen.pid, signal.SIGCONT)  # the supervisor first: it looks before the tracker says a word
+    time.sleep(1)
+    os.kill(pid, signal.SIGCONT)
+    time.sleep(3)
+    assert tracker_status(live.control)["pid"] == pid
+    assert "killed as hung" not in live.err()
+
+
+@pytest.mark.timeout(300)
 def test_a_stopped_tracker_is_killed_as_hung_and_restarted(live):
     """A stopped process stands in for a deadlock: alive, but its loop never goes round."""
     pid = tracker_status(live.control)["pid"]
@@ -609,6 +625,10 @@ def test_supervisor_config_errors():
         Supervisor(RunConfig(source="x.mp4"))
     with pytest.raises(UserError, match="inproc"):
         Supervisor(RunConfig(source="x.mp4", publish="inproc://x"))
-    with pytest.raises(UserError, match="hang_timeout must be 0 .never. or at least 2 s"):
+    with pytest.raises(UserError, match=r"hang_timeout must be 0 or null \(never\) or at least 2 s"):
         SupervisorConfig(hang_timeout=1.5)
     assert SupervisorConfig(hang_timeout=0).hang_timeout == 0
+    from streamtrack.config import HANG_TIMEOUT_MIN
+    from streamtrack.pipeline import ALIVE_EVERY
+
+    assert HANG_TIMEOUT_MIN == 2 * ALIVE_EVERY
