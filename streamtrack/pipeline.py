@@ -608,6 +608,7 @@ class Tracker:
             self._last_stats = t
             stats = self.window.snapshot(
                 dropped=self._dropped(capture.stats()), source_state=capture.state.value,
+                paused=self._controls.paused,
                 memory_bytes=self.engine.state_bytes() if self.engine is not None else None, at=now())
         try:
             publisher.publish_stats(stats)

@@ -688,12 +688,15 @@ class Stats:
     memory_bytes: int | None = None
     frames: int = 0
     source_state: str | None = None  # the source's state when sent (also while no frame comes)
+    paused: bool | None = None  # the tracker is paused (a viewer joining later learns it here)
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
         validate_stream(self.stream)
         if self.source_state is not None:
             _set(self, "source_state", _str(self.source_state, "source_state"))
+        if self.paused is not None and not isinstance(self.paused, bool):
+            raise ProtocolError(f"paused must be true, false or null, got {self.paused!r}")
         _set(self, "time", _float(self.time, "time"))
         _set(self, "fps", _float(self.fps, "fps"))
         if self.memory_bytes is not None:
@@ -709,7 +712,7 @@ class Stats:
             "v": self.v, "stream": self.stream, "time": self.time, "fps": self.fps,
             "latency": {k: v.to_dict() for k, v in self.latency.items()},
             "dropped": dict(self.dropped), "memory_bytes": self.memory_bytes,
-            "frames": self.frames, "source_state": self.source_state,
+            "frames": self.frames, "source_state": self.source_state, "paused": self.paused,
         }
 
     def to_json(self) -> str:
@@ -737,6 +740,7 @@ class Stats:
             memory_bytes=None if mem is None else _int(mem, "memory_bytes", minimum=0),
             frames=_int(d.get("frames", 0), "frames", minimum=0),
             source_state=None if d.get("source_state") is None else _str(d["source_state"], "source_state"),
+            paused=d.get("paused"),
         )
 
     @classmethod

@@ -284,6 +284,7 @@ class StatsWindow:
         time: float | None = None,
         at: float | None = None,
         source_state: str | None = None,
+        paused: bool | None = None,
     ) -> Stats:
         """A :class:`Stats` message for ``publish_stats``; ``at``: see :meth:`fps`."""
         return Stats(
@@ -291,6 +292,7 @@ class StatsWindow:
             time=now() if time is None else time,
             fps=self.fps(at),
             source_state=source_state,
+            paused=paused,
             latency=self.latency(),
             dropped=dict(dropped or {}),
             memory_bytes=memory_bytes,

@@ -382,14 +382,17 @@ class SourceStateTracker:
 
 def banner_for(source_state: str | None, silent_for: float, ever_received: bool,
                limit: float = NOT_PUBLISHING_AFTER, *,
-               paused: bool = False) -> tuple[str, tuple[int, int, int]] | None:
-    """The banner text and BGR colour, or None when all is well.
+               paused: bool = False,
+               no_results_for: float | None = None) -> tuple[str, tuple[int, int, int]] | None:
+    """The banner text and BGR colour, or None when all is well.  ``silent_for``: seconds
+    since any message; ``no_results_for``: since the last result (default the same).
 
     A source that is down explains the silence (a tracker without frames publishes
-    nothing), so it wins over "not publishing".
+    no results), so it wins over "not publishing".
     """
+    frameless = silent_for if no_results_for is None else no_results_for
     if source_state in WARN_STATES:
-        quiet = f" (no frames for {silent_for:.0f} s)" if silent_for > limit else ""
+        quiet = f" (no frames for {frameless:.0f} s)" if frameless > limit else ""
         return f"SOURCE {source_state.upper()}{quiet}", BANNER_WARN_BGR
     if silent_for > limit:
         # A paused tracker still sends stats every second: silence is not the pause.
@@ -575,7 +578,7 @@ class Viewer:
         self.click_transform: ViewTransform | None = None  # None while no source-sized image is shown
         self.last_message = -math.inf
         self._result_gaps: deque[float] = deque(maxlen=8)  # s between the last results received
-        self._last_result_at: float | None = None
+        self._last_result_at: float | None = None  # when the newest result was received
         self.started = now()
         self.toasts: list[_Toast] = []
         self.canvas: np.ndarray | None = None  # BGR, what the window shows
@@ -612,6 +615,12 @@ class Viewer:
             self.pairer.add_frame(FrameItem(msg.frame, msg.jpeg))
         elif msg.stats is not None:
             self.tracker_fps = (msg.stats.fps, msg.received)
+            # Stats come every second, also while no result does: a viewer that joins while
+            # the source is down or the tracker paused learns it here.
+            if msg.stats.source_state is not None:
+                self.source.update(msg.stats.source_state, msg.stats.time)
+            if msg.stats.paused is not None:
+                self.interaction.paused = msg.stats.paused
         elif msg.status is not None:
             ev = msg.status
             if ev.kind == "source_state" and isinstance(ev.data.get("new"), str):
@@ -628,6 +637,13 @@ class Viewer:
         self.toasts.append(_Toast(text, time.monotonic() + seconds, error))
         del self.toasts[:-4]
         self._dirty = True
+
+    def banner(self, at: float) -> tuple[str, tuple[int, int, int]] | None:
+        """The banner to show at time ``at`` (:func:`banner_for`)."""
+        return banner_for(self.source.state, at - max(self.last_message, self.started),
+                          self.last_message > -math.inf, self.silence_limit(),
+                          paused=self.interaction.paused,
+                          no_results_for=at - max(self._last_result_at or -math.inf, self.started))
 
     def silence_limit(self) -> float:
         """Seconds without a message before the tracker counts as not publishing."""
@@ -821,9 +837,7 @@ class Viewer:
                 cv2.putText(disp, line, (5, ty), font, fs, (80, 80, 255) if t.error else (160, 255, 160),
                             1, cv2.LINE_AA)
                 ty -= lh
-        banner = banner_for(self.source.state, at - max(self.last_message, self.started),
-                            self.last_message > -math.inf, self.silence_limit(),
-                            paused=self.interaction.paused)
+        banner = self.banner(at)
         if banner is not None:
             text, color = banner
             cv2.rectangle(disp, (0, 0), (disp.shape[1], 26), color, -1)

@@ -529,7 +529,7 @@ def test_stats_keep_coming_every_second_while_paused_with_a_falling_rate(tmp_pat
         client.resume()
     assert {m.kind for m in got} == {"stats"}
     assert len(got) >= 2
-    assert all(m.stats.source_state == "streaming" for m in got)
+    assert all(m.stats.source_state == "streaming" and m.stats.paused is True for m in got)
     assert got[-1].stats.fps < got[0].stats.fps
 
 

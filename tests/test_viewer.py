@@ -380,6 +380,22 @@ def test_a_tracker_that_takes_seconds_per_frame_is_not_called_silent_between_its
     assert vw.silence_limit() == v.NOT_PUBLISHING_AFTER
 
 
+def test_a_viewer_joining_learns_the_source_state_and_pause_from_stats():
+    """Status events are sent once; stats every second: a viewer that joins during an
+    outage, or while the tracker is paused, says so."""
+    vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
+    t0 = now()
+    vw.handle(_msg("masks", received=t0 - 30, result=_result(3, w=SRC_W, h=SRC_H)))
+    vw.handle(_msg("stats", received=t0, stats=Stats(stream="cam0", time=t0, fps=0.1,
+                                                      source_state="reconnecting", paused=True)))
+    assert vw.source.state == "reconnecting" and vw.interaction.paused
+    vw.started = t0 - 60
+    assert vw.banner(t0 + 0.5) == ("SOURCE RECONNECTING (no frames for 30 s)", v.BANNER_WARN_BGR)
+    vw.handle(_msg("stats", received=t0 + 1, stats=Stats(stream="cam0", time=t0 + 1, fps=0.1,
+                                                          source_state="streaming", paused=False)))
+    assert vw.source.state == "streaming" and not vw.interaction.paused
+
+
 def test_compose_without_frames_draws_masks_on_blank_canvas():
     _, masks = _scene()
     vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
