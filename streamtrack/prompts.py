@@ -6,8 +6,9 @@ A prompts file is a JSON list; each entry prompts one object on one frame::
      {"obj_id": 2, "frame": 0, "points": [[x, y], [x, y]], "labels": [1, 0]},
      {"obj_id": 3, "frame": 30, "mask": "mask.png"}]
 
-``mask`` is a PNG path (relative to the file; non-zero = object, or, in an image with
-transparent pixels, opaque = object) or a COCO RLE dict; an empty mask is refused.
+``mask`` is a PNG path (relative to the file; the object is its non-zero pixels that are
+not fully transparent, or, if there are none, its opaque ones) or a COCO RLE dict; an
+empty mask is refused.
 Geometry is checked against the frame by the engine when the frame arrives.
 """
 
@@ -167,8 +168,9 @@ def _load_mask(mask, base: Path) -> np.ndarray:
 
 
 def _mask_image(path: Path) -> np.ndarray:
-    """A mask PNG as booleans: non-zero pixels, or, where some pixels are transparent, the
-    opaque ones (an object cut out on a transparent background, whatever its colours)."""
+    """A mask PNG as booleans: the non-zero pixels that are not fully transparent; if no
+    such pixel is non-zero, the opaque ones (a black object cut out on a transparent
+    background)."""
     from PIL import Image
 
     try:
@@ -176,10 +178,11 @@ def _mask_image(path: Path) -> np.ndarray:
             im.load()
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
-            alpha = np.array(im.getchannel("A")) if "A" in im.getbands() else None
-            if alpha is not None and alpha.min() < alpha.max():
-                return alpha > 0
-            return np.array(im.convert("L")) > 0
+            values = np.array(im.convert("L")) > 0
+            if "A" not in im.getbands():
+                return values
+            opaque = np.array(im.getchannel("A")) > 0
+            return values & opaque if (values & opaque).any() else opaque
     except (OSError, Image.DecompressionBombError) as e:  # not an image, cut short, unreadable
         raise ValueError(f"mask file {path} is not a readable image ({e})") from None
 

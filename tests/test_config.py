@@ -236,6 +236,11 @@ def test_a_mask_cut_out_on_a_transparent_background_is_its_opaque_pixels(tmp_pat
     Image.fromarray(opaque, "RGBA").save(tmp_path / "m.png")
     (prompt,) = load_prompts_file(tmp_path / "p.json")[0]
     assert (prompt.mask == (alpha > 0)).all()
+    framed = opaque.copy()
+    framed[0, :, 3] = 0  # white on black with a transparent border: the white is the object
+    Image.fromarray(framed, "RGBA").save(tmp_path / "m.png")
+    (prompt,) = load_prompts_file(tmp_path / "p.json")[0]
+    assert (prompt.mask == (alpha > 0)).all()
 
 
 def test_an_id_given_by_box_and_by_the_prompts_file_says_how_box_objects_are_numbered():
