@@ -44,7 +44,7 @@ from sam2.modeling.position_encoding import PositionEmbeddingSine
 from torch.utils._pytree import tree_map_only
 
 from streamtrack.errors import UserError
-from streamtrack.tracking import COMPILE_MODES
+from streamtrack.tracking import COMPILE_MODES, CUDAGRAPH_MODES
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ def slot_count(n: int) -> int:
 
 
 MODES = COMPILE_MODES
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def is_compiled(model: torch.nn.Module) -> bool:

@@ -35,7 +35,8 @@ def download_checkpoint(
         try:
             verify_checkpoint(target, spec)
         except CheckpointError as e:
-            raise DownloadError(f"{e}; `streamtrack download {name} --force` replaces it") from None
+            fix = "" if "--force" in str(e) else f"; `streamtrack download {name} --force` replaces it"
+            raise DownloadError(f"{e}{fix}") from None
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

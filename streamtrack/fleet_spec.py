@@ -42,13 +42,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from streamtrack.compiled import CUDAGRAPH_MODES
 from streamtrack.config import Config, coerce, load_yaml
 from streamtrack.errors import UserError, existing_file
 from streamtrack.models import MODELS, check_image_size
 from streamtrack.pipeline import RunConfig
 from streamtrack.protocol import normalize_endpoint, validate_stream
-from streamtrack.tracking import EngineConfig, Prompt
+from streamtrack.tracking import CUDAGRAPH_MODES, EngineConfig, Prompt
 
 AUTO = "auto"
 # Run-config keys a stream may not set: the name is the stream, a fleet has no

@@ -20,8 +20,10 @@ from streamtrack.models import DEFAULT_MODEL
 if TYPE_CHECKING:
     import torch
 
-# torch.compile's modes the engine accepts (EngineConfig.compile_mode; streamtrack.compiled).
+# torch.compile's modes the engine accepts (EngineConfig.compile_mode; streamtrack.compiled),
+# and those that replay CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class ObjectState(str, Enum):

@@ -290,8 +290,13 @@ def test_download_verifies_and_renames(tmp_path, tiny_checkpoint, checkpoint_fac
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sam2.1_hiera_tiny.pt"]
     # A file already in place is checked too: one cut short is not "downloaded".
     good.write_bytes(tiny_checkpoint.read_bytes()[:100_000])
-    with pytest.raises(DownloadError, match=r"cut short.*`streamtrack download sam2.1_hiera_tiny --force` "
-                                            r"replaces it$"):
+    with pytest.raises(DownloadError, match=r"cut short.*`streamtrack download sam2.1_hiera_tiny --force`") \
+            as e:
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, progress=False)
+    assert str(e.value).count("--force") == 1
+    good.write_bytes(checkpoint_factory("sam2.1_hiera_small").read_bytes())
+    with pytest.raises(DownloadError, match=r"does not match model .*`streamtrack download sam2.1_hiera_tiny "
+                                            r"--force` replaces it$"):
         download_checkpoint("sam2.1_hiera_tiny", tmp_path, progress=False)
 
 

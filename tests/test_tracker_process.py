@@ -614,7 +614,8 @@ def test_prompts_queued_or_in_a_frame_not_yet_out_are_carried_over_a_restart():
 def test_the_supervisor_runs_without_torch():
     """The `run` process only supervises: torch and sam2 (~480 MiB) are the tracker
     process's alone."""
-    code = ("import sys, streamtrack.cli, streamtrack.cli_run, streamtrack.supervisor, streamtrack.prompts;"
+    code = ("import sys, streamtrack.cli, streamtrack.cli_run, streamtrack.supervisor, streamtrack.prompts,"
+            " streamtrack.cli_fleet, streamtrack.fleet_spec;"
             "print(sorted(m for m in ('torch', 'sam2') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
