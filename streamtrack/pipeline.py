@@ -33,15 +33,15 @@ from streamtrack.capture_process import check_decode_mode
 from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
-from streamtrack.tracking import EngineConfig, FrameOutput, Prompt, check_mask_shape, check_prompt
-
-if TYPE_CHECKING:
-    from streamtrack.engine import PendingStep, StreamingEngine
 from streamtrack.errors import PromptError, UserError, same_file
 from streamtrack.outputs import MASK_PNG_MAX_ID
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now, system_port
 from streamtrack.publisher import StatsWindow
 from streamtrack.sources import parse_source, redact_url
+from streamtrack.tracking import EngineConfig, FrameOutput, Prompt, check_mask_shape, check_prompt
+
+if TYPE_CHECKING:  # torch: imported in the tracker's process only, when the model loads
+    from streamtrack.engine import PendingStep, StreamingEngine
 
 log = logging.getLogger(__name__)
 
@@ -740,7 +740,7 @@ class Tracker:
     def _dropped(self, stats: CaptureStats) -> dict[str, int]:
         """The source's drop counts, with those of the trackers before a restart."""
         return {k: stats.dropped.get(k, 0) + self._dropped_before.get(k, 0)
-                for k in {*stats.dropped, *self._dropped_before}}
+                for k in sorted({*stats.dropped, *self._dropped_before})}
 
     def _status_changes(self, result: FrameResult) -> None:
         current = {o.obj_id: o.state for o in result.objects}
