@@ -467,7 +467,7 @@ class Tracker:
                     self._notify("queued", {"prompt": p})
             if self.capture.kind is SourceKind.FILE and not cfg.loop:  # a loop has no end
                 declared = _frame_count(cfg.source)  # the progress bar's total; a file cut short
-            bar = _progress(cfg, self.capture, declared)
+            bar = _progress(cfg, declared)
             if bar is not None:
                 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -815,8 +815,8 @@ def _merge_prompts(prompts: list[Prompt]) -> list[Prompt]:
     return list(by_id.values())
 
 
-def _progress(cfg: RunConfig, capture, total: int | None):
-    if not cfg.progress or capture.kind is not SourceKind.FILE:
+def _progress(cfg: RunConfig, total: int | None):
+    if not cfg.progress_bar:
         return None
     from tqdm import tqdm
 
