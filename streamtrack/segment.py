@@ -393,13 +393,18 @@ def _is_stream(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def _make_folders(folder: Path, made: list[Path]) -> None:
-    # One at a time, to know which ones to remove again if a later write fails.
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those above it that do not exist, the deepest first."""
     missing = []
     while not folder.exists() and folder != folder.parent:
         missing.append(folder)
         folder = folder.parent
-    for f in reversed(missing):
+    return missing
+
+
+def _make_folders(folder: Path, made: list[Path]) -> None:
+    # One at a time, to know which ones to remove again if a later write fails.
+    for f in reversed(_missing_folders(folder)):
         f.mkdir()
         made.append(f)
 
@@ -543,8 +548,8 @@ def check_output_paths(
 
 def _check_folder(what: str, path: str | Path, folder: Path) -> None:
     # The first part of the folder that exists decides whether the rest can be made.
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    missing = _missing_folders(folder)
+    folder = missing[-1].parent if missing else folder
     if not folder.is_dir():
         raise UserError(f"{what} {path}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
