@@ -906,6 +906,7 @@ class Viewer:
                 control = _ControlWorker(self.control_endpoint, self.config.control_timeout,
                                          curve=self.curve)
             cv2.namedWindow(self.title, cv2.WINDOW_AUTOSIZE | cv2.WINDOW_GUI_NORMAL)
+            release_x_displays()  # Qt has its own connection now
 
             # Mouse events wait for the key of the same waitKeyEx call: when the loop falls
             # behind, Qt delivers a key and the clicks after it in one batch and calls back
@@ -1010,22 +1011,43 @@ def check_display() -> None:
                         "over ssh, log in again with -X)")
 
 
+# Display name -> Xlib connection opened by check_display and kept open.  A bare X server
+# (Xvfb without -noreset) resets when its last client leaves, and a connection made during
+# the reset is refused: closing the check's connection just before Qt connects made Qt abort
+# the process now and then.  Held, the server has a client until Qt has its own.
+_held_x_displays: dict[str, int] = {}
+
+
 def _x_display_opens(name: str) -> bool:
-    """Whether Xlib can open ``name``; True when Xlib is not there to ask."""
+    """Whether Xlib can open ``name`` (True when Xlib is not there to ask); the connection
+    is held until :func:`release_x_displays`."""
     import ctypes
 
+    if name in _held_x_displays:
+        return True
     try:
         x11 = ctypes.CDLL("libX11.so.6")
     except OSError:
         return True
     x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
     x11.XOpenDisplay.restype = ctypes.c_void_p
-    x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
     handle = x11.XOpenDisplay(name.encode())
     if not handle:
         return False
-    x11.XCloseDisplay(handle)
+    _held_x_displays[name] = handle
     return True
+
+
+def release_x_displays() -> None:
+    """Close the connections :func:`check_display` held (once the window has its own)."""
+    import ctypes
+
+    if not _held_x_displays:
+        return
+    x11 = ctypes.CDLL("libX11.so.6")
+    x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    while _held_x_displays:
+        x11.XCloseDisplay(_held_x_displays.popitem()[1])
 
 
 def viewer_command(endpoint: str, control: str | None = None, stream: str | None = None,

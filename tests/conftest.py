@@ -7,6 +7,7 @@ format and load it through the same path users use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
@@ -108,25 +109,55 @@ def save_jpeg_frames(frames, folder: Path):
     return [np.array(Image.open(folder / f"{i:05d}.jpg").convert("RGB")) for i in range(len(frames))]
 
 
-@pytest.fixture
-def xdisplay():
-    """A private Xvfb; ``-displayfd`` picks a free display number and says when ready."""
+class XDisplay(str):
+    """A display name (``":3"``) that can say how its Xvfb is doing, for failure messages."""
+
+    proc: subprocess.Popen
+    log: Path
+
+    def report(self) -> str:
+        rc = self.proc.poll()
+        state = "running" if rc is None else f"exited with {rc}"
+        tail = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
+        return f"Xvfb {self} (pid {self.proc.pid}) {state}; its log: {tail!r}"
+
+
+@contextlib.contextmanager
+def running_xvfb(log: Path, *, reset: bool = False):
+    """A private Xvfb; ``-displayfd`` picks a free display number and says when ready.
+
+    Without ``reset`` it runs with ``-noreset``: an X server resets when its last client
+    leaves and refuses connections made meanwhile, so short-lived clients (xdotool, a
+    display check) would now and then make the next client fail to connect.
+    """
     r, w = os.pipe()
-    proc = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(w), "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
-        pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            ["Xvfb", "-displayfd", str(w), "-screen", "0", "1024x768x24", "-nolisten", "tcp",
+             *(() if reset else ("-noreset",))],
+            pass_fds=(w,), stdout=log_file, stderr=subprocess.STDOUT,
+        )
     os.close(w)
+    display = None
     try:
         ready, _, _ = select.select([r], [], [], 15)
         number = os.read(r, 64).decode().strip() if ready else ""
+        display = XDisplay(f":{number}")
+        display.proc, display.log = proc, log
         if not number:
-            pytest.fail("Xvfb did not start")
-        yield f":{number}"
+            pytest.fail(f"Xvfb did not start: {display.report()}")
+        yield display
     finally:
         os.close(r)
         proc.terminate()
         try:
-            proc.wait(5)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def xdisplay(tmp_path_factory):
+    with running_xvfb(tmp_path_factory.mktemp("xvfb") / "xvfb.log") as display:
+        yield display
