@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,28 +126,42 @@ def publish_endpoints(fleet: str | Path, streams: list[str] | None = None, *,
         raise UserError(f"{where}: no stream(s) {missing}; listed: {sorted(entries)}")
     names = sorted(entries) if streams is None else [s for s in streams if s in entries]
     eps = [entries[n].publish for n in names if entries[n].publish]
-    coming = [n for n in names if entries[n].state in ("starting", "restarting")]
+    coming = [n for n in names if entries[n].state in COMING_STATES]
     if not eps and not coming and require:
         states = ", ".join(f"{n} {entries[n].state}" for n in names) or "no streams"
         raise UserError(f"{where}: no stream has a publish endpoint ({states})")
     return eps  # type: ignore[return-value]
 
 
-def fleet_stream(fleet: str | Path, name: str | None, timeout: float = 2.0) -> StreamEntry:
+# States of a stream that will have endpoints soon.
+COMING_STATES = ("starting", "restarting")
+
+
+def fleet_stream(fleet: str | Path, name: str | None, timeout: float = 2.0, *,
+                 wait: Callable[[StreamEntry], None] | None = None) -> StreamEntry:
     """One stream of a fleet (see :func:`fleet_streams`), to view or prompt it: ``name``, or
-    the only stream there is; a :class:`UserError` saying which streams there are otherwise."""
-    entries = fleet_streams(fleet, timeout)
-    if name is None:
-        if len(entries) != 1:
-            raise UserError(f"fleet {fleet} has streams {sorted(entries)}: pick one with --stream")
-        name = next(iter(entries))
-    entry = entries.get(name)
-    if entry is None:
-        raise UserError(f"fleet {fleet} has no stream {name!r}; streams: {sorted(entries)}")
-    if not entry.publish:
-        raise UserError(f"fleet stream {name!r} is {entry.state} and has no endpoint"
-                        + (f": {entry.error}" if entry.error else ""))
-    return entry
+    the only stream there is; a :class:`UserError` saying which streams there are otherwise.
+    With ``wait``, a stream that is starting or restarting is waited for (``wait`` is
+    called with its entry once, to tell the user), not refused."""
+    told = False
+    while True:
+        entries = fleet_streams(fleet, timeout)
+        if name is None:
+            if len(entries) != 1:
+                raise UserError(f"fleet {fleet} has streams {sorted(entries)}: pick one with --stream")
+            name = next(iter(entries))
+        entry = entries.get(name)
+        if entry is None:
+            raise UserError(f"fleet {fleet} has no stream {name!r}; streams: {sorted(entries)}")
+        if entry.publish:
+            return entry
+        if wait is None or entry.state not in COMING_STATES:
+            raise UserError(f"fleet stream {name!r} is {entry.state} and has no endpoint"
+                            + (f": {entry.error}" if entry.error else ""))
+        if not told:
+            wait(entry)
+            told = True
+        time.sleep(0.5)
 
 
 def is_directory_file(endpoint: object) -> bool:

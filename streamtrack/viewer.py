@@ -1101,5 +1101,10 @@ def resolve_endpoints(endpoint: str, control: str | None, stream: str | None,
 
     if not (fleet or is_directory_file(endpoint)):
         return endpoint, control, stream
-    entry = fleet_stream(endpoint, stream)
+    entry = fleet_stream(endpoint, stream, wait=_tell_waiting)
     return entry.publish, control or entry.control, entry.name
+
+
+def _tell_waiting(entry) -> None:
+    print(f"streamtrack: fleet stream {entry.name!r} is {entry.state}: waiting for its endpoints "
+          "(Ctrl-C to give up)", file=sys.stderr, flush=True)

@@ -482,6 +482,40 @@ def test_view_a_fleet_stream_by_name_with_its_own_control(tmp_path, capsys):
     assert len(err) == 1 and "no stream 'door'; streams: ['gate', 'lobby']" in err[0], err
 
 
+def test_view_a_fleet_stream_that_is_starting_waits_for_its_endpoints(tmp_path, capsys):
+    """`streamtrack fleet` tells users to view streams while they load: the viewer waits
+    for a starting stream (saying so once) instead of refusing it, and stops waiting with
+    the stream's error when it fails."""
+    from streamtrack.errors import UserError
+    from streamtrack.fleet_directory import StreamEntry, write_directory
+
+    directory = tmp_path / "fleet.json"
+
+    def write(gate: StreamEntry) -> None:
+        write_directory(directory, [gate], {"state": "running"})
+
+    def later(gate: StreamEntry) -> threading.Thread:
+        thread = threading.Thread(target=lambda: (time.sleep(1.2), write(gate)))
+        thread.start()
+        return thread
+
+    write(StreamEntry("gate", "starting"))
+    thread = later(StreamEntry("gate", "running", publish="tcp://127.0.0.1:41234",
+                               control="tcp://127.0.0.1:41235"))
+    assert v.resolve_endpoints(str(directory), None, "gate") == (
+        "tcp://127.0.0.1:41234", "tcp://127.0.0.1:41235", "gate")
+    thread.join()
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["streamtrack: fleet stream 'gate' is starting: waiting for its endpoints "
+                   "(Ctrl-C to give up)"]
+
+    write(StreamEntry("gate", "restarting"))
+    thread = later(StreamEntry("gate", "failed", error="camera gone"))
+    with pytest.raises(UserError, match="'gate' is failed and has no endpoint: camera gone"):
+        v.resolve_endpoints(str(directory), None, "gate")
+    thread.join()
+
+
 # ------------------------------------------------------------------- end to end (Xvfb)
 
 needs_x = pytest.mark.skipif(
