@@ -152,7 +152,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _add_model_options(p: argparse.ArgumentParser, image_size_default: str = "the model's 1024") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS), metavar="NAME",
                    help=f"SAM 2 model (default {DEFAULT_MODEL}; see `streamtrack models`)")
-    p.add_argument("--checkpoint", help="official-format .pt (default checkpoints/<model>.pt)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="official-format .pt (default checkpoints/<model>.pt)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]|mps (default auto)")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help=f"model input size, a multiple of 32 from 64 to 2048 (default: {image_size_default})")
@@ -212,12 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "multistream: streams on one model with a batched encoder vs one after another")
     # Small inputs by default, so each benchmark runs in minutes on a CPU; GPU figures use 1024.
     _add_model_options(p, "engine, preprocess, multistream 256; pipeline, latency 128; memory 64")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=int, default=None, metavar="N",
                    help="frames per run (default 24; pipeline, latency 60; memory 2000; multistream 12)")
-    p.add_argument("--objects", type=int, nargs="+", default=None,
+    p.add_argument("--objects", type=int, nargs="+", default=None, metavar="N",
                    help="object counts (default 1 4; pipeline, latency, memory, multistream: one count, "
                         "default 1)")
-    p.add_argument("--state-frames", type=int, nargs="*", default=[50, 500],
+    p.add_argument("--state-frames", type=int, nargs="*", default=[50, 500], metavar="N",
                    help="engine: report engine state bytes after these frames (default 50 500)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
     p.add_argument("--compile", action="store_true",
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: also time the engine launching frame f+1 before finishing frame f "
                         "(the device works on the next frame while the host builds this one's output); "
                         "pipeline, latency: the tracker does so with a frame waiting (launch_ahead)")
-    p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4],
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4], metavar="N",
                    help="multistream: stream counts (default 1 2 4)")
     p.add_argument("--processes", action="store_true",
                    help="multistream: also run each stream in its own process (own model copy)")
@@ -254,16 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine preprocessing (auto: exact on CPU, fast on CUDA)")
     p.add_argument("--frame-size", default=None, metavar="WxH",
                    help="synthetic clip size (engine, pipeline, latency, multistream 320x240; memory 128x96)")
-    p.add_argument("--warmup", type=int, default=5,
+    p.add_argument("--warmup", type=int, default=5, metavar="N",
                    help="pipeline, latency: untimed first frames (default 5)")
     p.add_argument("--fps", type=float, default=None,
                    help="latency: source frame rate (default 30, or 3x the engine's rate if faster)")
-    p.add_argument("--queue-depth", type=int, default=None, help="latency: live queue depth (default 2)")
-    p.add_argument("--clip-frames", type=int, default=None,
+    p.add_argument("--queue-depth", type=int, default=None, metavar="N",
+                   help="latency: live queue depth (default 2)")
+    p.add_argument("--clip-frames", type=int, default=None, metavar="N",
                    help="latency, memory: length of the looped clip (default 60, 50)")
-    p.add_argument("--early-frame", type=int, default=200,
+    p.add_argument("--early-frame", type=int, default=200, metavar="N",
                    help="memory: first sample; growth is measured from here to --frames (default 200)")
-    p.add_argument("--official-frames", type=int, nargs="*", default=[50, 100, 200],
+    p.add_argument("--official-frames", type=int, nargs="*", default=[50, 100, 200], metavar="N",
                    help="memory: official predictor samples (default 50 100 200; none to skip)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_bench)
