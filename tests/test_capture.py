@@ -6,6 +6,7 @@ order and identity survive H.264 and can be read back from the pixels.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import socket
@@ -153,16 +154,28 @@ def test_realtime_paces_a_file_at_its_frame_rate(clip: Path) -> None:
     with open_source(str(clip), CaptureConfig(realtime=True)) as cap:
         assert cap.policy is BufferPolicy.DROP_OLDEST  # realtime behaves as live
         paced = list(cap)
+        stats = cap.stats()
+    # Blocking: nothing is dropped, whatever pauses this process takes.
+    with open_source(str(clip), CaptureConfig(realtime=True, policy="block")) as cap:
+        every = list(cap)
     with open_source(str(clip)) as cap:
         unpaced = list(cap)
 
     def span(frames: list[Frame]) -> float:
         return frames[-1].capture_monotonic - frames[0].capture_monotonic
 
-    expected = (CLIP_FRAMES - 1) / CLIP_FPS  # 1.3 s
-    assert len(paced) == CLIP_FRAMES  # a fast consumer loses nothing
-    assert 0.8 * expected < span(paced) < 1.6 * expected
-    assert span(unpaced) < 0.5 * expected
+    def expected(frames: list[Frame]) -> float:
+        return (frames[-1].frame_id - frames[0].frame_id) / CLIP_FPS  # 1.3 s for the whole clip
+
+    # Dropping the oldest, a fast consumer loses a frame only to a pause of this process
+    # (a full garbage collection, a loaded machine) longer than two frame intervals.
+    assert stats.frames_decoded == CLIP_FRAMES
+    assert len(paced) + stats.dropped.get("queue_full", 0) == CLIP_FRAMES
+    assert len(paced) >= CLIP_FRAMES - 5
+    assert 0.8 * expected(paced) < span(paced) < 1.6 * expected(paced)
+    assert [f.frame_id for f in every] == list(range(CLIP_FRAMES))
+    assert 0.8 * expected(every) < span(every) < 1.6 * expected(every)
+    assert span(unpaced) < 0.5 * expected(every)
 
 
 def test_realtime_slow_consumer_gets_newest_frames_and_drops_are_counted(clip: Path,
@@ -546,14 +559,17 @@ def test_webcam_that_does_not_open_is_a_user_error() -> None:
 
 def test_silent_live_source_goes_stale_then_recovers() -> None:
     events: list = []
-    factory = FakeFactory(FakeCamera(pause_at=3, pause=0.8))
-    config = CaptureConfig(stale_after=0.3)
+    factory = FakeFactory(FakeCamera(pause_at=3, pause=2.5))
+    config = CaptureConfig(stale_after=1.0)
     with open_source("0", config, on_status=events.append, webcam_factory=factory) as cap:
-        assert wait_for(lambda: cap.state is S.STALE, 2)
-        assert wait_for(lambda: cap.state is S.STREAMING, 2)
-    assert transitions(events)[:5] == [
-        (S.IDLE, S.CONNECTING), (S.CONNECTING, S.STREAMING), (S.STREAMING, S.STALE),
-        (S.STALE, S.STREAMING), (S.STREAMING, S.STOPPED)]
+        assert wait_for(lambda: cap.state is S.STALE, 5)
+        assert wait_for(lambda: cap.state is S.STREAMING, 5)
+    # A pause of this process longer than stale_after may add a stale spell of its own.
+    steps = transitions(events)
+    assert steps[:2] == [(S.IDLE, S.CONNECTING), (S.CONNECTING, S.STREAMING)]
+    assert steps[-1] == (S.STREAMING, S.STOPPED)
+    assert set(steps[2:-1]) == {(S.STREAMING, S.STALE), (S.STALE, S.STREAMING)}
+    assert steps[2:-1:2] == [(S.STREAMING, S.STALE)] * (len(steps[2:-1]) // 2)
 
 
 @pytest.mark.skipif(not os.environ.get("STREAMTRACK_TEST_WEBCAM"),
@@ -593,7 +609,9 @@ def test_rtsp_streams_and_resumes_after_server_restart(rtsp_server: RtspServer, 
         ids += [cap.read(timeout=2).frame_id for _ in range(5)]
         stats = cap.stats()
 
-    assert resumed_in < 2.0  # backoff capped at 0.5 s plus the RTSP handshake
+    # Back soon after the server: backoff capped at 0.5 s plus the RTSP handshake (up to about
+    # 1 s on a loaded 2-core machine).
+    assert resumed_in < 5.0
     assert ids == sorted(set(ids))  # monotonic across the reconnect, never reused
     assert stats.reconnects == 1 and stats.reconnect_attempts >= 1
     assert (S.STREAMING, S.RECONNECTING) in transitions(events)
@@ -660,7 +678,8 @@ def test_a_video_file_over_http_with_realtime_plays_at_its_frame_rate(http_folde
     """Decoded as fast as it downloads, a slower tracker would get a few of its frames."""
     folder, base = http_folder
     make_clip(folder / "clip.mp4", 12, fps=20)
-    with open_source(f"{base}/clip.mp4", CaptureConfig(realtime=True)) as cap:
+    # Blocking, so a pause of this process drops nothing; pacing is what is tested.
+    with open_source(f"{base}/clip.mp4", CaptureConfig(realtime=True, policy="block")) as cap:
         got, started = [], None
         while (frame := cap.read(timeout=5)) is not None:
             started = started or time.monotonic()
@@ -702,6 +721,7 @@ def test_rtsp_helper_names_the_packages_when_gstreamer_is_missing() -> None:
 
 
 def _fd_count() -> int:
+    gc.collect()  # files held by earlier tests' garbage close now, not between two counts
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -757,13 +777,14 @@ def test_server_absent_at_start_then_appears(tmp_path: Path, decode: str) -> Non
 def test_a_consumer_back_from_a_long_pause_gets_a_fresh_frame(clip: Path, decode: str) -> None:
     """Away longer than any buffer lasts (a paused tracker): the first frame back is
     still the newest, not one from before the pause."""
-    with open_source(str(clip), CaptureConfig(realtime=True), decode=decode) as cap:
+    # Looping, so the clip cannot end during the pause on a slow machine.
+    with open_source(str(clip), CaptureConfig(realtime=True, loop=True), decode=decode) as cap:
         assert cap.read(timeout=10) is not None
         time.sleep(0.6)  # 18 frames at 30 fps: more than the process's ring of 8 holds
         frame = cap.read(timeout=2)
         age = time.monotonic() - frame.capture_monotonic
         decoded = cap.stats().frames_decoded
-    assert age < 0.1, f"a frame {age:.2f} s old after the pause"
+    assert age < 0.3, f"a frame {age:.2f} s old after the pause"  # one from before: >= 0.6
     assert frame.frame_id >= decoded - 3
 
 

@@ -479,10 +479,11 @@ def test_the_loop_reports_it_is_alive_while_paused_and_not_while_a_step_never_re
 
     step_returns = threading.Event()
     stuck = threading.Event()
+    resumed = threading.Event()  # stuck only after the pause: a stuck loop cannot answer it
 
     class StuckOnFrame3(TrackedIds):
         def launch(self, image, prompts, timestamp=None):
-            if len(self.launched) == 3:
+            if len(self.launched) >= 3 and resumed.is_set() and not step_returns.is_set():
                 stuck.set()
                 assert step_returns.wait(30)
             return super().launch(image, prompts, timestamp)
@@ -495,8 +496,9 @@ def test_the_loop_reports_it_is_alive_while_paused_and_not_while_a_step_never_re
             with ControlClient(bound["control"], timeout=5) as client:
                 client.pause()
                 paused = time.monotonic()
-                time.sleep(3.5 * ALIVE_EVERY)
+                time.sleep(4.5 * ALIVE_EVERY)
                 assert alive_between(paused, time.monotonic()) >= 3
+                resumed.set()
                 client.resume()
             assert stuck.wait(20)
             since = time.monotonic()
