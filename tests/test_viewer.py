@@ -675,6 +675,22 @@ def eventually_ok(fn, timeout, what):
         raise last[0] if last else AssertionError(what) from None
 
 
+# The viewer's prompt markers, as RGB on screen (drawn in BGR (0, 200, 0) and (0, 0, 220)).
+PROMPT_FG_RGB, PROMPT_BG_RGB = (0, 200, 0), (220, 0, 0)
+
+
+def near_color(shot, rgb, tol):
+    """Where the screenshot (RGB) is within ``tol`` of ``rgb`` in every channel."""
+    return np.abs(shot.astype(int) - np.array(rgb)).max(axis=2) < tol
+
+
+def marker_drawn(shot, xy, rgb) -> bool:
+    """The viewer's prompt star (drawn without anti-aliasing) in colour ``rgb`` at display
+    pixel ``xy``; only the selected object's prompts are drawn."""
+    x, y = xy
+    return int(near_color(shot[y - 6:y + 7, x - 6:x + 7], rgb, 40).sum()) >= 10
+
+
 @needs_x
 @pytest.mark.timeout(90)
 def test_viewer_end_to_end_under_xvfb(xdisplay, tmp_path):
@@ -735,19 +751,29 @@ def test_viewer_end_to_end_under_xvfb(xdisplay, tmp_path):
         # Mouse callbacks run inside waitKey, before it returns the key: give the key
         # its own waitKey call before clicking.
         xdo(xdisplay, "key", "n", "sleep", 0.3)
-        xdo(xdisplay, "mousemove", "--window", wid, 100, 250,
+        bg_point = (100, 250)
+        xdo(xdisplay, "mousemove", "--window", wid, *bg_point,
             "keydown", "shift", "click", 1, "keyup", "shift")
         p = wait_for(lambda: handler.find("add_prompt", 4), 10, "the shift-click prompt")[-1]
         assert p.obj_id == 4 and p.labels == (0,)
-        assert p.points[0] == pytest.approx(src(100, 250), abs=1.5)
+        assert p.points[0] == pytest.approx(src(*bg_point), abs=1.5)
         # 2 selects object 2, d removes it, r resets, space pauses, s saves a screenshot.
-        # OpenCV's waitKey keeps one key per call, so keys go in at a human pace.
-        xdo(xdisplay, "key", "--delay", 150, "2", "d")
+        # OpenCV's waitKey keeps only the last key of a call, so each key goes in alone
+        # and the next waits for its effect: a loop that falls behind loses none.
+        # Only the selected object's prompts are drawn: object 4's point, shown while 4
+        # is selected, goes once 2 is.
+        wait_for(lambda: marker_drawn(grab(xdisplay, wid), bg_point, PROMPT_BG_RGB), 10,
+                 "object 4's background point on screen", interval=0.1)
+        xdo(xdisplay, "key", "2")
+        wait_for(lambda: not marker_drawn(grab(xdisplay, wid), bg_point, PROMPT_BG_RGB), 10,
+                 "object 2 selected (object 4's point no longer drawn)", interval=0.1)
+        xdo(xdisplay, "key", "d")
         assert wait_for(lambda: handler.find("remove_object"), 10, "remove_object") == [2]
         xdo(xdisplay, "key", "r")
         wait_for(lambda: handler.find("reset"), 10, "reset")
-        xdo(xdisplay, "key", "--delay", 150, "space", "s")
+        xdo(xdisplay, "key", "space")
         wait_for(lambda: handler.find("pause"), 10, "pause")
+        xdo(xdisplay, "key", "s")
         png = wait_for(lambda: sorted(shots.glob("streamtrack-*.png")), 10, "the screenshot PNG")
         assert cv2.imread(str(png[0])).shape == (MAX_SIZE[1], MAX_SIZE[0], 3)
         # The source goes down: the orange banner appears over the last frame.

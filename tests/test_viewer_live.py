@@ -26,7 +26,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_viewer import ensure_painted, eventually_ok, find_window, grab, needs_x, wait_for, xdo
+from test_viewer import (
+    PROMPT_FG_RGB,
+    ensure_painted,
+    eventually_ok,
+    find_window,
+    grab,
+    marker_drawn,
+    near_color,
+    needs_x,
+    wait_for,
+    xdo,
+)
 
 from streamtrack import viewer as v
 from streamtrack.control import ControlClient
@@ -142,6 +153,18 @@ def check_screen(shot: np.ndarray, frame_rgb: np.ndarray, mask: np.ndarray, obj_
     assert (panel.min(axis=2) > 170).sum() > 150, "HUD text"
 
 
+def box_drawn(shot: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """How much of ``box``'s outline (display pixels) shows the viewer's prompt box: the
+    fraction of points along its sides (corners left out) with prompt green within a pixel.
+    The box is drawn anti-aliased, so its line is near the colour, not exactly it."""
+    x0, y0, x1, y1 = box
+    green = near_color(shot, PROMPT_FG_RGB, 60)
+    xs, ys = slice(x0 + 3, x1 - 2), slice(y0 + 3, y1 - 2)
+    sides = (green[y0 - 1:y0 + 2, xs].any(axis=0), green[y1 - 1:y1 + 2, xs].any(axis=0),
+             green[ys, x0 - 1:x0 + 2].any(axis=1), green[ys, x1 - 1:x1 + 2].any(axis=1))
+    return float(np.concatenate(sides).mean())
+
+
 def check_hud_objects(shot: np.ndarray, obj_ids: list[int]) -> None:
     """One HUD row per object, each with a solid swatch of the object's colour."""
     strip = shot[30:300, 6:17]
@@ -215,7 +238,12 @@ def test_viewer_against_a_real_tracker(xdisplay, checkpoint_factory, tmp_path):
             xdo(xdisplay, "mousemove", "--window", wid, drag[0], drag[1], "mousedown", 1,
                 "mousemove", "--window", wid, 360, 220, "mousemove", "--window", wid, drag[2], drag[3],
                 "mouseup", 1)
-            time.sleep(0.3)
+            # The viewer has taken the drag before it is stopped: it sent the box for
+            # object 2 in the loop iteration that took the mouse-up, and draws it (the
+            # selected object's prompts) from the next. Stopped earlier, it would take the
+            # drag in one batch with n, apply n first and give the box to object 3.
+            wait_for(lambda: box_drawn(grab(xdisplay, wid), drag) > 0.8, 20,
+                     "the box prompt on screen", interval=0.1)
             # n and the click reach a viewer that has fallen behind in one batch, where Qt
             # calls the mouse callback before waitKeyEx returns the key: the click must
             # still go to the new object.
@@ -226,7 +254,11 @@ def test_viewer_against_a_real_tracker(xdisplay, checkpoint_factory, tmp_path):
                 xdo(xdisplay, "mousemove", "--window", wid, *click, "click", 1)
             finally:
                 os.kill(viewer.pid, signal.SIGCONT)
-            time.sleep(0.3)
+            # Both taken before the next key (waitKey keeps only a call's last key): object
+            # 3 selected, so its point is drawn and object 2's box no longer is.
+            wait_for(lambda: (marker_drawn(shot := grab(xdisplay, wid), click, PROMPT_FG_RGB)
+                              and box_drawn(shot, drag) < 0.2), 20,
+                     "n and the click on screen (object 3's point, not object 2's box)", interval=0.1)
             xdo(xdisplay, "key", "space")  # resume: the queued prompts land on the next frame
             box_ev = wait_for(lambda: feed.applied(2), 60, "the box prompt applied by the tracker",
                               interval=0.2)
