@@ -13,6 +13,9 @@ placement on nodes, the CPU/GPU accounting and the restarts), and then loops:
   started again with a :class:`~streamtrack.pipeline.Resume` seeded from those
   masks (same object ids, ``seq`` continuing), on the same endpoints when the
   actor came back on the same node;
+* a stream whose tracker loop has shown no sign of life for ``hang_timeout``
+  seconds (a step or a write that never returns) cannot be stopped on its own
+  (it is a thread): its actor is killed for Ray to restart, as if it had died;
 * it writes the endpoint directory (:mod:`streamtrack.fleet_directory`) on
   every change and answers ``list_streams`` / ``add_stream`` /
   ``remove_stream`` on the fleet control endpoint.
@@ -106,6 +109,7 @@ class _Actor:
     dead: bool = False
     unavailable: bool = False  # being restarted by Ray
     unanswered: bool = False  # its last report is overdue (unreachable_after)
+    killed: bool = False  # killed for a hung stream; Ray restarts it
     restarts: int = 0
     report_ref: Any = None
     last_report: float = 0.0  # when the pending (or last) report was requested (monotonic)
@@ -380,6 +384,9 @@ class Fleet:
         if actor.unanswered:
             log.warning("actor %s answers again", actor.plan.name)
         actor.unavailable = actor.unanswered = False
+        if actor.killed and not restarted:
+            return  # the report of the incarnation being killed: its streams are no news
+        actor.killed = False
         if restarted:
             actor.restarts += 1
             self._dirty = True
@@ -411,6 +418,11 @@ class Fleet:
             stream.bound = dict(rep.get("bound") or {})
             stream.node = actor.node or stream.node
             self._subscribe(stream)
+        silent, limit = rep.get("silent"), self.options.hang_timeout
+        if (limit and silent is not None and silent > limit and stream.state == StreamState.RUNNING
+                and not actor.killed):
+            self._on_stream_hung(stream, actor, silent)
+            return
         if stream.state == StreamState.CRASHED:
             limit = self.options.max_restarts
             if limit != -1 and stream.restarts >= limit:
@@ -428,6 +440,16 @@ class Fleet:
                          actor.plan.name, stream.publish, stream.control)
             else:
                 log.info("stream %s: %s", stream.spec.name, stream.state)
+
+    def _on_stream_hung(self, stream: _Stream, actor: _Actor, silent: float) -> None:
+        others = sorted(s.spec.name for s in self._streams_of(actor) if s is not stream and not s.ended)
+        log.warning("stream %s: no sign of life from its tracker for %.0f s (hang_timeout %g s): killing "
+                    "actor %s for Ray to restart it%s", stream.spec.name, silent, self.options.hang_timeout,
+                    actor.plan.name, f" (with stream(s) {', '.join(others)})" if others else "")
+        actor.killed = True
+        stream.state, stream.error = RESTARTING, f"hung: no sign of life for {silent:.0f} s"
+        self._dirty = True
+        self._ray.kill(actor.handle, no_restart=False)
 
     def _on_actor_restarting(self, actor: _Actor, exc: BaseException) -> None:
         if not actor.unavailable:  # once per outage, not once per poll

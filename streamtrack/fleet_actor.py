@@ -70,6 +70,7 @@ class _Stream:
     bound: dict[str, str | None] = field(default_factory=dict)
     ready: threading.Event = field(default_factory=threading.Event)  # bound, or ended
     stop_requested: bool = False
+    alive_at: float | None = None  # monotonic: the tracker loop's last sign of life
 
 
 class FleetActor:
@@ -237,7 +238,9 @@ class FleetActor:
             return self._model
 
     def _notify(self, stream: _Stream, kind: str, data: dict[str, Any]) -> None:
-        if kind == "bound":
+        if kind in ("running", "alive"):  # the loop goes round (once a second at least)
+            stream.alive_at = time.monotonic()
+        elif kind == "bound":
             with self._lock:
                 stream.bound = dict(data)
                 stream.state = StreamState.RUNNING
@@ -268,8 +271,13 @@ class FleetActor:
 
     def _stream_report(self, name: str, s: _Stream) -> dict[str, Any]:
         frames = s.tracker.frames_seen if s.tracker is not None else 0
+        # Seconds since the loop last went round; None while it has not started (the model
+        # loading) or once the stream has ended.  The driver restarts a stream silent too long.
+        silent = None
+        if s.alive_at is not None and s.state == StreamState.RUNNING:
+            silent = round(time.monotonic() - s.alive_at, 1)
         return {
-            "name": name, "state": s.state, "error": s.error, "frames": frames,
+            "name": name, "state": s.state, "error": s.error, "frames": frames, "silent": silent,
             "bound": dict(s.bound),
             "publish": connectable(s.bound.get("publish"), self._node),
             "control": connectable(s.bound.get("control"), self._node),

@@ -13,6 +13,7 @@
       control: auto             # fleet control endpoint (list_streams, add/remove_stream); null = none
       exit_when_done: true      # stop once every stream has ended (false: run until Ctrl-C)
       fence_after: 30           # an actor the driver has not polled for this long stops its streams
+      hang_timeout: 300         # a stream silent this long gets its actor restarted (0/null = never)
     defaults:                   # `streamtrack run` config keys applied to every stream
       model: sam2.1_hiera_tiny
       image_size: 512
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from streamtrack.config import Config, coerce, load_yaml
+from streamtrack.config import Config, check_hang_timeout, coerce, load_yaml
 from streamtrack.errors import UserError, existing_file
 from streamtrack.models import MODELS, check_image_size
 from streamtrack.pipeline import RunConfig
@@ -51,8 +52,9 @@ from streamtrack.tracking import CUDAGRAPH_MODES, EngineConfig, Prompt
 
 AUTO = "auto"
 # Run-config keys a stream may not set: the name is the stream, a fleet has no
-# window, restarts are Ray's (fleet.max_restarts; Ray has no hang detection of its own),
-# and CURVE keys would leave the driver unable to read the masks it re-seeds from.
+# window, restarts are Ray's (fleet.max_restarts) and hung streams the driver's
+# (fleet.hang_timeout), and CURVE keys would leave the driver unable to read the masks
+# it re-seeds from.
 _NOT_PER_STREAM = {"stream", "show", "max_restarts", "hang_timeout", "curve_secret", "curve_clients"}
 _RUN_KEYS = [f.name for f in fields(Config) if f.name not in _NOT_PER_STREAM]
 _STREAM_KEYS = {"name", "source", "prompts", "prompt_later", *_RUN_KEYS}
@@ -73,6 +75,9 @@ class FleetOptions:
     # Seconds without a poll from the driver after which an actor stops its streams: one cut
     # off from the cluster (Ray restarts them elsewhere) must not go on as a second copy.
     fence_after: float | None = 30.0
+    # Seconds a running stream's tracker loop may show no sign of life before the driver
+    # kills its actor for Ray to restart (a thread cannot be stopped alone); None: never.
+    hang_timeout: float | None = 300.0
 
     @property
     def control_endpoint(self) -> str | None:
@@ -218,6 +223,16 @@ def parse_options(opts: Any, where: str) -> FleetOptions:
                 raise UserError(f"{where}: fence_after must be a number of seconds >= 2 (or null: "
                                 f"never), got {value!r}")
             values[key] = None if value is None else float(value)
+        elif key == "hang_timeout":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise UserError(f"{where}: hang_timeout must be a number of seconds (0 or null: never), "
+                                f"got {value!r}")
+            try:
+                check_hang_timeout(value)  # run's rule, for the same reason
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
+            values[key] = float(value) if value else None
         elif key == "exit_when_done":
             if not isinstance(value, bool):
                 raise UserError(f"{where}: exit_when_done must be true or false, got {value!r}")

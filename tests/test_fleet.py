@@ -122,6 +122,9 @@ def pid_alive(pid: int) -> bool:
     (lambda d: d["streams"][1].update(prompts=[{"obj_id": 0, "box": BOX1}]), "stream 'b': prompts, entry 0"),
     (lambda d: d["streams"][0].update(publish="tcp://127.0.0.1:x"), "stream 'a': publish: invalid endpoint"),
     (lambda d: d["fleet"].update(streams_per_actor=0), "fleet: streams_per_actor must be an integer >= 1"),
+    (lambda d: d["fleet"].update(hang_timeout=1), "hang_timeout must be 0 or null (never) or at least 2"),
+    (lambda d: d["fleet"].update(hang_timeout="5m"), "fleet: hang_timeout must be a number of seconds"),
+    (lambda d: d["streams"][0].update(hang_timeout=60), "stream 'a': unknown field(s) ['hang_timeout']"),
     (lambda d: d.update(cameras=[]), "unknown section(s) ['cameras']"),
 ])
 def test_malformed_fleet_file_is_one_line_and_exit_2(tmp_path, capsys, mutate, expected):
@@ -455,6 +458,62 @@ def test_streams_fenced_while_the_driver_was_silent_restart_with_their_objects(l
         fleet.stop()
         runner.join(60)
     assert not runner.is_alive()
+
+
+def test_a_hung_stream_gets_its_actor_restarted_with_its_objects(local_ray, tiny_checkpoint, clip_path,
+                                                                tmp_path, caplog):
+    """A stream whose results file blocks every write (a FIFO nobody reads, as a hung network
+    mount): its loop stops showing signs of life while the actor answers polls; after
+    hang_timeout the driver kills the actor for Ray to restart, and the stream goes on
+    from its last masks once the file takes writes again."""
+    fifo = tmp_path / "stuck.jsonl"
+    os.mkfifo(fifo)
+    stuck = stream_entry("stuck", clip_path, [BOX1], save_jsonl=str(fifo))
+    doc = fleet_doc(tmp_path, tiny_checkpoint, [stuck], control=None, hang_timeout=3, max_restarts=2)
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    directory = tmp_path / "fleet.json"
+    fleet = Fleet(load_fleet(tmp_path / "fleet.yaml"), poll_interval=0.2)
+    lines: list[bytes] = []
+    stop_reading = threading.Event()
+
+    def drain() -> None:  # every writer in turn: the hung tracker (if not yet killed), its successor
+        while not stop_reading.is_set():
+            with open(fifo, "rb") as f:
+                lines.extend(f)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    runner = threading.Thread(target=fleet.run, daemon=True)
+    runner.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="streamtrack.fleet"):
+            wait_for("stuck running", lambda: directory_states(directory).get("stuck") == "running")
+            pid = read_directory(directory)["stuck"].actor_pid
+            wait_for("the hang noticed", lambda: "no sign of life" in caplog.text, timeout=60)
+        assert "stream stuck: no sign of life from its tracker for" in caplog.text
+        assert "(hang_timeout 3 s): killing actor fleet-0 for Ray to restart it" in caplog.text
+        assert lines == []  # nothing could be written: hung, not slow
+        reader.start()
+        entry = wait_for("stuck restarted and writing", lambda: (e := read_directory(directory)["stuck"])
+                         .restarts == 1 and e.state == "running" and len(lines) >= 3 and e, timeout=90)
+        assert entry.actor_pid != pid  # the actor process was restarted
+        objects = [[o["obj_id"] for o in json.loads(line)["objects"]] for line in lines]
+        assert objects[-3:] == [[1]] * 3  # re-seeded from its last masks: the same object
+        assert read_directory(directory)["stuck"].restarts == 1  # writing again: no second hang
+    finally:
+        stop_reading.set()
+        fleet.stop()
+        runner.join(60)
+        try:  # a reader still waiting for a writer gets an end
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        if reader.is_alive():
+            reader.join(5)
+    assert not runner.is_alive()
+    assert FleetOptions().hang_timeout == 300
+    for never in (0, None):
+        assert parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [stuck], hang_timeout=never),
+                           "f.yaml").options.hang_timeout is None
 
 
 def test_cli_fleet_on_a_cluster_stops_cleanly_on_sigint(local_ray, tiny_checkpoint, clip_path, tmp_path):
