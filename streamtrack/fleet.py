@@ -418,9 +418,9 @@ class Fleet:
             stream.bound = dict(rep.get("bound") or {})
             stream.node = actor.node or stream.node
             self._subscribe(stream)
-        silent, limit = rep.get("silent"), self.options.hang_timeout
-        if (limit and silent is not None and silent > limit and stream.state == StreamState.RUNNING
-                and not actor.killed):
+        silent, hang_timeout = rep.get("silent"), self.options.hang_timeout
+        if (hang_timeout and silent is not None and silent > hang_timeout
+                and stream.state == StreamState.RUNNING and not actor.killed):
             self._on_stream_hung(stream, actor, silent)
             return
         if stream.state == StreamState.CRASHED:

@@ -30,6 +30,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from streamtrack.curve import CurveClient, client_from_args
 from streamtrack.errors import UserError
 from streamtrack.protocol import FrameHeader, FrameResult, now
 from streamtrack.subscriber import Message
+
+if TYPE_CHECKING:
+    from streamtrack.fleet_directory import StreamEntry
 
 log = logging.getLogger(__name__)
 
@@ -1105,6 +1109,6 @@ def resolve_endpoints(endpoint: str, control: str | None, stream: str | None,
     return entry.publish, control or entry.control, entry.name
 
 
-def _tell_waiting(entry) -> None:
+def _tell_waiting(entry: StreamEntry) -> None:
     print(f"streamtrack: fleet stream {entry.name!r} is {entry.state}: waiting for its endpoints "
           "(Ctrl-C to give up)", file=sys.stderr, flush=True)
