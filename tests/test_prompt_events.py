@@ -403,11 +403,15 @@ def test_lost_after_counts_a_files_own_time(tmp_path, realtime, video_time):
     engine = Clocked()
     run = RunConfig(source=str(video), progress=False, realtime=realtime,
                     prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    started = time.monotonic()
     Tracker(run, engine=engine).run()
     if video_time:
         assert engine.times == pytest.approx([0.0, 0.1, 0.2, 0.3])
     else:
-        assert len(engine.times) == 4 and engine.times != pytest.approx([0.0, 0.1, 0.2, 0.3])
+        # Paced as live, a pause of this process may drop a frame: the times are the
+        # capture clock's, whichever frames were tracked.
+        assert len(engine.times) >= 2
+        assert all(started <= t <= time.monotonic() for t in engine.times), engine.times
 
 
 def test_control_prompts_are_reported_queued_then_applied_with_their_frames_seq():
@@ -553,7 +557,8 @@ def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_li
     resume = Resume(seed=(Prompt(obj_id=1, mask=seed),), frames_done=40, seq_start=40, restarts=1,
                     frame_id_start=11450, dropped_before={"queue_full": 7},
                     object_states={1: "visible"})
-    run = RunConfig(source=str(video), realtime=True, max_frames=43, progress=False,
+    # Looping: a pause of this process may drop frames, and the clip must not end first.
+    run = RunConfig(source=str(video), realtime=True, loop=True, max_frames=43, progress=False,
                     save_jsonl=str(tmp_path / "r.jsonl"), resume=resume)
     tracker = Tracker(run, engine=SeesObjectOne())
     tracker._publisher = publisher = StubPublisher()
@@ -562,7 +567,7 @@ def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_li
     from streamtrack.protocol import FrameResult
 
     results = [FrameResult.from_json(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert [r.frame_id for r in results][:1] == [11450] and len(results) == 3
+    assert len(results) == 3 and results[0].frame_id in range(11450, 11460)  # not from 0
     assert all(r.frame_id >= 11450 and r.dropped["queue_full"] >= 7 for r in results)
     assert [e for e in publisher.events if e[0] == "object_state"] == []  # still visible: no change
 
