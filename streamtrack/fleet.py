@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -109,7 +110,8 @@ class _Actor:
     dead: bool = False
     unavailable: bool = False  # being restarted by Ray
     unanswered: bool = False  # its last report is overdue (unreachable_after)
-    killed: bool = False  # killed for a hung stream; Ray restarts it
+    killed: str | None = None  # why the fleet killed it (a hung stream), until Ray restarts it
+    stuck: tuple[str, ...] = ()  # streams it could not stop (their threads hang on), as last reported
     restarts: int = 0
     report_ref: Any = None
     last_report: float = 0.0  # when the pending (or last) report was requested (monotonic)
@@ -386,12 +388,20 @@ class Fleet:
         actor.unavailable = actor.unanswered = False
         if actor.killed and not restarted:
             return  # the report of the incarnation being killed: its streams are no news
-        actor.killed = False
+        actor.killed = None
         if restarted:
             actor.restarts += 1
             self._dirty = True
             log.warning("actor %s was restarted by Ray (pid %d on %s, restart %d)",
                         actor.plan.name, actor.pid, actor.node, actor.restarts)
+        stuck = tuple(report.get("stuck") or ())
+        if stuck != actor.stuck:  # once per change, not once per poll
+            actor.stuck = stuck
+            if stuck and self.options.hang_timeout:
+                # Removed or fenced, but their threads hang on, holding their endpoints.
+                self._kill_hung(actor, f"stream(s) {', '.join(stuck)} did not stop when asked (hung)")
+                if actor.killed:
+                    return
         for stream in self._streams_of(actor):
             if stream.ended or stream.starting or stream.started_at >= actor.last_report:
                 continue  # ended, or started after this report was asked for: it may not know
@@ -442,13 +452,29 @@ class Fleet:
                 log.info("stream %s: %s", stream.spec.name, stream.state)
 
     def _on_stream_hung(self, stream: _Stream, actor: _Actor, silent: float) -> None:
-        others = sorted(s.spec.name for s in self._streams_of(actor) if s is not stream and not s.ended)
-        log.warning("stream %s: no sign of life from its tracker for %.0f s (hang_timeout %g s): killing "
-                    "actor %s for Ray to restart it%s", stream.spec.name, silent, self.options.hang_timeout,
-                    actor.plan.name, f" (with stream(s) {', '.join(others)})" if others else "")
-        actor.killed = True
-        stream.state, stream.error = RESTARTING, f"hung: no sign of life for {silent:.0f} s"
+        hung = f"hung: no sign of life for {silent:.0f} s"
+        what = (f"stream {stream.spec.name}: no sign of life from its tracker for {silent:.0f} s "
+                f"(hang_timeout {self.options.hang_timeout:g} s)")
+        self._kill_hung(actor, what, stream)
+        if actor.killed:
+            stream.state, stream.error = RESTARTING, hung
+        else:  # a thread cannot be stopped alone: it is left, and listed as what it is
+            stream.state, stream.error = StreamState.FAILED, f"{hung}; its actor has no restarts left"
+            log.error("stream %s failed: %s", stream.spec.name, stream.error)
         self._dirty = True
+
+    def _kill_hung(self, actor: _Actor, what: str, stream: _Stream | None = None) -> None:
+        """Kill ``actor`` for Ray to restart (sets ``actor.killed``), unless Ray would not:
+        then its other streams go on."""
+        others = sorted(s.spec.name for s in self._streams_of(actor) if s is not stream and not s.ended)
+        limit = self.options.max_restarts
+        if limit != -1 and actor.restarts >= limit:
+            log.error("%s; actor %s has no restarts left (max_restarts %d): not killed, its other streams "
+                      "go on", what, actor.plan.name, limit)
+            return
+        log.warning("%s: killing actor %s for Ray to restart it%s", what, actor.plan.name,
+                    f" (with stream(s) {', '.join(others)})" if others else "")
+        actor.killed = what
         self._ray.kill(actor.handle, no_restart=False)
 
     def _on_actor_restarting(self, actor: _Actor, exc: BaseException) -> None:
@@ -474,7 +500,8 @@ class Fleet:
 
     def _on_actor_dead(self, actor: _Actor, exc: BaseException) -> None:
         actor.dead = True
-        why = (f"actor {actor.plan.name} died and Ray will not restart it "
+        cause = f"killed by the fleet ({actor.killed})" if actor.killed else "died"
+        why = (f"actor {actor.plan.name} {cause} and Ray will not restart it "
                f"(max_restarts {self.options.max_restarts} used up or node lost): {_first_line(exc)}")
         log.error(why)
         for stream in self._streams_of(actor):
@@ -515,8 +542,8 @@ class Fleet:
                            error=s.error, restarts=s.restarts, source=s.spec.source)
 
     def _write_directory(self, state: str) -> None:
-        fleet = {"control": self.control_endpoint, "pid": os.getpid(), "state": state,
-                 "updated": time.time(), "ray": self.options.address or "local"}
+        fleet = {"control": self.control_endpoint, "pid": os.getpid(), "host": socket.gethostname(),
+                 "state": state, "updated": time.time(), "ray": self.options.address or "local"}
         write_directory(self.options.directory, [self._entry(s) for s in self.streams.values()], fleet)
         self._dirty = False
 

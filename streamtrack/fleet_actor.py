@@ -86,6 +86,9 @@ class FleetActor:
         self._encoder = None  # streamtrack.multistream.SharedImageEncoder over the model
         self._model_key: ModelKey | None = None
         self._streams: dict[str, _Stream] = {}
+        # Streams stopped (removed, fenced) whose thread did not end: hung, holding their
+        # endpoints and files; reported, so the driver can restart the actor.
+        self._stuck: dict[str, threading.Thread] = {}
         self._node = node_address()
         self._heard = time.monotonic()  # when the driver's last call began or ended
         self._calls = 0  # the driver's calls running now (a start may wait a minute for its source)
@@ -145,6 +148,10 @@ class FleetActor:
             stream.tracker.stop()
         if stream.thread is not None:
             stream.thread.join(timeout)
+            if stream.thread.is_alive():
+                log.warning("stream %s did not stop within %.0f s (hung?)", name, timeout)
+                with self._lock:
+                    self._stuck[name] = stream.thread
         return {"name": name, "state": StreamState.STOPPED}
 
     def stop_all(self, timeout: float = 10.0) -> None:
@@ -161,14 +168,17 @@ class FleetActor:
                 s.thread.join(max(0.0, deadline - time.monotonic()))
 
     def report(self) -> dict[str, Any]:
-        """Who this is (incarnation, pid, node), every stream's state and endpoints, and
-        how well the shared encoder batches (frames per forward pass)."""
+        """Who this is (incarnation, pid, node), every stream's state and endpoints, the
+        streams stopped but not ended (``stuck``), and how well the shared encoder batches
+        (frames per forward pass)."""
         self._heard = time.monotonic()
         with self._lock:
             streams = {name: self._stream_report(name, s) for name, s in self._streams.items()}
+            self._stuck = {name: t for name, t in self._stuck.items() if t.is_alive()}
+            stuck = sorted(self._stuck)
         enc = self._encoder
         return {"actor": self.name, "incarnation": self.incarnation, "pid": os.getpid(),
-                "node": self._node, "streams": streams,
+                "node": self._node, "streams": streams, "stuck": stuck,
                 "encoder": {"batches": enc.batches, "frames": enc.frames} if enc is not None else None}
 
     # ------------------------------------------------------------------- internals

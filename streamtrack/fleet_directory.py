@@ -5,7 +5,8 @@ restarted, maybe on another node), fails or is removed, so clients need not know
 how streams were placed::
 
     {"v": 1,
-     "fleet": {"control": "tcp://127.0.0.1:5600", "pid": 4242, "state": "running", "updated": 1.7e9},
+     "fleet": {"control": "tcp://127.0.0.1:5600", "pid": 4242, "host": "head-1", "state": "running",
+               "updated": 1.7e9},
      "streams": {"lobby": {"publish": "tcp://127.0.0.1:41234", "control": "tcp://127.0.0.1:41235",
                            "actor": "fleet-0", "actor_pid": 4300, "node": "127.0.0.1",
                            "state": "running", "error": null, "restarts": 0, "source": "lobby.mp4"}}}
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -71,6 +73,11 @@ def write_directory(path: str | Path, streams: list[StreamEntry], fleet: dict[st
 
 def read_directory(path: str | Path) -> dict[str, StreamEntry]:
     """The streams of a directory file; :class:`UserError` naming the file otherwise."""
+    doc = _read_doc(path)
+    return _entries(doc["streams"], f"fleet directory {path}")
+
+
+def _read_doc(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -80,7 +87,26 @@ def read_directory(path: str | Path) -> dict[str, StreamEntry]:
         raise UserError(f"fleet directory {path}: cannot read JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("v") != VERSION or not isinstance(doc.get("streams"), dict):
         raise UserError(f"fleet directory {path}: not a streamtrack fleet directory (v{VERSION})")
-    return _entries(doc["streams"], f"fleet directory {path}")
+    return doc
+
+
+def fleet_gone(path: str | Path) -> str | None:
+    """Why the fleet that wrote this directory file no longer runs (it stopped, or its
+    process on this host is gone: killed, crashed), or None when it may still run."""
+    fleet = _read_doc(path).get("fleet")
+    if not isinstance(fleet, dict):
+        return None
+    if fleet.get("state") == "stopped":
+        return "the fleet has stopped"
+    pid = fleet.get("pid")
+    if fleet.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"the fleet (pid {pid}) is not running"
+        except PermissionError:
+            pass  # alive, another user's
+    return None
 
 
 def _entries(streams: dict, where: str) -> dict[str, StreamEntry]:
@@ -133,16 +159,19 @@ def publish_endpoints(fleet: str | Path, streams: list[str] | None = None, *,
     return eps  # type: ignore[return-value]
 
 
-# States of a stream that will have endpoints soon.
+# States of a stream that will have (new) endpoints soon, and of one that has ended.
 COMING_STATES = ("starting", "restarting")
+ENDED_STATES = ("done", "failed", "stopped")
 
 
 def fleet_stream(fleet: str | Path, name: str | None, timeout: float = 2.0, *,
                  wait: Callable[[StreamEntry], None] | None = None) -> StreamEntry:
     """One stream of a fleet (see :func:`fleet_streams`), to view or prompt it: ``name``, or
     the only stream there is; a :class:`UserError` saying which streams there are otherwise.
-    With ``wait``, a stream that is starting or restarting is waited for (``wait`` is
-    called with its entry once, to tell the user), not refused."""
+    A stream that has ended is refused (a failed one with its error), also when the
+    directory still lists its endpoints.  With ``wait``, a stream that is starting or
+    restarting is waited for until it runs (``wait`` is called with its entry once, to
+    tell the user), not refused; waiting ends with an error if the fleet is gone."""
     told = False
     while True:
         entries = fleet_streams(fleet, timeout)
@@ -153,11 +182,15 @@ def fleet_stream(fleet: str | Path, name: str | None, timeout: float = 2.0, *,
         entry = entries.get(name)
         if entry is None:
             raise UserError(f"fleet {fleet} has no stream {name!r}; streams: {sorted(entries)}")
-        if entry.publish:
-            return entry
-        if wait is None or entry.state not in COMING_STATES:
-            raise UserError(f"fleet stream {name!r} is {entry.state} and has no endpoint"
+        waits = wait is not None and entry.state in COMING_STATES
+        if entry.state in ENDED_STATES or not (entry.publish or waits):
+            raise UserError(f"fleet stream {name!r} is {entry.state}"
+                            + ("" if entry.publish else " and has no endpoint")
                             + (f": {entry.error}" if entry.error else ""))
+        if not waits:
+            return entry
+        if "://" not in str(fleet) and (gone := fleet_gone(fleet)):
+            raise UserError(f"fleet stream {name!r} is {entry.state}, but {gone} (start it again)")
         if not told:
             wait(entry)
             told = True

@@ -168,7 +168,8 @@ def parse_fleet(doc: Any, where: str) -> FleetSpec:
         raise UserError(f"{where}: defaults: expected a mapping of run-config keys to values")
     for key, value in defaults.items():
         if key not in _RUN_KEYS:
-            raise UserError(f"{where}: defaults: unknown key {key!r}; known: {', '.join(_RUN_KEYS)}")
+            raise UserError(f"{where}: defaults: unknown key {key!r}{_fleet_hint([key])}; known: "
+                            f"{', '.join(_RUN_KEYS)}")
         _check_value(str(key), value, f"{where}: defaults")
     entries = doc.get("streams")
     if entries is None:
@@ -183,6 +184,12 @@ def parse_fleet(doc: Any, where: str) -> FleetSpec:
         streams.append(parse_stream(entry, defaults, options, f"{where}: streams[{i}]"))
     check_unique(streams, where)
     return FleetSpec(options=options, streams=streams, path=where, defaults=dict(defaults))
+
+
+def _fleet_hint(keys) -> str:
+    """For run keys the fleet sets for all its streams: where they go instead."""
+    fleet_keys = sorted(str(k) for k in keys if k in {f.name for f in fields(FleetOptions)})
+    return f" ({', '.join(f'fleet.{k}' for k in fleet_keys)}: a fleet option)" if fleet_keys else ""
 
 
 def parse_options(opts: Any, where: str) -> FleetOptions:
@@ -257,8 +264,8 @@ def parse_stream(entry: Any, defaults: dict[str, Any], options: FleetOptions, wh
     where = f"{where.rsplit(': streams[', 1)[0]}: stream {name!r}"
     unknown = set(entry) - _STREAM_KEYS
     if unknown:
-        raise UserError(f"{where}: unknown field(s) {sorted(map(str, unknown))}; allowed: "
-                        f"{', '.join(sorted(_STREAM_KEYS))}")
+        raise UserError(f"{where}: unknown field(s) {sorted(map(str, unknown))}{_fleet_hint(unknown)}; "
+                        f"allowed: {', '.join(sorted(_STREAM_KEYS))}")
     source = entry.get("source")
     if isinstance(source, int) and not isinstance(source, bool):
         source = str(source)  # a webcam index

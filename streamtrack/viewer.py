@@ -1110,5 +1110,6 @@ def resolve_endpoints(endpoint: str, control: str | None, stream: str | None,
 
 
 def _tell_waiting(entry: StreamEntry) -> None:
+    check_display()  # no window possible: say so now, not once the stream runs
     print(f"streamtrack: fleet stream {entry.name!r} is {entry.state}: waiting for its endpoints "
           "(Ctrl-C to give up)", file=sys.stderr, flush=True)

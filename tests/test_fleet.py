@@ -124,7 +124,10 @@ def pid_alive(pid: int) -> bool:
     (lambda d: d["fleet"].update(streams_per_actor=0), "fleet: streams_per_actor must be an integer >= 1"),
     (lambda d: d["fleet"].update(hang_timeout=1), "hang_timeout must be 0 or null (never) or at least 2"),
     (lambda d: d["fleet"].update(hang_timeout="5m"), "fleet: hang_timeout must be a number of seconds"),
-    (lambda d: d["streams"][0].update(hang_timeout=60), "stream 'a': unknown field(s) ['hang_timeout']"),
+    (lambda d: d["streams"][0].update(hang_timeout=60),
+     "stream 'a': unknown field(s) ['hang_timeout'] (fleet.hang_timeout: a fleet option)"),
+    (lambda d: d["defaults"].update(max_restarts=5),
+     "defaults: unknown key 'max_restarts' (fleet.max_restarts: a fleet option)"),
     (lambda d: d.update(cameras=[]), "unknown section(s) ['cameras']"),
 ])
 def test_malformed_fleet_file_is_one_line_and_exit_2(tmp_path, capsys, mutate, expected):
@@ -516,6 +519,71 @@ def test_a_hung_stream_gets_its_actor_restarted_with_its_objects(local_ray, tiny
                            "f.yaml").options.hang_timeout is None
 
 
+def test_a_hang_kills_the_actor_only_while_ray_would_restart_it(tmp_path, caplog):
+    """The driver's decisions on actor reports (no Ray): a hung stream, or a stream that did
+    not stop when asked, gets its actor killed for Ray to restart; with no restarts left the
+    actor is left alone, so its other streams go on, and the hung stream is failed with why."""
+    from types import SimpleNamespace
+
+    from streamtrack.fleet import _Actor, _Stream
+
+    doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [stream_entry("a", "a.mp4", [BOX1]),
+                                                     stream_entry("b", "b.mp4", [BOX1])],
+                    hang_timeout=5, max_restarts=1, streams_per_actor=2)
+    spec = parse_fleet(doc, "f.yaml")
+    (plan,) = plan_actors(spec.streams, spec.options, cluster_gpus=0)
+
+    def fleet_with(restarts: int):
+        fleet = Fleet(spec)
+        killed: list = []
+        fleet._ray = SimpleNamespace(kill=lambda handle, no_restart: killed.append((handle, no_restart)))
+        actor = _Actor(plan=plan, key=spec.streams[0].model_key, handle="fleet-0 handle",
+                       incarnation="first", restarts=restarts, last_report=1.0)
+        fleet.actors = {plan.name: actor}
+        fleet.streams = {s.name: _Stream(spec=s, actor=plan.name, run_config=s.run_config(), state="running")
+                         for s in spec.streams}
+        return fleet, actor, killed
+
+    def report(silent_a: float, stuck=()):
+        streams = {n: {"name": n, "state": "running", "error": None, "frames": 9, "silent": silent,
+                       "bound": {}, "publish": None, "control": None}
+                   for n, silent in (("a", silent_a), ("b", 0.4))}
+        return {"incarnation": "first", "pid": 7, "node": "n", "streams": streams, "stuck": list(stuck)}
+
+    with caplog.at_level(logging.WARNING, logger="streamtrack.fleet"):
+        fleet, actor, killed = fleet_with(restarts=0)
+        fleet._on_report(actor, report(4.9))
+        assert killed == [] and fleet.streams["a"].state == "running"  # not yet hang_timeout
+        fleet._on_report(actor, report(9.2))
+        assert killed == [("fleet-0 handle", False)]  # Ray restarts it
+        a = fleet.streams["a"]
+        assert (a.state, a.error) == ("restarting", "hung: no sign of life for 9 s")
+        assert fleet.streams["b"].state == "running"
+        assert "stream a: no sign of life from its tracker for 9 s (hang_timeout 5 s): killing actor " \
+               "fleet-0 for Ray to restart it (with stream(s) b)" in caplog.text
+        fleet._on_report(actor, report(10.0))  # the dying incarnation's last word
+        assert len(killed) == 1 and fleet.streams["a"].state == "restarting"
+
+        fleet, actor, killed = fleet_with(restarts=1)  # Ray would not restart it
+        fleet._on_report(actor, report(9.2))
+        fleet._on_report(actor, report(15.0))
+        assert killed == []
+        assert fleet.streams["a"].state == "failed" and fleet.streams["b"].state == "running"
+        assert fleet.streams["a"].error == "hung: no sign of life for 9 s; its actor has no restarts left"
+        assert "actor fleet-0 has no restarts left (max_restarts 1): not killed, its other streams go on" \
+            in caplog.text
+
+        fleet, actor, killed = fleet_with(restarts=0)
+        fleet._on_report(actor, report(0.2, stuck=["old"]))
+        assert killed == [("fleet-0 handle", False)]
+        assert "stream(s) old did not stop when asked (hung): killing actor fleet-0" in caplog.text
+        caplog.clear()
+        fleet, actor, killed = fleet_with(restarts=1)
+        for _ in range(3):
+            fleet._on_report(actor, report(0.2, stuck=["old"]))
+        assert killed == [] and caplog.text.count("stream(s) old did not stop when asked") == 1
+
+
 def test_cli_fleet_on_a_cluster_stops_cleanly_on_sigint(local_ray, tiny_checkpoint, clip_path, tmp_path):
     """`streamtrack fleet FILE --address` as users run it: joins the cluster, publishes,
     and on SIGINT stops its actors (no orphans) but leaves a cluster it did not start."""
@@ -605,6 +673,30 @@ def test_an_actor_the_driver_stops_polling_stops_its_streams(tiny_checkpoint, cl
         actor.stop_all()
     with pytest.raises(UserError, match="fence_after must be a number of seconds >= 2"):
         parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry], fence_after=0.5), "f.yaml")
+
+
+def test_an_actor_reports_a_stream_that_did_not_stop(tiny_checkpoint, clip_path, tmp_path):
+    """A stream hung in a write is removed: its thread hangs on, holding its endpoints, so
+    the actor keeps reporting it as stuck (for the driver to restart the actor) until it ends."""
+    from streamtrack.fleet_actor import FleetActor
+
+    fifo = tmp_path / "stuck.jsonl"
+    os.mkfifo(fifo)
+    entry = stream_entry("s", clip_path, [BOX1], save_jsonl=str(fifo))
+    spec = parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry]), "f.yaml").streams[0]
+    actor = FleetActor("fleet-0")
+    try:
+        assert actor.start_stream(spec.run_config(), spec.model_key)["state"] == "running"
+        wait_for("the stream hung", lambda: (actor.report()["streams"]["s"]["silent"] or 0) > 1.5,
+                 timeout=60, every=0.1)
+        assert actor.stop_stream("s", timeout=1)["state"] == "stopped"
+        report = actor.report()
+        assert report["streams"] == {} and report["stuck"] == ["s"]
+        with open(fifo, "rb") as f:  # the write goes through: the thread flushes and ends
+            f.read()
+        wait_for("the stream's thread ended", lambda: actor.report()["stuck"] == [], timeout=30)
+    finally:
+        actor.stop_all()
 
 
 def test_actor_warms_its_shared_model_up_once_when_compiled(tiny_checkpoint, monkeypatch):

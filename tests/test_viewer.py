@@ -482,7 +482,7 @@ def test_view_a_fleet_stream_by_name_with_its_own_control(tmp_path, capsys):
     assert len(err) == 1 and "no stream 'door'; streams: ['gate', 'lobby']" in err[0], err
 
 
-def test_view_a_fleet_stream_that_is_starting_waits_for_its_endpoints(tmp_path, capsys):
+def test_view_a_fleet_stream_that_is_starting_waits_for_its_endpoints(tmp_path, capsys, monkeypatch):
     """`streamtrack fleet` tells users to view streams while they load: the viewer waits
     for a starting stream (saying so once) instead of refusing it, and stops waiting with
     the stream's error when it fails."""
@@ -490,6 +490,12 @@ def test_view_a_fleet_stream_that_is_starting_waits_for_its_endpoints(tmp_path, 
     from streamtrack.fleet_directory import StreamEntry, write_directory
 
     directory = tmp_path / "fleet.json"
+    # Without a display, no waiting for a window that cannot open.
+    write_directory(directory, [StreamEntry("gate", "starting")], {"state": "running"})
+    monkeypatch.delenv("DISPLAY", raising=False)
+    with pytest.raises(UserError, match="no display: DISPLAY is not set"):
+        v.resolve_endpoints(str(directory), None, "gate")
+    monkeypatch.setattr(v, "check_display", lambda: None)
 
     def write(gate: StreamEntry) -> None:
         write_directory(directory, [gate], {"state": "running"})
@@ -514,6 +520,42 @@ def test_view_a_fleet_stream_that_is_starting_waits_for_its_endpoints(tmp_path, 
     with pytest.raises(UserError, match="'gate' is failed and has no endpoint: camera gone"):
         v.resolve_endpoints(str(directory), None, "gate")
     thread.join()
+
+    # Restarting with the endpoints it had: waited for until it runs (they may move).
+    old = dict(publish="tcp://127.0.0.1:41234", control="tcp://127.0.0.1:41235")
+    new = dict(publish="tcp://10.0.0.7:41234", control="tcp://10.0.0.7:41235")
+    write(StreamEntry("gate", "restarting", **old))
+    thread = later(StreamEntry("gate", "running", **new))
+    assert v.resolve_endpoints(str(directory), None, "gate")[:2] == (new["publish"], new["control"])
+    thread.join()
+    # Ended streams are refused, also when the directory still lists their endpoints.
+    write(StreamEntry("gate", "failed", error="gave up after 2s reconnecting", **old))
+    with pytest.raises(UserError, match="fleet stream 'gate' is failed: gave up after 2s reconnecting"):
+        v.resolve_endpoints(str(directory), None, "gate")
+    write(StreamEntry("gate", "stopped", **old))
+    with pytest.raises(UserError, match="fleet stream 'gate' is stopped$"):
+        v.resolve_endpoints(str(directory), None, "gate")
+
+
+def test_view_does_not_wait_for_a_stream_of_a_fleet_that_is_gone(tmp_path):
+    """A fleet killed (SIGKILL, OOM, a reboot) leaves its last directory: a stream listed
+    as starting there will never start."""
+    import socket
+
+    from streamtrack.errors import UserError
+    from streamtrack.fleet_directory import StreamEntry, write_directory
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    directory = tmp_path / "fleet.json"
+    fleet = {"state": "running", "pid": dead.pid, "host": socket.gethostname()}
+    write_directory(directory, [StreamEntry("gate", "starting")], fleet)
+    gone = rf"'gate' is starting, but the fleet \(pid {dead.pid}\) is not running"
+    with pytest.raises(UserError, match=gone):
+        v.resolve_endpoints(str(directory), None, "gate")
+    write_directory(directory, [StreamEntry("gate", "restarting")], {**fleet, "state": "stopped"})
+    with pytest.raises(UserError, match="'gate' is restarting, but the fleet has stopped"):
+        v.resolve_endpoints(str(directory), None, "gate")
 
 
 # ------------------------------------------------------------------- end to end (Xvfb)
