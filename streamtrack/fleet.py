@@ -399,7 +399,8 @@ class Fleet:
             actor.stuck = stuck
             if stuck and self.options.hang_timeout:
                 # Removed or fenced, but their threads hang on, holding their endpoints.
-                self._kill_hung(actor, f"stream(s) {', '.join(stuck)} did not stop when asked (hung)")
+                self._kill_hung(actor, f"stream(s) {', '.join(stuck)} did not stop when asked (hung)",
+                                hung=list(stuck))
                 if actor.killed:
                     return
         for stream in self._streams_of(actor):
@@ -455,7 +456,7 @@ class Fleet:
         hung = f"hung: no sign of life for {silent:.0f} s"
         what = (f"stream {stream.spec.name}: no sign of life from its tracker for {silent:.0f} s "
                 f"(hang_timeout {self.options.hang_timeout:g} s)")
-        self._kill_hung(actor, what, stream)
+        self._kill_hung(actor, what, stream, [stream.spec.name])
         if actor.killed:
             stream.state, stream.error = RESTARTING, hung
         else:  # a thread cannot be stopped alone: it is left, and listed as what it is
@@ -463,9 +464,11 @@ class Fleet:
             log.error("stream %s failed: %s", stream.spec.name, stream.error)
         self._dirty = True
 
-    def _kill_hung(self, actor: _Actor, what: str, stream: _Stream | None = None) -> None:
-        """Kill ``actor`` for Ray to restart (sets ``actor.killed``), unless Ray would not:
-        then its other streams go on."""
+    def _kill_hung(self, actor: _Actor, what: str, stream: _Stream | None = None,
+                   hung: list[str] | None = None) -> None:
+        """Log where the ``hung`` streams' threads are, then kill ``actor`` for Ray to
+        restart (sets ``actor.killed``), unless Ray would not: then its other streams go on."""
+        self._log_stacks(actor, hung or [])
         others = sorted(s.spec.name for s in self._streams_of(actor) if s is not stream and not s.ended)
         limit = self.options.max_restarts
         if limit != -1 and actor.restarts >= limit:
@@ -476,6 +479,20 @@ class Fleet:
                     f" (with stream(s) {', '.join(others)})" if others else "")
         actor.killed = what
         self._ray.kill(actor.handle, no_restart=False)
+
+    def _log_stacks(self, actor: _Actor, names: list[str]) -> None:
+        """What a hang is waiting on (a write, a lock, the device), as ``run``'s supervisor
+        prints it.  The actor answers reports, so this takes milliseconds; the loop waits
+        2 s at most, once per hang."""
+        ray = self._ray
+        ref = actor.handle.stacks.remote(names)
+        ready, _ = ray.wait([ref], timeout=2.0)
+        try:
+            text = ray.get(ready[0]) if ready else None
+        except Exception as exc:  # noqa: BLE001 - diagnostics only: the kill goes ahead
+            text = f"(no stacks: {_first_line(exc)})"
+        if text:
+            log.warning("actor %s, where the hung stream(s) are:\n%s", actor.plan.name, text.rstrip())
 
     def _on_actor_restarting(self, actor: _Actor, exc: BaseException) -> None:
         if not actor.unavailable:  # once per outage, not once per poll

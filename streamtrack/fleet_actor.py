@@ -35,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,6 +182,27 @@ class FleetActor:
         return {"actor": self.name, "incarnation": self.incarnation, "pid": os.getpid(),
                 "node": self._node, "streams": streams, "stuck": stuck,
                 "encoder": {"batches": enc.batches, "frames": enc.frames} if enc is not None else None}
+
+    def stacks(self, names: list[str]) -> str:
+        """Where the loops of streams ``names`` (running or stuck) are, then every other
+        thread running streamtrack code (their capture, emitter, ... threads; other streams'
+        too), as tracebacks: what the driver logs before it kills this actor for a hang."""
+        with self._lock:
+            loops = {s.thread.ident: n for n, s in self._streams.items() if n in names and s.thread}
+            loops.update((t.ident, n) for n, t in self._stuck.items() if n in names)
+        thread_names = {t.ident: t.name for t in threading.enumerate()}
+        package = os.path.dirname(os.path.abspath(__file__))
+        first, rest = [], []
+        for ident, frame in sys._current_frames().items():  # noqa: SLF001 - faulthandler's view, as text
+            stack = traceback.extract_stack(frame)
+            if ident == threading.get_ident() or not any(f.filename.startswith(package) for f in stack):
+                continue  # this call, and Ray's own threads
+            name = thread_names.get(ident, str(ident))
+            if ident in loops:
+                first.append(f"stream {loops[ident]}'s loop (thread {name}):\n" + "".join(stack.format()))
+            else:
+                rest.append(f"thread {name}:\n" + "".join(stack.format()))
+        return "\n".join(first + rest)
 
     # ------------------------------------------------------------------- internals
     @contextlib.contextmanager

@@ -494,6 +494,10 @@ def test_a_hung_stream_gets_its_actor_restarted_with_its_objects(local_ray, tiny
             wait_for("the hang noticed", lambda: "no sign of life" in caplog.text, timeout=60)
         assert "stream stuck: no sign of life from its tracker for" in caplog.text
         assert "(hang_timeout 3 s): killing actor fleet-0 for Ray to restart it" in caplog.text
+        # Before the kill, where it hangs: the loop waits for the emitter, which waits to open the file.
+        stacks = caplog.text.split("actor fleet-0, where the hung stream(s) are:", 1)[1]
+        assert "stream stuck's loop (thread stream-stuck)" in stacks and "in submit" in stacks, stacks
+        assert "outputs.py" in stacks and "self._file = open(self.path" in stacks, stacks
         assert lines == []  # nothing could be written: hung, not slow
         reader.start()
         entry = wait_for("stuck restarted and writing", lambda: (e := read_directory(directory)["stuck"])
@@ -533,11 +537,14 @@ def test_a_hang_kills_the_actor_only_while_ray_would_restart_it(tmp_path, caplog
     spec = parse_fleet(doc, "f.yaml")
     (plan,) = plan_actors(spec.streams, spec.options, cluster_gpus=0)
 
+    handle = SimpleNamespace(stacks=SimpleNamespace(remote=lambda names: f"stacks of {names}"))
+
     def fleet_with(restarts: int):
         fleet = Fleet(spec)
         killed: list = []
-        fleet._ray = SimpleNamespace(kill=lambda handle, no_restart: killed.append((handle, no_restart)))
-        actor = _Actor(plan=plan, key=spec.streams[0].model_key, handle="fleet-0 handle",
+        fleet._ray = SimpleNamespace(kill=lambda handle, no_restart: killed.append((handle, no_restart)),
+                                     wait=lambda refs, timeout: (refs, []), get=lambda ref: f"<{ref}>")
+        actor = _Actor(plan=plan, key=spec.streams[0].model_key, handle=handle,
                        incarnation="first", restarts=restarts, last_report=1.0)
         fleet.actors = {plan.name: actor}
         fleet.streams = {s.name: _Stream(spec=s, actor=plan.name, run_config=s.run_config(), state="running")
@@ -555,12 +562,13 @@ def test_a_hang_kills_the_actor_only_while_ray_would_restart_it(tmp_path, caplog
         fleet._on_report(actor, report(4.9))
         assert killed == [] and fleet.streams["a"].state == "running"  # not yet hang_timeout
         fleet._on_report(actor, report(9.2))
-        assert killed == [("fleet-0 handle", False)]  # Ray restarts it
+        assert killed == [(handle, False)]  # Ray restarts it
         a = fleet.streams["a"]
         assert (a.state, a.error) == ("restarting", "hung: no sign of life for 9 s")
         assert fleet.streams["b"].state == "running"
         assert "stream a: no sign of life from its tracker for 9 s (hang_timeout 5 s): killing actor " \
                "fleet-0 for Ray to restart it (with stream(s) b)" in caplog.text
+        assert "actor fleet-0, where the hung stream(s) are:\n<stacks of ['a']>" in caplog.text
         fleet._on_report(actor, report(10.0))  # the dying incarnation's last word
         assert len(killed) == 1 and fleet.streams["a"].state == "restarting"
 
@@ -575,8 +583,9 @@ def test_a_hang_kills_the_actor_only_while_ray_would_restart_it(tmp_path, caplog
 
         fleet, actor, killed = fleet_with(restarts=0)
         fleet._on_report(actor, report(0.2, stuck=["old"]))
-        assert killed == [("fleet-0 handle", False)]
+        assert killed == [(handle, False)]
         assert "stream(s) old did not stop when asked (hung): killing actor fleet-0" in caplog.text
+        assert "<stacks of ['old']>" in caplog.text
         caplog.clear()
         fleet, actor, killed = fleet_with(restarts=1)
         for _ in range(3):
