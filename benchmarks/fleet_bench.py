@@ -36,11 +36,11 @@ from pathlib import Path
 
 from streamtrack.bench_stream import parse_frame_size
 from streamtrack.capture import CaptureConfig
-from streamtrack.compiled import CUDAGRAPH_MODES, MODES
 from streamtrack.engine import EngineConfig, Prompt
 from streamtrack.errors import UserError
 from streamtrack.fleet_spec import ModelKey
 from streamtrack.pipeline import RunConfig
+from streamtrack.tracking import COMPILE_MODES, CUDAGRAPH_MODES
 
 
 @dataclass
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs shared by the streams of each run (default: all)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs shared by each run (default 0)")
     p.add_argument("--frame-size", default="160x120", help="source frames, WxH (default 160x120)")
-    p.add_argument("--compile-mode", choices=MODES, default=None,
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="torch.compile the engines in this mode (default: not compiled); in a CUDA-graph "
                         "mode a stream needs an actor of its own, so only `actor per stream` runs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -41,6 +41,8 @@ class _Once(argparse.Action):
             parser.error(f"{option_string} given twice: a run reads one config file (it can set "
                          "every key; the environment and options override it)")
         setattr(namespace, self.dest, values)
+
+
 _GIVEN = argparse.SUPPRESS  # absent from the namespace unless given on the command line
 
 

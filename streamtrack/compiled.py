@@ -56,8 +56,6 @@ def slot_count(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-MODES = COMPILE_MODES
-
 
 def is_compiled(model: torch.nn.Module) -> bool:
     return getattr(model, "streamtrack_compiled", False)
@@ -72,8 +70,8 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor", mode: str =
     share the compiled code).  ``mode`` is torch.compile's (see the module docstring);
     it applies to the inductor backend, but the outputs are cloned in a CUDA-graph mode
     whatever the backend, so tests can stand in a backend with the same output rule."""
-    if mode not in MODES:
-        raise UserError(f"compile_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in COMPILE_MODES:
+        raise UserError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if is_compiled(model):
         if model.streamtrack_compile_mode != mode:
             raise UserError(f"this model is compiled in mode {model.streamtrack_compile_mode!r}, "

@@ -139,13 +139,13 @@ def test_launch_ahead_is_a_config_key_that_reaches_the_run(tmp_path):
 
 def test_the_config_choices_are_the_stages_own():
     from streamtrack.capture_process import DECODE_MODES
-    from streamtrack.compiled import MODES
+    from streamtrack.compiled import COMPILE_MODES
     from streamtrack.config import CHOICES
     from streamtrack.emitter import EMIT_MODES
     from streamtrack.models import MODELS
 
-    assert CHOICES == {"model": tuple(MODELS), "compile_mode": MODES, "preprocess": ("auto", "exact", "fast"),
-                       "emit": EMIT_MODES, "decode": DECODE_MODES}
+    assert CHOICES == {"model": tuple(MODELS), "compile_mode": COMPILE_MODES,
+                       "preprocess": ("auto", "exact", "fast"), "emit": EMIT_MODES, "decode": DECODE_MODES}
 
 
 def test_yaml_merge_keys_still_work(tmp_path):
