@@ -44,10 +44,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from streamtrack import compiled
 from streamtrack.bench import _prompts
-from streamtrack.compiled import MODES
 from streamtrack.engine import EngineConfig, StreamingEngine
 from streamtrack.models import build_model
 from streamtrack.synthetic import make_clip
+from streamtrack.tracking import COMPILE_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--frame-size", default="1280x720")
     ap.add_argument("--objects", type=int, default=1)
-    ap.add_argument("--compile-mode", choices=MODES, default=None, help="compile the engine in this mode")
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                    help="compile the engine in this mode")
     ap.add_argument("--steps", type=int, default=20, help="tracked frames profiled")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--trace", action="store_true", help="with --out: also a Chrome trace")
