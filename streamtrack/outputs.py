@@ -60,8 +60,11 @@ class JsonlWriter:
         self.path = _writable(path, "--save-jsonl")
         self._mode = "a" if append else "w"
         self._file = None
+        self._failed = ""  # why a write failed; later writes fail the same way
 
     def write(self, result: FrameResult) -> None:
+        if self._failed:
+            raise UserError(self._failed)
         if self._file is None:
             try:
                 if self._mode == "a":
@@ -71,12 +74,30 @@ class JsonlWriter:
                 raise UserError(f"cannot write --save-jsonl {self.path}: {e.strerror}") from None
         # One line per write, flushed; a process killed during the write can still leave
         # part of one (the kernel copies in pages), which a restart drops.
-        self._file.write(result.to_json() + "\n")
-        self._file.flush()
+        try:
+            self._file.write(result.to_json() + "\n")
+            self._file.flush()
+        except OSError as e:  # e.g. the disk filled up
+            self._failed = f"cannot write --save-jsonl {self.path}: {e.strerror or e}"
+            self._close_quietly()
+            raise UserError(self._failed) from None
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as e:
+                raise UserError(f"cannot finish --save-jsonl {self.path}: {e.strerror or e}") from None
+
+    def _close_quietly(self) -> None:
+        # The line that did not fit is still buffered: closing would try it again, and fail
+        # again, on top of the error already raised.
+        file, self._file = self._file, None
+        try:
+            file.close()
+        except OSError:
+            pass
 
 
 def _drop_torn_line(path: Path) -> None:
@@ -128,7 +149,11 @@ class MaskPngWriter:
             labels[mask] = obj_id
         img = Image.fromarray(labels, mode="P")
         img.putpalette(self._palette)
-        img.save(self.folder / f"{frame_id:06d}.png")
+        path = self.folder / f"{frame_id:06d}.png"
+        try:
+            img.save(path)
+        except OSError as e:  # e.g. the disk filled up
+            raise UserError(f"cannot write --save-masks {path}: {e.strerror or e}") from None
 
     def close(self) -> None:
         """Nothing to flush: each PNG is written whole in ``write`` (same interface as the others)."""

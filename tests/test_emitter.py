@@ -235,6 +235,27 @@ def test_unusable_output_paths_are_refused_before_any_work(tmp_path, option, pat
         Outputs(OutputsConfig(**{option: str(tmp_path / path)}))
 
 
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """ENOSPC from a jsonl line (/dev/full) or a mask PNG: a user error naming the file, once;
+    closing afterwards does not raise it again."""
+    from streamtrack.outputs import JsonlWriter, MaskPngWriter
+
+    jsonl = JsonlWriter("/dev/full")
+    result = frame(0)[0]
+    for _ in range(2):  # a later write fails the same way, never reopens (and truncates) the file
+        with pytest.raises(UserError, match="^cannot write --save-jsonl /dev/full: No space left on device$"):
+            jsonl.write(result)
+    jsonl.close()
+
+    def full(self, fp, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    masks = MaskPngWriter(tmp_path / "m")
+    with pytest.raises(UserError, match=r"^cannot write --save-masks .*/m/000007.png: No space left on dev"):
+        masks.write(7, {1: np.ones((H, W), bool)}, (H, W))
+
+
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_a_write_error_stops_the_tracker_with_its_message(kind, tmp_path):
     emitter = make_emitter(kind, OutputsConfig(save_masks=str(tmp_path / "m")), lambda r: None)

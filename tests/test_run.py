@@ -252,6 +252,9 @@ def test_config_layers_and_print_config_round_trip(tmp_path):
         (["{video}", "--box", "1,2,30,40", "--save-jsonl", "{video}"], "is the source video"),
         (["{video}", "--box", "1,2,30,40", "--image-size", "1048576"], "from 64 to 2048"),  # a digit too many
         (["{video}", "--box", "1,2,30,40", "--box", "3,4,40,50", "--max-objects", "1"], "max_objects is 1"),
+        # a full disk (/dev/full answers every write with ENOSPC) during the run
+        (["{video}", "--box", "1,2,30,40", "--checkpoint", "{tiny}", "--image-size", "256", "--save-jsonl",
+          "/dev/full"], "cannot write --save-jsonl /dev/full: No space left on device"),
     ],
 )
 def test_bad_input_exit_2_one_line(clip_file, tiny_checkpoint, tmp_path, args, message):
