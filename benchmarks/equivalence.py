@@ -13,6 +13,8 @@ and a new object mid-clip).
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=24)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~150 MB of checkpoint
     ckpt = save_random_checkpoint("sam2.1_hiera_tiny", tmp / "random.pt")
     clip = make_clip(args.frames, 320, 240, num_objects=3, seed=1)
     frames = save_jpeg_frames(clip.frames, tmp / "jpeg")

@@ -34,6 +34,7 @@ system would; what they do not share is the network.  Needs the ``fleet`` extra.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -150,6 +151,7 @@ def main() -> None:
         raise SystemExit("fleet_netns_cluster: needs Ray (pip install -e '.[fleet]')")
 
     tmp = Path(tempfile.mkdtemp(prefix="streamtrack-netns-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~150 MB of checkpoint
     directory = write_two_stream_fleet(tmp, args.image_size, [[25, 30, 55, 54], [100, 65, 124, 91]],
                                        address=f"{address('head')}:{RAY_PORT}", bind="0.0.0.0",
                                        fence_after=args.fence_after)

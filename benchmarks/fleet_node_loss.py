@@ -16,7 +16,9 @@ whether stream ``b`` went on undisturbed.  Needs the ``fleet`` extra (``ray``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -79,6 +81,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     tmp = Path(tempfile.mkdtemp(prefix="streamtrack-node-loss-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~150 MB of checkpoint
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()

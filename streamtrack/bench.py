@@ -120,115 +120,119 @@ def bench_engine(
     (untimed); the engine preprocesses each frame as it arrives (timed).
     """
     dev = resolve_device(device)
-    tmp = Path(tempfile.mkdtemp(prefix="streamtrack-bench-"))
-    if checkpoint is None:
-        checkpoint = str(save_random_checkpoint(model, tmp / "random.pt"))
-    clip = make_clip(frames, width, height, num_objects=3, seed=3)
-    jpeg_dir = tmp / "frames"
-    jpeg_dir.mkdir()
-    for i, f in enumerate(clip.frames):
-        Image.fromarray(f).save(jpeg_dir / f"{i:05d}.jpg", quality=95)
-    decoded = [np.array(Image.open(jpeg_dir / f"{i:05d}.jpg").convert("RGB")) for i in range(frames)]
-    bf16 = bf16 and dev.type == "cuda"
-    config = EngineConfig(preprocess=preprocess, bf16=bf16, compile=compile, compile_mode=compile_mode,
-                          compile_slots=compile_slots, max_objects=max(EngineConfig.max_objects, *objects))
-    res = EngineBenchResult(str(dev), model, image_size, frames, (width, height), torch.get_num_threads(),
-                            bf16=bf16, compile=config.compile, compile_mode=config.compile_mode,
-                            official_vos_optimized=official_vos_optimized,
-                            official_vos_mode=official_vos_mode, launch_ahead=launch_ahead)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
+        tmp = Path(workdir)
+        if checkpoint is None:
+            checkpoint = str(save_random_checkpoint(model, tmp / "random.pt"))
+        clip = make_clip(frames, width, height, num_objects=3, seed=3)
+        jpeg_dir = tmp / "frames"  # the official predictor reads its frames from JPEG files
+        jpeg_dir.mkdir()
+        for i, f in enumerate(clip.frames):
+            Image.fromarray(f).save(jpeg_dir / f"{i:05d}.jpg", quality=95)
+        decoded = [np.array(Image.open(jpeg_dir / f"{i:05d}.jpg").convert("RGB")) for i in range(frames)]
+        bf16 = bf16 and dev.type == "cuda"
+        config = EngineConfig(preprocess=preprocess, bf16=bf16, compile=compile, compile_mode=compile_mode,
+                              compile_slots=compile_slots,
+                              max_objects=max(EngineConfig.max_objects, *objects))
+        res = EngineBenchResult(str(dev), model, image_size, frames, (width, height), torch.get_num_threads(),
+                                bf16=bf16, compile=config.compile, compile_mode=config.compile_mode,
+                                official_vos_optimized=official_vos_optimized,
+                                official_vos_mode=official_vos_mode, launch_ahead=launch_ahead)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
-    silence_official_progress()
-    official = build_model(model, checkpoint, device=dev, image_size=image_size,
-                           vos_optimized=official_vos_optimized, vos_compile_mode=official_vos_mode)
-    if official_vos_optimized:
-        log(f"  official baseline: SAM2VideoPredictorVOS, compiled in torch.compile mode {official_vos_mode}")
-    engine_model = build_model(model, checkpoint, device=dev, image_size=image_size)
-    # Warm-up (kernel selection, allocator, lazy init) so neither side pays it in its timing.
-    warm = _prompts(clip, 1)
-    with autocast:
-        state = official.init_state(str(jpeg_dir))
-        official.add_new_points_or_box(state, 0, 1, box=np.array(warm[0].box, np.float32))
-        for _ in official.propagate_in_video(state, max_frame_num_to_track=3):
-            pass
-    warm_engine = StreamingEngine(engine_model, config)
-    warm_engine.warmup()  # with compile: compilation happens here, untimed
-    for i in range(4):
-        warm_engine.step(decoded[i], warm if i == 0 else [])
-    del state, warm_engine
-    for n in objects:
-        prompts = _prompts(clip, n)
-        official_runs, engine_runs, ahead_runs = [], [], []
-        for _ in range(repeats):  # alternate the two sides; keep the median of each
+        silence_official_progress()
+        official = build_model(model, checkpoint, device=dev, image_size=image_size,
+                               vos_optimized=official_vos_optimized, vos_compile_mode=official_vos_mode)
+        if official_vos_optimized:
+            log("  official baseline: SAM2VideoPredictorVOS, compiled in torch.compile mode "
+                f"{official_vos_mode}")
+        engine_model = build_model(model, checkpoint, device=dev, image_size=image_size)
+        # Warm-up (kernel selection, allocator, lazy init) so neither side pays it in its timing.
+        warm = _prompts(clip, 1)
+        with autocast:
             state = official.init_state(str(jpeg_dir))
-            for p in prompts:
-                official.add_new_points_or_box(state, 0, p.obj_id, box=np.array(p.box, np.float32))
-            # Frame 0 (the prompted frame) is not timed on either side: the official
-            # predictor computes it in add_new_points_or_box, before propagating.
-            official_masks = []  # kept as the predictor returns them: no work in the timed loop
-            with autocast:
-                for i, (_, _, video_res_masks) in enumerate(official.propagate_in_video(state)):
-                    sync_device(dev)
-                    official_masks.append(video_res_masks)
-                    if i == 0:
-                        t0 = time.perf_counter()
-            official_runs.append((time.perf_counter() - t0) / (frames - 1) * 1000)
-            engine = StreamingEngine(engine_model, config)
-            res.preprocess = engine.preprocess
-            engine_outputs = [engine.step(decoded[0], prompts)]
-            sync_device(dev)
-            t0 = time.perf_counter()
-            for frame in decoded[1:]:
-                engine_outputs.append(engine.step(frame))
+            official.add_new_points_or_box(state, 0, 1, box=np.array(warm[0].box, np.float32))
+            for _ in official.propagate_in_video(state, max_frame_num_to_track=3):
+                pass
+        warm_engine = StreamingEngine(engine_model, config)
+        warm_engine.warmup()  # with compile: compilation happens here, untimed
+        for i in range(4):
+            warm_engine.step(decoded[i], warm if i == 0 else [])
+        del state, warm_engine
+        for n in objects:
+            prompts = _prompts(clip, n)
+            official_runs, engine_runs, ahead_runs = [], [], []
+            for _ in range(repeats):  # alternate the two sides; keep the median of each
+                state = official.init_state(str(jpeg_dir))
+                for p in prompts:
+                    official.add_new_points_or_box(state, 0, p.obj_id, box=np.array(p.box, np.float32))
+                # Frame 0 (the prompted frame) is not timed on either side: the official
+                # predictor computes it in add_new_points_or_box, before propagating.
+                official_masks = []  # kept as the predictor returns them: no work in the timed loop
+                with autocast:
+                    for i, (_, _, video_res_masks) in enumerate(official.propagate_in_video(state)):
+                        sync_device(dev)
+                        official_masks.append(video_res_masks)
+                        if i == 0:
+                            t0 = time.perf_counter()
+                official_runs.append((time.perf_counter() - t0) / (frames - 1) * 1000)
+                engine = StreamingEngine(engine_model, config)
+                res.preprocess = engine.preprocess
+                engine_outputs = [engine.step(decoded[0], prompts)]
                 sync_device(dev)
-            engine_runs.append((time.perf_counter() - t0) / (frames - 1) * 1000)
+                t0 = time.perf_counter()
+                for frame in decoded[1:]:
+                    engine_outputs.append(engine.step(frame))
+                    sync_device(dev)
+                engine_runs.append((time.perf_counter() - t0) / (frames - 1) * 1000)
+                if launch_ahead:
+                    ms, ahead_outputs = _run_launching_ahead(StreamingEngine(engine_model, config), decoded,
+                                                             prompts, dev)
+                    ahead_runs.append(ms)
+            res.official_ms[n] = float(np.median(official_runs))
+            res.engine_ms[n] = float(np.median(engine_runs))
+            res.ratio[n] = res.engine_ms[n] / res.official_ms[n]
+            ahead = ""
             if launch_ahead:
-                ms, ahead_outputs = _run_launching_ahead(StreamingEngine(engine_model, config), decoded,
-                                                         prompts, dev)
-                ahead_runs.append(ms)
-        res.official_ms[n] = float(np.median(official_runs))
-        res.engine_ms[n] = float(np.median(engine_runs))
-        res.ratio[n] = res.engine_ms[n] / res.official_ms[n]
-        ahead = ""
-        if launch_ahead:
-            res.ahead_ms[n] = float(np.median(ahead_runs))
-            res.ahead_ratio[n] = res.ahead_ms[n] / res.official_ms[n]
-            res.ahead_iou_min[n] = min(
-                _iou(a.mask, b.mask)
-                for x, y in zip(engine_outputs, ahead_outputs, strict=True)
-                for a, b in zip(x.objects, y.objects, strict=True))
-            ahead = (f"   launching ahead {res.ahead_ms[n]:8.1f} ms/frame   ratio {res.ahead_ratio[n]:.2f}   "
-                     f"mask IoU vs one step at a time min {res.ahead_iou_min[n]:.3f}")
-        ious = mask_ious(official_masks, engine_outputs)
-        res.agreement_iou_mean[n], res.agreement_iou_min[n] = float(np.mean(ious)), float(np.min(ious))
-        del official_masks, engine_outputs
-        log(f"  {n:2d} object(s): official {res.official_ms[n]:8.1f} ms/frame   "
-            f"engine {res.engine_ms[n]:8.1f} ms/frame   ratio {res.ratio[n]:.2f}   "
-            f"mask IoU vs official mean {res.agreement_iou_mean[n]:.3f} min {res.agreement_iou_min[n]:.3f}"
-            f"{ahead}")
-        if n == objects[0] and frames >= 2:
-            res.official_state_bytes[frames] = _official_state_bytes(state)
-        del state
-    if len(objects) > 1:
-        lo, hi = objects[0], objects[-1]
-        for name, ms in (("official", res.official_ms), ("engine", res.engine_ms)):
-            res.marginal_ms[name] = (ms[hi] - ms[lo]) / (hi - lo)
-        log(f"  marginal ms per extra object: official {res.marginal_ms['official']:.1f}, "
-            f"engine {res.marginal_ms['engine']:.1f}")
+                res.ahead_ms[n] = float(np.median(ahead_runs))
+                res.ahead_ratio[n] = res.ahead_ms[n] / res.official_ms[n]
+                res.ahead_iou_min[n] = min(
+                    _iou(a.mask, b.mask)
+                    for x, y in zip(engine_outputs, ahead_outputs, strict=True)
+                    for a, b in zip(x.objects, y.objects, strict=True))
+                ahead = (f"   launching ahead {res.ahead_ms[n]:8.1f} ms/frame   "
+                         f"ratio {res.ahead_ratio[n]:.2f}   "
+                         f"mask IoU vs one step at a time min {res.ahead_iou_min[n]:.3f}")
+            ious = mask_ious(official_masks, engine_outputs)
+            res.agreement_iou_mean[n], res.agreement_iou_min[n] = float(np.mean(ious)), float(np.min(ious))
+            del official_masks, engine_outputs
+            log(f"  {n:2d} object(s): official {res.official_ms[n]:8.1f} ms/frame   "
+                f"engine {res.engine_ms[n]:8.1f} ms/frame   ratio {res.ratio[n]:.2f}   "
+                f"mask IoU vs official mean {res.agreement_iou_mean[n]:.3f} "
+                f"min {res.agreement_iou_min[n]:.3f}{ahead}")
+            if n == objects[0] and frames >= 2:
+                res.official_state_bytes[frames] = _official_state_bytes(state)
+            del state
+        if len(objects) > 1:
+            lo, hi = objects[0], objects[-1]
+            for name, ms in (("official", res.official_ms), ("engine", res.engine_ms)):
+                res.marginal_ms[name] = (ms[hi] - ms[lo]) / (hi - lo)
+            log(f"  marginal ms per extra object: official {res.marginal_ms['official']:.1f}, "
+                f"engine {res.marginal_ms['engine']:.1f}")
 
-    if state_frames:
-        engine = StreamingEngine(engine_model, config)
-        wanted = set(state_frames)
-        for i in range(max(state_frames)):
-            engine.step(decoded[i % frames], _prompts(clip, 1) if i == 0 else [])
-            if i + 1 in wanted:
-                res.engine_state_bytes[i + 1] = engine.state_bytes()
-                log(f"  engine state after {i + 1:5d} frames: {engine.state_bytes() / 1024:.1f} KiB")
-        if res.official_state_bytes:
-            (f, b), = res.official_state_bytes.items()
-            log(f"  official state after {f:5d} frames: {b / 1024:.1f} KiB "
-                f"(+{b / f / 1024:.1f} KiB per frame, without bound)")
-    return res
+        if state_frames:
+            engine = StreamingEngine(engine_model, config)
+            wanted = set(state_frames)
+            for i in range(max(state_frames)):
+                engine.step(decoded[i % frames], _prompts(clip, 1) if i == 0 else [])
+                if i + 1 in wanted:
+                    res.engine_state_bytes[i + 1] = engine.state_bytes()
+                    log(f"  engine state after {i + 1:5d} frames: {engine.state_bytes() / 1024:.1f} KiB")
+            if res.official_state_bytes:
+                (f, b), = res.official_state_bytes.items()
+                log(f"  official state after {f:5d} frames: {b / 1024:.1f} KiB "
+                    f"(+{b / f / 1024:.1f} KiB per frame, without bound)")
+        return res
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -272,29 +276,30 @@ def bench_preprocess(
     frames: int = 24, device: str = "auto", log=print,
 ) -> PreprocessDrift:
     dev = resolve_device(device)
-    if checkpoint is None:
-        checkpoint = str(save_random_checkpoint(model, Path(tempfile.mkdtemp()) / "random.pt"))
-    clip = make_clip(frames, 320, 240, num_objects=3, seed=3)
-    prompts = _prompts(clip, 3)
-    runs = {}
-    for mode in ("exact", "fast"):
-        engine = StreamingEngine(build_model(model, checkpoint, device=dev, image_size=image_size),
-                                 EngineConfig(preprocess=mode))
-        runs[mode] = [engine.step(f, prompts if i == 0 else [], return_logits=True)
-                      for i, f in enumerate(clip.frames)]
-    ious, diffs = [], []
-    for a, b in zip(runs["exact"], runs["fast"], strict=True):
-        for oa, ob in zip(a.objects, b.objects, strict=True):
-            union = (oa.mask | ob.mask).sum()
-            ious.append(1.0 if union == 0 else float((oa.mask & ob.mask).sum() / union))
-            diffs.append(float((oa.logits - ob.logits).abs().mean()))
-    res = PreprocessDrift(
-        frames, image_size, min(ious), float(np.mean(ious)), max(diffs), float(np.mean(diffs))
-    )
-    log(f"  fast vs exact preprocessing, {frames} frames x 3 objects: mask IoU min {res.min_iou:.4f} "
-        f"mean {res.mean_iou:.4f}; mean |logit diff| max {res.max_logit_diff:.4f} "
-        f"mean {res.mean_logit_diff:.4f}")
-    return res
+    with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
+        if checkpoint is None:
+            checkpoint = str(save_random_checkpoint(model, Path(workdir) / "random.pt"))
+        clip = make_clip(frames, 320, 240, num_objects=3, seed=3)
+        prompts = _prompts(clip, 3)
+        runs = {}
+        for mode in ("exact", "fast"):
+            engine = StreamingEngine(build_model(model, checkpoint, device=dev, image_size=image_size),
+                                     EngineConfig(preprocess=mode))
+            runs[mode] = [engine.step(f, prompts if i == 0 else [], return_logits=True)
+                          for i, f in enumerate(clip.frames)]
+        ious, diffs = [], []
+        for a, b in zip(runs["exact"], runs["fast"], strict=True):
+            for oa, ob in zip(a.objects, b.objects, strict=True):
+                union = (oa.mask | ob.mask).sum()
+                ious.append(1.0 if union == 0 else float((oa.mask & ob.mask).sum() / union))
+                diffs.append(float((oa.logits - ob.logits).abs().mean()))
+        res = PreprocessDrift(
+            frames, image_size, min(ious), float(np.mean(ious)), max(diffs), float(np.mean(diffs))
+        )
+        log(f"  fast vs exact preprocessing, {frames} frames x 3 objects: mask IoU min {res.min_iou:.4f} "
+            f"mean {res.mean_iou:.4f}; mean |logit diff| max {res.max_logit_diff:.4f} "
+            f"mean {res.mean_logit_diff:.4f}")
+        return res
 
 
 def silence_official_progress() -> None:

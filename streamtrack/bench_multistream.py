@@ -68,41 +68,42 @@ def bench_multistream(
     processes: bool = False, log=print,
 ) -> MultiStreamBenchResult:
     dev = resolve_device(device)
-    if checkpoint is None:
-        checkpoint = str(save_random_checkpoint(model, Path(tempfile.mkdtemp()) / "random.pt"))
-    bf16 = bf16 and dev.type == "cuda"
-    config = EngineConfig(bf16=bf16)
-    net = build_model(model, checkpoint, device=dev, image_size=image_size)
-    res = MultiStreamBenchResult(str(dev), model, image_size, frames, bf16, torch.get_num_threads())
+    with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
+        if checkpoint is None:
+            checkpoint = str(save_random_checkpoint(model, Path(workdir) / "random.pt"))
+        bf16 = bf16 and dev.type == "cuda"
+        config = EngineConfig(bf16=bf16)
+        net = build_model(model, checkpoint, device=dev, image_size=image_size)
+        res = MultiStreamBenchResult(str(dev), model, image_size, frames, bf16, torch.get_num_threads())
 
-    _warm_up(net, config, width, height, seed=10)
+        _warm_up(net, config, width, height, seed=10)
 
-    for n in streams:
-        clips, prompts = _engine_inputs(n, frames, width, height)
-        seq_runs, batched_runs, threaded_runs, sizes = [], [], [], []
-        for _ in range(repeats):  # alternate the sides; keep the median of each
-            seq_runs.append(_sequential(net, config, dev, clips, prompts))
-            fps, size = _batched(net, config, dev, clips, prompts, max_wait)
-            batched_runs.append(fps)
-            sizes.append(size)
-            if n > 1:
-                threaded_runs.append(_batched(net, config, dev, clips, prompts, max_wait, max_batch=1)[0])
-        res.sequential_fps[n] = float(np.median(seq_runs))
-        res.batched_fps[n] = float(np.median(batched_runs))
-        res.threaded_fps[n] = float(np.median(threaded_runs)) if threaded_runs else res.batched_fps[n]
-        res.batch_size[n] = float(np.mean(sizes))
-        res.ratio[n] = res.batched_fps[n] / res.sequential_fps[n]
-        per_process = ""
-        if processes:
-            spec = _ProcessSpec(model, checkpoint, image_size, device, bf16, frames, width, height,
-                                torch.get_num_threads())
-            res.process_fps[n] = float(np.median([_process_per_stream(spec, n) for _ in range(repeats)]))
-            per_process = f"process per stream {res.process_fps[n]:7.2f}   "
-        log(f"  {n} stream(s), frames/s per stream: one after another {res.sequential_fps[n]:7.2f}   "
-            f"threads, unbatched {res.threaded_fps[n]:7.2f}   batched {res.batched_fps[n]:7.2f}   "
-            f"{per_process}ratio batched / one after another {res.ratio[n]:.2f}   "
-            f"(mean encoder batch {res.batch_size[n]:.1f})")
-    return res
+        for n in streams:
+            clips, prompts = _engine_inputs(n, frames, width, height)
+            seq_runs, batched_runs, threaded_runs, sizes = [], [], [], []
+            for _ in range(repeats):  # alternate the sides; keep the median of each
+                seq_runs.append(_sequential(net, config, dev, clips, prompts))
+                fps, size = _batched(net, config, dev, clips, prompts, max_wait)
+                batched_runs.append(fps)
+                sizes.append(size)
+                if n > 1:
+                    threaded_runs.append(_batched(net, config, dev, clips, prompts, max_wait, max_batch=1)[0])
+            res.sequential_fps[n] = float(np.median(seq_runs))
+            res.batched_fps[n] = float(np.median(batched_runs))
+            res.threaded_fps[n] = float(np.median(threaded_runs)) if threaded_runs else res.batched_fps[n]
+            res.batch_size[n] = float(np.mean(sizes))
+            res.ratio[n] = res.batched_fps[n] / res.sequential_fps[n]
+            per_process = ""
+            if processes:
+                spec = _ProcessSpec(model, checkpoint, image_size, device, bf16, frames, width, height,
+                                    torch.get_num_threads())
+                res.process_fps[n] = float(np.median([_process_per_stream(spec, n) for _ in range(repeats)]))
+                per_process = f"process per stream {res.process_fps[n]:7.2f}   "
+            log(f"  {n} stream(s), frames/s per stream: one after another {res.sequential_fps[n]:7.2f}   "
+                f"threads, unbatched {res.threaded_fps[n]:7.2f}   batched {res.batched_fps[n]:7.2f}   "
+                f"{per_process}ratio batched / one after another {res.ratio[n]:.2f}   "
+                f"(mean encoder batch {res.batch_size[n]:.1f})")
+        return res
 
 
 def _sequential(net, config, dev, clips, prompts) -> float:

@@ -231,9 +231,13 @@ def test_multistream_reports_fps_per_stream_both_ways(capsys, tiny_checkpoint):
         assert 1.0 <= r["batch_size"][n] <= int(n)
 
 
-def test_engine_bench_times_both_sides_and_checks_they_agree(capsys, tiny_checkpoint):
+def test_engine_bench_times_both_sides_and_checks_they_agree(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its JPEG frames go
     r = bench_json(capsys, "engine", "--checkpoint", str(tiny_checkpoint), *TINY, "--frames", "4",
                    "--objects", "1", "2", "--state-frames", "3", "--launch-ahead")
+    assert list(tmp_path.iterdir()) == []  # removed when done
     for n in ("1", "2"):
         assert r["engine_ms"][n] > 0 and r["official_ms"][n] > 0
         assert r["ratio"][n] == pytest.approx(r["engine_ms"][n] / r["official_ms"][n])
