@@ -11,6 +11,7 @@ import contextlib
 import gc
 import os
 import select
+import socket
 import subprocess
 from pathlib import Path
 
@@ -58,6 +59,14 @@ def tiny_checkpoint(checkpoint_factory) -> Path:
 def clip40():
     """40 frames, 160x120, three objects that move and occlude each other."""
     return make_clip(40, 160, 120, num_objects=3, seed=1)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a child process to bind (or
+    for nothing to listen on)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def exits_within(pid: int, timeout: float) -> bool:

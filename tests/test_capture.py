@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
-import socket
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+from conftest import free_port
 
 from streamtrack.capture import (
     TRANSITIONS,
@@ -81,12 +81,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
 
 def transitions(events: list) -> list[tuple[SourceState, SourceState]]:
     return [(e.previous, e.state) for e in events]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

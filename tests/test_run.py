@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 import yaml
-from conftest import TEST_IMAGE_SIZE, track_both_ways
+from conftest import TEST_IMAGE_SIZE, free_port, track_both_ways
 from PIL import Image
 
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
@@ -470,14 +470,6 @@ def test_show_holds_the_first_frame_until_a_box_is_drawn(tiny_checkpoint, xdispl
     results = [FrameResult.from_json(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r.frame_id for r in results] == list(range(6))
     assert all([o.obj_id for o in r.objects] == [1] for r in results)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _result(seq: int, pts: float | None = None) -> FrameResult:

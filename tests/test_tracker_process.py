@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import TEST_IMAGE_SIZE
+from conftest import TEST_IMAGE_SIZE, free_port
 
 from streamtrack.capture import CaptureConfig, open_source
 from streamtrack.control import ControlClient, ControlError
@@ -47,12 +47,6 @@ FRAMES = 16
 BOX1 = "25,30,55,54"  # object 1 of make_clip(.., 160, 120, seed=1) on frame 0
 BOX2 = "100,65,124,91"  # object 2
 HANG_TIMEOUT = 20  # s, the shared live tracker's: far above its steps, even on a loaded machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import free_port
 from test_viewer import (
     PROMPT_FG_RGB,
     ensure_painted,
@@ -51,12 +51,6 @@ SCALE = 1.5
 IMAGE_SIZE = 128  # the smallest model input that keeps Hiera's windows: a frame costs least
 HUD = (0, 0, 280, 160)  # x0, y0, x1, y1 on screen: banner strip, HUD panel, object labels
 BOTTOM = 90  # rows at the bottom: the hint line and the toasts above it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def to_source(x: float, y: float) -> tuple[float, float]:
