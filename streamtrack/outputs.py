@@ -6,9 +6,11 @@ still leaves complete lines, images and a playable video.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import stat
 from fractions import Fraction
 from pathlib import Path
 
@@ -36,6 +38,9 @@ def _writable(path: str | Path, what: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        above = next((p for p in path.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UserError(f"{what} {path}: {above} is a file, not a folder") from None
         raise UserError(f"cannot create the folder for {what} {path}: {e.strerror}") from None
     if path.is_dir():
         raise UserError(f"{what} {path} is a directory; give a file name")
@@ -50,6 +55,30 @@ def _writable(path: str | Path, what: str) -> Path:
     if not existed:
         path.unlink()  # nothing is left behind by a run that ends before its first result
     return path
+
+
+def _reason(e: Exception) -> str:
+    """An OS error's reason without the file name the message already gives."""
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _open_pipe(path: Path, what: str) -> int | None:
+    """For a FIFO: a file descriptor open for writing to it, or a one-line error if nothing
+    reads it (a plain open would wait for a reader, and the run would hang without a
+    word).  ``None`` for anything else."""
+    try:
+        if not stat.S_ISFIFO(os.stat(path).st_mode):
+            return None
+    except FileNotFoundError:
+        return None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise UserError(f"{what} {path} is a pipe that nothing reads: start its reader first") from None
+        raise UserError(f"cannot write {what} {path}: {e.strerror}") from None
+    os.set_blocking(fd, True)  # from here on a slow reader slows the run, as a slow disk does
+    return fd
 
 
 class JsonlWriter:
@@ -67,9 +96,13 @@ class JsonlWriter:
             raise UserError(self._failed)
         if self._file is None:
             try:
-                if self._mode == "a":
-                    _drop_torn_line(self.path)
-                self._file = open(self.path, self._mode, encoding="utf-8")
+                pipe = _open_pipe(self.path, "--save-jsonl")
+                if pipe is not None:
+                    self._file = os.fdopen(pipe, "w", encoding="utf-8")
+                else:
+                    if self._mode == "a":
+                        _drop_torn_line(self.path)
+                    self._file = open(self.path, self._mode, encoding="utf-8")
             except OSError as e:
                 raise UserError(f"cannot write --save-jsonl {self.path}: {e.strerror}") from None
         # One line per write, flushed; a process killed during the write can still leave
@@ -153,6 +186,7 @@ class MaskPngWriter:
         try:
             img.save(path)
         except OSError as e:  # e.g. the disk filled up
+            path.unlink(missing_ok=True)  # not a cut-short PNG for a reader of the folder to trip on
             raise UserError(f"cannot write --save-masks {path}: {e.strerror or e}") from None
 
     def close(self) -> None:
@@ -182,6 +216,8 @@ class VideoWriter:
         self._stream = None
         self._first_pts: float | None = None
         self._last_ms: int | None = None
+        self._failed = ""  # why a write failed; later writes fail the same way
+        self._pipe: int | None = None
         # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames a
         # second): its frames go at ``fps``.
         self._timed = self.path.suffix.lower() != ".avi"
@@ -189,14 +225,20 @@ class VideoWriter:
     def write(self, rgb: np.ndarray, pts: float | None = None) -> None:
         import av
 
+        if self._failed:
+            raise UserError(self._failed)
         if self._container is None:
             options = {"flush_packets": "1"}
             if self.path.suffix.lower() in (".mp4", ".mov", ".m4v"):
                 options.update(_FRAGMENTED)
+            # Held open as long as the video: PyAV opens the pipe again only when it writes the
+            # header, and the reader must not see an end of file in between.
+            self._pipe = _open_pipe(self.path, "--save-video")
             try:
                 self._container = av.open(str(self.path), mode="w", options=options)
             except (OSError, av.FFmpegError) as e:
-                raise UserError(f"cannot write video {self.path}: {e}") from None
+                self._close_pipe()
+                raise UserError(f"cannot write video {self.path}: {_reason(e)}") from None
             stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
             h, w = rgb.shape[:2]
             stream.width, stream.height = w - w % 2, h - h % 2
@@ -210,7 +252,17 @@ class VideoWriter:
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: s.height, : s.width]), format="rgb24")
         if self._timed:
             frame.pts, frame.time_base = self._timestamp_ms(pts), _MS
-        self._container.mux(s.encode(frame))
+        try:
+            self._container.mux(s.encode(frame))
+        except (OSError, av.FFmpegError) as e:  # e.g. the disk filled up, or the pipe's reader left
+            self._failed = f"cannot write video {self.path}: {_reason(e)}"
+            container, self._container = self._container, None
+            try:  # what was muxed before stays playable (fragmented MP4); closing may fail too
+                container.close()
+            except (OSError, av.FFmpegError):
+                pass
+            self._close_pipe()
+            raise UserError(self._failed) from None
 
     def _timestamp_ms(self, pts: float | None) -> int:
         """Milliseconds from the first frame, always increasing (a loop or a restart of the
@@ -235,4 +287,11 @@ class VideoWriter:
                 container.mux(self._stream.encode(None))
                 container.close()
             except (OSError, av.FFmpegError) as e:  # e.g. the disk filled up
-                raise UserError(f"cannot finish video {self.path}: {e}") from None
+                raise UserError(f"cannot finish video {self.path}: {_reason(e)}") from None
+            finally:
+                self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            os.close(pipe)

@@ -226,7 +226,8 @@ def test_pipes_and_links_as_outputs_are_not_probed_by_opening_them(tmp_path):
     ("save_video", "o.xyz", r"unknown video file extension '\.xyz' \(use \.mp4, \.mkv, .*\.avi\)"),
     ("save_video", "adir.mp4", "--save-video .*adir.mp4 is a directory; give a file name"),
     ("save_jsonl", "adir.mp4", "--save-jsonl .*adir.mp4 is a directory; give a file name"),
-    ("save_video", "afile/o.mp4", "cannot create the folder for --save-video"),
+    ("save_video", "afile/o.mp4", "--save-video .*afile/o.mp4: .*afile is a file, not a folder"),
+    ("save_jsonl", "afile/deeper/o.jsonl", "--save-jsonl .*o.jsonl: .*afile is a file, not a folder"),
 ])
 def test_unusable_output_paths_are_refused_before_any_work(tmp_path, option, path, message):
     (tmp_path / "adir.mp4").mkdir()
@@ -248,12 +249,61 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
     jsonl.close()
 
     def full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"")  # as PIL leaves it: created, then the first write fails
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", full)
     masks = MaskPngWriter(tmp_path / "m")
     with pytest.raises(UserError, match=r"^cannot write --save-masks .*/m/000007.png: No space left on dev"):
         masks.write(7, {1: np.ones((H, W), bool)}, (H, W))
+    assert list((tmp_path / "m").iterdir()) == []  # no empty PNG for a reader of the folder to trip on
+
+
+def test_a_full_disk_under_the_video_is_one_line_and_closing_adds_none(tmp_path):
+    from streamtrack.outputs import VideoWriter
+
+    (tmp_path / "full.mp4").symlink_to("/dev/full")  # every write: ENOSPC
+    video = VideoWriter(tmp_path / "full.mp4")
+    for _ in range(2):
+        with pytest.raises(UserError, match=r"^cannot write video .*full.mp4: No space left on device$"):
+            video.write(np.zeros((H, W, 3), np.uint8), 0.0)
+    video.close()
+
+
+@pytest.mark.parametrize("option", ["save_jsonl", "save_video"])
+def test_a_pipe_output_needs_its_reader_and_then_gets_everything(tmp_path, option):
+    """A FIFO nobody reads is a one-line error, not a run that hangs at its first result."""
+    import threading
+
+    fifo = tmp_path / ("out.mp4" if option == "save_video" else "out.jsonl")
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=f"{option.replace('_', '-')} .*{fifo.name} is a pipe that nothing "
+                                        "reads: start its reader first"):
+        outputs = Outputs(OutputsConfig(**{option: str(fifo)}))
+        try:
+            outputs.emit(*frame(0))
+        finally:
+            outputs.close()
+    # The reader's end, opened first (without waiting for a writer), read once the writer is there.
+    reading = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    outputs = Outputs(OutputsConfig(**{option: str(fifo)}))
+    outputs.emit(*frame(0))
+    os.set_blocking(reading, True)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(os.fdopen(reading, "rb").read()), daemon=True)
+    reader.start()
+    for seq in range(1, 5):
+        outputs.emit(*frame(seq))
+    outputs.close()
+    reader.join(10)
+    if option == "save_jsonl":
+        assert [json.loads(line)["seq"] for line in got[0].decode().splitlines()] == list(range(5))
+    else:
+        import av
+
+        (tmp_path / "copy.mp4").write_bytes(got[0])
+        with av.open(str(tmp_path / "copy.mp4")) as container:
+            assert sum(1 for _ in container.decode(video=0)) == 5
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])
