@@ -43,7 +43,7 @@ from typing import Any
 from streamtrack.control import ControlServer
 from streamtrack.errors import UserError
 from streamtrack.fleet_actor import FleetActor, StreamState, connectable, node_address
-from streamtrack.fleet_directory import StreamEntry, write_directory
+from streamtrack.fleet_directory import StreamEntry, check_directory_writable, write_directory
 from streamtrack.fleet_spec import (
     ActorPlan,
     FleetSpec,
@@ -156,6 +156,8 @@ class Fleet:
         self._ray = None
         self._control: ControlServer | None = None
         self._dirty = True
+        self._directory_error = ""  # why the last write of the directory failed, if it did
+        self._directory_retry_at = 0.0
         self._next_actor = 0
         self._cluster_gpus = 0.0
         self._warned: set[tuple[str, str]] = set()
@@ -185,7 +187,7 @@ class Fleet:
                 self._collect_starts()
                 self._poll_actors()
                 self._drain_masks()
-                if self._dirty:
+                if self._dirty and time.monotonic() >= self._directory_retry_at:
                     self._write_directory("running")
                 if self.options.exit_when_done and self._all_ended():
                     break
@@ -238,6 +240,7 @@ class Fleet:
     # -------------------------------------------------------------------- starting
     def _start(self) -> None:
         ray = require_ray()
+        check_directory_writable(self.options.directory)
         self._ray = ray
         if not ray.is_initialized():
             _init_ray(ray, self.options.address)
@@ -559,9 +562,23 @@ class Fleet:
                            error=s.error, restarts=s.restarts, source=s.spec.source)
 
     def _write_directory(self, state: str) -> None:
+        """Once the fleet runs, a failed write (a full disk) stops no stream: it is logged
+        once and tried again, at most once a second, until it succeeds."""
         fleet = {"control": self.control_endpoint, "pid": os.getpid(), "host": socket.gethostname(),
                  "state": state, "updated": time.time(), "ray": self.options.address or "local"}
-        write_directory(self.options.directory, [self._entry(s) for s in self.streams.values()], fleet)
+        try:
+            write_directory(self.options.directory, [self._entry(s) for s in self.streams.values()], fleet)
+        except UserError as e:
+            if not self._started.is_set():
+                raise
+            if str(e) != self._directory_error:
+                log.warning("%s; the streams go on, and it is tried again", e)
+            self._directory_error = str(e)
+            self._directory_retry_at = time.monotonic() + 1.0
+            return
+        if self._directory_error:
+            log.warning("fleet directory %s written again", self.options.directory)
+            self._directory_error = ""
         self._dirty = False
 
     def _defaults(self) -> dict[str, Any]:

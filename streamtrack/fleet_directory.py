@@ -54,13 +54,50 @@ class StreamEntry:
         return d
 
 
+# Files are created as open() would (mkstemp makes them 0600): clients run by other users
+# read the directory.  Read once, while importing (setting the umask to read it is not
+# thread-safe).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_directory(path: str | Path, streams: list[StreamEntry], fleet: dict[str, Any]) -> None:
-    """Write the directory atomically (a reader never sees half a file)."""
+    """Write the directory atomically (a reader never sees half a file); :class:`UserError`
+    naming the file if it cannot be written (a full disk, a read-only folder)."""
     path = Path(path)
     doc = {"v": VERSION, "fleet": fleet, "streams": {s.name: s.to_dict() for s in streams}}
+    try:
+        _write_atomically(path, doc)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+
+
+def check_directory_writable(path: str | Path) -> None:
+    """:class:`UserError` now, before any stream starts, if the directory cannot be written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    if path.is_dir():
+        raise UserError(f"fleet directory {path} is a folder; give a file name")
+
+
+def _cannot_write(path: Path, e: OSError) -> UserError:
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        return UserError(f"cannot write the fleet directory {path}: {above} is a file, not a folder")
+    return UserError(f"cannot write the fleet directory {path}: {e.strerror or e}")
+
+
+def _write_atomically(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")

@@ -167,6 +167,54 @@ def test_unreachable_cluster_is_one_line_not_minutes_of_retries(tmp_path, capsys
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.parametrize("where,message", [
+    ("afile/fleet.json", "afile is a file, not a folder"),
+    ("adir", "is a folder; give a file name"),
+])
+def test_an_unwritable_directory_file_is_one_line_before_anything_starts(tmp_path, capsys, where, message):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "adir").mkdir()
+    path = tmp_path / "fleet.yaml"
+    doc = fleet_doc(tmp_path, tmp_path / "c.pt", [stream_entry("a", "a.mp4", [BOX1])])
+    doc["fleet"]["directory"] = str(tmp_path / where)
+    path.write_text(yaml.safe_dump(doc))
+    # an address nobody answers on: the check comes before the cluster is asked for
+    assert cli.main(["fleet", str(path), "--address", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"fleet directory {tmp_path / where}" in err and message in err, err
+
+
+def test_a_directory_write_that_fails_while_running_stops_no_stream(tmp_path, caplog):
+    """A full disk under the directory file: logged once, tried again (at most once a second)
+    until it succeeds; the file is readable by other users, as one open() makes."""
+    from streamtrack.fleet import _Stream
+
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the directory's folder goes")
+    doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [stream_entry("a", "a.mp4", [BOX1])])
+    doc["fleet"]["directory"] = str(blocker / "fleet.json")
+    spec = parse_fleet(doc, "f.yaml")
+    fleet = Fleet(spec)
+    fleet.streams = {s.name: _Stream(spec=s, actor="fleet-0", run_config=s.run_config(), state="running")
+                     for s in spec.streams}
+    with pytest.raises(UserError, match="cannot write the fleet directory"):
+        fleet._write_directory("running")  # while starting: the fleet does not start
+    fleet._started.set()
+    with caplog.at_level(logging.WARNING, logger="streamtrack.fleet"):
+        for _ in range(3):
+            fleet._write_directory("running")
+        assert caplog.text.count("cannot write the fleet directory") == 1
+        assert "the streams go on, and it is tried again" in caplog.text
+        assert fleet._dirty and fleet._directory_retry_at > time.monotonic()
+        blocker.unlink()
+        fleet._write_directory("running")
+        assert "written again" in caplog.text and not fleet._dirty
+    assert read_directory(blocker / "fleet.json")["a"].state == "running"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (blocker / "fleet.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_check_lists_the_streams_with_camera_credentials_hidden(tmp_path, capsys):
     path = tmp_path / "fleet.yaml"
     camera = "rtsp://admin:secret@10.0.0.7/live"
