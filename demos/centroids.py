@@ -1,6 +1,6 @@
 """Consume the mask stream in another process: centroid and area per object.
 
-    streamtrack run demos/sample.mp4 --prompts demos/sample_prompts.json --realtime \
+    streamtrack run demos/sample.mp4 --prompts demos/sample_prompts.json \
         --publish tcp://127.0.0.1:5555 &
     python demos/centroids.py tcp://127.0.0.1:5555
 

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Track an RTSP camera (or the sample clip, replayed live) and print an event when
-# object 1 leaves the left half of the picture or is lost.
+# Track an RTSP camera (or the sample clip) and print an event when object 1 leaves the
+# left half of the picture or is lost; ends with the clip (a camera: Ctrl-C), or after
+# COUNT messages. Options after the URL are passed to `streamtrack run` (e.g. --checkpoint FILE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ $# -ge 1 ]; then
-    streamtrack run "$1" --config rtsp --box "${BOX:-100,80,220,200}" -q &
+source demos/run_with_consumer.sh
+if [ $# -ge 1 ] && [ "${1#-}" = "$1" ]; then
+    url=$1
+    shift
+    tracker=(streamtrack run "$url" --config rtsp --box "${BOX:-100,80,220,200}" -q "$@")
 else
-    streamtrack run demos/sample.mp4 --prompts demos/sample_prompts.json --realtime \
-        --publish tcp://127.0.0.1:5555 -q &
+    tracker=(streamtrack run demos/sample.mp4 --prompts demos/sample_prompts.json
+             --publish tcp://127.0.0.1:5555 -q "$@")
 fi
-tracker=$!
-trap 'kill $tracker 2>/dev/null; wait $tracker 2>/dev/null' EXIT
-python demos/region_monitor.py tcp://127.0.0.1:5555 --region "${REGION:-0,0,160,240}" --count "${COUNT:-0}"
+run_with_consumer "${tracker[@]}" \
+    -- python demos/region_monitor.py tcp://127.0.0.1:5555 --region "${REGION:-0,0,160,240}" --count "${COUNT:-0}"

@@ -1,15 +1,20 @@
-"""The demos' consumer logic (the scripts' stream plumbing is the Subscriber's, tested elsewhere)."""
+"""The demos: the consumers' logic, and the wrapper scripts end to end (they end with the
+clip, or with the tracker's error)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from streamtrack.protocol import FrameResult, ObjectResult
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demos"))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "demos"))
 
 import centroids  # noqa: E402
 import region_monitor  # noqa: E402
@@ -40,3 +45,23 @@ def test_centroid():
     assert centroids.centroid(mask) == (11.5, 2.5)
     assert centroids.centroid(np.zeros((3, 3), bool)) is None
 
+
+
+def demo(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # streamtrack, python
+    return subprocess.run(["bash", f"demos/{script}", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "PATH": path, **(env or {})})
+
+
+@pytest.mark.timeout(600)
+def test_the_demo_scripts_end_with_the_clip_or_the_trackers_error(tiny_checkpoint):
+    options = ("--checkpoint", str(tiny_checkpoint), "--image-size", "64")
+    r = demo("centroids.sh", *options)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 90 and lines[0].startswith("frame 0: #1 ") and lines[-1].startswith("frame 89: "), \
+        r.stdout[-2000:]
+    r = demo("region_monitor.sh", *options, env={"COUNT": "3"})  # run options taken without a URL
+    assert r.returncode == 0, r.stderr
+    r = demo("centroids.sh", "--checkpoint", "missing.pt")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.pt not found" in r.stderr, r.stderr
