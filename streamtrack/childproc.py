@@ -24,9 +24,19 @@ def spawn(module: str, *args: str) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL)
 
 
+# An ipc:// endpoint is a Unix socket: its path fits in 107 bytes (sun_path).
+_IPC_PATH_MAX = 107
+_IPC_NAME_MAX = 8  # the longest socket name put in a private_dir ("ctl", "emit")
+
+
 def private_dir(prefix: str) -> str:
-    """A directory only this user can enter, for the ipc endpoints."""
-    return tempfile.mkdtemp(prefix=prefix)
+    """A directory only this user can enter, for the ipc endpoints; in /tmp when the
+    temporary folder's path ($TMPDIR) is too long for a socket's."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    if len(os.fsencode(folder)) + 1 + _IPC_NAME_MAX > _IPC_PATH_MAX:
+        os.rmdir(folder)
+        folder = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    return folder
 
 
 def become_child(parent_pid: int) -> bool:

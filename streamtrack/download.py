@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.error
 import urllib.request
@@ -50,7 +51,8 @@ def download_checkpoint(
         verify_checkpoint(part, spec, shown_as=f"the file from {source}")
         os.replace(part, target)
     except BaseException:
-        part.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder: there is no .part to remove
+            part.unlink(missing_ok=True)
         raise
     return target
 
@@ -78,6 +80,9 @@ def _fetch(url: str, dest: Path, spec: ModelSpec, *, timeout: float, progress: b
             if isinstance(reason, str) and reason.startswith("unknown url type"):  # not a network problem
                 raise DownloadError(f"cannot download {spec.name} from {url}: {reason} "
                                     "(give an http://, https:// or file:// URL)") from None
+            if url.startswith("file:"):  # a local file: the network has nothing to do with it
+                reason = getattr(reason, "strerror", None) or reason
+                raise DownloadError(f"cannot read {spec.name} from {url}: {reason}") from None
             raise DownloadError(f"cannot download {spec.name} (offline? {reason}); {hint}") from None
         total = int(response.headers.get("Content-Length") or 0) or None
         with response, tqdm(total=total, unit="B", unit_scale=True, desc=spec.filename,

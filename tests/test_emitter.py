@@ -323,6 +323,33 @@ def test_a_write_error_stops_the_tracker_with_its_message(kind, tmp_path):
     assert time.monotonic() - t0 < 10  # no wait for acknowledgements that will never come
 
 
+def test_a_temporary_folder_too_long_for_a_socket_path_is_not_used_for_the_childs(tmp_path, monkeypatch):
+    """ipc:// sockets live in a private folder: under a long $TMPDIR (a CI runner's, pytest's)
+    their path would not fit a socket's 107 bytes."""
+    import shutil
+    import tempfile
+
+    from streamtrack import childproc
+
+    deep = tmp_path / ("x" * 60) / ("y" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    folder = childproc.private_dir("streamtrack-emit-")
+    try:
+        assert len(f"{folder}/emit") <= 107 and not folder.startswith(str(deep))
+    finally:
+        shutil.rmtree(folder)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = childproc.private_dir("streamtrack-emit-")
+    assert Path(folder).parent == tmp_path  # where the temporary folder is, when it fits
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    got = []
+    emitter = ProcessEmitter(OutputsConfig(save_jsonl=str(tmp_path / "r.jsonl")), got.append)
+    emitter.submit(*frame(0))
+    emitter.close()
+    assert [r.seq for r in got] == [0]
+
+
 def test_a_dead_child_is_an_error_not_a_hang(tmp_path):
     emitter = ProcessEmitter(OutputsConfig(publish="tcp://127.0.0.1:0"), lambda r: None)
     emitter.submit(*frame(0))

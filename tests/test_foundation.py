@@ -242,6 +242,19 @@ def test_download_names_what_failed_locally_and_refuses_what_is_not_a_url(tmp_pa
         download_checkpoint("sam2.1_hiera_tiny", tmp_path / "file" / "sub", url="http://127.0.0.1:9/x.pt")
     with pytest.raises(DownloadError, match="from notaurl: unknown url type"):
         download_checkpoint("sam2.1_hiera_tiny", tmp_path, url="notaurl")
+    # a local file that is not there: not "offline?"
+    missing = (tmp_path / "missing.pt").as_uri()
+    with pytest.raises(DownloadError, match=f"^cannot read sam2.1_hiera_tiny from {missing}: No such file"):
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, url=missing)
+
+    def read_only(*args, **kwargs):  # a read-only folder refuses the unlink of a missing file too
+        raise OSError(30, "Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streamtrack.download, "open", read_only, raising=False)
+        patch.setattr(Path, "unlink", read_only)
+        with pytest.raises(DownloadError, match=r"^cannot write .*tiny.pt.part: Read-only file system$"):
+            download_checkpoint("sam2.1_hiera_tiny", tmp_path, url=tiny_checkpoint.as_uri(), progress=False)
 
     class FullDisk:
         def __init__(self, path, mode):
