@@ -168,10 +168,10 @@ def _parse_text(key: str, text: str, tp: type, where: str) -> Any:
 def find_config_file(name: str) -> Path:
     """A path, or a preset name such as ``webcam`` (``configs/webcam.yaml``)."""
     path = Path(name)
-    if path.is_file():
-        return path
     if path.is_dir():
         raise UserError(f"config {path} is a directory, not a YAML file")
+    if path.exists():  # a file, or a pipe: --config <(...)
+        return path
     preset = CONFIG_DIR / f"{name}.yaml"
     if preset.is_file():
         return preset

@@ -203,8 +203,10 @@ def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor
     where = f"checkpoint {path} for {model_name}"
     if path.is_dir():
         raise CheckpointError(f"{where} is a directory, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{where}: no such file")
+    if not path.is_file():  # a pipe, a device: the checkpoint's zip format is read by seeking
+        raise CheckpointError(f"{where} is not a regular file (a checkpoint is read by seeking in it)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint"

@@ -118,6 +118,19 @@ def test_missing_config_lists_presets():
         load_config("no-such-config", {}, {})
 
 
+def test_a_config_from_a_pipe_is_read(tmp_path):
+    """--config <(...) gives /dev/fd/N, a pipe: read, not taken for a preset's name."""
+    import os
+    import threading
+
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("image_size: 64\n",), daemon=True)
+    writer.start()
+    assert load_config(str(fifo), {}, {}).image_size == 64
+    writer.join(5)
+
+
 def test_a_directory_or_binary_file_as_config_is_one_clear_line(tmp_path):
     with pytest.raises(UserError, match=f"config {tmp_path} is a directory, not a YAML file"):
         load_config(str(tmp_path), {}, {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,8 @@ def _bad(tmp_path, tiny_checkpoint, case: str):
         path.mkdir()
     elif case == "nonexistent":
         pass
+    elif case == "pipe":
+        os.mkfifo(path)
     return path
 
 
@@ -113,6 +116,7 @@ def _bad(tmp_path, tiny_checkpoint, case: str):
         ("truncated", r"not a readable PyTorch checkpoint \(the archive is cut short"),
         ("directory", "is a directory, not a file"),
         ("nonexistent", "no such file"),
+        ("pipe", r"is not a regular file \(a checkpoint is read by seeking in it\)"),
     ],
 )
 def test_bad_checkpoint_refused(tmp_path, tiny_checkpoint, tiny_model, case, message):
