@@ -82,6 +82,8 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("frames", "repeats", "compile_slots"):
         if getattr(args, name, None) is not None:
             _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.what in ("engine", "multistream") and args.frames is not None:
+        _positive("--frames", args.frames, 2)  # timed from the frame after the prompted one
     for name in ("objects", "streams"):
         for value in getattr(args, name, None) or ():
             _positive(f"--{name}", value)

@@ -149,11 +149,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_options(p: argparse.ArgumentParser, image_size_default: str = "the model's 1024") -> None:
+def _add_model_options(p: argparse.ArgumentParser, image_size_default: str = "the model's 1024",
+                       checkpoint_default: str = "checkpoints/<model>.pt") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS), metavar="NAME",
                    help=f"SAM 2 model (default {DEFAULT_MODEL}; see `streamtrack models`)")
     p.add_argument("--checkpoint", metavar="PATH",
-                   help="official-format .pt (default checkpoints/<model>.pt)")
+                   help=f"official-format .pt (default {checkpoint_default})")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]|mps (default auto)")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
                    help=f"model input size, a multiple of 32 from 64 to 2048 (default: {image_size_default})")
@@ -212,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory: RSS and state over a long stream vs the official predictor; "
                         "multistream: streams on one model with a batched encoder vs one after another")
     # Small inputs by default, so each benchmark runs in minutes on a CPU; GPU figures use 1024.
-    _add_model_options(p, "engine, preprocess, multistream 256; pipeline, latency 128; memory 64")
+    _add_model_options(p, "engine, preprocess, multistream 256; pipeline, latency 128; memory 64",
+                       "seeded random weights: speed does not depend on them")
     p.add_argument("--frames", type=int, default=None, metavar="N",
                    help="frames per run (default 24; pipeline, latency 60; memory 2000; multistream 12)")
     p.add_argument("--objects", type=int, nargs="+", default=None, metavar="N",

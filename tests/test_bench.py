@@ -190,6 +190,8 @@ def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
     (["engine", "--official-vos-mode", "reduce-overhead"], "needs --official-vos-optimized"),
     (["engine", "--official-vos-optimized"], "it needs a GPU (--device cuda)"),
     (["engine", "--frames", "0"], "--frames must be >= 1, got 0"),
+    (["engine", "--frames", "1"], "--frames must be >= 2, got 1"),
+    (["multistream", "--frames", "1"], "--frames must be >= 2, got 1"),
     (["engine", "--objects", "1", "0"], "--objects must be >= 1, got 0"),
     (["engine", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["multistream", "--streams", "2", "0"], "--streams must be >= 1, got 0"),
