@@ -141,7 +141,9 @@ def command(args: argparse.Namespace) -> int:
         if not (cfg.publish or cfg.control):
             log.warning("--curve-secret/--curve-clients secure --publish and --control; this run "
                         "opens neither, so they are not used")
-    run_config.wait_for_prompt = cfg.show and not prompts
+    # A file (not paced) waits on its first frame for the first prompt, from the window or
+    # from --control, instead of running to its end with nothing tracked.
+    run_config.wait_for_prompt = bool(cfg.show or cfg.control) and not prompts
 
     if not cfg.publish:
         summary, stopped_by = _run_in_process(Tracker(run_config))

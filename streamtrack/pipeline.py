@@ -624,7 +624,9 @@ class Tracker:
 
     def _hold(self, frame, control, publisher) -> None:
         """Show ``frame`` (republished for viewers that join late) until a prompt comes."""
-        log.info("waiting for a prompt on frame %d (draw a box in the viewer)", frame.frame_id)
+        # A warning: the one line that says why a run from a file makes no progress.
+        log.warning("waiting for a prompt on frame %d: draw a box in the viewer, or send add_prompt "
+                    "to %s", frame.frame_id, control.endpoint if control is not None else "its control")
         self.frame_size = (frame.height, frame.width)
         last = 0.0
         while not self._stop.is_set() and not self._controls.pending:

@@ -472,6 +472,37 @@ def test_show_holds_the_first_frame_until_a_box_is_drawn(tiny_checkpoint, xdispl
     assert all([o.obj_id for o in r.objects] == [1] for r in results)
 
 
+def test_a_file_with_control_and_no_prompt_waits_on_its_first_frame(tiny_checkpoint, tmp_path):
+    """What the "no prompt given" error suggests: `--control` to prompt later. A file does
+    not run to its end with nothing tracked: it waits, says so, and tracks from frame 0."""
+    from streamtrack.control import ControlClient
+
+    clip = make_clip(6, 160, 120, num_objects=1, seed=6)
+    video = write_video(clip.frames, tmp_path / "c.mp4")
+    control = f"tcp://127.0.0.1:{free_port()}"
+    jsonl = tmp_path / "r.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "run", str(video), "--checkpoint", str(tiny_checkpoint),
+         "--image-size", str(TEST_IMAGE_SIZE), "--control", control, "--save-jsonl", str(jsonl)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        waiting = proc.stderr.readline()  # the first line: nothing else is logged before it
+        assert f"waiting for a prompt on frame 0: draw a box in the viewer, or send add_prompt to {control}" \
+            in waiting, waiting
+        time.sleep(1.0)
+        assert proc.poll() is None and not jsonl.exists()
+        with ControlClient(control, timeout=10) as client:
+            assert client.add_prompt(1, box=clip.box(1, 0))["ok"]
+        assert proc.wait(timeout=240) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    results = [FrameResult.from_json(x) for x in jsonl.read_text().splitlines()]
+    assert [r.frame_id for r in results] == list(range(6))
+    assert all([o.obj_id for o in r.objects] == [1] for r in results)
+
+
 def _result(seq: int, pts: float | None = None) -> FrameResult:
     return FrameResult(stream="cam0", seq=seq, frame_id=seq, pts=pts, width=4, height=3, objects=())
 
