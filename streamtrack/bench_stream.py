@@ -424,8 +424,8 @@ def bench_pipeline(
             res.capture_runs_fps.append(_fps([s.end for s in spans], warmup))
 
             run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
-                            publish="tcp://127.0.0.1:0", max_frames=frames, progress=False, emit=emit,
-                            decode=decode, launch_ahead=launch_ahead)
+                            publish="tcp://127.0.0.1:0", warn_exposed=False, max_frames=frames,
+                            progress=False, emit=emit, decode=decode, launch_ahead=launch_ahead)
             tracked = _run_tracker(run, StreamingEngine(net, config))
             if len(tracked.stamps) != frames or any(n != objects for n in tracked.object_counts):
                 raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames, "
@@ -569,9 +569,9 @@ def bench_latency(
         # almost always frame 0 (the pacer releases it at once), and if not, the box is a
         # few pixels off, which changes nothing in the timing.
         run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
-                        publish="tcp://127.0.0.1:0", max_frames=frames, realtime=True, loop=True,
-                        capture=live, progress=False, emit=emit, decode=decode,
-                        launch_ahead=launch_ahead)
+                        publish="tcp://127.0.0.1:0", warn_exposed=False, max_frames=frames,
+                        realtime=True, loop=True, capture=live, progress=False, emit=emit,
+                        decode=decode, launch_ahead=launch_ahead)
         tracked = _run_tracker(run, StreamingEngine(net, config))
         if len(tracked.stamps) != frames:
             raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames")
