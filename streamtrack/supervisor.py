@@ -217,6 +217,7 @@ class Supervisor:
     # --------------------------------------------------------------------- loop
     def run(self) -> RunSummary:
         restore = install_stop_signals(self.stop)
+        _quiet_resource_tracker()
         ctx = mp.get_context("spawn")
         total = RunSummary()
         started = time.monotonic()
@@ -286,6 +287,8 @@ class Supervisor:
                 if ran >= self.sup.backoff_reset_after:
                     backoff = self.sup.backoff_initial
                 why = data.get("message") or child.hung or _describe_exit(child.proc.exitcode)
+                if not data.get("message"):  # killed: its progress bar's line was never ended
+                    self._end_bar_line(child)
                 if failed_starts >= self.sup.max_failed_starts:
                     self._set_state(TrackerState.FAILED)
                     raise SupervisorGaveUp(
@@ -298,8 +301,6 @@ class Supervisor:
                         f"({self.sup.max_restarts}) is reached")
                 self.restarts += 1
                 self._set_state(TrackerState.BACKOFF)
-                if not data.get("message"):  # killed: its progress bar's line was never ended
-                    self._end_bar_line(child)
                 log.warning("tracker process died (%s); restart %d in %.1f s",
                             why, self.restarts, backoff)
                 if self._stop.wait(backoff):
@@ -364,6 +365,19 @@ class Supervisor:
         while (msg := sub.recv(timeout=0)) is not None:
             if msg.result is not None and msg.stream == self.config.stream:
                 self._seen.update(msg.result)
+
+# A tracker killed (as hung, by the OOM killer, by kill -9) leaves its semaphores to
+# multiprocessing's resource tracker, which removes them at exit and then warns of
+# "leaked semaphore objects": a note for the programmer of a leak, and here nothing is
+# left behind.  The resource tracker process takes its -W options from sys.warnoptions
+# when it is started.
+_RESOURCE_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
+
+
+def _quiet_resource_tracker() -> None:
+    if _RESOURCE_TRACKER_WARNING not in sys.warnoptions:
+        sys.warnoptions.append(_RESOURCE_TRACKER_WARNING)
+
 
 def install_stop_signals(stop: Callable[[int], None]) -> Callable[[], None]:
     """Route SIGINT and SIGTERM to ``stop(signum)``; returns a function that puts the

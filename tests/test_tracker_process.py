@@ -319,6 +319,28 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
 
 
 @pytest.mark.timeout(200)
+def test_a_tracker_killed_at_the_restart_limit_ends_the_run_on_a_line_of_its_own(tmp_path, clip_path,
+                                                                                 tiny_checkpoint):
+    """The killed tracker's progress bar never ended its line: the error does not join it."""
+    import re
+
+    proc = launch(tmp_path, clip_path, tiny_checkpoint, "--max-restarts", "0", "--realtime", "--loop",
+                  quiet=False, bar=True)
+    sub = Subscriber(proc.publish, topics=["masks/"])
+    try:
+        collect(sub, lambda m: len(m) >= 2, timeout=300)
+        os.kill(tracker_status(proc.control)["pid"], signal.SIGKILL)
+        assert proc.wait(120) == 1
+    finally:
+        sub.close()
+        proc.close()
+    err = proc.err()
+    assert "tracking:" in err  # the bar was there
+    # the last line (no "leaked semaphore" warning after it: the kill was the supervisor's job)
+    assert re.search(r"(^|\n)streamtrack: error: tracker process died \(killed by SIGKILL.*\) and the "
+                     r"restart limit \(0\) is reached\n$", err), err[-500:]
+
+
 def test_user_error_in_tracker_process_is_not_restarted(tmp_path, clip_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
