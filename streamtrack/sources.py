@@ -325,11 +325,14 @@ def open_pyav(
     file errors become :class:`UserError`, since they are bad input."""
     target = str(spec.target)
     if spec.kind is SourceKind.NETWORK:
-        container = av.open(
-            target,
-            options=_pyav_options(target, read_timeout),
-            timeout=(open_timeout, read_timeout),
-        )
+        try:
+            container = av.open(
+                target,
+                options=_pyav_options(target, read_timeout),
+                timeout=(open_timeout, read_timeout),
+            )
+        except av.ExitError:  # the timeout's interrupt: a server that accepts and never answers
+            raise TimeoutError(f"no answer within the open timeout ({open_timeout:g} s)") from None
         try:
             return PyAVReader(container, live=True)
         except ValueError as exc:

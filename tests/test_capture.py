@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+import socket
 import sys
 import threading
 import time
@@ -684,6 +685,21 @@ def test_a_url_the_server_does_not_have_fails_at_once(http_folder, decode: str) 
     assert wait_for(lambda: cap.state is S.FAILED, 5 + START_BUDGET[decode])
     assert "404" in cap.last_error
     cap.close()
+
+
+def test_a_server_that_accepts_and_never_answers_is_a_timeout_in_words() -> None:
+    """Not libavformat's "Immediate exit requested" (the interrupt that ends its wait)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # the kernel accepts the connections; nothing answers
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/stream"
+        config = CaptureConfig(**{**LIVE, "open_timeout": 0.5}, give_up_after=1.0)
+        cap = open_source(url, config).start()
+        try:
+            assert wait_for(lambda: cap.state is S.FAILED, 10)
+        finally:
+            cap.close()
+    assert "TimeoutError: no answer within the open timeout (0.5 s)" in cap.stats().last_error
 
 
 def test_refusing_url_keeps_retrying_by_default_and_closes_fast() -> None:
