@@ -467,7 +467,7 @@ class Tracker:
                     self._notify("queued", {"prompt": p})
             if self.capture.kind is SourceKind.FILE and not cfg.loop:  # a loop has no end
                 declared = _frame_count(cfg.source)  # the progress bar's total; a file cut short
-            bar = _progress(cfg, declared)
+            bar = _progress(cfg, declared.frames if declared else None)
             if bar is not None:
                 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -558,7 +558,8 @@ class Tracker:
         self._report_what_went_unseen(summary.interrupted, stats, declared)
         return summary
 
-    def _report_what_went_unseen(self, interrupted: bool, stats: CaptureStats, declared: int | None) -> None:
+    def _report_what_went_unseen(self, interrupted: bool, stats: CaptureStats,
+                                 declared: DeclaredLength | None) -> None:
         """Warn about what a run that ends quietly would otherwise leave unsaid: prompts past
         the source's end, a file cut short, result files not written."""
         cfg = self.config
@@ -570,11 +571,14 @@ class Tracker:
                         "s" if len(late) > 1 else "", ", ".join(map(str, late)), self.frames_seen)
         if self.capture.kind is SourceKind.FILE and self.capture.state is SourceState.ENDED:
             # A file cut short (an unfinished download or recording) decodes up to the cut
-            # and ends there like a whole one; its header still counts every frame.
-            missing = declared - stats.frames_decoded if declared else 0
-            if missing > 1 + stats.decode_errors:
-                log.warning("video file %s ended after %d of the %d frames its header declares: is it cut "
-                            "short?", cfg.source, stats.frames_decoded, declared)
+            # and ends there like a whole one; its header still counts every frame, or gives
+            # the duration (a count from it may be a few frames off: a variable frame rate).
+            missing = declared.frames - stats.frames_decoded if declared else 0
+            slack = 0 if declared is None or declared.exact else declared.frames / 20
+            if declared and missing > max(1 + stats.decode_errors, slack):
+                log.warning("video file %s ended after %d of the %s%d frames its header declares: is it cut "
+                            "short?", cfg.source, stats.frames_decoded, "" if declared.exact else "about ",
+                            declared.frames)
             if stats.decode_errors:
                 # Frame numbers count decoded frames: a prompts file's later frames move up.
                 log.warning("video file %s: %d damaged packet(s) skipped; frames after them are numbered "
@@ -827,14 +831,28 @@ def _progress(cfg: RunConfig, total: int | None):
     return tqdm(total=total or None, unit="frame", desc="tracking", dynamic_ncols=True)
 
 
-def _frame_count(path: str) -> int | None:
+@dataclass(frozen=True)
+class DeclaredLength:
+    """How many frames a video file's header says it holds."""
+
+    frames: int
+    exact: bool  # counted in the header (MP4, AVI); else from its duration and rate (MKV, WebM)
+
+
+def _frame_count(path: str) -> DeclaredLength | None:
     import av
 
     try:
         with av.open(path) as c:
-            return c.streams.video[0].frames or None
-    except Exception:  # noqa: BLE001 - only a progress-bar nicety
-        return None
+            stream = c.streams.video[0]
+            if stream.frames:
+                return DeclaredLength(stream.frames, exact=True)
+            rate = stream.average_rate or stream.guessed_rate
+            if c.duration and rate:
+                return DeclaredLength(round(c.duration / av.time_base * float(rate)), exact=False)
+    except Exception:  # noqa: BLE001 - the progress bar's total, and a check: niceties
+        pass
+    return None
 
 
 def _log_source_change(name: str, event: SourceEvent, give_up_after: float | None) -> None:

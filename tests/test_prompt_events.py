@@ -298,6 +298,25 @@ def test_ids_a_mask_png_cannot_hold_are_refused_before_they_stop_the_run(tmp_pat
                   prompts={3: [Prompt.make(256, box=[1, 2, 30, 40])]})
 
 
+def test_a_matroska_file_cut_short_is_reported_by_its_duration(tmp_path, caplog):
+    """MKV/WebM headers give no frame count, but a duration: about 60 frames here."""
+    whole = write_video(make_clip(60, 160, 120, num_objects=1).frames, tmp_path / "whole.mkv")
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    for video in (whole, cut):
+        caplog.clear()
+        run = RunConfig(source=str(video), progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+        with caplog.at_level("WARNING", logger="streamtrack.pipeline"):
+            frames = Tracker(run, engine=TrackedIds()).run().frames
+        messages = [r.getMessage() for r in caplog.records]
+        if video == whole:
+            assert frames == 60 and messages == []
+        else:
+            assert 0 < frames < 50
+            assert messages == [f"video file {cut} ended after {frames} of the about 60 frames its header "
+                                "declares: is it cut short?"]
+
+
 def test_a_file_url_source_is_not_an_output_either(tmp_path):
     video = write_video(make_clip(2, 64, 48, num_objects=1).frames, tmp_path / "my clip.mp4")
     with pytest.raises(UserError, match="is the source video, which it would overwrite"):
