@@ -6,6 +6,7 @@ still leaves complete lines, images and a playable video.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -111,7 +112,7 @@ class JsonlWriter:
             self._file.write(result.to_json() + "\n")
             self._file.flush()
         except OSError as e:  # e.g. the disk filled up
-            self._failed = f"cannot write --save-jsonl {self.path}: {e.strerror or e}"
+            self._failed = f"cannot write --save-jsonl {self.path}: {_reason(e)}"
             self._close_quietly()
             raise UserError(self._failed) from None
 
@@ -121,16 +122,14 @@ class JsonlWriter:
             try:
                 file.close()
             except OSError as e:
-                raise UserError(f"cannot finish --save-jsonl {self.path}: {e.strerror or e}") from None
+                raise UserError(f"cannot finish --save-jsonl {self.path}: {_reason(e)}") from None
 
     def _close_quietly(self) -> None:
         # The line that did not fit is still buffered: closing would try it again, and fail
         # again, on top of the error already raised.
         file, self._file = self._file, None
-        try:
+        with contextlib.suppress(OSError):
             file.close()
-        except OSError:
-            pass
 
 
 def _drop_torn_line(path: Path) -> None:
@@ -186,8 +185,9 @@ class MaskPngWriter:
         try:
             img.save(path)
         except OSError as e:  # e.g. the disk filled up
-            path.unlink(missing_ok=True)  # not a cut-short PNG for a reader of the folder to trip on
-            raise UserError(f"cannot write --save-masks {path}: {e.strerror or e}") from None
+            with contextlib.suppress(OSError):  # no cut-short PNG for a reader of the folder to trip on
+                path.unlink(missing_ok=True)
+            raise UserError(f"cannot write --save-masks {path}: {_reason(e)}") from None
 
     def close(self) -> None:
         """Nothing to flush: each PNG is written whole in ``write`` (same interface as the others)."""
@@ -257,10 +257,8 @@ class VideoWriter:
         except (OSError, av.FFmpegError) as e:  # e.g. the disk filled up, or the pipe's reader left
             self._failed = f"cannot write video {self.path}: {_reason(e)}"
             container, self._container = self._container, None
-            try:  # what was muxed before stays playable (fragmented MP4); closing may fail too
+            with contextlib.suppress(OSError, av.FFmpegError):  # what was muxed stays playable
                 container.close()
-            except (OSError, av.FFmpegError):
-                pass
             self._close_pipe()
             raise UserError(self._failed) from None
 
