@@ -571,7 +571,9 @@ class Fleet:
         except UserError as e:
             if not self._started.is_set():
                 raise
-            if str(e) != self._directory_error:
+            if state == "stopped":  # the last write, while shutting down
+                log.warning("%s", e)
+            elif str(e) != self._directory_error:
                 log.warning("%s; the streams go on, and it is tried again", e)
             self._directory_error = str(e)
             self._directory_retry_at = time.monotonic() + 1.0
