@@ -8,6 +8,8 @@ streams are synthetic H.264 clips, tracked by a small random-weight model at a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import logging
@@ -79,6 +81,19 @@ def wait_for(what: str, check, timeout: float = 90.0, every: float = 0.2):
             return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def stalled_pipe(path: Path):
+    """A FIFO whose reader is there and never reads (a hung network mount, a consumer that
+    stopped): writes go through until its one-page buffer is full, then block for good."""
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, 4096)
+    try:
+        yield path
+    finally:
+        os.close(reader)
 
 
 def directory_states(path: Path) -> dict[str, str]:
@@ -513,12 +528,11 @@ def test_streams_fenced_while_the_driver_was_silent_restart_with_their_objects(l
 
 def test_a_hung_stream_gets_its_actor_restarted_with_its_objects(local_ray, tiny_checkpoint, clip_path,
                                                                 tmp_path, caplog):
-    """A stream whose results file blocks every write (a FIFO nobody reads, as a hung network
-    mount): its loop stops showing signs of life while the actor answers polls; after
-    hang_timeout the driver kills the actor for Ray to restart, and the stream goes on
-    from its last masks once the file takes writes again."""
+    """A stream whose results file blocks its writes (a FIFO whose reader stopped reading, as
+    a hung network mount): its loop stops showing signs of life while the actor answers
+    polls; after hang_timeout the driver kills the actor for Ray to restart, and the stream
+    goes on from its last masks once the file takes writes again."""
     fifo = tmp_path / "stuck.jsonl"
-    os.mkfifo(fifo)
     stuck = stream_entry("stuck", clip_path, [BOX1], save_jsonl=str(fifo))
     doc = fleet_doc(tmp_path, tiny_checkpoint, [stuck], control=None, hang_timeout=3, max_restarts=2)
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
@@ -534,36 +548,36 @@ def test_a_hung_stream_gets_its_actor_restarted_with_its_objects(local_ray, tiny
 
     reader = threading.Thread(target=drain, daemon=True)
     runner = threading.Thread(target=fleet.run, daemon=True)
-    runner.start()
-    try:
-        with caplog.at_level(logging.WARNING, logger="streamtrack.fleet"):
-            wait_for("stuck running", lambda: directory_states(directory).get("stuck") == "running")
-            pid = read_directory(directory)["stuck"].actor_pid
-            wait_for("the hang noticed", lambda: "no sign of life" in caplog.text, timeout=60)
-        assert "stream stuck: no sign of life from its tracker for" in caplog.text
-        assert "(hang_timeout 3 s): killing actor fleet-0 for Ray to restart it" in caplog.text
-        # Before the kill, where it hangs: the loop waits for the emitter, which waits to open the file.
-        stacks = caplog.text.split("actor fleet-0, where the hung stream(s) are:", 1)[1]
-        assert "stream stuck's loop (thread stream-stuck)" in stacks and "in submit" in stacks, stacks
-        assert "outputs.py" in stacks and "self._file = open(self.path" in stacks, stacks
-        assert lines == []  # nothing could be written: hung, not slow
-        reader.start()
-        entry = wait_for("stuck restarted and writing", lambda: (e := read_directory(directory)["stuck"])
-                         .restarts == 1 and e.state == "running" and len(lines) >= 3 and e, timeout=90)
-        assert entry.actor_pid != pid  # the actor process was restarted
-        objects = [[o["obj_id"] for o in json.loads(line)["objects"]] for line in lines]
-        assert objects[-3:] == [[1]] * 3  # re-seeded from its last masks: the same object
-        assert read_directory(directory)["stuck"].restarts == 1  # writing again: no second hang
-    finally:
-        stop_reading.set()
-        fleet.stop()
-        runner.join(60)
-        try:  # a reader still waiting for a writer gets an end
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-        if reader.is_alive():
-            reader.join(5)
+    with stalled_pipe(fifo):
+        runner.start()
+        try:
+            with caplog.at_level(logging.WARNING, logger="streamtrack.fleet"):
+                wait_for("stuck running", lambda: directory_states(directory).get("stuck") == "running")
+                pid = read_directory(directory)["stuck"].actor_pid
+                wait_for("the hang noticed", lambda: "no sign of life" in caplog.text, timeout=60)
+            assert "stream stuck: no sign of life from its tracker for" in caplog.text
+            assert "(hang_timeout 3 s): killing actor fleet-0 for Ray to restart it" in caplog.text
+            # Before the kill, where it hangs: the loop waits for the emitter, which waits to write.
+            stacks = caplog.text.split("actor fleet-0, where the hung stream(s) are:", 1)[1]
+            assert "stream stuck's loop (thread stream-stuck)" in stacks and "in submit" in stacks, stacks
+            assert "outputs.py" in stacks and "self._file.flush()" in stacks, stacks
+            reader.start()
+            entry = wait_for("stuck restarted and writing", lambda: (e := read_directory(directory)["stuck"])
+                             .restarts == 1 and e.state == "running" and len(lines) >= 3 and e, timeout=90)
+            assert entry.actor_pid != pid  # the actor process was restarted
+            objects = [[o["obj_id"] for o in json.loads(line)["objects"]] for line in lines]
+            assert objects[-3:] == [[1]] * 3  # re-seeded from its last masks: the same object
+            assert read_directory(directory)["stuck"].restarts == 1  # writing again: no second hang
+        finally:
+            stop_reading.set()
+            fleet.stop()
+            runner.join(60)
+            try:  # a reader still waiting for a writer gets an end
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            if reader.is_alive():
+                reader.join(5)
     assert not runner.is_alive()
     assert FleetOptions().hang_timeout == 300
     for never in (0, None):
@@ -738,11 +752,12 @@ def test_an_actor_reports_a_stream_that_did_not_stop(tiny_checkpoint, clip_path,
     from streamtrack.fleet_actor import FleetActor
 
     fifo = tmp_path / "stuck.jsonl"
-    os.mkfifo(fifo)
     entry = stream_entry("s", clip_path, [BOX1], save_jsonl=str(fifo))
     spec = parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry]), "f.yaml").streams[0]
     actor = FleetActor("fleet-0")
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(actor.stop_all)
+        cleanup.enter_context(stalled_pipe(fifo))
         assert actor.start_stream(spec.run_config(), spec.model_key)["state"] == "running"
         wait_for("the stream hung", lambda: (actor.report()["streams"]["s"]["silent"] or 0) > 1.5,
                  timeout=60, every=0.1)
@@ -752,8 +767,6 @@ def test_an_actor_reports_a_stream_that_did_not_stop(tiny_checkpoint, clip_path,
         with open(fifo, "rb") as f:  # the write goes through: the thread flushes and ends
             f.read()
         wait_for("the stream's thread ended", lambda: actor.report()["stuck"] == [], timeout=30)
-    finally:
-        actor.stop_all()
 
 
 def test_actor_warms_its_shared_model_up_once_when_compiled(tiny_checkpoint, monkeypatch):
