@@ -436,7 +436,6 @@ def test_usr1_prints_every_threads_stack_and_the_run_goes_on(tiny_checkpoint, tm
 def test_show_holds_the_first_frame_until_a_box_is_drawn(tiny_checkpoint, xdisplay, tmp_path):
     """`run --show` with no prompt: the viewer gets the first frame, a prompt over the control
     channel (what a drag in the window sends) starts tracking from that frame."""
-    from streamtrack.control import ControlClient
     from streamtrack.subscriber import Subscriber
 
     clip = make_clip(6, 160, 120, num_objects=1, seed=6)
@@ -461,22 +460,16 @@ def test_show_holds_the_first_frame_until_a_box_is_drawn(tiny_checkpoint, xdispl
             assert held is not None and held.frame.frame_id == 0
             time.sleep(1.5)
             assert sub.latest() is None  # nothing tracked before a prompt: the frame is held
-            with ControlClient(control, timeout=10) as client:
-                assert client.add_prompt(1, box=clip.box(1, 0))["ok"]
-        assert proc.wait(timeout=240) == 0, proc.stderr.read()
+            prompt_then_wait(proc, control, clip.box(1, 0))
     finally:
         if proc.poll() is None:
             proc.kill()
-    results = [FrameResult.from_json(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert [r.frame_id for r in results] == list(range(6))
-    assert all([o.obj_id for o in r.objects] == [1] for r in results)
+    assert_tracked_from_frame_0(tmp_path / "r.jsonl", frames=6)
 
 
 def test_a_file_with_control_and_no_prompt_waits_on_its_first_frame(tiny_checkpoint, tmp_path):
     """What the "no prompt given" error suggests: `--control` to prompt later. A file does
     not run to its end with nothing tracked: it waits, says so, and tracks from frame 0."""
-    from streamtrack.control import ControlClient
-
     clip = make_clip(6, 160, 120, num_objects=1, seed=6)
     video = write_video(clip.frames, tmp_path / "c.mp4")
     control = f"tcp://127.0.0.1:{free_port()}"
@@ -492,14 +485,26 @@ def test_a_file_with_control_and_no_prompt_waits_on_its_first_frame(tiny_checkpo
             in waiting, waiting
         time.sleep(1.0)
         assert proc.poll() is None and not jsonl.exists()
-        with ControlClient(control, timeout=10) as client:
-            assert client.add_prompt(1, box=clip.box(1, 0))["ok"]
-        assert proc.wait(timeout=240) == 0, proc.stderr.read()
+        prompt_then_wait(proc, control, clip.box(1, 0))
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert_tracked_from_frame_0(jsonl, frames=6)
+
+
+def prompt_then_wait(proc: subprocess.Popen, control: str, box: list[float]) -> None:
+    """The first prompt, for object 1: the held run tracks the file to its end (exit 0)."""
+    from streamtrack.control import ControlClient
+
+    with ControlClient(control, timeout=10) as client:
+        assert client.add_prompt(1, box=box)["ok"]
+    assert proc.wait(timeout=240) == 0, proc.stderr.read()
+
+
+def assert_tracked_from_frame_0(jsonl: Path, frames: int) -> None:
+    """Every frame of the file in the results, object 1 on each: the held frame 0 included."""
     results = [FrameResult.from_json(x) for x in jsonl.read_text().splitlines()]
-    assert [r.frame_id for r in results] == list(range(6))
+    assert [r.frame_id for r in results] == list(range(frames))
     assert all([o.obj_id for o in r.objects] == [1] for r in results)
 
 
