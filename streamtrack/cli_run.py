@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import socket
 import sys
@@ -183,15 +182,14 @@ def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
 
     def stop(signum: int) -> None:
         if stopped_by:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
             return
         stopped_by.append(signum)
         tracker.stop()
-        if signum == signal.SIGINT:  # os.write: print() is not safe in a signal handler
-            os.write(2, b"streamtrack: stopping after the current frame (Ctrl-C again to quit at once)\n")
+        if signum == signal.SIGINT:
+            print("streamtrack: stopping after the current frame (Ctrl-C again to quit at once)",
+                  file=sys.stderr, flush=True)
 
-    restore = install_stop_signals(stop)
+    restore = install_stop_signals(stop, interrupt_again=True)
     try:
         summary = tracker.run()
     finally:

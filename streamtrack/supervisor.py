@@ -379,21 +379,47 @@ def _quiet_resource_tracker() -> None:
         sys.warnoptions.append(_RESOURCE_TRACKER_WARNING)
 
 
-def install_stop_signals(stop: Callable[[int], None]) -> Callable[[], None]:
-    """Route SIGINT and SIGTERM to ``stop(signum)``; returns a function that puts the
-    previous handlers back.  Only the main thread may install handlers: elsewhere
-    (e.g. a supervisor run from a test thread) this does nothing."""
+def install_stop_signals(stop: Callable[[int], None], *, interrupt_again: bool = False) -> Callable[[], None]:
+    """Route SIGINT and SIGTERM to ``stop(signum)``, called on a thread of its own; returns
+    a function that puts the previous handlers back.  With ``interrupt_again``, a SIGINT
+    after a first stop signal raises KeyboardInterrupt in the main thread (quit at once,
+    e.g. during a long model load).  Only the main thread may install handlers: elsewhere
+    (e.g. a supervisor run from a test thread) this does nothing.
+
+    Why a thread: a handler runs between two bytecodes of the main thread, which may hold
+    a lock that ``stop`` takes (an Event's: a Ctrl-C's SIGINT and a SIGTERM right after it
+    deadlocked in ``Event.set``).  The handler only writes the signal's number to a pipe."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    seen: list[int] = []
+
+    def relay() -> None:
+        while (data := os.read(read_end, 1)) and data != b"\0":
+            stop(data[0])
 
     def handler(signum, frame):
-        stop(signum)
+        if interrupt_again and seen and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        seen.append(signum)
+        try:
+            os.write(write_end, bytes([signum]))
+        except BlockingIOError:  # the pipe is full of stops already
+            pass
 
+    relaying = threading.Thread(target=relay, name="stop-signals", daemon=True)
+    relaying.start()
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def restore() -> None:
         for s, h in previous.items():
             signal.signal(s, h)
+        os.write(write_end, b"\0")
+        relaying.join(5)
+        os.close(write_end)
+        if not relaying.is_alive():
+            os.close(read_end)
 
     return restore
 
@@ -550,8 +576,7 @@ def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, lo
         time.sleep(15)
         os._exit(1)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    install_stop_signals(stop)
     dump_stacks_on_usr1()  # the tracker's pid is in the control `status` reply
     threading.Thread(target=watch_lifeline, name="lifeline", daemon=True).start()
     try:

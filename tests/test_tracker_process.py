@@ -627,6 +627,46 @@ def test_prompts_queued_or_in_a_frame_not_yet_out_are_carried_over_a_restart():
     assert [p.obj_id for p in seen.unfinished_prompts()] == [2]  # b, in its frame already
 
 
+_STOP_DURING_A_STOP = """
+import os, signal, threading, time
+from streamtrack.supervisor import install_stop_signals
+
+lock, both = threading.Lock(), threading.Event()
+calls = []
+
+def stop(signum):
+    with lock:  # as Event.set, which every stop calls, takes its Condition's lock
+        calls.append(signum)
+        if len(calls) == 1:  # a SIGTERM right after Ctrl-C's SIGINT, while this one holds the lock
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+    if len(calls) == 2:
+        both.set()
+
+restore = install_stop_signals(stop)
+os.kill(os.getpid(), signal.SIGINT)
+assert both.wait(5), calls
+restore()
+print(calls)
+try:
+    install_stop_signals(lambda signum: None, interrupt_again=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C after a stop: quit at once, here
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_a_stop_signal_during_a_stop_is_handed_over_not_deadlocked():
+    """The handlers only pass the signal on; stop runs on a thread of its own, one call at a
+    time (called in the handler, the second stop waited for the lock the first one held)."""
+    r = subprocess.run([sys.executable, "-c", _STOP_DURING_A_STOP], capture_output=True, text=True,
+                       timeout=30, cwd=REPO)
+    assert (r.returncode, r.stdout) == (0, "[2, 15]\ninterrupted\n"), r.stderr
+
+
 def test_the_supervisor_runs_without_torch():
     """The `run` process only supervises: torch and sam2 (~480 MiB) are the tracker
     process's alone."""
