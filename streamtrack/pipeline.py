@@ -365,6 +365,7 @@ class Tracker:
         self.engine = engine  # built in run(), after the source has opened
         resume = config.resume or Resume()
         self.frames_seen = resume.frames_done
+        self._pts_span: tuple[float, float] | None = None  # first and last pts tracked
         self.frame_size: tuple[int, int] | None = None  # (height, width) of the last frame
         self.window = StatsWindow(stream=config.stream)
         self._stop = threading.Event()
@@ -500,6 +501,8 @@ class Tracker:
                 # process too): a frame that came during the wait is timed from there.
                 handed_over = time.monotonic() - max(asked, frame.capture_monotonic)
                 self.loop_times.record("read", max(0.0, handed_over))
+                if frame.pts is not None:  # how far into a file it got (its header has the duration)
+                    self._pts_span = (frame.pts if self._pts_span is None else self._pts_span[0], frame.pts)
                 if frame.frame_id < skip_to:
                     continue  # processed before a restart
                 if self._must_wait_for_prompt(seed):
@@ -572,13 +575,16 @@ class Tracker:
         if self.capture.kind is SourceKind.FILE and self.capture.state is SourceState.ENDED:
             # A file cut short (an unfinished download or recording) decodes up to the cut
             # and ends there like a whole one; its header still counts every frame, or gives
-            # the duration (a count from it may be a few frames off: a variable frame rate).
-            missing = declared.frames - stats.frames_decoded if declared else 0
-            slack = 0 if declared is None or declared.exact else declared.frames / 20
-            if declared and missing > max(1 + stats.decode_errors, slack):
-                log.warning("video file %s ended after %d of the %s%d frames its header declares: is it cut "
-                            "short?", cfg.source, stats.frames_decoded, "" if declared.exact else "about ",
-                            declared.frames)
+            # its duration (a count from that would be wrong at a variable frame rate).
+            if declared and declared.frames:
+                if declared.frames - stats.frames_decoded > 1 + stats.decode_errors:
+                    log.warning("video file %s ended after %d of the %d frames its header declares: is "
+                                "it cut short?", cfg.source, stats.frames_decoded, declared.frames)
+            elif declared and declared.seconds and self._pts_span is not None:
+                reached = self._pts_span[1] - self._pts_span[0]
+                if reached < declared.seconds - max(0.5, declared.seconds / 20):  # the last frame's own time
+                    log.warning("video file %s ended at %.1f s of the %.1f s its header declares: is it cut "
+                                "short?", cfg.source, reached, declared.seconds)
             if stats.decode_errors:
                 # Frame numbers count decoded frames: a prompts file's later frames move up.
                 log.warning("video file %s: %d damaged packet(s) skipped; frames after them are numbered "
@@ -833,10 +839,10 @@ def _progress(cfg: RunConfig, total: int | None):
 
 @dataclass(frozen=True)
 class DeclaredLength:
-    """How many frames a video file's header says it holds."""
+    """How long a video file's header says it is."""
 
-    frames: int
-    exact: bool  # counted in the header (MP4, AVI); else from its duration and rate (MKV, WebM)
+    frames: int | None  # counted in the header (MP4, AVI)
+    seconds: float | None  # its duration (all that Matroska/WebM give)
 
 
 def _frame_count(path: str) -> DeclaredLength | None:
@@ -844,15 +850,10 @@ def _frame_count(path: str) -> DeclaredLength | None:
 
     try:
         with av.open(path) as c:
-            stream = c.streams.video[0]
-            if stream.frames:
-                return DeclaredLength(stream.frames, exact=True)
-            rate = stream.average_rate or stream.guessed_rate
-            if c.duration and rate:
-                return DeclaredLength(round(c.duration / av.time_base * float(rate)), exact=False)
+            return DeclaredLength(c.streams.video[0].frames or None,
+                                  c.duration / av.time_base if c.duration else None)
     except Exception:  # noqa: BLE001 - the progress bar's total, and a check: niceties
-        pass
-    return None
+        return None
 
 
 def _log_source_change(name: str, event: SourceEvent, give_up_after: float | None) -> None:

@@ -4,8 +4,10 @@ each request does to the tracker's state (no model needed: a stand-in engine).""
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -320,9 +322,27 @@ def _indexed_mp4(path: Path, frames: int) -> Path:
     return path
 
 
+def _timed_video(path: Path, times_ms: list[int]) -> Path:
+    """Frames at the given times (a variable frame rate where they are uneven)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        for t, rgb in zip(times_ms, make_clip(len(times_ms), 160, 120, num_objects=1).frames, strict=True):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
 @pytest.mark.parametrize(("container", "frames", "declared"), [
-    ("mp4", 30, "the 30"),  # the header counts every frame
-    ("mkv", 60, "the about 60"),  # Matroska/WebM: no count, a duration
+    ("mp4", 30, r"after \d+ of the 30 frames"),  # the header counts every frame
+    ("mkv", 60, r"at \d\.\d s of the 2\.0 s"),  # Matroska/WebM: no count, a duration
+    # 2 s at 30 fps, then 4 s at 5 fps: a count from the duration and the rate would be 175
+    ("vfr.mkv", 80, r"at \d\.\d s of the 5\.\d s"),
 ])
 def test_a_video_file_cut_short_is_reported(tmp_path, caplog, container, frames, declared):
     """An unfinished download or recording decodes up to the cut and ends like a whole file;
@@ -330,6 +350,8 @@ def test_a_video_file_cut_short_is_reported(tmp_path, caplog, container, frames,
     whole = tmp_path / f"whole.{container}"
     if container == "mp4":
         _indexed_mp4(whole, frames)
+    elif container == "vfr.mkv":
+        _timed_video(whole, [round(i * 1000 / 30) for i in range(60)] + [2000 + i * 200 for i in range(20)])
     else:
         write_video(make_clip(frames, 160, 120, num_objects=1).frames, whole)
     cut = tmp_path / f"cut.{container}"
@@ -343,9 +365,9 @@ def test_a_video_file_cut_short_is_reported(tmp_path, caplog, container, frames,
         if video == whole:
             assert tracked == frames and messages == []
         else:
-            assert 0 < tracked < frames * 0.9
-            assert messages == [f"video file {cut} ended after {tracked} of {declared} frames its header "
-                                "declares: is it cut short?"]
+            assert 0 < tracked < frames * 0.9 and len(messages) == 1, messages
+            assert re.fullmatch(f"video file {re.escape(str(cut))} ended {declared} its header declares: is "
+                                "it cut short\\?", messages[0]), messages
 
 
 def test_warnings_during_a_run_print_on_lines_of_their_own(tmp_path, capfd, monkeypatch):
