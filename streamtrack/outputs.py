@@ -108,12 +108,16 @@ class JsonlWriter:
                 raise UserError(f"cannot write --save-jsonl {self.path}: {e.strerror}") from None
         # One line per write, flushed; a process killed during the write can still leave
         # part of one (the kernel copies in pages), which a restart drops.
+        start = self._file.tell() if self._file.seekable() else None
         try:
             self._file.write(result.to_json() + "\n")
             self._file.flush()
         except OSError as e:  # e.g. the disk filled up
             self._failed = f"cannot write --save-jsonl {self.path}: {_reason(e)}"
             self._close_quietly()
+            if start is not None:  # the part of the line that fitted: every line left is whole
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, start)
             raise UserError(self._failed) from None
 
     def close(self) -> None:

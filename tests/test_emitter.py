@@ -259,6 +259,36 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
     assert list((tmp_path / "m").iterdir()) == []  # no empty PNG for a reader of the folder to trip on
 
 
+_JSONL_UNTIL_FULL = """
+import resource, signal, sys
+sys.path.insert(0, "tests")
+from test_emitter import frame
+from streamtrack.errors import UserError
+from streamtrack.outputs import JsonlWriter
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))  # a full disk after 3000 bytes
+jsonl = JsonlWriter(sys.argv[1])
+try:
+    for seq in range(100):
+        jsonl.write(frame(seq)[0])
+except UserError as e:
+    print(e)
+jsonl.close()
+"""
+
+
+def test_a_full_disk_leaves_no_line_cut_short_in_the_jsonl(tmp_path):
+    """The line that did not fit is taken out again: every line left parses."""
+    path = tmp_path / "r.jsonl"
+    r = subprocess.run([sys.executable, "-c", _JSONL_UNTIL_FULL, str(path)], capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert r.stdout.startswith(f"cannot write --save-jsonl {path}: File too large"), (r.stdout, r.stderr)
+    data = path.read_text()
+    assert 0 < len(data) <= 3000 and data.endswith("\n")
+    assert [json.loads(line)["seq"] for line in data.splitlines()] == list(range(data.count("\n")))
+
+
 def test_a_full_disk_under_the_video_is_one_line_and_closing_adds_none(tmp_path):
     from streamtrack.outputs import VideoWriter
 
