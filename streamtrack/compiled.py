@@ -56,7 +56,6 @@ def slot_count(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-
 def is_compiled(model: torch.nn.Module) -> bool:
     return getattr(model, "streamtrack_compiled", False)
 

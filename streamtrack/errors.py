@@ -56,6 +56,20 @@ def read_text_file(path: str | Path, what: str) -> str:
         raise UserError(f"cannot read {what} {p}: {e.strerror}") from None
 
 
+def error_reason(e: BaseException) -> str:
+    """Why an operation failed, in one line for the CLI and without the file name the
+    message gives already: an OSError's strerror, else the first line of the message."""
+    text = getattr(e, "strerror", None) or str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest existing folder above ``path`` when it is a file instead (no folder can
+    be made under it), else None."""
+    above = next((p for p in Path(path).parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
 def dump_stacks_on_usr1() -> None:
     """``kill -USR1 PID`` prints every thread's stack to stderr and the process goes on:
     what a run that seems stuck is doing, for a bug report."""

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from streamtrack.errors import UserError
+from streamtrack.errors import UserError, error_reason, file_in_the_way
 
 VERSION = 1
 
@@ -87,10 +87,9 @@ def check_directory_writable(path: str | Path) -> None:
 
 
 def _cannot_write(path: Path, e: OSError) -> UserError:
-    above = next((p for p in path.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        return UserError(f"cannot write the fleet directory {path}: {above} is a file, not a folder")
-    return UserError(f"cannot write the fleet directory {path}: {e.strerror or e}")
+    above = file_in_the_way(path)
+    reason = f"{above} is a file, not a folder" if above is not None else error_reason(e)
+    return UserError(f"cannot write the fleet directory {path}: {reason}")
 
 
 def _write_atomically(path: Path, doc: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from streamtrack.errors import UserError
+from streamtrack.errors import UserError, error_reason, file_in_the_way
 from streamtrack.overlay import PALETTE
 from streamtrack.protocol import FrameResult
 
@@ -39,8 +39,7 @@ def _writable(path: str | Path, what: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        above = next((p for p in path.parents if p.exists()), None)
-        if above is not None and not above.is_dir():
+        if (above := file_in_the_way(path)) is not None:
             raise UserError(f"{what} {path}: {above} is a file, not a folder") from None
         raise UserError(f"cannot create the folder for {what} {path}: {e.strerror}") from None
     if path.is_dir():
@@ -56,11 +55,6 @@ def _writable(path: str | Path, what: str) -> Path:
     if not existed:
         path.unlink()  # nothing is left behind by a run that ends before its first result
     return path
-
-
-def _reason(e: Exception) -> str:
-    """An OS error's reason without the file name the message already gives."""
-    return getattr(e, "strerror", None) or str(e)
 
 
 def _open_pipe(path: Path, what: str) -> int | None:
@@ -113,7 +107,7 @@ class JsonlWriter:
             self._file.write(result.to_json() + "\n")
             self._file.flush()
         except OSError as e:  # e.g. the disk filled up
-            self._failed = f"cannot write --save-jsonl {self.path}: {_reason(e)}"
+            self._failed = f"cannot write --save-jsonl {self.path}: {error_reason(e)}"
             self._close_quietly()
             if start is not None:  # the part of the line that fitted: every line left is whole
                 with contextlib.suppress(OSError):
@@ -126,7 +120,7 @@ class JsonlWriter:
             try:
                 file.close()
             except OSError as e:
-                raise UserError(f"cannot finish --save-jsonl {self.path}: {_reason(e)}") from None
+                raise UserError(f"cannot finish --save-jsonl {self.path}: {error_reason(e)}") from None
 
     def _close_quietly(self) -> None:
         # The line that did not fit is still buffered: closing would try it again, and fail
@@ -191,7 +185,7 @@ class MaskPngWriter:
         except OSError as e:  # e.g. the disk filled up
             with contextlib.suppress(OSError):  # no cut-short PNG for a reader of the folder to trip on
                 path.unlink(missing_ok=True)
-            raise UserError(f"cannot write --save-masks {path}: {_reason(e)}") from None
+            raise UserError(f"cannot write --save-masks {path}: {error_reason(e)}") from None
 
     def close(self) -> None:
         """Nothing to flush: each PNG is written whole in ``write`` (same interface as the others)."""
@@ -242,7 +236,7 @@ class VideoWriter:
                 self._container = av.open(str(self.path), mode="w", options=options)
             except (OSError, av.FFmpegError) as e:
                 self._close_pipe()
-                raise UserError(f"cannot write video {self.path}: {_reason(e)}") from None
+                raise UserError(f"cannot write video {self.path}: {error_reason(e)}") from None
             stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
             h, w = rgb.shape[:2]
             stream.width, stream.height = w - w % 2, h - h % 2
@@ -259,7 +253,7 @@ class VideoWriter:
         try:
             self._container.mux(s.encode(frame))
         except (OSError, av.FFmpegError) as e:  # e.g. the disk filled up, or the pipe's reader left
-            self._failed = f"cannot write video {self.path}: {_reason(e)}"
+            self._failed = f"cannot write video {self.path}: {error_reason(e)}"
             container, self._container = self._container, None
             with contextlib.suppress(OSError, av.FFmpegError):  # what was muxed stays playable
                 container.close()
@@ -289,7 +283,7 @@ class VideoWriter:
                 container.mux(self._stream.encode(None))
                 container.close()
             except (OSError, av.FFmpegError) as e:  # e.g. the disk filled up
-                raise UserError(f"cannot finish video {self.path}: {_reason(e)}") from None
+                raise UserError(f"cannot finish video {self.path}: {error_reason(e)}") from None
             finally:
                 self._close_pipe()
 

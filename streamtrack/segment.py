@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from streamtrack.engine import Prompt, check_prompt, without_negative_strides
-from streamtrack.errors import PromptError, UserError, existing_file
+from streamtrack.errors import PromptError, UserError, error_reason, existing_file
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.overlay import Annotation, annotate, draw_boxes, draw_points
 from streamtrack.protocol import encode_mask, mask_area, mask_bbox
@@ -290,7 +290,7 @@ def image_format(path: str | Path, what: str = "overlay") -> str:
             # Some writers exist only as stubs (HDF5, WMF) or take only 1-bit or palette images.
             Image.new("RGB", (16, 16)).save(io.BytesIO(), format=fmt)
         except (OSError, ValueError) as e:
-            problem = _reason(e)
+            problem = error_reason(e)
     if problem:
         raise UserError(f"{what} {path}: cannot write an RGB {fmt} image ({problem}); "
                         "give another extension such as .png or .jpg")
@@ -304,7 +304,7 @@ def _encode_image(array: np.ndarray, fmt: str, what: str, path: Path) -> bytes:
     try:
         Image.fromarray(array).save(buffer, format=fmt)
     except (OSError, ValueError) as e:  # e.g. larger than the format allows (WebP: 16383 px)
-        raise UserError(f"cannot write {what} {path}: {_reason(e)}") from None
+        raise UserError(f"cannot write {what} {path}: {error_reason(e)}") from None
     return buffer.getvalue()
 
 
@@ -359,20 +359,20 @@ def write_files(files: Sequence[tuple[str, Path, bytes]]) -> None:
                 _make_folders(target.parent, made)
                 pending.append((what, path, _write_temporary(target, data), target))
             except OSError as e:
-                raise UserError(f"cannot write {what} {path}: {_reason(e)}") from None
+                raise UserError(f"cannot write {what} {path}: {error_reason(e)}") from None
         while pending:
             what, path, temporary, target = pending[0]
             try:
                 os.replace(temporary, target)
             except OSError as e:
-                raise UserError(f"cannot write {what} {path}: {_reason(e)}") from None
+                raise UserError(f"cannot write {what} {path}: {error_reason(e)}") from None
             pending.pop(0)
         for what, path, data in streams:
             try:
                 with open(path, "wb") as f:
                     f.write(data)
             except OSError as e:
-                raise UserError(f"cannot write {what} {path}: {_reason(e)}") from None
+                raise UserError(f"cannot write {what} {path}: {error_reason(e)}") from None
         done = True
     finally:
         for _, _, temporary, _ in pending:
@@ -556,12 +556,6 @@ def _check_folder(what: str, path: str | Path, folder: Path) -> None:
         raise UserError(f"{what} {path}: cannot write in {folder} (permission denied)")
 
 
-def _reason(e: Exception) -> str:
-    # One line for the CLI: OSError's strerror, else the first line of the message.
-    text = getattr(e, "strerror", None) or str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def prompts_from_args(
     boxes: Sequence[str] | None, points: Sequence[str] | None, prompts_file: str | Path | None = None
 ) -> list[Prompt]:
@@ -634,7 +628,7 @@ def load_image(path: str | Path) -> np.ndarray:
         raise UserError(f"image {path} is too large: {size}more than PIL's limit of "
                         f"{_mpx(2 * Image.MAX_IMAGE_PIXELS)} Mpx; downscale it") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable image ({_reason(e)})") from None
+        raise UserError(f"{path} is not a readable image ({error_reason(e)})") from None
 
 
 # PIL modes of one channel with more than 8 bits: 16-bit unsigned, 32-bit signed, 32-bit float.
