@@ -8,8 +8,10 @@ publish endpoint or half-written files.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,16 +29,72 @@ def spawn(module: str, *args: str) -> subprocess.Popen:
 # An ipc:// endpoint is a Unix socket: its path fits in 107 bytes (sun_path).
 _IPC_PATH_MAX = 107
 _IPC_NAME_MAX = 8  # the longest socket name put in a private_dir ("ctl", "emit")
+# The children's folders: the decode process's and the emit process's.
+PRIVATE_DIR_PREFIXES = ("streamtrack-decode-", "streamtrack-emit-")
 
 
 def private_dir(prefix: str) -> str:
     """A directory only this user can enter, for the ipc endpoints; in /tmp when the
-    temporary folder's path ($TMPDIR) is too long for a socket's."""
-    folder = tempfile.mkdtemp(prefix=prefix)
+    temporary folder's path ($TMPDIR) is too long for a socket's.
+
+    Its name carries this process's pid, so that the folders of a tracker that was
+    killed (by its supervisor, or the OOM killer) before it could remove them are
+    removed by the next one that makes a folder there.
+    """
+    assert prefix in PRIVATE_DIR_PREFIXES, prefix
+    mine = f"{prefix}{os.getpid()}-"
+    folder = tempfile.mkdtemp(prefix=mine)
     if len(os.fsencode(folder)) + 1 + _IPC_NAME_MAX > _IPC_PATH_MAX:
         os.rmdir(folder)
-        folder = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+        folder = tempfile.mkdtemp(prefix=mine, dir="/tmp")
+    remove_orphaned_dirs(os.path.dirname(folder), prefix)
     return folder
+
+
+def remove_orphaned_dirs(parent: str, prefix: str) -> list[str]:
+    """Remove this user's ``prefix<pid>-*`` folders in ``parent`` whose process is gone."""
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = _owner_pid(entry.name, prefix)
+        if pid is None or _alive(pid):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def remove_private_dirs_of(pid: int) -> None:
+    """Remove the private folders a process that has ended left behind (it was killed)."""
+    for parent in {tempfile.gettempdir(), "/tmp"}:
+        for prefix in PRIVATE_DIR_PREFIXES:
+            for folder in glob.glob(os.path.join(glob.escape(parent), f"{prefix}{pid}-*")):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner_pid(name: str, prefix: str) -> int | None:
+    if not name.startswith(prefix):
+        return None
+    pid, sep, _ = name[len(prefix):].partition("-")
+    return int(pid) if sep and pid.isdigit() and int(pid) > 0 else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process has that pid
+        return True
+    return True
 
 
 def become_child(parent_pid: int) -> bool:

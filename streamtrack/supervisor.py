@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from streamtrack import childproc
 from streamtrack.config import check_hang_timeout
 from streamtrack.errors import UserError, dump_stacks_on_usr1
 from streamtrack.pipeline import Resume, RunConfig, RunSummary, Tracker
@@ -526,6 +527,7 @@ class _Child:
 
     def finish(self, on_progress: Callable[[str, dict[str, Any]], None]) -> tuple[str, dict[str, Any]]:
         self.proc.join()
+        childproc.remove_private_dirs_of(self.proc.pid)  # a killed tracker could not
         for kind, data in self.reports():  # anything sent just before exiting
             if kind in ("done", "user_error", "error"):
                 self.result = (kind, data)

@@ -380,6 +380,34 @@ def test_a_temporary_folder_too_long_for_a_socket_path_is_not_used_for_the_child
     assert [r.seq for r in got] == [0]
 
 
+def test_private_folders_of_ended_processes_are_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A tracker killed outright (SIGKILL, the OOM killer) cannot remove its children's
+    socket folders: the next one to make such a folder does."""
+    import subprocess
+    import tempfile
+
+    from streamtrack import childproc
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    orphan = tmp_path / f"streamtrack-emit-{ended.pid}-abc123"
+    (orphan / "sub").mkdir(parents=True)
+    other_kind = tmp_path / f"streamtrack-decode-{ended.pid}-abc123"
+    other_kind.mkdir()
+    alive = tmp_path / f"streamtrack-emit-{os.getppid()}-abc123"  # a live process's
+    unrelated = [tmp_path / "streamtrack-emit-old_style", tmp_path / f"streamtrack-emit-{ended.pid}"]
+    for folder in [alive, *unrelated]:
+        folder.mkdir()
+    mine = childproc.private_dir("streamtrack-emit-")
+    assert Path(mine).name.startswith(f"streamtrack-emit-{os.getpid()}-")
+    assert not orphan.exists() and other_kind.exists() and alive.exists()
+    assert all(folder.exists() for folder in unrelated)
+    childproc.remove_private_dirs_of(ended.pid)  # what the supervisor does for its tracker
+    assert not other_kind.exists() and alive.exists() and Path(mine).exists()
+    os.rmdir(mine)
+
+
 def test_a_dead_child_is_an_error_not_a_hang(tmp_path):
     emitter = ProcessEmitter(OutputsConfig(publish="tcp://127.0.0.1:0"), lambda r: None)
     emitter.submit(*frame(0))

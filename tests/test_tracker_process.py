@@ -14,10 +14,12 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -319,26 +321,35 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
 
 
 @pytest.mark.timeout(200)
-def test_a_tracker_killed_at_the_restart_limit_ends_the_run_on_a_line_of_its_own(tmp_path, clip_path,
-                                                                                 tiny_checkpoint):
-    """The killed tracker's progress bar never ended its line: the error does not join it."""
+def test_a_tracker_killed_at_the_restart_limit_ends_the_run_on_a_line_of_its_own(
+        tmp_path, clip_path, tiny_checkpoint, monkeypatch):
+    """The killed tracker's progress bar never ended its line: the error does not join it.
+    Nor does it leave its emit process's private folder behind."""
     import re
 
+    temp = Path(tempfile.mkdtemp(prefix="st-", dir="/tmp"))  # short enough for a socket path in it
+    monkeypatch.setenv("TMPDIR", str(temp))
+    config = tmp_path / "emit.yaml"
+    config.write_text("emit: process\n")
     proc = launch(tmp_path, clip_path, tiny_checkpoint, "--max-restarts", "0", "--realtime", "--loop",
-                  quiet=False, bar=True)
+                  "--config", str(config), quiet=False, bar=True)
     sub = Subscriber(proc.publish, topics=["masks/"])
     try:
         collect(sub, lambda m: len(m) >= 2, timeout=300)
+        assert [p.name.startswith("streamtrack-emit-") for p in temp.iterdir()] == [True]
         os.kill(tracker_status(proc.control)["pid"], signal.SIGKILL)
         assert proc.wait(120) == 1
+        left = [p.name for p in temp.iterdir()]
     finally:
         sub.close()
         proc.close()
+        shutil.rmtree(temp)
     err = proc.err()
     assert "tracking:" in err  # the bar was there
     # the last line (no "leaked semaphore" warning after it: the kill was the supervisor's job)
     assert re.search(r"(^|\n)streamtrack: error: tracker process died \(killed by SIGKILL.*\) and the "
                      r"restart limit \(0\) is reached\n$", err), err[-500:]
+    assert left == []
 
 
 def test_user_error_in_tracker_process_is_not_restarted(tmp_path, clip_path):
