@@ -591,14 +591,20 @@ class ControlClient:
         # Arrays and tuples become JSON lists; values keep their type, so the same
         # validation as on the server decides (e.g. a float label is refused).
         try:
-            if points is not None:
-                req["points"] = np.asarray(points, dtype=float).reshape(-1, 2).tolist()
+            pairs = None if points is None else np.asarray(points, dtype=float)
             if labels is not None:
                 req["labels"] = np.asarray(labels).reshape(-1).tolist()
             if box is not None:
                 req["box"] = np.asarray(box, dtype=float).reshape(-1).tolist()
         except (TypeError, ValueError) as exc:
             raise PromptError(f"add_prompt: cannot read points/labels/box: {exc}") from exc
+        if pairs is not None:
+            if pairs.ndim != 2 or pairs.shape[1] != 2:
+                # (x, y, label) triples would otherwise be read as other points
+                raise PromptError(
+                    f"object {obj_id}: points are a list of (x, y) pairs, e.g. [[40, 30]], with "
+                    f"their labels apart (labels=[1]); got an array of shape {pairs.shape}")
+            req["points"] = pairs.tolist()
         if mask is not None:
             req["mask"] = mask if isinstance(mask, Mapping) else encode_mask(mask)
         return self.send(parse_command(req))

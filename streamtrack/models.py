@@ -9,6 +9,7 @@ match.
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -85,10 +86,11 @@ MAX_IMAGE_SIZE = 2048
 def check_image_size(image_size: int) -> int:
     # Hiera downsamples by 32 overall and the memory encoder by 16; anything that
     # is not a multiple of 32 would make the feature grids disagree.
-    if isinstance(image_size, bool) or not isinstance(image_size, int) \
-            or not 64 <= image_size <= MAX_IMAGE_SIZE or image_size % 32:
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral):
+        raise UserError(f"image size must be an integer, got {image_size!r} ({type(image_size).__name__})")
+    if not 64 <= image_size <= MAX_IMAGE_SIZE or image_size % 32:
         raise UserError(f"image size must be a multiple of 32 from 64 to {MAX_IMAGE_SIZE}, got {image_size}")
-    return image_size
+    return int(image_size)  # a numpy integer too
 
 
 def hydra_overrides(image_size: int | None) -> list[str]:

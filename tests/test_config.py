@@ -270,3 +270,18 @@ def test_a_prompts_file_with_a_byte_order_mark_is_read(tmp_path):
     f = tmp_path / "p.json"
     f.write_bytes(b"\xef\xbb\xbf" + b'[{"obj_id": 3, "box": [1, 2, 30, 40]}]')
     assert [p.obj_id for p in load_prompts_file(f)[0]] == [3]
+
+
+def test_an_image_size_from_numpy_is_taken_and_a_string_named_as_one():
+    """A size computed with numpy is an integer; "64" is not, and is not "not a multiple of 32"."""
+    import numpy as np
+
+    from streamtrack.models import check_image_size
+
+    assert check_image_size(np.int64(96)) == 96 and type(check_image_size(np.int64(96))) is int
+    with pytest.raises(UserError, match=r"image size must be an integer, got '64' \(str\)"):
+        check_image_size("64")
+    with pytest.raises(UserError, match=r"must be an integer, got True"):
+        check_image_size(True)
+    with pytest.raises(UserError, match=r"multiple of 32 from 64 to 2048, got 100"):
+        check_image_size(np.int32(100))

@@ -586,7 +586,11 @@ def test_client_validates_before_sending(served: Served, client: ControlClient) 
     with pytest.raises(PromptError, match="labels"):
         client.add_prompt(1, points=[[1, 2]], labels=[3])
     with pytest.raises(PromptError, match="cannot read"):
-        client.add_prompt(1, points=[[1, 2, 3]])
+        client.add_prompt(1, points=[[1, 2], [3]])
+    # (x, y, label) triples are not read as other points (two triples are three pairs)
+    for triples in ([[1, 2, 3]], [[10, 20, 1], [30, 40, 0]], [10, 20]):
+        with pytest.raises(PromptError, match=r"\(x, y\) pairs.*labels apart"):
+            client.add_prompt(1, points=triples, labels=[1, 0])
     with pytest.raises(PromptError, match="obj_id"):
         client.remove_object(0)
     assert served.handler.calls == []
