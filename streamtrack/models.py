@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -25,7 +26,18 @@ if TYPE_CHECKING:  # imported where used: a process that runs no model (a superv
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sam2.1_hiera_tiny"
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def default_checkpoint_dir(package_file: str = __file__) -> Path:
+    """The checkout's ``checkpoints/`` when run from a source checkout (``pip install -e``,
+    the quick start); otherwise the user's cache, not a folder inside site-packages."""
+    checkout = Path(package_file).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "checkpoints"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamtrack" / "checkpoints"
+
+
+CHECKPOINT_DIR = default_checkpoint_dir()
 
 _BASE_URL_SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/072824"
 _BASE_URL_SAM21 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
@@ -190,7 +202,8 @@ def missing_checkpoint_message(spec: ModelSpec, path: Path, given: bool = False)
                 f"fetches the official {spec.name} checkpoint into {spec.default_path()})")
     return (
         f"checkpoint for {spec.name} not found at {path}; run `streamtrack download {spec.name}`"
-        f" or fetch {spec.url} and save it as {spec.default_path()} (or pass --checkpoint FILE)"
+        f" or fetch {spec.url} and save it as {spec.default_path()} (or name a file: --checkpoint FILE,"
+        f" checkpoint= in Python)"
     )
 
 
@@ -267,7 +280,7 @@ def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, mode
         problems.append(f"{len(wrong_shape)} tensors of the wrong shape (e.g. {wrong_shape[0]})")
     if problems:
         other = _model_of(state)
-        hint = f" (it looks like a {other} checkpoint: pass --model {other})" if other not in (
+        hint = f" (it looks like a {other} checkpoint: use model {other}, --model {other})" if other not in (
             None, model_name) else ""
         raise CheckpointError(
             f"checkpoint {path} does not match model {model_name}: " + "; ".join(problems) + hint

@@ -152,7 +152,7 @@ def test_checkpoint_of_another_model_refused(checkpoint_factory, tiny_model):
     small = checkpoint_factory("sam2.1_hiera_small")
     with pytest.raises(CheckpointError, match="does not match model sam2.1_hiera_tiny: .*"
                        r"\(it looks like a sam2.1_hiera_small checkpoint: "
-                       r"pass --model sam2.1_hiera_small\)$"):
+                       r"use model sam2.1_hiera_small, --model sam2.1_hiera_small\)$"):
         load_checkpoint(tiny_model, small, "sam2.1_hiera_tiny")
 
 
@@ -321,3 +321,17 @@ def test_main_without_command_prints_help(capsys):
     assert main([]) == 2
     assert "usage: streamtrack" in capsys.readouterr().out
 
+
+
+def test_checkpoints_go_to_the_checkout_or_else_the_users_cache(tmp_path, monkeypatch):
+    """An installed package would otherwise download into site-packages/checkpoints."""
+    from streamtrack.models import CHECKPOINT_DIR, default_checkpoint_dir
+
+    assert CHECKPOINT_DIR == Path(__file__).resolve().parent.parent / "checkpoints"  # this checkout
+    installed = tmp_path / "site-packages" / "streamtrack" / "models.py"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_checkpoint_dir(str(installed)) == tmp_path / "cache" / "streamtrack" / "checkpoints"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home_cache = tmp_path / "home" / ".cache"
+    assert default_checkpoint_dir(str(installed)) == home_cache / "streamtrack" / "checkpoints"
