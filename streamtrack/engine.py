@@ -127,6 +127,10 @@ class StreamingEngine:
         over the same model, to batch this engine's image-encoder pass with other streams'."""
         self.config = config or EngineConfig()
         self.encoder = encoder
+        if not hasattr(model, "_get_image_feature"):
+            raise UserError(
+                f"the streaming engine runs SAM 2's video model, got a {type(model).__name__}: "
+                "build it with build_model(name, checkpoint) (kind 'video', the default)")
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.image_size: int = model.image_size
@@ -154,6 +158,7 @@ class StreamingEngine:
         self._staged: torch.cuda.Event | None = None  # the last upload out of it is done
         self._pending: deque[PendingStep] = deque()  # launched, not yet finished, oldest first
         self.frame_idx = -1
+        self._frame_hw: tuple[int, int] | None = None
         if self.config.compile:
             compile_model(model, self.config.compile_backend, self.config.compile_mode)
         elif not is_compiled(model):  # compiled, it is folded into the encoder's graph instead
@@ -190,9 +195,11 @@ class StreamingEngine:
         exceed ``max_objects``."""
         new = obj_ids - self._tracks.keys()
         if new and len(self._tracks) + len(new) > self.config.max_objects:
+            asked = f", {len(new)} new ones asked for" if len(new) > 1 else ""
+            way = "remove one first (or raise max_objects)" if self._tracks else "raise max_objects"
             raise PromptError(
-                f"object {min(new)}: {len(self._tracks)} objects are tracked and max_objects is "
-                f"{self.config.max_objects}; remove one first (or raise max_objects)")
+                f"object {min(new)}: {len(self._tracks)} objects are tracked{asked} and max_objects "
+                f"is {self.config.max_objects}; {way}")
 
     def remove_object(self, obj_id: int) -> None:
         """Stop tracking ``obj_id`` (``PromptError`` if it is not tracked)."""
@@ -310,6 +317,7 @@ class StreamingEngine:
         if timestamp is not None and not _finite(timestamp):
             raise UserError(f"timestamp must be a finite number of seconds, got {timestamp!r}")
         now = time.monotonic() if timestamp is None else float(timestamp)
+        self._note_frame_size(height, width)
         infer_start = time.time()
         self.frame_idx += 1
         f = self.frame_idx
@@ -329,6 +337,20 @@ class StreamingEngine:
             pending = self._track(job, image, backbone_out)
         self._pending.append(pending)
         return pending
+
+    def _note_frame_size(self, height: int, width: int) -> None:
+        """Frames may change size (a camera back in another mode): every frame is
+        stretched to the model's square input and masks come at each frame's own size.
+        Memory of frames with another aspect ratio was made from a differently
+        stretched picture, though, so say so once per change."""
+        before, self._frame_hw = self._frame_hw, (height, width)
+        if before is None or before == (height, width) or not self._tracks:
+            return
+        if abs(width / height - before[1] / before[0]) > 0.01 * before[1] / before[0]:
+            log.warning(
+                "frame size changed from %dx%d to %dx%d while tracking %d object(s): their memory "
+                "is of frames with another aspect ratio; if the masks drift, reset() and prompt again",
+                before[1], before[0], width, height, len(self._tracks))
 
     def finish(self, pending: PendingStep) -> FrameOutput:
         """The second half of :meth:`step`: wait for ``pending``'s masks and scores and

@@ -324,7 +324,8 @@ def test_max_objects_refuses_one_more_object_and_leaves_the_engine_untouched(eng
     engine.config.max_objects = 2
     before = (engine.frame_idx, engine.object_ids, engine.state_bytes())
     two_more = [Prompt.make(2, box=clip40.box(2, 2)), Prompt.make(3, box=clip40.box(3, 2))]
-    with pytest.raises(PromptError, match="object 2: 1 objects are tracked and max_objects is 2"):
+    with pytest.raises(PromptError, match="object 2: 1 objects are tracked, 2 new ones asked for and "
+                                          "max_objects is 2; remove one first"):
         engine.step(clip40.frames[2], two_more)
     assert (engine.frame_idx, engine.object_ids, engine.state_bytes()) == before
     # One more fits; refining a tracked object needs no room.
@@ -332,6 +333,36 @@ def test_max_objects_refuses_one_more_object_and_leaves_the_engine_untouched(eng
     assert [o.obj_id for o in out.objects] == [1, 2]
     engine.remove_object(1)
     assert [o.obj_id for o in engine.step(clip40.frames[3], [two_more[1]]).objects] == [2, 3]
+
+
+def test_max_objects_with_nothing_tracked_names_the_new_objects_not_one_to_remove(tiny_checkpoint, clip40):
+    engine = make_engine(tiny_checkpoint, max_objects=2)
+    three = [Prompt.make(k, box=clip40.box(k, 0)) for k in (1, 2, 3)]
+    with pytest.raises(PromptError, match=r"^object 1: 0 objects are tracked, 3 new ones asked for and "
+                                          r"max_objects is 2; raise max_objects$"):
+        engine.step(clip40.frames[0], three)
+
+
+def test_an_image_model_is_refused_by_name(tiny_checkpoint):
+    image_model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE, kind="image")
+    with pytest.raises(UserError, match="runs SAM 2's video model, got a SAM2Base: build it with"):
+        StreamingEngine(image_model)
+
+
+def test_a_frame_size_change_is_tracked_at_the_new_size_and_an_aspect_change_warned(
+        engine_two_frames, clip40, caplog):
+    engine = engine_two_frames
+    with caplog.at_level("WARNING", logger="streamtrack.engine"):
+        same_aspect = np.ascontiguousarray(np.repeat(np.repeat(clip40.frames[2], 2, 0), 2, 1))
+        out = engine.step(same_aspect)
+        assert out.objects[0].mask.shape == (240, 320) and not caplog.records
+        out = engine.step(np.ascontiguousarray(clip40.frames[3][:, :60]))
+        assert out.objects[0].mask.shape == (120, 60)
+        assert [r.getMessage() for r in caplog.records] == [
+            "frame size changed from 320x240 to 60x120 while tracking 1 object(s): their memory is "
+            "of frames with another aspect ratio; if the masks drift, reset() and prompt again"]
+        engine.step(np.ascontiguousarray(clip40.frames[4][:, :60]))  # once per change
+        assert len(caplog.records) == 1
 
 
 def test_bad_frames(engine_two_frames):
