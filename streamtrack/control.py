@@ -501,6 +501,7 @@ class ControlClient:
         self._ctx = context or zmq.Context.instance()
         self._endpoint = endpoint
         self._sock: zmq.Socket | None = None
+        self._closed = False
         self.endpoint = self._connect()  # validates the endpoint now, not at first use
 
     def _connect(self) -> str:
@@ -530,8 +531,10 @@ class ControlClient:
         Raises :class:`ControlTimeout` if no reply comes within ``timeout`` seconds
         and :class:`ControlError` if the reply is not a JSON object.
         """
+        if self._closed:
+            raise RuntimeError("this ControlClient is closed")
         payload = dumps(dict(request)).encode()
-        if self._sock is None:
+        if self._sock is None:  # dropped after a timeout or an error: a fresh REQ socket
             self._connect()
         assert self._sock is not None
         raw: bytes | None = None
@@ -625,6 +628,7 @@ class ControlClient:
         return self.send(Resume())
 
     def close(self) -> None:
+        self._closed = True
         self._drop_socket()
 
     def __enter__(self) -> ControlClient:

@@ -308,7 +308,7 @@ class StreamingEngine:
         Raises as :meth:`step`, before anything changes."""
         height, width = _check_frame(frame)
         frame = without_negative_strides(frame)
-        prompts = _prompt_list(prompts)
+        prompts = prompt_list(prompts)
         for p in prompts:
             check_prompt(p, height, width)
         inputs = [self._prompt_inputs(p, height, width) for p in _unique(prompts)]
@@ -716,7 +716,7 @@ def _check_frame(frame) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _prompt_list(prompts) -> list[Prompt]:
+def prompt_list(prompts) -> list[Prompt]:
     """``prompts`` as a list: None or one ``Prompt`` are accepted for convenience."""
     if prompts is None:
         return []

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamtrack.engine import Prompt, check_prompt, without_negative_strides
+from streamtrack.engine import Prompt, check_prompt, prompt_list, without_negative_strides
 from streamtrack.errors import PromptError, UserError, error_reason, existing_file
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.overlay import Annotation, annotate, draw_boxes, draw_points
@@ -188,23 +188,24 @@ class Segmenter:
         self._hw = hw
 
     def segment(
-        self, image_rgb: np.ndarray, objects: Sequence[Prompt], multimask: bool = False
+        self, image_rgb: np.ndarray, objects: Sequence[Prompt] | Prompt, multimask: bool = False
     ) -> list[SegmentResult]:
-        """Embed the image and predict one ``SegmentResult`` per object, in the given order."""
+        """Embed the image and predict one ``SegmentResult`` per object, in the given order
+        (one ``Prompt`` alone is taken as a list of one)."""
         image_rgb = as_image(image_rgb)
         height, width = check_image(image_rgb)
-        objects = list(objects)
+        objects = prompt_list(objects)
         # Prompts first: a bad prompt should not cost an image embedding.
         check_prompts(objects, height, width)
         self.set_image(image_rgb)
         return self.predict(objects, multimask)
 
     @torch.inference_mode()
-    def predict(self, objects: Sequence[Prompt], multimask: bool = False) -> list[SegmentResult]:
+    def predict(self, objects: Sequence[Prompt] | Prompt, multimask: bool = False) -> list[SegmentResult]:
         """Predict masks for ``objects`` on the image last given to ``set_image``."""
         if self._hw is None:
             raise RuntimeError("call set_image() (or segment()) before predict()")
-        objects = list(objects)
+        objects = prompt_list(objects)
         check_prompts(objects, *self._hw)
         with self._autocast():
             if len(objects) > 1 and all(p.points is None for p in objects):

@@ -173,6 +173,9 @@ class Subscriber:
             follow = follow or listing
         if isinstance(endpoints, (str, int)):
             endpoints = [endpoints]
+        elif not isinstance(endpoints, Iterable):
+            raise UserError(f"Subscriber endpoints are strings such as 'tcp://127.0.0.1:5555' or "
+                            f"port numbers, got {endpoints!r}")
         topics = _topic_list(topics)
         # Masks are validated when decoded (decode_mask); checking every RLE of every
         # message in the receive thread would only slow down the drain.
@@ -455,6 +458,8 @@ def _topic_list(topics) -> list[str]:
     """Topic filters as strings (bytes, as pyzmq spells them, are accepted)."""
     if isinstance(topics, (str, bytes)):
         topics = [topics]
+    elif not isinstance(topics, Iterable):
+        raise UserError(f"topic filters are strings such as 'masks/', got {topics!r}")
     out = []
     for t in topics:
         if isinstance(t, bytes):

@@ -133,6 +133,12 @@ class EngineConfig:
         if isinstance(self.max_objects, bool) or not isinstance(self.max_objects, int) \
                 or self.max_objects < 1:
             raise UserError(f"max_objects must be a positive integer, got {self.max_objects!r}")
+        holes = self.fill_hole_area
+        if isinstance(holes, bool) or not isinstance(holes, int) or holes < 0:
+            raise UserError(f"fill_hole_area must be an integer >= 0 (pixels), got {holes!r}")
+        for flag in ("bf16", "compile"):  # bf16="no" would be true
+            if not isinstance(getattr(self, flag), bool):
+                raise UserError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
 
 
 def check_mask_shape(oid: int, shape: tuple[int, ...], height: int, width: int,

@@ -178,6 +178,17 @@ def test_prompts_naming_more_objects_than_max_objects_are_refused_up_front():
         EngineConfig(max_objects=0)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("fill_hole_area", -1, r"fill_hole_area must be an integer >= 0 \(pixels\), got -1"),
+    ("fill_hole_area", 2.5, "fill_hole_area must be an integer >= 0"),
+    ("bf16", "no", "bf16 must be True or False, got 'no'"),  # a true string: bf16 would stay on
+    ("compile", 1, "compile must be True or False, got 1"),
+])
+def test_engine_config_values_of_the_wrong_kind_are_refused(field, value, message):
+    with pytest.raises(UserError, match=message):
+        EngineConfig(**{field: value})
+
+
 def test_a_mask_prompt_is_checked_against_the_frame_before_it_is_decoded():
     """A few bytes of RLE can stand for a gigapixel mask: its size is compared first."""
     huge = {"size": [16384, 16384], "counts": "PPPPP8"}  # one run of 16384 * 16384 zeros

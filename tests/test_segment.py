@@ -182,6 +182,10 @@ def test_flipped_views_pil_images_and_generators_are_taken(segmenter, image, cli
         for given in (image[:, ::-1], Image.fromarray(np.ascontiguousarray(image[:, ::-1]))):
             got = segmenter.segment(given, (p for p in prompts))[0]  # a generator of prompts too
             assert np.array_equal(got.masks, want.masks) and np.array_equal(got.scores, want.scores)
+        alone = segmenter.segment(image[:, ::-1], prompts[0])  # one prompt, as engine.step takes
+        assert len(alone) == 1 and np.array_equal(alone[0].masks, want.masks)
+        with pytest.raises(PromptError, match="prompts must be a list of Prompt"):
+            segmenter.predict({"obj_id": 1, "box": [1, 1, 5, 5]})
     finally:
         segmenter.set_image(image)  # the other tests' image
 

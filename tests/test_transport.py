@@ -279,6 +279,11 @@ def test_subscriber_arguments_that_cannot_work_are_named(pub: Publisher, tmp_pat
         Subscriber(0)
     with pytest.raises(UserError, match="topic filters are strings"):
         Subscriber(pub.endpoint, topics=[5])
+    with pytest.raises(UserError, match="topic filters are strings such as 'masks/', got None"):
+        Subscriber(pub.endpoint, topics=None)
+    with pytest.raises(UserError, match="endpoints are strings such as 'tcp://127.0.0.1:5555' or port "
+                                        "numbers, got None"):
+        Subscriber(None)
     with Subscriber(pub.endpoint, topics=b"masks/") as sub:  # bytes, as pyzmq spells topics
         assert sub.topics == ("masks/",)
         _sync(pub, sub)
@@ -580,6 +585,15 @@ def test_client_times_out_without_server_and_recovers(tmp_path: Path) -> None:
             assert c.status()["ok"] is True  # the stuck REQ socket was replaced
         finally:
             s.close()
+
+
+def test_a_closed_client_says_so_and_opens_no_new_socket(served: Served) -> None:
+    client = ControlClient(served.server.endpoint, timeout=5)
+    assert client.status()["ok"]
+    client.close()
+    with pytest.raises(RuntimeError, match="this ControlClient is closed"):
+        client.status()
+    assert client._sock is None
 
 
 def test_client_validates_before_sending(served: Served, client: ControlClient) -> None:
