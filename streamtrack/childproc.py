@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import zmq
 
@@ -51,9 +52,15 @@ def private_dir(prefix: str) -> str:
     return folder
 
 
-def remove_orphaned_dirs(parent: str, prefix: str) -> list[str]:
-    """Remove this user's ``prefix<pid>-*`` folders in ``parent`` whose process is gone."""
+def remove_orphaned_dirs(parent: str, prefix: str, min_age: float = 60.0) -> list[str]:
+    """Remove this user's ``prefix<pid>-*`` folders in ``parent`` whose process is gone.
+
+    Only folders unchanged for ``min_age`` seconds: a process in another pid namespace
+    (a container sharing /tmp) looks gone from here, and its children connect to their
+    sockets within moments of its making them; after that the folder is not needed.
+    """
     removed = []
+    old = time.time() - min_age
     try:
         entries = list(os.scandir(parent))
     except OSError:
@@ -63,7 +70,9 @@ def remove_orphaned_dirs(parent: str, prefix: str) -> list[str]:
         if pid is None or _alive(pid):
             continue
         try:
-            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+            info = entry.stat(follow_symlinks=False)
+            if not entry.is_dir(follow_symlinks=False) or info.st_uid != os.getuid() \
+                    or info.st_mtime > old:
                 continue
         except OSError:
             continue

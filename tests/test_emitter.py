@@ -397,11 +397,15 @@ def test_private_folders_of_ended_processes_are_removed_by_the_next_one(tmp_path
     other_kind.mkdir()
     alive = tmp_path / f"streamtrack-emit-{os.getppid()}-abc123"  # a live process's
     unrelated = [tmp_path / "streamtrack-emit-old_style", tmp_path / f"streamtrack-emit-{ended.pid}"]
-    for folder in [alive, *unrelated]:
+    recent = tmp_path / f"streamtrack-emit-{ended.pid}-new123"  # maybe another pid namespace's
+    for folder in [alive, *unrelated, recent]:
         folder.mkdir()
+    an_hour_ago = time.time() - 3600
+    for folder in [orphan, other_kind, alive, *unrelated]:
+        os.utime(folder, (an_hour_ago, an_hour_ago))
     mine = childproc.private_dir("streamtrack-emit-")
     assert Path(mine).name.startswith(f"streamtrack-emit-{os.getpid()}-")
-    assert not orphan.exists() and other_kind.exists() and alive.exists()
+    assert not orphan.exists() and other_kind.exists() and alive.exists() and recent.exists()
     assert all(folder.exists() for folder in unrelated)
     childproc.remove_private_dirs_of(ended.pid)  # what the supervisor does for its tracker
     assert not other_kind.exists() and alive.exists() and Path(mine).exists()
