@@ -12,7 +12,7 @@ import sys
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
 from streamtrack.errors import UserError, dump_stacks_on_usr1, same_file
-from streamtrack.models import DEFAULT_MODEL, MODELS
+from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS
 from streamtrack.tracking import COMPILE_MODES
 
 log = logging.getLogger("streamtrack")
@@ -150,7 +150,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser, image_size_default: str = "the model's 1024",
-                       checkpoint_default: str = "checkpoints/<model>.pt") -> None:
+                       checkpoint_default: str = f"{CHECKPOINT_DIR}/<model>.pt") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS), metavar="NAME",
                    help=f"SAM 2 model (default {DEFAULT_MODEL}; see `streamtrack models`)")
     p.add_argument("--checkpoint", metavar="PATH",
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors")
 
     p = sub.add_parser(
-        "download", parents=[common], help="download an official SAM 2 checkpoint into checkpoints/")
+        "download", parents=[common], help=f"download an official SAM 2 checkpoint into {CHECKPOINT_DIR}")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"model name or 'all' (default {DEFAULT_MODEL})")
     p.add_argument("--force", action="store_true", help="download even if the file exists")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from streamtrack.config import Config, load_config
 from streamtrack.errors import UserError
-from streamtrack.models import MODELS
+from streamtrack.models import CHECKPOINT_DIR, MODELS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list(MODELS), metavar="NAME",
                    help="SAM 2 model (default sam2.1_hiera_tiny; see `streamtrack models`)")
-    g.add_argument("--checkpoint", help="official-format .pt (default checkpoints/<model>.pt)")
+    g.add_argument("--checkpoint", help=f"official-format .pt (default {CHECKPOINT_DIR}/<model>.pt)")
     g.add_argument("--device", help="auto|cpu|cuda[:N]|mps (default auto)")
     g.add_argument("--image-size", type=int, metavar="N",
                    help="model input size, a multiple of 32 from 64 to 2048 (default: the model's 1024)")

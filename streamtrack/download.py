@@ -1,4 +1,5 @@
-"""Download official SAM 2 checkpoints into ``checkpoints/``."""
+"""Download official SAM 2 checkpoints into ``models.CHECKPOINT_DIR`` (the checkout's
+``checkpoints/``, or the user's cache for an installed package)."""
 
 from __future__ import annotations
 
