@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import asdict, fields
 from multiprocessing import resource_tracker, shared_memory
 
@@ -120,6 +121,7 @@ class ProcessCapture(Capture):
         super().__init__(spec, config, on_status=on_status)
         self._proc: subprocess.Popen | None = None
         self._dir: str | None = None
+        self._leftovers: weakref.finalize | None = None
         self._ctl: zmq.Socket | None = None
         self._ring: _Ring | None = None
         self._ready: collections.deque[dict] = collections.deque()  # frames in slots, oldest first
@@ -143,6 +145,9 @@ class ProcessCapture(Capture):
             self._ctl.setsockopt(zmq.LINGER, 0)
             self._ctl.bind(f"ipc://{self._dir}/ctl")
             self._proc = childproc.spawn("streamtrack.capture_process", self._dir)
+            # A capture dropped without close() (or still open at exit) takes its decode
+            # process and socket folder with it.
+            self._leftovers = weakref.finalize(self, _end_child, self._proc, self._dir)
             # The source travels over the socket, not the command line: URLs carry passwords.
             config = asdict(self.config) | {"name": self.name, "policy": self.policy.value}
             request = json.dumps({"kind": self.spec.kind.value, "target": self.spec.target,
@@ -333,6 +338,8 @@ class ProcessCapture(Capture):
 
     def _shut(self, kill: bool, wait: float = 10.0) -> None:
         childproc.stop(self._proc, kill, wait)
+        if self._leftovers is not None:
+            self._leftovers.detach()
         with self._sockets:
             if self._ctl is not None:
                 self._ctl.close(linger=0)
@@ -343,6 +350,13 @@ class ProcessCapture(Capture):
                 self._ring = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _end_child(proc: subprocess.Popen, folder: str) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # the child's clean exit frees its shared memory
+    childproc.stop(proc, kill=False, wait=5.0)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _stats_dict(cap: Capture) -> dict:

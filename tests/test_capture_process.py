@@ -5,6 +5,7 @@ capture thread is tested in test_capture.py, parametrized over both."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -164,6 +165,33 @@ def test_the_child_exits_when_the_tracker_dies_without_closing_it(video):
                          text=True, timeout=60)
     assert out.returncode == 3, out.stderr
     assert exits_within(int(out.stdout.strip()), 10), "the decode process outlived its tracker"
+
+
+FORGETFUL_USER = """
+import gc, os, sys
+from streamtrack.capture import CaptureConfig, open_source
+def use(loop):
+    cap = open_source(sys.argv[1], CaptureConfig(realtime=True, loop=loop), decode="process").start()
+    assert cap.read(timeout=10) is not None
+    print(cap._proc.pid, cap._dir, flush=True)
+    return cap
+first = use(False)._proc.pid  # dropped without close()
+gc.collect()
+print("dropped", "gone" if not os.path.exists(f"/proc/{first}") else "running", flush=True)
+kept = use(True)  # still open at exit
+"""
+
+
+def test_a_capture_dropped_or_left_open_at_exit_ends_its_child_and_removes_its_folder(video, tmp_path):
+    out = subprocess.run([sys.executable, "-c", FORGETFUL_USER, str(video)], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    dropped, marker, kept = out.stdout.splitlines()
+    assert marker == "dropped gone"  # at once, not at exit
+    for line in (dropped, kept):
+        pid, folder = line.split()
+        assert exits_within(int(pid), 10) and not Path(folder).exists()
+    assert list(tmp_path.iterdir()) == [] and "Traceback" not in out.stderr, out.stderr
 
 
 def test_tracker_decoding_in_a_process_gives_the_thread_runs_results(tiny_checkpoint, tmp_path):
