@@ -56,7 +56,7 @@ from streamtrack.capture import (
     StatusCallback,
     StatusEvent,
 )
-from streamtrack.errors import UserError
+from streamtrack.errors import HelperProcessError, UserError
 from streamtrack.sources import SourceKind, SourceSpec, describe_error
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ LIVE_SLOTS = 8
 FILE_SLOTS = 3
 
 
-class DecodeProcessError(RuntimeError):
+class DecodeProcessError(HelperProcessError):
     """The decode process failed for a reason other than bad input."""
 
 
@@ -122,6 +122,7 @@ class ProcessCapture(Capture):
         self._proc: subprocess.Popen | None = None
         self._dir: str | None = None
         self._leftovers: weakref.finalize | None = None
+        self._died: str | None = None  # the child died: the next read raises this once
         self._ctl: zmq.Socket | None = None
         self._ring: _Ring | None = None
         self._ready: collections.deque[dict] = collections.deque()  # frames in slots, oldest first
@@ -173,9 +174,13 @@ class ProcessCapture(Capture):
                 if self._ctl is None:  # closed
                     return None
                 self._drain()
-                if self._ready:
-                    return self._take()
+                frame = self._take() if self._ready else None
+                if frame is not None:
+                    return frame
                 if self._source_over():
+                    if self._died is not None:  # once: later reads find the source over
+                        died, self._died = self._died, None
+                        raise DecodeProcessError(died)
                     return None
                 wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
                 if wait <= 0:
@@ -254,7 +259,8 @@ class ProcessCapture(Capture):
 
     def _check_started(self, deadline: float, timeout: float) -> None:
         if self._proc.poll() is not None:
-            raise DecodeProcessError(f"the decode process exited (code {self._proc.returncode})")
+            how = childproc.describe_exit(self._proc.returncode)
+            raise DecodeProcessError(f"the decode process exited ({how})")
         if time.monotonic() > deadline:
             raise DecodeProcessError(f"the decode process did not start within {timeout:g} s")
 
@@ -277,8 +283,30 @@ class ProcessCapture(Capture):
         elif kind == b"stats":
             self._child_stats = info
 
-    def _take(self) -> Frame:
-        """The next frame to deliver, copied out of its slot; the slots it leaves are freed."""
+    def _tell_child(self, kind: bytes, info: list) -> None:
+        """Send without blocking for good: a PAIR socket whose peer died waits forever."""
+        payload = json.dumps(info).encode()
+        while True:
+            try:
+                self._ctl.send_multipart([kind, payload], flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if self._proc.poll() is not None:
+                    return  # gone: the next read reports it
+                self._ctl.poll(100, zmq.POLLOUT)
+
+    def _child_died(self) -> None:
+        self._ready.clear()  # their slots went with the child
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._source_over()
+
+    def _take(self) -> Frame | None:
+        """The next frame to deliver, copied out of its slot; the slots it leaves are freed.
+        None if the child died before its frame could be read."""
         if self.policy is BufferPolicy.DROP_OLDEST:
             if len(self._ready) >= LIVE_SLOTS:
                 self._refill_full_ring()
@@ -291,10 +319,15 @@ class ProcessCapture(Capture):
         if ring is None or ring.name != info["ring"]:  # the first frame, or a new frame size
             if ring is not None:
                 ring.close()
-            ring = self._ring = _Ring(info["shape"], name=info["ring"])
+                self._ring = None
+            try:
+                ring = self._ring = _Ring(info["shape"], name=info["ring"])
+            except FileNotFoundError:  # the child died and its segment went with it
+                self._child_died()
+                return None
         image = ring.slots[info["slot"]].copy()
         freed = [*skipped, [info["ring"], info["slot"]]]
-        self._ctl.send_multipart([b"free", json.dumps(freed).encode()])
+        self._tell_child(b"free", freed)
         with self._lock:
             self._delivered += 1
             self._last_id = info["frame_id"]
@@ -307,8 +340,7 @@ class ProcessCapture(Capture):
         paused), so newer frames wait in the child: free all but the newest and take
         what the child sends into them, for a frame as fresh as the thread's queue gives."""
         newest = self._ready.pop()
-        self._ctl.send_multipart([b"free", json.dumps(
-            [[d["ring"], d["slot"]] for d in self._ready]).encode()])
+        self._tell_child(b"free", [[d["ring"], d["slot"]] for d in self._ready])
         self._ready.clear()
         self._ready.append(newest)
         deadline = time.monotonic() + self.REFILL_WAIT
@@ -331,8 +363,8 @@ class ProcessCapture(Capture):
             self._transition(SourceState(final["state"]), final.get("error"))
             return True
         if self._proc.poll() is not None:
-            self._transition(SourceState.FAILED,
-                             f"the decode process exited (code {self._proc.returncode})")
+            self._died = f"the decode process exited ({childproc.describe_exit(self._proc.returncode)})"
+            self._transition(SourceState.FAILED, self._died)
             return True
         return False
 
@@ -354,7 +386,7 @@ class ProcessCapture(Capture):
 
 def _end_child(proc: subprocess.Popen, folder: str) -> None:
     if proc.poll() is None:
-        proc.terminate()  # the child's clean exit frees its shared memory
+        proc.send_signal(childproc.EXIT_SIGNAL)  # its clean exit frees its shared memory
     childproc.stop(proc, kill=False, wait=5.0)
     shutil.rmtree(folder, ignore_errors=True)
 

@@ -20,11 +20,18 @@ import time
 
 import zmq
 
+# What tells a helper to exit cleanly: the kernel sends it when the tracker dies.
+EXIT_SIGNAL = signal.SIGHUP
+
 
 def spawn(module: str, *args: str) -> subprocess.Popen:
-    """Start ``python -m module args... <this pid>`` with no stdin (stderr is shared)."""
+    """Start ``python -m module args... <this pid>`` with no stdin (stderr is shared).
+
+    In a session of its own: a terminal's Ctrl-C and a signal to the tracker's process
+    group reach the tracker alone, which closes its helpers after its last frame (one
+    still importing would otherwise die of it, with a traceback)."""
     return subprocess.Popen([sys.executable, "-m", module, *args, str(os.getpid())],
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 # An ipc:// endpoint is a Unix socket: its path fits in 107 bytes (sun_path).
@@ -106,21 +113,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# A process killed (a tracker as hung, a helper by the OOM killer or kill -9) leaves its
+# semaphores and shared memory to multiprocessing's resource tracker, which removes them
+# at exit and then warns of "leaked ... objects": a note for the programmer of a leak,
+# and here nothing is left behind.  The resource tracker process takes its -W options
+# from sys.warnoptions when it is started.
+_RESOURCE_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_resource_tracker() -> None:
+    if _RESOURCE_TRACKER_WARNING not in sys.warnoptions:
+        sys.warnoptions.append(_RESOURCE_TRACKER_WARNING)
+
+
 def become_child(parent_pid: int) -> bool:
     """Signal handling for a helper process; False if the parent is already gone.
 
-    Ctrl-C reaches the whole process group: the child ignores it, because the tracker
-    closes it after its last frame (so files end complete).  SIGTERM exits cleanly
-    (``finally`` blocks run), and the kernel sends it when the parent dies (Linux
-    ``PR_SET_PDEATHSIG``; note it follows the parent *thread* that spawned the child).
-    Elsewhere the child's own loop checks :func:`parent_gone`.
+    SIGINT and SIGTERM are ignored: they are for the tracker, which closes the helper
+    after its last frame, so files end complete (a service manager signals every process
+    of the service at once; a helper that quit on it would fail the tracker's last
+    frames).  :data:`EXIT_SIGNAL` exits cleanly (``finally`` blocks run), and the kernel
+    sends it when the parent dies (Linux ``PR_SET_PDEATHSIG``; note it follows the parent
+    *thread* that spawned the child).  Elsewhere the child's own loop checks
+    :func:`parent_gone`.
     """
+    quiet_resource_tracker()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(EXIT_SIGNAL, lambda *_: sys.exit(0))
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, EXIT_SIGNAL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     return not parent_gone(parent_pid)
@@ -141,6 +165,20 @@ def stop(proc: subprocess.Popen | None, kill: bool, wait: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's exit status in words (``Popen.returncode``, ``Process.exitcode``)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the OOM killer, or kill -9)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {code}"
 
 
 def tell(sock: zmq.Socket, kind: bytes, info: dict | list | None = None) -> None:

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
-from streamtrack.errors import UserError, dump_stacks_on_usr1, same_file
+from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1, same_file
 from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS
 from streamtrack.tracking import COMPILE_MODES
 
@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"streamtrack: error: {e}", file=sys.stderr)
         return 2
+    except HelperProcessError as e:
+        print(f"streamtrack: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("streamtrack: interrupted", file=sys.stderr)
         return 130

@@ -42,7 +42,7 @@ import zmq
 
 from streamtrack import childproc
 from streamtrack.curve import CurveServer
-from streamtrack.errors import UserError
+from streamtrack.errors import HelperProcessError, UserError
 from streamtrack.overlay import Annotation, annotate
 from streamtrack.protocol import FrameResult, Stats, StatusEvent, encode_mask, now
 from streamtrack.publisher import Publisher, status_event
@@ -189,7 +189,7 @@ class ThreadEmitter:
                     self.error = exc
 
 
-class EmitterError(RuntimeError):
+class EmitterError(HelperProcessError):
     """The emit process failed (a write error, or it died)."""
 
 
@@ -248,7 +248,8 @@ class ProcessEmitter:
         if self.error is not None:
             raise self.error
         if not self._closed and self._proc.poll() is not None:
-            self.error = EmitterError(f"the emit process exited unexpectedly (code {self._proc.returncode})")
+            how = childproc.describe_exit(self._proc.returncode)
+            self.error = EmitterError(f"the emit process exited unexpectedly ({how})")
             raise self.error
 
     def close(self) -> None:
@@ -287,8 +288,8 @@ class ProcessEmitter:
                     return
                 except zmq.Again:
                     if self._proc.poll() is not None:
-                        code = self._proc.returncode
-                        raise EmitterError(f"the emit process exited (code {code})") from None
+                        how = childproc.describe_exit(self._proc.returncode)
+                        raise EmitterError(f"the emit process exited ({how})") from None
                     self._sock.poll(100, zmq.POLLOUT)
 
     def _drain(self, timeout_ms: int = 0, until: bytes | None = None) -> dict | None:
@@ -330,7 +331,8 @@ class ProcessEmitter:
                 info = self._drain(0, until=kind)  # it may have said so just before exiting
                 if info is not None:
                     return info
-                raise EmitterError(f"the emit process exited (code {self._proc.returncode})")
+                how = childproc.describe_exit(self._proc.returncode)
+                raise EmitterError(f"the emit process exited ({how})")
         raise EmitterError(f"the emit process did not answer within {timeout:g} s")
 
     def _shut(self, kill: bool) -> None:

@@ -2,7 +2,8 @@
 prints when the user asks why it is stuck.
 
 The CLI turns any :class:`UserError` into one line on stderr and exit code 2;
-everything else is a runtime failure (exit code 1).
+everything else is a runtime failure (exit code 1): a :class:`HelperProcessError` in one
+line too, any other with its traceback (a bug to report).
 """
 
 import faulthandler
@@ -24,6 +25,11 @@ class DownloadError(UserError):
 
 class PromptError(UserError, ValueError):
     """A prompt (points, box, mask, object id) is malformed or out of range."""
+
+
+class HelperProcessError(RuntimeError):
+    """A helper process (the decode or the emit child) died or failed: the cause lies
+    outside this program (the OOM killer, a signal) and the message names it."""
 
 
 def existing_file(path: str | Path, what: str) -> Path:

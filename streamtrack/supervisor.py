@@ -61,7 +61,7 @@ import numpy as np
 
 from streamtrack import childproc
 from streamtrack.config import check_hang_timeout
-from streamtrack.errors import UserError, dump_stacks_on_usr1
+from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1
 from streamtrack.pipeline import Resume, RunConfig, RunSummary, Tracker
 from streamtrack.protocol import FrameResult, decode_mask, normalize_endpoint
 from streamtrack.tracking import Prompt
@@ -218,7 +218,7 @@ class Supervisor:
     # --------------------------------------------------------------------- loop
     def run(self) -> RunSummary:
         restore = install_stop_signals(self.stop)
-        _quiet_resource_tracker()
+        childproc.quiet_resource_tracker()
         ctx = mp.get_context("spawn")
         total = RunSummary()
         started = time.monotonic()
@@ -287,7 +287,7 @@ class Supervisor:
                 failed_starts = 0 if self.state is TrackerState.RUNNING else failed_starts + 1
                 if ran >= self.sup.backoff_reset_after:
                     backoff = self.sup.backoff_initial
-                why = data.get("message") or child.hung or _describe_exit(child.proc.exitcode)
+                why = data.get("message") or child.hung or childproc.describe_exit(child.proc.exitcode)
                 if not data.get("message"):  # killed: its progress bar's line was never ended
                     self._end_bar_line(child)
                 if failed_starts >= self.sup.max_failed_starts:
@@ -367,18 +367,6 @@ class Supervisor:
             if msg.result is not None and msg.stream == self.config.stream:
                 self._seen.update(msg.result)
 
-# A tracker killed (as hung, by the OOM killer, by kill -9) leaves its semaphores to
-# multiprocessing's resource tracker, which removes them at exit and then warns of
-# "leaked semaphore objects": a note for the programmer of a leak, and here nothing is
-# left behind.  The resource tracker process takes its -W options from sys.warnoptions
-# when it is started.
-_RESOURCE_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
-
-
-def _quiet_resource_tracker() -> None:
-    if _RESOURCE_TRACKER_WARNING not in sys.warnoptions:
-        sys.warnoptions.append(_RESOURCE_TRACKER_WARNING)
-
 
 def install_stop_signals(stop: Callable[[int], None], *, interrupt_again: bool = False) -> Callable[[], None]:
     """Route SIGINT and SIGTERM to ``stop(signum)``, called on a thread of its own; returns
@@ -435,19 +423,6 @@ def _add(total: RunSummary, part: RunSummary) -> None:
     total.interrupted = total.interrupted or part.interrupted
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (the OOM killer, or kill -9)" if -code == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    return f"exit code {code}"
-
-
 # ------------------------------------------------------------------------ child
 
 
@@ -480,7 +455,15 @@ class _Child:
         level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
         proc = ctx.Process(target=_child_main, args=(config, report_w, life_r, level),
                            name="streamtrack-tracker", daemon=False)
-        proc.start()
+        # The child starts with Ctrl-C ignored (an ignored signal stays so across exec; a
+        # signal mask does not) until it installs its stop handlers: a Ctrl-C while it
+        # imports would otherwise end it with a traceback.  The supervisor ignores one
+        # meanwhile too, for the few milliseconds the start takes.
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc.start()
+        finally:
+            signal.signal(signal.SIGINT, handler)
         # Close our copies of the child's ends: EOF then means the other side is gone.
         report_w.close()
         life_r.close()
@@ -578,7 +561,7 @@ def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, lo
         time.sleep(15)
         os._exit(1)
 
-    install_stop_signals(stop)
+    install_stop_signals(stop)  # Ctrl-C was ignored until now (see _Child.start)
     dump_stacks_on_usr1()  # the tracker's pid is in the control `status` reply
     threading.Thread(target=watch_lifeline, name="lifeline", daemon=True).start()
     try:
@@ -590,7 +573,8 @@ def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, lo
         os._exit(EXIT_USER_ERROR)
     except BaseException as exc:  # a crash: the supervisor restarts us
         report("error", {"message": f"{type(exc).__name__}: {exc}"})
-        traceback.print_exc()
+        if not isinstance(exc, HelperProcessError):  # its message says it all
+            traceback.print_exc()
         reports.close()
         os._exit(1)
     report("done", asdict(summary))

@@ -17,7 +17,7 @@ import pytest
 from conftest import exits_within, track_both_ways
 
 from streamtrack.capture import CaptureConfig, SourceState, open_source
-from streamtrack.capture_process import ProcessCapture
+from streamtrack.capture_process import DecodeProcessError, ProcessCapture
 from streamtrack.errors import UserError
 from streamtrack.synthetic import make_clip, write_video
 
@@ -97,8 +97,10 @@ def test_a_dead_decode_process_fails_the_source_instead_of_hanging(video):
         assert len(_shm_segments() - before) == 1
         cap._proc.kill()
         t0 = time.monotonic()
-        while cap.read(timeout=0.5) is not None:  # what was already on the way, then nothing
-            assert time.monotonic() - t0 < 5
+        with pytest.raises(DecodeProcessError, match=r"^the decode process exited \(killed by SIGKILL"):
+            while cap.read(timeout=0.5) is not None:  # what was already on the way, then the error
+                assert time.monotonic() - t0 < 5
+        assert cap.read(timeout=0.5) is None  # once; then the source is over
         assert cap.state is S.FAILED
         assert "decode process exited" in cap.last_error
         assert time.monotonic() - t0 < 5
@@ -107,6 +109,25 @@ def test_a_dead_decode_process_fails_the_source_instead_of_hanging(video):
     while _shm_segments() != before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _shm_segments() == before
+
+
+@pytest.mark.timeout(60)
+def test_frames_announced_by_a_child_that_died_since_are_taken_without_hanging(video):
+    """Freeing a slot tells the child: a send to a dead peer must not block for good."""
+    with open_source(str(video), CaptureConfig(), decode="process") as cap:
+        assert cap.read(timeout=10) is not None
+        deadline = time.monotonic() + 10
+        while len(cap._ready) < 2 and time.monotonic() < deadline:  # the ring's other slots filled
+            with cap._sockets:
+                cap._drain()
+            time.sleep(0.05)
+        assert len(cap._ready) >= 2
+        cap._proc.kill()
+        cap._proc.wait()
+        time.sleep(0.5)  # the socket has seen its peer go
+        with pytest.raises(DecodeProcessError, match="killed by SIGKILL"):
+            for _ in range(10):
+                cap.read(timeout=0.5)
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

@@ -429,11 +429,14 @@ def test_a_dead_child_is_an_error_not_a_hang(tmp_path):
         emitter.publisher.publish_status("late")
 
 
-def test_ctrl_c_reaches_the_child_but_it_keeps_emitting_until_closed(tmp_path):
+def test_stop_signals_are_for_the_tracker_the_child_keeps_emitting_until_closed(tmp_path):
     published: list[FrameResult] = []
     emitter = ProcessEmitter(OutputsConfig(save_jsonl=str(tmp_path / "r.jsonl")), published.append)
+    # In a session of its own: a terminal's Ctrl-C, a kill of the process group miss it.
+    assert os.getsid(emitter._proc.pid) == emitter._proc.pid != os.getsid(0)
     emitter.submit(*frame(0))
-    os.kill(emitter._proc.pid, signal.SIGINT)  # what Ctrl-C sends the whole process group
+    os.kill(emitter._proc.pid, signal.SIGINT)
+    os.kill(emitter._proc.pid, signal.SIGTERM)  # a service manager signals every process it has
     time.sleep(0.5)
     emitter.submit(*frame(1))
     emitter.close()
@@ -457,6 +460,53 @@ def test_the_child_exits_when_the_tracker_dies_without_closing_it():
     out = subprocess.run([sys.executable, "-c", CRASHING_TRACKER], capture_output=True, text=True, timeout=60)
     assert out.returncode == 3, out.stderr
     assert exits_within(int(out.stdout.strip()), 10), "the emit process outlived its tracker"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["sigterm to every process", "emit process killed"])
+def test_a_run_emitting_in_a_process(tmp_path, tiny_checkpoint, how):
+    """SIGTERM to every process of a run (``systemctl stop``) stops it as one to the run
+    would; a killed emit process ends it with one line, not a traceback."""
+    from streamtrack.synthetic import make_clip, write_video
+
+    video = write_video(make_clip(200, 96, 64, num_objects=1).frames, tmp_path / "clip.mp4")
+    jsonl = tmp_path / "r.jsonl"
+    (tmp_path / "emit.yaml").write_text("emit: process\n")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "run", str(video), "--box", "10,10,40,40",
+         "--checkpoint", str(tiny_checkpoint), "--image-size", "64", "--device", "cpu",
+         "--config", str(tmp_path / "emit.yaml"), "--save-jsonl", str(jsonl),
+         "--save-video", str(tmp_path / "v.mp4")],
+        stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3):
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
+            time.sleep(0.1)
+        if how == "emit process killed":
+            child = subprocess.run(["pgrep", "-P", str(run.pid), "-f", "streamtrack.emitter"],
+                                   capture_output=True, text=True)
+            os.kill(int(child.stdout.split()[0]), signal.SIGKILL)
+        else:
+            os.killpg(run.pid, signal.SIGTERM)  # what reaches the emit process, it ignores
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert "Traceback" not in err, err
+    if how == "emit process killed":
+        assert run.returncode == 1
+        assert err.splitlines()[-1] == ("streamtrack: error: the emit process exited unexpectedly (killed by "
+                                        "SIGKILL (the OOM killer, or kill -9))"), err
+    else:
+        assert run.returncode == 143, err
+        assert err.splitlines()[-1].endswith("(interrupted)"), err
+        lines = jsonl.read_text().splitlines()
+        import av
+
+        with av.open(str(tmp_path / "v.mp4")) as played:  # whole: the child closed it
+            assert sum(1 for _ in played.decode(video=0)) == len(lines)
 
 
 def test_status_events_through_the_process_keep_their_fields(tmp_path):
