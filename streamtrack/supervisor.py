@@ -459,11 +459,14 @@ class _Child:
         # signal mask does not) until it installs its stop handlers: a Ctrl-C while it
         # imports would otherwise end it with a traceback.  The supervisor ignores one
         # meanwhile too, for the few milliseconds the start takes.
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        if threading.current_thread() is not threading.main_thread():  # no handlers there
             proc.start()
-        finally:
-            signal.signal(signal.SIGINT, handler)
+        else:
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                proc.start()
+            finally:
+                signal.signal(signal.SIGINT, handler)
         # Close our copies of the child's ends: EOF then means the other side is gone.
         report_w.close()
         life_r.close()
