@@ -148,7 +148,7 @@ class ProcessCapture(Capture):
             self._proc = childproc.spawn("streamtrack.capture_process", self._dir)
             # A capture dropped without close() (or still open at exit) takes its decode
             # process and socket folder with it.
-            self._leftovers = weakref.finalize(self, _end_child, self._proc, self._dir)
+            self._leftovers = weakref.finalize(self, childproc.end, self._proc, self._dir)
             # The source travels over the socket, not the command line: URLs carry passwords.
             config = asdict(self.config) | {"name": self.name, "policy": self.policy.value}
             request = json.dumps({"kind": self.spec.kind.value, "target": self.spec.target,
@@ -382,13 +382,6 @@ class ProcessCapture(Capture):
                 self._ring = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _end_child(proc: subprocess.Popen, folder: str) -> None:
-    if proc.poll() is None:
-        proc.send_signal(childproc.EXIT_SIGNAL)  # its clean exit frees its shared memory
-    childproc.stop(proc, kill=False, wait=5.0)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _stats_dict(cap: Capture) -> dict:

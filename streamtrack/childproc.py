@@ -181,6 +181,16 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def end(proc: subprocess.Popen, folder: str) -> None:
+    """Finalizer of a helper whose owner was dropped, or never closed it before exit
+    (a second Ctrl-C): ask it to exit cleanly (files complete, shared memory freed),
+    then remove its socket folder."""
+    if proc.poll() is None:
+        proc.send_signal(EXIT_SIGNAL)
+    stop(proc, kill=False, wait=5.0)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def tell(sock: zmq.Socket, kind: bytes, info: dict | list | None = None) -> None:
     """A child's message to the tracker: ``kind`` and JSON.  Never blocks for long on a
     tracker that stopped reading: it is gone or closing."""

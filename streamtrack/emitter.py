@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -218,9 +219,13 @@ class ProcessEmitter:
         self._sock.setsockopt(zmq.LINGER, 0)
         endpoint = f"ipc://{self._dir}/emit"
         self._proc: subprocess.Popen | None = None
+        self._leftovers: weakref.finalize | None = None
         try:
             self._sock.bind(endpoint)
             self._proc = childproc.spawn("streamtrack.emitter", endpoint, cfg.to_json())
+            # Not closed by exit (a second Ctrl-C cut the tracker's cleanup short): the
+            # child still closes its files, and the socket folder goes.
+            self._leftovers = weakref.finalize(self, childproc.end, self._proc, self._dir)
             info = self._wait_for(b"ready", self.START_TIMEOUT)
         except BaseException:
             self._shut(kill=True)
@@ -337,6 +342,8 @@ class ProcessEmitter:
 
     def _shut(self, kill: bool) -> None:
         childproc.stop(self._proc, kill)
+        if self._leftovers is not None:
+            self._leftovers.detach()
         with self._lock:
             self._sock.close(linger=0)
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -509,6 +509,29 @@ def test_a_run_emitting_in_a_process(tmp_path, tiny_checkpoint, how):
             assert sum(1 for _ in played.decode(video=0)) == len(lines)
 
 
+UNCLOSED_AT_EXIT = """
+import sys
+from test_emitter import frame
+from streamtrack.emitter import OutputsConfig, ProcessEmitter
+e = ProcessEmitter(OutputsConfig(save_jsonl=sys.argv[1]), lambda r: None)
+for seq in range(3):
+    e.submit(*frame(seq))
+print(e._proc.pid, e._dir, flush=True)
+"""
+
+
+def test_an_emitter_left_open_at_exit_leaves_its_files_whole_and_removes_its_folder(tmp_path):
+    """A second Ctrl-C ("quit at once") can cut the tracker's cleanup short: exit still ends
+    the child cleanly (what it had not written yet is lost, as quitting at once means)."""
+    out = subprocess.run([sys.executable, "-c", UNCLOSED_AT_EXIT, str(tmp_path / "r.jsonl")],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent)
+    assert out.returncode == 0, out.stderr
+    pid, folder = out.stdout.split()
+    assert exits_within(int(pid), 10) and not Path(folder).exists()
+    seqs = [FrameResult.from_json(x).seq for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert seqs == list(range(len(seqs)))
+
+
 def test_status_events_through_the_process_keep_their_fields(tmp_path):
     emitter = ProcessEmitter(OutputsConfig(publish="tcp://127.0.0.1:0"), lambda r: None)
     wire = Wire(emitter.publisher.endpoint)
