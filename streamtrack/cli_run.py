@@ -195,6 +195,9 @@ def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
     finally:
         restore()
     if stopped_by:
+        # Stopped and over: a Ctrl-C pressed again now would only interrupt the exit
+        # (its finalizers, torch's) with a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         summary.interrupted = True
     return summary, (stopped_by[0] if stopped_by else None)
 

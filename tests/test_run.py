@@ -564,3 +564,32 @@ def test_the_overlay_video_of_a_killed_process_plays(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(video)], check=True, timeout=60)
     with av.open(str(video)) as c:
         assert sum(1 for _ in c.decode(video=0)) >= 19  # all but the frame in progress
+
+
+def test_a_ctrl_c_after_a_stopped_run_is_over_does_not_interrupt_its_exit():
+    """A second Ctrl-C just after the stop finished landed in exit's finalizers: a traceback."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from streamtrack.cli_run import _run_in_process
+    from streamtrack.pipeline import RunSummary
+
+    def run():
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the run: it stops
+        deadline = time.monotonic() + 5
+        while not stopped and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return RunSummary(frames=3)
+
+    stopped: list[bool] = []
+    tracker = SimpleNamespace(run=run, stop=lambda: stopped.append(True))
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        summary, by = _run_in_process(tracker)
+        assert stopped and summary.interrupted and by == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)  # pressed again: nothing happens
+        time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGINT, before)
