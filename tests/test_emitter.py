@@ -510,13 +510,17 @@ def test_a_run_emitting_in_a_process(tmp_path, tiny_checkpoint, how):
 
 
 UNCLOSED_AT_EXIT = """
-import sys
+import sys, time
 from test_emitter import frame
 from streamtrack.emitter import OutputsConfig, ProcessEmitter
-e = ProcessEmitter(OutputsConfig(save_jsonl=sys.argv[1]), lambda r: None)
+published = []
+e = ProcessEmitter(OutputsConfig(save_jsonl=sys.argv[1]), published.append)
 for seq in range(3):
     e.submit(*frame(seq))
-print(e._proc.pid, e._dir, flush=True)
+deadline = time.monotonic() + 30
+while len(published) < 3 and time.monotonic() < deadline:  # written (its acknowledgements)
+    e._drain(100)
+print(e._proc.pid, e._dir, len(published), flush=True)
 """
 
 
@@ -526,10 +530,11 @@ def test_an_emitter_left_open_at_exit_leaves_its_files_whole_and_removes_its_fol
     out = subprocess.run([sys.executable, "-c", UNCLOSED_AT_EXIT, str(tmp_path / "r.jsonl")],
                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent)
     assert out.returncode == 0, out.stderr
-    pid, folder = out.stdout.split()
+    pid, folder, written = out.stdout.split()
     assert exits_within(int(pid), 10) and not Path(folder).exists()
+    assert written == "3"
     seqs = [FrameResult.from_json(x).seq for x in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert seqs == list(range(len(seqs)))
+    assert seqs == [0, 1, 2]
 
 
 def test_status_events_through_the_process_keep_their_fields(tmp_path):
