@@ -181,9 +181,9 @@ os._exit(3)
 """
 
 
-def test_the_child_exits_when_the_tracker_dies_without_closing_it(video):
+def test_the_child_exits_when_the_tracker_dies_without_closing_it(video, tmp_path):
     out = subprocess.run([sys.executable, "-c", CRASHING_TRACKER, str(video)], capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, env={**os.environ, "TMPDIR": str(tmp_path)})  # folder stays
     assert out.returncode == 3, out.stderr
     assert exits_within(int(out.stdout.strip()), 10), "the decode process outlived its tracker"
 

@@ -456,8 +456,9 @@ os._exit(3)
 """
 
 
-def test_the_child_exits_when_the_tracker_dies_without_closing_it():
-    out = subprocess.run([sys.executable, "-c", CRASHING_TRACKER], capture_output=True, text=True, timeout=60)
+def test_the_child_exits_when_the_tracker_dies_without_closing_it(tmp_path):
+    out = subprocess.run([sys.executable, "-c", CRASHING_TRACKER], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})  # its socket folder stays there
     assert out.returncode == 3, out.stderr
     assert exits_within(int(out.stdout.strip()), 10), "the emit process outlived its tracker"
 
