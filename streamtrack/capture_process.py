@@ -283,17 +283,9 @@ class ProcessCapture(Capture):
         elif kind == b"stats":
             self._child_stats = info
 
-    def _tell_child(self, kind: bytes, info: list) -> None:
-        """Send without blocking for good: a PAIR socket whose peer died waits forever."""
-        payload = json.dumps(info).encode()
-        while True:
-            try:
-                self._ctl.send_multipart([kind, payload], flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                if self._proc.poll() is not None:
-                    return  # gone: the next read reports it
-                self._ctl.poll(100, zmq.POLLOUT)
+    def _free(self, slots: list) -> None:
+        """Give slots back to the child; one that died is reported by the next read."""
+        childproc.send(self._ctl, [b"free", json.dumps(slots).encode()], self._proc)
 
     def _child_died(self) -> None:
         self._ready.clear()  # their slots went with the child
@@ -327,7 +319,7 @@ class ProcessCapture(Capture):
                 return None
         image = ring.slots[info["slot"]].copy()
         freed = [*skipped, [info["ring"], info["slot"]]]
-        self._tell_child(b"free", freed)
+        self._free(freed)
         with self._lock:
             self._delivered += 1
             self._last_id = info["frame_id"]
@@ -340,7 +332,7 @@ class ProcessCapture(Capture):
         paused), so newer frames wait in the child: free all but the newest and take
         what the child sends into them, for a frame as fresh as the thread's queue gives."""
         newest = self._ready.pop()
-        self._tell_child(b"free", [[d["ring"], d["slot"]] for d in self._ready])
+        self._free([[d["ring"], d["slot"]] for d in self._ready])
         self._ready.clear()
         self._ready.append(newest)
         deadline = time.monotonic() + self.REFILL_WAIT

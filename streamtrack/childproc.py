@@ -74,7 +74,7 @@ def remove_orphaned_dirs(parent: str, prefix: str, min_age: float = 60.0) -> lis
         return removed
     for entry in entries:
         pid = _owner_pid(entry.name, prefix)
-        if pid is None or _alive(pid):
+        if pid is None or pid_alive(pid):
             continue
         try:
             info = entry.stat(follow_symlinks=False)
@@ -103,7 +103,8 @@ def _owner_pid(name: str, prefix: str) -> int | None:
     return int(pid) if sep and pid.isdigit() and int(pid) > 0 else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (on this host, in this pid namespace)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -189,6 +190,19 @@ def end(proc: subprocess.Popen, folder: str) -> None:
         proc.send_signal(EXIT_SIGNAL)
     stop(proc, kill=False, wait=5.0)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def send(sock: zmq.Socket, parts: list, proc: subprocess.Popen) -> bool:
+    """Send ``parts`` to the helper ``proc``, waiting while it is behind but never on one
+    that has exited (a PAIR socket whose peer died would wait forever): False then."""
+    while True:
+        try:
+            sock.send_multipart(parts, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            if proc.poll() is not None:
+                return False
+            sock.poll(100, zmq.POLLOUT)
 
 
 def tell(sock: zmq.Socket, kind: bytes, info: dict | list | None = None) -> None:

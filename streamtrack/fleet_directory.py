@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from streamtrack import childproc
 from streamtrack.errors import UserError, error_reason, file_in_the_way
 
 VERSION = 1
@@ -135,13 +136,9 @@ def fleet_gone(path: str | Path) -> str | None:
     if fleet.get("state") == "stopped":
         return "the fleet has stopped"
     pid = fleet.get("pid")
-    if fleet.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return f"the fleet (pid {pid}) is not running"
-        except PermissionError:
-            pass  # alive, another user's
+    if fleet.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 \
+            and not childproc.pid_alive(pid):
+        return f"the fleet (pid {pid}) is not running"
     return None
 
 
