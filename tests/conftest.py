@@ -85,6 +85,15 @@ def exits_within(pid: int, timeout: float) -> bool:
         time.sleep(0.1)
 
 
+def assert_every_threads_stack(err: str) -> None:
+    """A SIGUSR1 stack dump (faulthandler) on stderr that has the main thread and another.
+    The kernel hands the signal to any thread that does not block it (an OpenMP or FFmpeg
+    one too), so the main thread is not always the one headed "Current thread": it is the
+    one whose stack starts at a module's top level."""
+    assert err.count("(most recent call first):") >= 2, err
+    assert " in <module>" in err, err
+
+
 def track_both_ways(tmp_path: Path, checkpoint: Path, option: str, values=("thread", "process"),
                     **run_options):
     """An 8-frame clip (object 1 prompted on frame 0, object 2 on frame 4) tracked twice,

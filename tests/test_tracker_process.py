@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import TEST_IMAGE_SIZE, free_port
+from conftest import TEST_IMAGE_SIZE, assert_every_threads_stack, free_port
 
 from streamtrack.capture import CaptureConfig, open_source
 from streamtrack.control import ControlClient, ControlError
@@ -199,7 +199,7 @@ def test_file_every_frame_in_order_masks_equal_engine_slow_subscriber_fresh(
                     if len(received) == 1:  # every thread's stack on stderr; the tracker goes on
                         os.kill(tracker_status(proc.control)["pid"], signal.SIGUSR1)
         assert proc.wait(60) == 0, proc.err()
-        assert "Current thread" in proc.err() and "Thread 0x" in proc.err()
+        assert_every_threads_stack(proc.err())
         counters = fast.counters("cam0")
         t.join(10)
     finally:
