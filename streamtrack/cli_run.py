@@ -204,12 +204,18 @@ def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
 
 def _finish(summary, args: argparse.Namespace, extra: str, stopped_by: int | None = None) -> int:
     """Print the run's summary line; the exit code: 143 if SIGTERM stopped it, 130 if it
-    was interrupted otherwise, else 0."""
+    was interrupted otherwise, 1 (and one more line) if its source failed, else 0."""
     if not args.quiet:
         print(summary.line() + extra, file=sys.stderr)
     if stopped_by == signal.SIGTERM:
         return 143
-    return 130 if summary.interrupted else 0
+    if summary.interrupted:
+        return 130
+    failure = summary.source_failure(str(args.source))
+    if failure is not None:  # e.g. a service manager restarts a camera given up on
+        print(f"streamtrack: error: {failure}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _free_port() -> int:

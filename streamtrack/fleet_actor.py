@@ -57,7 +57,7 @@ class StreamState:
     STARTING = "starting"
     RUNNING = "running"
     DONE = "done"  # the source ended or max_frames was reached
-    FAILED = "failed"  # a user error (missing source, bad checkpoint): not retried
+    FAILED = "failed"  # a user error (missing source, bad checkpoint), a source given up on: not retried
     CRASHED = "crashed"  # an unexpected exception in the tracker thread
     STOPPED = "stopped"  # removed or stopped on request
 
@@ -290,6 +290,12 @@ class FleetActor:
             log.exception("stream %s crashed", name)
             self._ended(name, stream, StreamState.CRASHED, f"{type(exc).__name__}: {exc}")
         else:
+            failure = None if stream.stop_requested else summary.source_failure(
+                str(stream.tracker.config.source))
+            if failure is not None:  # a camera given up on: the fleet's exit code says so
+                log.error("stream %s failed: %s", name, failure)
+                self._ended(name, stream, StreamState.FAILED, failure)
+                return
             state = StreamState.STOPPED if stream.stop_requested else StreamState.DONE
             log.info("stream %s %s: %s", name, state, summary.line())
             self._ended(name, stream, state, None)

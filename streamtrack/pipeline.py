@@ -184,11 +184,20 @@ class RunSummary:
     dropped: dict[str, int] = field(default_factory=dict)
     objects: dict[int, str] = field(default_factory=dict)  # final state per object
     source_state: str = ""
+    source_error: str = ""  # why the source failed (gave up reconnecting, a fatal read error)
     interrupted: bool = False
 
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def source_failure(self, source: str) -> str | None:
+        """The one-line error for a run whose source failed on its own after streaming (a
+        camera given up on after ``give_up_after``): a runtime failure, not a run done.
+        None when the source ended, or the run was stopped."""
+        if self.source_state != SourceState.FAILED.value or self.interrupted:
+            return None
+        return f"source {redact_url(source)!r} failed after {self.frames} frames: {self.source_error}"
 
     def line(self) -> str:
         if self.read_ahead and self.step_p50 is not None:
@@ -555,6 +564,8 @@ class Tracker:
         stats = self.capture.stats()
         summary.dropped = self._dropped(stats)
         summary.source_state = self.capture.state.value
+        if self.capture.state is SourceState.FAILED:
+            summary.source_error = stats.last_error or "unknown error"
         summary.objects = dict(self._object_states)
         if self.capture.state.value == "failed" and summary.frames == 0:
             raise UserError(f"source {redact_url(str(cfg.source))!r} failed: {stats.last_error}")

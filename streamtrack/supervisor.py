@@ -419,7 +419,7 @@ def _add(total: RunSummary, part: RunSummary) -> None:
     total.step_p50, total.read_ahead = part.step_p50, part.read_ahead
     total.dropped = part.dropped
     total.objects = part.objects
-    total.source_state = part.source_state
+    total.source_state, total.source_error = part.source_state, part.source_error
     total.interrupted = total.interrupted or part.interrupted
 
 

@@ -746,6 +746,33 @@ def test_an_actor_the_driver_stops_polling_stops_its_streams(tiny_checkpoint, cl
         parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry], fence_after=0.5), "f.yaml")
 
 
+def test_a_camera_given_up_on_is_listed_failed_with_its_error(tiny_checkpoint, tmp_path):
+    """A stream whose camera went away for longer than its give_up_after ended in failure
+    (the fleet's exit code counts it), not "done"."""
+    from rtsp import RtspServer
+
+    from streamtrack.fleet_actor import FleetActor
+
+    server = RtspServer()
+    url = server.start()
+    entry = {**stream_entry("door", url, [BOX1], give_up_after=1), "loop": False}
+    spec = parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry]), "f.yaml").streams[0]
+    actor = FleetActor("fleet-0")
+    try:
+        assert actor.start_stream(spec.run_config(), spec.model_key)["state"] == "running"
+        wait_for("frames tracked", lambda: actor._streams["door"].tracker.frames_seen >= 3)
+        server.stop()
+        listed = wait_for("the stream ended", lambda: (
+            s := actor.report()["streams"]["door"])["state"] not in ("starting", "running") and s,
+            timeout=60)
+    finally:
+        actor.stop_all()
+        server.close()
+    assert listed["state"] == "failed", listed
+    assert listed["error"].startswith(f"source '{url}' failed after "), listed
+    assert "gave up after 1s reconnecting" in listed["error"], listed
+
+
 def test_an_actor_reports_a_stream_that_did_not_stop(tiny_checkpoint, clip_path, tmp_path):
     """A stream hung in a write is removed: its thread hangs on, holding its endpoints, so
     the actor keeps reporting it as stuck (for the driver to restart the actor) until it ends."""

@@ -315,6 +315,44 @@ def test_unreachable_camera_is_reported_while_it_retries(tiny_checkpoint):
     assert "failed" in lines[1] and "secret" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("supervised", [False, True], ids=["in-process", "supervised"])
+def test_a_camera_given_up_on_mid_run_ends_with_exit_1_and_its_error(tiny_checkpoint, tmp_path,
+                                                                     supervised):
+    """A camera that streamed, then went away for longer than --give-up-after, is a runtime
+    failure (a service manager restarts on it), not a run done: summary line, the error,
+    exit 1, and what was tracked is written whole."""
+    from rtsp import RtspServer
+
+    server = RtspServer()
+    url = server.start()
+    out_jsonl = tmp_path / "r.jsonl"
+    extra = ["--publish", f"tcp://127.0.0.1:{free_port()}"] if supervised else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "run", url, "--box", "10,10,60,60", "--checkpoint",
+         str(tiny_checkpoint), "--image-size", str(TEST_IMAGE_SIZE), "--give-up-after", "1",
+         "--save-jsonl", str(out_jsonl), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while not (out_jsonl.exists() and out_jsonl.read_text().count("\n") >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        server.stop()  # killed for good, as a camera that lost power
+        err = _communicate_or_dump(proc, 120)
+    finally:
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    *_, summary, error = err.splitlines()
+    results = [FrameResult.from_json(line) for line in out_jsonl.read_text().splitlines()]
+    assert summary.startswith(f"{len(results)} frames in "), err
+    assert error.startswith(f"streamtrack: error: source '{url}' failed after {len(results)} "
+                            "frames: gave up after 1s reconnecting: "), err
+    assert "Traceback" not in err
+
+
 def test_a_source_outage_and_its_end_are_one_console_line_each(caplog):
     """What the console says as a camera drops, stalls and comes back; nothing while it
     simply connects, streams or ends."""
