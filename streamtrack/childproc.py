@@ -177,7 +177,7 @@ def describe_exit(code: int | None) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        hint = " (the OOM killer, or kill -9)" if -code == signal.SIGKILL else ""
+        hint = ", as by the OOM killer or kill -9" if -code == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
     return f"exit code {code}"
 

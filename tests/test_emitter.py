@@ -499,7 +499,7 @@ def test_a_run_emitting_in_a_process(tmp_path, tiny_checkpoint, how):
     if how == "emit process killed":
         assert run.returncode == 1
         assert err.splitlines()[-1] == ("streamtrack: error: the emit process exited unexpectedly (killed by "
-                                        "SIGKILL (the OOM killer, or kill -9))"), err
+                                        "SIGKILL, as by the OOM killer or kill -9)"), err
     else:
         assert run.returncode == 143, err
         assert err.splitlines()[-1].endswith("(interrupted)"), err
