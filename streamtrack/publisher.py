@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 
 DEFAULT_PUBLISH_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_SNDHWM = 16  # messages per subscriber; a few frames of slack, then drop
+# What a subscriber may send: its subscriptions, topic prefixes of at most ~140 bytes.
+# ZeroMQ keeps each in the publisher's memory at ~50 bytes per byte received, so one
+# megabyte-long subscription would cost the tracker tens of megabytes; its connection
+# is dropped instead.
+MAX_SUBSCRIPTION_BYTES = 1024
 
 
 def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
@@ -136,6 +141,7 @@ class Publisher:
         self._sock = ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, 0)  # close() must never wait on a dead subscriber
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         self._auth = None  # CURVE authenticator lease (optional encryption + client keys)
         try:
             if curve is not None:

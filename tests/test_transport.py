@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -256,6 +258,34 @@ def test_publisher_never_blocks_on_a_stalled_subscriber(pub: Publisher) -> None:
         assert pub.sent + pub.send_failures == 300
     finally:
         stalled.close()
+
+
+def test_an_oversize_subscription_is_refused_and_others_are_served(pub: Publisher) -> None:
+    """ZeroMQ keeps every subscription in the publisher's memory (~50 bytes per byte sent):
+    a client subscribing with megabytes must be cut off, not held.  A connection that sent
+    one is dropped, so that client's ordinary subscription gets nothing either."""
+    # In a process of its own: libzmq may crash closing a socket with a huge subscription.
+    greedy = subprocess.Popen([sys.executable, "-c", f"""
+import sys, zmq
+s = zmq.Context.instance().socket(zmq.SUB)
+s.setsockopt(zmq.SUBSCRIBE, b"masks/" + b"x" * 100_000)
+s.setsockopt(zmq.SUBSCRIBE, b"")
+s.connect({pub.endpoint!r})
+print("connected", flush=True)
+print("got" if s.poll(3000, zmq.POLLIN) else "nothing", flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert greedy.stdout is not None and greedy.stdout.readline() == "connected\n"
+        with Subscriber(pub.endpoint) as sub:
+            seq = _sync(pub, sub)  # an ordinary subscriber still gets results
+            for i in range(60):
+                pub.publish_result(_result(seq + i))
+                time.sleep(0.05)
+            assert sub.recv(timeout=2) is not None
+        assert greedy.stdout.readline() == "nothing\n"
+    finally:
+        greedy.kill()
+        greedy.wait()
 
 
 def test_publisher_endpoint_errors() -> None:
