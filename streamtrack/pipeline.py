@@ -843,6 +843,12 @@ def _progress(cfg: RunConfig, total: int | None):
         return None
     from tqdm import tqdm
 
+    if not hasattr(tqdm, "_lock"):
+        # tqdm's default lock includes a multiprocessing semaphore, a file in /dev/shm that
+        # only a clean exit removes: a tracker process killed and restarted by its
+        # supervisor would leave one behind each time. One bar, in one process: a thread
+        # lock is all it needs.
+        tqdm.set_lock(threading.RLock())
     if cfg.max_frames is not None:
         total = min(total, cfg.max_frames) if total else cfg.max_frames
     return tqdm(total=total or None, unit="frame", desc="tracking", dynamic_ncols=True)

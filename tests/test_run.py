@@ -287,6 +287,28 @@ def test_an_error_on_the_first_frame_gets_a_line_after_the_progress_bar(clip_fil
     assert bar and all("tracking" in line for line in bar), r.stderr
 
 
+def test_the_progress_bar_holds_no_named_semaphore(tmp_path):
+    """tqdm's default lock is a multiprocessing semaphore, a /dev/shm file only a clean exit
+    removes: every supervised tracker killed and restarted would leave one behind."""
+    video = tmp_path / "c.mp4"
+    video.touch()
+    script = f"""
+import logging
+from tqdm.contrib.logging import logging_redirect_tqdm
+from streamtrack.pipeline import RunConfig, _progress
+bar = _progress(RunConfig(source={str(video)!r}, progress=True), 10)
+with logging_redirect_tqdm():
+    bar.update(3)
+    logging.getLogger("streamtrack").warning("a line above the bar")
+bar.close()
+print(sum("/dev/shm/sem." in line for line in open("/proc/self/maps")))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TQDM_DISABLE": ""})
+    assert r.returncode == 0 and "tracking:" in r.stderr and "a line above the bar" in r.stderr, r.stderr
+    assert r.stdout.strip() == "0", r.stdout
+
+
 def test_prompts_for_frames_past_the_end_are_reported(clip_file, tiny_checkpoint, tmp_path):
     _, video, _ = clip_file
     prompts = tmp_path / "p.json"
