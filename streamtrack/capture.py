@@ -380,11 +380,17 @@ class _Backoff:
 
 
 class _Pacer:
-    """Sleeps so frames come out at the stream's own rate (``realtime`` files)."""
+    """Sleeps so frames come out at the stream's own rate (``realtime`` files).
 
-    def __init__(self, fps: float | None, stop: threading.Event) -> None:
+    The clock starts when ``play`` is set (the consumer's first read), as a player starts
+    on "play": a file played out while the model loads would lose its first seconds, and
+    the prompts meant for its first frame would land on a later one."""
+
+    def __init__(self, fps: float | None, stop: threading.Event,
+                 play: threading.Event | None = None) -> None:
         self._interval = 1.0 / fps if fps else 1.0 / 30.0
         self._stop = stop
+        self._play = play
         self.restart(time.monotonic())
 
     def restart(self, start: float) -> None:
@@ -397,6 +403,12 @@ class _Pacer:
         self.restart(time.monotonic() + self._interval)
 
     def wait(self, pts: float | None) -> None:
+        if self._play is not None:
+            while not self._play.wait(0.1):
+                if self._stop.is_set():
+                    return
+            self._play = None
+            self.restart(time.monotonic())
         if self._count == 0:
             self._first_pts = pts
         if pts is not None and self._first_pts is not None:
@@ -457,6 +469,7 @@ class Capture:
         self._last_frame_at = time.monotonic()
 
         self._stop = threading.Event()
+        self._read_once = threading.Event()  # a paced file's clock starts at the first read
         self._threads: list[threading.Thread] = []
 
     def _resolve_policy(self) -> BufferPolicy:
@@ -501,6 +514,7 @@ class Capture:
         or the source is over). None on timeout or once the source is over."""
         if self.state is SourceState.IDLE:
             raise RuntimeError("read() before start(): call start() or use 'with'")
+        self._read_once.set()
         item = self._buffer.get(timeout)
         if item is None:
             return None
@@ -650,7 +664,7 @@ class Capture:
             self._release_reader()
 
     def _run_file(self, reader: FrameReader) -> None:
-        pacer = _Pacer(reader.fps, self._stop) if self.config.realtime else None
+        pacer = _Pacer(reader.fps, self._stop, self._read_once) if self.config.realtime else None
         while True:
             self._set_reader(reader)
             before = self._decoded
@@ -733,7 +747,7 @@ class Capture:
         # A file at a URL, with --realtime: at its own pace, as a player shows it.
         paced = self.config.realtime and getattr(reader, "ends_at_eof", False)
         try:
-            self._pump(reader, _Pacer(reader.fps, self._stop) if paced else None)
+            self._pump(reader, _Pacer(reader.fps, self._stop, self._read_once) if paced else None)
         except Exception as exc:
             error = describe_error(exc, self.spec)
         return self._decoded - start, error

@@ -129,6 +129,7 @@ class ProcessCapture(Capture):
         self._final: dict | None = None  # the child's last event, held until its frames are taken
         self._child_stats: dict = {}
         self._last_id: int | None = None  # the newest frame delivered
+        self._played = False  # the child was told of the first read()
         # ZeroMQ sockets are not thread-safe; ``state`` and ``stats`` may be asked from
         # other threads than the consumer's (a control request's status).
         self._sockets = threading.RLock()
@@ -173,6 +174,8 @@ class ProcessCapture(Capture):
             with self._sockets:
                 if self._ctl is None:  # closed
                     return None
+                if not self._played:
+                    self._played = childproc.send(self._ctl, [b"play", b""], self._proc)
                 self._drain()
                 frame = self._take() if self._ready else None
                 if frame is not None:
@@ -392,6 +395,7 @@ class _Child:
         self.ctl.setsockopt(zmq.LINGER, 2000)
         self.ctl.connect(f"ipc://{directory}/ctl")
         self.stopped = False
+        self.played = False  # frames wait for the tracker's first read(), as in a thread capture
         self.slots = LIVE_SLOTS
         self.ring: _Ring | None = None
         self.free: collections.deque[int] = collections.deque()
@@ -409,6 +413,8 @@ class _Child:
             kind, payload = self.ctl.recv_multipart()
             if kind == b"stop":
                 self.stopped = True
+            elif kind == b"play":
+                self.played = True
             elif kind == b"free":
                 for ring, slot in json.loads(payload):
                     if self.ring is not None and ring == self.ring.name:
@@ -473,7 +479,11 @@ class _Child:
             if self.ring is not None and not self.free:
                 self.handle(50)  # every slot is the tracker's: wait for one
                 continue
-            frame = cap.read(timeout=0.05)
+            if self.played:
+                frame = cap.read(timeout=0.05)
+            else:  # news of the source goes on; a paced file's clock waits for the first read
+                self.handle(50)
+                frame = None
             for event in cap.status_events():
                 if event.state.terminal:
                     final = event

@@ -173,6 +173,20 @@ def test_realtime_paces_a_file_at_its_frame_rate(clip: Path) -> None:
     assert span(unpaced) < 0.5 * expected(every)
 
 
+def test_a_paced_file_starts_playing_at_the_first_read(clip: Path, decode: str) -> None:
+    """Started, then not read for a while (the tracker loading its model): a player's
+    "play" is the first read, so the file starts at its first frame, still paced."""
+    with open_source(str(clip), CaptureConfig(realtime=True), decode=decode) as cap:
+        time.sleep(1.5)  # longer than the whole clip (1.3 s)
+        frames = list(cap)
+        stats = cap.stats()
+    assert frames[0].frame_id == 0
+    assert len(frames) + stats.dropped.get("queue_full", 0) == CLIP_FRAMES
+    assert len(frames) >= CLIP_FRAMES - 5
+    span = frames[-1].capture_monotonic - frames[0].capture_monotonic
+    assert span > 0.8 * (frames[-1].frame_id - frames[0].frame_id) / CLIP_FPS  # still paced
+
+
 def test_realtime_slow_consumer_gets_newest_frames_and_drops_are_counted(clip: Path,
                                                                         decode: str) -> None:
     got: list[Frame] = []
