@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -593,8 +594,23 @@ class Fleet:
             if s.sub is not None:
                 s.sub.close()
                 s.sub = None
-        if ray is not None and ray.is_initialized():
-            live = [a for a in self.actors.values() if not a.dead]
+        try:
+            if ray is not None and ray.is_initialized():
+                self._stop_actors(ray)
+        finally:
+            # Also when Ray itself is gone (a service manager's SIGTERM reached its
+            # processes too): the directory must not go on saying "running".
+            for s in self.streams.values():
+                if not s.ended:
+                    s.state = StreamState.STOPPED
+            if self._control is not None:
+                self._control.close()
+            if self._started.is_set():
+                self._write_directory("stopped")
+
+    def _stop_actors(self, ray) -> None:
+        live = [a for a in self.actors.values() if not a.dead]
+        try:
             refs = [a.handle.stop_all.remote(10.0) for a in live]
             if refs:
                 ray.wait(refs, num_returns=len(refs), timeout=15)  # outputs flushed, best effort
@@ -603,15 +619,9 @@ class Fleet:
                     ray.kill(a.handle, no_restart=True)
                 except Exception as exc:  # noqa: BLE001 - already gone
                     log.debug("kill %s: %s", a.plan.name, exc)
-            for s in self.streams.values():
-                if not s.ended:
-                    s.state = StreamState.STOPPED
+        finally:
             if self._own_ray:
                 ray.shutdown()
-        if self._control is not None:
-            self._control.close()
-        if self._started.is_set():
-            self._write_directory("stopped")
 
 
 class _FleetControlServer(ControlServer):
@@ -643,6 +653,17 @@ class _FleetControlServer(ControlServer):
 
 
 def _init_ray(ray, address: str | None) -> None:
+    # ray.init replaces the SIGTERM handler with sys.exit(15): the fleet's own (a stop with
+    # outputs flushed, the summary and exit code 143) is put back.
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        _connect_ray(ray, address)
+    finally:
+        if threading.current_thread() is threading.main_thread() and ours is not None:
+            signal.signal(signal.SIGTERM, ours)
+
+
+def _connect_ray(ray, address: str | None) -> None:
     if not address:
         log.info("starting a local Ray instance")
         # "local": a new instance even if `ray start` left one running on this machine.

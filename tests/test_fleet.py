@@ -655,9 +655,12 @@ def test_a_hang_kills_the_actor_only_while_ray_would_restart_it(tmp_path, caplog
         assert killed == [] and caplog.text.count("stream(s) old did not stop when asked") == 1
 
 
-def test_cli_fleet_on_a_cluster_stops_cleanly_on_sigint(local_ray, tiny_checkpoint, clip_path, tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"])
+def test_cli_fleet_on_a_cluster_stops_cleanly_on_a_signal(local_ray, tiny_checkpoint, clip_path, tmp_path,
+                                                          signum, code):
     """`streamtrack fleet FILE --address` as users run it: joins the cluster, publishes,
-    and on SIGINT stops its actors (no orphans) but leaves a cluster it did not start."""
+    and on SIGINT or SIGTERM (which ray.init takes over) stops its actors (no orphans)
+    but leaves a cluster it did not start."""
     doc = fleet_doc(tmp_path, tiny_checkpoint, [stream_entry("solo", clip_path, [BOX1])], control=None)
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
     directory = tmp_path / "fleet.json"
@@ -673,13 +676,13 @@ def test_cli_fleet_on_a_cluster_stops_cleanly_on_sigint(local_ray, tiny_checkpoi
         pid = read_directory(directory)["solo"].actor_pid
         with Subscriber.from_fleet(str(directory)) as sub:
             assert [o.obj_id for o in next_masks(sub, "solo").objects] == [1]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err, err
     assert "solo: stopped" in err, err
     # Where clients find the streams, said once at the start.
