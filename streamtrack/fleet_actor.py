@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 # How long start_stream waits for the tracker to bind its endpoints (or fail).
 _BIND_TIMEOUT = 60.0
+_STOP_TIMEOUT = 10.0  # s a stream gets to flush its outputs and end when stopped
 
 
 class StreamState:
@@ -114,7 +115,12 @@ class FleetActor:
         name = config.stream
         with self._lock:
             old = self._streams.get(name)
-            if old is not None and old.state in (StreamState.STARTING, StreamState.RUNNING):
+        if old is not None and old.stop_requested and old.thread is not None:
+            old.thread.join(_STOP_TIMEOUT)  # still stopping: its endpoints are free once it ends
+        with self._lock:
+            old = self._streams.get(name)
+            if (old is not None and old.state in (StreamState.STARTING, StreamState.RUNNING)
+                    and not old.stop_requested):
                 return self._stream_report(name, old) | {"error": f"stream {name!r} is already running"}
             stream = _Stream(config=config)
             self._streams[name] = stream
@@ -135,14 +141,14 @@ class FleetActor:
         with self._lock:
             return self._stream_report(name, stream)
 
-    def stop_stream(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    def stop_stream(self, name: str, timeout: float = _STOP_TIMEOUT) -> dict[str, Any]:
         """Stop one stream (its outputs are flushed) and forget it."""
         with self._driver_call():
             return self._stop_stream(name, timeout)
 
-    def _stop_stream(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    def _stop_stream(self, name: str, timeout: float = _STOP_TIMEOUT) -> dict[str, Any]:
         with self._lock:
-            stream = self._streams.pop(name, None)
+            stream = self._streams.get(name)
         if stream is None:
             return {"name": name, "state": "unknown"}
         stream.stop_requested = True
@@ -150,10 +156,15 @@ class FleetActor:
             stream.tracker.stop()
         if stream.thread is not None:
             stream.thread.join(timeout)
-            if stream.thread.is_alive():
+        with self._lock:
+            # Listed until its thread has ended: a driver that found it gone would start it
+            # again on the same endpoints while this one still held them (a fence racing
+            # the driver's polls after the actor was frozen).
+            if self._streams.get(name) is stream:
+                del self._streams[name]
+            if stream.thread is not None and stream.thread.is_alive():
                 log.warning("stream %s did not stop within %.0f s (hung?)", name, timeout)
-                with self._lock:
-                    self._stuck[name] = stream.thread
+                self._stuck[name] = stream.thread
         return {"name": name, "state": StreamState.STOPPED}
 
     def stop_all(self, timeout: float = 10.0) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from conftest import free_port
 
 from streamtrack import cli
 from streamtrack.control import ControlClient
@@ -774,6 +775,40 @@ def test_a_camera_given_up_on_is_listed_failed_with_its_error(tiny_checkpoint, t
     assert listed["state"] == "failed", listed
     assert listed["error"].startswith(f"source '{url}' failed after "), listed
     assert "gave up after 1s reconnecting" in listed["error"], listed
+
+
+def test_a_stopping_stream_is_listed_until_it_has_let_go_of_its_endpoints(tiny_checkpoint, clip_path,
+                                                                          tmp_path):
+    """A fenced stream (its actor frozen past fence_after) stops while the driver's polls
+    resume: the driver restarts what the actor no longer lists, on the same endpoints, so a
+    stream must stay listed until it has closed them, and a start waits for the old one."""
+    from streamtrack.fleet_actor import FleetActor
+
+    entry = stream_entry("s", clip_path, [BOX1], realtime=True, publish=f"tcp://127.0.0.1:{free_port()}")
+    spec = parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry]), "f.yaml").streams[0]
+    actor = FleetActor("fleet-0")
+    try:
+        assert actor.start_stream(spec.run_config(), spec.model_key)["state"] == "running"
+        stream = actor._streams["s"]
+        wait_for("frames tracked", lambda: stream.tracker.frames_seen >= 2)
+        stopping = threading.Thread(target=actor._stop_stream, args=("s",))
+        stopping.start()
+        while stopping.is_alive():
+            if "s" not in actor.report()["streams"]:
+                assert not stream.thread.is_alive(), "unlisted while its thread still runs"
+            time.sleep(0.002)
+        assert actor.report()["streams"] == {}
+        # A start while the old one is still stopping waits for it, then binds.
+        assert actor.start_stream(spec.run_config(), spec.model_key)["state"] == "running"
+        second = actor._streams["s"]
+        again = threading.Thread(target=actor._stop_stream, args=("s",))
+        again.start()
+        wait_for("the stop begun", lambda: second.stop_requested, every=0.001)
+        report = actor.start_stream(spec.run_config(), spec.model_key)
+        again.join()
+        assert report["state"] == "running" and not report.get("error"), report
+    finally:
+        actor.stop_all()
 
 
 def test_an_actor_reports_a_stream_that_did_not_stop(tiny_checkpoint, clip_path, tmp_path):
