@@ -176,18 +176,22 @@ def publish_endpoints(fleet: str | Path, streams: list[str] | None = None, *,
                       require: bool = True, timeout: float = 2.0) -> list[str]:
     """The publish endpoints a fleet lists (see :func:`fleet_streams`) for ``streams``, or
     for every stream that has one, in stream-name order.  ``require``: a
-    :class:`UserError` when a named stream is unknown, or when no stream has an endpoint
-    and none will (all ended or failed; streams still starting get theirs soon)."""
+    :class:`UserError` when the fleet has stopped, when a named stream is unknown, or when
+    no stream has an endpoint and none will (all ended or failed; streams still starting
+    get theirs soon, and a fleet with no streams yet gets them with ``add_stream``)."""
     entries = fleet_streams(fleet, timeout)
     where = _where(fleet)
+    gone = fleet_gone(fleet) if require and "://" not in str(fleet) else None
+    if gone is not None:
+        raise UserError(f"{where}: {gone}")
     missing = [s for s in streams or () if s not in entries]
     if missing and require:
         raise UserError(f"{where}: no stream(s) {missing}; listed: {sorted(entries)}")
     names = sorted(entries) if streams is None else [s for s in streams if s in entries]
     eps = [entries[n].publish for n in names if entries[n].publish]
     coming = [n for n in names if entries[n].state in COMING_STATES]
-    if not eps and not coming and require:
-        states = ", ".join(f"{n} {entries[n].state}" for n in names) or "no streams"
+    if not eps and not coming and names and require:
+        states = ", ".join(f"{n} {entries[n].state}" for n in names)
         raise UserError(f"{where}: no stream has a publish endpoint ({states})")
     return eps  # type: ignore[return-value]
 

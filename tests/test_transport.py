@@ -799,6 +799,25 @@ def test_a_fleet_subscriber_started_while_its_streams_start_connects_when_they_r
         Subscriber.from_fleet(str(directory))
 
 
+def test_a_fleet_subscriber_waits_on_a_fleet_with_no_streams_yet_not_on_one_stopped(tmp_path: Path) -> None:
+    """A fleet started with `streams: []` gets every stream by add_stream: its subscriber
+    follows it from the start.  A fleet that has stopped is said at once, not waited on."""
+    from streamtrack.fleet_directory import StreamEntry, write_directory
+
+    directory = tmp_path / "fleet.json"
+    write_directory(directory, [], {"state": "running"})
+    with Publisher(ANY_PORT, "cam9") as pub, \
+            Subscriber.from_fleet(str(directory), follow_interval=0.1) as sub:
+        assert sub.endpoints == []
+        write_directory(directory, [StreamEntry(name="cam9", state="running", publish=pub.endpoint)],
+                        {"state": "running"})
+        _sync(pub, sub, "cam9")
+    write_directory(directory, [StreamEntry(name="cam9", state="stopped", publish=pub.endpoint)],
+                    {"state": "stopped"})
+    with pytest.raises(UserError, match=r"fleet directory .*fleet.json: the fleet has stopped"):
+        Subscriber.from_fleet(str(directory))
+
+
 def test_subscribe_to_a_fleet_control_nobody_answers_is_one_line(capsys) -> None:
     from streamtrack import cli
 
