@@ -112,6 +112,7 @@ class _Actor:
     unavailable: bool = False  # being restarted by Ray
     unanswered: bool = False  # its last report is overdue (unreachable_after)
     killed: str | None = None  # why the fleet killed it (a hung stream), until Ray restarts it
+    released: bool = False  # every stream of it ended: killed to free its resources
     stuck: tuple[str, ...] = ()  # streams it could not stop (their threads hang on), as last reported
     restarts: int = 0
     report_ref: Any = None
@@ -383,6 +384,24 @@ class Fleet:
                 actor.last_report = now
             elif actor.report_ref is not None and now - actor.last_report >= self.unreachable_after:
                 self._on_actor_unanswered(actor, now - actor.last_report)
+        self._release_idle_actors()
+
+    def _release_idle_actors(self) -> None:
+        """An actor whose streams have all ended (or were removed) gives its CPUs and GPU
+        share back: an actor waiting for them (a stream with another model, one added)
+        would otherwise wait for good.  A stream added later gets a new actor."""
+        for actor in self.actors.values():
+            if actor.dead or actor.incarnation is None or actor.report_ref is not None:
+                continue  # gone, not started yet, or a report in flight (news may be coming)
+            if any(not s.ended for s in self._streams_of(actor)):
+                continue
+            actor.dead = actor.released = True
+            log.info("actor %s: no stream left to run; released (%g CPU, %g GPU)", actor.plan.name,
+                     actor.plan.num_cpus, actor.plan.num_gpus)
+            try:
+                self._ray.kill(actor.handle, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - already gone
+                log.debug("kill %s: %s", actor.plan.name, exc)
 
     def _on_report(self, actor: _Actor, report: dict[str, Any]) -> None:
         restarted = actor.incarnation is not None and report["incarnation"] != actor.incarnation
@@ -509,6 +528,21 @@ class Fleet:
                 self._dirty = True
 
     def _on_actor_unanswered(self, actor: _Actor, waited: float) -> None:
+        if actor.incarnation is None:  # never answered: not created yet
+            if not actor.unanswered:
+                try:
+                    resources = self._ray.cluster_resources()
+                except Exception:  # noqa: BLE001 - a warning's detail only
+                    resources = {}
+                log.warning("actor %s has not started after %.0f s: Ray is still looking for %g CPU and "
+                            "%g GPU for it (the cluster has %g CPU, %g GPU, shared by the fleet's %d "
+                            "actors); its stream(s) %s wait. Lower fleet.num_cpus, or run fewer actors",
+                            actor.plan.name, waited, actor.plan.num_cpus, actor.plan.num_gpus,
+                            resources.get("CPU", 0.0), resources.get("GPU", 0.0),
+                            sum(not a.dead for a in self.actors.values()),
+                            ", ".join(s.spec.name for s in self._streams_of(actor)) or "-")
+            actor.unanswered = True
+            return
         if not actor.unanswered:  # once per silence
             log.warning("actor %s (node %s) has not answered for %.0f s: cut off, or frozen? Ray restarts "
                         "it elsewhere once it declares the node dead; its streams stop themselves after "

@@ -429,6 +429,28 @@ def test_fleet_streams_restart_and_control(local_ray, tiny_checkpoint, clip_path
     wait_for("actor processes gone", lambda: not any(pid_alive(p) for p in pids), timeout=30)
 
 
+def test_actors_whose_streams_ended_give_their_cpus_to_an_actor_waiting(local_ray, tiny_checkpoint,
+                                                                        clip_path, tmp_path, caplog):
+    """Three one-CPU actors on a two-CPU cluster: the third waits (and says what for) until
+    an actor whose stream has ended is released, then runs; the fleet ends when all have."""
+    doc = fleet_doc(tmp_path, tiny_checkpoint, [stream_entry(n, clip_path, [BOX1], loop=False)
+                                                for n in ("a", "b", "c")], streams_per_actor=1)
+    spec = parse_fleet(doc, "f.yaml")
+    fleet = Fleet(spec, log_level=logging.INFO, poll_interval=0.3, unreachable_after=2.0)
+    summary: list = []
+    with caplog.at_level(logging.INFO, logger="streamtrack.fleet"):
+        runner = threading.Thread(target=lambda: summary.append(fleet.run()), daemon=True)
+        runner.start()
+        runner.join(240)
+        if runner.is_alive():
+            fleet.stop()
+            runner.join(60)
+    assert summary, "the fleet did not end"
+    assert {n: s["state"] for n, s in summary[0].streams.items()} == {"a": "done", "b": "done", "c": "done"}
+    assert "no stream left to run; released (1 CPU, 0 GPU)" in caplog.text
+    assert "has not started after" in caplog.text and "Lower fleet.num_cpus" in caplog.text
+
+
 def test_a_wildcard_fleet_control_is_listed_with_the_node_address(local_ray, tiny_checkpoint, tmp_path,
                                                                   monkeypatch):
     """A fleet control bound to every interface is listed in the directory with the
