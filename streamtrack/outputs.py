@@ -15,6 +15,7 @@ import stat
 from fractions import Fraction
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -198,11 +199,35 @@ _FRAGMENTED = {"movflags": "frag_every_frame+empty_moov+default_base_moof"}
 _MS = Fraction(1, 1000)
 
 
+def _interval(earlier: float | None, later: float | None) -> float | None:
+    """Seconds from one pts to the next, when both are known and it moves forward."""
+    if earlier is None or later is None or not (math.isfinite(earlier) and math.isfinite(later)):
+        return None
+    return later - earlier if later > earlier else None
+
+
+def _fit(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``rgb`` as a ``width`` x ``height`` frame of the overlay video: the video's size is
+    its first frame's (even); a frame of another size (the source changed mode) is scaled
+    to fit, keeping its aspect, on black."""
+    h, w = rgb.shape[:2]
+    if (h, w) == (height, width) or (h - h % 2, w - w % 2) == (height, width):
+        return np.ascontiguousarray(rgb[:height, :width])
+    scale = min(width / w, height / h)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = np.zeros((height, width, 3), np.uint8)
+    y, x = (height - sh) // 2, (width - sw) // 2
+    canvas[y:y + sh, x:x + sw] = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
+    return canvas
+
+
 class VideoWriter:
     """Overlay video (H.264 via PyAV), opened lazily at the first frame's size.  Frames are
     timed by their source ``pts`` (a 10 fps file plays at 10 fps, a live source's drops
-    show as the time they took); ``fps`` is the rate assumed for frames without one, and
-    an AVI's constant rate."""
+    show as the time they took).  A frame without a pts, or with one that does not move
+    forward (a loop, a repeated time), comes one source frame interval (the shortest seen)
+    after the last.  An AVI has a constant rate: the source's, from its first two frames'
+    pts.  ``fps`` is the rate assumed until the source says otherwise."""
 
     def __init__(self, path: str | Path, fps: float = 30.0):
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
@@ -214,40 +239,62 @@ class VideoWriter:
         self._stream = None
         self._first_pts: float | None = None
         self._last_ms: int | None = None
+        self._last_pts: float | None = None
+        self._step_ms = max(1, round(1000 / fps))  # the source's frame interval, once seen
+        self._step_seen = False
+        self._held: tuple[np.ndarray, float | None] | None = None  # an AVI's first frame
         self._failed = ""  # why a write failed; later writes fail the same way
         self._pipe: int | None = None
         # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames a
-        # second): its frames go at ``fps``.
+        # second): its frames go at the source's rate.
         self._timed = self.path.suffix.lower() != ".avi"
 
     def write(self, rgb: np.ndarray, pts: float | None = None) -> None:
-        import av
-
         if self._failed:
             raise UserError(self._failed)
+        if self._container is None and not self._timed and self._held is None:
+            self._held = (rgb.copy(), pts)  # the next frame's pts gives the rate
+            return
         if self._container is None:
-            options = {"flush_packets": "1"}
-            if self.path.suffix.lower() in (".mp4", ".mov", ".m4v"):
-                options.update(_FRAGMENTED)
-            # Held open as long as the video: PyAV opens the pipe again only when it writes the
-            # header, and the reader must not see an end of file in between.
-            self._pipe = _open_pipe(self.path, "--save-video")
-            try:
-                self._container = av.open(str(self.path), mode="w", options=options)
-            except (OSError, av.FFmpegError) as e:
-                self._close_pipe()
-                raise UserError(f"cannot write video {self.path}: {error_reason(e)}") from None
-            stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
-            h, w = rgb.shape[:2]
-            stream.width, stream.height = w - w % 2, h - h % 2
-            stream.pix_fmt = "yuv420p"
-            if self._timed:
-                stream.time_base = stream.codec_context.time_base = _MS
-            # No B-frames or look-ahead: each frame is muxed as it comes, not ~20 frames later.
-            stream.options = {"crf": "23", "preset": "veryfast", "tune": "zerolatency"}
-            self._stream = stream
+            held, self._held = self._held, None
+            if held is not None:
+                interval = _interval(held[1], pts)
+                self.fps = 1.0 / interval if interval else self.fps
+                self._open(held[0])
+                self._encode(*held)
+            else:
+                self._open(rgb)
+        self._encode(rgb, pts)
+
+    def _open(self, rgb: np.ndarray) -> None:
+        import av
+
+        options = {"flush_packets": "1"}
+        if self.path.suffix.lower() in (".mp4", ".mov", ".m4v"):
+            options.update(_FRAGMENTED)
+        # Held open as long as the video: PyAV opens the pipe again only when it writes the
+        # header, and the reader must not see an end of file in between.
+        self._pipe = _open_pipe(self.path, "--save-video")
+        try:
+            self._container = av.open(str(self.path), mode="w", options=options)
+        except (OSError, av.FFmpegError) as e:
+            self._close_pipe()
+            raise UserError(f"cannot write video {self.path}: {error_reason(e)}") from None
+        stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
+        h, w = rgb.shape[:2]
+        stream.width, stream.height = w - w % 2, h - h % 2
+        stream.pix_fmt = "yuv420p"
+        if self._timed:
+            stream.time_base = stream.codec_context.time_base = _MS
+        # No B-frames or look-ahead: each frame is muxed as it comes, not ~20 frames later.
+        stream.options = {"crf": "23", "preset": "veryfast", "tune": "zerolatency"}
+        self._stream = stream
+
+    def _encode(self, rgb: np.ndarray, pts: float | None) -> None:
+        import av
+
         s = self._stream
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[: s.height, : s.width]), format="rgb24")
+        frame = av.VideoFrame.from_ndarray(_fit(rgb, s.width, s.height), format="rgb24")
         if self._timed:
             frame.pts, frame.time_base = self._timestamp_ms(pts), _MS
         try:
@@ -262,21 +309,32 @@ class VideoWriter:
 
     def _timestamp_ms(self, pts: float | None) -> int:
         """Milliseconds from the first frame, always increasing (a loop or a restart of the
-        source's clock, or no pts at all, continues at the nominal rate)."""
-        step = max(1, round(1000 / self.fps))
+        source's clock, or no pts at all, continues one source frame interval later)."""
+        interval = _interval(self._last_pts, pts)
+        if interval:
+            # The shortest step seen is the frame interval: a live source's drops only
+            # make steps longer.
+            step = max(1, round(interval * 1000))
+            self._step_ms = min(self._step_ms, step) if self._step_seen else step
+            self._step_seen = True
         ms = None
         if pts is not None and math.isfinite(pts):
+            self._last_pts = pts
             if self._first_pts is None:
                 self._first_pts = pts
             ms = round((pts - self._first_pts) * 1000)
         if self._last_ms is not None and (ms is None or ms <= self._last_ms):
-            ms = self._last_ms + step
+            ms = self._last_ms + self._step_ms
         self._last_ms = ms if ms is not None else 0
         return self._last_ms
 
     def close(self) -> None:
         import av
 
+        if self._held is not None and not self._failed:  # an AVI of one frame
+            held, self._held = self._held, None
+            self._open(held[0])
+            self._encode(*held)
         if self._container is not None:
             container, self._container = self._container, None
             try:

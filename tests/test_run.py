@@ -601,15 +601,41 @@ def test_the_overlay_video_is_timed_by_pts(tmp_path):
     writer.close()
     with av.open(str(tmp_path / "v.mp4")) as c:
         times = [round(f.time, 3) for f in c.decode(video=0)]
-    assert times == [0.0, 0.1, 0.2, 0.4, 0.433, 0.466]
-    # AVI has a constant rate: its frames go at the writer's fps, one after another.
-    writer = VideoWriter(tmp_path / "v.avi", fps=10)
+    # No pts, or one going back: one source frame interval (0.1 s, not the drop's 0.2) on.
+    assert times == [0.0, 0.1, 0.2, 0.4, 0.5, 0.6]
+    # AVI has a constant rate: the source's (10 fps, not the writer's default 30).
+    writer = VideoWriter(tmp_path / "v.avi")
     for i, p in enumerate(pts):
         writer.write(np.full((48, 64, 3), 40 * i, np.uint8), p)
     writer.close()
     with av.open(str(tmp_path / "v.avi")) as c:
         times = [f.time for f in c.decode(video=0)]
     assert len(times) == 6 and np.allclose(np.diff(times), 0.1)
+    writer = VideoWriter(tmp_path / "one.avi")  # one frame: the rate assumed
+    writer.write(np.zeros((48, 64, 3), np.uint8), 0.0)
+    writer.close()
+    with av.open(str(tmp_path / "one.avi")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 1
+
+
+def test_the_overlay_video_fits_frames_of_another_size_whole(tmp_path):
+    """A source that changes mode: the video keeps its first size, later frames are scaled
+    into it whole (keeping their aspect), not cropped to their top-left corner."""
+    from streamtrack.outputs import VideoWriter
+
+    writer = VideoWriter(tmp_path / "v.mp4")
+    first = np.zeros((120, 160, 3), np.uint8)
+    bigger = np.zeros((240, 320, 3), np.uint8)
+    bigger[:, 160:] = 255  # its right half white
+    wide = np.full((60, 160, 3), 255, np.uint8)  # another aspect: letterboxed
+    for i, frame in enumerate((first, bigger, wide)):
+        writer.write(frame, i / 10)
+    writer.close()
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        frames = [f.to_ndarray(format="gray") for f in c.decode(video=0)]
+    assert [f.shape for f in frames] == [(120, 160)] * 3
+    assert frames[1][:, :75].mean() < 20 and frames[1][:, 85:].mean() > 235  # right half white
+    assert frames[2][:25].mean() < 20 and frames[2][35:85].mean() > 235 and frames[2][95:].mean() < 20
 
 
 def test_the_overlay_video_of_a_killed_process_plays(tmp_path):
