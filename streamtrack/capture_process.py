@@ -66,6 +66,7 @@ DECODE_MODES = ("thread", "process")
 # step; 8 slots of 1280x720 RGB are 22 MB.  Files: one being read, two ready.
 LIVE_SLOTS = 8
 FILE_SLOTS = 3
+SHARED_MEMORY_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (a tmpfs)
 
 
 class DecodeProcessError(HelperProcessError):
@@ -78,6 +79,22 @@ def check_decode_mode(mode: str) -> str:
     return mode
 
 
+def _check_room(size: int, slots: int, shape: tuple[int, ...]) -> None:
+    """A ring larger than the room left in /dev/shm is created all the same (the pages
+    come on first write), and its first frame kills the decode process with SIGBUS:
+    say so beforehand.  A container's /dev/shm is 64 MiB unless told otherwise."""
+    try:
+        free = shutil.disk_usage(SHARED_MEMORY_DIR).free
+    except OSError:  # not Linux, or no /dev/shm: nothing to check against
+        return
+    if size > free:
+        h, w = shape[:2]
+        raise UserError(
+            f"decode: process needs {size / 2**20:.0f} MiB of shared memory for {slots} {w}x{h} "
+            f"frames, and {SHARED_MEMORY_DIR} has {free / 2**20:.0f} MiB free (in a container: "
+            "docker run --shm-size=1g), or use decode: thread")
+
+
 class _Ring:
     """Frame slots of one shape in a shared-memory segment: created by the child,
     attached by the tracker."""
@@ -87,6 +104,7 @@ class _Ring:
         self.shape = tuple(shape)
         frame_bytes = int(np.prod(self.shape))
         if name is None:
+            _check_room(frame_bytes * slots, slots, self.shape)
             self.shm = shared_memory.SharedMemory(create=True, size=frame_bytes * slots)
         else:
             self.shm = shared_memory.SharedMemory(name=name)
@@ -490,7 +508,15 @@ class _Child:
                 else:
                     self.tell(b"status", {"state": event.state.value, "error": event.error})
             if frame is not None:
-                slot = self.slot_for(frame.image.shape)
+                try:
+                    slot = self.slot_for(frame.image.shape)
+                except UserError as exc:  # no room for the frames in shared memory
+                    self.tell(b"stats", _stats_dict(cap))
+                    self.tell(b"status", {"state": SourceState.FAILED.value, "error": str(exc),
+                                          "final": True})
+                    while not self.done():  # the tracker closes us
+                        self.handle(250)
+                    return
                 self.ring.slots[slot] = frame.image
                 self.tell(b"frame", {
                     "ring": self.ring.name, "slot": slot, "shape": frame.image.shape,

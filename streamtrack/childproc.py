@@ -177,7 +177,8 @@ def describe_exit(code: int | None) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        hint = ", as by the OOM killer or kill -9" if -code == signal.SIGKILL else ""
+        hint = {signal.SIGKILL: ", as by the OOM killer or kill -9",
+                signal.SIGBUS: ", as when shared memory (/dev/shm) is full"}.get(-code, "")
         return f"killed by {name}{hint}"
     return f"exit code {code}"
 

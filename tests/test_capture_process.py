@@ -244,3 +244,53 @@ def test_decode_is_a_config_key_that_reaches_the_run(tmp_path):
     assert RunConfig.from_config(from_file, "clip.mp4", {}).decode == "process"
     assert load_config(environ={"STREAMTRACK_DECODE": "process"}).decode == "process"
     assert RunConfig.from_config(load_config(environ={}), "clip.mp4", {}).decode == "thread"
+
+
+def test_frames_too_big_for_the_shared_memory_left_fail_the_source_in_one_line(video, tmp_path,
+                                                                              monkeypatch):
+    """A container's /dev/shm (64 MiB) holds no ring of 4K frames: the first write into one
+    killed the decode process with SIGBUS.  The child says why, and the source fails."""
+    import json
+    import shutil
+    import threading
+
+    import zmq
+
+    from streamtrack import capture_process
+    from streamtrack.capture import Capture
+    from streamtrack.sources import parse_source
+
+    free = 3 * 64 * 96 * 3 - 1  # bytes: one short of a file's ring of the clip's frames
+    usage = shutil.disk_usage(capture_process.SHARED_MEMORY_DIR)
+    monkeypatch.setattr(capture_process.shutil, "disk_usage",
+                        lambda path: usage._replace(free=free) if path == capture_process.SHARED_MEMORY_DIR
+                        else usage)
+    with pytest.raises(UserError, match=r"^decode: process needs 0 MiB of shared memory for 3 96x64 "
+                                        r"frames, and /dev/shm has 0 MiB free \(in a container"):
+        capture_process._Ring((64, 96, 3), capture_process.FILE_SLOTS)
+    capture_process._Ring((64, 96, 3), capture_process.FILE_SLOTS - 1).close(unlink=True)  # fits
+
+    parent = zmq.Context.instance().socket(zmq.PAIR)
+    parent.bind(f"ipc://{tmp_path}/ctl")
+    child = capture_process._Child(str(tmp_path), os.getppid())
+    child.played, child.slots = True, capture_process.FILE_SLOTS
+    cap = Capture(parse_source(str(video)), CaptureConfig()).start()
+    pumping = threading.Thread(target=child.pump, args=(cap,))
+    pumping.start()
+    try:
+        messages = []
+        while parent.poll(10_000):
+            kind, payload = parent.recv_multipart()
+            messages.append((kind, json.loads(payload) if payload else None))
+            if kind == b"status" and messages[-1][1].get("final"):
+                break
+        parent.send_multipart([b"stop", b""])
+        pumping.join(10)
+    finally:
+        cap.close()
+        child.close()
+        parent.close(linger=0)
+    assert not pumping.is_alive()
+    assert [k for k, _ in messages if k == b"frame"] == []
+    kind, info = messages[-1]
+    assert info["state"] == "failed" and info["error"].startswith("decode: process needs"), messages
