@@ -37,7 +37,7 @@ from streamtrack.errors import PromptError, UserError, same_file
 from streamtrack.outputs import MASK_PNG_MAX_ID
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now, system_port
 from streamtrack.publisher import StatsWindow
-from streamtrack.sources import parse_source, redact_url
+from streamtrack.sources import parse_source, redact_url, video_stream
 from streamtrack.tracking import EngineConfig, FrameOutput, Prompt, check_mask_shape, check_prompt
 
 if TYPE_CHECKING:  # torch: imported in the tracker's process only, when the model loads
@@ -588,7 +588,10 @@ class Tracker:
             # and ends there like a whole one; its header still counts every frame, or gives
             # its duration (a count from that would be wrong at a variable frame rate).
             if declared and declared.frames:
-                if declared.frames - stats.frames_decoded > 1 + stats.decode_errors:
+                # An MP4 trimmed without re-encoding counts the frames its edit list hides:
+                # decoding up to its declared duration is whole, whatever the count says.
+                if declared.frames - stats.frames_decoded > 1 + stats.decode_errors and \
+                        not self._reached_duration(declared, stats.frames_decoded):
                     log.warning("video file %s ended after %d of the %d frames its header declares: is "
                                 "it cut short?", cfg.source, stats.frames_decoded, declared.frames)
             elif declared and declared.seconds and self._pts_span is not None:
@@ -605,6 +608,15 @@ class Tracker:
         if self.frames_seen == 0 and unwritten:  # an earlier run's file there would pass for this one's
             log.warning("no frame was tracked, so %s %s not written", " and ".join(unwritten),
                         "were" if len(unwritten) > 1 else "was")
+
+    def _reached_duration(self, declared: DeclaredLength, decoded: int) -> bool:
+        """Whether the frames decoded span the duration the header declares, to within two
+        frame intervals (the last frame's own time, and rounding)."""
+        if not declared.seconds or self._pts_span is None or decoded < 2:
+            return False
+        reached = self._pts_span[1] - self._pts_span[0]
+        interval = reached / (decoded - 1)
+        return reached >= declared.seconds - 2 * interval - 0.001
 
     def _on_published(self, result: FrameResult) -> None:
         """Latency statistics once a result went out (on the emitter's thread, or, a few
@@ -867,7 +879,7 @@ def _frame_count(path: str) -> DeclaredLength | None:
 
     try:
         with av.open(path) as c:
-            return DeclaredLength(c.streams.video[0].frames or None,
+            return DeclaredLength(video_stream(c).frames or None,
                                   c.duration / av.time_base if c.duration else None)
     except Exception:  # noqa: BLE001 - the progress bar's total, and a check: niceties
         return None

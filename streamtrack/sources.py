@@ -234,15 +234,23 @@ def _pyav_options(url: str, read_timeout: float) -> dict[str, str]:
     return options
 
 
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
+    """The container's first video stream that is a video: an audio file's cover art (or a
+    video's thumbnail) is a one-picture "video" stream marked ``attached_pic``."""
+    return next((s for s in container.streams.video
+                 if not s.disposition & av.stream.Disposition.attached_pic), None)
+
+
 class PyAVReader:
     """Decodes the first video stream of a container opened with PyAV."""
 
     def __init__(self, container: av.container.InputContainer, live: bool) -> None:
         self._container = container
-        if not container.streams.video:
+        stream = video_stream(container)
+        if stream is None:
             container.close()
             raise ValueError("no video stream")
-        self._stream = container.streams.video[0]
+        self._stream = stream
         self._threaded_convert = True
         codec = self._stream.codec_context
         # Slice and frame threads where the codec supports them.

@@ -847,3 +847,33 @@ def test_rgb_conversion_is_the_same_threaded_and_falls_back_without_threads(clip
         np.testing.assert_array_equal(reader._to_rgb(OldPyAV()), threaded)
     finally:
         reader.close()
+
+
+def _with_cover_art(path: Path, video_frames: int) -> Path:
+    """An MP4 whose first video stream is a cover picture (``attached_pic``), as a song's
+    or a podcast's; ``video_frames`` > 0 adds a real video stream after it."""
+    with av.open(str(path), "w", format="mp4") as c:
+        cover = c.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        video = None
+        if video_frames:
+            video = c.add_stream("libx264", rate=10)
+            video.width, video.height, video.pix_fmt = 96, 64, "yuv420p"
+        for packet in [*cover.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8),
+                                                                 format="rgb24")), *cover.encode(None)]:
+            c.mux(packet)
+        for i in range(video_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 96, 3), STEP * i, np.uint8), format="rgb24")
+            c.mux(video.encode(frame))
+        if video is not None:
+            c.mux(video.encode(None))
+    return path
+
+
+def test_cover_art_is_not_a_video(tmp_path: Path, decode: str) -> None:
+    with pytest.raises(UserError, match=r"cannot read video file .*song\.mp4: no video stream"):
+        open_source(str(_with_cover_art(tmp_path / "song.mp4", 0)), decode=decode).start()
+    with open_source(str(_with_cover_art(tmp_path / "clip.mp4", 12)), decode=decode) as cap:
+        frames = list(cap)
+    assert [f.image.shape for f in frames] == [(64, 96, 3)] * 12

@@ -381,6 +381,39 @@ def test_a_video_file_cut_short_is_reported(tmp_path, caplog, container, frames,
                                 "it cut short\\?", messages[0]), messages
 
 
+def test_a_losslessly_trimmed_mp4_is_not_reported_cut_short(tmp_path, caplog):
+    """A stream-copy trim (`ffmpeg -ss 1.5 -c copy`) keeps the frames before the cut that
+    its first frame needs, hidden by an edit list: the header counts them, a player does
+    not show them, and the file is whole."""
+    import av
+
+    encoded = tmp_path / "gop.mp4"
+    with av.open(str(encoded), mode="w") as container:  # one keyframe: the cut needs them all
+        stream = container.add_stream("libx264", rate=10, options={"g": "40", "keyint_min": "40"})
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for rgb in make_clip(40, 160, 120, num_objects=1).frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+    trimmed = tmp_path / "trimmed.mp4"
+    with av.open(str(encoded)) as src, av.open(str(trimmed), mode="w") as out:
+        video = src.streams.video[0]
+        copy = out.add_stream_from_template(video)
+        shift = int(1.5 / video.time_base)  # the 15 frames before 1.5 s get negative times
+        for packet in src.demux(video):
+            if packet.dts is None:
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = copy
+            out.mux(packet)
+    with av.open(str(trimmed)) as c:
+        assert c.streams.video[0].frames == 40 and sum(1 for _ in c.decode(video=0)) == 25
+    run = RunConfig(source=str(trimmed), progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    with caplog.at_level("WARNING", logger="streamtrack.pipeline"):
+        assert Tracker(run, engine=TrackedIds()).run().frames == 25
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 def test_warnings_during_a_run_print_on_lines_of_their_own(tmp_path, capfd, monkeypatch):
     """Not glued to the progress bar's line (which ends only when the bar closes)."""
     import logging
