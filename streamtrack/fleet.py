@@ -220,7 +220,8 @@ class Fleet:
         spec = parse_stream(dict(entry), defaults, self.options, "add_stream")
         if spec.name in self.streams:
             raise UserError(f"add_stream: stream {spec.name!r} exists already (remove_stream it first)")
-        check_unique([s.spec for s in self.streams.values()] + [spec], "add_stream")
+        check_unique([s.spec for s in self.streams.values()] + [spec], "add_stream",
+                     self._control.endpoint if self._control is not None else None)
         self._warn_if_exposed(spec)
         actor = self._place(spec)
         self._add(spec, actor)

@@ -182,7 +182,7 @@ def parse_fleet(doc: Any, where: str) -> FleetSpec:
     streams: list[StreamSpec] = []
     for i, entry in enumerate(entries):
         streams.append(parse_stream(entry, defaults, options, f"{where}: streams[{i}]"))
-    check_unique(streams, where)
+    check_unique(streams, where, options.control_endpoint)
     return FleetSpec(options=options, streams=streams, path=where, defaults=dict(defaults))
 
 
@@ -312,22 +312,47 @@ def parse_stream(entry: Any, defaults: dict[str, Any], options: FleetOptions, wh
                       prompt_later=prompt_later)
 
 
-def check_unique(streams: list[StreamSpec], where: str) -> None:
-    """Stream names, and fixed endpoints, must not repeat."""
+def check_unique(streams: list[StreamSpec], where: str, fleet_control: str | None = None) -> None:
+    """Stream names, and fixed endpoints, must not repeat (nor take the fleet control's):
+    the same port written another way (``localhost`` for ``127.0.0.1``, or a wildcard
+    host, which binds every address) is the same endpoint."""
     seen: dict[str, str] = {}
     for s in streams:
         if s.name in seen:
             raise UserError(f"{where}: stream {s.name!r}: name used twice")
         seen[s.name] = s.name
-    bound: dict[str, str] = {}
+    bound: list[tuple[str, str]] = []  # (endpoint, its user)
+    if fleet_control is not None and not fleet_control.endswith(":*"):
+        bound.append((fleet_control, "the fleet control"))
     for s in streams:
         for key in ("publish", "control"):
             ep = getattr(s.config, key)
             if ep is None or ep.endswith(":*"):
                 continue
-            if ep in bound:
-                raise UserError(f"{where}: stream {s.name!r}: {key} {ep} is also used by {bound[ep]}")
-            bound[ep] = f"stream {s.name!r}"
+            other = next((user for used, user in bound if _same_binding(ep, used)), None)
+            if other is not None:
+                raise UserError(f"{where}: stream {s.name!r}: {key} {ep} is also used by {other}")
+            bound.append((ep, f"stream {s.name!r}"))
+
+
+_WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]")
+
+
+def _same_binding(a: str, b: str) -> bool:
+    """Whether two normalised endpoints would bind the same address on one machine."""
+    if a == b:
+        return True
+    scheme_a, _, rest_a = a.partition("://")
+    scheme_b, _, rest_b = b.partition("://")
+    if scheme_a != "tcp" or scheme_b != "tcp":
+        return False
+    host_a, _, port_a = rest_a.rpartition(":")
+    host_b, _, port_b = rest_b.rpartition(":")
+    if port_a != port_b:
+        return False
+    loopback = {"localhost": "127.0.0.1"}
+    host_a, host_b = loopback.get(host_a, host_a), loopback.get(host_b, host_b)
+    return host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:

@@ -145,6 +145,16 @@ def pid_alive(pid: int) -> bool:
     (lambda d: d["defaults"].update(max_restarts=5),
      "defaults: unknown key 'max_restarts' (fleet.max_restarts: a fleet option)"),
     (lambda d: d.update(cameras=[]), "unknown section(s) ['cameras']"),
+    # one port written two ways, a wildcard host, the fleet control's own port
+    (lambda d: (d["streams"][0].update(publish="tcp://127.0.0.1:5601"),
+                d["streams"][1].update(publish="tcp://localhost:5601")),
+     "stream 'b': publish tcp://localhost:5601 is also used by stream 'a'"),
+    (lambda d: (d["streams"][0].update(publish="tcp://0.0.0.0:5601"),
+                d["streams"][1].update(control="tcp://127.0.0.1:5601")),
+     "stream 'b': control tcp://127.0.0.1:5601 is also used by stream 'a'"),
+    (lambda d: (d["fleet"].update(control="tcp://127.0.0.1:5602"),
+                d["streams"][0].update(publish="5602")),
+     "stream 'a': publish tcp://127.0.0.1:5602 is also used by the fleet control"),
 ])
 def test_malformed_fleet_file_is_one_line_and_exit_2(tmp_path, capsys, mutate, expected):
     doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [stream_entry("a", "a.mp4", [BOX1]),
@@ -156,6 +166,17 @@ def test_malformed_fleet_file_is_one_line_and_exit_2(tmp_path, capsys, mutate, e
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert expected in err and str(path) in err, err
+
+
+def test_add_stream_refuses_the_fleet_controls_port(tmp_path):
+    from types import SimpleNamespace
+
+    doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [], control="tcp://0.0.0.0:5602", exit_when_done=False)
+    fleet = Fleet(parse_fleet(doc, "f.yaml"))
+    fleet._control = SimpleNamespace(endpoint="tcp://0.0.0.0:5602")  # as bound by run()
+    with pytest.raises(UserError, match=r"^add_stream: stream 'x': publish tcp://127.0.0.1:5602 is also "
+                                        r"used by the fleet control$"):
+        fleet.add_stream(stream_entry("x", "x.mp4", [BOX1], publish="5602"))
 
 
 def test_unreadable_fleet_file_is_one_line(tmp_path, capsys):
