@@ -160,6 +160,8 @@ class Fleet:
         self._dirty = True
         self._directory_error = ""  # why the last write of the directory failed, if it did
         self._directory_retry_at = 0.0
+        self._directory_written: tuple[int, int, int] | None = None  # the file as last written
+        self._directory_checked_at = 0.0
         self._next_actor = 0
         self._cluster_gpus = 0.0
         self._warned: set[tuple[str, str]] = set()
@@ -189,6 +191,8 @@ class Fleet:
                 self._collect_starts()
                 self._poll_actors()
                 self._drain_masks()
+                if not self._directory_intact():
+                    self._dirty = True
                 if self._dirty and time.monotonic() >= self._directory_retry_at:
                     self._write_directory("running")
                 if self.options.exit_when_done and self._all_ended():
@@ -618,6 +622,17 @@ class Fleet:
             log.warning("fleet directory %s written again", self.options.directory)
             self._directory_error = ""
         self._dirty = False
+        self._directory_written = _file_identity(self.options.directory)
+        self._directory_checked_at = time.monotonic()
+
+    def _directory_intact(self) -> bool:
+        """Whether the directory file is still the one last written, looked at once a second:
+        one deleted or overwritten (by hand, a cleanup job) is written again, else new
+        clients would find no fleet until the next change."""
+        if time.monotonic() - self._directory_checked_at < 1.0:
+            return True
+        self._directory_checked_at = time.monotonic()
+        return _file_identity(self.options.directory) == self._directory_written
 
     def _defaults(self) -> dict[str, Any]:
         return self.spec.defaults
@@ -685,6 +700,14 @@ class _FleetControlServer(ControlServer):
         if not isinstance(fields.get("name"), str):
             raise UserError("remove_stream needs name (a string)")
         return fleet.remove_stream(fields["name"])
+
+
+def _file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _init_ray(ray, address: str | None) -> None:

@@ -375,6 +375,11 @@ def test_fleet_streams_restart_and_control(local_ray, tiny_checkpoint, clip_path
             and s.get("bad") == "failed" and s)
         entries = read_directory(directory)
         assert entries["a"].actor == entries["bad"].actor != entries["b"].actor, entries
+        directory.unlink()  # a cleanup job, or by hand: written again, not at the next change
+        wait_for("the directory written again", lambda: directory_states(directory) == states, timeout=10)
+        directory.write_text("{}")
+        wait_for("the directory written over again", lambda: directory_states(directory) == states,
+                 timeout=10)
         assert "video file not found" in entries["bad"].error and "missing.mp4" in entries["bad"].error
         assert entries["bad"].publish is None, states
         for e in (entries["a"], entries["b"]):
