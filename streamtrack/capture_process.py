@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,17 @@ class _Ring:
         if name is None:
             _check_room(frame_bytes * slots, slots, self.shape)
             self.shm = shared_memory.SharedMemory(create=True, size=frame_bytes * slots)
+            try:
+                # The pages now, while a shortage is an error: on first write it is SIGBUS
+                # (several decoders starting at once may each have passed the check).
+                os.posix_fallocate(self.shm._fd, 0, self.shm.size)  # noqa: SLF001
+            except OSError as exc:
+                self.shm.close()
+                self.shm.unlink()
+                _check_room(frame_bytes * slots, slots, self.shape)  # taken since: say how much
+                raise UserError(f"decode: process cannot reserve shared memory: {exc}") from None
+            except AttributeError:  # not Linux: no fd, or no posix_fallocate
+                pass
         else:
             self.shm = shared_memory.SharedMemory(name=name)
             # Python < 3.13 tracks attached segments too, and would unlink the child's
@@ -477,6 +489,7 @@ class _Child:
             if self.ring is not None:
                 self.retired[self.ring.name] = (self.ring, self.slots - len(self.free))
                 self.release_retired(self.ring.name, 0)
+                self.ring = None  # retired (or closed): a new ring that cannot be made is no ring
             self.ring = _Ring(shape, self.slots)
             self.free = collections.deque(range(self.slots))
         return self.free.popleft()

@@ -237,8 +237,10 @@ def _pyav_options(url: str, read_timeout: float) -> dict[str, str]:
 def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
     """The container's first video stream that is a video: an audio file's cover art (or a
     video's thumbnail) is a one-picture "video" stream marked ``attached_pic``."""
+    # PyAV < 13 has no dispositions: every video stream is taken for a video there.
+    attached_pic = getattr(getattr(av.stream, "Disposition", None), "attached_pic", 0)
     return next((s for s in container.streams.video
-                 if not s.disposition & av.stream.Disposition.attached_pic), None)
+                 if not getattr(s, "disposition", 0) & attached_pic), None)
 
 
 class PyAVReader:

@@ -180,7 +180,9 @@ def test_a_paced_file_starts_playing_at_the_first_read(clip: Path, decode: str) 
         time.sleep(1.5)  # longer than the whole clip (1.3 s)
         frames = list(cap)
         stats = cap.stats()
-    assert frames[0].frame_id == 0
+    # The start is there (before: the clip had played out, only its last frames were left);
+    # a consumer slow to wake may still find frame 1 or 2 newer than 0 on a loaded machine.
+    assert frames[0].frame_id <= 2
     assert len(frames) + stats.dropped.get("queue_full", 0) == CLIP_FRAMES
     assert len(frames) >= CLIP_FRAMES - 5
     span = frames[-1].capture_monotonic - frames[0].capture_monotonic

@@ -294,3 +294,41 @@ def test_frames_too_big_for_the_shared_memory_left_fail_the_source_in_one_line(v
     assert [k for k, _ in messages if k == b"frame"] == []
     kind, info = messages[-1]
     assert info["state"] == "failed" and info["error"].startswith("decode: process needs"), messages
+
+
+def test_a_ring_whose_pages_cannot_be_reserved_is_refused_and_removed(monkeypatch, tmp_path):
+    """The room check passed, but others took the room since (several decoders starting at
+    once): the pages are reserved at creation, so that is an error, not SIGBUS later. And
+    a frame size change whose new ring is refused leaves the old one closed once."""
+    import errno
+
+    import zmq
+
+    from streamtrack import capture_process
+
+    before = set(os.listdir(capture_process.SHARED_MEMORY_DIR))
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(capture_process.os, "posix_fallocate", full)
+    with pytest.raises(UserError, match=r"^decode: process cannot reserve shared memory: "
+                                        r"\[Errno 28\] No space left on device$"):
+        capture_process._Ring((64, 96, 3), 3)
+    assert set(os.listdir(capture_process.SHARED_MEMORY_DIR)) <= before
+
+    monkeypatch.undo()
+    parent = zmq.Context.instance().socket(zmq.PAIR)
+    parent.bind(f"ipc://{tmp_path}/ctl")
+    child = capture_process._Child(str(tmp_path), os.getppid())
+    try:
+        slot = child.slot_for((64, 96, 3))
+        child.free.append(slot)  # the tracker has freed it
+        monkeypatch.setattr(capture_process.os, "posix_fallocate", full)
+        with pytest.raises(UserError):
+            child.slot_for((128, 192, 3))  # a camera back in a bigger mode
+        assert child.ring is None and child.retired == {}  # the old ring: closed, once
+    finally:
+        child.close()  # the old ring closed once, no error
+        parent.close(linger=0)
+    assert set(os.listdir(capture_process.SHARED_MEMORY_DIR)) <= before
