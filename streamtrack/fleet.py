@@ -31,6 +31,7 @@ one slow or restarting actor never stalls the others or the control channel.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -43,7 +44,7 @@ from typing import Any
 
 from streamtrack.control import ControlServer
 from streamtrack.errors import UserError
-from streamtrack.fleet_actor import FleetActor, StreamState, connectable, node_address
+from streamtrack.fleet_actor import STOPPING, FleetActor, StreamState, connectable, node_address
 from streamtrack.fleet_directory import StreamEntry, check_directory_writable, write_directory
 from streamtrack.fleet_spec import (
     ActorPlan,
@@ -113,6 +114,8 @@ class _Actor:
     unanswered: bool = False  # its last report is overdue (unreachable_after)
     killed: str | None = None  # why the fleet killed it (a hung stream), until Ray restarts it
     released: bool = False  # every stream of it ended: killed to free its resources
+    busy: bool = True  # its last report listed a stream not ended (running, stopping) or stuck
+    waited: bool = False  # said once that it has not started (waiting for resources)
     stuck: tuple[str, ...] = ()  # streams it could not stop (their threads hang on), as last reported
     restarts: int = 0
     report_ref: Any = None
@@ -396,8 +399,10 @@ class Fleet:
         share back: an actor waiting for them (a stream with another model, one added)
         would otherwise wait for good.  A stream added later gets a new actor."""
         for actor in self.actors.values():
-            if actor.dead or actor.incarnation is None or actor.report_ref is not None:
-                continue  # gone, not started yet, or a report in flight (news may be coming)
+            if actor.dead or actor.incarnation is None or actor.report_ref is not None or actor.busy:
+                # Gone, not started yet, a report in flight (news may be coming), or still
+                # running or closing a stream (a removed one flushes its outputs first).
+                continue
             if any(not s.ended for s in self._streams_of(actor)):
                 continue
             actor.dead = actor.released = True
@@ -411,6 +416,8 @@ class Fleet:
     def _on_report(self, actor: _Actor, report: dict[str, Any]) -> None:
         restarted = actor.incarnation is not None and report["incarnation"] != actor.incarnation
         actor.incarnation, actor.pid, actor.node = report["incarnation"], report["pid"], report["node"]
+        live = (StreamState.STARTING, StreamState.RUNNING, STOPPING)
+        actor.busy = bool(report.get("stuck")) or any(r["state"] in live for r in report["streams"].values())
         if actor.unanswered:
             log.warning("actor %s answers again", actor.plan.name)
         actor.unavailable = actor.unanswered = False
@@ -445,6 +452,8 @@ class Fleet:
                 self._update_stream(stream, rep, actor)
 
     def _update_stream(self, stream: _Stream, rep: dict[str, Any], actor: _Actor) -> None:
+        if rep["state"] == STOPPING:
+            return  # fenced, closing its outputs: restarted once the actor no longer lists it
         old = stream.state
         stream.frames = rep.get("frames", stream.frames)
         if rep.get("error") and rep["state"] in (StreamState.STARTING, StreamState.RUNNING):
@@ -534,7 +543,7 @@ class Fleet:
 
     def _on_actor_unanswered(self, actor: _Actor, waited: float) -> None:
         if actor.incarnation is None:  # never answered: not created yet
-            if not actor.unanswered:
+            if not actor.waited:
                 try:
                     resources = self._ray.cluster_resources()
                 except Exception:  # noqa: BLE001 - a warning's detail only
@@ -546,7 +555,7 @@ class Fleet:
                             resources.get("CPU", 0.0), resources.get("GPU", 0.0),
                             sum(not a.dead for a in self.actors.values()),
                             ", ".join(s.spec.name for s in self._streams_of(actor)) or "-")
-            actor.unanswered = True
+            actor.waited = True
             return
         if not actor.unanswered:  # once per silence
             log.warning("actor %s (node %s) has not answered for %.0f s: cut off, or frozen? Ray restarts "
@@ -632,7 +641,18 @@ class Fleet:
         if time.monotonic() - self._directory_checked_at < 1.0:
             return True
         self._directory_checked_at = time.monotonic()
-        return _file_identity(self.options.directory) == self._directory_written
+        now = _file_identity(self.options.directory)
+        if now == self._directory_written:
+            return True
+        other = _written_by(self.options.directory)
+        if other is not None and other != (socket.gethostname(), os.getpid()):
+            # Two fleets given one directory file: say so once, rather than take turns
+            # rewriting it every second.  Our next change writes it again, as before.
+            log.warning("fleet directory %s is written by another fleet too (pid %s on %s): give each "
+                        "fleet a directory of its own", self.options.directory, other[1], other[0])
+            self._directory_written = now
+            return True
+        return False
 
     def _defaults(self) -> dict[str, Any]:
         return self.spec.defaults
@@ -669,9 +689,14 @@ class Fleet:
                     ray.kill(a.handle, no_restart=True)
                 except Exception as exc:  # noqa: BLE001 - already gone
                     log.debug("kill %s: %s", a.plan.name, exc)
+        except Exception as exc:  # noqa: BLE001 - Ray itself going down (a signal to every process)
+            log.warning("stopping the actors: %s", _first_line(exc))
         finally:
             if self._own_ray:
-                ray.shutdown()
+                try:
+                    ray.shutdown()
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("shutting Ray down: %s", _first_line(exc))
 
 
 class _FleetControlServer(ControlServer):
@@ -700,6 +725,16 @@ class _FleetControlServer(ControlServer):
         if not isinstance(fields.get("name"), str):
             raise UserError("remove_stream needs name (a string)")
         return fleet.remove_stream(fields["name"])
+
+
+def _written_by(path: str | os.PathLike) -> tuple[str, int] | None:
+    """(host, pid) of the fleet that wrote a directory file, if it is one."""
+    try:
+        with open(path) as f:
+            fleet = json.load(f).get("fleet")
+        return (str(fleet["host"]), int(fleet["pid"]))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
 
 
 def _file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # How long start_stream waits for the tracker to bind its endpoints (or fail).
 _BIND_TIMEOUT = 60.0
 _STOP_TIMEOUT = 10.0  # s a stream gets to flush its outputs and end when stopped
+STOPPING = "stopping"  # a report's state for a stream being stopped (never a directory's)
 
 
 class StreamState:
@@ -326,8 +327,11 @@ class FleetActor:
         silent = None
         if s.alive_at is not None and s.state == StreamState.RUNNING:
             silent = round(time.monotonic() - s.alive_at, 1)
+        # Stopped on request but not gone yet (its outputs closing): the driver restarts a
+        # fenced stream only once it is gone, and must not take it for one that ended.
+        state = STOPPING if s.stop_requested and s.thread is not None else s.state
         return {
-            "name": name, "state": s.state, "error": s.error, "frames": frames, "silent": silent,
+            "name": name, "state": state, "error": s.error, "frames": frames, "silent": silent,
             "bound": dict(s.bound),
             "publish": connectable(s.bound.get("publish"), self._node),
             "control": connectable(s.bound.get("control"), self._node),

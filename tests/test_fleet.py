@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -169,14 +170,55 @@ def test_malformed_fleet_file_is_one_line_and_exit_2(tmp_path, capsys, mutate, e
 
 
 def test_add_stream_refuses_the_fleet_controls_port(tmp_path):
-    from types import SimpleNamespace
-
     doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [], control="tcp://0.0.0.0:5602", exit_when_done=False)
     fleet = Fleet(parse_fleet(doc, "f.yaml"))
     fleet._control = SimpleNamespace(endpoint="tcp://0.0.0.0:5602")  # as bound by run()
     with pytest.raises(UserError, match=r"^add_stream: stream 'x': publish tcp://127.0.0.1:5602 is also "
                                         r"used by the fleet control$"):
         fleet.add_stream(stream_entry("x", "x.mp4", [BOX1], publish="5602"))
+
+
+def test_an_actor_is_released_only_once_its_streams_are_closed(tmp_path):
+    """remove_stream asks the actor to stop the stream (its outputs flush) and returns: the
+    actor, now without streams, is released only once a report shows the stream gone, not
+    killed in the middle of that flush."""
+    from streamtrack.fleet import _Actor
+    from streamtrack.fleet_spec import plan_actors
+
+    calls = []
+
+    class Handle:
+        def __getattr__(self, method):
+            return SimpleNamespace(remote=lambda *args: calls.append((method, args)))
+
+    class FakeRay:
+        def kill(self, handle, no_restart):
+            calls.append(("kill", ()))
+
+    doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [stream_entry("cam", "cam.mp4", [BOX1])])
+    fleet = Fleet(parse_fleet(doc, "f.yaml"))
+    fleet._ray = FakeRay()
+    actor = _Actor(plan=plan_actors(fleet.spec.streams, fleet.options, 0.0)[0],
+                   key=fleet.spec.streams[0].model_key, handle=Handle())
+    fleet.actors[actor.plan.name] = actor
+    fleet._add(fleet.spec.streams[0], actor)
+    fleet.streams["cam"].starting, fleet.streams["cam"].state = False, "running"
+
+    def report(streams: dict) -> None:
+        listed = {n: {"name": n, "state": st, "frames": 3} for n, st in streams.items()}
+        fleet._on_report(actor, {"incarnation": "1", "pid": 1, "node": "n", "stuck": [], "streams": listed})
+        fleet._release_idle_actors()
+
+    report({"cam": "stopping"})  # fenced (the actor lost the driver): not taken for ended
+    assert fleet.streams["cam"].state == "running" and not fleet.streams["cam"].ended
+    report({"cam": "running"})
+    fleet.remove_stream("cam")
+    fleet._release_idle_actors()
+    report({"cam": "running"})  # asked before the stop reached the actor
+    report({"cam": "stopping"})  # closing its outputs
+    assert [c for c, _ in calls] == ["start_stream", "stop_stream"]
+    report({})  # gone: its files are whole
+    assert [c for c, _ in calls] == ["start_stream", "stop_stream", "kill"] and actor.released
 
 
 def test_unreadable_fleet_file_is_one_line(tmp_path, capsys):
@@ -842,8 +884,11 @@ def test_a_stopping_stream_is_listed_until_it_has_let_go_of_its_endpoints(tiny_c
         stopping = threading.Thread(target=actor._stop_stream, args=("s",))
         stopping.start()
         while stopping.is_alive():
-            if "s" not in actor.report()["streams"]:
+            listed = actor.report()["streams"].get("s")
+            if listed is None:
                 assert not stream.thread.is_alive(), "unlisted while its thread still runs"
+            else:  # never "stopped" (the driver would take it for ended, and not restart it)
+                assert listed["state"] in ("running", "stopping"), listed
             time.sleep(0.002)
         assert actor.report()["streams"] == {}
         # A start while the old one is still stopping waits for it, then binds.
