@@ -759,6 +759,9 @@ class Capture:
             if self._stop.is_set():
                 return False
             if pacer is not None:
+                if first:  # streaming while its first frame waits to be played (the first read)
+                    self._on_frame_flowing(new_connection=True)
+                    first = False
                 pacer.wait(raw.pts)
                 if self._stop.is_set():
                     return False

@@ -226,8 +226,9 @@ class VideoWriter:
     timed by their source ``pts`` (a 10 fps file plays at 10 fps, a live source's drops
     show as the time they took).  A frame without a pts, or with one that does not move
     forward (a loop, a repeated time), comes one source frame interval (the shortest seen)
-    after the last.  An AVI has a constant rate: the source's, from its first two frames'
-    pts.  ``fps`` is the rate assumed until the source says otherwise."""
+    after the last.  An AVI has one constant rate: from its first two frames' pts (a drop
+    between them slows the whole video).  ``fps`` is the rate assumed until the source
+    says otherwise."""
 
     def __init__(self, path: str | Path, fps: float = 30.0):
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:

@@ -178,6 +178,7 @@ def test_a_paced_file_starts_playing_at_the_first_read(clip: Path, decode: str) 
     "play" is the first read, so the file starts at its first frame, still paced."""
     with open_source(str(clip), CaptureConfig(realtime=True), decode=decode) as cap:
         time.sleep(1.5)  # longer than the whole clip (1.3 s)
+        assert cap.state is S.STREAMING  # ready to play, not "connecting"
         frames = list(cap)
         stats = cap.stats()
     # The start is there (before: the clip had played out, only its last frames were left);
