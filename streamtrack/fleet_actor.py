@@ -46,6 +46,7 @@ from typing import Any
 from streamtrack.errors import UserError
 from streamtrack.fleet_spec import ModelKey
 from streamtrack.pipeline import RunConfig, Tracker
+from streamtrack.protocol import WILDCARD_HOSTS
 
 log = logging.getLogger(__name__)
 
@@ -342,10 +343,9 @@ def connectable(endpoint: str | None, node: str) -> str | None:
     """A bound endpoint as others connect to it: a wildcard host becomes the node's address."""
     if endpoint is None:
         return None
-    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
-        if endpoint.startswith(wildcard):
-            return f"tcp://{node}:{endpoint[len(wildcard):]}"
-    return endpoint
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    return f"tcp://{node}:{port}" if scheme == "tcp" and host in WILDCARD_HOSTS else endpoint
 
 
 def node_address() -> str:

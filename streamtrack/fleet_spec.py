@@ -47,7 +47,7 @@ from streamtrack.config import Config, check_hang_timeout, coerce, load_yaml
 from streamtrack.errors import UserError, existing_file
 from streamtrack.models import MODELS, check_image_size
 from streamtrack.pipeline import RunConfig
-from streamtrack.protocol import normalize_endpoint, validate_stream
+from streamtrack.protocol import WILDCARD_HOSTS, normalize_endpoint, validate_stream
 from streamtrack.tracking import CUDAGRAPH_MODES, EngineConfig, Prompt
 
 AUTO = "auto"
@@ -335,9 +335,6 @@ def check_unique(streams: list[StreamSpec], where: str, fleet_control: str | Non
             bound.append((ep, f"stream {s.name!r}"))
 
 
-_WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]")
-
-
 def _same_binding(a: str, b: str) -> bool:
     """Whether two normalised endpoints would bind the same address on one machine."""
     if a == b:
@@ -352,7 +349,7 @@ def _same_binding(a: str, b: str) -> bool:
         return False
     loopback = {"localhost": "127.0.0.1"}
     host_a, host_b = loopback.get(host_a, host_a), loopback.get(host_b, host_b)
-    return host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS
+    return host_a == host_b or host_a in WILDCARD_HOSTS or host_b in WILDCARD_HOSTS
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:

@@ -95,6 +95,7 @@ def parse_topic(topic: str | bytes) -> tuple[str, str]:
 # ------------------------------------------------------------------------- endpoints
 
 DEFAULT_HOST = "127.0.0.1"
+WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "::")  # a tcp:// host that binds every address
 _ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
 
 
