@@ -292,8 +292,7 @@ class ProcessCapture(Capture):
 
     def _check_started(self, deadline: float, timeout: float) -> None:
         if self._proc.poll() is not None:
-            how = childproc.describe_exit(self._proc.returncode)
-            raise DecodeProcessError(f"the decode process exited ({how})")
+            raise DecodeProcessError(childproc.exited("decode", self._proc))
         if time.monotonic() > deadline:
             raise DecodeProcessError(f"the decode process did not start within {timeout:g} s")
 
@@ -388,7 +387,7 @@ class ProcessCapture(Capture):
             self._transition(SourceState(final["state"]), final.get("error"))
             return True
         if self._proc.poll() is not None:
-            self._died = f"the decode process exited ({childproc.describe_exit(self._proc.returncode)})"
+            self._died = childproc.exited("decode", self._proc)
             self._transition(SourceState.FAILED, self._died)
             return True
         return False

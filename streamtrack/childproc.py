@@ -183,6 +183,11 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def exited(name: str, proc: subprocess.Popen, verb: str = "exited") -> str:
+    """``the NAME process exited (killed by SIGKILL, …)``: a helper's death, said once."""
+    return f"the {name} process {verb} ({describe_exit(proc.returncode)})"
+
+
 def end(proc: subprocess.Popen, folder: str) -> None:
     """Finalizer of a helper whose owner was dropped, or never closed it before exit
     (a second Ctrl-C): ask it to exit cleanly (files complete, shared memory freed),

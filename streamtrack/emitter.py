@@ -253,8 +253,7 @@ class ProcessEmitter:
         if self.error is not None:
             raise self.error
         if not self._closed and self._proc.poll() is not None:
-            how = childproc.describe_exit(self._proc.returncode)
-            self.error = EmitterError(f"the emit process exited unexpectedly ({how})")
+            self.error = EmitterError(childproc.exited("emit", self._proc, "exited unexpectedly"))
             raise self.error
 
     def close(self) -> None:
@@ -288,8 +287,7 @@ class ProcessEmitter:
             # Copied, not zero-copy: measured the same for 720p masks, and pyzmq's
             # zero-copy frees buffers from a thread of its own (one more for the GIL).
             if not childproc.send(self._sock, parts, self._proc):
-                how = childproc.describe_exit(self._proc.returncode)
-                raise EmitterError(f"the emit process exited ({how})")
+                raise EmitterError(childproc.exited("emit", self._proc))
 
     def _drain(self, timeout_ms: int = 0, until: bytes | None = None) -> dict | None:
         """Handle the child's messages; returns ``until``'s payload when it arrives."""
@@ -330,8 +328,7 @@ class ProcessEmitter:
                 info = self._drain(0, until=kind)  # it may have said so just before exiting
                 if info is not None:
                     return info
-                how = childproc.describe_exit(self._proc.returncode)
-                raise EmitterError(f"the emit process exited ({how})")
+                raise EmitterError(childproc.exited("emit", self._proc))
         raise EmitterError(f"the emit process did not answer within {timeout:g} s")
 
     def _shut(self, kill: bool) -> None:
