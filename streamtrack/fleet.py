@@ -31,7 +31,6 @@ one slow or restarting actor never stalls the others or the control channel.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -45,7 +44,7 @@ from typing import Any
 from streamtrack.control import ControlServer
 from streamtrack.errors import UserError
 from streamtrack.fleet_actor import STOPPING, FleetActor, StreamState, connectable, node_address
-from streamtrack.fleet_directory import StreamEntry, check_directory_writable, write_directory
+from streamtrack.fleet_directory import StreamEntry, check_directory_writable, write_directory, written_by
 from streamtrack.fleet_spec import (
     ActorPlan,
     FleetSpec,
@@ -644,7 +643,7 @@ class Fleet:
         now = _file_identity(self.options.directory)
         if now == self._directory_written:
             return True
-        other = _written_by(self.options.directory)
+        other = written_by(self.options.directory)
         if other is not None and other != (socket.gethostname(), os.getpid()):
             # Two fleets given one directory file: say so once, rather than take turns
             # rewriting it every second.  Our next change writes it again, as before.
@@ -725,16 +724,6 @@ class _FleetControlServer(ControlServer):
         if not isinstance(fields.get("name"), str):
             raise UserError("remove_stream needs name (a string)")
         return fleet.remove_stream(fields["name"])
-
-
-def _written_by(path: str | os.PathLike) -> tuple[str, int] | None:
-    """(host, pid) of the fleet that wrote a directory file, if it is one."""
-    try:
-        with open(path) as f:
-            fleet = json.load(f).get("fleet")
-        return (str(fleet["host"]), int(fleet["pid"]))
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return None
 
 
 def _file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:

@@ -142,6 +142,17 @@ def fleet_gone(path: str | Path) -> str | None:
     return None
 
 
+def written_by(path: str | Path) -> tuple[str, int] | None:
+    """(host, pid) of the fleet that wrote this directory file; None if it is not one."""
+    try:
+        fleet = _read_doc(path).get("fleet")
+    except UserError:
+        return None
+    if not isinstance(fleet, dict) or not isinstance(fleet.get("pid"), int):
+        return None
+    return str(fleet.get("host")), fleet["pid"]
+
+
 def _entries(streams: dict, where: str) -> dict[str, StreamEntry]:
     out: dict[str, StreamEntry] = {}
     for name, entry in streams.items():

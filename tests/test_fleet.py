@@ -221,6 +221,25 @@ def test_an_actor_is_released_only_once_its_streams_are_closed(tmp_path):
     assert [c for c, _ in calls] == ["start_stream", "stop_stream", "kill"] and actor.released
 
 
+def test_a_directory_file_replaced_is_written_again_unless_another_fleet_wrote_it(tmp_path, caplog):
+    from streamtrack.fleet_directory import write_directory
+
+    doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [], control="tcp://127.0.0.1:5602", exit_when_done=False)
+    fleet = Fleet(parse_fleet(doc, "f.yaml"))
+    directory = fleet.options.directory
+    fleet._write_directory("running")
+    fleet._directory_checked_at = 0.0
+    assert fleet._directory_intact()
+    write_directory(directory, [], {"pid": os.getpid() + 1, "host": "elsewhere", "state": "running"})
+    fleet._directory_checked_at = 0.0
+    with caplog.at_level(logging.WARNING, logger="streamtrack.fleet"):
+        assert fleet._directory_intact()  # not fought over every second
+    assert "is written by another fleet too (pid" in caplog.text
+    Path(directory).write_text("{}")  # not a directory: ours to write again
+    fleet._directory_checked_at = 0.0
+    assert not fleet._directory_intact()
+
+
 def test_unreadable_fleet_file_is_one_line(tmp_path, capsys):
     path = tmp_path / "broken.yaml"
     path.write_text("streams: [name: a\n")
