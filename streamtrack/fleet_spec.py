@@ -47,7 +47,7 @@ from streamtrack.config import Config, check_hang_timeout, coerce, load_yaml
 from streamtrack.errors import UserError, existing_file
 from streamtrack.models import MODELS, check_image_size
 from streamtrack.pipeline import RunConfig
-from streamtrack.protocol import WILDCARD_HOSTS, normalize_endpoint, validate_stream
+from streamtrack.protocol import TCP_HOST, WILDCARD_HOSTS, normalize_endpoint, validate_stream
 from streamtrack.tracking import CUDAGRAPH_MODES, EngineConfig, Prompt
 
 AUTO = "auto"
@@ -247,7 +247,8 @@ def parse_options(opts: Any, where: str) -> FleetOptions:
     out = FleetOptions(**values)
     if out.control not in (None, AUTO):
         _endpoint(out.control, f"{where}: control")
-    _endpoint(f"tcp://{out.bind}:0", f"{where}: bind")
+    if not isinstance(out.bind, str) or not TCP_HOST.fullmatch(out.bind):
+        raise UserError(f"{where}: bind: {out.bind!r} is not a host name or address")
     return out
 
 

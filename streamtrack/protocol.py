@@ -97,6 +97,10 @@ def parse_topic(topic: str | bytes) -> tuple[str, str]:
 DEFAULT_HOST = "127.0.0.1"
 WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "::")  # a tcp:// host that binds every address
 _ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
+# What ZeroMQ takes as a tcp host: a name, an IPv4 or [IPv6] address, an interface, ``*``,
+# or ``source;destination`` for a connect. Anything else (spaces, a slash, a typo'd URL)
+# would only fail later, at bind or connect time, after a model has loaded.
+TCP_HOST = re.compile(r"[A-Za-z0-9._*%:\[\]-]+(;[A-Za-z0-9._*%:\[\]-]+)?")
 
 
 def normalize_endpoint(endpoint: str | int) -> str:
@@ -127,6 +131,8 @@ def normalize_endpoint(endpoint: str | int) -> str:
         host, sep, port = rest.rpartition(":")
         if not sep or not host:
             raise UserError(f"invalid endpoint {endpoint!r}: expected tcp://HOST:PORT")
+        if not TCP_HOST.fullmatch(host):
+            raise UserError(f"invalid endpoint {endpoint!r}: {host!r} is not a host name or address")
         if port != "*":
             if not port.isdigit() or not 0 <= int(port) <= 65535:
                 raise UserError(f"invalid endpoint {endpoint!r}: port must be 0-65535 or *")

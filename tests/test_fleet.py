@@ -146,6 +146,7 @@ def pid_alive(pid: int) -> bool:
     (lambda d: d["defaults"].update(max_restarts=5),
      "defaults: unknown key 'max_restarts' (fleet.max_restarts: a fleet option)"),
     (lambda d: d.update(cameras=[]), "unknown section(s) ['cameras']"),
+    (lambda d: d["fleet"].update(bind="not a host!"), "fleet: bind: 'not a host!' is not a host name"),
     # one port written two ways, a wildcard host, the fleet control's own port
     (lambda d: (d["streams"][0].update(publish="tcp://127.0.0.1:5601"),
                 d["streams"][1].update(publish="tcp://localhost:5601")),

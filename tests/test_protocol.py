@@ -345,6 +345,9 @@ def test_topics() -> None:
         ("tcp://127.0.0.1:0", "tcp://127.0.0.1:*"),
         ("tcp://*:7000", "tcp://*:7000"),
         ("ipc:///tmp/x.sock", "ipc:///tmp/x.sock"),
+        ("tcp://[::1]:7001", "tcp://[::1]:7001"),
+        ("tcp://eth0:7002", "tcp://eth0:7002"),
+        ("tcp://127.0.0.1;10.0.0.2:7003", "tcp://127.0.0.1;10.0.0.2:7003"),
     ],
 )
 def test_normalize_endpoint(given: str | int, expected: str) -> None:
@@ -352,7 +355,8 @@ def test_normalize_endpoint(given: str | int, expected: str) -> None:
 
 
 @pytest.mark.parametrize("bad", ["", "udp://1.2.3.4:5", "tcp://127.0.0.1", "tcp://h:99999",
-                                 "tcp://h:abc", "ipc://", None])
+                                 "tcp://h:abc", "ipc://", None, "not a host!:5555",
+                                 "tcp://my host:5555", "tcp://http://h:5555"])
 def test_normalize_endpoint_rejects(bad: object) -> None:
     with pytest.raises(UserError, match="invalid endpoint"):
         normalize_endpoint(bad)  # type: ignore[arg-type]
