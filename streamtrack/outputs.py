@@ -283,7 +283,8 @@ class VideoWriter:
             raise UserError(f"cannot write video {self.path}: {error_reason(e)}") from None
         stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
         h, w = rgb.shape[:2]
-        stream.width, stream.height = w - w % 2, h - h % 2
+        # yuv420p needs even sides (at least 2): a 1-pixel side is padded, not cut to 0.
+        stream.width, stream.height = max(2, w - w % 2), max(2, h - h % 2)
         stream.pix_fmt = "yuv420p"
         if self._timed:
             stream.time_base = stream.codec_context.time_base = _MS

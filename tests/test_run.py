@@ -638,6 +638,21 @@ def test_the_overlay_video_fits_frames_of_another_size_whole(tmp_path):
     assert frames[2][:25].mean() < 20 and frames[2][35:85].mean() > 235 and frames[2][95:].mean() < 20
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 7), (5, 1)])
+def test_the_overlay_video_of_a_one_pixel_wide_source_is_written(tmp_path, height, width):
+    """yuv420p needs even sides: a 1-pixel side becomes 2 (a 0-pixel video cannot be opened)."""
+    from streamtrack.outputs import VideoWriter
+
+    writer = VideoWriter(tmp_path / "v.mp4")
+    for i in range(3):
+        writer.write(np.full((height, width, 3), 255, np.uint8), i / 10)
+    writer.close()
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        frames = [f.to_ndarray(format="gray") for f in c.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape == (max(2, height - height % 2), max(2, width - width % 2))
+    assert frames[0].max() > 235  # the frame is in it, not only the black around it
+
+
 def test_the_overlay_video_of_a_killed_process_plays(tmp_path):
     """A plain MP4 writes its index at the end: killed before, nothing of it plays."""
     video = tmp_path / "killed.mp4"
