@@ -136,10 +136,20 @@ class FleetActor:
             log.exception("stream %s: could not start", name)
             self._ended(name, stream, StreamState.CRASHED, f"{type(exc).__name__}: {exc}")
         else:
-            stream.thread = threading.Thread(target=self._run, args=(name, stream), name=f"stream-{name}",
-                                             daemon=True)
-            stream.thread.start()
-            stream.ready.wait(_BIND_TIMEOUT)
+            with self._lock:
+                # A stop that came while the model loaded has already unlisted this stream
+                # and found no thread to wait for: starting one now would leave a tracker
+                # running that nothing lists or stops.
+                # Started under the lock: a stop that sees the thread can join it.
+                cancelled = stream.stop_requested
+                if not cancelled:
+                    stream.thread = threading.Thread(target=self._run, args=(name, stream),
+                                                     name=f"stream-{name}", daemon=True)
+                    stream.thread.start()
+            if cancelled:
+                self._ended(name, stream, StreamState.STOPPED, None)
+            else:
+                stream.ready.wait(_BIND_TIMEOUT)
         with self._lock:
             return self._stream_report(name, stream)
 
@@ -149,11 +159,11 @@ class FleetActor:
             return self._stop_stream(name, timeout)
 
     def _stop_stream(self, name: str, timeout: float = _STOP_TIMEOUT) -> dict[str, Any]:
-        with self._lock:
+        with self._lock:  # ordered with a start deciding whether to start its thread
             stream = self._streams.get(name)
-        if stream is None:
-            return {"name": name, "state": "unknown"}
-        stream.stop_requested = True
+            if stream is None:
+                return {"name": name, "state": "unknown"}
+            stream.stop_requested = True
         if stream.tracker is not None:
             stream.tracker.stop()
         if stream.thread is not None:

@@ -924,6 +924,41 @@ def test_a_stopping_stream_is_listed_until_it_has_let_go_of_its_endpoints(tiny_c
         actor.stop_all()
 
 
+def test_a_stream_stopped_while_its_model_loads_is_not_started(tiny_checkpoint, clip_path, tmp_path,
+                                                               monkeypatch):
+    """A stop that comes while a start is still loading the model unlists the stream; the
+    start must then not go on to run a tracker that nothing lists or can stop."""
+    from streamtrack.fleet_actor import FleetActor
+
+    entry = stream_entry("s", clip_path, [BOX1], realtime=True, publish=f"tcp://127.0.0.1:{free_port()}")
+    spec = parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry]), "f.yaml").streams[0]
+    actor = FleetActor("fleet-0")
+    loading, release = threading.Event(), threading.Event()
+    real_engine = actor._engine
+
+    def slow_engine(config, key):
+        loading.set()
+        release.wait(30)
+        return real_engine(config, key)
+
+    monkeypatch.setattr(actor, "_engine", slow_engine)
+    reports = []
+    starting = threading.Thread(target=lambda: reports.append(actor.start_stream(spec.run_config(),
+                                                                                 spec.model_key)))
+    try:
+        starting.start()
+        assert loading.wait(30)
+        assert actor.stop_stream("s")["state"] == "stopped"
+        release.set()
+        starting.join(60)
+        assert reports and reports[0]["state"] == "stopped", reports
+        assert actor.report()["streams"] == {}
+        assert not [t for t in threading.enumerate() if t.name == "stream-s"], "a tracker runs unlisted"
+    finally:
+        release.set()
+        actor.stop_all()
+
+
 def test_an_actor_reports_a_stream_that_did_not_stop(tiny_checkpoint, clip_path, tmp_path):
     """A stream hung in a write is removed: its thread hangs on, holding its endpoints, so
     the actor keeps reporting it as stuck (for the driver to restart the actor) until it ends."""
