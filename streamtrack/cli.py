@@ -140,13 +140,34 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             if same_file(path, other_path):
                 raise UserError(f"{what} {path} and {other} {other_path} are the same file: "
                                 "give each output its own path")
+    seg.warn_earlier_masks(args.save_masks, [p.obj_id for p in objects])
     segmenter = seg.Segmenter(args.model, args.checkpoint, args.device, args.image_size)
     results = segmenter.segment(image, objects, multimask=args.multimask)
-    for r in results:
-        print(seg.format_scores(r))
     masks = None if args.save_masks is None else os.path.join(args.save_masks, "")  # always a folder here
+    # The files first: a reader of stdout that has gone (`| head`) must not cost them.
     seg.save_outputs(args.out, image, results, objects, masks=masks, rle=args.save_rle)
+    if args.quiet:
+        return 0
+    # An output written to stdout (--save-rle /dev/stdout | jq) keeps it to itself.
+    scores_to = sys.stderr if any(_is_stdout(path) for _, path in outputs) else sys.stdout
+    try:
+        for r in results:
+            print(seg.format_scores(r), file=scores_to, flush=True)
+    except BrokenPipeError:
+        # The reader is done: the files are written; Python's flush at exit must not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), scores_to.fileno())
     return 0
+
+
+def _is_stdout(path) -> bool:
+    """Whether ``path`` is where stdout goes (/dev/stdout, or the file it is redirected to)."""
+    import os
+
+    try:
+        out, written = os.fstat(sys.stdout.fileno()), os.stat(path)
+    except (OSError, ValueError):  # no stdout (closed, or not a real file)
+        return False
+    return (out.st_dev, out.st_ino) == (written.st_dev, written.st_ino)
 
 
 def _add_model_options(p: argparse.ArgumentParser, image_size_default: str = "the model's 1024",
@@ -286,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="3 candidate masks per object; prints their scores")
     p.add_argument("--out", required=True, metavar="OUT.png", help="write the overlay image here")
     p.add_argument("--save-masks", metavar="DIR", help="write DIR/object_<id>.png (0/255) per object")
-    p.add_argument("--save-rle", metavar="FILE.json", help="write COCO RLE masks with score, bbox and area")
+    p.add_argument("--save-rle", metavar="FILE.json",
+                   help="write each object's mask as COCO RLE with score (predicted IoU), bbox "
+                        "[x0,y0,x1,y1] and area (README: segment's outputs)")
     p.set_defaults(func=_cmd_segment)
 
     def _cmd_view(args: argparse.Namespace) -> int:

@@ -34,11 +34,11 @@ class HelperProcessError(RuntimeError):
 
 def existing_file(path: str | Path, what: str) -> Path:
     """``path`` as a Path, or :class:`UserError` saying why it is not a file to read."""
-    p = Path(path)
+    p = Path(path)  # named as given in messages: Path() would fold "a//b" into "a/b"
     if p.is_dir():
-        raise UserError(f"{what} {p} is a directory, not a file")
+        raise UserError(f"{what} {path} is a directory, not a file")
     if not p.exists():  # a pipe (--prompts <(...), /dev/stdin) is readable too
-        raise UserError(f"{what} {p} not found")
+        raise UserError(f"{what} {path} not found")
     return p
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +36,8 @@ from streamtrack.errors import PromptError, UserError, error_reason, existing_fi
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.overlay import Annotation, annotate, draw_boxes, draw_points
 from streamtrack.protocol import encode_mask, mask_area, mask_bbox
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +103,8 @@ def as_image(image) -> np.ndarray:
 
     if isinstance(image, Image.Image):
         return np.array(image.convert("RGB"))  # writable: torch warns on read-only arrays
+    if isinstance(image, np.ndarray) and not image.flags.writeable:  # np.asarray(pil_image)
+        return image.copy()
     return without_negative_strides(image)
 
 
@@ -530,6 +535,9 @@ def check_output_paths(
     Checked before the model is built: a mistyped path should cost neither a model
     run nor, half-way through the writes, a file the user had.
     """
+    for what, given in (("--out", out), ("--save-masks", masks), ("--save-rle", rle)):
+        if given is not None and not str(given).strip():  # an unset shell variable: not "."
+            raise UserError(f"{what}: empty path")
     outputs = [("--out", Path(out))]
     if masks is not None:
         folder = Path(masks)
@@ -545,6 +553,19 @@ def check_output_paths(
         _check_folder(what, path, path.parent)
     image_format(out, "--out")
     return outputs
+
+
+def warn_earlier_masks(folder: str | Path | None, obj_ids: Sequence[int]) -> None:
+    """Warn when the ``--save-masks`` folder holds masks of objects this run does not
+    write: left there, they would read as this image's."""
+    if folder is None or not Path(folder).is_dir():
+        return
+    ours = {p.name for p in mask_paths(os.path.join(folder, ""), obj_ids)}
+    earlier = sorted(p.name for p in Path(folder).glob("object_*.png") if p.name not in ours)
+    if earlier:
+        log.warning("--save-masks folder %s already holds %s from an earlier run: this run leaves "
+                    "%s", folder, ", ".join(earlier[:5]) + (" …" if len(earlier) > 5 else ""),
+                    "it" if len(earlier) == 1 else "them")
 
 
 def _check_folder(what: str, path: str | Path, folder: Path) -> None:
@@ -614,6 +635,8 @@ def load_image(path: str | Path) -> np.ndarray:
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if "://" in str(path):
+        raise UserError(f"image {path}: segment reads a local image file, not a URL (download it first)")
     path = existing_file(path, "image")
     try:
         with warnings.catch_warnings():

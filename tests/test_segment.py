@@ -382,12 +382,50 @@ def test_cli_end_to_end(image_png, tiny_checkpoint, segmenter, clip, tmp_path):
     assert np.array_equal(np.array(Image.open(tmp_path / "m" / "object_1.png")) > 0, expected.mask)
 
 
+def test_cli_rle_to_stdout_is_json_and_a_reader_that_left_costs_no_file(image_png, tiny_checkpoint, tmp_path):
+    """`--save-rle /dev/stdout | jq`: the score lines go to stderr then. A reader of stdout
+    that is gone (`| true`) costs neither a traceback nor the files. Masks an earlier run
+    left in the --save-masks folder are named in a warning."""
+    model = ["--checkpoint", str(tiny_checkpoint), "--image-size", str(TEST_IMAGE_SIZE), "--device", "cpu"]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "object_2.png").write_bytes(b"an earlier run's")
+    proc = _cli(str(image_png), *model, "--box", "10,10,60,60", "--out", "o.png", "--save-masks", "m",
+                "--save-rle", "/dev/stdout", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [o["obj_id"] for o in json.loads(proc.stdout)["objects"]] == [1]
+    assert "object 1: score " in proc.stderr
+    assert "already holds object_2.png from an earlier run" in proc.stderr, proc.stderr
+
+    quiet = _cli("-q", str(image_png), *model, "--box", "10,10,60,60", "--out", "q.png", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet
+
+    reader_gone = subprocess.run(
+        f"{sys.executable} -m streamtrack segment {image_png} {' '.join(model)} --box 10,10,60,60 "
+        "--out p.png --save-rle p.json | true", shell=True, cwd=tmp_path, capture_output=True,
+        text=True, timeout=120)
+    assert "Traceback" not in reader_gone.stderr and "Error" not in reader_gone.stderr, reader_gone.stderr
+    assert (tmp_path / "p.png").exists() and (tmp_path / "p.json").exists()
+
+
+def test_a_read_only_array_is_segmented_without_torchs_warning(segmenter, image, clip):
+    frozen = image.copy()
+    frozen.flags.writeable = False  # as np.asarray(pil_image) gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (result,) = segmenter.segment(frozen, Prompt.make(1, box=clip.box(1)))
+    (expected,) = segmenter.segment(image, Prompt.make(1, box=clip.box(1)))
+    assert np.array_equal(result.mask, expected.mask)
+
+
 BAD_INPUTS = {
     "missing": (["missing.png", "--point", "10,10"], "image missing.png not found"),
     "not-an-image": (["notimage.png", "--point", "10,10"], "is not a readable image"),
     "point-outside": (["IMAGE", "--point", "161,10"], "outside the 160x120 image"),
     "bad-box": (["IMAGE", "--box", "1,2,three,4"], "--box '1,2,three,4'"),
     "directory": (["folder", "--point", "10,10"], "image folder is a directory, not a file"),
+    "url": (["http://127.0.0.1:9/x.png", "--point", "10,10"],
+            "image http://127.0.0.1:9/x.png: segment reads a local image file, not a URL"),
+    "double-slash": (["no//such.png", "--point", "10,10"], "image no//such.png not found"),
     "binary-prompts": (["IMAGE", "--prompts", "IMAGE"], "is not a text file"),
     # --out is "<case>.png": here the input image itself, which must not be overwritten
     "out-is-input": (["out-is-input.png", "--point", "10,10"], "--out out-is-input.png is the input image"),
@@ -556,6 +594,10 @@ OUTPUT_MISTAKES = {
                    "--out keep.png and --save-rle keep.png are the same file"),
     "out-is-a-mask": (["--out", "m/object_1.png", "--save-masks", "m"],
                       "--out m/object_1.png and --save-masks file m/object_1.png are the same file"),
+    # an unset shell variable is not "." (masks written into the current folder)
+    "masks-empty": (["--out", "o.png", "--save-masks", ""], "--save-masks: empty path"),
+    "out-empty": (["--out", ""], "--out: empty path"),
+    "rle-empty": (["--out", "o.png", "--save-rle", " "], "--save-rle: empty path"),
 }
 
 
