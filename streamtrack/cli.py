@@ -57,7 +57,10 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
     printed = 0
     client_keys = client_from_args(args)
     if args.fleet:
-        subscriber = Subscriber.from_fleet(args.endpoint, topics=args.topics, curve=client_keys)
+        from streamtrack.fleet_directory import fleet_address
+
+        subscriber = Subscriber.from_fleet(fleet_address(args.endpoint), topics=args.topics,
+                                           curve=client_keys)
     else:
         subscriber = Subscriber(args.endpoint, topics=args.topics, curve=client_keys)
     why = (" (if it uses CURVE: is this client's key authorised there?)" if client_keys

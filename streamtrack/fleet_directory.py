@@ -245,6 +245,17 @@ def fleet_stream(fleet: str | Path, name: str | None, timeout: float = 2.0, *,
         time.sleep(0.5)
 
 
+def fleet_address(fleet: str) -> str:
+    """A fleet named on the command line with ``--fleet``: its directory file as given,
+    or its control endpoint in any form :func:`normalize_endpoint` takes (``5555``,
+    ``host:port``), which the readers here tell from a file by its ``://``."""
+    if is_directory_file(fleet) or Path(fleet).is_file():
+        return fleet
+    from streamtrack.protocol import normalize_endpoint
+
+    return normalize_endpoint(fleet)
+
+
 def is_directory_file(endpoint: object) -> bool:
     """True when ``endpoint`` names a directory file rather than a ZeroMQ endpoint."""
     if not isinstance(endpoint, (str, Path)):

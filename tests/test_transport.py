@@ -823,9 +823,15 @@ def test_subscribe_to_a_fleet_control_nobody_answers_is_one_line(capsys) -> None
 
     with socket.socket() as held:  # bound, never listening: nobody answers
         held.bind(("127.0.0.1", 0))
-        assert cli.main(["subscribe", f"tcp://127.0.0.1:{held.getsockname()[1]}", "--fleet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "no reply from control server" in err, err
+        port = held.getsockname()[1]
+        assert cli.main(["subscribe", f"tcp://127.0.0.1:{port}", "--fleet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "no reply from control server" in err, err
+        # The short forms every endpoint option takes are endpoints here too, not file names.
+        for short in (str(port), f"127.0.0.1:{port}"):
+            assert cli.main(["subscribe", short, "--fleet"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and f"no reply from control server tcp://127.0.0.1:{port}" in err, err
 
 
 def test_subscribe_says_once_that_it_is_still_waiting_then_times_out(capsys, monkeypatch) -> None:
