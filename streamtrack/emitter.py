@@ -24,6 +24,7 @@ in batches of a few frames from the process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -147,6 +148,12 @@ class Outputs:
             raise failed
 
 
+@dataclass(frozen=True)
+class _StatusAfter:
+    kind: str
+    data: dict[str, Any]
+
+
 class ThreadEmitter:
     """Emits on a worker thread, in order.  The queue is short, so a slow disk slows the
     tracker rather than building a backlog; the first error stops the emitting and is
@@ -170,6 +177,12 @@ class ThreadEmitter:
         if self.error is not None:
             raise self.error
 
+    def publish_status_after_results(self, kind: str, **data: Any) -> None:
+        """A status event published after every result submitted so far (the publisher's
+        own ``publish_status`` is called at once, from any thread)."""
+        if self.publisher is not None and not self._closed:
+            self._queue.put(_StatusAfter(kind, data))
+
     def close(self) -> None:
         """Emit everything submitted, then close the outputs (idempotent)."""
         if self._closed:
@@ -181,6 +194,10 @@ class ThreadEmitter:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
+            if isinstance(item, _StatusAfter):
+                with contextlib.suppress(Exception):  # a status is news, not an output to fail on
+                    self.publisher.publish_status(item.kind, **item.data)
+                continue
             if self.error is None:  # after a failure keep draining, so submit never blocks
                 try:
                     result = item[0]
@@ -338,6 +355,13 @@ class ProcessEmitter:
         with self._lock:
             self._sock.close(linger=0)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    def publish_status_after_results(self, kind: str, **data: Any) -> None:
+        """A status event published after every result submitted so far (the emit
+        channel keeps everything in order)."""
+        if self.publisher is not None and not self._closed and self.error is None:
+            with contextlib.suppress(EmitterError, OSError):  # news, not an output to fail on
+                self.publisher.publish_status(kind, **data)
 
 
 class _RemotePublisher:

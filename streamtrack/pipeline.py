@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -378,6 +379,7 @@ class Tracker:
         self.frame_size: tuple[int, int] | None = None  # (height, width) of the last frame
         self.window = StatsWindow(stream=config.stream)
         self._stop = threading.Event()
+        self._stop_announced = False
         self._seq = resume.seq_start
         self._object_states: dict[int, str] = dict(resume.object_states)
         self._dropped_before = dict(resume.dropped_before)
@@ -537,11 +539,14 @@ class Tracker:
                 if not cfg.launch_ahead:
                     self._finish_in_flight(emitter, bar)
             self._finish_in_flight(emitter, bar)
+            self._announce_stopped(emitter)
             emitter.close()
             emitter.check()
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
+            if sys.exc_info()[0] is None:  # ended or interrupted; not a crash, which a restart follows
+                self._announce_stopped(emitter)
             console.close()
             if bar is not None:  # its line ends before an error is printed, and is not redrawn after
                 bar.close()
@@ -744,6 +749,14 @@ class Tracker:
         _log_source_change(redact_url(str(self.config.source)), event, self._give_up_after)
         self.publish_status("source_state", old=event.previous.value, new=event.state.value,
                             reason=event.error)
+
+    def _announce_stopped(self, emitter) -> None:
+        """Tell viewers the tracker is done (once, after its last result): its silence
+        from now on is the end of the run, not a tracker that stopped publishing."""
+        if not self._stop_announced:
+            self._stop_announced = True
+            emitter.publish_status_after_results(
+                "tracker_state", old="paused" if self._controls.paused else "running", new="stopped")
 
     def publish_status(self, kind: str, **data: Any) -> None:
         pub = self._publisher

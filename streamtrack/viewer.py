@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from streamtrack.control import AddPrompt, ControlError, Pause, RemoveObject, Reset, Resume
+from streamtrack.control import AddPrompt, ControlError, ControlTimeout, Pause, RemoveObject, Reset, Resume
 from streamtrack.curve import CurveClient, client_from_args
 from streamtrack.errors import UserError
 from streamtrack.protocol import FrameHeader, FrameResult, now
@@ -167,16 +167,19 @@ KEY_ESC = 27
 
 @dataclass
 class PromptSet:
-    """What the viewer has sent for one object since its last box / new object.
+    """What the viewer has sent for one object on one frame since its last box / new object.
 
     Points accumulate so a background click refines the object instead of replacing
     its foreground click: SAM 2 replaces an object's prompt on a frame, and with the
-    tracker paused every click lands on the same frame.
+    tracker paused every click lands on the same frame.  Once the object is tracked on a
+    later frame of a running tracker, a click there starts a new set from the object's box
+    on that frame: the earlier clicks marked where the object was.
     """
 
     points: list[tuple[float, float]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     box: tuple[float, float, float, float] | None = None
+    frame_id: int | None = None  # the frame shown when the set began
 
 
 @dataclass
@@ -197,12 +200,15 @@ class Interaction:
     source pixels through the :class:`ViewTransform` given with the event.
     """
 
-    def __init__(self, drag_threshold: float = DRAG_THRESHOLD) -> None:
+    def __init__(self, drag_threshold: float = DRAG_THRESHOLD, *, can_send: bool = True) -> None:
         self.drag_threshold = drag_threshold
+        self.can_send = can_send  # False: view only, a click changes nothing here either
         self.selected: int | None = None  # None: the next click starts a new object
         self.known_ids: set[int] = set()  # objects the tracker reports
         self.prompts: dict[int, PromptSet] = {}
         self.paused = False
+        self.frame_id: int | None = None  # the frame on screen, which clicks are made on
+        self.frame_boxes: dict[int, tuple[float, float, float, float]] = {}  # its objects' boxes
         self.show_help = False
         self._press: _Press | None = None
 
@@ -255,9 +261,26 @@ class Interaction:
         label = 0 if p.button == "right" or p.shift or shift else 1
         return self._point(tf, p.x, p.y, label)
 
+    def shown_prompts(self, obj_id: int | None) -> PromptSet | None:
+        """The prompt set of ``obj_id`` to draw: on the frame it was made on, or while
+        paused (a running video has moved on from where the clicks were)."""
+        ps = self.prompts.get(obj_id) if obj_id is not None else None
+        return None if ps is None or self._moved_on(obj_id, ps) else ps
+
+    def _moved_on(self, obj_id: int, ps: PromptSet) -> bool:
+        """Whether the video has moved on from ``ps``: the object is tracked on a later
+        frame shown now (before it is, the clicks all mark where it first was)."""
+        return not self.paused and ps.frame_id != self.frame_id and obj_id in self.frame_boxes
+
     def _point(self, tf: ViewTransform, x: float, y: float, label: int) -> list[Action]:
+        if not self.can_send:  # nothing is sent: nothing is selected or remembered either
+            point = tf.to_source(x, y)
+            return [AddPrompt(obj_id=self.selected or self.next_id(), points=(point,), labels=(label,))]
         obj_id = self.target()
-        ps = self.prompts.setdefault(obj_id, PromptSet())
+        ps = self.prompts.get(obj_id)
+        if ps is None or self._moved_on(obj_id, ps):
+            # A tracked object is refined where it is now: its box there, and the click.
+            ps = self.prompts[obj_id] = PromptSet(box=self.frame_boxes.get(obj_id), frame_id=self.frame_id)
         if len(ps.points) >= MAX_PROMPT_POINTS:  # keep the newest: they are the refinements
             del ps.points[0], ps.labels[0]
         ps.points.append(tf.to_source(x, y))
@@ -269,9 +292,11 @@ class Interaction:
         bx, by = tf.to_source(max(x0, x1), max(y0, y1))
         if bx <= ax or by <= ay:  # collapsed at the frame's edge
             return []
+        if not self.can_send:
+            return [AddPrompt(obj_id=self.selected or self.next_id(), box=(ax, ay, bx, by))]
         obj_id = self.target()
         # A box starts the object's prompt afresh: it is how a user re-marks it.
-        self.prompts[obj_id] = PromptSet(box=(ax, ay, bx, by))
+        self.prompts[obj_id] = PromptSet(box=(ax, ay, bx, by), frame_id=self.frame_id)
         return [AddPrompt(obj_id=obj_id, box=(ax, ay, bx, by))]
 
     # --------------------------------------------------------------------- keys
@@ -387,25 +412,31 @@ class SourceStateTracker:
 def banner_for(source_state: str | None, silent_for: float, ever_received: bool,
                limit: float = NOT_PUBLISHING_AFTER, *,
                paused: bool = False,
-               no_results_for: float | None = None) -> tuple[str, tuple[int, int, int]] | None:
+               no_results_for: float | None = None,
+               tracker_stopped: bool = False) -> tuple[str, tuple[int, int, int]] | None:
     """The banner text and BGR colour, or None when all is well.  ``silent_for``: seconds
-    since any message; ``no_results_for``: since the last result (default the same).
+    since any message; ``no_results_for``: since the last result (default the same);
+    ``tracker_stopped``: the tracker said it stopped (and has not said it runs again).
 
     A source that is down explains the silence (a tracker without frames publishes
-    no results), so it wins over "not publishing".
+    no results), so it wins over "not publishing"; so does a tracker that said it
+    stopped, or a source that ended: that silence is the end, not a failure.
     """
     frameless = silent_for if no_results_for is None else no_results_for
+    if tracker_stopped:
+        ended = f", source {source_state}" if source_state in DONE_STATES else ""
+        return f"TRACKER STOPPED{ended}", BANNER_DONE_BGR
     if source_state in WARN_STATES:
         quiet = f" (no frames for {frameless:.0f} s)" if frameless > limit else ""
         return f"SOURCE {source_state.upper()}{quiet}", BANNER_WARN_BGR
+    if source_state in DONE_STATES:
+        return f"SOURCE {source_state.upper()}", BANNER_DONE_BGR
     if silent_for > limit:
         # A paused tracker still sends stats every second: silence is not the pause.
         what = "TRACKER NOT PUBLISHING" if ever_received else "WAITING FOR TRACKER"
         return f"{what}: no message for {silent_for:.0f} s", BANNER_DEAD_BGR
     if paused and ever_received:
         return "TRACKER PAUSED (space resumes)", BANNER_DONE_BGR
-    if source_state in DONE_STATES:
-        return f"SOURCE {source_state.upper()}", BANNER_DONE_BGR
     return None
 
 
@@ -523,7 +554,9 @@ class _ControlWorker:
 
         self.client = ControlClient(endpoint, timeout=timeout, curve=curve)
         self.endpoint = self.client.endpoint
-        self.replies: queue.Queue[tuple[str, bool]] = queue.Queue()
+        self.timeout = timeout
+        # (the command, the toast's text, whether it failed)
+        self.replies: queue.Queue[tuple[ControlCommand, str, bool]] = queue.Queue()
         self._jobs: queue.Queue[ControlCommand | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="streamtrack-viewer-control",
                                         daemon=True)
@@ -537,12 +570,17 @@ class _ControlWorker:
             what = cmd.name + (f" {cmd.obj_id}" if hasattr(cmd, "obj_id") else "")
             try:
                 self.client.send(cmd)
-                self.replies.put((f"{what}: ok", False))
+                self.replies.put((cmd, f"{what}: ok", False))
+            except ControlTimeout:
+                # The client's own hint is long and names no option of the viewer's.
+                self.replies.put((cmd, f"{what}: no reply within {self.timeout:g} s (no tracker with "
+                                  f"--control at {self.endpoint}? one busy with a slow frame may still "
+                                  "carry it out: view --control-timeout S waits longer)", True))
             except ControlError as exc:
-                self.replies.put((f"{what}: {exc}", True))
+                self.replies.put((cmd, f"{what}: {exc}", True))
             except Exception as exc:  # keep the worker alive whatever happens
                 log.exception("control request failed")
-                self.replies.put((f"{what}: {type(exc).__name__}: {exc}", True))
+                self.replies.put((cmd, f"{what}: {type(exc).__name__}: {exc}", True))
 
     def close(self, timeout: float) -> None:
         """Send what is queued (bounded by ``timeout``), then stop."""
@@ -570,7 +608,8 @@ class Viewer:
         self.endpoint = endpoint
         self.control_endpoint = control
         self.stream = stream
-        self.interaction = Interaction()
+        self.interaction = Interaction(can_send=bool(control))
+        self.tracker_stopped = False  # it said so (tracker_state stopped), and not running since
         self.pairer = FramePairer()
         self.source = SourceStateTracker()
         self.mask_latency = SlidingWindow(self.config.hud_window)
@@ -607,6 +646,7 @@ class Viewer:
             if self._last_result_at is not None:
                 self._result_gaps.append(msg.received - self._last_result_at)
             self._last_result_at = msg.received
+            self.tracker_stopped = False  # a tracker started again on this endpoint
             r = msg.result
             self.pairer.add_result(r)
             self.interaction.observe(o.obj_id for o in r.objects)
@@ -619,6 +659,7 @@ class Viewer:
             self.pairer.add_frame(FrameItem(msg.frame, msg.jpeg))
         elif msg.stats is not None:
             self.tracker_fps = (msg.stats.fps, msg.received)
+            self.tracker_stopped = False
             # Stats come every second, also while no result does: a viewer that joins while
             # the source is down or the tracker paused learns it here.
             if msg.stats.source_state is not None:
@@ -635,6 +676,9 @@ class Viewer:
                 # The tracker's word on pausing: a pause that timed out, or a restarted
                 # (unpaused) tracker, would leave the key's guess out of step.
                 self.interaction.paused = ev.data["new"] == "paused"
+                self.tracker_stopped = False
+            elif ev.kind == "tracker_state" and ev.data.get("new") == "stopped":
+                self.tracker_stopped = True
         self._dirty = True
 
     def toast(self, text: str, *, error: bool = False, seconds: float = 4.0) -> None:
@@ -646,7 +690,7 @@ class Viewer:
         """The banner to show at time ``at`` (:func:`banner_for`)."""
         return banner_for(self.source.state, at - max(self.last_message, self.started),
                           self.last_message > -math.inf, self.silence_limit(),
-                          paused=self.interaction.paused,
+                          paused=self.interaction.paused, tracker_stopped=self.tracker_stopped,
                           no_results_for=at - max(self._last_result_at or -math.inf, self.started))
 
     def silence_limit(self) -> float:
@@ -717,6 +761,12 @@ class Viewer:
                 and result.width * result.height <= MAX_BLANK_PIXELS:
             image = np.full((result.height, result.width, 3), 40, np.uint8)
         placeholder = image is None  # nothing of the source's size to show or click on yet
+        # The frame a click is made on, and where its objects are (a click refines them there).
+        self.interaction.frame_id = (pairing.frame.frame_id if pairing is not None and pairing.frame
+                                     else result.frame_id if result is not None else None)
+        self.interaction.frame_boxes = {
+            o.obj_id: o.bbox for o in (result.objects if result is not None else ())
+            if o.bbox is not None and result.frame_id == self.interaction.frame_id}
         if placeholder:
             image = np.full((360, 640, 3), 40, np.uint8)
         h, w = image.shape[:2]
@@ -758,8 +808,7 @@ class Viewer:
 
         from streamtrack.overlay import draw_boxes
 
-        sel = self.interaction.selected
-        ps = self.interaction.prompts.get(sel) if sel is not None else None
+        ps = self.interaction.shown_prompts(self.interaction.selected)
         if ps is not None:
             if ps.box is not None:
                 a = tf.to_display(ps.box[0], ps.box[1])
@@ -864,6 +913,13 @@ class Viewer:
             else:
                 control.submit(a)
 
+    def reply(self, cmd: ControlCommand, text: str, failed: bool) -> None:
+        """A control request's outcome: a toast; a pause or resume that failed is undone
+        here too (the tracker's stats correct it if it did carry it out)."""
+        if failed and isinstance(cmd, (Pause, Resume)):
+            self.interaction.paused = isinstance(cmd, Resume)
+        self.toast(text, error=failed)
+
     def save_screenshot(self) -> Path | None:
         import cv2
 
@@ -927,8 +983,7 @@ class Viewer:
                     self.handle(msg)
                 if control is not None:
                     while not control.replies.empty():
-                        text, err = control.replies.get_nowait()
-                        self.toast(text, error=err)
+                        self.reply(*control.replies.get_nowait())
                 mono = time.monotonic()
                 # Redraw on news, and a few times a second anyway so clocks and the
                 # "not publishing" banner stay current.
@@ -1101,10 +1156,12 @@ def resolve_endpoints(endpoint: str, control: str | None, stream: str | None,
     """(publish, control, stream) to view.  A fleet (its directory file, or with ``fleet``
     its control endpoint) names one stream's endpoints: its control unless ``control``
     says otherwise, so clicks prompt that stream."""
-    from streamtrack.fleet_directory import fleet_stream, is_directory_file
+    from streamtrack.fleet_directory import fleet_address, fleet_stream, is_directory_file
 
     if not (fleet or is_directory_file(endpoint)):
         return endpoint, control, stream
+    if fleet:
+        endpoint = fleet_address(endpoint)
     entry = fleet_stream(endpoint, stream, wait=_tell_waiting)
     return entry.publish, control or entry.control, entry.name
 

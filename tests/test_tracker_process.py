@@ -189,7 +189,7 @@ def test_file_every_frame_in_order_masks_equal_engine_slow_subscriber_fresh(
     try:
         deadline = time.monotonic() + 300
         while not (len(received) >= FRAMES and any(
-                x.kind == "status" and x.status.data.get("new") == "ended" for x in msgs)):
+                x.kind == "status" and x.status.data.get("new") == "stopped" for x in msgs)):
             assert time.monotonic() < deadline, f"timed out after {len(received)} results"
             m = fast.recv(timeout=0.2)
             if m is not None:
@@ -217,6 +217,11 @@ def test_file_every_frame_in_order_masks_equal_engine_slow_subscriber_fresh(
     assert all([o.obj_id for o in r.objects] == [1] for r in results)
     kinds = {(m.status.kind, m.status.data.get("new")) for m in msgs if m.kind == "status"}
     assert ("tracker_state", "running") in kinds and ("source_state", "ended") in kinds
+    # The end is announced after the last result: a viewer shows it ended, not gone silent.
+    stopped = [i for i, m in enumerate(msgs) if m.kind == "status" and m.status.kind == "tracker_state"
+               and m.status.data.get("new") == "stopped"]
+    last_masks = max(i for i, m in enumerate(msgs) if m.kind == "masks")
+    assert len(stopped) == 1 and stopped[0] > last_masks, (stopped, last_masks)
     # One tracker all along (a restart continues seq, so the counters cannot tell).
     restarts = [m.status.data.get("restarts") for m in msgs if m.kind == "status"
                 and m.status.kind == "tracker_state" and m.status.data.get("old") == "starting"]

@@ -125,6 +125,52 @@ def test_drag_is_a_box_in_source_pixels_and_small_moves_are_clicks():
     assert jit.box is not None and jit.points[-1] == (400.5, 400.5) and jit.labels[-1] == 1
 
 
+def test_a_click_on_a_later_frame_refines_the_object_where_it_is_now():
+    """Earlier clicks marked where the object was on their frame: sent again with a click
+    on a later frame of a running video, they would be on whatever is there now. Once the
+    object is tracked on the frame shown, a click there starts afresh from its box there.
+    Until then (its first prompt not applied yet), and while paused, clicks accumulate."""
+    ia = v.Interaction()
+    ia.observe([1])
+    ia.frame_id = 10
+    click(ia, 10, 10)
+    ia.frame_id = 11  # object 2 not tracked yet: still marking it
+    (same,) = click(ia, 20, 20, button="right")
+    assert same.obj_id == 2 and same.points == ((20.5, 20.5), (40.5, 40.5)) and same.labels == (1, 0)
+    assert same.box is None
+    ia.frame_id, ia.frame_boxes = 46, {1: (0, 0, 9, 9), 2: (50.0, 40.0, 90.0, 80.0)}  # tracked since
+    assert ia.shown_prompts(2) is None  # its stars are not drawn where it was
+    (later,) = click(ia, 30, 30)
+    assert later.obj_id == 2 and later.points == ((60.5, 60.5),) and later.labels == (1,)
+    assert later.box == (50.0, 40.0, 90.0, 80.0)
+    assert ia.shown_prompts(2).points == [(60.5, 60.5)]
+    ia.paused = True
+    ia.frame_id, ia.frame_boxes = 47, {2: (1.0, 1.0, 5.0, 5.0)}  # paused: clicks accumulate
+    (paused,) = click(ia, 40, 40, button="right")
+    assert paused.points == ((60.5, 60.5), (80.5, 80.5)) and paused.labels == (1, 0)
+    assert paused.box == (50.0, 40.0, 90.0, 80.0)
+    # A tracked object selected by its key is refined from its box on the frame shown.
+    ia.paused = False
+    ia.key(ord("1"))
+    (one,) = click(ia, 2, 2, button="right")
+    assert one.obj_id == 1 and one.box is None and one.labels == (0,)  # not on frame 47
+    ia.frame_boxes = {1: (0.0, 0.0, 9.0, 9.0)}
+    ia.frame_id = 48
+    (two,) = click(ia, 3, 3, button="right")
+    assert two.box == (0.0, 0.0, 9.0, 9.0) and two.points == ((6.5, 6.5),)
+
+
+def test_a_view_only_click_changes_nothing_in_the_viewer():
+    ia = v.Interaction(can_send=False)
+    ia.observe([1])
+    (a,) = click(ia, 10, 10)
+    assert a.obj_id == 2  # what would have been sent (the viewer says it was not)
+    ia.mouse(v.EVENT_LBUTTONDOWN, 10, 10, 0, TF)
+    (b,) = ia.mouse(v.EVENT_LBUTTONUP, 50, 50, 0, TF)
+    assert b.box is not None
+    assert ia.prompts == {} and ia.selected is None
+
+
 def test_mouse_without_frame_or_press_does_nothing():
     ia = v.Interaction()
     assert ia.mouse(v.EVENT_LBUTTONUP, 5, 5, 0, TF) == []
@@ -201,6 +247,10 @@ def test_source_state_and_banner():
     assert text.startswith("TRACKER NOT PUBLISHING") and color == v.BANNER_DEAD_BGR
     assert v.banner_for(None, 3.0, False)[0].startswith("WAITING FOR TRACKER")
     assert v.banner_for("ended", 0.0, True)[1] == v.BANNER_DONE_BGR
+    # The end of a file, or a tracker that said it stopped: silence then is no failure.
+    assert v.banner_for("ended", 30, True) == ("SOURCE ENDED", v.BANNER_DONE_BGR)
+    assert v.banner_for("streaming", 30, True, tracker_stopped=True) == ("TRACKER STOPPED", v.BANNER_DONE_BGR)
+    assert v.banner_for("ended", 30, True, tracker_stopped=True)[0] == "TRACKER STOPPED, source ended"
 
 
 def test_banner_while_paused_from_the_viewer():
@@ -211,6 +261,21 @@ def test_banner_while_paused_from_the_viewer():
     assert v.banner_for("streaming", 30, True, paused=True)[0].startswith("TRACKER NOT PUBLISHING")
     assert v.banner_for("reconnecting", 30, True, paused=True)[1] == v.BANNER_WARN_BGR
     assert v.banner_for(None, 30, False, paused=True)[1] == v.BANNER_DEAD_BGR
+
+
+def test_the_viewer_follows_the_trackers_stop_and_undoes_a_pause_that_failed():
+    vw = v.Viewer("tcp://127.0.0.1:1", control="tcp://127.0.0.1:2")
+    vw.handle(_msg("status", status=StatusEvent(stream="cam0", kind="tracker_state", time=now(),
+                                                data={"old": "running", "new": "stopped"})))
+    assert vw.banner(now() + 30)[0] == "TRACKER STOPPED"
+    vw.handle(_msg("status", status=StatusEvent(stream="cam0", kind="tracker_state", time=now(),
+                                                data={"old": "starting", "new": "running"})))
+    assert vw.banner(now()) is None
+    (pause,) = vw.interaction.key(ord(" "))
+    assert vw.interaction.paused
+    vw.reply(pause, "pause: no reply within 2 s (…)", True)
+    assert not vw.interaction.paused  # the next space pauses, it does not resume
+    assert vw.toasts[-1].error and "no reply" in vw.toasts[-1].text
 
 
 # ---------------------------------------------------------------------- frame pairing
