@@ -27,7 +27,10 @@ from streamtrack.tracking import COMPILE_MODES
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The copy a wheel carries in the package, else the checkout's configs/ (an editable install).
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs",
+                               Path(__file__).resolve().parent.parent / "configs")
+                   if (d / "default.yaml").is_file()), Path(__file__).resolve().parent.parent / "configs")
 ENV_PREFIX = "STREAMTRACK_"
 
 

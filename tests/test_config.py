@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,36 @@ def test_an_image_size_from_numpy_is_taken_and_a_string_named_as_one():
         check_image_size(True)
     with pytest.raises(UserError, match=r"multiple of 32 from 64 to 2048, got 100"):
         check_image_size(np.int32(100))
+
+
+def test_a_wheel_carries_the_presets_and_the_license(tmp_path):
+    """Installed from a wheel (not this checkout), `--config webcam` must still find its
+    preset: the wheel carries configs/ inside the package."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parent.parent
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
+                            str(repo)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "SAM2_BUILD_CUDA": "0"})
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("streamtrack-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    presets = {Path(p).name for p in names if p.startswith("streamtrack/configs/")}
+    assert presets == {p.name for p in CONFIG_DIR.rglob("*.yaml")}, presets
+    assert any(p.endswith("/licenses/LICENSE") for p in names), names
+    assert not [p for p in names if p.startswith(("tests/", "configs/"))]  # nothing at the top level
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = subprocess.run([sys.executable, "-m", "streamtrack", "run", "0", "--config", "webcam",
+                          "--print-config"], cwd=elsewhere, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert run.returncode == 0, run.stderr
+    assert "stream: webcam" in run.stdout.splitlines(), run.stdout  # the preset's own value
+    where = subprocess.run([sys.executable, "-c", "import streamtrack.config as c; print(c.CONFIG_DIR)"],
+                           cwd=elsewhere, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(site)})
+    assert where.stdout.strip() == str(site / "streamtrack" / "configs"), where
