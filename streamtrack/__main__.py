@@ -9,6 +9,14 @@ def main() -> int:
     except KeyboardInterrupt:  # Ctrl-C that early is still an answer, not a traceback
         print("streamtrack: interrupted", file=sys.stderr)
         return 130
+    except ImportError as exc:  # a package not installed (pyzmq, …): one line, not a traceback
+        from streamtrack.errors import missing_dependency
+
+        message = missing_dependency(exc)
+        if message is None:
+            raise
+        print(f"streamtrack: error: {message}", file=sys.stderr)
+        return 2
     return run_cli()
 
 

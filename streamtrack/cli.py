@@ -11,7 +11,13 @@ import logging
 import sys
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
-from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1, same_file
+from streamtrack.errors import (
+    HelperProcessError,
+    UserError,
+    dump_stacks_on_usr1,
+    missing_dependency,
+    same_file,
+)
 from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS
 from streamtrack.tracking import COMPILE_MODES
 
@@ -384,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamtrack: interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:  # a command's own dependency (cv2 for segment, …) not installed
+        message = missing_dependency(e)
+        if message is None:
+            raise
+        print(f"streamtrack: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -158,8 +158,13 @@ def command(args: argparse.Namespace) -> int:
                               curve=run_config.curve.as_client() if run_config.curve else None)
         # Closing the window ends the run, as quitting a player would.
         threading.Thread(target=lambda: (viewer.wait(), supervisor.stop()), daemon=True).start()
+    viewer_failed = None
     try:
         summary = supervisor.run()
+        # Closed by the user (0) or interrupted with the run: fine. Anything else is a
+        # window that failed, which ended the run: not a success.
+        if viewer is not None and viewer.poll() not in (None, 0, 130, 143, -signal.SIGINT, -signal.SIGTERM):
+            viewer_failed = viewer.returncode
     except SupervisorGaveUp as e:
         print(f"streamtrack: error: {e}", file=sys.stderr)
         return 1
@@ -168,7 +173,12 @@ def command(args: argparse.Namespace) -> int:
             viewer.terminate()
             viewer.wait(timeout=10)
     restarts = f", {supervisor.restarts} restart(s)" if supervisor.restarts else ""
-    return _finish(summary, args, restarts, supervisor.interrupted_by)
+    code = _finish(summary, args, restarts, supervisor.interrupted_by)
+    if viewer_failed is not None:
+        print(f"streamtrack: error: the viewer window failed (exit {viewer_failed}; its messages are "
+              "above), which ended the run", file=sys.stderr)
+        return max(code, 1)
+    return code
 
 
 def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:

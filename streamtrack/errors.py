@@ -85,3 +85,22 @@ def dump_stacks_on_usr1() -> None:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     except (AttributeError, ValueError, OSError):  # stderr without a file descriptor
         pass
+
+
+# Import name -> what pip installs it as, where they differ.
+_PIP_NAMES = {"zmq": "pyzmq", "cv2": "opencv-python", "yaml": "PyYAML", "PIL": "pillow"}
+
+
+def missing_dependency(exc: ImportError) -> str | None:
+    """One line for an ImportError from the environment (a package not installed, a system
+    library missing), or None for one from this package's own code (a bug: its traceback
+    says where)."""
+    text = str(exc)
+    if "cannot open shared object file" in text:  # e.g. OpenCV without the system's libGL
+        return (f"a system library is missing: {text} (Debian/Ubuntu: apt-get install libgl1 "
+                "libglib2.0-0; README: Install)")
+    top = (exc.name or "").split(".")[0]
+    if not top or top == "streamtrack":
+        return None
+    return (f"missing dependency {top!r} ({text}): pip install {_PIP_NAMES.get(top, top)}, or "
+            "reinstall streamtrack with its dependencies (README: Install)")

@@ -1057,7 +1057,11 @@ def _draw_help(disp: np.ndarray) -> None:
 
 
 def check_display() -> None:
-    """Raise :class:`UserError` when no display is reachable (imshow would abort)."""
+    """Raise :class:`UserError` when no window can open: an OpenCV built without a GUI
+    (opencv-python-headless), or no display reachable (imshow would abort)."""
+    if not opencv_has_windows():
+        raise UserError("this OpenCV cannot open windows (built without a GUI: opencv-python-headless?); "
+                        "pip install opencv-python in its place, or run without a window")
     if not sys.platform.startswith(("linux", "freebsd")):
         return
     display = os.environ.get("DISPLAY")
@@ -1068,6 +1072,17 @@ def check_display() -> None:
         # Qt would abort the process with advice to reinstall the application.
         raise UserError(f"no display: cannot connect to DISPLAY={display} (is that X server running? "
                         "over ssh, log in again with -X)")
+
+
+def opencv_has_windows() -> bool:
+    """Whether this OpenCV was built with a GUI backend (its build information says
+    ``GUI: NONE`` otherwise, and namedWindow raises "not implemented")."""
+    import re
+
+    import cv2
+
+    found = re.search(r"^[ \t]*GUI:[ \t]*(\S+)", cv2.getBuildInformation(), re.MULTILINE)
+    return found is None or found.group(1).upper() != "NONE"
 
 
 # Display name -> Xlib connection opened by check_display and kept open.  A bare X server

@@ -335,3 +335,30 @@ def test_checkpoints_go_to_the_checkout_or_else_the_users_cache(tmp_path, monkey
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     home_cache = tmp_path / "home" / ".cache"
     assert default_checkpoint_dir(str(installed)) == home_cache / "streamtrack" / "checkpoints"
+
+
+@pytest.mark.parametrize("module, raises, command, expected", [
+    # at start-up (every command needs pyzmq)
+    ("zmq", "raise ModuleNotFoundError(\"No module named 'zmq'\", name='zmq')", ["models"],
+     "streamtrack: error: missing dependency 'zmq' (No module named 'zmq'): pip install pyzmq"),
+    # in a command (segment loads OpenCV)
+    ("cv2", "raise ImportError('libGL.so.1: cannot open shared object file: No such file or directory')",
+     ["segment", "x.png", "--box", "1,1,5,5", "--out", "o.png"],
+     "streamtrack: error: a system library is missing: libGL.so.1: cannot open shared object file"),
+])
+def test_a_missing_dependency_is_one_line(tmp_path, module, raises, command, expected):
+    """A package not installed, or OpenCV without the system's libGL: one line, exit 2."""
+    (tmp_path / f"{module}.py").write_text(raises + "\n")
+    r = subprocess.run([sys.executable, "-m", "streamtrack", *command], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           [str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), r.stderr
+
+
+def test_an_import_error_of_our_own_is_a_traceback():
+    from streamtrack.errors import missing_dependency
+
+    assert missing_dependency(ModuleNotFoundError("x", name="streamtrack.nothing")) is None
+    assert missing_dependency(ImportError("cannot import name 'x' from partially initialized")) is None

@@ -493,6 +493,22 @@ def test_usr1_prints_every_threads_stack_and_the_run_goes_on(tiny_checkpoint, tm
     assert len(out_jsonl.read_text().splitlines()) == 12
 
 
+def test_run_show_whose_window_fails_is_no_success(tiny_checkpoint, clip_file, monkeypatch, capsys):
+    """The viewer process dies (a GUI error): that ends the run, which must not exit 0 as if
+    the user had closed the window."""
+    from streamtrack import cli
+    from streamtrack import viewer as viewer_module
+
+    monkeypatch.setattr(viewer_module, "check_display", lambda: None)
+    monkeypatch.setattr(viewer_module, "spawn_viewer", lambda *a, **k: subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; time.sleep(2); sys.exit(1)"]))
+    code = cli.main(["run", str(clip_file[1]), "--show", "--loop", "--realtime", "--checkpoint",
+                     str(tiny_checkpoint), "--image-size", str(TEST_IMAGE_SIZE), "--box", "1,1,20,20", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "streamtrack: error: the viewer window failed (exit 1" in err, err
+
+
 def test_show_holds_the_first_frame_until_a_box_is_drawn(tiny_checkpoint, xdisplay, tmp_path):
     """`run --show` with no prompt: the viewer gets the first frame, a prompt over the control
     channel (what a drag in the window sends) starts tracking from that frame."""

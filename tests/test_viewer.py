@@ -10,6 +10,7 @@ coordinates and the window's pixels.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -482,6 +483,25 @@ def test_view_without_display_exits_2(monkeypatch, capsys):
     assert main(["view", "tcp://127.0.0.1:5555"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "DISPLAY" in err[0]
+
+
+def test_an_opencv_without_a_gui_is_one_line_before_any_window(monkeypatch, capsys):
+    """opencv-python-headless (often pulled in by other packages) raises "not implemented"
+    at namedWindow, after the model has loaded: say so first, in one line."""
+    import cv2
+
+    from streamtrack.cli import main
+
+    assert v.opencv_has_windows()  # the GUI build the tests run with
+    info = cv2.getBuildInformation()
+    headless = re.sub(r"(?m)^([ \t]*GUI:[ \t]*)\S+", r"\1NONE", info)
+    assert headless != info
+    monkeypatch.setattr(cv2, "getBuildInformation", lambda: headless)
+    assert not v.opencv_has_windows()
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert main(["view", "tcp://127.0.0.1:5555"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "opencv-python-headless" in err[0], err
 
 
 def test_view_with_a_display_nobody_serves_exits_2():
