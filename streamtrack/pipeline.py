@@ -487,6 +487,7 @@ class Tracker:
                 console.enter_context(logging_redirect_tqdm())
                 if self.frames_seen:
                     bar.update(self.frames_seen)
+            paused_read, paused_frame = False, None
             while not self._stop.is_set():
                 self._alive()
                 if cfg.max_frames is not None and self.frames_seen >= cfg.max_frames:
@@ -497,11 +498,19 @@ class Tracker:
                     _serve_control(control, 100 if self._controls.paused else 0)
                 if self._controls.paused:
                     self._finish_in_flight(emitter, bar)
+                    if not paused_read:
+                        # The frame after the paused one, held: prompts clicked on the paused
+                        # picture apply to it at resume, not to whatever a live source (which
+                        # keeps only its newest frame) has by then.
+                        paused_read, paused_frame = True, self.capture.read(timeout=0.2)
                     continue
+                paused_read = False
                 # With a frame in flight only a frame already waiting is launched ahead:
                 # waiting for the source would hold the in-flight result back.
                 asked = time.monotonic()
-                frame = self.capture.read(timeout=0.1 if self._in_flight is None else 0)
+                frame = paused_frame if paused_frame is not None else self.capture.read(
+                    timeout=0.1 if self._in_flight is None else 0)
+                paused_frame = None
                 if frame is None:
                     if self._in_flight is not None:
                         self._finish_in_flight(emitter, bar)

@@ -918,6 +918,8 @@ class Viewer:
         here too (the tracker's stats correct it if it did carry it out)."""
         if failed and isinstance(cmd, (Pause, Resume)):
             self.interaction.paused = isinstance(cmd, Resume)
+        if not failed and isinstance(cmd, AddPrompt) and self.interaction.paused:
+            text += " (applied to the next frame when resumed)"
         self.toast(text, error=failed)
 
     def save_screenshot(self) -> Path | None:

@@ -705,3 +705,30 @@ def test_supervisor_config_errors():
     from streamtrack.pipeline import ALIVE_EVERY
 
     assert HANG_TIMEOUT_MIN == 2 * ALIVE_EVERY
+
+
+def test_a_prompt_sent_while_paused_lands_on_the_frame_after_the_paused_one(tmp_path, clip_path,
+                                                                             tiny_checkpoint):
+    """Paused to click on a still picture: the click must apply to the frame that followed
+    it, held since the pause, not to the frame a live source has when resumed seconds
+    later (a paced file here, 30 fps: 5 s of pause are 150 frames)."""
+    proc = launch(tmp_path, clip_path, tiny_checkpoint, "--realtime", "--loop")
+    try:
+        with Subscriber(proc.publish, topics=["masks/", "status/"]) as sub, \
+                ControlClient(proc.control, timeout=30) as client:
+            got = collect(sub, lambda got: sum(m.kind == "masks" for m in got) >= 3, 120)
+            client.pause()
+            got += collect(sub, lambda got: any(m.kind == "status" and m.status.data.get("new") == "paused"
+                                                for m in got), 60)
+            time.sleep(1.0)  # the frames in hand come out
+            got += [m for m in iter(lambda: sub.recv(timeout=0.5), None)]
+            last = max(m.result.frame_id for m in got if m.kind == "masks")
+            time.sleep(5.0)
+            client.add_prompt(2, box=[float(v) for v in BOX2.split(",")])
+            client.resume()
+            applied = collect(sub, lambda got: any(m.kind == "status" and m.status.kind == "prompt_applied"
+                                                   for m in got), 60)
+            (event,) = [m.status for m in applied if m.kind == "status" and m.status.kind == "prompt_applied"]
+    finally:
+        proc.close()
+    assert last < event.data["frame_id"] <= last + 60, (last, event.data)

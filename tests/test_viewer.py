@@ -277,6 +277,9 @@ def test_the_viewer_follows_the_trackers_stop_and_undoes_a_pause_that_failed():
     vw.reply(pause, "pause: no reply within 2 s (…)", True)
     assert not vw.interaction.paused  # the next space pauses, it does not resume
     assert vw.toasts[-1].error and "no reply" in vw.toasts[-1].text
+    vw.interaction.paused = True  # a click on the paused picture shows no mask until resumed
+    vw.reply(AddPrompt(obj_id=3, box=(1, 1, 9, 9)), "add_prompt 3: ok", False)
+    assert vw.toasts[-1].text == "add_prompt 3: ok (applied to the next frame when resumed)"
 
 
 # ---------------------------------------------------------------------- frame pairing
