@@ -380,6 +380,7 @@ class Tracker:
         self.window = StatsWindow(stream=config.stream)
         self._stop = threading.Event()
         self._stop_announced = False
+        self._holding = False  # a file's first frame waits for the first prompt
         self._seq = resume.seq_start
         self._object_states: dict[int, str] = dict(resume.object_states)
         self._dropped_before = dict(resume.dropped_before)
@@ -530,6 +531,8 @@ class Tracker:
                     self._hold(frame, control, emitter.publisher)
                     if self._stop.is_set():
                         break
+                    # Timed from the prompt that released it: the wait is the user's, not latency.
+                    frame = replace(frame, capture_time=now(), capture_monotonic=time.monotonic())
                 dequeue = now()
                 self.frame_size = (frame.height, frame.width)
                 prompts = [_fit_mask(p, frame.height, frame.width) for p in seed]
@@ -655,7 +658,7 @@ class Tracker:
             self._last_stats = t
             stats = self.window.snapshot(
                 dropped=self._dropped(capture.stats()), source_state=capture.state.value,
-                paused=self._controls.paused,
+                paused=self._controls.paused, waiting_for_prompt=self._holding,
                 memory_bytes=self.engine.state_bytes() if self.engine is not None else None, at=now())
         try:
             publisher.publish_stats(stats)
@@ -676,15 +679,21 @@ class Tracker:
                     "to %s", frame.frame_id, control.endpoint if control is not None else "its control")
         self.frame_size = (frame.height, frame.width)
         last = 0.0
-        while not self._stop.is_set() and not self._controls.pending:
-            self._alive()
-            if publisher is not None and time.monotonic() - last >= 0.5:
-                publisher.publish_frame(frame.frame_id, frame.image)
-                last = time.monotonic()
-            if control is not None:
-                _serve_control(control, 50)
-            else:
-                self._stop.wait(0.05)
+        self._holding = True  # in the stats: a viewer says what the run waits for
+        self._last_stats = 0.0  # ...from now on
+        try:
+            while not self._stop.is_set() and not self._controls.pending:
+                self._alive()
+                if publisher is not None and time.monotonic() - last >= 0.5:
+                    publisher.publish_frame(frame.frame_id, frame.image)
+                    last = time.monotonic()
+                if control is not None:
+                    _serve_control(control, 50)
+                else:
+                    self._stop.wait(0.05)
+        finally:
+            self._holding = False
+            self._last_stats = 0.0  # the next stats say so at once
 
     def _alive(self) -> None:
         """Report that the loop goes round (at most every ALIVE_EVERY seconds), to a

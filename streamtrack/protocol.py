@@ -696,14 +696,17 @@ class Stats:
     frames: int = 0
     source_state: str | None = None  # the source's state when sent (also while no frame comes)
     paused: bool | None = None  # the tracker is paused (a viewer joining later learns it here)
+    # A file run holding its first frame until the first prompt comes (--show/--control).
+    waiting_for_prompt: bool | None = None
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
         validate_stream(self.stream)
         if self.source_state is not None:
             _set(self, "source_state", _str(self.source_state, "source_state"))
-        if self.paused is not None and not isinstance(self.paused, bool):
-            raise ProtocolError(f"paused must be true, false or null, got {self.paused!r}")
+        for name in ("paused", "waiting_for_prompt"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ProtocolError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
         _set(self, "time", _float(self.time, "time"))
         _set(self, "fps", _float(self.fps, "fps"))
         if self.memory_bytes is not None:
@@ -720,6 +723,7 @@ class Stats:
             "latency": {k: v.to_dict() for k, v in self.latency.items()},
             "dropped": dict(self.dropped), "memory_bytes": self.memory_bytes,
             "frames": self.frames, "source_state": self.source_state, "paused": self.paused,
+            "waiting_for_prompt": self.waiting_for_prompt,
         }
 
     def to_json(self) -> str:
@@ -748,6 +752,7 @@ class Stats:
             frames=_int(d.get("frames", 0), "frames", minimum=0),
             source_state=None if d.get("source_state") is None else _str(d["source_state"], "source_state"),
             paused=d.get("paused"),
+            waiting_for_prompt=d.get("waiting_for_prompt"),
         )
 
     @classmethod

@@ -291,6 +291,7 @@ class StatsWindow:
         at: float | None = None,
         source_state: str | None = None,
         paused: bool | None = None,
+        waiting_for_prompt: bool | None = None,
     ) -> Stats:
         """A :class:`Stats` message for ``publish_stats``; ``at``: see :meth:`fps`."""
         return Stats(
@@ -299,6 +300,7 @@ class StatsWindow:
             fps=self.fps(at),
             source_state=source_state,
             paused=paused,
+            waiting_for_prompt=waiting_for_prompt,
             latency=self.latency(),
             dropped=dict(dropped or {}),
             memory_bytes=memory_bytes,

@@ -413,10 +413,12 @@ def banner_for(source_state: str | None, silent_for: float, ever_received: bool,
                limit: float = NOT_PUBLISHING_AFTER, *,
                paused: bool = False,
                no_results_for: float | None = None,
-               tracker_stopped: bool = False) -> tuple[str, tuple[int, int, int]] | None:
+               tracker_stopped: bool = False,
+               waiting_for_prompt: bool = False) -> tuple[str, tuple[int, int, int]] | None:
     """The banner text and BGR colour, or None when all is well.  ``silent_for``: seconds
     since any message; ``no_results_for``: since the last result (default the same);
-    ``tracker_stopped``: the tracker said it stopped (and has not said it runs again).
+    ``tracker_stopped``: the tracker said it stopped (and has not said it runs again);
+    ``waiting_for_prompt``: its stats say it holds a file's first frame for a prompt.
 
     A source that is down explains the silence (a tracker without frames publishes
     no results), so it wins over "not publishing"; so does a tracker that said it
@@ -437,6 +439,8 @@ def banner_for(source_state: str | None, silent_for: float, ever_received: bool,
         return f"{what}: no message for {silent_for:.0f} s", BANNER_DEAD_BGR
     if paused and ever_received:
         return "TRACKER PAUSED (space resumes)", BANNER_DONE_BGR
+    if waiting_for_prompt and ever_received:
+        return "WAITING FOR A PROMPT: drag a box around an object, or click it", BANNER_DONE_BGR
     return None
 
 
@@ -610,6 +614,7 @@ class Viewer:
         self.stream = stream
         self.interaction = Interaction(can_send=bool(control))
         self.tracker_stopped = False  # it said so (tracker_state stopped), and not running since
+        self.waiting_for_prompt = False  # its stats say it holds the first frame for a prompt
         self.pairer = FramePairer()
         self.source = SourceStateTracker()
         self.mask_latency = SlidingWindow(self.config.hud_window)
@@ -660,6 +665,7 @@ class Viewer:
         elif msg.stats is not None:
             self.tracker_fps = (msg.stats.fps, msg.received)
             self.tracker_stopped = False
+            self.waiting_for_prompt = bool(msg.stats.waiting_for_prompt)
             # Stats come every second, also while no result does: a viewer that joins while
             # the source is down or the tracker paused learns it here.
             if msg.stats.source_state is not None:
@@ -691,6 +697,7 @@ class Viewer:
         return banner_for(self.source.state, at - max(self.last_message, self.started),
                           self.last_message > -math.inf, self.silence_limit(),
                           paused=self.interaction.paused, tracker_stopped=self.tracker_stopped,
+                          waiting_for_prompt=self.waiting_for_prompt,
                           no_results_for=at - max(self._last_result_at or -math.inf, self.started))
 
     def silence_limit(self) -> float:

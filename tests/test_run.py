@@ -526,21 +526,27 @@ def test_show_holds_the_first_frame_until_a_box_is_drawn(tiny_checkpoint, xdispl
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        with Subscriber(publish, topics=("frames/", "masks/")) as sub:
-            held = None
+        with Subscriber(publish, topics=("frames/", "masks/", "stats/")) as sub:
+            held = waiting = None
             deadline = time.monotonic() + 120
-            while held is None and time.monotonic() < deadline:
+            while (held is None or waiting is None) and time.monotonic() < deadline:
                 msg = sub.recv(timeout=1)
                 if msg is not None and msg.kind == "frames":
                     held = msg
-            assert held is not None and held.frame.frame_id == 0
+                elif msg is not None and msg.kind == "stats" and msg.stats.waiting_for_prompt:
+                    waiting = msg  # what the window's banner says
+            assert held is not None and held.frame.frame_id == 0 and waiting is not None
             time.sleep(1.5)
-            assert sub.latest() is None  # nothing tracked before a prompt: the frame is held
+            assert not [m for m in iter(lambda: sub.recv(timeout=0), None) if m.kind == "masks"]  # held
+            sent = time.time()
             prompt_then_wait(proc, control, clip.box(1, 0))
     finally:
         if proc.poll() is None:
             proc.kill()
     assert_tracked_from_frame_0(tmp_path / "r.jsonl", frames=6)
+    # The held frame is timed from the prompt that released it, not from the wait.
+    first = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])
+    assert first["frame_id"] == 0 and first["t"]["capture"] >= sent - 0.05, (first["t"], sent)
 
 
 def test_a_file_with_control_and_no_prompt_waits_on_its_first_frame(tiny_checkpoint, tmp_path):

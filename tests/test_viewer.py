@@ -252,6 +252,9 @@ def test_source_state_and_banner():
     assert v.banner_for("ended", 30, True) == ("SOURCE ENDED", v.BANNER_DONE_BGR)
     assert v.banner_for("streaming", 30, True, tracker_stopped=True) == ("TRACKER STOPPED", v.BANNER_DONE_BGR)
     assert v.banner_for("ended", 30, True, tracker_stopped=True)[0] == "TRACKER STOPPED, source ended"
+    # A file run holding its first frame says what it waits for.
+    assert v.banner_for("streaming", 0.5, True, waiting_for_prompt=True)[0].startswith(
+        "WAITING FOR A PROMPT: drag a box")
 
 
 def test_banner_while_paused_from_the_viewer():
