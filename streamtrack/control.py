@@ -74,7 +74,9 @@ class AddPrompt:
     """Add or refine object ``obj_id`` on the current frame.
 
     Points (with labels; 1 = foreground, 0 = background, default all 1), a box, or
-    both; or a COCO-RLE mask alone. Coordinates are source-frame pixels.
+    both; or a COCO-RLE mask alone. Coordinates are source-frame pixels.  ``new``: a new
+    object, never a refinement: if ``obj_id`` is in use (another client made it first),
+    the tracker gives this one the next free id and says which in the reply's ``obj_id``.
     """
 
     name: ClassVar[str] = "add_prompt"
@@ -83,6 +85,7 @@ class AddPrompt:
     labels: tuple[int, ...] | None = None
     box: tuple[float, float, float, float] | None = None
     mask: dict[str, Any] | None = None  # COCO RLE, already validated
+    new: bool = False
 
     def mask_array(self) -> np.ndarray | None:
         """The mask prompt as a boolean HxW array (None if this prompt has no mask)."""
@@ -97,6 +100,8 @@ class AddPrompt:
             req["box"] = list(self.box)
         if self.mask is not None:
             req["mask"] = dict(self.mask)
+        if self.new:
+            req["new"] = True
         return req
 
 
@@ -217,7 +222,7 @@ def _parse_mask(mask: Any) -> dict[str, Any]:
 
 
 _FIELDS: dict[str, frozenset[str]] = {
-    "add_prompt": frozenset({"obj_id", "points", "labels", "box", "mask"}),
+    "add_prompt": frozenset({"obj_id", "points", "labels", "box", "mask", "new"}),
     "remove_object": frozenset({"obj_id"}),
     "reset": frozenset(),
     "status": frozenset(),
@@ -261,6 +266,9 @@ def parse_command(request: Any) -> Command:
             raise PromptError("add_prompt needs points, a box, or a mask")
         if mask is not None and (points is not None or box is not None):
             raise PromptError("a mask prompt cannot be combined with points or a box")
+        new = request.get("new", False)
+        if not isinstance(new, bool):
+            raise PromptError(f"add_prompt: new must be true or false, got {new!r}")
         pts = None if points is None else _parse_points(points)
         labs = None
         if pts is not None:
@@ -271,6 +279,7 @@ def parse_command(request: Any) -> Command:
             labels=labs,
             box=None if box is None else _parse_box(box),
             mask=None if mask is None else _parse_mask(mask),
+            new=new,
         )
     if cmd == "remove_object":
         if "obj_id" not in request:

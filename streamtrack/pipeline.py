@@ -237,12 +237,16 @@ class _Controls:
                                   "no frame has come yet; send it again once one has")
             check_mask_shape(cmd.obj_id, cmd.mask["size"], *size)
         engine, cfg = self.tracker.engine, self.tracker.config
-        if cfg.save_masks and cmd.obj_id > MASK_PNG_MAX_ID:  # the PNG writer would stop the run
-            raise PromptError(f"object {cmd.obj_id}: --save-masks stores object ids up to {MASK_PNG_MAX_ID}")
         known = set(engine.object_ids if engine is not None else ()) | {p.obj_id for p in self.pending}
         # Room is kept for the prompts file's objects still to come: refusing one of those
         # later would stop the run.
         later = {p.obj_id for f, ps in cfg.prompts.items() if f >= self.tracker.frames_seen for p in ps}
+        if cmd.new and cmd.obj_id in known | later:
+            # Two viewers each picked the next id for their new object: the second gets
+            # another one, instead of replacing the first one's object.
+            cmd = replace(cmd, obj_id=max(known | later) + 1)
+        if cfg.save_masks and cmd.obj_id > MASK_PNG_MAX_ID:  # the PNG writer would stop the run
+            raise PromptError(f"object {cmd.obj_id}: --save-masks stores object ids up to {MASK_PNG_MAX_ID}")
         if cmd.obj_id not in known | later and len(known | later) >= cfg.engine.max_objects:
             raise PromptError(f"object {cmd.obj_id}: {len(known | later)} objects are tracked, queued or "
                               f"prompted later by the prompts file, and max_objects is "
@@ -253,7 +257,7 @@ class _Controls:
         self.pending = [p for p in self.pending if p.obj_id != prompt.obj_id]
         self.pending.append(prompt)
         self.tracker._notify("queued", {"prompt": prompt})  # each prompt once (masks are big)
-        return {"queued_for_frame": self.tracker.next_seq}
+        return {"queued_for_frame": self.tracker.next_seq, "obj_id": prompt.obj_id}
 
     def remove_object(self, obj_id):
         queued = any(p.obj_id == obj_id for p in self.pending)

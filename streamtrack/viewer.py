@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,6 +205,9 @@ class Interaction:
         self.can_send = can_send  # False: view only, a click changes nothing here either
         self.selected: int | None = None  # None: the next click starts a new object
         self.known_ids: set[int] = set()  # objects the tracker reports
+        # Ids this viewer picked for objects it creates: sent as new objects, which the
+        # tracker renumbers if another client took the id first (see rename).
+        self.created: set[int] = set()
         self.prompts: dict[int, PromptSet] = {}
         self.paused = False
         self.frame_id: int | None = None  # the frame on screen, which clicks are made on
@@ -225,7 +228,19 @@ class Interaction:
         """The object a prompt goes to, allocating a new id if none is selected."""
         if self.selected is None:
             self.selected = self.next_id()
+            self.created.add(self.selected)
         return self.selected
+
+    def rename(self, old: int, new: int) -> None:
+        """The tracker gave the object this viewer created as ``old`` the id ``new``."""
+        if old in self.prompts:
+            self.prompts[new] = self.prompts.pop(old)
+        if self.selected == old:
+            self.selected = new
+        self.created.discard(old)
+
+    def _add(self, obj_id: int, **prompt) -> AddPrompt:
+        return AddPrompt(obj_id=obj_id, new=obj_id in self.created and obj_id not in self.known_ids, **prompt)
 
     # -------------------------------------------------------------------- mouse
     @property
@@ -285,7 +300,7 @@ class Interaction:
             del ps.points[0], ps.labels[0]
         ps.points.append(tf.to_source(x, y))
         ps.labels.append(label)
-        return [AddPrompt(obj_id=obj_id, points=tuple(ps.points), labels=tuple(ps.labels), box=ps.box)]
+        return [self._add(obj_id, points=tuple(ps.points), labels=tuple(ps.labels), box=ps.box)]
 
     def _box(self, tf: ViewTransform, x0: float, y0: float, x1: float, y1: float) -> list[Action]:
         ax, ay = tf.to_source(min(x0, x1), min(y0, y1))
@@ -297,7 +312,7 @@ class Interaction:
         obj_id = self.target()
         # A box starts the object's prompt afresh: it is how a user re-marks it.
         self.prompts[obj_id] = PromptSet(box=(ax, ay, bx, by), frame_id=self.frame_id)
-        return [AddPrompt(obj_id=obj_id, box=(ax, ay, bx, by))]
+        return [self._add(obj_id, box=(ax, ay, bx, by))]
 
     # --------------------------------------------------------------------- keys
     def key(self, code: int) -> list[Action]:
@@ -311,6 +326,7 @@ class Interaction:
             return [Quit()]
         if ch == "n":
             self.selected = self.next_id()
+            self.created.add(self.selected)
             return []
         if ch and ch in "123456789":
             self.selected = int(ch)
@@ -321,10 +337,12 @@ class Interaction:
             obj_id, self.selected = self.selected, None
             self.prompts.pop(obj_id, None)
             self.known_ids.discard(obj_id)
+            self.created.discard(obj_id)
             return [RemoveObject(obj_id=obj_id)]
         if ch == "r":
             self.prompts.clear()
             self.known_ids.clear()
+            self.created.clear()
             self.selected = None
             return [Reset()]
         if ch == " ":
@@ -559,8 +577,12 @@ class _ControlWorker:
         self.client = ControlClient(endpoint, timeout=timeout, curve=curve)
         self.endpoint = self.client.endpoint
         self.timeout = timeout
-        # (the command, the toast's text, whether it failed)
-        self.replies: queue.Queue[tuple[ControlCommand, str, bool]] = queue.Queue()
+        # (the command, the toast's text, whether it failed, the id the tracker gave a new object)
+        self.replies: queue.Queue[tuple[ControlCommand, str, bool, int | None]] = queue.Queue()
+        # A new object's id as this viewer picked it -> as the tracker gave it. Commands
+        # queued behind the first prompt still carry the picked id: they are sent to the
+        # given one, as refinements (a second "new" would make yet another object).
+        self._given: dict[int, int] = {}
         self._jobs: queue.Queue[ControlCommand | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="streamtrack-viewer-control",
                                         daemon=True)
@@ -570,21 +592,42 @@ class _ControlWorker:
         self._jobs.put(cmd)
 
     def _run(self) -> None:
-        while (cmd := self._jobs.get()) is not None:
+        while (job := self._jobs.get()) is not None:
+            cmd = self._to_send(job)
             what = cmd.name + (f" {cmd.obj_id}" if hasattr(cmd, "obj_id") else "")
             try:
-                self.client.send(cmd)
-                self.replies.put((cmd, f"{what}: ok", False))
+                reply = self.client.send(cmd)
             except ControlTimeout:
                 # The client's own hint is long and names no option of the viewer's.
-                self.replies.put((cmd, f"{what}: no reply within {self.timeout:g} s (no tracker with "
+                self.replies.put((job, f"{what}: no reply within {self.timeout:g} s (no tracker with "
                                   f"--control at {self.endpoint}? one busy with a slow frame may still "
-                                  "carry it out: view --control-timeout S waits longer)", True))
+                                  "carry it out: view --control-timeout S waits longer)", True, None))
             except ControlError as exc:
-                self.replies.put((cmd, f"{what}: {exc}", True))
+                self.replies.put((job, f"{what}: {exc}", True, None))
             except Exception as exc:  # keep the worker alive whatever happens
                 log.exception("control request failed")
-                self.replies.put((cmd, f"{what}: {type(exc).__name__}: {exc}", True))
+                self.replies.put((job, f"{what}: {type(exc).__name__}: {exc}", True, None))
+            else:
+                given = None
+                if isinstance(cmd, AddPrompt) and cmd.new:
+                    given = reply.get("obj_id", cmd.obj_id)
+                    given = given if isinstance(given, int) and not isinstance(given, bool) else cmd.obj_id
+                    self._given[job.obj_id] = self._given[given] = given
+                if given is not None and given != job.obj_id:
+                    self.replies.put((job, f"{what}: ok; object {job.obj_id} was taken by another client, "
+                                      f"so this one is object {given}", False, given))
+                else:
+                    self.replies.put((job, f"{what}: ok", False, None))
+
+    def _to_send(self, cmd: ControlCommand) -> ControlCommand:
+        """``cmd`` with a new object's id as the tracker gave it."""
+        if isinstance(cmd, Reset):
+            self._given.clear()
+        elif isinstance(cmd, RemoveObject) and cmd.obj_id in self._given:
+            return replace(cmd, obj_id=self._given.pop(cmd.obj_id))
+        elif isinstance(cmd, AddPrompt) and cmd.obj_id in self._given:
+            return replace(cmd, obj_id=self._given[cmd.obj_id], new=False)
+        return cmd
 
     def close(self, timeout: float) -> None:
         """Send what is queued (bounded by ``timeout``), then stop."""
@@ -920,9 +963,12 @@ class Viewer:
             else:
                 control.submit(a)
 
-    def reply(self, cmd: ControlCommand, text: str, failed: bool) -> None:
+    def reply(self, cmd: ControlCommand, text: str, failed: bool, given: int | None = None) -> None:
         """A control request's outcome: a toast; a pause or resume that failed is undone
-        here too (the tracker's stats correct it if it did carry it out)."""
+        here too (the tracker's stats correct it if it did carry it out); a new object
+        the tracker gave another id (``given``) goes by that id from now on."""
+        if given is not None and isinstance(cmd, AddPrompt):
+            self.interaction.rename(cmd.obj_id, given)
         if failed and isinstance(cmd, (Pause, Resume)):
             self.interaction.paused = isinstance(cmd, Resume)
         if not failed and isinstance(cmd, AddPrompt) and self.interaction.paused:

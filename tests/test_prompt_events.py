@@ -203,6 +203,18 @@ def test_a_mask_prompt_is_checked_against_the_frame_before_it_is_decoded():
     assert tracker._controls.pending[0].mask.shape == (48, 64)
 
 
+def test_a_new_object_whose_id_is_taken_gets_the_next_free_one():
+    """Two viewers each pick the next id for their new object: the second one's is
+    renumbered (and the reply says which), not a replacement of the first one's object."""
+    tracker = tracker_with(ids=[1, 2], prompts={5: [Prompt.make(7, box=[1, 2, 30, 40])]})
+    assert add(tracker, 3, box=[1, 2, 30, 40], new=True)["obj_id"] == 3  # free
+    assert add(tracker, 3, box=[5, 6, 30, 40], new=True)["obj_id"] == 8  # 3 queued, 7 to come
+    assert add(tracker, 3, points=[[10, 10]])["obj_id"] == 3  # not new: a refinement of 3
+    assert [p.obj_id for p in tracker._controls.pending] == [8, 3]
+    with pytest.raises(PromptError, match="new must be true or false"):
+        add(tracker, 9, box=[1, 2, 30, 40], new="yes")
+
+
 def test_pause_and_resume_are_announced_to_subscribers():
     tracker = tracker_with(ids=[1])
     controls = tracker._controls

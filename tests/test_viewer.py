@@ -10,6 +10,7 @@ coordinates and the window's pixels.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -98,7 +99,8 @@ def test_click_labels_and_accumulation():
     ia = v.Interaction()
     ia.observe([1, 2])
     (a,) = click(ia, 10, 10)
-    assert a == AddPrompt(obj_id=3, points=((20.5, 20.5),), labels=(1,))
+    # A new object: the tracker renumbers it if another viewer took 3 meanwhile.
+    assert a == AddPrompt(obj_id=3, points=((20.5, 20.5),), labels=(1,), new=True)
     (b,) = click(ia, 20, 30, button="right")
     assert b.obj_id == 3 and b.labels == (1, 0)
     assert b.points == ((20.5, 20.5), (40.5, 60.5))
@@ -114,7 +116,7 @@ def test_drag_is_a_box_in_source_pixels_and_small_moves_are_clicks():
     ia.mouse(v.EVENT_MOUSEMOVE, 60, 50, 1, TF)
     assert ia.drag_box == (100, 80, 60, 50)
     (box,) = ia.mouse(v.EVENT_LBUTTONUP, 40, 30, 0, TF)  # dragged up-left: box sorted
-    assert box == AddPrompt(obj_id=1, box=(80.5, 60.5, 200.5, 160.5))
+    assert box == AddPrompt(obj_id=1, box=(80.5, 60.5, 200.5, 160.5), new=True)
     assert ia.drag_box is None
     # A box restarts the object's prompt set; a later click adds points to the box.
     (pt,) = click(ia, 50, 50)
@@ -159,6 +161,40 @@ def test_a_click_on_a_later_frame_refines_the_object_where_it_is_now():
     ia.frame_id = 48
     (two,) = click(ia, 3, 3, button="right")
     assert two.box == (0.0, 0.0, 9.0, 9.0) and two.points == ((6.5, 6.5),)
+
+
+def test_a_new_object_whose_id_another_viewer_took_goes_by_the_id_the_tracker_gave_it():
+    """Two viewers each pick the next id for their new object; the tracker gives the
+    second another id. Prompts already queued with the picked id go to the given one, as
+    refinements, and the viewer goes on with it."""
+    sent = []
+
+    class Tracker:  # what the control server answers: id 3 is another viewer's
+        def send(self, cmd):
+            sent.append(cmd)
+            given = 4 if cmd.new and cmd.obj_id == 3 else cmd.obj_id
+            return {"ok": True, "obj_id": given}
+
+    worker = v._ControlWorker.__new__(v._ControlWorker)
+    worker.client, worker.timeout, worker.endpoint = Tracker(), 2.0, "tcp://127.0.0.1:1"
+    worker.replies, worker._jobs, worker._given = queue.Queue(), queue.Queue(), {}
+    ia = v.Interaction()
+    ia.observe([1, 2])
+    (first,) = click(ia, 10, 10)
+    (second,) = click(ia, 20, 20, button="right")  # clicked before the first one's reply
+    assert first.new and second.new and first.obj_id == second.obj_id == 3
+    for cmd in (first, second, RemoveObject(obj_id=3), None):
+        worker._jobs.put(cmd)
+    worker._run()
+    assert [(c.name, c.obj_id, getattr(c, "new", None)) for c in sent] == [
+        ("add_prompt", 3, True), ("add_prompt", 4, False), ("remove_object", 4, None)]
+    vw = v.Viewer("tcp://127.0.0.1:1", control="tcp://127.0.0.1:2")
+    vw.interaction = ia
+    vw.reply(*worker.replies.get_nowait())
+    assert "object 3 was taken by another client, so this one is object 4" in vw.toasts[-1].text
+    assert ia.selected == 4 and 4 in ia.prompts and 3 not in ia.prompts
+    (third,) = click(ia, 30, 30, button="right")
+    assert third.obj_id == 4 and not third.new and third.labels == (1, 0, 0)
 
 
 def test_a_view_only_click_changes_nothing_in_the_viewer():
