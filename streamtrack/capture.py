@@ -428,6 +428,12 @@ class _Pacer:
 StatusCallback = Callable[[StatusEvent], None]
 
 
+def _reason_kind(error: str | None) -> str | None:
+    """What kind of failure ``error`` is ("HTTPUnauthorizedError" of "HTTPUnauthorizedError:
+    … 401 …"): attempts that fail alike differ only in details worth no new line."""
+    return None if error is None else error.split(":", 1)[0]
+
+
 class Capture:
     """A source read by its own thread into a bounded queue. Use :func:`open_source`."""
 
@@ -458,6 +464,7 @@ class Capture:
             maxlen=_MAX_STATUS_EVENTS
         )
         self._last_error: str | None = None
+        self._outage_reasons: set[str | None] = set()  # kinds of failure reported in this outage
         self._next_id = self.config.first_frame_id
         self._decoded = 0
         self._delivered = 0
@@ -607,7 +614,11 @@ class Capture:
     ) -> SourceState | None:
         """The one place the state changes; returns the previous state, or None if
         nothing changed (same state, source already over, or not in ``only_from``).
-        Raises :class:`InvalidTransition` on a change the table forbids."""
+        Raises :class:`InvalidTransition` on a change the table forbids.
+
+        One exception to "same state, nothing to say": an outage whose attempts start
+        failing for another reason (the camera back, but refusing the password now) is
+        reported again, once per kind of reason in that outage."""
         # The emit lock spans the change and the callback, so callbacks see the
         # transitions in the order they happened, whichever thread made them.
         with self._emit_lock:
@@ -615,11 +626,18 @@ class Capture:
                 old = self._state
                 if error is not None:
                     self._last_error = error
-                if new is old or old.terminal or (only_from is not None and old is not only_from):
+                if old.terminal or (only_from is not None and old is not only_from):
                     return None
-                if new not in TRANSITIONS[old]:
+                if new is old:
+                    kind = _reason_kind(error)
+                    if new is not SourceState.RECONNECTING or kind is None or kind in self._outage_reasons:
+                        return None
+                    self._outage_reasons.add(kind)
+                elif new not in TRANSITIONS[old]:
                     raise InvalidTransition(f"{self.name}: {old.value} -> {new.value}")
-                self._state = new
+                else:
+                    self._state = new
+                    self._outage_reasons = {_reason_kind(error)} if new is SourceState.RECONNECTING else set()
                 event = StatusEvent(new, old, time.time(), error)
                 self._events.append(event)
             if new.terminal:

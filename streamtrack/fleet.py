@@ -58,6 +58,7 @@ from streamtrack.fleet_spec import (
     with_endpoints,
 )
 from streamtrack.pipeline import Resume, RunConfig, warn_if_exposed
+from streamtrack.sources import redact_url
 from streamtrack.supervisor import SeenMasks, install_stop_signals, resume_from_seen
 
 log = logging.getLogger(__name__)
@@ -607,7 +608,10 @@ class Fleet:
         actor = self.actors.get(s.actor)
         return StreamEntry(name=s.spec.name, state=s.state, publish=s.publish, control=s.control,
                            actor=s.actor, actor_pid=actor.pid if actor else None, node=s.node,
-                           error=s.error, restarts=s.restarts, source=s.spec.source)
+                           error=s.error, restarts=s.restarts,
+                           # The directory is world-readable and list_streams answers other
+                           # machines: a camera's password stays in the fleet file.
+                           source=redact_url(s.spec.source))
 
     def _write_directory(self, state: str) -> None:
         """Once the fleet runs, a failed write (a full disk) stops no stream: it is logged

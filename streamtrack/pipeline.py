@@ -928,7 +928,8 @@ def _log_source_change(name: str, event: SourceEvent, give_up_after: float | Non
         until = (f"giving up after {give_up_after:g} s" if give_up_after is not None
                  else "until stopped (--give-up-after S to stop sooner)")
         first = event.previous is SourceState.CONNECTING
-        log.warning("source %s: %s; %s, %s", name, event.error,
+        again = event.previous is SourceState.RECONNECTING  # the same outage, another reason
+        log.warning("source %s: %s%s; %s, %s", name, "now " if again else "", event.error,
                     "retrying" if first else "reconnecting", until)
     elif event.state is SourceState.STALE:
         log.warning("source %s: connected, but no frame is arriving", name)

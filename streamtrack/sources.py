@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -89,8 +91,16 @@ class SourceSpec:
         return str(self.target)
 
 
+# Query parameters cameras and NVRs take credentials in (…/cam?user=admin&password=…).
+_SECRET_QUERY = re.compile(r"(?i)(^|[?&;])((?:password|passwd|pwd|pass|token|access_token|auth|secret|"
+                           r"api_?key|key)=)[^&;#]*")
+
+
 def redact_url(url: str) -> str:
-    """Hide the user:password part of a URL so it never reaches logs or errors."""
+    """Hide the user:password part of a URL, and the values of query parameters that
+    hold credentials (``password=``, ``pwd=``, ``token=``, …), so they never reach logs
+    or errors."""
+    url = _SECRET_QUERY.sub(r"\1\2***", url)
     try:
         parts = urlsplit(url)
     except ValueError:  # malformed (e.g. an unclosed [): hide anything before an @
@@ -335,6 +345,7 @@ def open_pyav(
     file errors become :class:`UserError`, since they are bad input."""
     target = str(spec.target)
     if spec.kind is SourceKind.NETWORK:
+        started = time.monotonic()
         try:
             container = av.open(
                 target,
@@ -343,6 +354,11 @@ def open_pyav(
             )
         except av.ExitError:  # the timeout's interrupt: a server that accepts and never answers
             raise TimeoutError(f"no answer within the open timeout ({open_timeout:g} s)") from None
+        except av.InvalidDataError:
+            # FFmpeg's RTSP demuxer reports an open cut off by that interrupt as invalid data.
+            if time.monotonic() - started >= 0.9 * open_timeout:
+                raise TimeoutError(f"no answer within the open timeout ({open_timeout:g} s)") from None
+            raise
         try:
             return PyAVReader(container, live=True)
         except ValueError as exc:
@@ -364,10 +380,17 @@ def _reason(exc: BaseException) -> str:
 
 def describe_error(exc: BaseException, spec: SourceSpec) -> str:
     """One line for the status/last-error of a live source, credentials hidden."""
-    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    # FFmpeg's errors come as "[Errno 1094995529] …": a tag, not an errno worth showing.
+    message = _FFMPEG_TAG.sub(lambda m: "" if abs(int(m.group(1))) > 4095 else m.group(0), str(exc))
+    text = f"{type(exc).__name__}: {' '.join(message.split())}"
     if spec.kind is SourceKind.NETWORK:
         text = text.replace(str(spec.target), spec.display)
+        if "Protocol not supported" in text and str(spec.target).lower().startswith("rtsp"):
+            text += " (streamtrack asks for RTSP over TCP: this camera may offer only UDP)"
     return text
+
+
+_FFMPEG_TAG = re.compile(r"\[Errno (-?\d+)\] ")
 
 
 # ---------------------------------------------------------------------------

@@ -438,6 +438,29 @@ def test_source_strings_are_classified() -> None:
     assert spec.kind is SourceKind.NETWORK and spec.name == "10.0.0.5/stream1"
     assert "secret" not in spec.display
     assert parse_source("https://example.com/live.m3u8").kind is SourceKind.NETWORK
+    # Credentials some cameras take as query parameters are hidden too; the rest stays.
+    shown = parse_source("rtsp://10.0.0.5/cam?channel=1&user=admin&password=s3cret&PWD=x;token=t#a").display
+    assert shown == "rtsp://10.0.0.5/cam?channel=1&user=admin&password=***&PWD=***;token=***#a", shown
+
+
+def test_a_server_that_never_answers_is_a_timeout_and_ffmpeg_tags_are_no_errnos() -> None:
+    """FFmpeg reports an RTSP open cut off by the open timeout as "Invalid data found when
+    processing input", with its error tag shown as an errno: say what happened instead."""
+    from streamtrack.sources import describe_error, open_pyav
+
+    with socket.socket() as server:  # accepts, never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        spec = parse_source(f"rtsp://127.0.0.1:{server.getsockname()[1]}/cam")
+        with pytest.raises(TimeoutError) as caught:
+            open_pyav(spec, 1.0, 1.0)
+    assert describe_error(caught.value, spec) == "TimeoutError: no answer within the open timeout (1 s)"
+    tagged = av.error.HTTPUnauthorizedError(-825242872, "Server returned 401 Unauthorized")
+    assert "[Errno" not in describe_error(tagged, spec), describe_error(tagged, spec)
+    assert describe_error(ConnectionRefusedError(111, "Connection refused"), spec) == \
+        "ConnectionRefusedError: [Errno 111] Connection refused"
+    assert describe_error(OSError(93, "Protocol not supported"), spec).endswith(
+        "(streamtrack asks for RTSP over TCP: this camera may offer only UDP)")
 
 
 # ---------------------------------------------------------------------------
@@ -880,3 +903,31 @@ def test_cover_art_is_not_a_video(tmp_path: Path, decode: str) -> None:
     with open_source(str(_with_cover_art(tmp_path / "clip.mp4", 12)), decode=decode) as cap:
         frames = list(cap)
     assert [f.image.shape for f in frames] == [(64, 96, 3)] * 12
+
+
+def test_an_outage_whose_reason_changes_is_reported_again_once_per_reason() -> None:
+    """Back from an outage but failing for another reason (a camera that now refuses the
+    password): said once more, not hidden behind the first reason for the whole outage,
+    and not repeated for every attempt either."""
+    events: list = []
+    failures = iter([TimeoutError("no answer"), PermissionError("401 Unauthorized"),
+                     TimeoutError("no answer"), PermissionError("401 Unauthorized")])
+
+    def factory(target):
+        if not events or len([e for e in events if e.state is S.STREAMING]) == 0:
+            return FakeCamera(fail_after=3)
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return FakeCamera()
+
+    config = CaptureConfig(reconnect_initial=0.02, reconnect_max=0.05)
+    with open_source("/dev/video0", config, on_status=events.append, webcam_factory=factory) as cap:
+        assert wait_for(lambda: len([e for e in events if e.state is S.STREAMING]) == 2, 5)
+        frame = cap.read(timeout=2)
+    assert frame is not None
+    outage = [(e.previous, e.state, (e.error or "").split(":")[0]) for e in events
+              if e.state is S.RECONNECTING]
+    assert outage == [(S.STREAMING, S.RECONNECTING, "end of stream (disconnected)"),
+                      (S.RECONNECTING, S.RECONNECTING, "TimeoutError"),
+                      (S.RECONNECTING, S.RECONNECTING, "PermissionError")], outage

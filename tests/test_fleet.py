@@ -179,6 +179,23 @@ def test_add_stream_refuses_the_fleet_controls_port(tmp_path):
         fleet.add_stream(stream_entry("x", "x.mp4", [BOX1], publish="5602"))
 
 
+def test_a_cameras_password_stays_in_the_fleet_file(tmp_path):
+    """The directory file is world-readable and list_streams answers other machines: a
+    stream's source is listed with its credentials hidden, as in every log line."""
+    from streamtrack.fleet import _Stream
+
+    url = "rtsp://admin:s3cretPW@127.0.0.1:18740/cam?channel=1&password=qs3cret"
+    doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [stream_entry("cam", url, [BOX1])])
+    fleet = Fleet(parse_fleet(doc, "f.yaml"))
+    spec = fleet.spec.streams[0]
+    assert spec.source == url  # the tracker still gets the real one
+    fleet.streams["cam"] = _Stream(spec=spec, actor="fleet-0", run_config=spec.run_config())
+    listed = fleet.list_streams()["streams"]["cam"]
+    assert listed["source"] == "rtsp://***@127.0.0.1:18740/cam?channel=1&password=***", listed
+    fleet._write_directory("running")
+    assert "s3cret" not in Path(fleet.options.directory).read_text()
+
+
 def test_an_actor_is_released_only_once_its_streams_are_closed(tmp_path):
     """remove_stream asks the actor to stop the stream (its outputs flush) and returns: the
     actor, now without streams, is released only once a report shows the stream gone, not
