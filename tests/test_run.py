@@ -493,6 +493,19 @@ def test_usr1_prints_every_threads_stack_and_the_run_goes_on(tiny_checkpoint, tm
     assert len(out_jsonl.read_text().splitlines()) == 12
 
 
+def test_the_source_may_come_from_a_file_out_of_sight_of_ps(tiny_checkpoint, clip_file, tmp_path, capsys):
+    """`run @FILE`: a camera URL with its password read from a file, not the command line."""
+    from streamtrack import cli
+
+    args = tmp_path / "camera.args"
+    args.write_text(f"{clip_file[1]}\n--max-frames\n2\n")
+    jsonl = tmp_path / "r.jsonl"
+    assert cli.main(["run", f"@{args}", "--checkpoint", str(tiny_checkpoint), "--image-size",
+                     str(TEST_IMAGE_SIZE), "--box", "1,1,20,20", "--save-jsonl", str(jsonl), "-q"]) == 0, \
+        capsys.readouterr().err
+    assert len(jsonl.read_text().splitlines()) == 2
+
+
 def test_run_show_whose_window_fails_is_no_success(tiny_checkpoint, clip_file, monkeypatch, capsys):
     """The viewer process dies (a GUI error): that ends the run, which must not exit 0 as if
     the user had closed the window."""
