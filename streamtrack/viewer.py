@@ -656,7 +656,10 @@ class Viewer:
         self.control_endpoint = control
         self.stream = stream
         self.interaction = Interaction(can_send=bool(control))
-        self.tracker_stopped = False  # it said so (tracker_state stopped), and not running since
+        # It said so (tracker_state stopped), and has not said it runs since. Only its status
+        # events clear it: a subscriber hands those out first, so results and stats sent
+        # before the stop may be read after it.
+        self.tracker_stopped = False
         self.waiting_for_prompt = False  # its stats say it holds the first frame for a prompt
         self.pairer = FramePairer()
         self.source = SourceStateTracker()
@@ -694,7 +697,6 @@ class Viewer:
             if self._last_result_at is not None:
                 self._result_gaps.append(msg.received - self._last_result_at)
             self._last_result_at = msg.received
-            self.tracker_stopped = False  # a tracker started again on this endpoint
             r = msg.result
             self.pairer.add_result(r)
             self.interaction.observe(o.obj_id for o in r.objects)
@@ -707,7 +709,6 @@ class Viewer:
             self.pairer.add_frame(FrameItem(msg.frame, msg.jpeg))
         elif msg.stats is not None:
             self.tracker_fps = (msg.stats.fps, msg.received)
-            self.tracker_stopped = False
             self.waiting_for_prompt = bool(msg.stats.waiting_for_prompt)
             # Stats come every second, also while no result does: a viewer that joins while
             # the source is down or the tracker paused learns it here.

@@ -217,11 +217,12 @@ def test_file_every_frame_in_order_masks_equal_engine_slow_subscriber_fresh(
     assert all([o.obj_id for o in r.objects] == [1] for r in results)
     kinds = {(m.status.kind, m.status.data.get("new")) for m in msgs if m.kind == "status"}
     assert ("tracker_state", "running") in kinds and ("source_state", "ended") in kinds
-    # The end is announced after the last result: a viewer shows it ended, not gone silent.
-    stopped = [i for i, m in enumerate(msgs) if m.kind == "status" and m.status.kind == "tracker_state"
+    # The end is announced after the last result was published: a viewer shows it ended,
+    # not gone silent. (A subscriber hands status messages out first: compare times.)
+    stopped = [m.status for m in msgs if m.kind == "status" and m.status.kind == "tracker_state"
                and m.status.data.get("new") == "stopped"]
-    last_masks = max(i for i, m in enumerate(msgs) if m.kind == "masks")
-    assert len(stopped) == 1 and stopped[0] > last_masks, (stopped, last_masks)
+    last_publish = max(r.t.publish for r in results)
+    assert len(stopped) == 1 and stopped[0].time >= last_publish, (stopped, last_publish)
     # One tracker all along (a restart continues seq, so the counters cannot tell).
     restarts = [m.status.data.get("restarts") for m in msgs if m.kind == "status"
                 and m.status.kind == "tracker_state" and m.status.data.get("old") == "starting"]

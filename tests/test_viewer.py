@@ -308,6 +308,11 @@ def test_the_viewer_follows_the_trackers_stop_and_undoes_a_pause_that_failed():
     vw.handle(_msg("status", status=StatusEvent(stream="cam0", kind="tracker_state", time=now(),
                                                 data={"old": "running", "new": "stopped"})))
     assert vw.banner(now() + 30)[0] == "TRACKER STOPPED"
+    # A subscriber hands status out first: the last result and stats, sent before the
+    # stop, may be read after it, and do not undo it.
+    vw.handle(_msg("masks", result=_result(9)))
+    vw.handle(_msg("stats", stats=Stats(stream="cam0", time=now(), fps=3.0)))
+    assert vw.banner(now() + 30)[0] == "TRACKER STOPPED"
     vw.handle(_msg("status", status=StatusEvent(stream="cam0", kind="tracker_state", time=now(),
                                                 data={"old": "starting", "new": "running"})))
     assert vw.banner(now()) is None
