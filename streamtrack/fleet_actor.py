@@ -46,7 +46,7 @@ from typing import Any
 from streamtrack.errors import UserError
 from streamtrack.fleet_spec import ModelKey
 from streamtrack.pipeline import RunConfig, Tracker
-from streamtrack.protocol import WILDCARD_HOSTS
+from streamtrack.protocol import WILDCARD_HOSTS, tcp_host_port
 
 log = logging.getLogger(__name__)
 
@@ -353,9 +353,8 @@ def connectable(endpoint: str | None, node: str) -> str | None:
     """A bound endpoint as others connect to it: a wildcard host becomes the node's address."""
     if endpoint is None:
         return None
-    scheme, _, rest = endpoint.partition("://")
-    host, _, port = rest.rpartition(":")
-    return f"tcp://{node}:{port}" if scheme == "tcp" and host in WILDCARD_HOSTS else endpoint
+    tcp = tcp_host_port(endpoint)
+    return f"tcp://{node}:{tcp[1]}" if tcp is not None and tcp[0] in WILDCARD_HOSTS else endpoint
 
 
 def node_address() -> str:

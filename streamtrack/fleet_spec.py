@@ -47,7 +47,7 @@ from streamtrack.config import Config, check_hang_timeout, coerce, load_yaml
 from streamtrack.errors import UserError, existing_file
 from streamtrack.models import MODELS, check_image_size
 from streamtrack.pipeline import RunConfig
-from streamtrack.protocol import TCP_HOST, WILDCARD_HOSTS, normalize_endpoint, validate_stream
+from streamtrack.protocol import TCP_HOST, WILDCARD_HOSTS, normalize_endpoint, tcp_host_port, validate_stream
 from streamtrack.tracking import CUDAGRAPH_MODES, EngineConfig, Prompt
 
 AUTO = "auto"
@@ -340,12 +340,10 @@ def _same_binding(a: str, b: str) -> bool:
     """Whether two normalised endpoints would bind the same address on one machine."""
     if a == b:
         return True
-    scheme_a, _, rest_a = a.partition("://")
-    scheme_b, _, rest_b = b.partition("://")
-    if scheme_a != "tcp" or scheme_b != "tcp":
+    tcp_a, tcp_b = tcp_host_port(a), tcp_host_port(b)
+    if tcp_a is None or tcp_b is None:
         return False
-    host_a, _, port_a = rest_a.rpartition(":")
-    host_b, _, port_b = rest_b.rpartition(":")
+    (host_a, port_a), (host_b, port_b) = tcp_a, tcp_b
     if port_a != port_b:
         return False
     loopback = {"localhost": "127.0.0.1"}

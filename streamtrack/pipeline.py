@@ -838,13 +838,12 @@ class _InFlight:
 
 def is_local_endpoint(endpoint: str | int) -> bool:
     """True when ``endpoint`` can only be reached from this machine."""
-    from streamtrack.protocol import normalize_endpoint
+    from streamtrack.protocol import normalize_endpoint, tcp_host_port
 
-    ep = normalize_endpoint(endpoint)
-    scheme, _, rest = ep.partition("://")
-    if scheme != "tcp":
+    tcp = tcp_host_port(normalize_endpoint(endpoint))
+    if tcp is None:
         return True  # ipc:// is a file, inproc:// is in-process
-    host = rest.rpartition(":")[0]
+    host = tcp[0]
     return host in _LOCAL_HOSTS or host.startswith("127.")
 
 

@@ -142,6 +142,16 @@ def normalize_endpoint(endpoint: str | int) -> str:
     return ep
 
 
+def tcp_host_port(endpoint: str) -> tuple[str, str] | None:
+    """(host, port) of a normalised ``tcp://HOST:PORT`` endpoint (the host as written:
+    ``[::1]`` keeps its brackets); None for ``ipc://`` and ``inproc://``."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return None
+    host, _, port = rest.rpartition(":")
+    return host, port
+
+
 def system_port(endpoint: str) -> bool:
     """Whether a normalised tcp endpoint leaves the port to the system (``0``, ``*``):
     something to bind, not to connect to."""
