@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
-from streamtrack.errors import (
-    HelperProcessError,
-    UserError,
-    dump_stacks_on_usr1,
-    missing_dependency,
-    same_file,
-)
+from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1, same_file
 from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS
 from streamtrack.tracking import COMPILE_MODES
 
@@ -123,8 +118,6 @@ def _message_json(msg, rle: bool) -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import os
-
     os.environ.setdefault("TQDM_DISABLE", "1")  # the official predictor's progress bars
     from streamtrack import bench, bench_stream
 
@@ -133,8 +126,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    import os
-
     from streamtrack import segment as seg
 
     image = seg.load_image(args.image)
@@ -170,8 +161,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 def _is_stdout(path) -> bool:
     """Whether ``path`` is where stdout goes (/dev/stdout, or the file it is redirected to)."""
-    import os
-
     try:
         out, written = os.fstat(sys.stdout.fileno()), os.stat(path)
     except (OSError, ValueError):  # no stdout (closed, or not a real file)
@@ -390,12 +379,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamtrack: interrupted", file=sys.stderr)
         return 130
-    except ImportError as e:  # a command's own dependency (cv2 for segment, …) not installed
-        message = missing_dependency(e)
-        if message is None:
-            raise
-        print(f"streamtrack: error: {message}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":
