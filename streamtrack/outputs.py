@@ -257,14 +257,18 @@ class VideoWriter:
             self._held = (rgb.copy(), pts)  # the next frame's pts gives the rate
             return
         if self._container is None:
-            held, self._held = self._held, None
-            if held is not None:
-                interval = _interval(held[1], pts)
+            if self._held is not None:
+                interval = _interval(self._held[1], pts)
                 self.fps = 1.0 / interval if interval else self.fps
-                self._open(held[0])
-                self._encode(*held)
+                self._write_held()
             else:
                 self._open(rgb)
+        self._encode(rgb, pts)
+
+    def _write_held(self) -> None:
+        """Open the AVI at its first frame's size and write that frame, held for its rate."""
+        (rgb, pts), self._held = self._held, None
+        self._open(rgb)
         self._encode(rgb, pts)
 
     def _open(self, rgb: np.ndarray) -> None:
@@ -334,9 +338,7 @@ class VideoWriter:
         import av
 
         if self._held is not None and not self._failed:  # an AVI of one frame
-            held, self._held = self._held, None
-            self._open(held[0])
-            self._encode(*held)
+            self._write_held()
         if self._container is not None:
             container, self._container = self._container, None
             try:

@@ -96,6 +96,10 @@ _SECRET_QUERY = re.compile(r"(?i)(^|[?&;])((?:password|passwd|pwd|pass|token|acc
                            r"api_?key|key)=)[^&;#]*")
 
 
+# FFmpeg's errors come as "[Errno 1094995529] …": a tag, not an errno worth showing.
+_FFMPEG_TAG = re.compile(r"\[Errno (-?\d+)\] ")
+
+
 def redact_url(url: str) -> str:
     """Hide the user:password part of a URL, and the values of query parameters that
     hold credentials (``password=``, ``pwd=``, ``token=``, …), so they never reach logs
@@ -352,13 +356,12 @@ def open_pyav(
                 options=_pyav_options(target, read_timeout),
                 timeout=(open_timeout, read_timeout),
             )
-        except av.ExitError:  # the timeout's interrupt: a server that accepts and never answers
+        except (av.ExitError, av.InvalidDataError) as exc:
+            # The timeout's interrupt (a server that accepts and never answers): ExitError,
+            # or, from FFmpeg's RTSP demuxer, "invalid data" at the open timeout.
+            if isinstance(exc, av.InvalidDataError) and time.monotonic() - started < 0.9 * open_timeout:
+                raise
             raise TimeoutError(f"no answer within the open timeout ({open_timeout:g} s)") from None
-        except av.InvalidDataError:
-            # FFmpeg's RTSP demuxer reports an open cut off by that interrupt as invalid data.
-            if time.monotonic() - started >= 0.9 * open_timeout:
-                raise TimeoutError(f"no answer within the open timeout ({open_timeout:g} s)") from None
-            raise
         try:
             return PyAVReader(container, live=True)
         except ValueError as exc:
@@ -380,7 +383,6 @@ def _reason(exc: BaseException) -> str:
 
 def describe_error(exc: BaseException, spec: SourceSpec) -> str:
     """One line for the status/last-error of a live source, credentials hidden."""
-    # FFmpeg's errors come as "[Errno 1094995529] …": a tag, not an errno worth showing.
     message = _FFMPEG_TAG.sub(lambda m: "" if abs(int(m.group(1))) > 4095 else m.group(0), str(exc))
     text = f"{type(exc).__name__}: {' '.join(message.split())}"
     if spec.kind is SourceKind.NETWORK:
@@ -388,9 +390,6 @@ def describe_error(exc: BaseException, spec: SourceSpec) -> str:
         if "Protocol not supported" in text and str(spec.target).lower().startswith("rtsp"):
             text += " (streamtrack asks for RTSP over TCP: this camera may offer only UDP)"
     return text
-
-
-_FFMPEG_TAG = re.compile(r"\[Errno (-?\d+)\] ")
 
 
 # ---------------------------------------------------------------------------
