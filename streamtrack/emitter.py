@@ -358,10 +358,11 @@ class ProcessEmitter:
 
     def publish_status_after_results(self, kind: str, **data: Any) -> None:
         """A status event published after every result submitted so far (the emit
-        channel keeps everything in order)."""
+        channel keeps everything in order), timed when the child publishes it: after the
+        results queued ahead of it, as the thread emitter's."""
         if self.publisher is not None and not self._closed and self.error is None:
             with contextlib.suppress(EmitterError, OSError):  # news, not an output to fail on
-                self.publisher.publish_status(kind, **data)
+                self._send([b"status_after", json.dumps({"kind": kind, "data": data}).encode()])
 
 
 class _RemotePublisher:
@@ -467,6 +468,9 @@ def _handle(outputs: Outputs, kind: bytes, parts: list, tell: Callable[[bytes, d
         return
     elif kind == b"status":
         outputs.publisher.publish_status(StatusEvent.from_json(parts[1].bytes))
+    elif kind == b"status_after":
+        info = json.loads(parts[1].bytes)
+        outputs.publisher.publish_status(info["kind"], info["data"])
     elif kind == b"stats":
         outputs.publisher.publish_stats(Stats.from_json(parts[1].bytes))
     elif kind == b"frame":

@@ -553,6 +553,32 @@ def test_status_events_through_the_process_keep_their_fields(tmp_path):
         wire.close()
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_status_after_the_results_is_published_and_timed_after_them(kind, tmp_path):
+    """The end of a run (``tracker_state`` stopped) goes out after the results queued ahead
+    of it, and its time says when it went out, not when it was queued."""
+    cfg = OutputsConfig(stream="cam7", publish="tcp://127.0.0.1:0", save_masks=str(tmp_path / "m"),
+                        save_video=str(tmp_path / "v.mp4"), publish_frames=True)
+    emitter = make_emitter(kind, cfg, lambda r: None)
+    wire = Wire(emitter.publisher.endpoint)
+    try:
+        wire.wait_joined(lambda: emitter.publisher.publish_status("ping"))
+        for seq in range(8):  # a burst: results are still queued when the status is
+            emitter.submit(*frame(seq))
+        emitter.publish_status_after_results("tracker_state", old="running", new="stopped")
+        emitter.close()
+        msgs = wire.take(2 * 8 + 1)
+    finally:
+        emitter.close()
+        wire.close()
+    topics = [m[0].split(b"/")[0] for m in msgs]
+    assert topics[-1] == b"status" and topics.count(b"masks") == 8, topics
+    stopped = StatusEvent.from_json(msgs[-1][1])
+    assert stopped.kind == "tracker_state" and stopped.data == {"old": "running", "new": "stopped"}
+    last_publish = max(FrameResult.from_json(m[1]).t.publish for m in msgs if m[0] == b"masks/cam7")
+    assert stopped.time >= last_publish
+
+
 def test_tracker_with_a_process_emitter_gives_the_thread_runs_results(tiny_checkpoint, tmp_path):
     from streamtrack.pipeline import RunConfig
 
