@@ -240,6 +240,8 @@ class StatsWindow:
     :meth:`add_sample`.
     """
 
+    STALLED = 2.0  # seconds without a frame: fps 0, not a rate decaying over the window
+
     def __init__(self, size: int = 120, stream: str = "cam0") -> None:
         if size < 2:
             raise ValueError("StatsWindow size must be >= 2")
@@ -268,8 +270,11 @@ class StatsWindow:
 
     def fps(self, at: float | None = None) -> float:
         """Frames per second over the window; with ``at`` (a time), up to then, so the rate
-        falls while frames stop coming."""
+        falls while frames stop coming, and is 0 once none came for ``STALLED`` seconds
+        (or two of the last intervals, for a tracker slower than that)."""
         if len(self._done) < 2:
+            return 0.0
+        if at is not None and at - self._done[-1] > max(self.STALLED, 2 * (self._done[-1] - self._done[-2])):
             return 0.0
         span = max(self._done[-1], at if at is not None else -math.inf) - self._done[0]
         return (len(self._done) - 1) / span if span > 0 else 0.0

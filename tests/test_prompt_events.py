@@ -628,7 +628,7 @@ def test_stats_keep_coming_every_second_while_paused_with_a_falling_rate(tmp_pat
     assert {m.kind for m in got} == {"stats"}
     assert len(got) >= 2
     assert all(m.stats.source_state == "streaming" and m.stats.paused is True for m in got)
-    assert got[-1].stats.fps < got[0].stats.fps
+    assert got[-1].stats.fps < got[0].stats.fps or got[-1].stats.fps == 0.0  # 0 after 2 s without a frame
 
 
 def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_live_source(tmp_path):

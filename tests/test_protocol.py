@@ -383,6 +383,9 @@ def test_stats_window_percentiles_and_fps() -> None:
     assert lat["total"].p50 == pytest.approx(0.075, abs=0.006)
     # fps over the window's completion (publish) times: frames 50..99 -> 49 intervals.
     assert win.fps() == pytest.approx(49 / (10.02 - 5.03))
+    # Frames stop coming (an outage): up to a time, the rate falls, then it is 0.
+    assert win.fps(at=11.02) == pytest.approx(49 / (11.02 - 5.03))
+    assert win.fps(at=12.5) == 0.0
     snap = win.snapshot(dropped={"queue_full": 2}, memory_bytes=10, time=9.0)
     assert snap.frames == 100 and snap.dropped == {"queue_full": 2}
     assert Stats.from_json(snap.to_json()) == snap
