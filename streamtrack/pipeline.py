@@ -270,6 +270,7 @@ class _Controls:
             return {"objects": engine.object_ids if engine is not None else []}
         engine = self.tracker.require_engine()
         engine.remove_object(obj_id)
+        self.tracker._removed.add(obj_id)
         return {"objects": engine.object_ids}
 
     def reset(self):
@@ -278,6 +279,7 @@ class _Controls:
             self.tracker._notify("unqueued", {"obj_id": None})  # all of them
         if self.tracker.engine is not None:  # loading, there are only queued prompts to drop
             self.tracker.engine.reset()
+            self.tracker._removed.update(self.tracker._object_states)
         return {"objects": []}
 
     def status(self):
@@ -387,6 +389,7 @@ class Tracker:
         self._holding = False  # a file's first frame waits for the first prompt
         self._seq = resume.seq_start
         self._object_states: dict[int, str] = dict(resume.object_states)
+        self._removed: set[int] = set()  # since the last result, by the control channel
         self._dropped_before = dict(resume.dropped_before)
         self.capture = None
         self._give_up_after: float | None = None  # the live source's, once run() opens it
@@ -414,9 +417,13 @@ class Tracker:
         return self.engine
 
     def status(self) -> dict:
+        """The control ``status`` reply.  ``objects``: each object's state in the last
+        result, less those removed since (a paused tracker has no next result to say so);
+        ``queued``: the objects whose prompts wait for the next frame."""
         return {
             "frames": self.frames_seen,
-            "objects": {str(k): v for k, v in self._object_states.items()},
+            "objects": {str(k): v for k, v in self._object_states.items() if k not in self._removed},
+            "queued": sorted({p.obj_id for p in self._controls.pending}),
             "source_state": self.capture.state.value if self.capture else "idle",
             "paused": self._controls.paused,
             "pid": os.getpid(),
@@ -719,7 +726,7 @@ class Tracker:
         t = self.loop_times.add("finish", t)
         result = self._result(launched.frame, launched.dequeue, out)
         emitter.submit(result, [o.mask for o in out.objects], launched.frame.image)
-        self._status_changes(result)
+        self._status_changes(result, emitter)
         if bar is not None:
             bar.update(1)
         self.loop_times.add("hand_over", t)
@@ -812,16 +819,19 @@ class Tracker:
         return {k: stats.dropped.get(k, 0) + self._dropped_before.get(k, 0)
                 for k in sorted({*stats.dropped, *self._dropped_before})}
 
-    def _status_changes(self, result: FrameResult) -> None:
+    def _status_changes(self, result: FrameResult, emitter) -> None:
+        """``object_state`` events for what changed in ``result``, published after it (an
+        object's "removed" never overtakes a result that still has it)."""
         current = {o.obj_id: o.state for o in result.objects}
         for obj_id, state in current.items():
             old = self._object_states.get(obj_id)
             if old != state:
-                self.publish_status("object_state", obj_id=obj_id, old=old, new=state)
+                emitter.publish_status_after_results("object_state", obj_id=obj_id, old=old, new=state)
         for obj_id in self._object_states.keys() - current.keys():
-            self.publish_status("object_state", obj_id=obj_id,
-                                old=self._object_states[obj_id], new="removed")
+            emitter.publish_status_after_results("object_state", obj_id=obj_id,
+                                                 old=self._object_states[obj_id], new="removed")
         self._object_states = current
+        self._removed.clear()
 
 
 _LOCAL_HOSTS = ("localhost", "::1", "[::1]")

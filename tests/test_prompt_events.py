@@ -68,6 +68,42 @@ class StubPublisher:
         self.events.append((kind, data))
 
 
+def record_emitted(monkeypatch) -> list[tuple]:
+    """What the tracker hands its emitter, in order: ``("result", seq, obj_ids)`` and
+    ``(kind, data)`` of each status event published after the results before it."""
+    import streamtrack.pipeline as pipeline
+
+    calls: list[tuple] = []
+    make = pipeline.make_emitter
+
+    def recording(mode, cfg, on_published):
+        emitter = make(mode, cfg, on_published)
+        submit, after = emitter.submit, emitter.publish_status_after_results
+
+        def submit_recorded(result, masks, image):
+            calls.append(("result", result.seq, tuple(o.obj_id for o in result.objects)))
+            submit(result, masks, image)
+
+        def after_recorded(kind, **data):
+            calls.append((kind, data))
+            after(kind, **data)
+
+        emitter.submit, emitter.publish_status_after_results = submit_recorded, after_recorded
+        return emitter
+
+    monkeypatch.setattr(pipeline, "make_emitter", recording)
+    return calls
+
+
+def object_one(visible: bool = True):
+    from streamtrack.engine import ObjectOutput, ObjectState
+
+    mask = np.zeros((48, 64), bool)
+    mask[5:20, 5:30] = True
+    return ObjectOutput(1, mask, 0.9, 2.0, 0.8, (5, 5, 30, 20), int(mask.sum()),
+                        ObjectState.VISIBLE if visible else ObjectState.OCCLUDED, False)
+
+
 def tracker_with(ids=(), max_objects=64, frame_size=(48, 64), prompts=None):
     tracker = Tracker(RunConfig(source="clip.mp4", engine=EngineConfig(max_objects=max_objects),
                                 prompts=prompts or {}), engine=TrackedIds(ids))
@@ -142,6 +178,24 @@ def test_removing_an_object_still_queued_cancels_it():
         controls.remove_object(7)
     tracker._launch(frame(0), [], controls.pending)
     assert tracker.engine.launched == [[]]
+
+
+def test_status_agrees_with_removals_and_queued_prompts_before_the_next_frame():
+    """A paused tracker has no next result to drop a removed object from: its status
+    must not list it, and it lists what is queued."""
+    tracker = tracker_with(ids=[1, 4])
+    tracker._object_states = {1: "visible", 4: "occluded"}  # the last result's
+    controls = tracker._controls
+    controls.pause()
+    assert controls.status()["objects"] == {"1": "visible", "4": "occluded"}
+    assert controls.status()["queued"] == []
+    controls.remove_object(4)
+    add(tracker, 7, box=[1, 2, 30, 40])
+    add(tracker, 1, points=[[3, 4]])
+    status = controls.status()
+    assert status["objects"] == {"1": "visible"} and status["queued"] == [1, 7]
+    controls.reset()
+    assert controls.status()["objects"] == {} and controls.status()["queued"] == []
 
 
 def test_max_objects_counts_tracked_and_queued_objects():
@@ -631,17 +685,37 @@ def test_stats_keep_coming_every_second_while_paused_with_a_falling_rate(tmp_pat
     assert got[-1].stats.fps < got[0].stats.fps or got[-1].stats.fps == 0.0  # 0 after 2 s without a frame
 
 
-def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_live_source(tmp_path):
-    from streamtrack.engine import ObjectOutput, ObjectState
+def test_object_state_events_go_out_after_the_result_that_shows_the_change(tmp_path, monkeypatch):
+    """A subscriber never gets "removed" before a result that still has the object."""
+
+    class SeesObjectOneOnThreeFrames(TrackedIds):
+        def finish(self, index):
+            objects = (object_one(visible=index != 1),) if index < 3 else ()
+            return FrameOutput(index, 64, 48, objects, time.time(), time.time())
+
+    calls = record_emitted(monkeypatch)
+    video = write_video(make_clip(5, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    run = RunConfig(source=str(video), progress=False, save_jsonl=str(tmp_path / "r.jsonl"))
+    tracker = Tracker(run, engine=SeesObjectOneOnThreeFrames(ids=[1]))
+    tracker.run()
+    states = [(c[0], c[1]["obj_id"], c[1]["old"], c[1]["new"]) if c[0] == "object_state" else c[:2]
+              for c in calls if c[0] != "tracker_state"]
+    assert states == [
+        ("result", 0), ("object_state", 1, None, "visible"),
+        ("result", 1), ("object_state", 1, "visible", "occluded"),
+        ("result", 2), ("object_state", 1, "occluded", "visible"),
+        ("result", 3), ("object_state", 1, "visible", "removed"),
+        ("result", 4),
+    ], calls
+
+
+def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_live_source(
+        tmp_path, monkeypatch):
     from streamtrack.pipeline import Resume
 
     class SeesObjectOne(TrackedIds):
         def finish(self, index):
-            mask = np.zeros((48, 64), bool)
-            mask[5:20, 5:30] = True
-            one = ObjectOutput(1, mask, 0.9, 2.0, 0.8, (5, 5, 30, 20), int(mask.sum()),
-                               ObjectState.VISIBLE, False)
-            return FrameOutput(index, 64, 48, (one,), time.time(), time.time())
+            return FrameOutput(index, 64, 48, (object_one(),), time.time(), time.time())
 
     video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
     seed = np.zeros((48, 64), bool)
@@ -652,16 +726,16 @@ def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_li
     # Looping: a pause of this process may drop frames, and the clip must not end first.
     run = RunConfig(source=str(video), realtime=True, loop=True, max_frames=43, progress=False,
                     save_jsonl=str(tmp_path / "r.jsonl"), resume=resume)
+    calls = record_emitted(monkeypatch)
     tracker = Tracker(run, engine=SeesObjectOne())
-    tracker._publisher = publisher = StubPublisher()
-    tracker.publish_status = lambda kind, **data: publisher.publish_status(kind, **data)
     tracker.run()
     from streamtrack.protocol import FrameResult
 
     results = [FrameResult.from_json(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert len(results) == 3 and results[0].frame_id in range(11450, 11460)  # not from 0
     assert all(r.frame_id >= 11450 and r.dropped["queue_full"] >= 7 for r in results)
-    assert [e for e in publisher.events if e[0] == "object_state"] == []  # still visible: no change
+    assert [c for c in calls if c[0] == "result"]  # what the emitter got is recorded...
+    assert [c for c in calls if c[0] == "object_state"] == []  # ...and still visible: no change
 
 
 def test_a_looping_file_has_no_progress_total(tmp_path, monkeypatch):
