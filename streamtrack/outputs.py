@@ -226,9 +226,11 @@ class VideoWriter:
     timed by their source ``pts`` (a 10 fps file plays at 10 fps, a live source's drops
     show as the time they took).  A frame without a pts, or with one that does not move
     forward (a loop, a repeated time), comes one source frame interval (the shortest seen)
-    after the last.  An AVI has one constant rate: from its first two frames' pts (a drop
-    between them slows the whole video).  ``fps`` is the rate assumed until the source
-    says otherwise."""
+    after the last.  The rate the file declares (what OpenCV and ffprobe report, and the
+    last frame's duration) is the one between its first two frames' pts, so the first
+    frame is held until the second comes; an AVI has only that rate (a drop between
+    them slows the whole video).  ``fps`` is the rate assumed until the source says
+    otherwise."""
 
     def __init__(self, path: str | Path, fps: float = 30.0):
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
@@ -243,7 +245,7 @@ class VideoWriter:
         self._last_pts: float | None = None
         self._step_ms = max(1, round(1000 / fps))  # the source's frame interval, once seen
         self._step_seen = False
-        self._held: tuple[np.ndarray, float | None] | None = None  # an AVI's first frame
+        self._held: tuple[np.ndarray, float | None] | None = None  # the first frame, until the second
         self._failed = ""  # why a write failed; later writes fail the same way
         self._pipe: int | None = None
         # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames a
@@ -253,25 +255,24 @@ class VideoWriter:
     def write(self, rgb: np.ndarray, pts: float | None = None) -> None:
         if self._failed:
             raise UserError(self._failed)
-        if self._container is None and not self._timed and self._held is None:
-            self._held = (rgb.copy(), pts)  # the next frame's pts gives the rate
-            return
         if self._container is None:
-            if self._held is not None:
-                interval = _interval(self._held[1], pts)
-                self.fps = 1.0 / interval if interval else self.fps
-                self._write_held()
-            else:
-                self._open(rgb)
+            self._open()  # at once: a pipe without a reader or a bad path fails on the first frame
+        if self._stream is None:
+            if self._held is None:
+                self._held = (rgb.copy(), pts)  # the next frame's pts gives the rate
+                return
+            interval = _interval(self._held[1], pts)
+            self.fps = 1.0 / interval if interval else self.fps
+            self._write_held()
         self._encode(rgb, pts)
 
     def _write_held(self) -> None:
-        """Open the AVI at its first frame's size and write that frame, held for its rate."""
+        """Add the video stream at the first frame's size and rate, and write that frame."""
         (rgb, pts), self._held = self._held, None
-        self._open(rgb)
+        self._add_stream(rgb)
         self._encode(rgb, pts)
 
-    def _open(self, rgb: np.ndarray) -> None:
+    def _open(self) -> None:
         import av
 
         options = {"flush_packets": "1"}
@@ -285,6 +286,8 @@ class VideoWriter:
         except (OSError, av.FFmpegError) as e:
             self._close_pipe()
             raise UserError(f"cannot write video {self.path}: {error_reason(e)}") from None
+
+    def _add_stream(self, rgb: np.ndarray) -> None:
         stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
         h, w = rgb.shape[:2]
         # yuv420p needs even sides (at least 2): a 1-pixel side is padded, not cut to 0.
@@ -335,14 +338,20 @@ class VideoWriter:
         return self._last_ms
 
     def close(self) -> None:
+        try:
+            if self._held is not None and not self._failed:  # a video of one frame
+                self._write_held()
+        finally:
+            self._close_container()
+
+    def _close_container(self) -> None:
         import av
 
-        if self._held is not None and not self._failed:  # an AVI of one frame
-            self._write_held()
         if self._container is not None:
             container, self._container = self._container, None
             try:
-                container.mux(self._stream.encode(None))
+                if self._stream is not None:
+                    container.mux(self._stream.encode(None))
                 container.close()
             except (OSError, av.FFmpegError) as e:  # e.g. the disk filled up
                 raise UserError(f"cannot finish video {self.path}: {error_reason(e)}") from None

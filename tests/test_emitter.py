@@ -294,9 +294,10 @@ def test_a_full_disk_under_the_video_is_one_line_and_closing_adds_none(tmp_path)
 
     (tmp_path / "full.mp4").symlink_to("/dev/full")  # every write: ENOSPC
     video = VideoWriter(tmp_path / "full.mp4")
-    for _ in range(2):
+    video.write(np.zeros((H, W, 3), np.uint8), 0.0)  # held until the next gives the rate
+    for i in range(1, 3):  # the write fails, and so does every one after it
         with pytest.raises(UserError, match=r"^cannot write video .*full.mp4: No space left on device$"):
-            video.write(np.zeros((H, W, 3), np.uint8), 0.0)
+            video.write(np.zeros((H, W, 3), np.uint8), i / 10)
     video.close()
 
 

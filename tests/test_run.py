@@ -250,6 +250,11 @@ def test_config_layers_and_print_config_round_trip(tmp_path):
         (["{video}", "--prompts", "{video}"], "is not a text file"),  # a video given as the prompts
         (["{video}", "--prompts", "{tmp}"], "is a directory, not a file"),
         (["{video}", "--box", "1,2,30,40", "--save-jsonl", "{video}"], "is the source video"),
+        (["{video}", "--box", "1,2,30,40", "--save-jsonl", "{tmp}/o.mp4", "--save-video", "{tmp}/./o.mp4"],
+         "are the same path: give each output its own"),
+        (["{video}", "--box", "1,2,30,40", "--save-masks", "{tmp}/o", "--save-jsonl", "{tmp}/o"],
+         "are the same path"),
+        (["{video}", "--box", "1,2,30,40", "--save-jsonl", ""], "save_jsonl is an empty path"),
         (["{video}", "--box", "1,2,30,40", "--image-size", "1048576"], "from 64 to 2048"),  # a digit too many
         (["{video}", "--box", "1,2,30,40", "--box", "3,4,40,50", "--max-objects", "1"], "max_objects is 1"),
         # a full disk (/dev/full answers every write with ENOSPC) during the run
@@ -322,7 +327,7 @@ def test_prompts_for_frames_past_the_end_are_reported(clip_file, tiny_checkpoint
     assert r.returncode == 0, r.stderr
     warning = [line for line in r.stderr.splitlines() if line.startswith("WARNING")]
     assert warning == ["WARNING streamtrack.pipeline: prompts for frame 500 never applied: the source "
-                       "ended after 16 frames"], r.stderr
+                       "ended at frame 15"], r.stderr
 
 
 def test_unreachable_camera_is_reported_while_it_retries(tiny_checkpoint):
@@ -651,6 +656,26 @@ def test_the_overlay_video_is_timed_by_pts(tmp_path):
     writer.close()
     with av.open(str(tmp_path / "one.avi")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 1
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_the_overlay_video_declares_the_sources_rate(tmp_path, ext):
+    """Tools that read a video by its rate (OpenCV's frame count, ffprobe) see the source's
+    10 fps and 12 frames of 1.2 s, not the writer's default 30 fps."""
+    import cv2
+
+    from streamtrack.outputs import VideoWriter
+
+    path = tmp_path / f"v.{ext}"
+    writer = VideoWriter(path)
+    for i in range(12):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8), 3.0 + i / 10)
+    writer.close()
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].average_rate == 10 and c.duration / 1e6 == pytest.approx(1.2, abs=0.002)
+    cap = cv2.VideoCapture(str(path))
+    assert (cap.get(cv2.CAP_PROP_FPS), cap.get(cv2.CAP_PROP_FRAME_COUNT)) == (10.0, 12.0)
+    cap.release()
 
 
 def test_the_overlay_video_fits_frames_of_another_size_whole(tmp_path):
