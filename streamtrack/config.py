@@ -92,6 +92,7 @@ _MINIMUM: dict[str, int] = {
     "queue_depth": 1, "reconnect_max": 0, "stale_after": 0, "give_up_after": 0, "max_restarts": 0,
     "hang_timeout": 0,
 }
+_OUTPUT_PATHS = {"save_jsonl", "save_masks", "save_video"}
 # Seconds that must be more than 0 (the capture's timers; null turns the optional ones off).
 _ABOVE_ZERO = {"reconnect_max", "stale_after", "give_up_after"}
 # A supervised tracker reports once a second (pipeline.ALIVE_EVERY): less than two reports'
@@ -126,6 +127,10 @@ def coerce(key: str, value: Any, where: str) -> Any:
     if key not in _FIELDS:
         raise UserError(f"{where}: unknown key {key!r}; known keys: {', '.join(_FIELDS)}")
     tp, optional = _base_type(_FIELDS[key].type)
+    if key in _OUTPUT_PATHS and isinstance(value, str) and not value.strip():
+        # An unset shell variable (--save-jsonl "$OUT"): a run that writes nothing would
+        # only show it at the end.  "null" still turns an output a config file set off.
+        raise UserError(f"{where}: {key} is an empty path (null turns it off)")
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")
                          and optional):
         if optional:

@@ -32,6 +32,7 @@ from streamtrack.protocol import (
     validate_rle,
 )
 from streamtrack.publisher import bind_socket, connect_socket
+from streamtrack.tracking import MAX_OBJ_ID
 
 if TYPE_CHECKING:
     from streamtrack.curve import CurveClient, CurveServer
@@ -46,7 +47,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # gets a readable error reply.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_POINTS = 64
-MAX_OBJ_ID = 2**31 - 1
 MAX_COORD = 1e6  # pixels; far beyond any real frame, catches garbage like 1e300
 _MAX_REQUEST_ID_LEN = 128
 _MAX_INT_ID = 2**63  # request ids are echoed: keep them within what any client's JSON parser reads

@@ -117,11 +117,17 @@ class RunConfig:
                 raise UserError(f"--publish and --control are the same endpoint {endpoint}: "
                                 "give each its own port")
         source = _local_file(self.source)
-        if source is not None:
-            for what, out in (("--save-jsonl", self.save_jsonl), ("--save-video", self.save_video)):
-                if out and same_file(out, source):
-                    raise UserError(f"{what} {out} is the source video, which it would overwrite: "
-                                    "write the results elsewhere")
+        outputs = [(what, out) for what, out in (("--save-jsonl", self.save_jsonl),
+                                                 ("--save-video", self.save_video),
+                                                 ("--save-masks", self.save_masks)) if out]
+        for i, (what, out) in enumerate(outputs):
+            if source is not None and same_file(out, source):
+                raise UserError(f"{what} {out} is the source video, which it would overwrite: "
+                                "write the results elsewhere")
+            for other, other_out in outputs[i + 1:]:
+                if same_file(out, other_out):  # both writers in one file: neither readable
+                    raise UserError(f"{what} {out} and {other} {other_out} are the same path: "
+                                    "give each output its own")
         ids = {p.obj_id for frame_prompts in self.prompts.values() for p in frame_prompts}
         if self.save_masks and ids and max(ids) > MASK_PNG_MAX_ID:
             raise UserError(f"object {max(ids)}: --save-masks stores object ids up to {MASK_PNG_MAX_ID}")
@@ -240,7 +246,7 @@ class _Controls:
         known = set(engine.object_ids if engine is not None else ()) | {p.obj_id for p in self.pending}
         # Room is kept for the prompts file's objects still to come: refusing one of those
         # later would stop the run.
-        later = {p.obj_id for f, ps in cfg.prompts.items() if f >= self.tracker.frames_seen for p in ps}
+        later = {p.obj_id for f in self.tracker._prompt_frames for p in cfg.prompts[f]}
         if cmd.new and cmd.obj_id in known | later:
             # Two viewers each picked the next id for their new object: the second gets
             # another one, instead of replacing the first one's object.
@@ -381,6 +387,12 @@ class Tracker:
         self.engine = engine  # built in run(), after the source has opened
         resume = config.resume or Resume()
         self.frames_seen = resume.frames_done
+        # The prompts file's frames still to come, by the source's frame id: a frame that
+        # was dropped (a live source, --realtime) passes its prompts on to the next one
+        # processed.  A restarted tracker continues after the last frame published.
+        applied_below = max(resume.skip_to_frame, resume.frame_id_start)
+        self._prompt_frames = sorted(f for f in config.prompts if f >= applied_below)
+        self._last_frame_id: int | None = None
         self._pts_span: tuple[float, float] | None = None  # first and last pts tracked
         self.frame_size: tuple[int, int] | None = None  # (height, width) of the last frame
         self.window = StatsWindow(stream=config.stream)
@@ -499,7 +511,7 @@ class Tracker:
                 console.enter_context(logging_redirect_tqdm())
                 if self.frames_seen:
                     bar.update(self.frames_seen)
-            paused_read, paused_frame = False, None
+            paused_frame = None
             while not self._stop.is_set():
                 self._alive()
                 if cfg.max_frames is not None and self.frames_seen >= cfg.max_frames:
@@ -510,13 +522,13 @@ class Tracker:
                     _serve_control(control, 100 if self._controls.paused else 0)
                 if self._controls.paused:
                     self._finish_in_flight(emitter, bar)
-                    if not paused_read:
+                    if paused_frame is None:
                         # The frame after the paused one, held: prompts clicked on the paused
                         # picture apply to it at resume, not to whatever a live source (which
-                        # keeps only its newest frame) has by then.
-                        paused_read, paused_frame = True, self.capture.read(timeout=0.2)
+                        # keeps only its newest frame) has by then.  Asked again until it comes
+                        # (a busy machine, a source reconnecting).
+                        paused_frame = self.capture.read(timeout=0.2)
                     continue
-                paused_read = False
                 # With a frame in flight only a frame already waiting is launched ahead:
                 # waiting for the source would hold the in-flight result back.
                 asked = time.monotonic()
@@ -548,7 +560,9 @@ class Tracker:
                 self.frame_size = (frame.height, frame.width)
                 prompts = [_fit_mask(p, frame.height, frame.width) for p in seed]
                 seed = []
-                prompts += cfg.prompts.get(self.frames_seen, [])
+                while self._prompt_frames and self._prompt_frames[0] <= frame.frame_id:
+                    prompts += cfg.prompts[self._prompt_frames.pop(0)]
+                self._last_frame_id = frame.frame_id
                 t = time.perf_counter()
                 requested, seq = self._controls.pending, self.next_seq
                 launched = _InFlight(frame, dequeue, self._launch(frame, _merge_prompts(prompts), requested))
@@ -605,12 +619,12 @@ class Tracker:
         """Warn about what a run that ends quietly would otherwise leave unsaid: prompts past
         the source's end, a file cut short, result files not written."""
         cfg = self.config
-        late = sorted(f for f in cfg.prompts if f >= self.frames_seen)
-        ended = self.frames_seen > 0 and not (interrupted or self._stop.is_set()) and (
+        late = self._prompt_frames
+        ended = self._last_frame_id is not None and not (interrupted or self._stop.is_set()) and (
             cfg.max_frames is None or self.frames_seen < cfg.max_frames)
         if late and ended:
-            log.warning("prompts for frame%s %s never applied: the source ended after %d frames",
-                        "s" if len(late) > 1 else "", ", ".join(map(str, late)), self.frames_seen)
+            log.warning("prompts for frame%s %s never applied: the source ended at frame %d",
+                        "s" if len(late) > 1 else "", ", ".join(map(str, late)), self._last_frame_id)
         if self.capture.kind is SourceKind.FILE and self.capture.state is SourceState.ENDED:
             # A file cut short (an unfinished download or recording) decodes up to the cut
             # and ends there like a whole one; its header still counts every frame, or gives
@@ -680,7 +694,7 @@ class Tracker:
         return (
             self.config.wait_for_prompt and self.capture.kind is SourceKind.FILE
             and not self.config.realtime and not self.engine.object_ids and not seed
-            and not self._controls.pending and not self.config.prompts.get(self.frames_seen)
+            and not self._controls.pending and not self._prompt_frames
         )
 
     def _hold(self, frame, control, publisher) -> None:

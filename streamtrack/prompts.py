@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from streamtrack.errors import UserError, read_text_file
-from streamtrack.tracking import Prompt
+from streamtrack.protocol import ProtocolError, reject_duplicate_keys
+from streamtrack.tracking import MAX_OBJ_ID, Prompt
 
 _FIELDS = {"obj_id", "frame", "box", "points", "labels", "mask"}
 
@@ -69,9 +70,13 @@ def load_prompts_file(path: str | Path) -> dict[int, list[Prompt]]:
     """Read a prompts file into {frame: [Prompt, ...]}; every entry is checked."""
     path = Path(path)
     try:
-        entries = json.loads(read_text_file(path, "prompts file"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"prompts file {path} is not valid JSON ({e})") from None
+        # As on the wire, a key given twice (a copy-paste slip) is an error, not silently
+        # the last one; nesting too deep for the parser is one line too.  (NaN parses: the
+        # entry's check names it.)
+        entries = json.loads(read_text_file(path, "prompts file"), object_pairs_hook=reject_duplicate_keys)
+    except (ValueError, ProtocolError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise UserError(f"prompts file {path} is not valid JSON ({reason})") from None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"prompts file {path}: expected a non-empty JSON list of prompts")
     return prompts_from_list(entries, f"prompts file {path}", path.parent)
@@ -97,8 +102,8 @@ def _entry(entry, where: str, base: Path) -> tuple[Prompt, int]:
     if unknown:
         raise UserError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_FIELDS)}")
     obj_id, frame = entry.get("obj_id"), entry.get("frame", 0)
-    if not isinstance(obj_id, int) or isinstance(obj_id, bool) or obj_id < 1:
-        raise UserError(f"{where}: obj_id must be a positive integer")
+    if not isinstance(obj_id, int) or isinstance(obj_id, bool) or not 1 <= obj_id <= MAX_OBJ_ID:
+        raise UserError(f"{where}: obj_id must be an integer from 1 to {MAX_OBJ_ID}")
     if not isinstance(frame, int) or isinstance(frame, bool) or frame < 0:
         raise UserError(f"{where}: frame must be a non-negative integer")
     box, points, labels, mask = (entry.get(k) for k in ("box", "points", "labels", "mask"))

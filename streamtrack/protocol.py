@@ -226,7 +226,7 @@ def _reject_constant(name: str) -> float:
     raise ProtocolError(f"non-standard JSON constant {name} (NaN/Infinity are not allowed)")
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # Python keeps the last of a repeated key, other parsers (and proxies, loggers) the
     # first: {"cmd": "status", "cmd": "reset"} must not mean different things to each.
     d = dict(pairs)
@@ -241,7 +241,7 @@ def loads(data: str | bytes) -> Any:
     """Parse strict JSON (no NaN/Infinity, no repeated keys); raise :class:`ProtocolError`
     on failure."""
     try:
-        return json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicate_keys)
+        return json.loads(data, parse_constant=_reject_constant, object_pairs_hook=reject_duplicate_keys)
     except ProtocolError:
         raise
     except (ValueError, TypeError, RecursionError) as exc:

@@ -32,6 +32,10 @@ class ObjectState(str, Enum):
     LOST = "lost"  # absent for longer than ``lost_after`` seconds
 
 
+# Object ids: 32-bit signed, so every client's JSON (and a viewer's palette) holds them.
+MAX_OBJ_ID = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A prompt for one object on the frame it is passed with.

@@ -205,6 +205,24 @@ def test_a_prompts_file_names_the_entry_with_a_bad_box_or_point(tmp_path, entry,
     assert str(info.value).startswith(f"prompts file {f}, entry 1: ")
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ('[{"obj_id": 1, "box": [1, 2, 30, 40], "box": [5, 6, 50, 60]}]', "duplicate key 'box'"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('[{"obj_id": 1, "box": [1, 2, 30, 40]}, {"obj_id": 2147483648, "box": [1, 2, 30, 40]}]',
+     "entry 1: obj_id must be an integer from 1 to 2147483647"),
+])
+def test_a_prompts_file_is_read_as_strictly_as_a_control_message(tmp_path, text, message):
+    """What the control channel refuses (a key given twice, an id it cannot address) is
+    refused in the file too, in one line; so is nesting that overflows the parser."""
+    from streamtrack.prompts import load_prompts_file
+
+    f = tmp_path / "p.json"
+    f.write_text(text)
+    with pytest.raises(UserError, match=message) as info:
+        load_prompts_file(f)
+    assert str(info.value).startswith(f"prompts file {f}") and "\n" not in str(info.value)
+
+
 def _mask_entry_error(tmp_path, make, name="m.png") -> str:
     from streamtrack.prompts import load_prompts_file
 

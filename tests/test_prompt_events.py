@@ -4,6 +4,7 @@ each request does to the tracker's state (no model needed: a stand-in engine).""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import threading
 import time
@@ -707,6 +708,88 @@ def test_object_state_events_go_out_after_the_result_that_shows_the_change(tmp_p
         ("result", 3), ("object_state", 1, "visible", "removed"),
         ("result", 4),
     ], calls
+
+
+def test_a_prompts_file_frame_is_the_source_frame_id_even_when_frames_are_dropped(tmp_path, monkeypatch):
+    """A live source (or --realtime) drops frames: a prompt for frame 3 goes on the first
+    frame processed from frame_id 3 on, not on the fourth frame processed."""
+    import streamtrack.pipeline as pipeline
+
+    opened = pipeline.open_source
+
+    def every_other_frame(*args, **kwargs):
+        capture = opened(*args, **kwargs)
+        read = capture.read
+
+        def odd_frames_dropped(timeout=None):
+            frame = read(timeout)
+            while frame is not None and frame.frame_id % 2:
+                frame = read(timeout)
+            return frame
+
+        capture.read = odd_frames_dropped
+        return capture
+
+    monkeypatch.setattr(pipeline, "open_source", every_other_frame)
+    video = write_video(make_clip(12, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    box = [1, 2, 30, 40]
+    prompts = {0: [Prompt.make(1, box=box)], 3: [Prompt.make(2, box=box)], 4: [Prompt.make(3, box=box)],
+               9: [Prompt.make(4, box=box)], 30: [Prompt.make(5, box=box)]}
+    run = RunConfig(source=str(video), progress=False, save_jsonl=str(tmp_path / "r.jsonl"), prompts=prompts)
+    tracker = Tracker(run, engine=TrackedIds())
+    tracker.run()
+    frame_ids = [json.loads(line)["frame_id"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert frame_ids == [0, 2, 4, 6, 8, 10]
+    launched = {f: sorted(p.obj_id for p in ps)
+                for f, ps in zip(frame_ids, tracker.engine.launched, strict=True)}
+    assert launched == {0: [1], 2: [], 4: [2, 3], 6: [], 8: [], 10: [4]}
+    assert tracker._prompt_frames == [30]  # reported at the end as never applied
+
+
+def test_the_frame_held_while_paused_is_asked_for_again_if_it_was_not_there_yet(tmp_path, monkeypatch):
+    """The frame after the paused one is held for the prompts sent while paused; a first
+    read that comes back empty (a busy machine) must not leave the resume to take whatever
+    a live source has by then."""
+    import streamtrack.pipeline as pipeline
+
+    opened = pipeline.open_source
+    held: list[int] = []
+    tracker: Tracker
+
+    def first_paused_read_empty(*args, **kwargs):
+        capture = opened(*args, **kwargs)
+        read = capture.read
+        empty_once = [True]
+
+        def flaky_read(timeout=None):
+            if tracker._controls.paused:
+                if empty_once.pop() if empty_once else False:
+                    return None  # as a read that timed out
+                frame = read(timeout)
+                held.append(frame.frame_id)
+                tracker._controls.resume()
+                return frame
+            return read(timeout)
+
+        capture.read = flaky_read
+        return capture
+
+    class PausesAfterFrameTwo(TrackedIds):
+        def finish(self, index):
+            if index == 2:
+                tracker._controls.pause()
+                timer = threading.Timer(3.0, tracker._controls.resume)  # never read again: no hang
+                timer.daemon = True
+                timer.start()
+            return super().finish(index)
+
+    monkeypatch.setattr(pipeline, "open_source", first_paused_read_empty)
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    run = RunConfig(source=str(video), progress=False, save_jsonl=str(tmp_path / "r.jsonl"),
+                    prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    tracker = Tracker(run, engine=PausesAfterFrameTwo())
+    tracker.run()
+    assert held == [3]
 
 
 def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_live_source(
