@@ -196,6 +196,7 @@ class MaskPngWriter:
 # the process is killed (a plain MP4 writes its index at the end, and without it nothing
 # plays).  ~100 bytes a frame of overhead; every current player reads it.
 _FRAGMENTED = {"movflags": "frag_every_frame+empty_moov+default_base_moof"}
+_FRAGMENTED_SUFFIXES = (".mp4", ".mov", ".m4v")
 _MS = Fraction(1, 1000)
 
 
@@ -248,6 +249,9 @@ class VideoWriter:
         self._held: tuple[np.ndarray, float | None] | None = None  # the first frame, until the second
         self._failed = ""  # why a write failed; later writes fail the same way
         self._pipe: int | None = None
+        # The file's size after the last write that went through: a write that fails (a
+        # full disk) is cut back to it, since a torn last fragment fails a decoder.
+        self._whole: int | None = None
         # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames a
         # second): its frames go at the source's rate.
         self._timed = self.path.suffix.lower() != ".avi"
@@ -276,7 +280,7 @@ class VideoWriter:
         import av
 
         options = {"flush_packets": "1"}
-        if self.path.suffix.lower() in (".mp4", ".mov", ".m4v"):
+        if self.path.suffix.lower() in _FRAGMENTED_SUFFIXES:
             options.update(_FRAGMENTED)
         # Held open as long as the video: PyAV opens the pipe again only when it writes the
         # header, and the reader must not see an end of file in between.
@@ -286,6 +290,12 @@ class VideoWriter:
         except (OSError, av.FFmpegError) as e:
             self._close_pipe()
             raise UserError(f"cannot write video {self.path}: {error_reason(e)}") from None
+        # A fragmented MP4 written to a file (not a pipe or a device; the file itself appears
+        # at the first write).  Other containers buffer what they write, and their readers
+        # take a cut end as the end.
+        fragmented = self.path.suffix.lower() in _FRAGMENTED_SUFFIXES
+        self._whole = 0 if fragmented and self._pipe is None and (
+            not self.path.exists() or self.path.is_file()) else None
 
     def _add_stream(self, rgb: np.ndarray) -> None:
         stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
@@ -314,7 +324,12 @@ class VideoWriter:
             with contextlib.suppress(OSError, av.FFmpegError):  # what was muxed stays playable
                 container.close()
             self._close_pipe()
+            if self._whole is not None:  # ...and nothing after it
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, self._whole)
             raise UserError(self._failed) from None
+        if self._whole is not None:  # each frame is flushed as a fragment of its own
+            self._whole = os.stat(self.path).st_size
 
     def _timestamp_ms(self, pts: float | None) -> int:
         """Milliseconds from the first frame, always increasing (a loop or a restart of the

@@ -289,6 +289,40 @@ def test_a_full_disk_leaves_no_line_cut_short_in_the_jsonl(tmp_path):
     assert [json.loads(line)["seq"] for line in data.splitlines()] == list(range(data.count("\n")))
 
 
+_VIDEO_UNTIL_FULL = """
+import resource, signal, sys
+import numpy as np
+from streamtrack.errors import UserError
+from streamtrack.outputs import VideoWriter
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))  # a full disk after 60 kB
+video = VideoWriter(sys.argv[1])
+noise = np.random.default_rng(0)
+try:
+    for i in range(200):
+        video.write(noise.integers(0, 255, (96, 128, 3), dtype=np.uint8), i / 10)
+except UserError as e:
+    print(e)
+video.close()
+"""
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_a_full_disk_leaves_a_video_that_decodes_to_its_end(tmp_path, ext):
+    """The fragment that did not fit is taken out again: a decode loop over the file ends
+    without an error, after the frames that were written."""
+    import av
+
+    path = tmp_path / f"v.{ext}"
+    r = subprocess.run([sys.executable, "-c", _VIDEO_UNTIL_FULL, str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.startswith(f"cannot write video {path}: File too large"), (r.stdout, r.stderr)
+    with av.open(str(path)) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames >= 3
+
+
 def test_a_full_disk_under_the_video_is_one_line_and_closing_adds_none(tmp_path):
     from streamtrack.outputs import VideoWriter
 
