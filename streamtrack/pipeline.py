@@ -389,8 +389,8 @@ class Tracker:
         self.frames_seen = resume.frames_done
         # The prompts file's frames still to come, by the source's frame id: a frame that
         # was dropped (a live source, --realtime) passes its prompts on to the next one
-        # processed.  A restarted tracker continues after the last frame published.
-        applied_below = max(resume.skip_to_frame, resume.frame_id_start)
+        # processed.  A restarted tracker continues where it restarts the source.
+        applied_below = resume.skip_to_frame if config.resumable_file else resume.frame_id_start
         self._prompt_frames = sorted(f for f in config.prompts if f >= applied_below)
         self._last_frame_id: int | None = None
         self._pts_span: tuple[float, float] | None = None  # first and last pts tracked
