@@ -219,7 +219,7 @@ def test_room_is_kept_for_the_prompts_files_objects_still_to_come():
     add(tracker, 2, box=[1, 2, 30, 40])
     with pytest.raises(PromptError, match="object 3: 3 objects are tracked, queued or prompted later"):
         add(tracker, 3, box=[1, 2, 30, 40])
-    tracker.frames_seen = 6  # past frame 5: object 9 is tracked by now, or never will be
+    tracker._prompt_frames = []  # frame 5 reached: object 9 is tracked by now, or never will be
     add(tracker, 3, box=[1, 2, 30, 40])
 
 
