@@ -27,6 +27,7 @@ in ``tests/rtsp.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -394,7 +395,8 @@ def print_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print the results as JSON too")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object on stdout (the table on stderr)")
     ap.add_argument("--sizes", nargs="+", default=["640x480", "1280x720"])
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=5, help="timed decode runs per variant")
@@ -431,10 +433,11 @@ def main(argv: list[str] | None = None) -> int:
             served = next(iter(clips.values())) if args.rtsp_clip else None
             report["rtsp"] = bench_rtsp(args, served)
     report["loadavg_end"] = load()
-    print_table(report)
+    # With --json, stdout is the one JSON object (for jq and scripts); the table goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        print_table(report)
     if args.json:
-        print()
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report))
     return 0
 
 

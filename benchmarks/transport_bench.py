@@ -32,6 +32,7 @@ Everything runs on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -599,7 +600,8 @@ def print_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON object after the table")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object on stdout (the table on stderr)")
     ap.add_argument("--objects", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--latency-messages", type=int, default=300)
     ap.add_argument("--latency-rate", type=float, default=100.0, help="messages/s while timing latency")
@@ -632,9 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_tracker:
         report["tracker"] = bench_tracker(args, ctx)
     report["loadavg_end"] = load()
-    print_table(report)
+    # With --json, stdout is the one JSON object (for jq and scripts); the table goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        print_table(report)
     if args.json:
-        print()
         print(json.dumps(report))
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -304,11 +305,14 @@ def bench_preprocess(
 
 def silence_official_progress() -> None:
     """The official predictor's progress bars (frame loading, propagation) would garble
-    the tables; tqdm reads TQDM_DISABLE only when it is imported, so replace them."""
+    the tables; tqdm reads TQDM_DISABLE only when it is imported, so replace them.  Its
+    warning that sam2's optional CUDA extension is missing (it then skips hole filling,
+    as the engine does by default) would print at every run."""
     import sam2.sam2_video_predictor as predictor
     import sam2.utils.misc as misc
 
     predictor.tqdm = misc.tqdm = lambda it, **_: it
+    warnings.filterwarnings("ignore", message="cannot import name '_C'")
 
 
 def sync_device(dev: torch.device) -> None:
@@ -334,7 +338,10 @@ def main(args) -> int:
         return bench_multistream.main(args)
     log = (lambda *a, **k: None) if args.json else print
     log(f"{args.what} benchmark: {args.model}, input {args.image_size}, {args.frames} frames, "
-        f"device {args.device}, {torch.get_num_threads()} torch threads")
+        f"device {resolve_device(args.device)}, {torch.get_num_threads()} torch threads")
+    for count in args.state_frames or ():
+        if count < 1:
+            raise UserError(f"--state-frames must be >= 1, got {count}")
     if args.what == "preprocess":
         res = bench_preprocess(model=args.model, checkpoint=args.checkpoint, image_size=args.image_size,
                                frames=args.frames, device=args.device, log=log)

@@ -1,6 +1,6 @@
 """``streamtrack bench multistream``: several streams on one model.
 
-For 1, 2, 4 … streams (one object each, different clips), frames/s per stream
+For 1, 2, 4 … streams (``objects`` each, default one; different clips), frames/s per stream
 of engines sharing one model and one batched image encoder, each stream on its
 own thread (what :class:`~streamtrack.multistream.StreamGroup` does), against
 the same engines stepped one after another on one thread with an encoder pass
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamtrack.bench import sync_device
+from streamtrack import childproc
+from streamtrack.bench import _prompts, sync_device
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.models import build_model, resolve_device, save_random_checkpoint
 from streamtrack.multistream import SharedImageEncoder
@@ -40,6 +41,7 @@ class MultiStreamBenchResult:
     frames: int
     bf16: bool
     torch_threads: int
+    objects: int = 1  # per stream
     sequential_fps: dict[int, float] = field(default_factory=dict)  # streams -> frames/s per stream
     batched_fps: dict[int, float] = field(default_factory=dict)
     threaded_fps: dict[int, float] = field(default_factory=dict)  # one thread per stream, no batching
@@ -56,16 +58,16 @@ def _warm_up(net, config: EngineConfig, width: int, height: int, seed: int) -> N
         engine.step(frame, [Prompt.make(1, box=clip.box(1, 0))] if i == 0 else [])
 
 
-def _engine_inputs(n: int, frames: int, width: int, height: int):
-    clips = [make_clip(frames, width, height, num_objects=1, seed=10 + k) for k in range(n)]
-    return clips, [[Prompt.make(1, box=c.box(1, 0))] for c in clips]
+def _engine_inputs(n: int, frames: int, width: int, height: int, objects: int = 1):
+    clips = [make_clip(frames, width, height, num_objects=3, seed=10 + k) for k in range(n)]
+    return clips, [_prompts(c, objects) for c in clips]
 
 
 def bench_multistream(
     *, model: str = "sam2.1_hiera_tiny", checkpoint: str | None = None, image_size: int = 256,
     frames: int = 12, streams: tuple[int, ...] = (1, 2, 4), device: str = "auto", bf16: bool = True,
     width: int = 320, height: int = 240, max_wait: float = 0.05, repeats: int = 1,
-    processes: bool = False, log=print,
+    processes: bool = False, objects: int = 1, log=print,
 ) -> MultiStreamBenchResult:
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="streamtrack-bench-") as workdir:  # ~150 MB of checkpoint
@@ -74,12 +76,13 @@ def bench_multistream(
         bf16 = bf16 and dev.type == "cuda"
         config = EngineConfig(bf16=bf16)
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
-        res = MultiStreamBenchResult(str(dev), model, image_size, frames, bf16, torch.get_num_threads())
+        res = MultiStreamBenchResult(str(dev), model, image_size, frames, bf16, torch.get_num_threads(),
+                                     objects)
 
         _warm_up(net, config, width, height, seed=10)
 
         for n in streams:
-            clips, prompts = _engine_inputs(n, frames, width, height)
+            clips, prompts = _engine_inputs(n, frames, width, height, objects)
             seq_runs, batched_runs, threaded_runs, sizes = [], [], [], []
             for _ in range(repeats):  # alternate the sides; keep the median of each
                 seq_runs.append(_sequential(net, config, dev, clips, prompts))
@@ -96,7 +99,7 @@ def bench_multistream(
             per_process = ""
             if processes:
                 spec = _ProcessSpec(model, checkpoint, image_size, device, bf16, frames, width, height,
-                                    torch.get_num_threads())
+                                    torch.get_num_threads(), objects)
                 res.process_fps[n] = float(np.median([_process_per_stream(spec, n) for _ in range(repeats)]))
                 per_process = f"process per stream {res.process_fps[n]:7.2f}   "
             log(f"  {n} stream(s), frames/s per stream: one after another {res.sequential_fps[n]:7.2f}   "
@@ -127,25 +130,38 @@ def _batched(net, config, dev, clips, prompts, max_wait, max_batch: int = 16) ->
     encoder = SharedImageEncoder(net, max_wait=max_wait, max_batch=max_batch)
     engines = [StreamingEngine(net, config, encoder=encoder) for _ in range(n)]
     start, done = threading.Barrier(n + 1), threading.Barrier(n + 1)
+    stop = threading.Event()
 
     def run(k: int) -> None:
-        engines[k].step(clips[k].frames[0], prompts[k])
-        start.wait()  # the clock starts with every stream prompted
-        for i in range(1, frames):
-            engines[k].step(clips[k].frames[i])
-        sync_device(dev)
-        done.wait()
+        try:
+            engines[k].step(clips[k].frames[0], prompts[k])
+            start.wait()  # the clock starts with every stream prompted
+            for i in range(1, frames):
+                if stop.is_set():
+                    return
+                engines[k].step(clips[k].frames[i])
+            sync_device(dev)
+            done.wait()
+        except threading.BrokenBarrierError:
+            return
 
     threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n)]
     for t in threads:
         t.start()
-    start.wait()
-    passes0, frames0 = encoder.batches, encoder.frames
-    t0 = time.perf_counter()
-    done.wait()
-    fps = (frames - 1) / (time.perf_counter() - t0)
-    for t in threads:
-        t.join()
+    try:
+        start.wait()
+        passes0, frames0 = encoder.batches, encoder.frames
+        t0 = time.perf_counter()
+        done.wait()
+        fps = (frames - 1) / (time.perf_counter() - t0)
+    finally:
+        # Ctrl-C: the streams stop after their step in hand.  Left running inside torch as
+        # the interpreter exits, their threads would abort the process (SIGABRT).
+        stop.set()
+        start.abort()
+        done.abort()
+        for t in threads:
+            t.join()
     return fps, (encoder.frames - frames0) / max(encoder.batches - passes0, 1)
 
 
@@ -160,6 +176,7 @@ class _ProcessSpec:
     width: int
     height: int
     torch_threads: int  # shared out among the processes, so a CPU is not oversubscribed
+    objects: int = 1
 
 
 def _process_per_stream(spec: _ProcessSpec, n: int) -> float:
@@ -170,7 +187,7 @@ def _process_per_stream(spec: _ProcessSpec, n: int) -> float:
     procs = [ctx.Process(target=_stream_process, args=(spec, n, k, ready, results), daemon=True)
              for k in range(n)]
     for p in procs:
-        p.start()
+        childproc.start_without_ctrl_c(p)  # Ctrl-C is the parent's to handle: it stops them
     try:
         try:
             ready.wait(timeout=600)  # every process has loaded its model and warmed up
@@ -194,10 +211,10 @@ def _stream_process(spec: _ProcessSpec, n: int, k: int, ready, results) -> None:
         dev = resolve_device(spec.device)
         net = build_model(spec.model, spec.checkpoint, device=dev, image_size=spec.image_size)
         config = EngineConfig(bf16=spec.bf16)
-        clip = make_clip(spec.frames, spec.width, spec.height, num_objects=1, seed=10 + k)
+        (clip,), (prompts,) = _engine_inputs(1, spec.frames, spec.width, spec.height, spec.objects)
         _warm_up(net, config, spec.width, spec.height, seed=10 + k)
         engine = StreamingEngine(net, config)
-        engine.step(clip.frames[0], [Prompt.make(1, box=clip.box(1, 0))])
+        engine.step(clip.frames[0], prompts)
         sync_device(dev)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as text
         ready.abort()
@@ -218,14 +235,16 @@ def _stream_process(spec: _ProcessSpec, n: int, k: int, ready, results) -> None:
 def main(args) -> int:
     log = (lambda *a, **k: None) if args.json else print
     log(f"multistream benchmark: {args.model}, input {args.image_size}, {args.frames} frames per stream, "
+        f"{args.objects[0] if isinstance(args.objects, list) else args.objects} object(s) per stream, "
         f"device {args.device}, {torch.get_num_threads()} torch threads")
-    from streamtrack.bench_stream import parse_frame_size
+    from streamtrack.bench_stream import _one_count, parse_frame_size
 
+    objects = _one_count(args.objects, "multistream")
     width, height = parse_frame_size(args.frame_size)
     res = bench_multistream(
         model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
         streams=tuple(args.streams), device=args.device, bf16=args.bf16, repeats=args.repeats,
-        width=width, height=height, processes=args.processes, log=log,
+        width=width, height=height, processes=args.processes, objects=objects, log=log,
     )
     if args.json:
         print(json.dumps(asdict(res)))

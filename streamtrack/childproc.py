@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import zmq
@@ -125,6 +126,22 @@ _RESOURCE_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
 def quiet_resource_tracker() -> None:
     if _RESOURCE_TRACKER_WARNING not in sys.warnoptions:
         sys.warnoptions.append(_RESOURCE_TRACKER_WARNING)
+
+
+def start_without_ctrl_c(proc) -> None:
+    """``proc.start()`` (a multiprocessing process) with Ctrl-C ignored in the child until
+    it installs handlers of its own: an ignored signal stays so across exec (a signal mask
+    does not), and a Ctrl-C while the child imports would otherwise end it with a
+    traceback.  The parent ignores one meanwhile too, for the few milliseconds the start
+    takes (only the main thread can; elsewhere the start is plain)."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def become_child(parent_pid: int) -> bool:

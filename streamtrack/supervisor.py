@@ -455,18 +455,8 @@ class _Child:
         level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
         proc = ctx.Process(target=_child_main, args=(config, report_w, life_r, level),
                            name="streamtrack-tracker", daemon=False)
-        # The child starts with Ctrl-C ignored (an ignored signal stays so across exec; a
-        # signal mask does not) until it installs its stop handlers: a Ctrl-C while it
-        # imports would otherwise end it with a traceback.  The supervisor ignores one
-        # meanwhile too, for the few milliseconds the start takes.
-        if threading.current_thread() is not threading.main_thread():  # no handlers there
-            proc.start()
-        else:
-            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                proc.start()
-            finally:
-                signal.signal(signal.SIGINT, handler)
+        # Ctrl-C ignored until the child installs its stop handlers.
+        childproc.start_without_ctrl_c(proc)
         # Close our copies of the child's ends: EOF then means the other side is gone.
         report_w.close()
         life_r.close()
