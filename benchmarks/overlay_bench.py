@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=30, help="timed runs per case (median reported)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    for name in ("width", "height", "repeats", "objects"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            ap.error(f"--{name} must be at least 1")
 
     rng = np.random.default_rng(args.seed)
     image = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)

@@ -623,6 +623,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="small, short run (smoke test; its figures are not meaningful)")
     args = ap.parse_args(argv)
+    for name in ("objects", "latency_messages", "latency_rate", "blast_seconds", "duration", "fps",
+                 "image_size", "clip_frames", "tracker_repeats", "tracker_timeout"):
+        values = getattr(args, name)
+        if not min(values if isinstance(values, list) else [values]) > 0:
+            ap.error(f"--{name.replace('_', '-')} must be more than 0")
+    if args.skip_frames < 0 or args.slow_sleep < 0:
+        ap.error("--skip-frames and --slow-sleep must be at least 0")
     if args.quick:
         args.objects, args.latency_messages, args.blast_seconds = [1, 4], 60, 0.5
         args.duration, args.clip_frames, args.clip_size, args.image_size = 5.0, 10, "160x120", 64

@@ -468,3 +468,17 @@ def test_profile_step_times_the_guard_checks_of_every_compiled_unit(monkeypatch,
     units = {"image encoder", "memory attention", "SAM heads (prompt encoder, decoder)", "memory encoding"}
     assert {r[0] for r in rows} == units | {"per frame (sum of 4 calls)"}, text
     assert all(float(a) > 0 and float(b) > 0 for _, a, b, _ in rows), text
+
+
+@pytest.mark.parametrize(("stem", "args", "message"), [
+    ("overlay_bench", ["--objects", "4", "0"], "--objects must be at least 1"),
+    ("transport_bench", ["--duration", "0"], "--duration must be more than 0"),
+    ("transport_bench", ["--objects", "1", "-4"], "--objects must be more than 0"),
+    ("transport_bench", ["--slow-sleep", "-1"], "--slow-sleep must be at least 0"),
+])
+def test_the_benchmark_scripts_refuse_numbers_that_make_no_run(monkeypatch, capsys, stem, args, message):
+    """A row computed from 0 objects, or a 0-second delivery run, would print as a figure."""
+    script = _benchmark_script(monkeypatch, stem)
+    with pytest.raises(SystemExit) as exited:
+        script.main(args)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
