@@ -561,7 +561,7 @@ class Tracker:
                 prompts = [_fit_mask(p, frame.height, frame.width) for p in seed]
                 seed = []
                 while self._prompt_frames and self._prompt_frames[0] <= frame.frame_id:
-                    prompts += cfg.prompts[self._prompt_frames.pop(0)]
+                    prompts += self._due_prompts(self._prompt_frames.pop(0), frame)
                 self._last_frame_id = frame.frame_id
                 t = time.perf_counter()
                 requested, seq = self._controls.pending, self.next_seq
@@ -689,6 +689,17 @@ class Tracker:
             publisher.publish_stats(stats)
         except (UserError, EmitterError):  # closed under us while shutting down: nobody to tell
             pass
+
+    def _due_prompts(self, frame_number: int, frame) -> list[Prompt]:
+        """The prompts given for ``frame_number``, checked against the frame they go on: one
+        that does not fit ends the run (it is the user's own), naming the frame it was for."""
+        due = self.config.prompts[frame_number]
+        for p in due:
+            try:
+                check_prompt(p, frame.height, frame.width)
+            except PromptError as exc:
+                raise PromptError(f"{exc} (prompted for frame {frame_number})") from None
+        return due
 
     def _must_wait_for_prompt(self, seed: list[Prompt]) -> bool:
         return (

@@ -246,7 +246,9 @@ def test_config_layers_and_print_config_round_trip(tmp_path):
           "256", "--give-up-after", "1"], "failed"),
         # argparse alone would take "-10,2,30,40" for an option and say "expected one argument"
         (["{video}", "--box", "-10,2,30,40", "--checkpoint", "{tiny}", "--image-size", "256"],
-         "box corner (-10, 2) is outside the 160x120 frame"),
+         "box corner (-10, 2) is outside the 160x120 frame (prompted for frame 0)"),
+        (["{video}", "--prompts", "{late_prompts}", "--checkpoint", "{tiny}", "--image-size", "256"],
+         "object 2: box corner (500, 500) is outside the 160x120 frame (prompted for frame 3)"),
         (["{video}", "--prompts", "{video}"], "is not a text file"),  # a video given as the prompts
         (["{video}", "--prompts", "{tmp}"], "is a directory, not a file"),
         (["{video}", "--box", "1,2,30,40", "--save-jsonl", "{video}"], "is the source video"),
@@ -266,11 +268,14 @@ def test_bad_input_exit_2_one_line(clip_file, tiny_checkpoint, tmp_path, args, m
     _, video, _ = clip_file
     bad_prompts = tmp_path / "p.json"
     bad_prompts.write_text('[{"obj_id": 1, "box": [1, 2]}]')
+    late_prompts = tmp_path / "late.json"  # a prompt that does not fit the frame it is for
+    late_prompts.write_text(json.dumps([{"obj_id": 1, "box": [1, 2, 30, 40]},
+                                        {"obj_id": 2, "frame": 3, "box": [1, 2, 500, 500]}]))
     bad_config = tmp_path / "c.yaml"
     bad_config.write_text("imagesize: 256\n")
     bad_checkpoint = tmp_path / "x.pt"
     bad_checkpoint.write_text("nope")
-    names = dict(video=video, bad_prompts=bad_prompts, bad_config=bad_config,
+    names = dict(video=video, bad_prompts=bad_prompts, late_prompts=late_prompts, bad_config=bad_config,
                  bad_checkpoint=bad_checkpoint, tiny=tiny_checkpoint, tmp=tmp_path)
     video_bytes = Path(video).read_bytes()
     r = streamtrack("run", *[a.format(**names) for a in args], "-q")
