@@ -200,6 +200,34 @@ _FRAGMENTED_SUFFIXES = (".mp4", ".mov", ".m4v")
 _MS = Fraction(1, 1000)
 
 
+def _cut_torn_fragment(path: Path, start: int) -> bool:
+    """Cut a fragmented MP4 back to its last whole fragment if a box after ``start`` (a
+    fragment boundary) runs past the end of the file; True if it did.  A fragment is a
+    ``moof`` and its ``mdat``: cut at the ``moof`` (or the ``mfra`` index) before the tear."""
+    try:
+        with open(path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            pos = cut = start
+            while pos < size:
+                f.seek(pos)
+                header = f.read(16)
+                box = int.from_bytes(header[:4], "big") if len(header) >= 8 else 0
+                kind = header[4:8]
+                if box == 1 and len(header) == 16:  # a 64-bit size follows the type
+                    box = int.from_bytes(header[8:16], "big")
+                elif box == 0 and len(header) >= 8:  # runs to the end of the file
+                    box = size - pos
+                if kind in (b"moof", b"mfra"):
+                    cut = pos
+                if box < 8 or pos + box > size:
+                    f.truncate(cut)
+                    return True
+                pos += box
+    except OSError:
+        return False
+    return False
+
+
 def _interval(earlier: float | None, later: float | None) -> float | None:
     """Seconds from one pts to the next, when both are known and it moves forward."""
     if earlier is None or later is None or not (math.isfinite(earlier) and math.isfinite(later)):
@@ -372,6 +400,12 @@ class VideoWriter:
                 raise UserError(f"cannot finish video {self.path}: {error_reason(e)}") from None
             finally:
                 self._close_pipe()
+            # The last fragment and the index go out in close(), whose write errors PyAV
+            # does not raise: a file whose end is torn is cut back and reported.
+            if self._whole is not None and not self._failed and _cut_torn_fragment(self.path, self._whole):
+                self._failed = (f"cannot finish video {self.path}: its end was not written whole (is the "
+                                "disk full?); cut back to the last whole frame")
+                raise UserError(self._failed)
 
     def _close_pipe(self) -> None:
         if self._pipe is not None:

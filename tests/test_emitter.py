@@ -290,7 +290,7 @@ def test_a_full_disk_leaves_no_line_cut_short_in_the_jsonl(tmp_path):
 
 
 _VIDEO_UNTIL_FULL = """
-import resource, signal, sys
+import os, resource, signal, sys
 import numpy as np
 from streamtrack.errors import UserError
 from streamtrack.outputs import VideoWriter
@@ -300,27 +300,33 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))  # a full disk after 6
 video = VideoWriter(sys.argv[1])
 noise = np.random.default_rng(0)
 try:
-    for i in range(200):
+    for i in range(int(sys.argv[2])):
         video.write(noise.integers(0, 255, (96, 128, 3), dtype=np.uint8), i / 10)
+    # Written whole so far: the disk fills as the last fragment and the index go out.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(sys.argv[1]) + 100,) * 2)
+    video.close()
 except UserError as e:
     print(e)
-video.close()
 """
 
 
-@pytest.mark.parametrize("ext", ["mp4", "mkv"])
-def test_a_full_disk_leaves_a_video_that_decodes_to_its_end(tmp_path, ext):
+@pytest.mark.parametrize(("ext", "frames", "error"), [
+    ("mp4", 200, "cannot write video {path}: File too large"),  # on a frame
+    ("mkv", 200, "cannot write video {path}: File too large"),
+    ("mp4", 6, "cannot finish video {path}: its end was not written whole"),  # at the close
+])
+def test_a_full_disk_leaves_a_video_that_decodes_to_its_end(tmp_path, ext, frames, error):
     """The fragment that did not fit is taken out again: a decode loop over the file ends
-    without an error, after the frames that were written."""
+    without an error, after the frames that were written whole."""
     import av
 
     path = tmp_path / f"v.{ext}"
-    r = subprocess.run([sys.executable, "-c", _VIDEO_UNTIL_FULL, str(path)], capture_output=True, text=True,
-                       timeout=60)
-    assert r.stdout.startswith(f"cannot write video {path}: File too large"), (r.stdout, r.stderr)
+    r = subprocess.run([sys.executable, "-c", _VIDEO_UNTIL_FULL, str(path), str(frames)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.stdout.startswith(error.format(path=path)), (r.stdout, r.stderr)
     with av.open(str(path)) as container:
-        frames = sum(1 for _ in container.decode(video=0))
-    assert frames >= 3
+        decoded = sum(1 for _ in container.decode(video=0))
+    assert 3 <= decoded <= frames
 
 
 def test_a_full_disk_under_the_video_is_one_line_and_closing_adds_none(tmp_path):
