@@ -202,12 +202,14 @@ _MS = Fraction(1, 1000)
 
 def _cut_torn_fragment(path: Path, start: int) -> bool:
     """Cut a fragmented MP4 back to its last whole fragment if a box after ``start`` (a
-    fragment boundary) runs past the end of the file; True if it did.  A fragment is a
-    ``moof`` and its ``mdat``: cut at the ``moof`` (or the ``mfra`` index) before the tear."""
+    fragment boundary) runs past the end of the file, or a ``moof`` ends it; True if it
+    did.  A fragment is a ``moof`` and its ``mdat``: cut at the ``moof`` (or the ``mfra``
+    index) before the tear."""
     try:
         with open(path, "r+b") as f:
             size = f.seek(0, os.SEEK_END)
             pos = cut = start
+            kind = b""
             while pos < size:
                 f.seek(pos)
                 header = f.read(16)
@@ -220,12 +222,15 @@ def _cut_torn_fragment(path: Path, start: int) -> bool:
                 if kind in (b"moof", b"mfra"):
                     cut = pos
                 if box < 8 or pos + box > size:
-                    f.truncate(cut)
-                    return True
+                    break
                 pos += box
+            else:
+                if kind != b"moof":  # every box whole, and no fragment without its data
+                    return False
+            f.truncate(cut)
+            return True
     except OSError:
         return False
-    return False
 
 
 def _interval(earlier: float | None, later: float | None) -> float | None:
