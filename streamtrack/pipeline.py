@@ -262,6 +262,7 @@ class _Controls:
             check_prompt(prompt, *size)
         self.pending = [p for p in self.pending if p.obj_id != prompt.obj_id]
         self.pending.append(prompt)
+        self.tracker._removed.discard(prompt.obj_id)  # back: its next result says how it is
         self.tracker._notify("queued", {"prompt": prompt})  # each prompt once (masks are big)
         return {"queued_for_frame": self.tracker.next_seq, "obj_id": prompt.obj_id}
 
@@ -284,8 +285,8 @@ class _Controls:
             self.pending.clear()
             self.tracker._notify("unqueued", {"obj_id": None})  # all of them
         if self.tracker.engine is not None:  # loading, there are only queued prompts to drop
+            self.tracker._removed.update(self.tracker._object_states, self.tracker.engine.object_ids)
             self.tracker.engine.reset()
-            self.tracker._removed.update(self.tracker._object_states)
         return {"objects": []}
 
     def status(self):
@@ -401,7 +402,9 @@ class Tracker:
         self._holding = False  # a file's first frame waits for the first prompt
         self._seq = resume.seq_start
         self._object_states: dict[int, str] = dict(resume.object_states)
-        self._removed: set[int] = set()  # since the last result, by the control channel
+        # Removed by the control channel and not prompted since, while results still have
+        # them (a frame launched before the removal): the control status leaves them out.
+        self._removed: set[int] = set()
         self._dropped_before = dict(resume.dropped_before)
         self.capture = None
         self._give_up_after: float | None = None  # the live source's, once run() opens it
@@ -620,11 +623,15 @@ class Tracker:
         the source's end, a file cut short, result files not written."""
         cfg = self.config
         late = self._prompt_frames
-        ended = self._last_frame_id is not None and not (interrupted or self._stop.is_set()) and (
+        # frames_seen counts those before a restart too: a restarted tracker that only
+        # skipped frames already done still tells.
+        ended = self.frames_seen > 0 and not (interrupted or self._stop.is_set()) and (
             cfg.max_frames is None or self.frames_seen < cfg.max_frames)
         if late and ended:
-            log.warning("prompts for frame%s %s never applied: the source ended at frame %d",
-                        "s" if len(late) > 1 else "", ", ".join(map(str, late)), self._last_frame_id)
+            where = (f"at frame {self._last_frame_id}" if self._last_frame_id is not None
+                     else f"after {self.frames_seen} frames")
+            log.warning("prompts for frame%s %s never applied: the source ended %s",
+                        "s" if len(late) > 1 else "", ", ".join(map(str, late)), where)
         if self.capture.kind is SourceKind.FILE and self.capture.state is SourceState.ENDED:
             # A file cut short (an unfinished download or recording) decodes up to the cut
             # and ends there like a whole one; its header still counts every frame, or gives
@@ -694,6 +701,7 @@ class Tracker:
         """The prompts given for ``frame_number``, checked against the frame they go on: one
         that does not fit ends the run (it is the user's own), naming the frame it was for."""
         due = self.config.prompts[frame_number]
+        self._removed.difference_update(p.obj_id for p in due)
         for p in due:
             try:
                 check_prompt(p, frame.height, frame.width)
@@ -856,7 +864,7 @@ class Tracker:
             emitter.publish_status_after_results("object_state", obj_id=obj_id,
                                                  old=self._object_states[obj_id], new="removed")
         self._object_states = current
-        self._removed.clear()
+        self._removed &= current.keys()
 
 
 _LOCAL_HOSTS = ("localhost", "::1", "[::1]")

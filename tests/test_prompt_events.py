@@ -199,6 +199,34 @@ def test_status_agrees_with_removals_and_queued_prompts_before_the_next_frame():
     assert controls.status()["objects"] == {} and controls.status()["queued"] == []
 
 
+def test_status_keeps_a_removed_object_out_while_a_frame_launched_before_still_has_it():
+    """With launch_ahead the result after a removal can come from a frame launched before
+    it: the object is still in that result, and must not come back into the status."""
+    from streamtrack.protocol import FrameResult, ObjectResult
+
+    def result(*ids):
+        return FrameResult(stream="cam0", seq=0, frame_id=0, pts=None, width=64, height=48, objects=tuple(
+            ObjectResult(obj_id=k, score=0.9, state="visible", bbox=(1, 2, 3, 4), area=4) for k in ids))
+
+    emitter = SimpleNamespace(publish_status_after_results=lambda kind, **data: None)
+    tracker = tracker_with(ids=[1, 4, 5])
+    tracker._object_states = {1: "visible", 4: "visible", 5: "visible"}
+    controls = tracker._controls
+    controls.remove_object(4)
+    tracker._status_changes(result(1, 4, 5), emitter)  # launched before the removal
+    assert controls.status()["objects"] == {"1": "visible", "5": "visible"}
+    tracker._status_changes(result(1, 5), emitter)  # gone from the results: nothing left to hide
+    assert tracker._removed == set()
+    controls.remove_object(5)
+    add(tracker, 5, box=[1, 2, 30, 40])  # back before any result said it was gone
+    tracker._status_changes(result(1, 5), emitter)
+    assert controls.status()["objects"] == {"1": "visible", "5": "visible"}
+    tracker.engine.ids.append(6)  # first prompted on the frame in flight at a reset
+    controls.reset()
+    tracker._status_changes(result(1, 5, 6), emitter)
+    assert controls.status()["objects"] == {}
+
+
 def test_max_objects_counts_tracked_and_queued_objects():
     tracker = tracker_with(ids=[1], max_objects=3)
     add(tracker, 2, box=[1, 2, 30, 40])
@@ -790,6 +818,23 @@ def test_the_frame_held_while_paused_is_asked_for_again_if_it_was_not_there_yet(
     tracker = Tracker(run, engine=PausesAfterFrameTwo())
     tracker.run()
     assert held == [3]
+
+
+def test_a_restart_past_the_last_frame_still_says_which_prompts_were_never_applied(tmp_path, caplog):
+    """The tracker died after writing the file's last frame: its successor only skips
+    frames, and the prompts for frames past the end are still reported."""
+    import logging
+
+    from streamtrack.pipeline import Resume
+
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    resume = Resume(frames_done=6, skip_to_frame=6, seq_start=6, restarts=1)
+    box = [1, 2, 30, 40]
+    run = RunConfig(source=str(video), progress=False, save_jsonl=str(tmp_path / "r.jsonl"), resume=resume,
+                    prompts={0: [Prompt.make(1, box=box)], 50: [Prompt.make(2, box=box)]})
+    with caplog.at_level(logging.WARNING, logger="streamtrack"):
+        Tracker(run, engine=TrackedIds()).run()
+    assert "prompts for frame 50 never applied: the source ended after 6 frames" in caplog.text
 
 
 def test_a_restarted_tracker_continues_frame_ids_drops_and_object_states_of_a_live_source(
