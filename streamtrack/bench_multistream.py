@@ -233,13 +233,12 @@ def _stream_process(spec: _ProcessSpec, n: int, k: int, ready, results) -> None:
 
 
 def main(args) -> int:
-    log = (lambda *a, **k: None) if args.json else print
-    log(f"multistream benchmark: {args.model}, input {args.image_size}, {args.frames} frames per stream, "
-        f"{args.objects[0] if isinstance(args.objects, list) else args.objects} object(s) per stream, "
-        f"device {args.device}, {torch.get_num_threads()} torch threads")
     from streamtrack.bench_stream import _one_count, parse_frame_size
 
     objects = _one_count(args.objects, "multistream")
+    log = (lambda *a, **k: None) if args.json else print
+    log(f"multistream benchmark: {args.model}, input {args.image_size}, {args.frames} frames per stream, "
+        f"{objects} object(s) per stream, device {args.device}, {torch.get_num_threads()} torch threads")
     width, height = parse_frame_size(args.frame_size)
     res = bench_multistream(
         model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,

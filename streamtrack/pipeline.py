@@ -699,7 +699,8 @@ class Tracker:
 
     def _due_prompts(self, frame_number: int, frame) -> list[Prompt]:
         """The prompts given for ``frame_number``, checked against the frame they go on: one
-        that does not fit ends the run (it is the user's own), naming the frame it was for."""
+        that does not fit ends the run (it is the user's own), naming the frame it was for.
+        Their objects are tracked again, so the control status lists them once more."""
         due = self.config.prompts[frame_number]
         self._removed.difference_update(p.obj_id for p in due)
         for p in due:
