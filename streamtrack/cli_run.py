@@ -100,6 +100,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--hang-timeout", type=float, metavar="S",
                    help="supervised runs: kill and restart a tracker that shows no sign of life for "
                         "S seconds (default 300; 0 = never)")
+    g.add_argument("--start-timeout", type=float, metavar="S",
+                   help="supervised runs: kill and restart a tracker that has not started tracking "
+                        "(source opened, model loaded and warmed up) after S s (default 900; 0 = never)")
     g = p.add_argument_group("security (CURVE; keys from `streamtrack keys DIR`)")
     g.add_argument("--curve-secret", metavar="FILE",
                    help="encrypt --publish/--control with this server secret key (server.key_secret)")
@@ -153,7 +156,8 @@ def command(args: argparse.Namespace) -> int:
     from streamtrack.supervisor import Supervisor, SupervisorConfig, SupervisorGaveUp
 
     supervisor = Supervisor(run_config, SupervisorConfig(max_restarts=cfg.max_restarts,
-                                                         hang_timeout=cfg.hang_timeout))
+                                                         hang_timeout=cfg.hang_timeout,
+                                                         start_timeout=cfg.start_timeout))
     if cfg.show:
         from streamtrack.viewer import spawn_viewer
 

@@ -71,6 +71,7 @@ class Config:
     show: bool = False
     max_restarts: int | None = None
     hang_timeout: float | None = 300.0
+    start_timeout: float | None = 900.0
     # security (optional CURVE encryption + client authentication; see docs/protocol.md)
     curve_secret: str | None = None
     curve_clients: str | None = None
@@ -90,7 +91,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _MINIMUM: dict[str, int] = {
     "lost_after": 0, "max_cond_frames": 2, "fill_hole_area": 0, "max_objects": 1, "max_frames": 1,
     "queue_depth": 1, "reconnect_max": 0, "stale_after": 0, "give_up_after": 0, "max_restarts": 0,
-    "hang_timeout": 0,
+    "hang_timeout": 0, "start_timeout": 0,
 }
 _OUTPUT_PATHS = {"save_jsonl", "save_masks", "save_video"}
 # Seconds that must be more than 0 (the capture's timers; null turns the optional ones off).

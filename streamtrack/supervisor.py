@@ -98,6 +98,11 @@ class SupervisorConfig:
     # killed (and restarted); 0 or None = never.  Longer than any step or output can take
     # (a CPU at full size with many objects, compiling a new object count on a GPU).
     hang_timeout: float | None = 300.0
+    # s a tracker may take from its start to its first frame (the source opened, the model
+    # read, built and warmed up: compiling with max-autotune is the slow case) before it
+    # counts as hung; 0 or None = never.  Without it a tracker stuck in its start (storage
+    # that stopped answering, a device that never initialises) would be waited for forever.
+    start_timeout: float | None = 900.0
     log_level: int | None = None  # the child's logging level (default: this process's)
 
     def __post_init__(self) -> None:
@@ -108,6 +113,9 @@ class SupervisorConfig:
         if self.max_failed_starts < 1 or self.stop_timeout <= 0:
             raise UserError("max_failed_starts must be >= 1 and stop_timeout > 0")
         check_hang_timeout(self.hang_timeout)
+        if self.start_timeout is not None and not self.start_timeout >= 0:
+            raise UserError(f"start_timeout must be 0 or null (never) or a number of seconds, "
+                            f"got {self.start_timeout}")
 
 
 @dataclass
@@ -254,10 +262,10 @@ class Supervisor:
                         elif kind in ("done", "user_error", "error"):
                             child.result = (kind, data)
                     self._drain(sub)
-                    if (self.sup.hang_timeout and self.state is TrackerState.RUNNING
-                            and child.hung is None and child.silent_for() > self.sup.hang_timeout):
+                    if child.hung is None and (limit := self._silence_limit()) \
+                            and child.silent_for() > limit:
                         self._end_bar_line(child)
-                        child.kill_hung()
+                        child.kill_hung(starting=self.state is TrackerState.STARTING)
                     if self._stop.is_set() and self.state is not TrackerState.STOPPING:
                         self._set_state(TrackerState.STOPPING)
                         child.stop(self.sup.stop_timeout)
@@ -317,6 +325,13 @@ class Supervisor:
         if self.interrupted_by is not None:
             total.interrupted = True
         return total
+
+    def _silence_limit(self) -> float | None:
+        """How long the current tracker may say nothing: from its start until it runs (it
+        says nothing while it loads), then between two signs of life."""
+        if self.state is TrackerState.STARTING:
+            return self.sup.start_timeout
+        return self.sup.hang_timeout if self.state is TrackerState.RUNNING else None
 
     def _end_bar_line(self, child: _Child) -> None:
         """End the line of a dead or dying tracker's progress bar (once), so that the
@@ -478,13 +493,20 @@ class _Child:
     def silent_for(self) -> float:
         return time.monotonic() - self.last_report
 
-    def kill_hung(self) -> None:
+    def kill_hung(self, starting: bool = False) -> None:
         """Kill a tracker whose loop stopped reporting (a deadlock, a device that never
-        answers, a stopped process), after it printed its threads' stacks for a bug report."""
+        answers, a stopped process), or that never got to its first frame, after it printed
+        its threads' stacks for a bug report."""
         silent = self.silent_for()
-        self.hung = f"no sign of life for {silent:.0f} s; killed as hung"
-        log.warning("tracker process %d sent no sign of life for %.0f s: killing it as hung "
-                    "(its threads' stacks follow)", self.proc.pid, silent)
+        if starting:
+            self.hung = f"not started after {silent:.0f} s; killed as hung"
+            log.warning("tracker process %d has not started tracking after %.0f s (source, model "
+                        "load, warm-up): killing it as hung (its threads' stacks follow)",
+                        self.proc.pid, silent)
+        else:
+            self.hung = f"no sign of life for {silent:.0f} s; killed as hung"
+            log.warning("tracker process %d sent no sign of life for %.0f s: killing it as hung "
+                        "(its threads' stacks follow)", self.proc.pid, silent)
         try:
             os.kill(self.proc.pid, signal.SIGUSR1)  # faulthandler: every thread's stack
             os.kill(self.proc.pid, signal.SIGCONT)  # a stopped process prints it once continued

@@ -70,6 +70,7 @@ def test_environment_values_are_parsed():
         ("stale_after: 0\n", "stale_after must be more than 0"),
         ("reconnect_max: 0\n", "reconnect_max must be more than 0, got 0.0"),
         ("hang_timeout: 1\n", r"hang_timeout must be 0 or null \(never\) or at least 2 s"),
+        ("start_timeout: -1\n", "start_timeout must be at least 0, got -1.0"),
         ("image_size: 100\n", "image size must be a multiple of 32 from 64 to 2048, got 100"),
         ("device: gpu\n", r"device must be auto, cpu, cuda\[:N\] or mps, got 'gpu'"),
     ],
@@ -99,8 +100,9 @@ def test_a_variable_with_the_prefix_that_is_no_setting_is_a_warning(caplog):
 
 def test_an_empty_variable_for_a_key_that_may_be_unset_unsets_it():
     cfg = load_config(None, {}, {"STREAMTRACK_CHECKPOINT": "", "STREAMTRACK_GIVE_UP_AFTER": " ",
-                                 "STREAMTRACK_HANG_TIMEOUT": "null"})
+                                 "STREAMTRACK_HANG_TIMEOUT": "null", "STREAMTRACK_START_TIMEOUT": ""})
     assert cfg.checkpoint is None and cfg.give_up_after is None and cfg.hang_timeout is None
+    assert cfg.start_timeout is None
     with pytest.raises(UserError, match="environment STREAMTRACK_MODEL: model must be one of .*got .."):
         load_config(None, {}, {"STREAMTRACK_MODEL": ""})
 

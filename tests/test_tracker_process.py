@@ -358,6 +358,46 @@ def test_a_tracker_killed_at_the_restart_limit_ends_the_run_on_a_line_of_its_own
     assert left == []
 
 
+def spawned_tracker_of(supervisor: int, timeout: float = 60) -> int:
+    """The pid of the tracker process a supervisor spawned, as soon as it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+        except OSError:
+            children = []
+        for pid in children:
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return int(pid)
+            except OSError:
+                pass
+        time.sleep(0.005)
+    raise AssertionError(f"supervisor {supervisor} spawned no tracker in {timeout} s")
+
+
+@pytest.mark.timeout(120)
+def test_a_tracker_stuck_in_its_start_is_killed_as_hung(tmp_path, clip_path, tiny_checkpoint):
+    """Storage that stops answering while the checkpoint is read, a device that never
+    initialises: a tracker that never gets to its first frame is not waited for forever.
+    (A stopped process stands in for it, stopped before it could have loaded anything.)"""
+    proc = launch(tmp_path, clip_path, tiny_checkpoint, "--start-timeout", "4", "--hang-timeout", "0",
+                  "--max-restarts", "0", quiet=False)
+    try:
+        pid = spawned_tracker_of(proc.popen.pid)
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        rc = proc.wait(90)
+    finally:
+        proc.close()
+    err = proc.err()
+    assert rc == 1 and time.monotonic() - stopped_at >= 4, err
+    assert not pid_alive(pid)
+    assert f"tracker process {pid} has not started tracking after" in err, err
+    assert re.search(r"(^|\n)streamtrack: error: tracker process died \(not started after \d+ s; killed "
+                     r"as hung\) and the restart limit \(0\) is reached\n$", err), err[-500:]
+
+
 def test_user_error_in_tracker_process_is_not_restarted(tmp_path, clip_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -702,6 +742,8 @@ def test_supervisor_config_errors():
     with pytest.raises(UserError, match=r"hang_timeout must be 0 or null \(never\) or at least 2 s"):
         SupervisorConfig(hang_timeout=1.5)
     assert SupervisorConfig(hang_timeout=0).hang_timeout == 0
+    with pytest.raises(UserError, match=r"start_timeout must be 0 or null \(never\) or a number"):
+        SupervisorConfig(start_timeout=-1)
     from streamtrack.config import HANG_TIMEOUT_MIN
     from streamtrack.pipeline import ALIVE_EVERY
 
