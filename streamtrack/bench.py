@@ -9,6 +9,7 @@ predictor's state growth.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 import warnings
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
-from streamtrack.errors import UserError
+from streamtrack.errors import UserError, existing_file
 from streamtrack.models import VOS_COMPILE_MODE, build_model, resolve_device, save_random_checkpoint
 from streamtrack.synthetic import make_clip
 
@@ -222,13 +223,18 @@ def bench_engine(
                 f"engine {res.marginal_ms['engine']:.1f}")
 
         if state_frames:
+            from tqdm import tqdm
+
             engine = StreamingEngine(engine_model, config)
             wanted = set(state_frames)
-            for i in range(max(state_frames)):
+            # Minutes on a CPU: a bar on a terminal, gone once done; none under --json.
+            for i in tqdm(range(max(state_frames)), desc="  engine state pass", unit="frame",
+                          leave=False, disable=log is not print or not sys.stderr.isatty()):
                 engine.step(decoded[i % frames], _prompts(clip, 1) if i == 0 else [])
                 if i + 1 in wanted:
                     res.engine_state_bytes[i + 1] = engine.state_bytes()
-                    log(f"  engine state after {i + 1:5d} frames: {engine.state_bytes() / 1024:.1f} KiB")
+            for count, size in res.engine_state_bytes.items():  # after the bar is gone
+                log(f"  engine state after {count:5d} frames: {size / 1024:.1f} KiB")
             if res.official_state_bytes:
                 (f, b), = res.official_state_bytes.items()
                 log(f"  official state after {f:5d} frames: {b / 1024:.1f} KiB "
@@ -337,15 +343,13 @@ def main(args) -> int:
 
         return bench_multistream.main(args)
     log = (lambda *a, **k: None) if args.json else print
-    log(f"{args.what} benchmark: {args.model}, input {args.image_size}, {args.frames} frames, "
-        f"device {resolve_device(args.device)}, {torch.get_num_threads()} torch threads")
+    # Options first, before the header: a bad one gets its line alone.
     for count in args.state_frames or ():
         if count < 1:
             raise UserError(f"--state-frames must be >= 1, got {count}")
-    if args.what == "preprocess":
-        res = bench_preprocess(model=args.model, checkpoint=args.checkpoint, image_size=args.image_size,
-                               frames=args.frames, device=args.device, log=log)
-    else:
+    if args.checkpoint is not None:
+        existing_file(args.checkpoint, "checkpoint")
+    if args.what != "preprocess":
         from streamtrack.bench_stream import parse_frame_size
 
         width, height = parse_frame_size(args.frame_size)
@@ -354,6 +358,12 @@ def main(args) -> int:
         if args.official_vos_optimized and resolve_device(args.device).type != "cuda":
             raise UserError("--official-vos-optimized is sam2's build for CUDA (compiled, CUDA graphs): "
                             "it needs a GPU (--device cuda)")
+    log(f"{args.what} benchmark: {args.model}, input {args.image_size}, {args.frames} frames, "
+        f"device {resolve_device(args.device)}, {torch.get_num_threads()} torch threads")
+    if args.what == "preprocess":
+        res = bench_preprocess(model=args.model, checkpoint=args.checkpoint, image_size=args.image_size,
+                               frames=args.frames, device=args.device, log=log)
+    else:
         res = bench_engine(
             model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
             objects=tuple(args.objects), state_frames=tuple(args.state_frames), device=args.device,

@@ -28,6 +28,7 @@ import torch
 from streamtrack import childproc
 from streamtrack.bench import _prompts, sync_device
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
+from streamtrack.errors import existing_file
 from streamtrack.models import build_model, resolve_device, save_random_checkpoint
 from streamtrack.multistream import SharedImageEncoder
 from streamtrack.synthetic import make_clip
@@ -235,11 +236,14 @@ def _stream_process(spec: _ProcessSpec, n: int, k: int, ready, results) -> None:
 def main(args) -> int:
     from streamtrack.bench_stream import _one_count, parse_frame_size
 
-    objects = _one_count(args.objects, "multistream")
+    objects = _one_count(args.objects, "multistream")  # options first: a bad one gets its line alone
+    width, height = parse_frame_size(args.frame_size)
+    if args.checkpoint is not None:
+        existing_file(args.checkpoint, "checkpoint")
     log = (lambda *a, **k: None) if args.json else print
     log(f"multistream benchmark: {args.model}, input {args.image_size}, {args.frames} frames per stream, "
-        f"{objects} object(s) per stream, device {args.device}, {torch.get_num_threads()} torch threads")
-    width, height = parse_frame_size(args.frame_size)
+        f"{objects} object(s) per stream, device {resolve_device(args.device)}, "
+        f"{torch.get_num_threads()} torch threads")
     res = bench_multistream(
         model=args.model, checkpoint=args.checkpoint, image_size=args.image_size, frames=args.frames,
         streams=tuple(args.streams), device=args.device, bf16=args.bf16, repeats=args.repeats,

@@ -785,13 +785,33 @@ def bench_memory(
 # -------------------------------------------------------------------------------- CLI
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """The limits each benchmark checks again when it starts, checked from the options."""
+    if args.what in ("pipeline", "latency"):
+        _positive("--warmup", args.warmup)
+        _positive("--frames", args.frames, args.warmup + 2)
+    if args.what == "latency":
+        _positive("--clip-frames", args.clip_frames, 2)
+        if args.fps is not None and not args.fps > 0:
+            raise UserError(f"--fps must be > 0, got {args.fps}")
+    if args.what == "memory":
+        _positive("--early-frame", args.early_frame)
+        _positive("--frames", args.frames, args.early_frame + 1)
+        _positive("--clip-frames", args.clip_frames)
+        for n in args.official_frames:
+            _positive("--official-frames", n)
+    if args.checkpoint is not None:
+        existing_file(args.checkpoint, "checkpoint")
+
+
 def main(args: argparse.Namespace) -> int:
     apply_defaults(args)
     log: Log = (lambda *a, **k: None) if args.json else print
     objects = _one_count(args.objects, args.what)
     frame_size = parse_frame_size(args.frame_size)
+    _check_counts(args)  # before the header: a bad option gets its line alone
     log(f"{args.what} benchmark: {args.model}, input {args.image_size}, {frame_size[0]}x{frame_size[1]} "
-        f"frames, {args.frames} frames, {objects} object(s), device {args.device}, "
+        f"frames, {args.frames} frames, {objects} object(s), device {resolve_device(args.device)}, "
         f"{torch.get_num_threads()} torch threads")
     common = dict(model=args.model, checkpoint=args.checkpoint, image_size=args.image_size,
                   frames=args.frames, objects=objects, device=args.device, frame_size=frame_size, log=log)

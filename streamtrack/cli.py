@@ -118,7 +118,6 @@ def _message_json(msg, rle: bool) -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the official predictor's progress bars
     from streamtrack import bench, bench_stream
 
     bench_stream.apply_defaults(args)  # per-benchmark defaults for the shared options

@@ -4,9 +4,11 @@ No timing thresholds: the figures themselves are measured on a quiet machine."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import sys
 import time
 
 import numpy as np
@@ -204,11 +206,19 @@ def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
     (["multistream", "--objects", "4", "9"], "bench multistream takes one --objects count, got [4, 9]"),
     (["engine", "--state-frames", "50", "-5"], "--state-frames must be >= 1, got -5"),
     (["pipeline", "--checkpoint", "/"], "checkpoint / is a directory, not a file"),
+    (["pipeline", "--warmup", "0"], "--warmup must be >= 1, got 0"),
+    (["latency", "--clip-frames", "1"], "--clip-frames must be >= 2, got 1"),
+    (["memory", "--early-frame", "0"], "--early-frame must be >= 1, got 0"),
+    (["memory", "--official-frames", "50", "0"], "--official-frames must be >= 1, got 0"),
+    (["multistream", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt not found"),
+    (["engine", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt not found"),
+    (["multistream", "--frame-size", "9x9"], "--frame-size must be at least 32x32"),
 ])
 def test_bad_options_are_one_line_user_errors(capsys, args, message):
+    """The line alone: no benchmark header before it."""
     assert main(["bench", *args, "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and message in err
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
@@ -280,6 +290,28 @@ def test_engine_bench_times_both_sides_and_checks_they_agree(capsys, tiny_checkp
     for n in ("1", "2"):
         assert r["ahead_ms"][n] > 0 and r["ahead_iou_min"][n] == 1.0  # fp32 on a CPU: the same masks
         assert r["ahead_ratio"][n] == pytest.approx(r["ahead_ms"][n] / r["official_ms"][n])
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_the_engine_state_pass_shows_progress_on_a_terminal(monkeypatch, capsys, tiny_checkpoint, json_out):
+    """Its untimed pass takes minutes on a CPU (500 frames): a bar says how far it is, on
+    a terminal, and is gone when done, before the state lines; --json prints only JSON."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    args = ["bench", "engine", "--checkpoint", str(tiny_checkpoint), *TINY, "--frames", "2",
+            "--objects", "1", "--repeats", "1", "--state-frames", "3"]
+    assert main(args + ["--json"] * json_out) == 0
+    out = capsys.readouterr().out
+    if json_out:
+        assert "state pass" not in terminal.getvalue() and json.loads(out)["engine_state_bytes"]["3"] > 0
+    else:
+        assert "engine state pass: 100%" in terminal.getvalue() and "3/3" in terminal.getvalue()
+        assert "engine state after     3 frames" in out
 
 
 def test_mask_ious_compares_every_object_on_every_frame():
