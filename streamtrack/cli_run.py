@@ -45,6 +45,19 @@ class _Once(argparse.Action):
 _GIVEN = argparse.SUPPRESS  # absent from the namespace unless given on the command line
 
 
+def _int_or_null(text: str) -> int | None:
+    """A number option that can also undo what a config file set: ``null`` (or none)."""
+    return None if text.strip().lower() in ("null", "none") else int(text)
+
+
+def _float_or_null(text: str) -> float | None:
+    return None if text.strip().lower() in ("null", "none") else float(text)
+
+
+_int_or_null.__name__, _float_or_null.__name__ = "int", "float"  # argparse: "invalid int value"
+_FLAG = argparse.BooleanOptionalAction  # --no-X undoes a config file's X: true
+
+
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     # @FILE reads arguments from a file, one per line: a camera URL with its password
     # stays out of the process list (`ps`), which every local user can read.
@@ -64,13 +77,13 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="SAM 2 model (default sam2.1_hiera_tiny; see `streamtrack models`)")
     g.add_argument("--checkpoint", help=f"official-format .pt (default {CHECKPOINT_DIR}/<model>.pt)")
     g.add_argument("--device", help="auto|cpu|cuda[:N]|mps (default auto)")
-    g.add_argument("--image-size", type=int, metavar="N",
+    g.add_argument("--image-size", type=_int_or_null, metavar="N",
                    help="model input size, a multiple of 32 from 64 to 2048 (default: the model's 1024)")
     g.add_argument("--preprocess", choices=["auto", "exact", "fast"],
                    help="exact = the official predictor's resize; fast = on-device (default auto: "
                         "exact on a CPU, fast on a GPU)")
-    g.add_argument("--lost-after", type=float, metavar="S", help="seconds absent before 'lost' (3)")
-    g.add_argument("--max-objects", type=int, metavar="N",
+    g.add_argument("--lost-after", type=_float_or_null, metavar="S", help="seconds absent before 'lost' (3)")
+    g.add_argument("--max-objects", type=_int_or_null, metavar="N",
                    help="objects tracked at once; a prompt for one more is refused (64)")
     g = p.add_argument_group("prompts")
     g.add_argument("--box", action="append", default=None, metavar="x0,y0,x1,y1",
@@ -80,10 +93,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", default=None, metavar="FILE.json",
                    help="prompts file (boxes, points, masks, later frames)")
     g = p.add_argument_group("source")
-    g.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
-    g.add_argument("--realtime", action="store_true", help="pace a file at its frame rate, as if live")
-    g.add_argument("--loop", action="store_true", help="start a file over at its end (demos)")
-    g.add_argument("--give-up-after", type=float, metavar="S",
+    g.add_argument("--max-frames", type=_int_or_null, metavar="N", help="stop after N frames")
+    g.add_argument("--realtime", action=_FLAG,
+                   help="pace a file at its frame rate, as if live")
+    g.add_argument("--loop", action=_FLAG,
+                   help="start a file over at its end (demos)")
+    g.add_argument("--give-up-after", type=_float_or_null, metavar="S",
                    help="live sources: stop after S seconds of failed reconnects (default: never)")
     g = p.add_argument_group("outputs")
     g.add_argument("--save-jsonl", metavar="FILE", help="write one JSON result per frame")
@@ -91,16 +106,17 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--save-video", metavar="FILE", help="write an overlay MP4")
     g.add_argument("--publish", metavar="ENDPOINT", help="publish results over ZeroMQ, e.g. tcp://127.0.0.1:5555")
     g.add_argument("--control", metavar="ENDPOINT", help="accept prompts over ZeroMQ, e.g. tcp://127.0.0.1:5556")
-    g.add_argument("--publish-frames", action="store_true",
+    g.add_argument("--publish-frames", action=_FLAG,
                    help="also publish JPEG frames on frames/<stream> (for remote viewers)")
     g.add_argument("--stream", help="stream name used in topics and results (default cam0)")
-    g.add_argument("--show", action="store_true", help="open a viewer window (masks, latency HUD, clicks)")
-    g.add_argument("--max-restarts", type=int, metavar="N",
+    g.add_argument("--show", action=_FLAG,
+                   help="open a viewer window (masks, latency HUD, clicks)")
+    g.add_argument("--max-restarts", type=_int_or_null, metavar="N",
                    help="supervised runs: give up after N restarts of a crashed tracker (default: never)")
-    g.add_argument("--hang-timeout", type=float, metavar="S",
+    g.add_argument("--hang-timeout", type=_float_or_null, metavar="S",
                    help="supervised runs: kill and restart a tracker that shows no sign of life for "
                         "S seconds (default 300; 0 = never)")
-    g.add_argument("--start-timeout", type=float, metavar="S",
+    g.add_argument("--start-timeout", type=_float_or_null, metavar="S",
                    help="supervised runs: kill and restart a tracker that has not started tracking "
                         "(source opened, model loaded and warmed up) after S s (default 900; 0 = never)")
     g = p.add_argument_group("security (CURVE; keys from `streamtrack keys DIR`)")

@@ -23,6 +23,7 @@ import yaml
 
 from streamtrack.errors import UserError, read_text_file
 from streamtrack.models import DEFAULT_MODEL, MODELS, check_device_name, check_image_size
+from streamtrack.protocol import normalize_endpoint, validate_stream
 from streamtrack.tracking import COMPILE_MODES
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ def check_hang_timeout(seconds: float | None) -> float | None:
 
 
 # Keys checked by the stage that uses them, called here too so that the error names the layer.
-_CHECKS = {"image_size": check_image_size, "device": check_device_name, "hang_timeout": check_hang_timeout}
+_CHECKS = {"image_size": check_image_size, "device": check_device_name, "hang_timeout": check_hang_timeout,
+           "stream": validate_stream, "publish": normalize_endpoint, "control": normalize_endpoint}
 
 
 def _base_type(tp) -> tuple[type, bool]:
@@ -123,15 +125,18 @@ def _base_type(tp) -> tuple[type, bool]:
     return tp, False
 
 
-def coerce(key: str, value: Any, where: str) -> Any:
-    """Check (and for strings from the environment, parse) one value."""
+def coerce(key: str, value: Any, where: str, *, blank_is_null: bool = False) -> Any:
+    """Check (and for strings from the environment, parse) one value.  A blank string is
+    refused (an unset shell variable, ``--curve-secret "$KEY"``, taken for "off" would turn
+    encryption or publishing off unseen; "null" says it), except where ``blank_is_null``:
+    an empty environment variable is the usual way to unset a key."""
     if key not in _FIELDS:
         raise UserError(f"{where}: unknown key {key!r}; known keys: {', '.join(_FIELDS)}")
     tp, optional = _base_type(_FIELDS[key].type)
-    if key in _OUTPUT_PATHS and isinstance(value, str) and not value.strip():
-        # An unset shell variable (--save-jsonl "$OUT"): a run that writes nothing would
-        # only show it at the end.  "null" still turns an output a config file set off.
-        raise UserError(f"{where}: {key} is an empty path (null turns it off)")
+    if isinstance(value, str) and not value.strip() and (key in _OUTPUT_PATHS or not blank_is_null):
+        # Output paths in every layer: a run that writes nothing would only show it at the end.
+        what = "an empty path" if key in _OUTPUT_PATHS else "empty"
+        raise UserError(f"{where}: {key} is {what}" + (" (null turns it off)" if optional else ""))
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")
                          and optional):
         if optional:
@@ -155,8 +160,9 @@ def coerce(key: str, value: Any, where: str) -> Any:
     if key in _CHECKS:
         try:
             _CHECKS[key](value)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
+        except UserError as e:  # named by its key where the check's own words do not
+            named = key in str(e) or key.replace("_", " ") in str(e)
+            raise UserError(f"{where}: {e}" if named else f"{where}: {key}: {e}") from None
     return value
 
 
@@ -174,18 +180,20 @@ def _parse_text(key: str, text: str, tp: type, where: str) -> Any:
         raise UserError(f"{where}: {key} must be {tp.__name__}, got {text!r}") from None
 
 
-def find_config_file(name: str) -> Path:
+def find_config_file(name: str, what: str = "config") -> Path:
     """A path, or a preset name such as ``webcam`` (``configs/webcam.yaml``)."""
     path = Path(name)
+    preset = CONFIG_DIR / f"{name}.yaml"
     if path.is_dir():
-        raise UserError(f"config {path} is a directory, not a YAML file")
+        if "/" not in name and preset.is_file():  # a folder such as --save-masks webcam left
+            return preset
+        raise UserError(f"{what} {path} is a directory, not a YAML file")
     if path.exists():  # a file, or a pipe: --config <(...)
         return path
-    preset = CONFIG_DIR / f"{name}.yaml"
     if preset.is_file():
         return preset
     presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise UserError(f"config {name!r} not found (a YAML file, or a preset: {', '.join(presets)})")
+    raise UserError(f"{what} {name!r} not found (a YAML file, or a preset: {', '.join(presets)})")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -235,9 +243,13 @@ def load_config(
     """Merge the layers; ``cli`` holds only options the user actually gave."""
     values: dict[str, Any] = {}
     env = os.environ if environ is None else environ
-    config_file = config_file or env.get(ENV_PREFIX + "CONFIG")
+    what = "config"
+    if config_file is None and env.get(ENV_PREFIX + "CONFIG"):
+        config_file, what = env[ENV_PREFIX + "CONFIG"], f"config (environment {ENV_PREFIX}CONFIG)"
+    elif config_file is not None and not config_file.strip():
+        raise UserError("option --config: empty (a YAML file or a preset name)")
     if config_file:
-        path = find_config_file(config_file)
+        path = find_config_file(config_file, what)
         for key, value in load_yaml(path).items():
             values[key] = coerce(str(key), value, f"config {path}")
     for name, text in env.items():
@@ -248,7 +260,7 @@ def load_config(
                 log.warning("environment %s: not a setting, ignored (settings: STREAMTRACK_ and a key of "
                             "`streamtrack run --print-config`, e.g. STREAMTRACK_IMAGE_SIZE)", name)
                 continue
-            values[key] = coerce(key, text, f"environment {name}")
+            values[key] = coerce(key, text, f"environment {name}", blank_is_null=True)
     for key, value in (cli or {}).items():
         values[key] = coerce(key, value, f"option --{key.replace('_', '-')}")
     return Config(**values)

@@ -160,6 +160,12 @@ class StreamingEngine:
         self.frame_idx = -1
         self._frame_hw: tuple[int, int] | None = None
         if self.config.compile:
+            if self.device.type != "cuda" and self.config.compile_backend == "inductor":
+                # Inductor compiles for a CPU too, but for minutes (a 2-core VM: 6 minutes for
+                # two frames with reduce-overhead) and with no CUDA graphs to gain.
+                log.warning("compiling the model (compile/compile_mode) on %s: the warm-up can take "
+                            "many minutes and the CUDA-graph modes do nothing there; compile is "
+                            "meant for CUDA", self.device.type)
             compile_model(model, self.config.compile_backend, self.config.compile_mode)
         elif not is_compiled(model):  # compiled, it is folded into the encoder's graph instead
             cache_pos_embed(model.image_encoder.trunk)

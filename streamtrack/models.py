@@ -315,7 +315,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, model_name: str) -
 
 def check_device_name(device: str) -> str:
     """The form of a device name, whether or not this machine has that device."""
-    if device not in ("auto", "cpu", "cuda", "mps") and not device.startswith("cuda:"):
+    if device not in ("auto", "cpu", "mps") and not re.fullmatch(r"cuda(:[0-9]+)?", device):
         raise UserError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
     return device
 
@@ -333,6 +333,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     check_device_name(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available here")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device {device!r} requested but this machine has "
+                        f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 is the first)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("device 'mps' requested but MPS is not available here")
     return torch.device(device)

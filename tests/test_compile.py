@@ -170,6 +170,20 @@ def test_cudagraph_mode_copies_outputs_out_of_graph_memory(tiny_checkpoint):
     assert not _same_results(expected[:3], _run(uncopied, clip, frames=3))  # three frames are enough
 
 
+def test_compiling_for_a_cpu_says_it_is_slow_there(tiny_checkpoint, caplog, monkeypatch):
+    """Inductor on a CPU takes minutes to warm up (and CUDA graphs do nothing there): allowed,
+    but said, as the options are documented for CUDA."""
+    import streamtrack.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "compile_model", lambda *a, **k: None)  # not minutes here
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=IMAGE_SIZE)
+    with caplog.at_level("WARNING", logger="streamtrack.engine"):
+        StreamingEngine(model, EngineConfig(compile=True, compile_mode="reduce-overhead"))
+        StreamingEngine(model, EngineConfig(compile=True, compile_backend="eager"))  # a test backend
+    said = [r.getMessage() for r in caplog.records if "compile is meant for CUDA" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("compiling the model (compile/compile_mode) on cpu")
+
+
 def test_compile_modes_are_checked(tiny_checkpoint):
     from streamtrack.compiled import compile_model
     from streamtrack.errors import UserError

@@ -71,6 +71,14 @@ def test_environment_values_are_parsed():
         ("reconnect_max: 0\n", "reconnect_max must be more than 0, got 0.0"),
         ("hang_timeout: 1\n", r"hang_timeout must be 0 or null \(never\) or at least 2 s"),
         ("start_timeout: -1\n", "start_timeout must be at least 0, got -1.0"),
+        ("curve_secret: ''\n", r"curve_secret is empty \(null turns it off\)"),
+        ("publish: ' '\n", r"publish is empty \(null turns it off\)"),
+        ("image_size: ''\n", r"image_size is empty \(null turns it off\)"),
+        ("stream: ''\n", "stream is empty"),
+        ("stream: a/b\n", "invalid stream name 'a/b'"),
+        ("control: foo\n", "invalid endpoint 'foo'"),
+        ("device: cuda:x\n", r"device must be auto, cpu, cuda\[:N\] or mps, got 'cuda:x'"),
+        ("device: 'cuda:'\n", r"device must be auto, cpu, cuda\[:N\] or mps, got 'cuda:'"),
         ("image_size: 100\n", "image size must be a multiple of 32 from 64 to 2048, got 100"),
         ("device: gpu\n", r"device must be auto, cpu, cuda\[:N\] or mps, got 'gpu'"),
     ],
@@ -105,6 +113,70 @@ def test_an_empty_variable_for_a_key_that_may_be_unset_unsets_it():
     assert cfg.start_timeout is None
     with pytest.raises(UserError, match="environment STREAMTRACK_MODEL: model must be one of .*got .."):
         load_config(None, {}, {"STREAMTRACK_MODEL": ""})
+
+
+def test_an_empty_option_is_an_error_not_off():
+    """An unset shell variable (--curve-secret "$KEY") taken for "off" would run a service
+    unencrypted, or publishing nothing, unseen; null says "off"."""
+    for key in ("curve_secret", "curve_clients", "publish", "control", "checkpoint", "stream"):
+        with pytest.raises(UserError, match=f"option --{key.replace('_', '-')}: {key} is empty"):
+            load_config(None, {key: ""}, {})
+    with pytest.raises(UserError, match="option --config: empty"):
+        load_config("", {}, {})
+    assert load_config(None, {"publish": "null", "curve_secret": "none"}, {}).publish is None
+
+
+def test_the_command_line_undoes_what_a_config_file_set(tmp_path):
+    """The command line is the top layer for flags and optional numbers too."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    f = tmp_path / "on.yaml"
+    f.write_text("realtime: true\nloop: true\nshow: true\npublish_frames: true\ngive_up_after: 30\n"
+                 "max_frames: 100\nimage_size: 512\nmax_restarts: 3\nhang_timeout: 60\n")
+    r = subprocess.run([sys.executable, "-m", "streamtrack", "run", "x.mp4", "--config", str(f),
+                        "--no-realtime", "--no-loop", "--no-show", "--no-publish-frames",
+                        "--give-up-after", "null", "--max-frames", "None", "--image-size", "null",
+                        "--max-restarts", "null", "--hang-timeout", "NULL", "--print-config"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = yaml.safe_load(r.stdout)
+    assert [got[k] for k in ("realtime", "loop", "show", "publish_frames")] == [False] * 4
+    assert [got[k] for k in ("give_up_after", "max_frames", "image_size", "max_restarts",
+                             "hang_timeout")] == [None] * 5
+    r = subprocess.run([sys.executable, "-m", "streamtrack", "run", "x.mp4", "--lost-after", "null",
+                        "--print-config"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "option --lost-after: lost_after cannot be empty" in r.stderr
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """`--save-masks webcam` leaves a webcam/ folder; `--config webcam` still means the preset."""
+    (tmp_path / "webcam").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("webcam", {}, {}) == load_config(str(CONFIG_DIR / "webcam.yaml"), {}, {})
+    with pytest.raises(UserError, match="is a directory"):
+        load_config("./webcam", {}, {})  # a path, not a name
+
+
+def test_a_config_named_by_the_environment_says_so():
+    with pytest.raises(UserError, match=r"config \(environment STREAMTRACK_CONFIG\) 'nope' not found"):
+        load_config(None, {}, {"STREAMTRACK_CONFIG": "nope"})
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line(monkeypatch):
+    import torch
+
+    from streamtrack.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(UserError, match=r"device 'cuda:3' requested but this machine has 1 CUDA device\(s\)"):
+        resolve_device("cuda:3")
+    with pytest.raises(UserError, match="device must be auto, cpu"):
+        resolve_device("cuda:-1")
 
 
 def test_config_given_twice_is_refused():
