@@ -143,12 +143,13 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     segmenter = seg.Segmenter(args.model, args.checkpoint, args.device, args.image_size)
     results = segmenter.segment(image, objects, multimask=args.multimask)
     masks = None if args.save_masks is None else os.path.join(args.save_masks, "")  # always a folder here
+    # An output written to stdout (--save-rle /dev/stdout | jq) keeps it to itself; asked
+    # before the files are written, which replace a file stdout may be redirected to.
+    scores_to = sys.stderr if any(_is_stdout(path) for _, path in outputs) else sys.stdout
     # The files first: a reader of stdout that has gone (`| head`) must not cost them.
     seg.save_outputs(args.out, image, results, objects, masks=masks, rle=args.save_rle)
     if args.quiet:
         return 0
-    # An output written to stdout (--save-rle /dev/stdout | jq) keeps it to itself.
-    scores_to = sys.stderr if any(_is_stdout(path) for _, path in outputs) else sys.stdout
     try:
         for r in results:
             print(seg.format_scores(r), file=scores_to, flush=True)

@@ -7,6 +7,8 @@ line too, any other with its traceback (a bug to report).
 """
 
 import faulthandler
+import os
+import re
 import signal
 from pathlib import Path
 
@@ -34,6 +36,8 @@ class HelperProcessError(RuntimeError):
 
 def existing_file(path: str | Path, what: str) -> Path:
     """``path`` as a Path, or :class:`UserError` saying why it is not a file to read."""
+    if not str(path).strip():  # an unset shell variable; Path("") is ".", a directory
+        raise UserError(f"{what}: empty path")
     p = Path(path)  # named as given in messages: Path() would fold "a//b" into "a/b"
     if p.is_dir():
         raise UserError(f"{what} {path} is a directory, not a file")
@@ -104,3 +108,22 @@ def missing_dependency(exc: ImportError) -> str | None:
         return None
     return (f"missing dependency {top!r} ({text}): pip install {_PIP_NAMES.get(top, top)}, or "
             "reinstall streamtrack with its dependencies (README: Install)")
+
+
+_OWN_DESCRIPTOR = re.compile(r"/dev/(stdin|stdout|stderr)|/dev/fd/([0-9]+)|/proc/(self|[0-9]+)/fd/([0-9]+)")
+
+
+def own_descriptor(path: str | Path) -> int | None:
+    """The file descriptor of this process that ``path`` names (``/dev/stdout``,
+    ``/dev/fd/N``, ``/proc/self/fd/N``), or None.  Such a path is written through the
+    descriptor: opened by name it is a new open of the file behind it, which would
+    truncate a shell's ``>> log`` redirection instead of appending to it."""
+    m = _OWN_DESCRIPTOR.fullmatch(os.path.normpath(str(path)))
+    if m is None or (m.group(3) not in (None, "self") and int(m.group(3)) != os.getpid()):
+        return None
+    fd = ("stdin", "stdout", "stderr").index(m.group(1)) if m.group(1) else int(m.group(2) or m.group(4))
+    try:
+        os.fstat(fd)
+    except OSError:  # not open here: the path fails as it would
+        return None
+    return fd

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from streamtrack.errors import UserError, error_reason, file_in_the_way
+from streamtrack.errors import UserError, error_reason, file_in_the_way, own_descriptor
 from streamtrack.overlay import PALETTE
 from streamtrack.protocol import FrameResult
 
@@ -92,7 +92,9 @@ class JsonlWriter:
             raise UserError(self._failed)
         if self._file is None:
             try:
-                pipe = _open_pipe(self.path, "--save-jsonl")
+                # /dev/stdout as the shell opened it: opened by name, a `>> log` would be cut.
+                fd = own_descriptor(self.path)
+                pipe = os.dup(fd) if fd is not None else _open_pipe(self.path, "--save-jsonl")
                 if pipe is not None:
                     self._file = os.fdopen(pipe, "w", encoding="utf-8")
                 else:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from streamtrack.engine import Prompt, check_prompt, prompt_list, without_negative_strides
-from streamtrack.errors import PromptError, UserError, error_reason, existing_file
+from streamtrack.errors import PromptError, UserError, error_reason, existing_file, own_descriptor
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.overlay import Annotation, annotate, draw_boxes, draw_points
 from streamtrack.protocol import encode_mask, mask_area, mask_bbox
@@ -102,6 +102,8 @@ def as_image(image) -> np.ndarray:
     from PIL import Image
 
     if isinstance(image, Image.Image):
+        if image.mode in HIGH_DEPTH_MODES:  # convert("RGB") would clip 16-bit values: as load_image
+            return np.repeat(to_8bit(np.asarray(image))[..., None], 3, axis=2)
         return np.array(image.convert("RGB"))  # writable: torch warns on read-only arrays
     if isinstance(image, np.ndarray) and not image.flags.writeable:  # np.asarray(pil_image)
         return image.copy()
@@ -263,6 +265,7 @@ def render_overlay(
 ) -> np.ndarray:
     """The tutorial's look: each object's best mask filled at ``alpha`` with a white
     smoothed border, prompt boxes outlined in green, fg/bg points as green/red stars."""
+    image = as_image(image)  # the PIL image given to segment() works here too
     height, width = check_image(image)
     for r in results:
         if r.mask.shape != (height, width):
@@ -375,7 +378,8 @@ def write_files(files: Sequence[tuple[str, Path, bytes]]) -> None:
             pending.pop(0)
         for what, path, data in streams:
             try:
-                with open(path, "wb") as f:
+                fd = own_descriptor(path)  # /dev/stdout: as the shell opened it (>> appends)
+                with open(path, "wb") if fd is None else os.fdopen(os.dup(fd), "wb") as f:
                     f.write(data)
             except OSError as e:
                 raise UserError(f"cannot write {what} {path}: {error_reason(e)}") from None
@@ -391,7 +395,11 @@ def write_files(files: Sequence[tuple[str, Path, bytes]]) -> None:
 
 
 def _is_stream(path: Path) -> bool:
-    """Something there that is neither a regular file nor a folder: a device, a pipe."""
+    """Something there that is neither a regular file nor a folder: a device, a pipe; or a
+    descriptor of this process, such as /dev/stdout redirected to a file (renamed over, the
+    file would lose what it held)."""
+    if own_descriptor(path) is not None:
+        return True
     try:
         mode = os.stat(path).st_mode
     except OSError:

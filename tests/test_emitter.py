@@ -278,6 +278,34 @@ jsonl.close()
 """
 
 
+_JSONL_TO_STDOUT = """
+import sys
+sys.path.insert(0, "tests")
+from test_emitter import frame
+from streamtrack.outputs import JsonlWriter
+
+jsonl = JsonlWriter("/dev/stdout")
+for seq in range(3):
+    jsonl.write(frame(seq)[0])
+jsonl.close()
+"""
+
+
+def test_jsonl_to_a_stdout_appended_to_a_file_appends(tmp_path):
+    """`streamtrack run ... --save-jsonl /dev/stdout >> all.jsonl`: opened by its name,
+    /dev/stdout is a new open of the file, which cut what it held."""
+    log = tmp_path / "all.jsonl"
+    log.write_text("an earlier line\n")
+    for _ in range(2):
+        with open(log, "a") as out:
+            r = subprocess.run([sys.executable, "-c", _JSONL_TO_STDOUT], stdout=out, stderr=subprocess.PIPE,
+                               text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+        assert r.returncode == 0, r.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "an earlier line" and len(lines) == 7
+    assert [FrameResult.from_json(line).seq for line in lines[1:]] == [0, 1, 2, 0, 1, 2]
+
+
 def test_a_full_disk_leaves_no_line_cut_short_in_the_jsonl(tmp_path):
     """The line that did not fit is taken out again: every line left parses."""
     path = tmp_path / "r.jsonl"

@@ -31,6 +31,7 @@ from streamtrack.protocol import decode_mask, mask_bbox
 from streamtrack.segment import (
     Segmenter,
     SegmentResult,
+    as_image,
     check_prompts,
     load_image,
     prompts_from_args,
@@ -215,6 +216,39 @@ def test_a_failed_set_image_forgets_the_last_image(tiny_checkpoint, image, clip,
         seg.predict([Prompt.make(1, box=[1, 1, 20, 20])])
     with pytest.raises(UserError, match="apply only when a model name is given"):
         Segmenter(seg.model, image_size=TEST_IMAGE_SIZE)
+
+
+def test_the_pil_image_given_to_segment_is_taken_by_the_overlay_too(segmenter, image, clip):
+    pil = Image.fromarray(image)
+    results = segmenter.segment(pil, [Prompt.make(1, box=clip.box(1))])
+    assert np.array_equal(render_overlay(pil, results), render_overlay(image, results))
+
+
+def test_cli_rle_to_a_stdout_appended_to_a_file_appends(image_png, tiny_checkpoint, tmp_path):
+    """`for f in *.jpg; do streamtrack segment $f ... --save-rle /dev/stdout >> all.jsonl`: each
+    run adds its line (renamed over, the file kept only the last run's), and the score lines
+    go to stderr (stdout is the file)."""
+    model = f"--checkpoint {tiny_checkpoint} --image-size {TEST_IMAGE_SIZE} --device cpu"
+    log = tmp_path / "all.jsonl"
+    log.write_text('{"earlier": true}\n')
+    for box in ("10,10,60,60", "20,20,70,70"):
+        proc = subprocess.run(f"{sys.executable} -m streamtrack segment {image_png} {model} --box {box} "
+                              "--out o.png --save-rle /dev/stdout >> all.jsonl", shell=True, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "object 1: score " in proc.stderr
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0] == {"earlier": True} and len(lines) == 3
+    assert [line["objects"][0]["obj_id"] for line in lines[1:]] == [1, 1]
+
+
+def test_cli_scores_go_to_stderr_when_stdout_is_the_rle_file(image_png, tiny_checkpoint, tmp_path):
+    model = f"--checkpoint {tiny_checkpoint} --image-size {TEST_IMAGE_SIZE} --device cpu"
+    proc = subprocess.run(f"{sys.executable} -m streamtrack segment {image_png} {model} --box 10,10,60,60 "
+                          "--out o.png --save-rle so.json > so.json", shell=True, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "object 1: score " in proc.stderr, proc.stderr
+    assert json.loads((tmp_path / "so.json").read_text())["objects"][0]["obj_id"] == 1
 
 
 def test_overlay_of_another_images_results_is_refused(segmenter, image, clip):
@@ -426,6 +460,7 @@ BAD_INPUTS = {
     "url": (["http://127.0.0.1:9/x.png", "--point", "10,10"],
             "image http://127.0.0.1:9/x.png: segment reads a local image file, not a URL"),
     "double-slash": (["no//such.png", "--point", "10,10"], "image no//such.png not found"),
+    "empty": (["", "--point", "10,10"], "image: empty path"),  # an unset shell variable
     "binary-prompts": (["IMAGE", "--prompts", "IMAGE"], "is not a text file"),
     # --out is "<case>.png": here the input image itself, which must not be overwritten
     "out-is-input": (["out-is-input.png", "--point", "10,10"], "--out out-is-input.png is the input image"),
@@ -502,6 +537,8 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, name, make, expe
     assert abs(loaded.mean() - want.mean()) < 1.0
     assert np.abs(loaded[..., 0] - want).max() <= 1.0
     assert loaded[:5].max() == 0 and loaded[-1, -1, 0] >= 254
+    with Image.open(tmp_path / name) as opened:  # given to the library as a PIL image: the same
+        assert np.array_equal(as_image(opened), loaded)
 
 
 def test_an_image_over_pils_size_limit_is_refused_in_one_line(image_png, monkeypatch):
