@@ -32,11 +32,32 @@ MASK_PNG_MAX_ID = 255
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v", ".avi")
 
 
-def _writable(path: str | Path, what: str) -> Path:
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those above it that do not exist yet, the deepest first."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove the folders a writer made (deepest first) that it left empty: a run that
+    ends before its first result leaves nothing behind, folders included."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something was written there after all (or by someone else)
+            return
+
+
+def _writable(path: str | Path, what: str, made: list[Path] | None = None) -> Path:
     """Make the file's folder and check the file can be written, without truncating it:
     a run that fails before its first result (a bad checkpoint, a missing camera) must
-    not have emptied the results of an earlier one."""
+    not have emptied the results of an earlier one.  The folders made are added to ``made``."""
     path = Path(path)
+    if made is not None:
+        made.extend(missing_folders(path.parent))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -82,7 +103,8 @@ class JsonlWriter:
     tracker: the lines written before the crash stay)."""
 
     def __init__(self, path: str | Path, append: bool = False):
-        self.path = _writable(path, "--save-jsonl")
+        self._made: list[Path] = []  # folders made for it, removed again if it writes nothing
+        self.path = _writable(path, "--save-jsonl", self._made)
         self._mode = "a" if append else "w"
         self._file = None
         self._failed = ""  # why a write failed; later writes fail the same way
@@ -91,6 +113,7 @@ class JsonlWriter:
         if self._failed:
             raise UserError(self._failed)
         if self._file is None:
+            self._made = []  # written from now on: its folder stays
             try:
                 # /dev/stdout as the shell opened it: opened by name, a `>> log` would be cut.
                 fd = own_descriptor(self.path)
@@ -118,6 +141,7 @@ class JsonlWriter:
             raise UserError(self._failed) from None
 
     def close(self) -> None:
+        remove_empty_folders(self._made)
         if self._file is not None:
             file, self._file = self._file, None
             try:
@@ -163,6 +187,7 @@ class MaskPngWriter:
 
     def __init__(self, folder: str | Path, warn_earlier: bool = True):
         self.folder = Path(folder)
+        self._made = missing_folders(self.folder)  # removed again if no frame is written
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -183,6 +208,7 @@ class MaskPngWriter:
         img = Image.fromarray(labels, mode="P")
         img.putpalette(self._palette)
         path = self.folder / f"{frame_id:06d}.png"
+        self._made = []
         try:
             img.save(path)
         except OSError as e:  # e.g. the disk filled up
@@ -191,7 +217,9 @@ class MaskPngWriter:
             raise UserError(f"cannot write --save-masks {path}: {error_reason(e)}") from None
 
     def close(self) -> None:
-        """Nothing to flush: each PNG is written whole in ``write`` (same interface as the others)."""
+        """Nothing to flush: each PNG is written whole in ``write``; the folders made for a
+        run that wrote none are removed."""
+        remove_empty_folders(self._made)
 
 
 # Fragmented MP4, a fragment per frame flushed at once: every frame muxed stays playable if
@@ -272,7 +300,8 @@ class VideoWriter:
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
             raise UserError(f"--save-video {path}: unknown video file extension {Path(path).suffix!r} "
                             f"(use {', '.join(VIDEO_EXTENSIONS)})")
-        self.path = _writable(path, "--save-video")
+        self._made: list[Path] = []  # folders made for it, removed again if it writes nothing
+        self.path = _writable(path, "--save-video", self._made)
         self.fps = fps
         self._container = None
         self._stream = None
@@ -295,6 +324,7 @@ class VideoWriter:
         if self._failed:
             raise UserError(self._failed)
         if self._container is None:
+            self._made = []  # its file is made now: the folder stays
             self._open()  # at once: a pipe without a reader or a bad path fails on the first frame
         if self._stream is None:
             if self._held is None:
@@ -388,6 +418,7 @@ class VideoWriter:
         return self._last_ms
 
     def close(self) -> None:
+        remove_empty_folders(self._made)
         try:
             if self._held is not None and not self._failed:  # a video of one frame
                 self._write_held()

@@ -34,6 +34,7 @@ import torch
 from streamtrack.engine import Prompt, check_prompt, prompt_list, without_negative_strides
 from streamtrack.errors import PromptError, UserError, error_reason, existing_file, own_descriptor
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
+from streamtrack.outputs import missing_folders
 from streamtrack.overlay import Annotation, annotate, draw_boxes, draw_points
 from streamtrack.protocol import encode_mask, mask_area, mask_bbox
 
@@ -407,18 +408,9 @@ def _is_stream(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those above it that do not exist, the deepest first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
 def _make_folders(folder: Path, made: list[Path]) -> None:
     # One at a time, to know which ones to remove again if a later write fails.
-    for f in reversed(_missing_folders(folder)):
+    for f in reversed(missing_folders(folder)):
         f.mkdir()
         made.append(f)
 
@@ -578,7 +570,7 @@ def warn_earlier_masks(folder: str | Path | None, obj_ids: Sequence[int]) -> Non
 
 def _check_folder(what: str, path: str | Path, folder: Path) -> None:
     # The first part of the folder that exists decides whether the rest can be made.
-    missing = _missing_folders(folder)
+    missing = missing_folders(folder)
     folder = missing[-1].parent if missing else folder
     if not folder.is_dir():
         raise UserError(f"{what} {path}: {folder} is a file, not a folder")

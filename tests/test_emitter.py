@@ -181,9 +181,18 @@ def test_an_earlier_runs_files_survive_until_the_first_new_result(tmp_path, capl
     outputs.close()
     lines = jsonl.read_text().splitlines()
     assert len(lines) == 1 and FrameResult.from_json(lines[0]).seq == 0  # replaced, not appended
-    fresh = tmp_path / "new" / "r.jsonl"
-    Outputs(OutputsConfig(save_jsonl=str(fresh))).close()
-    assert not fresh.exists()  # nothing left behind by a run that wrote nothing
+    # Nothing left behind by a run that wrote nothing, not even the folders made for it.
+    new = tmp_path / "new"
+    (new / "kept").mkdir(parents=True)  # there before: stays
+    fresh = OutputsConfig(save_jsonl=str(new / "a" / "b" / "r.jsonl"), save_masks=str(new / "m" / "n"),
+                          save_video=str(new / "kept" / "v" / "o.mp4"))
+    Outputs(fresh).close()
+    assert sorted(p.relative_to(new) for p in new.rglob("*")) == [Path("kept")]
+    outputs = Outputs(fresh)  # a run that wrote: its files and folders stay
+    outputs.emit(*frame(0))
+    outputs.close()
+    assert {p.relative_to(new) for p in new.rglob("*") if p.is_file()} == {
+        Path("a/b/r.jsonl"), Path("m/n/000003.png"), Path("kept/v/o.mp4")}
 
 
 def test_a_restart_appends_only_when_this_run_wrote_results_already(tmp_path):
