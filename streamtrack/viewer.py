@@ -172,8 +172,8 @@ class PromptSet:
     Points accumulate so a background click refines the object instead of replacing
     its foreground click: SAM 2 replaces an object's prompt on a frame, and with the
     tracker paused every click lands on the same frame.  Once the object is tracked on a
-    later frame of a running tracker, a click there starts a new set from the object's box
-    on that frame: the earlier clicks marked where the object was.
+    later frame (running, or paused on it), a click there starts a new set from the object's
+    box on that frame: the earlier clicks marked where the object was.
     """
 
     points: list[tuple[float, float]] = field(default_factory=list)
@@ -277,15 +277,16 @@ class Interaction:
         return self._point(tf, p.x, p.y, label)
 
     def shown_prompts(self, obj_id: int | None) -> PromptSet | None:
-        """The prompt set of ``obj_id`` to draw: on the frame it was made on, or while
-        paused (a running video has moved on from where the clicks were)."""
+        """The prompt set of ``obj_id`` to draw: on the frame it was made on (a video that
+        has moved on, running or paused since, no longer has the object where the clicks were)."""
         ps = self.prompts.get(obj_id) if obj_id is not None else None
         return None if ps is None or self._moved_on(obj_id, ps) else ps
 
     def _moved_on(self, obj_id: int, ps: PromptSet) -> bool:
         """Whether the video has moved on from ``ps``: the object is tracked on a later
-        frame shown now (before it is, the clicks all mark where it first was)."""
-        return not self.paused and ps.frame_id != self.frame_id and obj_id in self.frame_boxes
+        frame shown now (before it is, the clicks all mark where it first was).  Paused, the
+        frame shown stays, so clicks on it add up; a set from before the pause is stale."""
+        return ps.frame_id != self.frame_id and obj_id in self.frame_boxes
 
     def _point(self, tf: ViewTransform, x: float, y: float, label: int) -> list[Action]:
         if not self.can_send:  # nothing is sent: nothing is selected or remembered either
@@ -567,6 +568,13 @@ class _Toast:
     error: bool = False
 
 
+@dataclass(frozen=True)
+class _Renamed:
+    """A marker in the control worker's queue: the window learned the rename of ``picked``."""
+
+    picked: int
+
+
 class _ControlWorker:
     """Sends control commands from a thread, so a slow or dead tracker never freezes
     the window; replies come back as toasts."""
@@ -583,7 +591,7 @@ class _ControlWorker:
         # queued behind the first prompt still carry the picked id: they are sent to the
         # given one, as refinements (a second "new" would make yet another object).
         self._given: dict[int, int] = {}
-        self._jobs: queue.Queue[ControlCommand | None] = queue.Queue()
+        self._jobs: queue.Queue[ControlCommand | _Renamed | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="streamtrack-viewer-control",
                                         daemon=True)
         self._thread.start()
@@ -591,8 +599,17 @@ class _ControlWorker:
     def submit(self, cmd: ControlCommand) -> None:
         self._jobs.put(cmd)
 
+    def renamed(self, picked: int) -> None:
+        """The window goes by the given id from now on (it handled the reply): commands it
+        submits after this one that name ``picked`` mean the other client's object again."""
+        self._jobs.put(_Renamed(picked))
+
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, _Renamed):  # in order: every command queued before it is sent
+                if self._given.get(job.picked, job.picked) != job.picked:
+                    del self._given[job.picked]
+                continue
             cmd = self._to_send(job)
             what = cmd.name + (f" {cmd.obj_id}" if hasattr(cmd, "obj_id") else "")
             try:
@@ -964,6 +981,14 @@ class Viewer:
             else:
                 control.submit(a)
 
+    def take_replies(self, control: _ControlWorker) -> None:
+        """Handle the control replies that came; tell the worker of each rename handled."""
+        while not control.replies.empty():
+            cmd, text, failed, given = control.replies.get_nowait()
+            self.reply(cmd, text, failed, given)
+            if given is not None and isinstance(cmd, AddPrompt) and given != cmd.obj_id:
+                control.renamed(cmd.obj_id)
+
     def reply(self, cmd: ControlCommand, text: str, failed: bool, given: int | None = None) -> None:
         """A control request's outcome: a toast; a pause or resume that failed is undone
         here too (the tracker's stats correct it if it did carry it out); a new object
@@ -1038,8 +1063,7 @@ class Viewer:
                 while (msg := sub.recv(timeout=0)) is not None:
                     self.handle(msg)
                 if control is not None:
-                    while not control.replies.empty():
-                        self.reply(*control.replies.get_nowait())
+                    self.take_replies(control)
                 mono = time.monotonic()
                 # Redraw on news, and a few times a second anyway so clocks and the
                 # "not publishing" banner stay current.

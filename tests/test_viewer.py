@@ -132,7 +132,8 @@ def test_a_click_on_a_later_frame_refines_the_object_where_it_is_now():
     """Earlier clicks marked where the object was on their frame: sent again with a click
     on a later frame of a running video, they would be on whatever is there now. Once the
     object is tracked on the frame shown, a click there starts afresh from its box there.
-    Until then (its first prompt not applied yet), and while paused, clicks accumulate."""
+    Until then (its first prompt not applied yet), and on the frame shown while paused,
+    clicks accumulate; a set from before the pause is not added to."""
     ia = v.Interaction()
     ia.observe([1])
     ia.frame_id = 10
@@ -148,10 +149,13 @@ def test_a_click_on_a_later_frame_refines_the_object_where_it_is_now():
     assert later.box == (50.0, 40.0, 90.0, 80.0)
     assert ia.shown_prompts(2).points == [(60.5, 60.5)]
     ia.paused = True
-    ia.frame_id, ia.frame_boxes = 47, {2: (1.0, 1.0, 5.0, 5.0)}  # paused: clicks accumulate
-    (paused,) = click(ia, 40, 40, button="right")
-    assert paused.points == ((60.5, 60.5), (80.5, 80.5)) and paused.labels == (1, 0)
-    assert paused.box == (50.0, 40.0, 90.0, 80.0)
+    ia.frame_id, ia.frame_boxes = 47, {2: (1.0, 1.0, 5.0, 5.0)}  # paused on a later frame
+    assert ia.shown_prompts(2) is None  # frame 46's click is not where the object is now
+    (paused,) = click(ia, 40, 40, button="right")  # afresh from its box on the paused frame
+    assert paused.points == ((80.5, 80.5),) and paused.labels == (0,) and paused.box == (1.0, 1.0, 5.0, 5.0)
+    (again,) = click(ia, 45, 45)  # paused: clicks on the frame shown accumulate
+    assert again.points == ((80.5, 80.5), (90.5, 90.5)) and again.labels == (0, 1)
+    assert again.box == (1.0, 1.0, 5.0, 5.0) and ia.shown_prompts(2).points == [(80.5, 80.5), (90.5, 90.5)]
     # A tracked object selected by its key is refined from its box on the frame shown.
     ia.paused = False
     ia.key(ord("1"))
@@ -195,6 +199,30 @@ def test_a_new_object_whose_id_another_viewer_took_goes_by_the_id_the_tracker_ga
     assert ia.selected == 4 and 4 in ia.prompts and 3 not in ia.prompts
     (third,) = click(ia, 30, 30, button="right")
     assert third.obj_id == 4 and not third.new and third.labels == (1, 0, 0)
+
+    # Once the window has the rename, id 3 is the other client's object again: a click on
+    # it (selected by its key) refines it, and removing it removes it, not object 4.
+    ia2 = v.Interaction()
+    ia2.observe([1, 2])
+    (mine,) = click(ia2, 10, 10)
+    for cmd in (mine, None):
+        worker._jobs.put(cmd)
+    del sent[:]
+    worker._run()
+    vw.interaction = ia2
+    vw.take_replies(worker)  # the window's loop: the rename, and the worker told of it
+    assert ia2.selected == 4
+    ia2.observe([1, 2, 3, 4])
+    ia2.key(ord("3"))
+    (on_3,) = click(ia2, 5, 5)
+    ia2.key(ord("4"))
+    (on_4,) = click(ia2, 6, 6)
+    for cmd in (on_3, RemoveObject(obj_id=3), on_4, None):
+        worker._jobs.put(cmd)
+    worker._run()
+    assert [(c.name, c.obj_id, getattr(c, "new", None)) for c in sent] == [
+        ("add_prompt", 3, True), ("add_prompt", 3, False), ("remove_object", 3, None),
+        ("add_prompt", 4, False)]
 
 
 def test_a_view_only_click_changes_nothing_in_the_viewer():
