@@ -193,10 +193,13 @@ class RunSummary:
     source_state: str = ""
     source_error: str = ""  # why the source failed (gave up reconnecting, a fatal read error)
     interrupted: bool = False
+    waited: float = 0.0  # seconds of ``seconds`` a file's first frame waited for a first prompt
 
     @property
     def fps(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else 0.0
+        """Frames per second tracked: the wait for a first prompt is the user's."""
+        tracking = self.seconds - self.waited
+        return self.frames / tracking if tracking > 0 else 0.0
 
     def source_failure(self, source: str) -> str | None:
         """The one-line error for a run whose source failed on its own after streaming (a
@@ -217,7 +220,8 @@ class RunSummary:
         drops = sum(self.dropped.values())
         objs = ", ".join(f"{k}:{v}" for k, v in sorted(self.objects.items())) or "none"
         how = " (interrupted)" if self.interrupted else ""
-        return (f"{self.frames} frames in {self.seconds:.1f} s ({self.fps:.2f} fps), {lat}, "
+        wait = f"; {self.waited:.1f} s of it waiting for a prompt" if self.waited >= 0.05 else ""
+        return (f"{self.frames} frames in {self.seconds:.1f} s ({self.fps:.2f} fps{wait}), {lat}, "
                 f"{drops} dropped, objects {objs}{how}")
 
 
@@ -400,6 +404,8 @@ class Tracker:
         self._stop = threading.Event()
         self._stop_announced = False
         self._holding = False  # a file's first frame waits for the first prompt
+        self._waited = 0.0  # seconds it waited
+        self._released: tuple[float, float] | None = None  # when (wall, monotonic) it was prompted
         self._seq = resume.seq_start
         self._object_states: dict[int, str] = dict(resume.object_states)
         # Removed by the control channel and not prompted since, while results still have
@@ -554,11 +560,17 @@ class Tracker:
                     continue  # processed before a restart
                 if self._must_wait_for_prompt(seed):
                     self._finish_in_flight(emitter, bar)
+                    held_from = time.monotonic()
                     self._hold(frame, control, emitter.publisher)
                     if self._stop.is_set():
                         break
-                    # Timed from the prompt that released it: the wait is the user's, not latency.
-                    frame = replace(frame, capture_time=now(), capture_monotonic=time.monotonic())
+                    self._released = (now(), time.monotonic())
+                    self._waited += self._released[1] - held_from
+                if self._released is not None and frame.capture_monotonic < self._released[1]:
+                    # The wait is the user's, not latency: the held frame and those decoded
+                    # behind it meanwhile are timed from the prompt that released them.
+                    wall, mono = self._released
+                    frame = replace(frame, capture_time=wall, capture_monotonic=mono)
                 dequeue = now()
                 self.frame_size = (frame.height, frame.width)
                 prompts = [_fit_mask(p, frame.height, frame.width) for p in seed]
@@ -600,6 +612,7 @@ class Tracker:
         # A frame launched but not finished (interrupted) was never published.
         summary.frames = self.frames_seen - resume.frames_done - (self._in_flight is not None)
         summary.seconds = time.monotonic() - started
+        summary.waited = self._waited
         latency = self.window.latency()
         if "total" in latency:
             summary.latency_p50, summary.latency_p95 = latency["total"].p50, latency["total"].p95

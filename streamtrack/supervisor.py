@@ -430,6 +430,7 @@ def install_stop_signals(stop: Callable[[int], None], *, interrupt_again: bool =
 
 def _add(total: RunSummary, part: RunSummary) -> None:
     total.frames += part.frames
+    total.waited += part.waited
     total.latency_p50, total.latency_p95 = part.latency_p50, part.latency_p95
     total.step_p50, total.read_ahead = part.step_p50, part.read_ahead
     total.dropped = part.dropped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -590,11 +591,21 @@ def test_a_file_with_control_and_no_prompt_waits_on_its_first_frame(tiny_checkpo
             in waiting, waiting
         time.sleep(1.0)
         assert proc.poll() is None and not jsonl.exists()
+        sent = time.time()
         prompt_then_wait(proc, control, clip.box(1, 0))
     finally:
         if proc.poll() is None:
             proc.kill()
     assert_tracked_from_frame_0(jsonl, frames=6)
+    # The frames decoded behind the held one during the wait are timed from the prompt too:
+    # the wait is not latency (it was 1 s and more here), nor tracking time in the summary.
+    captured = [FrameResult.from_json(x).t.capture for x in jsonl.read_text().splitlines()]
+    assert min(captured) >= sent - 0.05, (captured, sent)
+    summary = re.search(r"^6 frames in ([0-9.]+) s \(([0-9.]+) fps; ([0-9.]+) s of it waiting for a prompt\)",
+                        proc.stderr.read(), re.M)
+    assert summary is not None
+    seconds, fps, waited = map(float, summary.groups())
+    assert waited >= 1.0 and fps == pytest.approx(6 / (seconds - waited), rel=0.05, abs=0.01)
 
 
 def prompt_then_wait(proc: subprocess.Popen, control: str, box: list[float]) -> None:
