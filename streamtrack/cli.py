@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts file; each entry is an object (frame ignored)")
     p.add_argument("--multimask", action="store_true",
                    help="3 candidate masks per object; prints their scores")
-    p.add_argument("--out", required=True, metavar="OUT.png", help="write the overlay image here")
+    p.add_argument("--out", metavar="OUT.png",
+                   help="write the overlay image here (one of --out, --save-masks, --save-rle is needed)")
     p.add_argument("--save-masks", metavar="DIR", help="write DIR/object_<id>.png (0/255) per object")
     p.add_argument("--save-rle", metavar="FILE.json",
                    help="write each object's mask as COCO RLE with score (predicted IoU), bbox "

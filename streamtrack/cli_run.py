@@ -63,8 +63,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     # stays out of the process list (`ps`), which every local user can read.
     p = sub.add_parser("run", parents=[common], help="track objects in a webcam, RTSP stream or video file",
                        argument_default=_GIVEN, fromfile_prefix_chars="@")
-    p.add_argument("source", help="webcam index (0), /dev/videoN, rtsp:// or http(s):// URL, or a file "
-                                  "(@FILE: read it, and any other argument, from FILE, one per line)")
+    p.add_argument("source", help="webcam index (0), /dev/videoN, an rtsp(s)://, http(s)://, rtmp(s)://, "
+                                  "srt://, udp:// or tcp:// URL, or a file (@FILE: read it, and any "
+                                  "other argument, from FILE, one per line)")
     g = p.add_argument_group("configuration")
     g.add_argument("--config", default=None, metavar="FILE|PRESET", action=_Once,
                    help="YAML configuration, or a preset from configs/ (default, webcam, rtsp, file); "

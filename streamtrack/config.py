@@ -77,6 +77,10 @@ class Config:
     curve_secret: str | None = None
     curve_clients: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.compile_mode != "default":  # as the engine takes it: --print-config says so
+            self.compile = True
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 

@@ -499,7 +499,7 @@ def save_rle_json(path: str | Path, results: Sequence[SegmentResult]) -> dict:
 
 
 def save_outputs(
-    out: str | Path,
+    out: str | Path | None,
     image: np.ndarray,
     results: Sequence[SegmentResult],
     prompts: Sequence[Prompt] = (),
@@ -508,11 +508,13 @@ def save_outputs(
     rle: str | Path | None = None,
     **kwargs,
 ) -> None:
-    """The overlay, and the mask PNGs and RLE JSON when asked for, written together:
-    all are encoded first, then written all or none (:func:`write_files`), so a run
-    that fails replaces none of the files a previous run left."""
-    path, data, _ = overlay_file(out, image, results, prompts, **kwargs)
-    files = [("overlay", path, data)]
+    """The overlay (unless ``out`` is None), and the mask PNGs and RLE JSON when asked
+    for, written together: all are encoded first, then written all or none
+    (:func:`write_files`), so a run that fails replaces none of the files a previous run left."""
+    files = []
+    if out is not None:
+        path, data, _ = overlay_file(out, image, results, prompts, **kwargs)
+        files.append(("overlay", path, data))
     if masks is not None:
         files += [("mask", p, d) for p, d in mask_files(masks, results)]
     if rle is not None:
@@ -522,7 +524,7 @@ def save_outputs(
 
 
 def check_output_paths(
-    out: str | Path,
+    out: str | Path | None,
     masks: str | Path | None = None,
     rle: str | Path | None = None,
     obj_ids: Sequence[int] = (),
@@ -538,7 +540,10 @@ def check_output_paths(
     for what, given in (("--out", out), ("--save-masks", masks), ("--save-rle", rle)):
         if given is not None and not str(given).strip():  # an unset shell variable: not "."
             raise UserError(f"{what}: empty path")
-    outputs = [("--out", Path(out))]
+    if out is None and masks is None and rle is None:
+        raise UserError("nothing to write: give --out OUT.png (the overlay), --save-masks DIR "
+                        "or --save-rle FILE.json")
+    outputs = [] if out is None else [("--out", Path(out))]
     if masks is not None:
         folder = Path(masks)
         if folder.exists() and not folder.is_dir():
@@ -551,7 +556,8 @@ def check_output_paths(
         if path.is_dir():
             raise UserError(f"{what} {path} is a directory, not a file")
         _check_folder(what, path, path.parent)
-    image_format(out, "--out")
+    if out is not None:
+        image_format(out, "--out")
     return outputs
 
 

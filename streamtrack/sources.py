@@ -118,7 +118,7 @@ def redact_url(url: str) -> str:
 
 _SOURCE_HELP = (
     "use a video file path, a webcam index such as 0, a device such as /dev/video0, "
-    "or an rtsp://, rtsps://, http(s):// URL"
+    "or an rtsp(s)://, http(s)://, rtmp(s)://, srt://, udp:// or tcp:// URL"
 )
 
 

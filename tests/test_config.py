@@ -160,6 +160,11 @@ def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
         load_config("./webcam", {}, {})  # a path, not a name
 
 
+def test_a_compile_mode_shows_compile_on_as_the_engine_takes_it():
+    assert load_config(None, {"compile_mode": "max-autotune"}, {}).compile is True
+    assert load_config(None, {}, {}).compile is False
+
+
 def test_a_config_named_by_the_environment_says_so():
     with pytest.raises(UserError, match=r"config \(environment STREAMTRACK_CONFIG\) 'nope' not found"):
         load_config(None, {}, {"STREAMTRACK_CONFIG": "nope"})
