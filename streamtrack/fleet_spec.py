@@ -53,9 +53,10 @@ from streamtrack.tracking import CUDAGRAPH_MODES, EngineConfig, Prompt
 AUTO = "auto"
 # Run-config keys a stream may not set: the name is the stream, a fleet has no
 # window, restarts are Ray's (fleet.max_restarts) and hung streams the driver's
-# (fleet.hang_timeout), and CURVE keys would leave the driver unable to read the masks
-# it re-seeds from.
-_NOT_PER_STREAM = {"stream", "show", "max_restarts", "hang_timeout", "curve_secret", "curve_clients"}
+# (fleet.hang_timeout; a stream's start is not watched, see docs/scaling.md), and CURVE
+# keys would leave the driver unable to read the masks it re-seeds from.
+_NOT_PER_STREAM = {"stream", "show", "max_restarts", "hang_timeout", "start_timeout", "curve_secret",
+                   "curve_clients"}
 _RUN_KEYS = [f.name for f in fields(Config) if f.name not in _NOT_PER_STREAM]
 _STREAM_KEYS = {"name", "source", "prompts", "prompt_later", *_RUN_KEYS}
 _TOP_KEYS = {"fleet", "defaults", "streams"}

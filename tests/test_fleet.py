@@ -141,6 +141,7 @@ def pid_alive(pid: int) -> bool:
     (lambda d: d["fleet"].update(streams_per_actor=0), "fleet: streams_per_actor must be an integer >= 1"),
     (lambda d: d["fleet"].update(hang_timeout=1), "hang_timeout must be 0 or null (never) or at least 2"),
     (lambda d: d["fleet"].update(hang_timeout="5m"), "fleet: hang_timeout must be a number of seconds"),
+    (lambda d: d["streams"][0].update(start_timeout=60), "stream 'a': unknown field(s) ['start_timeout']"),
     (lambda d: d["streams"][0].update(hang_timeout=60),
      "stream 'a': unknown field(s) ['hang_timeout'] (fleet.hang_timeout: a fleet option)"),
     (lambda d: d["defaults"].update(max_restarts=5),
