@@ -13,7 +13,7 @@ import sys
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
 from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1, same_file
-from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS
+from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS, checkpoint_path
 from streamtrack.tracking import COMPILE_MODES
 
 log = logging.getLogger("streamtrack")
@@ -132,9 +132,15 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     seg.check_prompts(objects, *image.shape[:2])  # fail on a bad prompt before building the model
     # The outputs too: a mistyped path should not cost a model run, nor any file the user has.
     outputs = seg.check_output_paths(args.out, args.save_masks, args.save_rle, [p.obj_id for p in objects])
+    if args.checkpoint is not None and not args.checkpoint.strip():  # an unset shell variable
+        raise UserError("--checkpoint: empty path")
+    checkpoint = checkpoint_path(args.model, args.checkpoint)
     for i, (what, path) in enumerate(outputs):
         if same_file(path, args.image):
             raise UserError(f"{what} {path} is the input image, which it would overwrite: write elsewhere")
+        if same_file(path, checkpoint):
+            raise UserError(f"{what} {path} is the model's checkpoint, which it would overwrite: "
+                            "write elsewhere")
         for other, other_path in outputs[i + 1:]:
             if same_file(path, other_path):
                 raise UserError(f"{what} {path} and {other} {other_path} are the same file: "

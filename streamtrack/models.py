@@ -178,7 +178,7 @@ def build_model(
     overrides = hydra_overrides(image_size)  # a bad size is reported before a missing file
     path = None
     if not random_init:
-        path = Path(checkpoint).expanduser() if checkpoint else spec.default_path()
+        path = checkpoint_path(spec.name, checkpoint)
         if not path.exists():
             raise CheckpointError(missing_checkpoint_message(spec, path, given=bool(checkpoint)))
     extra = {"vos_optimized": True} if vos_optimized and kind == "video" else {}
@@ -193,6 +193,11 @@ def build_model(
     if path is not None:
         load_checkpoint(model, path, spec.name)
     return model.to(device).eval()
+
+
+def checkpoint_path(name: str, checkpoint: str | Path | None = None) -> Path:
+    """The file a model is loaded from: ``checkpoint`` as given, else its default place."""
+    return Path(checkpoint).expanduser() if checkpoint else get_spec(name).default_path()
 
 
 def missing_checkpoint_message(spec: ModelSpec, path: Path, given: bool = False) -> str:

@@ -35,6 +35,7 @@ from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
 from streamtrack.errors import PromptError, UserError, same_file
+from streamtrack.models import checkpoint_path
 from streamtrack.outputs import MASK_PNG_MAX_ID
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now, system_port
 from streamtrack.publisher import StatsWindow
@@ -120,9 +121,13 @@ class RunConfig:
         outputs = [(what, out) for what, out in (("--save-jsonl", self.save_jsonl),
                                                  ("--save-video", self.save_video),
                                                  ("--save-masks", self.save_masks)) if out]
+        checkpoint = checkpoint_path(self.engine.model, self.engine.checkpoint)
         for i, (what, out) in enumerate(outputs):
             if source is not None and same_file(out, source):
                 raise UserError(f"{what} {out} is the source video, which it would overwrite: "
+                                "write the results elsewhere")
+            if same_file(out, checkpoint):
+                raise UserError(f"{what} {out} is the model's checkpoint, which it would overwrite: "
                                 "write the results elsewhere")
             for other, other_out in outputs[i + 1:]:
                 if same_file(out, other_out):  # both writers in one file: neither readable

@@ -407,6 +407,22 @@ def test_ids_a_mask_png_cannot_hold_are_refused_before_they_stop_the_run(tmp_pat
                   prompts={3: [Prompt.make(256, box=[1, 2, 30, 40])]})
 
 
+def test_the_checkpoint_is_not_an_output_either(tmp_path, monkeypatch):
+    """`--save-jsonl model.pt` by a slip of the tab key would replace a 150-900 MB download."""
+    from streamtrack import models
+
+    given = tmp_path / "ckpt.pt"
+    given.write_bytes(b"weights")
+    for what, kwargs in (("--save-jsonl", {"save_jsonl": str(given)}),
+                         ("--save-video", {"save_video": str(tmp_path / "." / "ckpt.pt")})):
+        with pytest.raises(UserError, match=f"{what} .* is the model's checkpoint, which it would overwrite"):
+            RunConfig(source="clip.mp4", engine=EngineConfig(checkpoint=str(given)), **kwargs)
+    monkeypatch.setattr(models, "CHECKPOINT_DIR", tmp_path)  # the default place, not given
+    with pytest.raises(UserError, match="is the model's checkpoint"):
+        RunConfig(source="clip.mp4", save_jsonl=str(tmp_path / "sam2.1_hiera_tiny.pt"))
+    assert given.read_bytes() == b"weights"
+
+
 def test_a_file_url_source_is_not_an_output_either(tmp_path):
     video = write_video(make_clip(2, 64, 48, num_objects=1).frames, tmp_path / "my clip.mp4")
     with pytest.raises(UserError, match="is the source video, which it would overwrite"):

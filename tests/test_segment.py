@@ -636,6 +636,9 @@ OUTPUT_MISTAKES = {
     "masks-empty": (["--out", "o.png", "--save-masks", ""], "--save-masks: empty path"),
     "out-empty": (["--out", ""], "--out: empty path"),
     "rle-empty": (["--out", "o.png", "--save-rle", " "], "--save-rle: empty path"),
+    "rle-is-the-checkpoint": (["--out", "o.png", "--save-rle", "ck.pt", "--checkpoint", "ck.pt"],
+                              "--save-rle ck.pt is the model's checkpoint, which it would overwrite"),
+    "checkpoint-empty": (["--out", "o.png", "--checkpoint", ""], "--checkpoint: empty path"),
     "no-output": ([], "nothing to write: give --out OUT.png (the overlay), --save-masks DIR or --save-rle"),
 }
 
