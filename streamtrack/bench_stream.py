@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -78,6 +79,8 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name, value in DEFAULTS.get(args.what, {}).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if getattr(args, "checkpoint", None):  # as run and segment take it (a quoted "~/x.pt")
+        args.checkpoint = os.path.expanduser(args.checkpoint)
     # Counts every benchmark takes; each one checks its own further limits.
     for name in ("frames", "repeats", "compile_slots"):
         if getattr(args, name, None) is not None:

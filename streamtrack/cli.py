@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
-from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1, same_file
+from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1, exists, same_file
 from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS, checkpoint_path
 from streamtrack.tracking import COMPILE_MODES
 
@@ -20,10 +22,18 @@ log = logging.getLogger("streamtrack")
 SILENCE_HINT_S = 5.0  # subscribe: say it is still waiting after this long without a message
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: a download removes its .part file
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     from streamtrack.download import download_checkpoint
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     names = list(MODELS) if args.model == "all" else [args.model]
+    if args.url is not None and not args.url.strip():  # an unset shell variable
+        raise UserError("--url: empty (give the checkpoint's URL, or leave --url out for the official one)")
     if args.url and len(names) > 1:
         raise UserError("--url names one file: download one model with it, not 'all'")
     for name in names:
@@ -36,7 +46,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for spec in MODELS.values():
         path = spec.default_path()
         have = "no"
-        if path.exists():
+        if exists(path, "checkpoint"):
             # A copy cut short shows in its size (checking every file would load each model).
             size = path.stat().st_size / 2**20
             have = "yes" if size >= 0.95 * spec.size_mb else f"incomplete? ({size:.0f} of ~{spec.size_mb} MB)"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from streamtrack.errors import CheckpointError, DownloadError
+from streamtrack.errors import CheckpointError, DownloadError, exists
 from streamtrack.models import ModelSpec, build_model, check_state_dict, get_spec, read_state_dict
 
 
@@ -33,6 +33,8 @@ def download_checkpoint(
     """
     spec = get_spec(name)
     target = spec.default_path(checkpoint_dir)
+    if exists(target, "checkpoint") and target.is_dir():  # --force would not replace it either
+        raise DownloadError(f"{target} is a directory where the checkpoint goes: move it away")
     if target.exists() and not force:
         try:
             verify_checkpoint(target, spec)
@@ -48,7 +50,7 @@ def download_checkpoint(
     part = target.with_name(target.name + ".part")
     source = url or spec.url
     try:
-        _fetch(source, part, spec, timeout=timeout, progress=progress)
+        _fetch(source, part, spec, target, timeout=timeout, progress=progress, given_url=url is not None)
         verify_checkpoint(part, spec, shown_as=f"the file from {source}")
         os.replace(part, target)
     except BaseException:
@@ -58,8 +60,11 @@ def download_checkpoint(
     return target
 
 
-def _fetch(url: str, dest: Path, spec: ModelSpec, *, timeout: float, progress: bool) -> None:
-    hint = f"download {url} by other means and save it as {spec.default_path()}"
+def _fetch(url: str, dest: Path, spec: ModelSpec, target: Path, *, timeout: float, progress: bool,
+           given_url: bool = False) -> None:
+    hint = f"download {spec.url} by other means and save it as {target}"
+    if given_url:  # that one may be the problem: the official file is the way out
+        hint = f"check the URL, or {hint}"
 
     def cannot_write(e: OSError) -> DownloadError:  # the disk, not the network
         return DownloadError(f"cannot write {dest}: {e.strerror or e}")
@@ -86,6 +91,7 @@ def _fetch(url: str, dest: Path, spec: ModelSpec, *, timeout: float, progress: b
                 raise DownloadError(f"cannot read {spec.name} from {url}: {reason}") from None
             raise DownloadError(f"cannot download {spec.name} (offline? {reason}); {hint}") from None
         total = int(response.headers.get("Content-Length") or 0) or None
+        got = 0
         with response, tqdm(total=total, unit="B", unit_scale=True, desc=spec.filename,
                             disable=not progress) as bar:
             while True:
@@ -100,7 +106,11 @@ def _fetch(url: str, dest: Path, spec: ModelSpec, *, timeout: float, progress: b
                     out.write(chunk)
                 except OSError as e:
                     raise cannot_write(e) from None
+                got += len(chunk)
                 bar.update(len(chunk))
+        if total is not None and got < total:  # the server closed early: not a bad file
+            raise DownloadError(f"download of {spec.name} from {url} broke off after {got} of {total} "
+                                f"bytes; run it again, or {hint}")
         try:
             out.flush()
         except OSError as e:

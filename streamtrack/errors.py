@@ -39,11 +39,21 @@ def existing_file(path: str | Path, what: str) -> Path:
     if not str(path).strip():  # an unset shell variable; Path("") is ".", a directory
         raise UserError(f"{what}: empty path")
     p = Path(path)  # named as given in messages: Path() would fold "a//b" into "a/b"
+    if not exists(p, what):  # a pipe (--prompts <(...), /dev/stdin) is readable too
+        raise UserError(f"{what} {path} not found")
     if p.is_dir():
         raise UserError(f"{what} {path} is a directory, not a file")
-    if not p.exists():  # a pipe (--prompts <(...), /dev/stdin) is readable too
-        raise UserError(f"{what} {path} not found")
     return p
+
+
+def exists(path: Path, what: str) -> bool:
+    """``path.exists()``, with a folder that may not be looked into (EACCES, which
+    pathlib raises) as a :class:`UserError` naming ``what``."""
+    try:
+        return path.exists()
+    except PermissionError:
+        raise UserError(f"{what} {path}: permission denied (a folder on the way cannot be "
+                        "looked into)") from None
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

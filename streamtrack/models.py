@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamtrack.errors import CheckpointError, UserError
+from streamtrack.errors import CheckpointError, UserError, exists
 
 if TYPE_CHECKING:  # imported where used: a process that runs no model (a supervisor) never loads it
     import torch
@@ -179,7 +179,7 @@ def build_model(
     path = None
     if not random_init:
         path = checkpoint_path(spec.name, checkpoint)
-        if not path.exists():
+        if not exists(path, f"checkpoint for {spec.name}"):
             raise CheckpointError(missing_checkpoint_message(spec, path, given=bool(checkpoint)))
     extra = {"vos_optimized": True} if vos_optimized and kind == "video" else {}
     if extra:

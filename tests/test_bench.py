@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,6 +214,7 @@ def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
     (["multistream", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt not found"),
     (["engine", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt not found"),
     (["multistream", "--frame-size", "9x9"], "--frame-size must be at least 32x32"),
+    (["engine", "--checkpoint", "~/nonexistent.pt"], f"checkpoint {Path.home()}/nonexistent.pt not found"),
 ])
 def test_bad_options_are_one_line_user_errors(capsys, args, message):
     """The line alone: no benchmark header before it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -280,6 +281,101 @@ def test_download_names_what_failed_locally_and_refuses_what_is_not_a_url(tmp_pa
     with pytest.raises(DownloadError, match=r"^cannot write .*tiny.pt.part: No space left on device$"):
         download_checkpoint("sam2.1_hiera_tiny", tmp_path, url=tiny_checkpoint.as_uri(), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+class _ShortServer:
+    """Serves ``/x.pt`` announcing ``length`` bytes and sending ``sent``, then closing (or,
+    with ``stall``, keeping the connection open and silent)."""
+
+    def __init__(self, length: int, sent: int, stall: bool = False):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(b"x" * sent)
+                self.wfile.flush()
+                if stall:
+                    time.sleep(30)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/x.pt"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_download_broken_off_and_in_the_way_are_said_as_such(tmp_path):
+    server = _ShortServer(length=1000, sent=300)
+    try:
+        with pytest.raises(DownloadError) as e:
+            download_checkpoint("sam2.1_hiera_tiny", tmp_path, url=server.url, progress=False)
+    finally:
+        server.close()
+    # not "the file does not load: try --force", and the way out names this folder
+    assert str(e.value).startswith(f"download of sam2.1_hiera_tiny from {server.url} broke off after 300 of "
+                                   "1000 bytes; run it again, or check the URL, or download https://")
+    assert f"save it as {tmp_path / 'sam2.1_hiera_tiny.pt'}" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "sam2.1_hiera_tiny.pt").mkdir()  # --force would download, then fail to rename
+    with pytest.raises(DownloadError, match="sam2.1_hiera_tiny.pt is a directory where the checkpoint goes"):
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, url="http://127.0.0.1:9/x.pt", force=True)
+
+
+def test_a_path_that_cannot_be_looked_at_is_one_line(monkeypatch, tmp_path):
+    """As a user other than root meets a folder without x permission (pathlib raises)."""
+    from streamtrack.errors import existing_file
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "stat", denied)
+    with pytest.raises(UserError, match=r"^checkpoint for sam2.1_hiera_tiny .*x.pt: permission denied"):
+        build_model("sam2.1_hiera_tiny", tmp_path / "x.pt")
+    with pytest.raises(UserError, match=r"^image .*y.png: permission denied"):
+        existing_file(tmp_path / "y.png", "image")
+    with pytest.raises(UserError, match=r"^checkpoint .*: permission denied"):
+        download_checkpoint("sam2.1_hiera_tiny", tmp_path, url="http://127.0.0.1:9/x.pt")
+
+
+def test_sigterm_during_a_download_leaves_no_part_file(tmp_path):
+    import signal
+
+    server = _ShortServer(length=10_000_000, sent=1000, stall=True)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", (
+            "import sys, pathlib; from streamtrack import models; "
+            f"models.CHECKPOINT_DIR = pathlib.Path({str(tmp_path)!r}); "
+            "from streamtrack.cli import main; sys.exit(main(sys.argv[1:]))"),
+            "download", "sam2.1_hiera_tiny", "--url", server.url, "-q"],
+            env=env, stderr=subprocess.PIPE, text=True)
+        part = tmp_path / "sam2.1_hiera_tiny.pt.part"
+        deadline = time.monotonic() + 60
+        while not part.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert part.exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_cli_refuses_an_empty_url():
+    r = run_cli("download", "sam2.1_hiera_tiny", "--url", "")
+    assert r.returncode == 2 and r.stderr.startswith("streamtrack: error: --url: empty")
 
 
 def test_download_cli_refuses_one_url_for_all_models():
