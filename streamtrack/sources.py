@@ -105,15 +105,19 @@ def redact_url(url: str) -> str:
     hold credentials (``password=``, ``pwd=``, ``token=``, …), so they never reach logs
     or errors."""
     url = _SECRET_QUERY.sub(r"\1\2***", url)
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
     try:
         parts = urlsplit(url)
-    except ValueError:  # malformed (e.g. an unclosed [): hide anything before an @
-        scheme, sep, rest = url.partition("://")
-        return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if "@" in rest else url
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc="***@" + host))
+    except ValueError:  # malformed (e.g. an unclosed [)
+        parts = None
+    if parts is not None and "@" in parts.netloc and rest.count("@") == parts.netloc.count("@"):
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc="***@" + host))
+    # An @ after what parses as the host: a password with a bare / ? or # in it
+    # (rtsp://admin:My/Pass#1@cam) splits there.  Hide everything up to the last @.
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
 
 
 _SOURCE_HELP = (
@@ -179,7 +183,10 @@ def _url_spec(text: str) -> SourceSpec:
             raise UserError(f"unsupported video source scheme '{scheme}://': {_SOURCE_HELP}")
         host, _port = parts.hostname, parts.port  # both raise ValueError for a malformed netloc
     except ValueError as exc:
-        raise UserError(f"malformed video source URL {redact_url(text)}: {exc}") from None
+        # urlsplit's words quote the part it choked on: with credentials, maybe the password.
+        why = ("its host or port cannot be read (a user name or password with / ? # or @ in it must "
+               "be percent-encoded: %2F %3F %23 %40)") if "@" in text else str(exc)
+        raise UserError(f"malformed video source URL {redact_url(text)}: {why}") from None
     if not host:
         raise UserError(f"video source URL has no host: {redact_url(text)}")
     name = host + (parts.path.rstrip("/") or "")

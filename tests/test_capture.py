@@ -36,7 +36,7 @@ from streamtrack.capture import (
 )
 from streamtrack.capture_process import LIVE_SLOTS
 from streamtrack.errors import UserError
-from streamtrack.sources import RawFrame, parse_source
+from streamtrack.sources import RawFrame, parse_source, redact_url
 
 try:  # tests/ is on sys.path when it is not a package (pytest's default)
     from rtsp import RtspServer, rtsp_server  # noqa: F401 - rtsp_server is a fixture
@@ -931,3 +931,23 @@ def test_an_outage_whose_reason_changes_is_reported_again_once_per_reason() -> N
     assert outage == [(S.STREAMING, S.RECONNECTING, "end of stream (disconnected)"),
                       (S.RECONNECTING, S.RECONNECTING, "TimeoutError"),
                       (S.RECONNECTING, S.RECONNECTING, "PermissionError")], outage
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("rtsp://admin:secret@cam:554/live", "rtsp://***@cam:554/live"),
+    # A password with a bare / ? or # splits the URL before its @: hidden all the same.
+    ("rtsp://admin:My/Pass#1@cam/live", "rtsp://***@cam/live"),
+    ("rtsp://admin:1234/abc@cam/live", "rtsp://***@cam/live"),
+    ("rtsp://admin:a?b@cam/live", "rtsp://***@cam/live"),
+    ("rtsp://[bad:pass@cam/live", "rtsp://***@cam/live"),
+    ("rtsp://cam/live?password=hunter2&channel=1", "rtsp://cam/live?password=***&channel=1"),
+    ("rtsp://cam:554/live", "rtsp://cam:554/live"),
+])
+def test_credentials_never_show_in_a_source_url(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_a_password_with_a_slash_is_not_printed_in_the_malformed_url_error():
+    with pytest.raises(UserError) as e:
+        parse_source("rtsp://admin:My/Pass#1@cam/live")
+    assert "My" not in str(e.value) and "Pass" not in str(e.value) and "***@cam/live" in str(e.value)
