@@ -334,6 +334,8 @@ def compile_options(args) -> dict:
 
 
 def main(args) -> int:
+    if args.checkpoint is not None:  # every benchmark's, before any header
+        existing_file(args.checkpoint, "checkpoint")
     if args.what in ("pipeline", "latency", "memory"):
         from streamtrack import bench_stream
 
@@ -347,8 +349,6 @@ def main(args) -> int:
     for count in args.state_frames or ():
         if count < 1:
             raise UserError(f"--state-frames must be >= 1, got {count}")
-    if args.checkpoint is not None:
-        existing_file(args.checkpoint, "checkpoint")
     if args.what != "preprocess":
         from streamtrack.bench_stream import parse_frame_size
 

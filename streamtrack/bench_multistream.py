@@ -28,7 +28,6 @@ import torch
 from streamtrack import childproc
 from streamtrack.bench import _prompts, sync_device
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
-from streamtrack.errors import existing_file
 from streamtrack.models import build_model, resolve_device, save_random_checkpoint
 from streamtrack.multistream import SharedImageEncoder
 from streamtrack.synthetic import make_clip
@@ -238,8 +237,6 @@ def main(args) -> int:
 
     objects = _one_count(args.objects, "multistream")  # options first: a bad one gets its line alone
     width, height = parse_frame_size(args.frame_size)
-    if args.checkpoint is not None:
-        existing_file(args.checkpoint, "checkpoint")
     log = (lambda *a, **k: None) if args.json else print
     log(f"multistream benchmark: {args.model}, input {args.image_size}, {args.frames} frames per stream, "
         f"{objects} object(s) per stream, device {resolve_device(args.device)}, "

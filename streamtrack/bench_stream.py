@@ -803,8 +803,6 @@ def _check_counts(args: argparse.Namespace) -> None:
         _positive("--clip-frames", args.clip_frames)
         for n in args.official_frames:
             _positive("--official-frames", n)
-    if args.checkpoint is not None:
-        existing_file(args.checkpoint, "checkpoint")
 
 
 def main(args: argparse.Namespace) -> int:
