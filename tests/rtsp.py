@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import tempfile
 import time
@@ -82,6 +83,11 @@ class RtspServer:
         if self._proc.stdout is not None:
             self._proc.stdout.close()
         self._proc = None
+
+    def freeze(self) -> None:
+        """Stop the server in its tracks (SIGSTOP), as a frozen camera: connected, silent."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
 
     def close(self) -> None:
         self.stop()

@@ -818,6 +818,48 @@ def test_server_absent_at_start_then_appears(tmp_path: Path, decode: str) -> Non
         server.close()
 
 
+def test_rtsp_stream_with_a_single_keyframe_is_decoded_from_its_start(tmp_path: Path,
+                                                                      decode: str) -> None:
+    """The packets read while the stream is probed hold its first keyframe: they must be
+    decoded, not dropped (a camera with a long keyframe interval would show nothing until
+    the next one; this stream has no next one)."""
+    from streamtrack.synthetic import write_video
+
+    levels = [np.full((120, 160, 3), STEP * i, np.uint8) for i in range(30)]
+    server = RtspServer(name="onekey", extra_args=(
+        "--clip", str(write_video(levels, tmp_path / "onekey.mp4", fps=10, gop=1000))))
+    try:
+        cap = open_source(server.start(), CaptureConfig(**LIVE), decode=decode)
+        with cap:
+            first = cap.read(timeout=5)
+            assert first is not None, "no frame decoded from a stream with one keyframe"
+            later = [cap.read(timeout=2) for _ in range(5)]
+    finally:
+        server.close()
+    assert round(first.image.mean() / STEP) <= 3  # the clip's start (the newest of a burst)
+    assert all(frame is not None for frame in later)
+
+
+def test_frozen_camera_gives_up_after_one_read_timeout_without_a_stale_frame(
+        rtsp_server: RtspServer, decode: str) -> None:
+    """A camera that stops sending and keeps the connection: the frame FFmpeg holds back
+    is not delivered as new when the read times out, and the source reconnects then,
+    not a second read timeout later."""
+    config = CaptureConfig(**{**LIVE, "read_timeout": 1.5, "stale_after": None})
+    with open_source(rtsp_server.url, config, decode=decode) as cap:
+        assert all(cap.read(timeout=5) is not None for _ in range(5))
+        rtsp_server.freeze()
+        frozen = time.monotonic()
+        late = []
+        while cap.state is S.STREAMING and time.monotonic() - frozen < 10:
+            frame = cap.read(timeout=0.05)
+            if frame is not None and frame.capture_monotonic > frozen + 0.5:
+                late.append(round(frame.capture_monotonic - frozen, 2))
+        gave_up = time.monotonic() - frozen
+    assert late == [], f"frames delivered {late} s after the camera froze"
+    assert gave_up < 2 * config.read_timeout  # one read timeout and a little
+
+
 def test_a_consumer_back_from_a_long_pause_gets_a_fresh_frame(clip: Path, decode: str) -> None:
     """Away longer than any buffer lasts (a paused tracker): the first frame back is
     still the newest, not one from before the pause."""
