@@ -37,8 +37,12 @@ def _cmd_download(args: argparse.Namespace) -> int:
     if args.url and len(names) > 1:
         raise UserError("--url names one file: download one model with it, not 'all'")
     for name in names:
+        had = not args.force and MODELS[name].default_path().exists()
         path = download_checkpoint(name, force=args.force, url=args.url, progress=not args.quiet)
-        print(f"{name}: {path}")
+        # A file in place is verified and kept, not fetched again: say so, since a --url
+        # given to replace it would otherwise go unheard.
+        kept = f" (already there and verified; --force fetches it again{' from --url' if args.url else ''})"
+        print(f"{name}: {path}{kept if had else ''}")
     return 0
 
 

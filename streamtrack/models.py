@@ -12,6 +12,7 @@ import logging
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -34,7 +35,10 @@ def default_checkpoint_dir(package_file: str = __file__) -> Path:
     checkout = Path(package_file).resolve().parent.parent
     if (checkout / "pyproject.toml").is_file():
         return checkout / "checkpoints"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamtrack" / "checkpoints"
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache):  # unset, or relative: which the XDG spec says to ignore
+        cache = str(Path.home() / ".cache")
+    return Path(cache) / "streamtrack" / "checkpoints"
 
 
 CHECKPOINT_DIR = default_checkpoint_dir()
@@ -228,7 +232,11 @@ def read_state_dict(path: str | Path, model_name: str) -> dict[str, torch.Tensor
     if not path.is_file():  # a pipe, a device: the checkpoint's zip format is read by seeking
         raise CheckpointError(f"{where} is not a regular file (a checkpoint is read by seeking in it)")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about what it then fails on (a plain pickle's protocol): the
+            # error below says it in one line.
+            warnings.simplefilter("ignore", UserWarning)
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint"
         raise CheckpointError(f"{where} is not a readable PyTorch checkpoint "
                               f"({_load_problem(path, e, model_name)})") from None
@@ -265,8 +273,9 @@ def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, mode
     import torch
 
     expected = model.state_dict()
+    unnamed = [repr(k) for k in state if not isinstance(k, str)]
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(k for k in state if isinstance(k, str) and k not in expected)
     not_tensors = [f"{k} is a {type(state[k]).__name__}" for k in expected
                    if k in state and not torch.is_tensor(state[k])]
     wrong_shape = [
@@ -275,6 +284,8 @@ def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, mode
         if k in state and torch.is_tensor(state[k]) and state[k].shape != v.shape
     ]
     problems = []
+    if unnamed:
+        problems.append(f"{len(unnamed)} keys that are not parameter names (e.g. {unnamed[0]})")
     if missing:
         problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
     if unexpected:
@@ -290,6 +301,14 @@ def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, mode
         raise CheckpointError(
             f"checkpoint {path} does not match model {model_name}: " + "; ".join(problems) + hint
         )
+    # A checkpoint that diverged in training (or was damaged) loads, then gives NaN scores
+    # and empty masks on every frame: it is refused here, by name.
+    not_finite = [k for k in expected if state[k].is_floating_point()
+                  and not bool(torch.isfinite(state[k]).all())]
+    if not_finite:
+        raise CheckpointError(
+            f"checkpoint {path} for {model_name} is unusable: {len(not_finite)} tensors hold NaN or "
+            f"infinite values (e.g. {not_finite[0]}); a diverged training run or a damaged file")
 
 
 # (Hiera blocks, embedding width) of each size's image encoder: what tells the sizes apart.
@@ -301,9 +320,10 @@ def _model_of(state: dict) -> str | None:
     width (and SAM 2.1's extra keys), or None if it is none of them."""
     import torch
 
-    blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
+    blocks = {k.split(".")[3] for k in state
+              if isinstance(k, str) and k.startswith("image_encoder.trunk.blocks.")}
     embed = state.get("image_encoder.trunk.patch_embed.proj.weight")
-    if not torch.is_tensor(embed) or not all(b.isdigit() for b in blocks):
+    if not torch.is_tensor(embed) or embed.ndim == 0 or not all(b.isdigit() for b in blocks):
         return None
     size = _HIERA_SIZES.get((len(blocks), embed.shape[0]))
     family = "sam2.1" if "no_obj_embed_spatial" in state else "sam2"

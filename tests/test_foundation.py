@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +88,18 @@ def _bad(tmp_path, tiny_checkpoint, case: str):
     elif case == "shape":
         state["no_mem_embed"] = torch.zeros(1, 1, 7)
         torch.save({"model": state}, path)
+    elif case == "unnamed":  # keys a crafted file may hold: unsortable with each other
+        state.update({5: torch.zeros(1), (1, 2): torch.zeros(1), "extra.weight": torch.zeros(3)})
+        torch.save({"model": state}, path)
+    elif case == "scalar_embed":  # what tells the model sizes apart, as a 0-dim tensor
+        state["image_encoder.trunk.patch_embed.proj.weight"] = torch.tensor(1.0)
+        torch.save({"model": state}, path)
+    elif case == "nan":
+        state["sam_mask_decoder.iou_token.weight"][0, 3] = float("nan")
+        torch.save({"model": state}, path)
+    elif case == "plain_pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"model": {}}, f, protocol=4)
     elif case == "not_official":
         torch.save(state, path)  # a bare state dict, no "model" key
     elif case == "not_checkpoint":
@@ -110,6 +124,10 @@ def _bad(tmp_path, tiny_checkpoint, case: str):
         ("missing", "1 missing keys .*no_mem_embed"),
         ("unexpected", "1 unexpected keys .*extra.weight"),
         ("shape", "wrong shape .*no_mem_embed"),
+        ("unnamed", r"2 keys that are not parameter names \(e.g. 5\); 1 unexpected keys"),
+        ("scalar_embed", r"wrong shape \(e.g. image_encoder.trunk.patch_embed.proj.weight \(\) != "),
+        ("nan", r"is unusable: 1 tensors hold NaN or infinite values \(e.g. sam_mask_decoder.iou_token"),
+        ("plain_pickle", r"not a readable PyTorch checkpoint \(not a zip archive as torch.save writes"),
         ("not_official", "not in the official format"),
         # torch's own words would be "(101)", or advice to load unsafely: not passed on.
         ("not_checkpoint", r"not a readable PyTorch checkpoint \(not a zip archive as torch.save writes"),
@@ -122,8 +140,11 @@ def _bad(tmp_path, tiny_checkpoint, case: str):
 )
 def test_bad_checkpoint_refused(tmp_path, tiny_checkpoint, tiny_model, case, message):
     path = _bad(tmp_path, tiny_checkpoint, case)
-    with pytest.raises(CheckpointError, match=message) as info:
-        load_checkpoint(tiny_model, path, "sam2.1_hiera_tiny")
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match=message) as info:
+            load_checkpoint(tiny_model, path, "sam2.1_hiera_tiny")
+    assert [str(w.message) for w in warned] == []  # the one line is all the user sees
     text = str(info.value)
     assert "sam2.1_hiera_tiny" in text and str(path) in text and "\n" not in text
 
@@ -431,6 +452,22 @@ def test_checkpoints_go_to_the_checkout_or_else_the_users_cache(tmp_path, monkey
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     home_cache = tmp_path / "home" / ".cache"
     assert default_checkpoint_dir(str(installed)) == home_cache / "streamtrack" / "checkpoints"
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")  # relative: the XDG spec says to ignore it
+    assert default_checkpoint_dir(str(installed)) == home_cache / "streamtrack" / "checkpoints"
+
+
+def test_download_cli_says_a_file_in_place_was_kept(tmp_path, monkeypatch, capsys, tiny_checkpoint):
+    """A valid file in place is not fetched again: a --url meant to replace it is named."""
+    from streamtrack import models
+
+    monkeypatch.setattr(models, "CHECKPOINT_DIR", tmp_path)
+    url = tiny_checkpoint.as_uri()
+    assert main(["download", "sam2.1_hiera_tiny", "--url", url, "-q"]) == 0
+    assert capsys.readouterr().out == f"sam2.1_hiera_tiny: {tmp_path / 'sam2.1_hiera_tiny.pt'}\n"
+    assert main(["download", "sam2.1_hiera_tiny", "--url", url, "-q"]) == 0
+    assert capsys.readouterr().out == (
+        f"sam2.1_hiera_tiny: {tmp_path / 'sam2.1_hiera_tiny.pt'} (already there and verified; "
+        "--force fetches it again from --url)\n")
 
 
 @pytest.mark.parametrize("module, raises, command, expected", [
