@@ -149,12 +149,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and not args.checkpoint.strip():  # an unset shell variable
         raise UserError("--checkpoint: empty path")
     checkpoint = checkpoint_path(args.model, args.checkpoint)
+    inputs = [("the input image", args.image), ("the model's checkpoint", checkpoint),
+              ("the prompts file", args.prompts)]
     for i, (what, path) in enumerate(outputs):
-        if same_file(path, args.image):
-            raise UserError(f"{what} {path} is the input image, which it would overwrite: write elsewhere")
-        if same_file(path, checkpoint):
-            raise UserError(f"{what} {path} is the model's checkpoint, which it would overwrite: "
-                            "write elsewhere")
+        for name, read in inputs:
+            if read is not None and same_file(path, read):
+                raise UserError(f"{what} {path} is {name}, which it would overwrite: write elsewhere")
         for other, other_path in outputs[i + 1:]:
             if same_file(path, other_path):
                 raise UserError(f"{what} {path} and {other} {other_path} are the same file: "

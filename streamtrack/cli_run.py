@@ -157,7 +157,9 @@ def command(args: argparse.Namespace) -> int:
         cfg.publish = cfg.publish or f"tcp://127.0.0.1:{_free_port()}"
         cfg.control = cfg.control or f"tcp://127.0.0.1:{_free_port()}"
         cfg.publish_frames = True
-    run_config = RunConfig.from_config(cfg, args.source, prompts, progress=not args.quiet)
+    read_files = (("the prompts file", args.prompts),) if args.prompts else ()
+    run_config = RunConfig.from_config(cfg, args.source, prompts, progress=not args.quiet,
+                                       read_files=read_files)
     if run_config.curve is not None:
         run_config.curve.load()  # bad key files fail now, in one line, not after the model load
         if not (cfg.publish or cfg.control):

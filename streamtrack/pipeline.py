@@ -108,6 +108,8 @@ class RunConfig:
     # Warn when publish/control bind an interface other machines reach (a fleet's driver
     # does it once for all its streams instead).
     warn_exposed: bool = True
+    # Other files the run reads, as (what, path) (a prompts file): no output may be one.
+    read_files: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         check_emit_mode(self.emit)
@@ -121,14 +123,14 @@ class RunConfig:
         outputs = [(what, out) for what, out in (("--save-jsonl", self.save_jsonl),
                                                  ("--save-video", self.save_video),
                                                  ("--save-masks", self.save_masks)) if out]
-        checkpoint = checkpoint_path(self.engine.model, self.engine.checkpoint)
+        inputs = [("the source video", source),
+                  ("the model's checkpoint", checkpoint_path(self.engine.model, self.engine.checkpoint)),
+                  *self.read_files]
         for i, (what, out) in enumerate(outputs):
-            if source is not None and same_file(out, source):
-                raise UserError(f"{what} {out} is the source video, which it would overwrite: "
-                                "write the results elsewhere")
-            if same_file(out, checkpoint):
-                raise UserError(f"{what} {out} is the model's checkpoint, which it would overwrite: "
-                                "write the results elsewhere")
+            for name, path in inputs:
+                if path is not None and same_file(out, path):
+                    raise UserError(f"{what} {out} is {name}, which it would overwrite: "
+                                    "write the results elsewhere")
             for other, other_out in outputs[i + 1:]:
                 if same_file(out, other_out):  # both writers in one file: neither readable
                     raise UserError(f"{what} {out} and {other} {other_out} are the same path: "
@@ -142,7 +144,7 @@ class RunConfig:
 
     @classmethod
     def from_config(cls, cfg: Config, source: str, prompts: dict[int, list[Prompt]],
-                    progress: bool = True) -> RunConfig:
+                    progress: bool = True, read_files: tuple[tuple[str, str], ...] = ()) -> RunConfig:
         """The run described by a merged :class:`~streamtrack.config.Config`."""
         engine = EngineConfig(
             model=cfg.model, checkpoint=cfg.checkpoint, device=cfg.device, image_size=cfg.image_size,
@@ -162,6 +164,8 @@ class RunConfig:
             progress=progress, capture=capture, publish_frames=cfg.publish_frames, loop=cfg.loop,
             curve=server_from_options(cfg.curve_secret, cfg.curve_clients), emit=cfg.emit,
             decode=cfg.decode, launch_ahead=cfg.launch_ahead,
+            read_files=(*read_files, *([("the CURVE secret key file", cfg.curve_secret)]
+                                       if cfg.curve_secret else [])),
         )
 
     @property

@@ -423,6 +423,15 @@ def test_the_checkpoint_is_not_an_output_either(tmp_path, monkeypatch):
     assert given.read_bytes() == b"weights"
 
 
+def test_the_curve_secret_key_file_is_not_an_output_either(tmp_path):
+    from streamtrack.config import Config
+
+    secret = tmp_path / "server.key_secret"
+    cfg = Config(curve_secret=str(secret), curve_clients=str(tmp_path), save_video=str(secret))
+    with pytest.raises(UserError, match=f"^--save-video {secret} is the CURVE secret key file, which it"):
+        RunConfig.from_config(cfg, "clip.mp4", {})
+
+
 def test_a_file_url_source_is_not_an_output_either(tmp_path):
     video = write_video(make_clip(2, 64, 48, num_objects=1).frames, tmp_path / "my clip.mp4")
     with pytest.raises(UserError, match="is the source video, which it would overwrite"):

@@ -253,6 +253,8 @@ def test_config_layers_and_print_config_round_trip(tmp_path):
         (["{video}", "--prompts", "{video}"], "is not a text file"),  # a video given as the prompts
         (["{video}", "--prompts", "{tmp}"], "is a directory, not a file"),
         (["{video}", "--box", "1,2,30,40", "--save-jsonl", "{video}"], "is the source video"),
+        (["{video}", "--prompts", "{late_prompts}", "--save-jsonl", "{late_prompts}"],
+         "--save-jsonl {late_prompts} is the prompts file, which it would overwrite"),
         (["{video}", "--box", "1,2,30,40", "--save-jsonl", "{tmp}/o.mp4", "--save-video", "{tmp}/./o.mp4"],
          "are the same path: give each output its own"),
         (["{video}", "--box", "1,2,30,40", "--save-masks", "{tmp}/o", "--save-jsonl", "{tmp}/o"],
@@ -282,8 +284,9 @@ def test_bad_input_exit_2_one_line(clip_file, tiny_checkpoint, tmp_path, args, m
     r = streamtrack("run", *[a.format(**names) for a in args], "-q")
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    assert message in r.stderr
+    assert message.format(**names) in r.stderr
     assert Path(video).read_bytes() == video_bytes  # the source is never written to
+    assert json.loads(late_prompts.read_text())[1]["frame"] == 3  # nor the prompts
 
 
 def test_an_error_on_the_first_frame_gets_a_line_after_the_progress_bar(clip_file, tiny_checkpoint):

@@ -639,6 +639,8 @@ OUTPUT_MISTAKES = {
     "rle-is-the-checkpoint": (["--out", "o.png", "--save-rle", "ck.pt", "--checkpoint", "ck.pt"],
                               "--save-rle ck.pt is the model's checkpoint, which it would overwrite"),
     "checkpoint-empty": (["--out", "o.png", "--checkpoint", ""], "--checkpoint: empty path"),
+    "rle-is-the-prompts": (["--out", "o.png", "--prompts", "p.json", "--save-rle", "./p.json"],
+                           "--save-rle p.json is the prompts file, which it would overwrite"),
     "no-output": ([], "nothing to write: give --out OUT.png (the overlay), --save-masks DIR or --save-rle"),
 }
 
@@ -656,6 +658,7 @@ def test_cli_output_mistakes_are_refused_before_the_model_is_built(case, image_p
     (tmp_path / "afile.txt").write_text("a file\n")
     (tmp_path / "keep.png").write_bytes(b"earlier overlay")
     (tmp_path / "keep.json").write_text("{}\n")
+    (tmp_path / "p.json").write_text('[{"obj_id": 2, "box": [1, 2, 30, 40]}]\n')
     (tmp_path / "sm").mkdir()
     (tmp_path / "sm" / "object_1.png").write_bytes(image_png.read_bytes())
     before = _files(tmp_path)
