@@ -13,7 +13,9 @@ converted.
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 import os
 import re
 import stat
@@ -46,6 +48,8 @@ __all__ = [
     "parse_source",
     "redact_url",
 ]
+
+log = logging.getLogger(__name__)
 
 _HTTP_SCHEMES = frozenset({"http", "https"})
 
@@ -236,6 +240,10 @@ class FrameReader(Protocol):
 # PyAV: files and network streams
 
 
+# RTSP URLs whose camera refused TCP interleaving in this process: opened over UDP.
+_RTSP_OVER_UDP: set[str] = set()
+
+
 def _pyav_options(url: str, read_timeout: float) -> dict[str, str]:
     """Low-latency demuxer options for a live network stream."""
     options = {
@@ -250,7 +258,8 @@ def _pyav_options(url: str, read_timeout: float) -> dict[str, str]:
     # a stream with one keyframe).  The few probed frames it would save come out at once
     # and the capture's drop-oldest queue keeps only the newest.
     if urlsplit(url).scheme.lower() in ("rtsp", "rtsps"):
-        # TCP interleaving: no UDP ports to open, no packet loss artefacts.
+        # TCP interleaving: no UDP ports to open, no packet loss artefacts (a camera that
+        # offers only UDP gets UDP: see open_pyav).
         options["rtsp_transport"] = "tcp"
     return options
 
@@ -369,12 +378,23 @@ def open_pyav(
     target = str(spec.target)
     if spec.kind is SourceKind.NETWORK:
         started = time.monotonic()
+        options = _pyav_options(target, read_timeout)
+        if target in _RTSP_OVER_UDP:
+            options["rtsp_transport"] = "udp"
         try:
-            container = av.open(
-                target,
-                options=_pyav_options(target, read_timeout),
-                timeout=(open_timeout, read_timeout),
-            )
+            try:
+                container = av.open(target, options=options, timeout=(open_timeout, read_timeout))
+            except OSError as exc:
+                if exc.errno != errno.EPROTONOSUPPORT or options.get("rtsp_transport") != "tcp" \
+                        or urlsplit(target).scheme.lower() != "rtsp":
+                    raise
+                # The camera offers RTP over UDP only (no TCP interleaving): take that, lost
+                # packets and all, rather than no picture.  Remembered for reconnects.
+                log.warning("source %s: the camera offers RTSP over UDP only; using UDP (lost packets "
+                            "show as damaged frames)", spec.display)
+                _RTSP_OVER_UDP.add(target)
+                options["rtsp_transport"] = "udp"
+                container = av.open(target, options=options, timeout=(open_timeout, read_timeout))
         except (av.ExitError, av.InvalidDataError) as exc:
             # The timeout's interrupt (a server that accepts and never answers): ExitError,
             # or, from FFmpeg's RTSP demuxer, "invalid data" at the open timeout.
@@ -406,8 +426,11 @@ def describe_error(exc: BaseException, spec: SourceSpec) -> str:
     text = f"{type(exc).__name__}: {' '.join(message.split())}"
     if spec.kind is SourceKind.NETWORK:
         text = text.replace(str(spec.target), spec.display)
-        if "Protocol not supported" in text and str(spec.target).lower().startswith("rtsp"):
-            text += " (streamtrack asks for RTSP over TCP: this camera may offer only UDP)"
+        scheme = urlsplit(str(spec.target)).scheme.lower()
+        if "Protocol not supported" in text and scheme == "rtsps":
+            text += " (streamtrack asks for RTSPS over TCP: this camera may offer only UDP)"
+        elif "Protocol not supported" in text and scheme == "rtsp":
+            text += " (the camera refused RTP over TCP and over UDP)"
     return text
 
 

@@ -84,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--gop", type=int, default=10, help="keyframe interval in frames")
     parser.add_argument("--pattern", default="ball", help="videotestsrc pattern")
+    parser.add_argument("--udp-only", action="store_true",
+                        help="offer RTP over UDP only, as some cameras do (no TCP interleaving)")
     args = parser.parse_args(argv)
 
     glib, gst, rtsp = _import_gst()
+    import gi
     _check_plugins(gst, args)
 
     server = rtsp.RTSPServer()
@@ -96,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     factory.set_launch(_launch_line(args))
     # One pipeline for all clients; it is rebuilt when the last client leaves.
     factory.set_shared(True)
+    if args.udp_only:
+        gi.require_version("GstRtsp", "1.0")
+        from gi.repository import GstRtsp
+
+        factory.set_protocols(GstRtsp.RTSPLowerTrans.UDP)
     server.get_mount_points().add_factory(f"/{args.name}", factory)
     if server.attach(None) == 0:
         print(f"ERROR cannot listen on 127.0.0.1:{args.port}", flush=True)

@@ -460,7 +460,9 @@ def test_a_server_that_never_answers_is_a_timeout_and_ffmpeg_tags_are_no_errnos(
     assert describe_error(ConnectionRefusedError(111, "Connection refused"), spec) == \
         "ConnectionRefusedError: [Errno 111] Connection refused"
     assert describe_error(OSError(93, "Protocol not supported"), spec).endswith(
-        "(streamtrack asks for RTSP over TCP: this camera may offer only UDP)")
+        "(the camera refused RTP over TCP and over UDP)")  # UDP is tried when TCP is refused
+    assert describe_error(OSError(93, "Protocol not supported"), parse_source("rtsps://h/c")).endswith(
+        "(streamtrack asks for RTSPS over TCP: this camera may offer only UDP)")
 
 
 # ---------------------------------------------------------------------------
@@ -816,6 +818,32 @@ def test_server_absent_at_start_then_appears(tmp_path: Path, decode: str) -> Non
     finally:
         cap.close()
         server.close()
+
+
+def test_a_camera_offering_rtsp_over_udp_only_is_streamed_over_udp(decode: str, caplog) -> None:
+    """TCP interleaving is asked for first (no loss artefacts); a camera that refuses it
+    (461 Unsupported transport) is read over UDP instead of not at all, and reconnects
+    go straight to UDP."""
+    from streamtrack import sources
+
+    server = RtspServer(name="udp", extra_args=("--udp-only",))
+    url = server.start()
+    try:
+        with caplog.at_level("WARNING", logger="streamtrack.sources"):
+            with open_source(url, CaptureConfig(**LIVE), decode=decode) as cap:
+                frames = [cap.read(timeout=5) for _ in range(5)]
+                state = cap.state
+            with open_source(url, CaptureConfig(**LIVE), decode=decode) as again:
+                frames.append(again.read(timeout=5))
+    finally:
+        server.close()
+        sources._RTSP_OVER_UDP.discard(url)
+    assert all(frame is not None and frame.image.shape == (120, 160, 3) for frame in frames)
+    assert state is S.STREAMING
+    if decode == "thread":  # the process decoder logs in its child; once (per connect there)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"source {url}: the camera offers RTSP over UDP only; using UDP (lost packets show as "
+            "damaged frames)"]
 
 
 def test_rtsp_stream_with_a_single_keyframe_is_decoded_from_its_start(tmp_path: Path,
