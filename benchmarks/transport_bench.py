@@ -598,31 +598,44 @@ def print_table(report: dict) -> None:
             print(f"  {label:>16}: {_f(t['fps'][mode], '.3f')} fps  ratio {_f(r, '.3f')}{ok}{extra}")
 
 
+# The sizes of a full run and of --quick's, for the options left out on the command line.
+_FULL = {"objects": [1, 4, 16], "latency_messages": 300, "blast_seconds": 2.0, "duration": 60.0,
+         "image_size": 128, "clip_frames": 40, "clip_size": "320x240"}
+_QUICK = {"objects": [1, 4], "latency_messages": 60, "blast_seconds": 0.5, "duration": 5.0,
+          "image_size": 64, "clip_frames": 10, "clip_size": "160x120"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object on stdout (the table on stderr)")
-    ap.add_argument("--objects", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--latency-messages", type=int, default=300)
+    ap.add_argument("--objects", type=int, nargs="+", help="object counts (default 1 4 16; --quick: 1 4)")
+    ap.add_argument("--latency-messages", type=int, help="messages timed (default 300; --quick: 60)")
     ap.add_argument("--latency-rate", type=float, default=100.0, help="messages/s while timing latency")
-    ap.add_argument("--blast-seconds", type=float, default=2.0, help="seconds of full-speed sending")
-    ap.add_argument("--duration", type=float, default=60.0, help="seconds of the 30 fps delivery run")
+    ap.add_argument("--blast-seconds", type=float,
+                    help="seconds of full-speed sending (default 2; --quick: 0.5)")
+    ap.add_argument("--duration", type=float,
+                    help="seconds of the 30 fps delivery run (default 60; --quick: 5)")
     ap.add_argument("--fps", type=float, default=30.0, help="pace of the delivery run")
     ap.add_argument("--curve", action="store_true",
                     help="also time the Publisher with CURVE encryption + authentication")
     ap.add_argument("--no-tracker", action="store_true", help="skip the tracker part")
     ap.add_argument("--no-stream", action="store_true", help="only the tracker part")
     ap.add_argument("--device", default="cpu", help="tracker device (cpu, cuda)")
-    ap.add_argument("--image-size", type=int, default=128, help="tracker model input")
-    ap.add_argument("--clip-frames", type=int, default=40)
-    ap.add_argument("--clip-size", default="320x240")
+    ap.add_argument("--image-size", type=int, help="tracker model input (default 128; --quick: 64)")
+    ap.add_argument("--clip-frames", type=int, help="tracker clip length (default 40; --quick: 10)")
+    ap.add_argument("--clip-size", help="tracker clip WxH (default 320x240; --quick: 160x120)")
     ap.add_argument("--skip-frames", type=int, default=3, help="first frames not timed")
     ap.add_argument("--slow-sleep", type=float, default=0.5, help="slow subscriber: seconds per message")
     ap.add_argument("--tracker-repeats", type=int, default=1, help="runs per mode, interleaved; median")
     ap.add_argument("--tracker-timeout", type=float, default=900.0)
     ap.add_argument("--quick", action="store_true",
-                    help="small, short run (smoke test; its figures are not meaningful)")
+                    help="small, short run (smoke test; its figures are not meaningful); "
+                         "options given still count")
     args = ap.parse_args(argv)
+    for name, value in (_QUICK if args.quick else _FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("objects", "latency_messages", "latency_rate", "blast_seconds", "duration", "fps",
                  "image_size", "clip_frames", "tracker_repeats", "tracker_timeout"):
         values = getattr(args, name)
@@ -630,9 +643,6 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be more than 0")
     if args.skip_frames < 0 or args.slow_sleep < 0:
         ap.error("--skip-frames and --slow-sleep must be at least 0")
-    if args.quick:
-        args.objects, args.latency_messages, args.blast_seconds = [1, 4], 60, 0.5
-        args.duration, args.clip_frames, args.clip_size, args.image_size = 5.0, 10, "160x120", 64
     ctx = mp.get_context("spawn")
     report: dict = {"machine": machine(), "loadavg_start": load(),
                     "args": {k: v for k, v in vars(args).items() if k != "json"}}

@@ -516,3 +516,14 @@ def test_the_benchmark_scripts_refuse_numbers_that_make_no_run(monkeypatch, caps
     with pytest.raises(SystemExit) as exited:
         script.main(args)
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_transport_bench_quick_keeps_the_options_given(monkeypatch, capsys):
+    """--quick sizes what was left out; an option given beside it still counts."""
+    script = _benchmark_script(monkeypatch, "transport_bench")
+    assert script.main(["--quick", "--objects", "2", "--no-stream", "--no-tracker", "--json"]) == 0
+    used = json.loads(capsys.readouterr().out)["args"]
+    assert (used["objects"], used["duration"], used["clip_size"]) == ([2], 5.0, "160x120")
+    assert script.main(["--no-stream", "--no-tracker", "--json"]) == 0
+    used = json.loads(capsys.readouterr().out)["args"]
+    assert (used["objects"], used["duration"], used["clip_size"]) == ([1, 4, 16], 60.0, "320x240")
