@@ -8,12 +8,15 @@ uses but over the whole frame, which isolates what the bounding-box crop buys.
 All run in the same process on the same frame and masks (random ellipses), so
 the ratios are meaningful whatever the machine.
 
-    python benchmarks/overlay_bench.py [--width 1280 --height 720 --objects 1 4 16]
+    python benchmarks/overlay_bench.py [--width 1280 --height 720 --objects 1 4 16] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import sys
 import time
 
 import cv2
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--objects", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--repeats", type=int, default=30, help="timed runs per case (median reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object on stdout (the table on stderr)")
     args = ap.parse_args(argv)
     for name in ("width", "height", "repeats", "objects"):
         values = getattr(args, name)
@@ -89,16 +94,23 @@ def main(argv: list[str] | None = None) -> None:
 
     rng = np.random.default_rng(args.seed)
     image = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
-    print(f"overlay at {args.width}x{args.height}, median of {args.repeats} runs (ms per frame)")
-    print(f"{'objects':>7} {'annotate':>9} {'naive':>9} {'ratio':>7} {'full-frame cv2':>15} {'ratio':>7}")
-    for n in args.objects:
-        masks = random_ellipses(n, args.width, args.height, rng)
-        # The bbox comes with each result (engine and wire both carry it), so it is not timed.
-        objs = [Annotation(i, m, mask_bbox(m)) for i, m in enumerate(masks, start=1)]
-        ours = time_ms(lambda objs=objs: annotate(image, objs, labels=False), args.repeats)
-        naive = time_ms(lambda masks=masks: naive_overlay(image, masks), args.repeats)
-        full = time_ms(lambda masks=masks: fullframe_cv2_overlay(image, masks), args.repeats)
-        print(f"{n:>7} {ours:>9.2f} {naive:>9.2f} {naive / ours:>6.1f}x {full:>15.2f} {full / ours:>6.1f}x")
+    rows = []
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        print(f"overlay at {args.width}x{args.height}, median of {args.repeats} runs (ms per frame)")
+        print(f"{'objects':>7} {'annotate':>9} {'naive':>9} {'ratio':>7} {'full-frame cv2':>15} {'ratio':>7}")
+        for n in args.objects:
+            masks = random_ellipses(n, args.width, args.height, rng)
+            # The bbox comes with each result (engine and wire both carry it), so it is not timed.
+            objs = [Annotation(i, m, mask_bbox(m)) for i, m in enumerate(masks, start=1)]
+            ours = time_ms(lambda objs=objs: annotate(image, objs, labels=False), args.repeats)
+            naive = time_ms(lambda masks=masks: naive_overlay(image, masks), args.repeats)
+            full = time_ms(lambda masks=masks: fullframe_cv2_overlay(image, masks), args.repeats)
+            rows.append({"objects": n, "annotate_ms": ours, "naive_ms": naive, "naive_ratio": naive / ours,
+                         "fullframe_cv2_ms": full, "fullframe_cv2_ratio": full / ours})
+            print(f"{n:>7} {ours:>9.2f} {naive:>9.2f} {naive / ours:>6.1f}x "
+                  f"{full:>15.2f} {full / ours:>6.1f}x")
+    if args.json:
+        print(json.dumps({"width": args.width, "height": args.height, "repeats": args.repeats, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -527,3 +527,12 @@ def test_transport_bench_quick_keeps_the_options_given(monkeypatch, capsys):
     assert script.main(["--no-stream", "--no-tracker", "--json"]) == 0
     used = json.loads(capsys.readouterr().out)["args"]
     assert (used["objects"], used["duration"], used["clip_size"]) == ([1, 4, 16], 60.0, "320x240")
+
+
+def test_overlay_bench_json_is_one_object_with_a_row_per_object_count(monkeypatch, capsys):
+    script = _benchmark_script(monkeypatch, "overlay_bench")
+    script.main(["--width", "96", "--height", "64", "--objects", "1", "3", "--repeats", "2", "--json"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)  # stdout is the JSON alone; the table went to stderr
+    assert [r["objects"] for r in report["rows"]] == [1, 3] and "annotate" in err
+    assert all(r["naive_ratio"] == r["naive_ms"] / r["annotate_ms"] > 0 for r in report["rows"])
