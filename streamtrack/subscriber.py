@@ -332,8 +332,11 @@ class Subscriber:
                             st.counters[msg.stream].superseded += 1
                     slot.msg = msg
                     slot.pending = True
-                st.order.pop(msg.topic, None)
-                st.order[msg.topic] = None
+                # A pending topic keeps its turn when a newer message replaces it: moved to
+                # the back, the frequent masks would always queue behind the rare stats,
+                # and a loop slower than the stats interval would get nothing else.
+                if msg.topic not in st.order:
+                    st.order[msg.topic] = None
             if parsed:
                 self._cond.notify_all()
 

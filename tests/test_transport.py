@@ -115,6 +115,25 @@ def test_slow_subscriber_sees_only_the_newest(pub: Publisher) -> None:
         assert sub.latest("cam0") is msg or sub.latest("cam0").seq == last
 
 
+def test_a_slow_loop_on_masks_and_stats_gets_both_in_turn(pub: Publisher) -> None:
+    """Masks come 30 times per stats message: a loop slower than the stats interval must
+    still get the newest masks, not the stats alone (a pending topic keeps its turn
+    when a newer message replaces it)."""
+    with Subscriber(pub.endpoint, topics=("masks/", "stats/")) as sub:
+        seq = _sync(pub, sub)
+        kinds = []
+        for _ in range(3):  # the loop body sleeps while these arrive
+            pub.publish_result(_result(seq))
+            pub.publish_stats(StatsWindow(stream="cam0").snapshot(memory_bytes=1))
+            pub.publish_result(_result(seq + 1))
+            seq += 2
+            deadline = time.monotonic() + 5
+            while sub.counters("cam0").last_seq != seq - 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            kinds.append([sub.recv(timeout=2).kind, sub.recv(timeout=2).kind])
+    assert kinds == [["masks", "stats"]] * 3
+
+
 def test_gap_detection_counts_missing_seq_and_restarts(pub: Publisher) -> None:
     with Subscriber(pub.endpoint) as sub:
         seq = _sync(pub, sub)
