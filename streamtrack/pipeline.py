@@ -280,26 +280,43 @@ class _Controls:
         return {"queued_for_frame": self.tracker.next_seq, "obj_id": prompt.obj_id}
 
     def remove_object(self, obj_id):
-        queued = any(p.obj_id == obj_id for p in self.pending)
+        tracker = self.tracker
+        queued = any(p.obj_id == obj_id for p in [*self.pending, *tracker._carried])
         # An object whose first prompt is still queued is cancelled, not left to appear.
         self.pending = [p for p in self.pending if p.obj_id != obj_id]
         if queued:
-            self.tracker._notify("unqueued", {"obj_id": obj_id})
-        engine = self.tracker.engine
-        if queued and (engine is None or obj_id not in engine.object_ids):
-            return {"objects": engine.object_ids if engine is not None else []}
-        engine = self.tracker.require_engine()
+            tracker._notify("unqueued", {"obj_id": obj_id})
+        engine = tracker.engine
+        if engine is None:
+            # Loading after a restart: an object it would bring back is dropped now.
+            restored = any(p.obj_id == obj_id for p in tracker._seed)
+            tracker._seed = [p for p in tracker._seed if p.obj_id != obj_id]
+            tracker._carried = [p for p in tracker._carried if p.obj_id != obj_id]
+            if restored:
+                tracker._removed.add(obj_id)
+                tracker._notify("unseeded", {"obj_id": obj_id})  # nor after another restart
+            if queued or restored:
+                return {"objects": sorted({p.obj_id for p in tracker._seed})}
+        elif queued and obj_id not in engine.object_ids:
+            return {"objects": engine.object_ids}
+        engine = tracker.require_engine()
         engine.remove_object(obj_id)
         self.tracker._removed.add(obj_id)
         return {"objects": engine.object_ids}
 
     def reset(self):
-        if self.pending:
+        tracker = self.tracker
+        if self.pending or tracker._carried:
             self.pending.clear()
-            self.tracker._notify("unqueued", {"obj_id": None})  # all of them
-        if self.tracker.engine is not None:  # loading, there are only queued prompts to drop
-            self.tracker._removed.update(self.tracker._object_states, self.tracker.engine.object_ids)
-            self.tracker.engine.reset()
+            tracker._notify("unqueued", {"obj_id": None})  # all of them
+        # Loading after a restart: what it would bring back on the first frame goes too.
+        if tracker._seed:
+            tracker._notify("unseeded", {"obj_id": None})
+        tracker._seed, tracker._carried = [], []
+        tracker._removed.update(tracker._object_states)
+        if tracker.engine is not None:
+            tracker._removed.update(tracker.engine.object_ids)
+            tracker.engine.reset()
         return {"objects": []}
 
     def status(self):
@@ -421,6 +438,10 @@ class Tracker:
         # them (a frame launched before the removal): the control status leaves them out.
         self._removed: set[int] = set()
         self._dropped_before = dict(resume.dropped_before)
+        # What a restart brings back on the first frame: the objects' last masks, and the
+        # prompts queued before it.  The control channel may drop them while the model loads.
+        self._seed: list[Prompt] = list(resume.seed)
+        self._carried: list[Prompt] = list(resume.queued)
         self.capture = None
         self._give_up_after: float | None = None  # the live source's, once run() opens it
         self._controls = _Controls(self)
@@ -512,10 +533,10 @@ class Tracker:
             self._notify("running", {"pid": os.getpid()})
             self._video_clock = cfg.resumable_file
             skip_to = resume.skip_to_frame if self._video_clock else 0
-            seed: list[Prompt] = list(resume.seed)
-            if resume.queued:  # before those sent while this tracker loaded, which win
+            seed, self._seed = self._seed, []
+            if self._carried:  # before those sent while this tracker loaded, which win
                 loaded = {p.obj_id for p in self._controls.pending}
-                carried = [p for p in resume.queued if p.obj_id not in loaded]
+                carried = [p for p in self._carried if p.obj_id not in loaded]
                 self._controls.pending = [*carried, *self._controls.pending]
                 for p in carried:  # a supervisor keeps them until their frame is out
                     self._notify("queued", {"prompt": p})

@@ -151,7 +151,8 @@ class _Seen:
 
     def note_prompts(self, kind: str, data: dict[str, Any]) -> None:
         """Follow the tracker's control queue: a prompt queued, unqueued (removed, or all
-        by a reset: ``obj_id`` None), or applied to the frame of ``seq``."""
+        by a reset: ``obj_id`` None), or applied to the frame of ``seq``; an object it was
+        restarted with, unseeded (all: None) before its first frame."""
         if kind == "queued":
             prompt = data["prompt"]
             self.queued.pop(prompt.obj_id, None)
@@ -161,6 +162,10 @@ class _Seen:
                 self.queued.clear()
             else:
                 self.queued.pop(data["obj_id"], None)
+        elif kind == "unseeded":  # dropped while a restarted tracker loaded: not to come back
+            for obj_id in list(self.masks) if data["obj_id"] is None else [data["obj_id"]]:
+                self.masks.pop(obj_id, None)
+                self.states.pop(obj_id, None)
         elif kind == "applied":
             ids = data["obj_ids"]
             self.applied.append((data["seq"], [self.queued.pop(i) for i in ids if i in self.queued]))
@@ -446,7 +451,7 @@ def _add(total: RunSummary, part: RunSummary) -> None:
 _SUSPENDED_AFTER = 5.0  # seconds
 
 # Reports a tracker sends as it goes (besides its milestones), kept for a restart.
-_PROGRESS_REPORTS = ("emitted", "queued", "unqueued", "applied")
+_PROGRESS_REPORTS = ("emitted", "queued", "unqueued", "unseeded", "applied")
 
 
 class _Child:

@@ -364,6 +364,66 @@ def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypat
     assert [p.obj_id for p in tracker.engine.launched[0]] == [2]
 
 
+@pytest.mark.parametrize("request_", ["remove_object", "reset"])
+def test_a_restarted_tracker_drops_what_it_would_bring_back_when_told_while_it_loads(
+        tmp_path, monkeypatch, request_):
+    """After a restart the objects come back on the first frame (their last masks) with
+    the prompts queued before it.  A remove_object or reset answered while the model loads
+    holds for them too: they do not come back after the reply said they were gone."""
+    from streamtrack.pipeline import Resume
+
+    video = write_video(make_clip(4, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    release = threading.Event()
+    engine = TrackedIds()
+
+    def slow_load(config):
+        assert release.wait(30)
+        return engine
+
+    monkeypatch.setattr("streamtrack.engine.StreamingEngine.from_config", slow_load)
+    seed = tuple(Prompt(i, mask=np.ones((48, 64), bool)) for i in (1, 2, 3))
+    resume = Resume(seed=seed, queued=(Prompt.make(7, box=[1, 2, 30, 40]),), restarts=1,
+                    object_states={1: "visible", 2: "visible", 3: "occluded"})
+    bound: dict = {}
+    said: list = []
+
+    def notify(kind, data):
+        if kind == "bound":
+            bound.update(data)
+        else:
+            said.append((kind, data.get("obj_id")))
+
+    tracker = Tracker(RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False,
+                                resume=resume), notify=notify)
+    thread = threading.Thread(target=tracker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "control" not in bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with ControlClient(bound["control"], timeout=5) as client:
+            assert set(client.status()["objects"]) == {"1", "2", "3"}
+            if request_ == "remove_object":
+                assert client.remove_object(2) == {"ok": True, "objects": [1, 3]}
+                assert client.remove_object(7) == {"ok": True, "objects": [1, 3]}  # the carried prompt
+                assert set(client.status()["objects"]) == {"1", "3"}
+            else:
+                assert client.reset() == {"ok": True, "objects": []}
+                assert client.status()["objects"] == {}
+                assert client.add_prompt(5, box=[1, 2, 30, 40])["ok"]
+            release.set()
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        release.set()
+        tracker.stop()
+    first = [p.obj_id for p in engine.launched[0]]
+    assert first == ([1, 3] if request_ == "remove_object" else [5])
+    # The supervisor hears it, for the restart after this one.
+    unseeded = [obj_id for kind, obj_id in said if kind == "unseeded"]
+    assert unseeded == ([2] if request_ == "remove_object" else [None])
+
+
 def test_a_port_left_to_the_system_is_reported(tmp_path, caplog):
     """Nobody can subscribe to port 0 until told which port it became."""
     video = write_video(make_clip(3, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")

@@ -669,6 +669,17 @@ def test_a_restart_carries_frame_ids_drop_counts_and_object_states_on():
     assert r.frame_id_start == 11450 and r.dropped_before == {"queue_full": 11301}
     assert r.object_states == {1: "visible", 2: "occluded"}
 
+def test_objects_unseeded_while_a_restarted_tracker_loaded_do_not_come_back_at_the_next_restart():
+    objects = tuple(ObjectResult.from_mask(k, np.ones((3, 4), bool), score=0.9) for k in (1, 2, 3))
+    seen = _Seen()
+    seen.update(FrameResult(stream="cam0", seq=4, frame_id=4, pts=None, width=4, height=3, objects=objects))
+    seen.note_prompts("unseeded", {"obj_id": 2})  # remove_object(2) before the first frame
+    r = resume_from_seen(seen, Resume(), 2)
+    assert [p.obj_id for p in r.seed] == [1, 3] and set(r.object_states) == {1, 3}
+    seen.note_prompts("unseeded", {"obj_id": None})  # a reset
+    assert resume_from_seen(seen, Resume(), 3).seed == ()
+
+
 def test_prompts_queued_or_in_a_frame_not_yet_out_are_carried_over_a_restart():
     a, b, c, d = (Prompt.make(i, box=[1, 2, 30, 40]) for i in (1, 2, 3, 4))
     seen = _Seen()
