@@ -487,6 +487,9 @@ class ControlServer:
 # --------------------------------------------------------------------------- client
 
 
+_MAX_TIMEOUT = (2**31 - 1) // 1000  # seconds
+
+
 class ControlClient:
     """Send control requests; never hangs.
 
@@ -502,8 +505,10 @@ class ControlClient:
         context: zmq.Context | None = None,
         curve: CurveClient | None = None,
     ) -> None:
-        if not timeout > 0:
-            raise UserError(f"control timeout must be > 0 seconds, got {timeout!r}")
+        # ZeroMQ takes the timeout as a 32-bit count of milliseconds.
+        if not 0 < timeout <= _MAX_TIMEOUT:
+            raise UserError(f"control timeout must be > 0 and at most {_MAX_TIMEOUT:,} seconds "
+                            f"(about 24 days), got {timeout!r}")
         self.timeout = float(timeout)
         # Keys are read once, here, so a bad key file fails before the first request.
         self._curve = None if curve is None else curve.load()

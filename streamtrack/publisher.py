@@ -58,6 +58,7 @@ def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
     ZeroMQ errors become :class:`UserError` with a message a CLI can print as is.
     """
     ep = normalize_endpoint(endpoint)
+    _allow_ipv6(sock, ep)
     try:
         sock.bind(ep)
     except zmq.ZMQError as exc:
@@ -71,12 +72,20 @@ def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
     return last.decode() if isinstance(last, bytes) and last else ep
 
 
+def _allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:
+    """ZeroMQ sockets are IPv4-only until told otherwise: ``tcp://[::1]:5555`` would fail
+    to bind ("No such device") and connect to nothing, in silence."""
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 def connect_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
     """Connect ``sock`` (asynchronous in ZeroMQ: the peer may come up later)."""
     ep = normalize_endpoint(endpoint)
     if system_port(ep):
         raise UserError(f"cannot connect {what} to {endpoint!r}: port 0 (any free port) is for "
                         "binding; give the port the other side bound")
+    _allow_ipv6(sock, ep)
     try:
         sock.connect(ep)
     except zmq.ZMQError as exc:

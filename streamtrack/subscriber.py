@@ -168,6 +168,9 @@ class Subscriber:
         disconnects from gone ones (a fleet's streams start, move to other nodes, end)."""
         from streamtrack.fleet_directory import is_directory_file
 
+        if isinstance(endpoints, (bytes, bytearray)):  # iterated, each byte would be a port
+            raise UserError(f"Subscriber endpoints are strings such as 'tcp://127.0.0.1:5555' or "
+                            f"port numbers, got bytes {bytes(endpoints)!r}: decode them")
         if is_directory_file(endpoints):  # a fleet's directory file: all its streams
             endpoints, listing = _fleet_listing(str(endpoints), None)
             follow = follow or listing

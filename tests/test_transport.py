@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -871,3 +872,41 @@ def test_subscribe_says_once_that_it_is_still_waiting_then_times_out(capsys, mon
     assert lines[0].startswith(f"streamtrack: nothing from {endpoint} in 0.5 s, still waiting"), lines
     assert lines[1].startswith(f"streamtrack: no message for 2 s from {endpoint}"), lines
     assert "still waiting" not in quiet.err and "no message for 1 s" in quiet.err, quiet.err
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_ipv6_endpoints_publish_subscribe_and_control() -> None:
+    """tcp://[::1]:PORT is accepted as an endpoint, so it must work: ZeroMQ sockets are
+    IPv4-only unless told otherwise (bind: "No such device"; connect: silence)."""
+    with Publisher("tcp://[::1]:0", "cam0") as pub, Subscriber(pub.endpoint) as sub:
+        assert pub.endpoint.startswith("tcp://[::1]:")
+        seq = _sync(pub, sub)
+        pub.publish_result(_result(seq))
+        assert sub.recv(timeout=2).seq == seq
+    served = Served("tcp://[::1]:0")
+    try:
+        with ControlClient(served.server.endpoint, timeout=5) as client:
+            assert client.resume()["ok"]
+    finally:
+        served.close()
+    assert served.handler.calls == [("resume", None)]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Subscriber(b"tcp://127.0.0.1:5555"), "got bytes b'tcp://127.0.0.1:5555': decode them"),
+    (lambda: ControlClient("tcp://127.0.0.1:5556", timeout=float("inf")), "at most 2,147,483 seconds"),
+    (lambda: ControlClient("tcp://127.0.0.1:5556", timeout=1e10), "at most 2,147,483 seconds"),
+    (lambda: ControlClient("tcp://127.0.0.1:5556", timeout=float("nan")), "must be > 0"),
+])
+def test_client_arguments_that_cannot_work_are_one_line_user_errors(make, message) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        make().close()
