@@ -13,6 +13,7 @@ import argparse
 
 import numpy as np
 
+from streamtrack.errors import UserError
 from streamtrack.subscriber import Subscriber
 
 
@@ -29,17 +30,22 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=0, help="stop after N messages (0 = forever)")
     args = parser.parse_args()
     seen = 0
-    with Subscriber(args.endpoint) as sub:
-        for msg in sub:
-            parts = []
-            for obj in msg.result.objects:
-                c = centroid(msg.mask(obj.obj_id))
-                where = f"({c[0]:.0f},{c[1]:.0f})" if c else "-"
-                parts.append(f"#{obj.obj_id} {obj.state} area={obj.area} centroid={where}")
-            print(f"frame {msg.result.frame_id}: " + "; ".join(parts or ["no objects"]), flush=True)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
+    try:
+        with Subscriber(args.endpoint) as sub:
+            for msg in sub:
+                parts = []
+                for obj in msg.result.objects:
+                    c = centroid(msg.mask(obj.obj_id))
+                    where = f"({c[0]:.0f},{c[1]:.0f})" if c else "-"
+                    parts.append(f"#{obj.obj_id} {obj.state} area={obj.area} centroid={where}")
+                print(f"frame {msg.result.frame_id}: " + "; ".join(parts or ["no objects"]), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+    except UserError as e:  # a bad endpoint: one line, as the CLI says it
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 
+from streamtrack.errors import UserError
 from streamtrack.subscriber import Subscriber
 
 
@@ -40,26 +41,38 @@ def events_for(result, region, last: dict[int, str]) -> list[dict]:
     return out
 
 
+def parse_region(text: str) -> list[float]:
+    try:
+        region = [float(v) for v in text.split(",")]
+    except ValueError:
+        region = []
+    if len(region) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: give x0,y0,x1,y1 (four numbers)")
+    return region
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555")
-    parser.add_argument("--region", required=True, help="x0,y0,x1,y1 in source pixels")
+    parser.add_argument("--region", required=True, type=parse_region, help="x0,y0,x1,y1 in source pixels")
     parser.add_argument("--count", type=int, default=0, help="stop after N messages (0 = forever)")
     args = parser.parse_args()
-    region = [float(v) for v in args.region.split(",")]
-    if len(region) != 4:
-        parser.error("--region needs x0,y0,x1,y1")
     last: dict[int, str] = {}
     seen = 0
-    with Subscriber(args.endpoint) as sub:
-        for msg in sub:
-            for event in events_for(msg.result, region, last):
-                print(json.dumps(event), flush=True)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
+    try:
+        with Subscriber(args.endpoint) as sub:
+            for msg in sub:
+                for event in events_for(msg.result, args.region, last):
+                    print(json.dumps(event), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+    except UserError as e:  # a bad endpoint: one line, as the CLI says it
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,16 @@ def test_the_demo_scripts_end_with_the_clip_or_the_trackers_error(tiny_checkpoin
     assert r.returncode == 0, r.stderr
     r = demo("centroids.sh", "--checkpoint", "missing.pt")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.pt not found" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("region_monitor.py", ["--region", "abc"], "argument --region: 'abc': give x0,y0,x1,y1 (four numbers)"),
+    ("region_monitor.py", ["--region", "1,2,3"], "argument --region: '1,2,3': give x0,y0,x1,y1"),
+    ("region_monitor.py", ["foo://x", "--region", "0,0,9,9"], "error: invalid endpoint 'foo://x'"),
+    ("centroids.py", ["foo://x"], "error: invalid endpoint 'foo://x'"),
+])
+def test_the_demo_consumers_say_a_user_error_in_one_line(script, args, message):
+    r = subprocess.run([sys.executable, f"demos/{script}", *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") <= 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr.splitlines()[-1], r.stderr
