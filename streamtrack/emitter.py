@@ -69,6 +69,9 @@ class OutputsConfig:
     # the JSONL is appended to instead of replaced.
     continued: bool = False
     curve: CurveServer | None = None
+    # The source file's declared frame rate: the video's until two frames' pts give one
+    # (a one-frame video would otherwise say 30 fps).
+    fps: float | None = None
 
     @property
     def needs_image(self) -> bool:
@@ -109,7 +112,7 @@ class Outputs:
                 path = Path(cfg.save_video)
                 if cfg.restarts:
                     path = path.with_name(f"{path.stem}.part{cfg.restarts + 1}{path.suffix}")
-                self.video = VideoWriter(str(path))
+                self.video = VideoWriter(str(path), **({"fps": cfg.fps} if cfg.fps else {}))
             if cfg.publish:
                 self.publisher = Publisher(cfg.publish, stream=cfg.stream, curve=cfg.curve)
         except BaseException:

@@ -140,12 +140,11 @@ class StreamingEngine:
         if preprocess not in ("exact", "fast"):
             raise UserError(f"preprocess must be exact, fast or auto, got {preprocess!r}")
         self.preprocess = preprocess
-        if self.config.compile_slots < 1:
-            raise UserError(f"compile_slots must be at least 1, got {self.config.compile_slots}")
-        cap = self.config.max_cond_frames
-        if cap is not None and cap < 2:
-            raise UserError("max_cond_frames must be at least 2 (SAM 2 attends to 2+ prompts)")
-        model.max_cond_frames_in_attn = -1 if cap is None else cap
+        cap = self.config.max_cond_frames  # checked by EngineConfig
+        # sam2 reads the cap from the model, which other engines may share (a StreamGroup):
+        # each engine sets its own before it tracks (_track).
+        self._cond_cap = -1 if cap is None else cap
+        model.max_cond_frames_in_attn = self._cond_cap
         # The windows sam2 reads on frame f: memories of f-1..f-(num_maskmem-1),
         # pointers of f-1..f-(max_obj_ptrs_in_encoder-1).
         self.mem_window = model.num_maskmem - 1
@@ -400,6 +399,7 @@ class StreamingEngine:
         """Everything after the image encoder: prompts, memory attention, decoding, memory;
         then the masks and scores start their copy to the host."""
         f, prompts = job.frame_idx, job.prompts
+        self.model.max_cond_frames_in_attn = self._cond_cap
         with self.autocast():
             session = {"cached_features": {f: (image, backbone_out)}}
             results: dict[int, tuple] = {}
@@ -462,6 +462,8 @@ class StreamingEngine:
             resized = np.array(Image.fromarray(rgb).resize((s, s)))
             img = torch.from_numpy(resized / 255.0).permute(2, 0, 1).float().to(self.device)
         else:
+            if isinstance(frame, np.ndarray) and not frame.flags.writeable:
+                frame = frame.copy()  # torch warns of undefined behaviour on a read-only array
             t = frame if isinstance(frame, torch.Tensor) else torch.from_numpy(frame)
             t = self._upload(t).permute(2, 0, 1)[None].float()
             img = F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)

@@ -495,7 +495,10 @@ class Tracker:
             for ep, what in ((cfg.publish, "publish"), (cfg.control, "control")):
                 if ep:
                     warn_if_exposed(ep, what)
-        emitter = make_emitter(cfg.emit, cfg.outputs, self._on_published)
+        outputs = cfg.outputs
+        if cfg.save_video and (local := _local_file(cfg.source)) is not None:
+            outputs = replace(outputs, fps=_declared_fps(str(local)))
+        emitter = make_emitter(cfg.emit, outputs, self._on_published)
         self._publisher = emitter.publisher
         control = bar = declared = None
         console = contextlib.ExitStack()
@@ -1003,6 +1006,18 @@ def _frame_count(path: str) -> DeclaredLength | None:
             return DeclaredLength(video_stream(c).frames or None,
                                   c.duration / av.time_base if c.duration else None)
     except Exception:  # noqa: BLE001 - the progress bar's total, and a check: niceties
+        return None
+
+
+def _declared_fps(path: str) -> float | None:
+    import av
+
+    try:
+        with av.open(path) as c:
+            stream = video_stream(c)
+            rate = stream.average_rate or stream.guessed_rate
+            return float(rate) if rate and 0 < float(rate) < 1000 else None
+    except Exception:  # noqa: BLE001 - a nicety for a one-frame video; the capture says what is wrong
         return None
 
 

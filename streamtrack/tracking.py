@@ -8,6 +8,7 @@ no model import these without torch (``streamtrack.engine`` re-exports them).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -140,6 +141,15 @@ class EngineConfig:
         holes = self.fill_hole_area
         if isinstance(holes, bool) or not isinstance(holes, int) or holes < 0:
             raise UserError(f"fill_hole_area must be an integer >= 0 (pixels), got {holes!r}")
+        cap = self.max_cond_frames
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 2):
+            raise UserError(f"max_cond_frames must be an integer >= 2 (SAM 2 attends to 2+ prompts) or "
+                            f"None (keep all), got {cap!r}")
+        slots = self.compile_slots
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise UserError(f"compile_slots must be an integer >= 1, got {slots!r}")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
+            raise UserError(f"checkpoint must be a path (str or Path) or None, got {self.checkpoint!r}")
         for flag in ("bf16", "compile"):  # bf16="no" would be true
             if not isinstance(getattr(self, flag), bool):
                 raise UserError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -196,6 +206,9 @@ def _check_binary(oid: int, mask: np.ndarray) -> None:
     """A float mask must be 0/1: any other value would silently count as the object (as in
     sam2, which turns a mask prompt into booleans), so a probability or logit map given as
     a prompt would cover the whole frame."""
+    if mask.dtype.kind not in "biufc":  # strings, objects, dates: "0" would be the object
+        raise PromptError(f"object {oid}: a mask prompt must be boolean, integer or 0/1 float, "
+                          f"got {mask.dtype} values")
     if mask.dtype.kind not in "fc":
         return
     if not np.isin(mask, (0.0, 1.0)).all():

@@ -192,7 +192,7 @@ def test_compile_modes_are_checked(tiny_checkpoint):
     model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=IMAGE_SIZE)
     with pytest.raises(UserError, match="compile_mode must be one of"):
         StreamingEngine(model, EngineConfig(compile=True, compile_mode="fastest"))
-    with pytest.raises(UserError, match="compile_slots must be at least 1"):
+    with pytest.raises(UserError, match="compile_slots must be an integer >= 1, got 0"):
         StreamingEngine(model, EngineConfig(compile=True, compile_slots=0))
     # In a run's configuration a compile mode other than default turns compiling on.
     from streamtrack.config import Config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -233,6 +235,9 @@ BAD_PROMPTS = {
     # Any non-zero value would count as the object: a probability map covered the frame.
     "soft mask": Prompt(2, mask=np.full((120, 160), 0.9, np.float32)),
     "nan mask": Prompt(2, mask=np.full((120, 160), np.nan)),
+    # Not numbers: "0" (truthy as a string) would be the whole frame, None nothing.
+    "string mask": Prompt(2, mask=np.full((120, 160), "0")),
+    "object mask": Prompt(2, mask=np.full((120, 160), None)),
     "labels without points": Prompt(2, box=(10.0, 10.0, 50.0, 50.0), labels=(1,)),
     "a dict": {"obj_id": 2, "box": [10, 10, 50, 50]},
 }
@@ -250,6 +255,16 @@ def test_bad_prompt_leaves_engine_untouched(engine_two_frames, clip40, case):
     assert after == before
     out = engine.step(clip40.frames[2])
     assert [o.obj_id for o in out.objects] == [1] and out.frame_idx == 2
+
+
+def test_a_read_only_frame_is_taken_quietly_on_the_fast_path(tiny_checkpoint, clip40, recwarn):
+    """A shared-memory, np.frombuffer or broadcast frame is read only, never written."""
+    engine = make_engine(tiny_checkpoint, preprocess="fast")
+    frame = clip40.frames[0].copy()
+    frame.setflags(write=False)
+    engine.step(frame, [Prompt.make(1, box=clip40.box(1, 0))])
+    engine.step(np.broadcast_to(clip40.frames[1][:1, :1], clip40.frames[1].shape))
+    assert [str(w.message) for w in recwarn] == []
 
 
 def test_prompt_make_refuses_what_is_not_coordinates():
@@ -442,6 +457,42 @@ def test_capped_conditioning_frames_equal_official(tiny_checkpoint, clip40, fram
     assert worst_iou >= MIN_IOU and worst_diff <= MAX_LOGIT_DIFF, (worst_iou, worst_diff, where)
     # Unselected frame 0 stays while frame f+1 still reads its pointer (f+1-15 <= 0), then goes.
     assert kept[14] == [0, 6, 12] and kept[15] == [6, 12] and kept[35] == [6, 12]
+
+
+def test_engines_sharing_a_model_each_attend_with_their_own_cap(tiny_checkpoint, clip40):
+    """sam2 reads the conditioning-frame cap from the model: two engines on one model (a
+    StreamGroup's streams) must not run with the cap of whichever was built last."""
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
+    engines = {"uncapped": StreamingEngine(model, EngineConfig()),
+               "capped": StreamingEngine(model, EngineConfig(max_cond_frames=2))}  # built last
+    seen: dict[str, set[int]] = {name: set() for name in engines}
+    stepping = []
+    real = model._track_step
+
+    def recording(*args, **kwargs):
+        seen[stepping[-1]].add(model.max_cond_frames_in_attn)
+        return real(*args, **kwargs)
+
+    model._track_step = recording
+    for f in range(3):
+        for name, engine in engines.items():
+            stepping.append(name)
+            engine.step(clip40.frames[f], [Prompt.make(1, box=clip40.box(1, f))] if f < 2 else None)
+    assert seen == {"uncapped": {-1}, "capped": {2}}
+
+
+def test_engine_config_values_of_the_wrong_type_are_user_errors():
+    """Checked when the config is made: 2.5 conditioning frames would fail on the third
+    prompted frame, inside a step that has already changed the engine's state."""
+    for bad, message in [({"max_cond_frames": 2.5}, "max_cond_frames must be an integer >= 2"),
+                         ({"max_cond_frames": "3"}, "max_cond_frames must be an integer >= 2"),
+                         ({"max_cond_frames": 1}, "max_cond_frames must be an integer >= 2"),
+                         ({"compile_slots": "4"}, "compile_slots must be an integer >= 1"),
+                         ({"compile_slots": 2.5}, "compile_slots must be an integer >= 1"),
+                         ({"checkpoint": 123}, "checkpoint must be a path")]:
+        with pytest.raises(UserError, match=message):
+            EngineConfig(**bad)
+    assert EngineConfig(max_cond_frames=None, checkpoint=Path("x.pt")).max_cond_frames is None
 
 
 def run_official_capped(checkpoint, folder, prompts, cap):

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
+import av
 import numpy as np
 import pytest
 
@@ -972,3 +973,16 @@ def test_a_looping_file_has_no_progress_total(tmp_path, monkeypatch):
             threading.Timer(1.0, tracker.stop).start()
         tracker.run()
     assert totals == [None, 9, 6]
+
+
+@pytest.mark.parametrize("emit", ["thread", "process"])
+def test_a_one_frame_overlay_video_declares_the_source_files_rate(tmp_path, emit):
+    """Two frames' pts give the video its rate; with one (--max-frames 1) the source file's
+    own 10 fps is declared, not the writer's 30."""
+    video = write_video(make_clip(4, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4", fps=10)
+    run = RunConfig(source=str(video), progress=False, max_frames=1, emit=emit,
+                    save_video=str(tmp_path / "one.mp4"), prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    Tracker(run, engine=TrackedIds()).run()
+    with av.open(str(tmp_path / "one.mp4")) as c:
+        assert c.streams.video[0].average_rate == 10
+        assert sum(1 for _ in c.decode(video=0)) == 1
