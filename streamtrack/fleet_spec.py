@@ -96,7 +96,7 @@ class ModelKey:
     checkpoint: str | None
     device: str
     image_size: int | None
-    max_cond_frames: int | None  # set on the model itself by the engine
+    max_cond_frames: int | None  # on the model, set by each engine as it tracks: kept apart
     compile: bool
     compile_mode: str
 
