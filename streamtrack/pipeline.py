@@ -540,6 +540,7 @@ class Tracker:
             if self._carried:  # before those sent while this tracker loaded, which win
                 loaded = {p.obj_id for p in self._controls.pending}
                 carried = [p for p in self._carried if p.obj_id not in loaded]
+                self._carried = []  # queued from here on, like any other
                 self._controls.pending = [*carried, *self._controls.pending]
                 for p in carried:  # a supervisor keeps them until their frame is out
                     self._notify("queued", {"prompt": p})

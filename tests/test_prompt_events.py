@@ -703,10 +703,14 @@ def test_a_restarted_tracker_queues_the_prompts_its_predecessor_had_not_finished
     engine = TrackedIds([1])
     run = RunConfig(source=str(video), progress=False,
                     resume=Resume(seed=(Prompt(1, mask=np.ones((48, 64), bool)),), queued=carried))
-    Tracker(run, engine=engine, notify=lambda kind, data: reports.append((kind, data))).run()
+    tracker = Tracker(run, engine=engine, notify=lambda kind, data: reports.append((kind, data)))
+    tracker.run()
     assert [p.obj_id for p in engine.launched[0]] == [1, 7]  # the seed, then the carried prompt
     assert [(k, d) for k, d in reports if k == "applied"] == [("applied", {"seq": 0, "obj_ids": [7]})]
     assert [d["prompt"].obj_id for k, d in reports if k == "queued"] == [7]  # kept until its frame is out
+    # Applied, it is an object like any other: removing it unqueues nothing.
+    assert tracker._controls.remove_object(7) == {"objects": [1]}
+    assert [k for k, _ in reports if k == "unqueued"] == []
 
 
 @contextlib.contextmanager
