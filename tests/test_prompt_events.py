@@ -325,21 +325,29 @@ def test_queued_for_frame_is_the_seq_of_the_result_the_prompt_lands_on(in_flight
     assert reply["queued_for_frame"] == data["seq"] == 41 + in_flight
 
 
-def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypatch):
-    """Loading takes seconds to minutes: status answers, prompts queue for the first frame,
-    and what needs the model says so, instead of the requests waiting unanswered."""
-    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+@contextlib.contextmanager
+def loading_tracker(monkeypatch, run: RunConfig, engine: TrackedIds):
+    """A tracker on a thread, its model "loading" until the block sets the event it is
+    given: (a control client to it, the event, what it reported besides "bound", the
+    summary once it has run).  The block must let it load; the tracker then runs out."""
     release = threading.Event()
 
     def slow_load(config):
         assert release.wait(30)
-        return TrackedIds()
+        return engine
 
     monkeypatch.setattr("streamtrack.engine.StreamingEngine.from_config", slow_load)
     bound: dict = {}
-    tracker = Tracker(RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False),
-                      notify=lambda kind, data: bound.update(data) if kind == "bound" else None)
-    summary = {}
+    said: list = []
+
+    def notify(kind, data):
+        if kind == "bound":
+            bound.update(data)
+        else:
+            said.append((kind, data.get("obj_id")))
+
+    tracker = Tracker(run, notify=notify)
+    summary: dict = {}
     thread = threading.Thread(target=lambda: summary.update(run=tracker.run()), daemon=True)
     thread.start()
     try:
@@ -347,22 +355,32 @@ def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypat
         while "control" not in bound and time.monotonic() < deadline:
             time.sleep(0.01)
         with ControlClient(bound["control"], timeout=5) as client:
-            assert client.status()["frames"] == 0
-            assert client.add_prompt(1, box=[1, 2, 30, 40])["queued_for_frame"] == 0
-            assert client.reset() == {"ok": True, "objects": []}  # drops what is queued
-            assert client.add_prompt(1, box=[1, 2, 30, 40])["ok"]
-            assert client.remove_object(1) == {"ok": True, "objects": []}  # cancelled while queued
-            reply = client.request({"cmd": "remove_object", "obj_id": 9})
-            assert reply == {"ok": False, "error": "the model is still loading; try again in a moment"}
-            assert client.add_prompt(2, box=[1, 2, 30, 40])["ok"]
-            release.set()
+            yield client, release, said, summary
         thread.join(30)
         assert not thread.is_alive()
     finally:
         release.set()
         tracker.stop()
+
+
+def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypatch):
+    """Loading takes seconds to minutes: status answers, prompts queue for the first frame,
+    and what needs the model says so, instead of the requests waiting unanswered."""
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    engine = TrackedIds()
+    run = RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False)
+    with loading_tracker(monkeypatch, run, engine) as (client, release, _, summary):
+        assert client.status()["frames"] == 0
+        assert client.add_prompt(1, box=[1, 2, 30, 40])["queued_for_frame"] == 0
+        assert client.reset() == {"ok": True, "objects": []}  # drops what is queued
+        assert client.add_prompt(1, box=[1, 2, 30, 40])["ok"]
+        assert client.remove_object(1) == {"ok": True, "objects": []}  # cancelled while queued
+        reply = client.request({"cmd": "remove_object", "obj_id": 9})
+        assert reply == {"ok": False, "error": "the model is still loading; try again in a moment"}
+        assert client.add_prompt(2, box=[1, 2, 30, 40])["ok"]
+        release.set()
     assert summary["run"].frames == 6
-    assert [p.obj_id for p in tracker.engine.launched[0]] == [2]
+    assert [p.obj_id for p in engine.launched[0]] == [2]
 
 
 @pytest.mark.parametrize("request_", ["remove_object", "reset"])
@@ -374,50 +392,22 @@ def test_a_restarted_tracker_drops_what_it_would_bring_back_when_told_while_it_l
     from streamtrack.pipeline import Resume
 
     video = write_video(make_clip(4, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
-    release = threading.Event()
     engine = TrackedIds()
-
-    def slow_load(config):
-        assert release.wait(30)
-        return engine
-
-    monkeypatch.setattr("streamtrack.engine.StreamingEngine.from_config", slow_load)
     seed = tuple(Prompt(i, mask=np.ones((48, 64), bool)) for i in (1, 2, 3))
     resume = Resume(seed=seed, queued=(Prompt.make(7, box=[1, 2, 30, 40]),), restarts=1,
                     object_states={1: "visible", 2: "visible", 3: "occluded"})
-    bound: dict = {}
-    said: list = []
-
-    def notify(kind, data):
-        if kind == "bound":
-            bound.update(data)
+    run = RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False, resume=resume)
+    with loading_tracker(monkeypatch, run, engine) as (client, release, said, _):
+        assert set(client.status()["objects"]) == {"1", "2", "3"}
+        if request_ == "remove_object":
+            assert client.remove_object(2) == {"ok": True, "objects": [1, 3]}
+            assert client.remove_object(7) == {"ok": True, "objects": [1, 3]}  # the carried prompt
+            assert set(client.status()["objects"]) == {"1", "3"}
         else:
-            said.append((kind, data.get("obj_id")))
-
-    tracker = Tracker(RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False,
-                                resume=resume), notify=notify)
-    thread = threading.Thread(target=tracker.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while "control" not in bound and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with ControlClient(bound["control"], timeout=5) as client:
-            assert set(client.status()["objects"]) == {"1", "2", "3"}
-            if request_ == "remove_object":
-                assert client.remove_object(2) == {"ok": True, "objects": [1, 3]}
-                assert client.remove_object(7) == {"ok": True, "objects": [1, 3]}  # the carried prompt
-                assert set(client.status()["objects"]) == {"1", "3"}
-            else:
-                assert client.reset() == {"ok": True, "objects": []}
-                assert client.status()["objects"] == {}
-                assert client.add_prompt(5, box=[1, 2, 30, 40])["ok"]
-            release.set()
-        thread.join(30)
-        assert not thread.is_alive()
-    finally:
+            assert client.reset() == {"ok": True, "objects": []}
+            assert client.status()["objects"] == {}
+            assert client.add_prompt(5, box=[1, 2, 30, 40])["ok"]
         release.set()
-        tracker.stop()
     first = [p.obj_id for p in engine.launched[0]]
     assert first == ([1, 3] if request_ == "remove_object" else [5])
     # The supervisor hears it, for the restart after this one.
