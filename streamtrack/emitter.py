@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,8 @@ class OutputsConfig:
     save_masks: str | None = None
     save_video: str | None = None
     publish_frames: bool = False  # JPEG previews on frames/<stream>
-    restarts: int = 0  # a restarted tracker writes the next video part
+    restarts: int = 0  # a restarted tracker's mask PNGs replace the dead one's quietly
+    video_part: int = 1  # 1: NAME.mp4; n: NAME.partn.mp4 (a restarted tracker's)
     # Results of this run are in the files already (a restart after some were written):
     # the JSONL is appended to instead of replaced.
     continued: bool = False
@@ -85,6 +87,22 @@ class OutputsConfig:
         d = json.loads(text)
         curve = d.pop("curve")
         return cls(**d, curve=CurveServer(**curve) if curve else None)
+
+
+def video_part_path(path: str | Path, part: int) -> Path:
+    """Where part ``part`` of ``--save-video PATH`` goes: PATH itself, then NAME.part2.EXT, ..."""
+    path = Path(path)
+    return path if part == 1 else path.with_name(f"{path.stem}.part{part}{path.suffix}")
+
+
+def earlier_video_parts(path: str | Path) -> list[Path]:
+    """The NAME.partN.EXT files (N >= 2) next to ``--save-video PATH``."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.stem) + r"\.part([2-9]|[1-9][0-9]+)" + re.escape(path.suffix))
+    try:
+        return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+    except OSError:  # no folder yet: nothing earlier
+        return []
 
 
 def with_rle(result: FrameResult, masks: Sequence[np.ndarray]) -> FrameResult:
@@ -109,10 +127,11 @@ class Outputs:
                 self.masks = MaskPngWriter(cfg.save_masks, warn_earlier=not cfg.restarts)
             if cfg.save_video:
                 # An MP4 cannot be appended to: each restart writes the next part.
-                path = Path(cfg.save_video)
-                if cfg.restarts:
-                    path = path.with_name(f"{path.stem}.part{cfg.restarts + 1}{path.suffix}")
-                self.video = VideoWriter(str(path), **({"fps": cfg.fps} if cfg.fps else {}))
+                path = video_part_path(cfg.save_video, cfg.video_part)
+                # The first part replaces an earlier run's parts too: left, they would pass
+                # for this run's.
+                stale = earlier_video_parts(cfg.save_video) if cfg.video_part == 1 else []
+                self.video = VideoWriter(str(path), **({"fps": cfg.fps} if cfg.fps else {}), replaces=stale)
             if cfg.publish:
                 self.publisher = Publisher(cfg.publish, stream=cfg.stream, curve=cfg.curve)
         except BaseException:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import stat
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -294,14 +295,16 @@ class VideoWriter:
     last frame's duration) is the one between its first two frames' pts, so the first
     frame is held until the second comes; an AVI has only that rate (a drop between
     them slows the whole video).  ``fps`` is the rate assumed until the source says
-    otherwise."""
+    otherwise.  ``replaces``: files removed when the video itself is first written (an
+    earlier run's other parts), as the file itself is replaced then."""
 
-    def __init__(self, path: str | Path, fps: float = 30.0):
+    def __init__(self, path: str | Path, fps: float = 30.0, replaces: Sequence[Path] = ()):
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
             raise UserError(f"--save-video {path}: unknown video file extension {Path(path).suffix!r} "
                             f"(use {', '.join(VIDEO_EXTENSIONS)})")
         self._made: list[Path] = []  # folders made for it, removed again if it writes nothing
         self.path = _writable(path, "--save-video", self._made)
+        self._replaces = list(replaces)
         self.fps = fps
         self._container = None
         self._stream = None
@@ -326,6 +329,14 @@ class VideoWriter:
         if self._container is None:
             self._made = []  # its file is made now: the folder stays
             self._open()  # at once: a pipe without a reader or a bad path fails on the first frame
+            for stale in self._replaces:
+                try:
+                    stale.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as e:  # it stays; this run's video is written all the same
+                    log.warning("cannot remove %s, a part of an earlier run's video: %s",
+                                stale, error_reason(e))
         if self._stream is None:
             if self._held is None:
                 self._held = (rgb.copy(), pts)  # the next frame's pts gives the rate

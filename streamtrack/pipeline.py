@@ -73,6 +73,9 @@ class Resume:
     frame_id_start: int = 0
     dropped_before: dict[str, int] = field(default_factory=dict)
     object_states: dict[int, str] = field(default_factory=dict)
+    # The --save-video part this tracker writes: 1 is NAME.mp4, then NAME.part2.mp4, ...
+    # (a tracker whose part got no frame leaves its number to the next).
+    video_part: int = 1
 
 
 @dataclass
@@ -174,6 +177,7 @@ class RunConfig:
             stream=self.stream, publish=self.publish, save_jsonl=self.save_jsonl, save_masks=self.save_masks,
             save_video=self.save_video, publish_frames=self.publish_frames,
             restarts=self.resume.restarts if self.resume else 0, curve=self.curve,
+            video_part=self.resume.video_part if self.resume else 1,
             continued=bool(self.resume and (self.resume.frames_done or self.resume.skip_to_frame)),
         )
 
@@ -442,6 +446,7 @@ class Tracker:
         # prompts queued before it.  The control channel may drop them while the model loads.
         self._seed: list[Prompt] = list(resume.seed)
         self._carried: list[Prompt] = list(resume.queued)
+        self._written_before: dict[str, int] | None = None  # the last result not yet in the video
         self.capture = None
         self._give_up_after: float | None = None  # the live source's, once run() opens it
         self._controls = _Controls(self)
@@ -720,7 +725,15 @@ class Tracker:
         a restart would continue: this result is published and in the files."""
         with self._stats_lock:
             self.window.add(result)
-        self._notify("emitted", {"seq": result.seq, "frame_id": result.frame_id})
+        done = {"seq": result.seq, "frame_id": result.frame_id}
+        if self.config.save_video and self.config.resumable_file:
+            # The video muxer keeps a frame until the next one comes (its duration, and the
+            # first frame's rate): a frame is in the file once the next one is written, so
+            # a restart continues after that one and processes the last frame again.  (A
+            # live source's frames cannot be processed again: its part ends a frame short.)
+            done, self._written_before = self._written_before, done
+        if done is not None:
+            self._notify("emitted", done)
         self._publish_stats()
 
     def _publish_stats(self) -> None:

@@ -289,6 +289,7 @@ class Supervisor:
                     self._set_state(TrackerState.FAILED)
                     raise UserError(data["message"])
                 total.dropped = dict(self._seen.dropped)  # counted on by the next tracker
+                total.objects = dict(self._seen.states)  # the last result's, until a tracker ends
                 if self._stop.is_set():  # killed while stopping: that is a stop too
                     total.frames += child.emitted
                     total.interrupted = True
@@ -321,7 +322,7 @@ class Supervisor:
                     total.interrupted = True
                     break
                 backoff = min(backoff * 2, self.sup.backoff_max)
-                config = replace(config, resume=self._resume(config))
+                config = replace(config, resume=self._resume(config, child.emitted))
         finally:
             if sub is not None:
                 sub.close()
@@ -354,11 +355,18 @@ class Supervisor:
         else:
             self._seen.note_prompts(kind, data)
 
-    def _resume(self, config: RunConfig) -> Resume:
+    def _resume(self, config: RunConfig, emitted: int) -> Resume:
         """Seed masks and position for the next child, from the masks stream, with the
-        control prompts it had not finished (it reports them again once it runs)."""
-        resume = replace(resume_from_seen(self._seen, config.resume or Resume(), self.restarts),
-                         queued=self._seen.unfinished_prompts())
+        control prompts it had not finished (it reports them again once it runs), after
+        a child that reported ``emitted`` results written."""
+        before = config.resume or Resume()
+        # The video holds a frame until the next comes: in the dead child's part once it
+        # reported one (a file's child reports a result once the next is written) or two.
+        in_video = emitted >= (1 if config.resumable_file else 2)
+        resume = replace(resume_from_seen(self._seen, before, self.restarts,
+                                          written_only=config.resumable_file),
+                         queued=self._seen.unfinished_prompts(),
+                         video_part=before.video_part + in_video)
         self._seen.queued, self._seen.applied = {}, []
         return resume
 
@@ -606,13 +614,18 @@ def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, lo
 SeenMasks = _Seen
 
 
-def resume_from_seen(seen: _Seen, before: Resume, restarts: int) -> Resume:
+def resume_from_seen(seen: _Seen, before: Resume, restarts: int, written_only: bool = False) -> Resume:
     """Seed masks and position for a restarted tracker, from what ``seen`` kept of its
-    masks stream; ``before`` is the :class:`Resume` the dead tracker was started with."""
+    masks stream; ``before`` is the :class:`Resume` the dead tracker was started with.
+    ``written_only``: continue only after what the tracker reported in its files (a file
+    read frame by frame, whose frames can be processed again), never after what was only
+    published."""
     published = [s for s in (seen.seq, seen.emitted_seq) if s is not None]
     # Sequence numbers are never used twice: a frame processed again gets a new one.
     seq_start = max(published) + 1 if published else before.seq_start
-    if seen.seq is None:  # no masks to seed from yet: start over as configured
+    if seen.seq is None or (written_only and seen.emitted_seq is None):
+        # No masks to seed from yet, or none of this tracker's results in the files (its
+        # video holds the first frame until the second): start over as configured.
         return replace(before, restarts=restarts, seq_start=seq_start)
     seed = tuple(Prompt(obj_id=k, mask=decode_mask(rle)) for k, rle in sorted(seen.masks.items()))
     # A live source's ids go on after the newest one published (a file read frame by frame

@@ -39,7 +39,7 @@ from streamtrack.models import build_model
 from streamtrack.pipeline import Resume, RunConfig, is_local_endpoint, warn_if_exposed
 from streamtrack.protocol import FrameResult, ObjectResult, decode_mask
 from streamtrack.subscriber import Subscriber
-from streamtrack.supervisor import Supervisor, SupervisorConfig, _Seen, resume_from_seen
+from streamtrack.supervisor import Supervisor, SupervisorConfig, TrackerState, _Seen, resume_from_seen
 from streamtrack.synthetic import make_clip, write_video
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -261,6 +261,7 @@ def test_file_every_frame_in_order_masks_equal_engine_slow_subscriber_fresh(
 @pytest.mark.timeout(500)
 def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path, tiny_checkpoint):
     jsonl, masks, video = tmp_path / "out.jsonl", tmp_path / "masks", tmp_path / "out.mp4"
+    (tmp_path / "out.part3.mp4").write_bytes(b"an earlier run's third part")
     proc = launch(tmp_path, clip_path, tiny_checkpoint, "--save-jsonl", str(jsonl), "--save-masks",
                   str(masks), "--save-video", str(video), boxes=(BOX1, BOX2), quiet=False, bar=True)
     sub = Subscriber(proc.publish, topics=["masks/", "status/"])
@@ -309,8 +310,16 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
     assert sorted(int(p.stem) for p in masks.glob("*.png")) == list(range(FRAMES))
     import av
 
-    with av.open(str(video)) as first_part:  # written by the tracker that was killed
-        assert sum(1 for _ in first_part.decode(video=0)) >= 1
+    # The video's parts hold every frame once: the killed tracker's part ends with the
+    # last frame it had in the file (the muxer holds the newest until the next comes),
+    # the next part starts with the frame after it.  An earlier run's part is gone.
+    parts = sorted(p.name for p in tmp_path.glob("out*.mp4"))
+    assert parts == ["out.mp4", "out.part2.mp4"], parts
+    counts = []
+    for part in parts:
+        with av.open(str(tmp_path / part)) as container:
+            counts.append(sum(1 for _ in container.decode(video=0)))
+    assert counts[0] >= 1 and sum(counts) == FRAMES, counts
     # Re-seeded from the last published masks: the first frame after the restart
     # starts from those masks.
     last = {o.obj_id: o for o in pre[-1].objects}
@@ -324,6 +333,34 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
     # The summary counts both trackers' frames (a frame processed again counts twice).
     summary = re.search(r"^(\d+) frames in ", proc.err(), re.M)
     assert summary and FRAMES <= int(summary.group(1)) <= FRAMES + 2, proc.err()
+
+
+@pytest.mark.timeout(200)
+def test_a_run_stopped_between_trackers_sums_up_the_objects_of_the_last_result(clip_path, tiny_checkpoint):
+    """Stopped while it waits to restart a dead tracker: no tracker ends with a summary of
+    its own, and the run's still names the objects as the last result had them."""
+    engine = EngineConfig(checkpoint=str(tiny_checkpoint), image_size=TEST_IMAGE_SIZE, device="cpu")
+    run = RunConfig(source=str(clip_path), engine=engine, publish=f"tcp://127.0.0.1:{free_port()}",
+                    progress=False, realtime=True, loop=True,
+                    prompts={0: [Prompt.make(1, box=[float(v) for v in BOX1.split(",")])]})
+    sup = Supervisor(run, SupervisorConfig(backoff_initial=30, backoff_max=30))
+    summary: dict = {}
+    thread = threading.Thread(target=lambda: summary.update(run=sup.run()), daemon=True)
+    thread.start()
+    try:
+        with Subscriber(run.publish) as sub:
+            assert sub.latest("cam0", timeout=120) is not None
+            while sub.recv(timeout=0.2) is not None:  # the supervisor has seen them too
+                pass
+        os.kill(sup.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while sup.state is not TrackerState.BACKOFF and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sup.state is TrackerState.BACKOFF
+    finally:
+        sup.stop()
+        thread.join(60)
+    assert summary["run"].interrupted and set(summary["run"].objects) == {1}
 
 
 @pytest.mark.timeout(200)
@@ -653,6 +690,24 @@ def test_a_restart_continues_after_the_last_frame_in_the_files_with_new_seqs():
     seen.update(frame)
     r = resume_from_seen(seen, before, 1)
     assert (r.skip_to_frame, r.seq_start, r.frames_done) == (11, 11, 11)
+
+
+def test_a_file_restart_continues_only_after_what_its_tracker_reported_in_the_files(clip_path):
+    """A file read frame by frame is processed again from what is in the files: a tracker
+    that died before reporting any result written (its video held the first frame) is
+    started over, its video part rewritten rather than left empty behind a new one."""
+    frame = FrameResult(stream="cam0", seq=0, frame_id=0, pts=None, width=4, height=3,
+                        objects=(ObjectResult.from_mask(1, np.ones((3, 4), bool), score=0.9),))
+    seen = _Seen()
+    seen.update(frame)  # published, never reported written
+    assert resume_from_seen(seen, Resume(), 1, written_only=True) == Resume(restarts=1, seq_start=1)
+    assert resume_from_seen(seen, Resume(), 1).skip_to_frame == 1  # no word from the tracker: a fleet's
+    run = RunConfig(source=str(clip_path), publish="tcp://127.0.0.1:0", save_video="v.mp4")
+    sup = Supervisor(run)
+    assert sup._resume(run, emitted=0).video_part == 1  # nothing in its part: written again
+    assert sup._resume(run, emitted=1).video_part == 2
+    live = replace(run, realtime=True)  # frames not processed again: reported at once
+    assert [sup._resume(live, emitted=n).video_part for n in (1, 2)] == [1, 2]
 
 
 def test_a_restart_carries_frame_ids_drop_counts_and_object_states_on():
