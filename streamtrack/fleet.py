@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from streamtrack.control import ControlServer
@@ -325,7 +325,9 @@ class Fleet:
         stream.restarts += 1
         before = stream.run_config.resume or Resume()
         rc = stream.spec.run_config()
-        rc.resume = resume_from_seen(stream.seen, before, stream.restarts)
+        # No word from the actor on what reached its files: the video goes on in a new part.
+        rc.resume = replace(resume_from_seen(stream.seen, before, stream.restarts),
+                            video_part=before.video_part + 1)
         if stream.node is not None and stream.node == actor.node:
             # Same machine: bind exactly what the first tracker bound, so subscribers
             # and control clients reconnect by themselves.
