@@ -500,12 +500,17 @@ class Tracker:
             for ep, what in ((cfg.publish, "publish"), (cfg.control, "control")):
                 if ep:
                     warn_if_exposed(ep, what)
+        # What a file's header says: the progress bar's total, a file cut short, and the
+        # rate of a video that gets one frame.  A loop has no end.
+        local = _local_file(cfg.source)
+        header = _declared(str(local)) if local is not None and (cfg.save_video or not cfg.loop) else None
+        declared = None if cfg.loop else header
         outputs = cfg.outputs
-        if cfg.save_video and (local := _local_file(cfg.source)) is not None:
-            outputs = replace(outputs, fps=_declared_fps(str(local)))
+        if cfg.save_video and header is not None and header.fps:
+            outputs = replace(outputs, fps=header.fps)
         emitter = make_emitter(cfg.emit, outputs, self._on_published)
         self._publisher = emitter.publisher
-        control = bar = declared = None
+        control = bar = None
         console = contextlib.ExitStack()
         summary = RunSummary()
         started = time.monotonic()
@@ -549,8 +554,6 @@ class Tracker:
                 self._controls.pending = [*carried, *self._controls.pending]
                 for p in carried:  # a supervisor keeps them until their frame is out
                     self._notify("queued", {"prompt": p})
-            if self.capture.kind is SourceKind.FILE and not cfg.loop:  # a loop has no end
-                declared = _frame_count(cfg.source)  # the progress bar's total; a file cut short
             bar = _progress(cfg, declared.frames if declared else None)
             if bar is not None:
                 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -1006,32 +1009,23 @@ def _progress(cfg: RunConfig, total: int | None):
 
 @dataclass(frozen=True)
 class DeclaredLength:
-    """How long a video file's header says it is."""
+    """How long a video file's header says it is, and its frame rate."""
 
     frames: int | None  # counted in the header (MP4, AVI)
     seconds: float | None  # its duration (all that Matroska/WebM give)
+    fps: float | None = None
 
 
-def _frame_count(path: str) -> DeclaredLength | None:
-    import av
-
-    try:
-        with av.open(path) as c:
-            return DeclaredLength(video_stream(c).frames or None,
-                                  c.duration / av.time_base if c.duration else None)
-    except Exception:  # noqa: BLE001 - the progress bar's total, and a check: niceties
-        return None
-
-
-def _declared_fps(path: str) -> float | None:
+def _declared(path: str) -> DeclaredLength | None:
     import av
 
     try:
         with av.open(path) as c:
             stream = video_stream(c)
             rate = stream.average_rate or stream.guessed_rate
-            return float(rate) if rate and 0 < float(rate) < 1000 else None
-    except Exception:  # noqa: BLE001 - a nicety for a one-frame video; the capture says what is wrong
+            return DeclaredLength(stream.frames or None, c.duration / av.time_base if c.duration else None,
+                                  float(rate) if rate and 0 < float(rate) < 1000 else None)
+    except Exception:  # noqa: BLE001 - niceties: the capture says what is wrong with the file
         return None
 
 
