@@ -135,24 +135,25 @@ class EngineConfig:
         lost = self.lost_after
         if isinstance(lost, bool) or not isinstance(lost, (int, float)) or not lost >= 0:
             raise UserError(f"lost_after must be a number of seconds >= 0, got {lost!r}")
-        if isinstance(self.max_objects, bool) or not isinstance(self.max_objects, int) \
-                or self.max_objects < 1:
+        if not _int_at_least(self.max_objects, 1):
             raise UserError(f"max_objects must be a positive integer, got {self.max_objects!r}")
-        holes = self.fill_hole_area
-        if isinstance(holes, bool) or not isinstance(holes, int) or holes < 0:
-            raise UserError(f"fill_hole_area must be an integer >= 0 (pixels), got {holes!r}")
-        cap = self.max_cond_frames
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 2):
+        if not _int_at_least(self.fill_hole_area, 0):
+            raise UserError(f"fill_hole_area must be an integer >= 0 (pixels), got {self.fill_hole_area!r}")
+        if self.max_cond_frames is not None and not _int_at_least(self.max_cond_frames, 2):
             raise UserError(f"max_cond_frames must be an integer >= 2 (SAM 2 attends to 2+ prompts) or "
-                            f"None (keep all), got {cap!r}")
-        slots = self.compile_slots
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise UserError(f"compile_slots must be an integer >= 1, got {slots!r}")
+                            f"None (keep all), got {self.max_cond_frames!r}")
+        if not _int_at_least(self.compile_slots, 1):
+            raise UserError(f"compile_slots must be an integer >= 1, got {self.compile_slots!r}")
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
             raise UserError(f"checkpoint must be a path (str or Path) or None, got {self.checkpoint!r}")
         for flag in ("bf16", "compile"):  # bf16="no" would be true
             if not isinstance(getattr(self, flag), bool):
                 raise UserError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+
+
+def _int_at_least(value: object, low: int) -> bool:
+    """An int (not a bool, which is one to Python) of at least ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def check_mask_shape(oid: int, shape: tuple[int, ...], height: int, width: int,
