@@ -15,7 +15,7 @@ import threading
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
 from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1, exists, same_file
-from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS, checkpoint_path
+from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS, checkpoint_path, get_spec
 from streamtrack.tracking import COMPILE_MODES
 
 log = logging.getLogger("streamtrack")
@@ -37,7 +37,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     if args.url and len(names) > 1:
         raise UserError("--url names one file: download one model with it, not 'all'")
     for name in names:
-        had = not args.force and MODELS[name].default_path().exists()
+        had = not args.force and get_spec(name).default_path().exists()
         path = download_checkpoint(name, force=args.force, url=args.url, progress=not args.quiet)
         # A file in place is verified and kept, not fetched again: say so, since a --url
         # given to replace it would otherwise go unheard.

@@ -405,6 +405,14 @@ def test_download_cli_refuses_one_url_for_all_models():
         "streamtrack: error: --url names one file: download one model with it, not 'all'\n")
 
 
+def test_download_cli_names_an_unknown_model_in_one_line():
+    """Without --force the file in place was looked up before the name was checked."""
+    for extra in ((), ("--force",)):
+        r = run_cli("download", "sam2.1_hiera_tinyy", *extra)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith("streamtrack: error: unknown model 'sam2.1_hiera_tinyy'; choose one of: ")
+
+
 def test_download_cli_offline_exit_code(tmp_path):
     r = run_cli("download", "sam2.1_hiera_tiny", "--url", "http://127.0.0.1:9/x.pt", "--force")
     assert r.returncode == 2
