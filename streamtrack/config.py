@@ -129,23 +129,26 @@ def _base_type(tp) -> tuple[type, bool]:
     return tp, False
 
 
-def coerce(key: str, value: Any, where: str, *, blank_is_null: bool = False) -> Any:
+def coerce(key: str, value: Any, where: str) -> Any:
     """Check (and for strings from the environment, parse) one value.  A blank string is
-    refused (an unset shell variable, ``--curve-secret "$KEY"``, taken for "off" would turn
-    encryption or publishing off unseen; "null" says it), except where ``blank_is_null``:
-    an empty environment variable is the usual way to unset a key."""
+    refused in every layer: an unset shell variable (``--curve-secret "$KEY"``,
+    ``STREAMTRACK_CURVE_SECRET=$KEY``) taken for "off" would turn encryption or publishing
+    off unseen, and taken for "not given" would run without the output it was meant to
+    name; "null" says "off"."""
     if key not in _FIELDS:
         raise UserError(f"{where}: unknown key {key!r}; known keys: {', '.join(_FIELDS)}")
     tp, optional = _base_type(_FIELDS[key].type)
-    if isinstance(value, str) and not value.strip() and (key in _OUTPUT_PATHS or not blank_is_null):
-        # Output paths in every layer: a run that writes nothing would only show it at the end.
+    if isinstance(value, str) and not value.strip():
         what = "an empty path" if key in _OUTPUT_PATHS else "empty"
-        raise UserError(f"{where}: {key} is {what}" + (" (null turns it off)" if optional else ""))
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")
-                         and optional):
+        hint = " (null turns it off" if optional else " ("
+        if where.startswith("environment"):
+            hint += ("; " if optional else "") + "unset the variable to keep the value below it"
+        raise UserError(f"{where}: {key} is {what}" + (hint + ")" if hint != " (" else ""))
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and optional):
         if optional:
             return None
-        raise UserError(f"{where}: {key} cannot be empty")
+        default = _FIELDS[key].default
+        raise UserError(f"{where}: {key} cannot be null (it always has a value; the default is {default!r})")
     if isinstance(value, str) and tp is not str:
         value = _parse_text(key, value, tp, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -264,7 +267,7 @@ def load_config(
                 log.warning("environment %s: not a setting, ignored (settings: STREAMTRACK_ and a key of "
                             "`streamtrack run --print-config`, e.g. STREAMTRACK_IMAGE_SIZE)", name)
                 continue
-            values[key] = coerce(key, text, f"environment {name}", blank_is_null=True)
+            values[key] = coerce(key, text, f"environment {name}")
     for key, value in (cli or {}).items():
         values[key] = coerce(key, value, f"option --{key.replace('_', '-')}")
     return Config(**values)

@@ -52,7 +52,7 @@ def test_environment_values_are_parsed():
         ("image_size: big\n", "image_size must be int"),
         ("show: 3\n", "show must be bool"),
         ("image_size: true\n", "image_size must be int"),
-        ("model: null\n", "model cannot be empty"),
+        ("model: null\n", "model cannot be null .it always has a value; the default is 'sam2.1_hiera_tiny'."),
         ("- a\n- b\n", "expected a mapping"),
         ("a: [\n", "cannot read YAML"),
         ("device: cpu\nimage_size: [256\n", r"cannot read YAML \(.*line 3 column 1\)"),  # where it broke
@@ -106,13 +106,20 @@ def test_a_variable_with_the_prefix_that_is_no_setting_is_a_warning(caplog):
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["environment STREAMTRACK_HOME"]
 
 
-def test_an_empty_variable_for_a_key_that_may_be_unset_unsets_it():
-    cfg = load_config(None, {}, {"STREAMTRACK_CHECKPOINT": "", "STREAMTRACK_GIVE_UP_AFTER": " ",
-                                 "STREAMTRACK_HANG_TIMEOUT": "null", "STREAMTRACK_START_TIMEOUT": ""})
+def test_an_empty_variable_is_an_error_and_null_unsets_a_key():
+    """`STREAMTRACK_CURVE_SECRET=$KEY` with KEY unset must not turn off the encryption the
+    config file asked for, nor a key that cannot be off stop the run with a type error."""
+    cfg = load_config(None, {}, {"STREAMTRACK_CHECKPOINT": "null", "STREAMTRACK_GIVE_UP_AFTER": " none",
+                                 "STREAMTRACK_HANG_TIMEOUT": "NULL"})
     assert cfg.checkpoint is None and cfg.give_up_after is None and cfg.hang_timeout is None
-    assert cfg.start_timeout is None
-    with pytest.raises(UserError, match="environment STREAMTRACK_MODEL: model must be one of .*got .."):
-        load_config(None, {}, {"STREAMTRACK_MODEL": ""})
+    for key, off in (("curve_secret", True), ("start_timeout", True), ("model", False),
+                     ("lost_after", False), ("realtime", False), ("save_jsonl", True)):
+        name = "STREAMTRACK_" + key.upper()
+        with pytest.raises(UserError) as e:
+            load_config(None, {}, {name: ""})
+        hint = "(null turns it off; unset" if off else "(unset"
+        assert str(e.value).startswith(f"environment {name}: {key} is ") and hint in str(e.value)
+        assert "unset the variable to keep the value below it)" in str(e.value)
 
 
 def test_an_empty_option_is_an_error_not_off():
@@ -148,7 +155,8 @@ def test_the_command_line_undoes_what_a_config_file_set(tmp_path):
                              "hang_timeout")] == [None] * 5
     r = subprocess.run([sys.executable, "-m", "streamtrack", "run", "x.mp4", "--lost-after", "null",
                         "--print-config"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "option --lost-after: lost_after cannot be empty" in r.stderr
+    assert r.returncode == 2 and ("option --lost-after: lost_after cannot be null "
+                                  "(it always has a value; the default is 3.0)") in r.stderr
 
 
 def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
