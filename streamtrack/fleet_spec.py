@@ -187,10 +187,23 @@ def parse_fleet(doc: Any, where: str) -> FleetSpec:
     return FleetSpec(options=options, streams=streams, path=where, defaults=dict(defaults))
 
 
+# Why the run keys a fleet takes from no stream are refused (fleet options say where they go).
+_WHY_NOT_PER_STREAM = {
+    "stream": "the entry's name is the stream",
+    "show": "a fleet has no window; streamtrack view shows a stream",
+    "start_timeout": "a fleet does not time a stream's start",
+    "curve_secret": "a fleet's streams are not CURVE-encrypted",
+    "curve_clients": "a fleet's streams are not CURVE-encrypted",
+}
+
+
 def _fleet_hint(keys) -> str:
-    """For run keys the fleet sets for all its streams: where they go instead."""
+    """For run keys a stream may not set: where they go instead, or why not."""
     fleet_keys = sorted(str(k) for k in keys if k in {f.name for f in fields(FleetOptions)})
-    return f" ({', '.join(f'fleet.{k}' for k in fleet_keys)}: a fleet option)" if fleet_keys else ""
+    why = [f"{k}: {_WHY_NOT_PER_STREAM[k]}" for k in sorted(map(str, keys)) if k in _WHY_NOT_PER_STREAM]
+    if fleet_keys:
+        why.insert(0, f"{', '.join(f'fleet.{k}' for k in fleet_keys)}: a fleet option")
+    return f" ({'; '.join(why)})" if why else ""
 
 
 def parse_options(opts: Any, where: str) -> FleetOptions:
