@@ -31,7 +31,7 @@ from streamtrack.protocol import (
     loads,
     validate_rle,
 )
-from streamtrack.publisher import bind_socket, connect_socket
+from streamtrack.publisher import bind_socket, connect_socket, owned_ipc_file, remove_ipc_file
 from streamtrack.tracking import MAX_OBJ_ID
 
 if TYPE_CHECKING:
@@ -356,6 +356,7 @@ class ControlServer:
 
                 self._auth = secure_server(self._sock, curve, ctx)
             self.endpoint = bind_socket(self._sock, endpoint, "control")
+            self._ipc_file = owned_ipc_file(self.endpoint)
         except BaseException:
             self._sock.close(linger=0)
             if self._auth is not None:
@@ -474,6 +475,7 @@ class ControlServer:
     def close(self) -> None:
         if not self._sock.closed:
             self._sock.close(linger=0)
+            remove_ipc_file(self._ipc_file)
         if self._auth is not None:
             self._auth.close()
 

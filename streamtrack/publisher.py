@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import logging
 import math
+import os
 import socket
 import threading
 from collections import deque
@@ -70,6 +71,32 @@ def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
         raise UserError(f"cannot bind {what} endpoint {ep}: {exc}") from exc
     last = sock.getsockopt(zmq.LAST_ENDPOINT)
     return last.decode() if isinstance(last, bytes) and last else ep
+
+
+def owned_ipc_file(endpoint: str) -> tuple[str, int] | None:
+    """The socket file a bind to ``ipc://PATH`` just made, with its inode; None for other
+    endpoints (and the abstract ``ipc://@name``, which has no file)."""
+    path = endpoint.removeprefix("ipc://")
+    if path == endpoint or path.startswith("@"):
+        return None
+    try:
+        return path, os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def remove_ipc_file(owned: tuple[str, int] | None) -> None:
+    """libzmq leaves an ``ipc://`` socket file behind when the socket closes.  Remove it,
+    unless another process has bound the same path since (a new file, a new inode): that
+    one is theirs."""
+    if owned is None:
+        return
+    path, inode = owned
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:
@@ -158,6 +185,7 @@ class Publisher:
 
                 self._auth = secure_server(self._sock, curve, ctx)
             self.endpoint = bind_socket(self._sock, endpoint, "publish")
+            self._ipc_file = owned_ipc_file(self.endpoint)
         except BaseException:
             self._sock.close(linger=0)
             if self._auth is not None:
@@ -230,6 +258,7 @@ class Publisher:
         with self._lock:
             if not self._sock.closed:
                 self._sock.close(linger=0)
+                remove_ipc_file(self._ipc_file)
         if self._auth is not None:
             self._auth.close()
 

@@ -910,3 +910,19 @@ def test_ipv6_endpoints_publish_subscribe_and_control() -> None:
 def test_client_arguments_that_cannot_work_are_one_line_user_errors(make, message) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
         make().close()
+
+
+def test_ipc_socket_files_go_with_their_sockets_but_not_a_later_binders(tmp_path: Path) -> None:
+    """libzmq leaves an ipc:// file behind on close; ours goes, one bound over it stays."""
+    pub_file, ctl_file = tmp_path / "results.sock", tmp_path / "control.sock"
+    with Publisher(f"ipc://{pub_file}", "cam0"), ControlServer(f"ipc://{ctl_file}", RecordingHandler()):
+        assert pub_file.is_socket() and ctl_file.is_socket()
+    assert not pub_file.exists() and not ctl_file.exists()
+    first = Publisher(f"ipc://{pub_file}", "cam0")
+    second = Publisher(f"ipc://{pub_file}", "cam1")  # libzmq replaces the file: it is second's now
+    first.close()
+    assert pub_file.is_socket()
+    with Subscriber(f"ipc://{pub_file}", topics=("masks/",)) as sub:
+        _sync(second, sub, "cam1")
+    second.close()
+    assert not pub_file.exists()
