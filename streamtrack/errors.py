@@ -10,6 +10,8 @@ import faulthandler
 import os
 import re
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -46,14 +48,21 @@ def existing_file(path: str | Path, what: str) -> Path:
     return p
 
 
-def exists(path: Path, what: str) -> bool:
-    """``path.exists()``, with a folder that may not be looked into (EACCES, which
-    pathlib raises) as a :class:`UserError` naming ``what``."""
+@contextmanager
+def looking_into(path: str | Path, what: str) -> Iterator[None]:
+    """pathlib's ``exists()`` and ``is_dir()`` raise PermissionError where a folder on the
+    way may not be looked into (EACCES): one :class:`UserError` naming ``what`` instead."""
     try:
-        return path.exists()
+        yield
     except PermissionError:
         raise UserError(f"{what} {path}: permission denied (a folder on the way cannot be "
                         "looked into)") from None
+
+
+def exists(path: Path, what: str) -> bool:
+    """``path.exists()``, with a folder that may not be looked into as a :class:`UserError`."""
+    with looking_into(path, what):
+        return path.exists()
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

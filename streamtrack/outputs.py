@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from streamtrack.errors import UserError, error_reason, file_in_the_way, own_descriptor
+from streamtrack.errors import UserError, error_reason, file_in_the_way, looking_into, own_descriptor
 from streamtrack.overlay import PALETTE
 from streamtrack.protocol import FrameResult
 
@@ -57,18 +57,19 @@ def _writable(path: str | Path, what: str, made: list[Path] | None = None) -> Pa
     a run that fails before its first result (a bad checkpoint, a missing camera) must
     not have emptied the results of an earlier one.  The folders made are added to ``made``."""
     path = Path(path)
-    if made is not None:
-        made.extend(missing_folders(path.parent))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        if (above := file_in_the_way(path)) is not None:
-            raise UserError(f"{what} {path}: {above} is a file, not a folder") from None
-        raise UserError(f"cannot create the folder for {what} {path}: {e.strerror}") from None
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a directory; give a file name")
-    if path.exists() and not path.is_file():
-        return path  # a FIFO or a device: opening it to probe would signal its reader an end
+    with looking_into(path, what):
+        if made is not None:
+            made.extend(missing_folders(path.parent))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if (above := file_in_the_way(path)) is not None:
+                raise UserError(f"{what} {path}: {above} is a file, not a folder") from None
+            raise UserError(f"cannot create the folder for {what} {path}: {e.strerror}") from None
+        if path.is_dir():
+            raise UserError(f"{what} {path} is a directory; give a file name")
+        if path.exists() and not path.is_file():
+            return path  # a FIFO or a device: opening it to probe would signal its reader an end
     existed = os.path.lexists(path)  # a dangling symlink too: its target is the file
     try:
         with open(path, "a"):

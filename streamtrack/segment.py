@@ -32,7 +32,14 @@ import numpy as np
 import torch
 
 from streamtrack.engine import Prompt, check_prompt, prompt_list, without_negative_strides
-from streamtrack.errors import PromptError, UserError, error_reason, existing_file, own_descriptor
+from streamtrack.errors import (
+    PromptError,
+    UserError,
+    error_reason,
+    existing_file,
+    looking_into,
+    own_descriptor,
+)
 from streamtrack.models import DEFAULT_MODEL, build_model, resolve_device
 from streamtrack.outputs import missing_folders
 from streamtrack.overlay import Annotation, annotate, draw_boxes, draw_points
@@ -546,16 +553,19 @@ def check_output_paths(
     outputs = [] if out is None else [("--out", Path(out))]
     if masks is not None:
         folder = Path(masks)
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--save-masks {masks} is a file, not a folder (it gets object_<id>.png files)")
-        _check_folder("--save-masks", masks, folder)
+        with looking_into(masks, "--save-masks"):
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"--save-masks {masks} is a file, not a folder "
+                                "(it gets object_<id>.png files)")
+            _check_folder("--save-masks", masks, folder)
         outputs += [("--save-masks file", p) for p in mask_paths(os.path.join(masks, ""), obj_ids)]
     if rle is not None:
         outputs.append(("--save-rle", Path(rle)))
     for what, path in outputs:
-        if path.is_dir():
-            raise UserError(f"{what} {path} is a directory, not a file")
-        _check_folder(what, path, path.parent)
+        with looking_into(path, what):
+            if path.is_dir():
+                raise UserError(f"{what} {path} is a directory, not a file")
+            _check_folder(what, path, path.parent)
     if out is not None:
         image_format(out, "--out")
     return outputs

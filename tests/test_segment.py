@@ -669,3 +669,30 @@ def test_cli_output_mistakes_are_refused_before_the_model_is_built(case, image_p
         _cmd_segment(args)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert _files(tmp_path) == before
+
+
+def test_an_output_under_a_folder_that_cannot_be_looked_into_is_one_line(tmp_path, monkeypatch):
+    """pathlib raises PermissionError from is_dir()/exists() below a folder without its x
+    bit (root, who runs the tests, is never refused: the refusal is simulated)."""
+    from streamtrack.outputs import JsonlWriter, VideoWriter
+    from streamtrack.segment import check_output_paths
+
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if "locked" in self.parts[:-1]:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    (tmp_path / "locked").mkdir()
+    locked = tmp_path / "locked"
+    expected = "permission denied (a folder on the way cannot be looked into)"
+    for what, check in (("--out", lambda: check_output_paths(locked / "o.png")),
+                        ("--save-rle", lambda: check_output_paths(None, rle=locked / "sub" / "o.json")),
+                        ("--save-masks", lambda: check_output_paths(None, masks=locked / "m", obj_ids=[1])),
+                        ("--save-jsonl", lambda: JsonlWriter(locked / "r.jsonl")),
+                        ("--save-video", lambda: VideoWriter(locked / "sub" / "r.mp4"))):
+        with pytest.raises(UserError) as e:
+            check()
+        assert str(e.value).startswith(what) and str(e.value).endswith(expected), str(e.value)
