@@ -35,7 +35,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from streamtrack.errors import UserError
+from streamtrack.errors import UserError, existing_file, looking_into
 
 CLIENTS_DIR = "clients"
 _Z85_KEY_LEN = 40  # a 32-byte CURVE key in Z85 text
@@ -68,9 +68,7 @@ def load_cert(path: str | os.PathLike[str], what: str, *, secret: bool) -> tuple
     that it belongs to the public key in the same file.
     """
     require_curve()
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} {p}: no such file")
+    p = existing_file(path, what)
     try:
         public, secret_key = zmq.auth.load_certificate(p)
     except (OSError, ValueError) as exc:
@@ -90,8 +88,12 @@ def load_cert(path: str | os.PathLike[str], what: str, *, secret: bool) -> tuple
 def load_clients(folder: str | os.PathLike[str]) -> dict[bytes, bool]:
     """The authorised client public keys in ``folder`` (``*.key``), as pyzmq loads them."""
     d = Path(folder)
-    if not d.is_dir():
-        raise UserError(f"CURVE clients folder {d}: no such folder")
+    if not str(folder).strip():  # an unset shell variable; Path("") is the current folder
+        raise UserError("CURVE clients folder: empty path")
+    with looking_into(d, "CURVE clients folder"):
+        if not d.is_dir():
+            raise UserError(f"CURVE clients folder {d}: " + ("a file, not a folder" if d.exists()
+                                                              else "no such folder"))
     files = sorted(d.glob("*.key"))
     if not files:
         raise UserError(f"CURVE clients folder {d}: no client public keys (*.key) in it, "
@@ -304,6 +306,8 @@ def make_keys(folder: str | os.PathLike[str], client: str | None = None, *,
     Each client's public key is copied into ``clients/``, which authorises it.
     """
     require_curve()
+    if not str(folder).strip():  # an unset shell variable: not the current folder
+        raise UserError("key folder: empty path (name the folder the keys go in)")
     name = "client" if client is None else client
     if not name or name == "server" or name.startswith(".") or any(c in name for c in "/\\ "):
         raise UserError(f"client name {name!r}: use letters, digits, '-' or '_' (not 'server')")

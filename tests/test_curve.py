@@ -254,6 +254,25 @@ def test_bad_key_files_are_one_line_errors_naming_the_file(keys, tmp_path):
         ControlClient(ANY_PORT.replace(":0", ":1"), curve=CurveClient(str(missing), str(garbage)))
 
 
+def test_key_paths_of_the_wrong_kind_say_what_they_are(keys, tmp_path, capsys, monkeypatch):
+    """A folder given as a key file was "no such file", a file as the clients folder "no such
+    folder"; `streamtrack keys "$DIR"` with DIR unset wrote secret keys into the current folder."""
+    cases = [(CurveServer(str(keys), str(keys / "clients")), "is a directory, not a file"),
+             (CurveServer(str(keys / "server.key_secret"), str(keys / "server.key")), "a file, not a folder"),
+             (CurveServer(str(keys / "server.key_secret"), str(tmp_path / "nope")), "no such folder"),
+             (CurveServer(str(keys / "server.key_secret"), ""), "CURVE clients folder: empty path"),
+             (CurveClient(str(keys), str(keys / "client.key_secret")), "is a directory, not a file")]
+    for setting, said in cases:
+        with pytest.raises(UserError) as e:
+            setting.load()
+        assert said in _one_line(e.value), setting
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["keys", ""]) == 2
+    assert capsys.readouterr().err.strip() == ("streamtrack: error: key folder: empty path "
+                                               "(name the folder the keys go in)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_libzmq_without_curve_is_a_one_line_error(monkeypatch, keys):
     monkeypatch.setattr(zmq, "has", lambda capability: False)
     with pytest.raises(UserError, match="CURVE") as e:
