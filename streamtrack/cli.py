@@ -26,6 +26,17 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: a download removes its .part file
 
 
+_TERMINATED = threading.Event()
+
+
+def _interrupt_on_sigterm(signum, frame) -> None:
+    """SIGTERM stops a benchmark as Ctrl-C does (its tracker after the frame in flight, its
+    helper processes, its temporary folder with a random checkpoint of ~150 MB removed),
+    and the exit code says SIGTERM (143)."""
+    _TERMINATED.set()
+    raise KeyboardInterrupt
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     from streamtrack.download import download_checkpoint
 
@@ -135,6 +146,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from streamtrack import bench, bench_stream
 
     bench_stream.apply_defaults(args)  # per-benchmark defaults for the shared options
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     return bench.main(args)
 
 
@@ -398,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamtrack: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("streamtrack: interrupted", file=sys.stderr)
-        return 130
+        print("streamtrack: " + ("terminated" if _TERMINATED.is_set() else "interrupted"), file=sys.stderr)
+        return 143 if _TERMINATED.is_set() else 130
 
 
 if __name__ == "__main__":

@@ -536,3 +536,28 @@ def test_overlay_bench_json_is_one_object_with_a_row_per_object_count(monkeypatc
     report = json.loads(out)  # stdout is the JSON alone; the table went to stderr
     assert [r["objects"] for r in report["rows"]] == [1, 3] and "annotate" in err
     assert all(r["naive_ratio"] == r["naive_ms"] / r["annotate_ms"] > 0 for r in report["rows"])
+
+
+def test_sigterm_stops_a_benchmark_like_ctrl_c_and_removes_its_folder(tmp_path, tiny_checkpoint):
+    """`timeout` and `kill` send SIGTERM: the temporary folder (a random checkpoint of
+    ~150 MB when none is given, the JPEG frames) was left in /tmp every time."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "bench", "engine", "--checkpoint", str(tiny_checkpoint), *TINY,
+         "--frames", "40", "--objects", "1"],
+        env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("streamtrack-bench-*/frames/*.jpg"))) < 40 and proc.poll() is None:
+            assert time.monotonic() < deadline, "the benchmark never wrote its frames"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "streamtrack: terminated", err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
