@@ -511,6 +511,14 @@ def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float]:
     return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(np.asarray(values), qs), strict=True)}
 
 
+MAX_SOURCE_FPS = 1000.0  # the paced clip is an H.264 file: its rate must be a small fraction
+
+
+def _check_fps(fps: float | None) -> None:
+    if fps is not None and not 0 < fps <= MAX_SOURCE_FPS:
+        raise UserError(f"--fps must be more than 0 and at most {MAX_SOURCE_FPS:g}, got {fps}")
+
+
 def bench_latency(
     *,
     model: str = "sam2.1_hiera_tiny",
@@ -540,8 +548,7 @@ def bench_latency(
     _positive("--frames", frames, warmup + 2)
     _positive("--clip-frames", clip_frames, 2)
     _positive("--objects", objects)
-    if fps is not None and not fps > 0:
-        raise UserError(f"--fps must be > 0, got {fps}")
+    _check_fps(fps)
     live = CaptureConfig(realtime=True, loop=True, queue_depth=queue_depth, name="bench")
     depth = queue_depth if queue_depth is not None else 2  # Capture's drop-oldest default
     dev = resolve_device(device)
@@ -795,8 +802,7 @@ def _check_counts(args: argparse.Namespace) -> None:
         _positive("--frames", args.frames, args.warmup + 2)
     if args.what == "latency":
         _positive("--clip-frames", args.clip_frames, 2)
-        if args.fps is not None and not args.fps > 0:
-            raise UserError(f"--fps must be > 0, got {args.fps}")
+        _check_fps(args.fps)
     if args.what == "memory":
         _positive("--early-frame", args.early_frame)
         _positive("--frames", args.frames, args.early_frame + 1)

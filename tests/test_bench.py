@@ -193,7 +193,9 @@ def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
 @pytest.mark.parametrize("args, message", [
     (["pipeline", "--objects", "1", "2"], "one --objects count"),
     (["pipeline", "--frames", "3", "--warmup", "2"], "--frames must be >= 4"),
-    (["latency", "--fps", "0"], "--fps must be > 0"),
+    (["latency", "--fps", "0"], "--fps must be more than 0 and at most 1000, got 0.0"),
+    (["latency", "--fps", "inf"], "--fps must be more than 0 and at most 1000, got inf"),
+    (["latency", "--fps", "1e300"], "--fps must be more than 0 and at most 1000, got 1e+300"),
     (["memory", "--frames", "10", "--early-frame", "20"], "--frames must be >= 21"),
     (["memory", "--frame-size", "big"], "--frame-size must look like 320x240"),
     (["engine", "--official-vos-mode", "reduce-overhead"], "needs --official-vos-optimized"),
