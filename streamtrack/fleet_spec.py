@@ -328,9 +328,9 @@ def parse_stream(entry: Any, defaults: dict[str, Any], options: FleetOptions, wh
 
 
 def check_unique(streams: list[StreamSpec], where: str, fleet_control: str | None = None) -> None:
-    """Stream names, and fixed endpoints, must not repeat (nor take the fleet control's):
-    the same port written another way (``localhost`` for ``127.0.0.1``, or a wildcard
-    host, which binds every address) is the same endpoint."""
+    """Stream names, output paths and fixed endpoints must not repeat (nor an endpoint take
+    the fleet control's): the same port written another way (``localhost`` for
+    ``127.0.0.1``, or a wildcard host, which binds every address) is the same endpoint."""
     seen: dict[str, str] = {}
     for s in streams:
         if s.name in seen:
@@ -348,6 +348,16 @@ def check_unique(streams: list[StreamSpec], where: str, fleet_control: str | Non
             if other is not None:
                 raise UserError(f"{where}: stream {s.name!r}: {key} {ep} is also used by {other}")
             bound.append((ep, f"stream {s.name!r}"))
+    written: dict[str, str] = {}  # output path -> its user: two trackers would write over each other
+    for s in streams:
+        for key in ("save_jsonl", "save_video", "save_masks"):
+            path = getattr(s.config, key)
+            if path is None:
+                continue
+            if path in written:
+                raise UserError(f"{where}: stream {s.name!r}: {key} {path} is also written by "
+                                f"{written[path]}: give each stream its own")
+            written[path] = f"stream {s.name!r} ({key})"
 
 
 def _same_binding(a: str, b: str) -> bool:

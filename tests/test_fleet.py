@@ -150,6 +150,11 @@ def pid_alive(pid: int) -> bool:
     (lambda d: d["defaults"].update(max_restarts=5),
      "defaults: unknown key 'max_restarts' (fleet.max_restarts: a fleet option)"),
     (lambda d: d.update(cameras=[]), "unknown section(s) ['cameras']"),
+    # two trackers writing over each other's results
+    (lambda d: [s.update(save_jsonl="/out/r.jsonl") for s in d["streams"]],
+     "stream 'b': save_jsonl /out/r.jsonl is also written by stream 'a' (save_jsonl): give each stream"),
+    (lambda d: (d["streams"][0].update(save_masks="/out/m"), d["streams"][1].update(save_video="/out/m")),
+     "stream 'b': save_video /out/m is also written by stream 'a' (save_masks)"),
     (lambda d: d["fleet"].update(bind="not a host!"), "fleet: bind: 'not a host!' is not a host name"),
     # one port written two ways, a wildcard host, the fleet control's own port
     (lambda d: (d["streams"][0].update(publish="tcp://127.0.0.1:5601"),
