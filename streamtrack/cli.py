@@ -212,8 +212,18 @@ def _add_model_options(p: argparse.ArgumentParser, image_size_default: str = "th
                    help=f"model input size, a multiple of 32 from 64 to 2048 (default: {image_size_default})")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A mistyped option is one line, as every other error is (argparse prints the whole
+    usage block first: 14 lines for `run`); the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        if message.startswith("[Errno") and "] " in message:  # an @FILE of arguments it could not read
+            message = "cannot read the @FILE of arguments: " + message.split("] ", 1)[1]
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="streamtrack",
         description="Real-time object tracking on live video with SAM 2.",
     )

@@ -503,3 +503,20 @@ def test_an_import_error_of_our_own_is_a_traceback():
 
     assert missing_dependency(ModuleNotFoundError("x", name="streamtrack.nothing")) is None
     assert missing_dependency(ImportError("cannot import name 'x' from partially initialized")) is None
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["run", "x.mp4", "--image-size", "abc"],
+     "streamtrack run: error: argument --image-size: invalid int value: 'abc' (streamtrack run --help lists"),
+    (["bench", "engine", "--frames", "many"],
+     "streamtrack bench: error: argument --frames: invalid int value"),
+    (["track", "x.mp4"], "streamtrack: error: argument COMMAND: invalid choice: 'track'"),
+    (["run", "@{missing}"],
+     "streamtrack run: error: cannot read the @FILE of arguments: No such file or directory"),
+])
+def test_a_mistyped_option_is_one_line_not_the_usage_block(argv, said, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        main([a.format(missing=tmp_path / "args.txt") for a in argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(said), err
