@@ -643,6 +643,8 @@ class Tracker:
                 self._announce_stopped(emitter)
             console.close()
             if bar is not None:  # its line ends before an error is printed, and is not redrawn after
+                if sys.exc_info()[0] is not None:
+                    bar.leave = False  # a failed run's error line stands alone where the bar was
                 bar.close()
             if self._in_flight is not None and self.engine is not None:
                 self.engine.drop_launched()  # interrupted with a frame in flight: never published

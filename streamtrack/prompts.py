@@ -32,6 +32,8 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     values = _numbers(text, "--box", "x0,y0,x1,y1")
     if len(values) != 4:
         raise UserError(f"--box {text!r}: expected x0,y0,x1,y1")
+    if not (values[0] < values[2] and values[1] < values[3]):  # before the model loads, not after
+        raise UserError(f"--box {text!r}: needs x0 < x1 and y0 < y1 (corners top-left, then bottom-right)")
     return tuple(values)  # type: ignore[return-value]
 
 

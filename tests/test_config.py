@@ -424,3 +424,21 @@ def test_a_wheel_carries_the_presets_and_the_license(tmp_path):
                            cwd=elsewhere, capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PYTHONPATH": str(site)})
     assert where.stdout.strip() == str(site / "streamtrack" / "configs"), where
+
+
+@pytest.mark.parametrize(("box", "message"), [
+    ("110,60,50,108", "--box '110,60,50,108': needs x0 < x1 and y0 < y1"),
+    ("5,5,5,5", "--box '5,5,5,5': needs x0 < x1 and y0 < y1"),
+    ("1,2,3", "--box '1,2,3': expected x0,y0,x1,y1"),
+    ("1,nan,3,4", "--box '1,nan,3,4': numbers must be finite"),
+])
+def test_a_box_option_is_checked_before_the_model_loads(box, message, capsys):
+    """The corners' order was found by the engine at the first frame, after the model had
+    loaded; `segment` refused it only on its own."""
+    from streamtrack.prompts import from_cli
+    from streamtrack.segment import prompts_from_args
+
+    for parse in (lambda: from_cli([box], None), lambda: prompts_from_args([box], None)):
+        with pytest.raises(UserError) as e:
+            parse()
+        assert str(e.value).startswith(message)
