@@ -496,10 +496,6 @@ class Tracker:
         self._give_up_after = cap_cfg.give_up_after
         self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status,
                                    decode=cfg.decode)
-        if cfg.warn_exposed and resume.restarts == 0 and cfg.curve is None:  # warn once; CURVE authenticates
-            for ep, what in ((cfg.publish, "publish"), (cfg.control, "control")):
-                if ep:
-                    warn_if_exposed(ep, what)
         # What a file's header says: the progress bar's total, a file cut short, and the
         # rate of a video that gets one frame.  A loop has no end.
         local = _local_file(cfg.source)
@@ -522,6 +518,11 @@ class Tracker:
             bound = {"publish": emitter.publisher.endpoint if emitter.publisher else None,
                      "control": control.endpoint if control else None}
             self._notify("bound", bound)
+            # Once bound: a host that cannot be bound is an error, not a warning that it is exposed.
+            if cfg.warn_exposed and resume.restarts == 0 and cfg.curve is None:  # once; CURVE authenticates
+                for what, ep in bound.items():
+                    if ep:
+                        warn_if_exposed(ep, what)
             for what, given in (("publish", cfg.publish), ("control", cfg.control)):
                 # Nobody can connect to a port the system picked until it is told which (a
                 # fleet lists its streams' endpoints itself).

@@ -649,6 +649,23 @@ def test_bind_warning_for_non_loopback(caplog):
     assert is_local_endpoint("tcp://localhost:1") and not is_local_endpoint("tcp://10.0.0.1:1")
 
 
+def test_a_host_that_cannot_be_bound_is_an_error_without_the_exposure_warning(caplog, tmp_path):
+    """The warning said the masks were "reachable from other machines", then the bind failed."""
+    from streamtrack.pipeline import Tracker
+
+    video = write_video(make_clip(4, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    for bad in ("tcp://192.0.2.7:25000", "tcp://nonexistent.invalid:25000"):  # not this machine's
+        run = RunConfig(source=str(video), publish=bad, progress=False)
+        with caplog.at_level(logging.WARNING), pytest.raises(UserError, match=f"cannot bind publish.*{bad}"):
+            Tracker(run, engine=None).run()
+        assert not [r for r in caplog.records if "reachable from other machines" in r.getMessage()]
+    run = RunConfig(source=str(video), publish="tcp://0.0.0.0:0", progress=False,
+                    engine=EngineConfig(checkpoint=str(tmp_path / "no.pt")))
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="no.pt"):
+        Tracker(run, engine=None).run()  # bound, warned, then the model fails to load
+    assert [r for r in caplog.records if "reachable from other machines" in r.getMessage()]
+
+
 def test_supervisor_keeps_newest_nonempty_mask_and_forgets_removed_objects():
     def result(seq, masks):
         objs = tuple(ObjectResult.from_mask(k, m, score=0.9) for k, m in masks.items())
