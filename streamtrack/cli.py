@@ -78,8 +78,9 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
 
     if args.count is not None and args.count < 1:
         raise UserError(f"--count must be >= 1, got {args.count}")
-    if args.timeout is not None and not args.timeout > 0:
-        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise UserError(f"--timeout must be a finite number of seconds > 0 (leave it out to wait "
+                        f"for ever), got {args.timeout}")
     printed = 0
     client_keys = client_from_args(args)
     if args.fleet:

@@ -926,3 +926,13 @@ def test_ipc_socket_files_go_with_their_sockets_but_not_a_later_binders(tmp_path
         _sync(second, sub, "cam1")
     second.close()
     assert not pub_file.exists()
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_subscribe_timeout_must_be_a_finite_wait(timeout, capsys) -> None:
+    """--timeout inf was taken, and subscribe then never exited (nan was refused)."""
+    from streamtrack import cli
+
+    assert cli.main(["subscribe", "tcp://127.0.0.1:1", "--timeout", timeout]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("streamtrack: error: --timeout must be a finite number of seconds > 0"), said
