@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 from streamtrack.errors import UserError
@@ -46,9 +47,21 @@ def parse_region(text: str) -> list[float]:
         region = [float(v) for v in text.split(",")]
     except ValueError:
         region = []
-    if len(region) != 4:
+    if len(region) != 4 or not all(math.isfinite(v) for v in region):
         raise argparse.ArgumentTypeError(f"{text!r}: give x0,y0,x1,y1 (four numbers)")
+    if not (region[0] < region[2] and region[1] < region[3]):  # every object would be "outside"
+        raise argparse.ArgumentTypeError(f"{text!r}: needs x0 < x1 and y0 < y1 (top-left, then bottom-right)")
     return region
+
+
+def message_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of messages, 0 or more")
+    return count
 
 
 def main() -> None:
@@ -57,7 +70,7 @@ def main() -> None:
     )
     parser.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555")
     parser.add_argument("--region", required=True, type=parse_region, help="x0,y0,x1,y1 in source pixels")
-    parser.add_argument("--count", type=int, default=0, help="stop after N messages (0 = forever)")
+    parser.add_argument("--count", type=message_count, default=0, help="stop after N messages (0 = forever)")
     args = parser.parse_args()
     last: dict[int, str] = {}
     seen = 0

@@ -72,6 +72,11 @@ def test_the_demo_scripts_end_with_the_clip_or_the_trackers_error(tiny_checkpoin
     ("region_monitor.py", ["--region", "1,2,3"], "argument --region: '1,2,3': give x0,y0,x1,y1"),
     ("region_monitor.py", ["foo://x", "--region", "0,0,9,9"], "error: invalid endpoint 'foo://x'"),
     ("centroids.py", ["foo://x"], "error: invalid endpoint 'foo://x'"),
+    # a region no object can be inside, a count that never ends: said, not run
+    ("region_monitor.py", ["--region", "nan,0,9,9"], "argument --region: 'nan,0,9,9': give x0,y0,x1,y1"),
+    ("region_monitor.py", ["--region", "300,300,0,0"], "'300,300,0,0': needs x0 < x1 and y0 < y1"),
+    ("region_monitor.py", ["--region", "0,0,9,9", "--count", "-5"], "argument --count: '-5': a number"),
+    ("centroids.py", ["--count", "-5"], "argument --count: '-5': a number of messages, 0 or more"),
 ])
 def test_the_demo_consumers_say_a_user_error_in_one_line(script, args, message):
     r = subprocess.run([sys.executable, f"demos/{script}", *args], cwd=REPO, capture_output=True,
