@@ -47,6 +47,7 @@ from streamtrack.synthetic import make_clip, write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+import options  # noqa: E402  (benchmarks/options.py)
 from rtsp import RtspServer  # noqa: E402  (tests/rtsp.py: starts tests/rtsp_server.py)
 
 GOAL_RATIO = 0.9
@@ -397,20 +398,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object on stdout (the table on stderr)")
-    ap.add_argument("--sizes", nargs="+", default=["640x480", "1280x720"])
-    ap.add_argument("--frames", type=int, default=300)
-    ap.add_argument("--repeats", type=int, default=5, help="timed decode runs per variant")
-    ap.add_argument("--rtsp-size", default="640x480", help="videotestsrc size")
-    ap.add_argument("--rtsp-fps", type=int, default=30)
-    ap.add_argument("--rtsp-gop", type=int, default=10)
+    ap.add_argument("--sizes", type=options.frame_size, nargs="+", default=["640x480", "1280x720"])
+    ap.add_argument("--frames", type=options.count(2), default=300)
+    ap.add_argument("--repeats", type=options.count(1), default=5, help="timed decode runs per variant")
+    ap.add_argument("--rtsp-size", type=options.frame_size, default="640x480", help="videotestsrc size")
+    ap.add_argument("--rtsp-fps", type=options.count(1), default=30)
+    ap.add_argument("--rtsp-gop", type=options.count(1), default=10)
     ap.add_argument("--rtsp-clip", action="store_true",
                     help="serve the first generated clip instead of videotestsrc (played once per "
                          "session: it ends, and the source reconnects, after --frames/30 s)")
-    ap.add_argument("--latency-seconds", type=float, default=10.0)
-    ap.add_argument("--warmup", type=float, default=1.0, help="s of streaming before measuring")
-    ap.add_argument("--reconnects", type=int, default=3)
-    ap.add_argument("--outage", type=float, default=1.0, help="s the server stays down")
-    ap.add_argument("--settle", type=float, default=1.0, help="s of streaming between outages")
+    ap.add_argument("--latency-seconds", type=options.seconds(0, above=True), default=10.0)
+    ap.add_argument("--warmup", type=options.seconds(0), default=1.0, help="s of streaming before measuring")
+    ap.add_argument("--reconnects", type=options.count(0), default=3)
+    ap.add_argument("--outage", type=options.seconds(0), default=1.0, help="s the server stays down")
+    ap.add_argument("--settle", type=options.seconds(0), default=1.0, help="s of streaming between outages")
     ap.add_argument("--no-rtsp", action="store_true", help="decode benchmark only")
     ap.add_argument("--quick", action="store_true",
                     help="small, short run (smoke test; its figures are not meaningful)")

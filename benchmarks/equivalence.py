@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import options  # noqa: E402  (benchmarks/options.py)
 from conftest import save_jpeg_frames  # noqa: E402
 from official import compare, run_engine, run_official  # noqa: E402
 
@@ -29,14 +30,15 @@ from streamtrack.models import build_model, save_random_checkpoint  # noqa: E402
 from streamtrack.synthetic import make_clip  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--frames", type=int, default=24)
-    args = parser.parse_args()
+    parser.add_argument("--device", type=options.device, default="cpu")
+    parser.add_argument("--image-size", type=options.image_size, default=256)
+    parser.add_argument("--frames", type=options.count(4), default=24,
+                        help="frames of the clip (a refinement and a new object come half-way)")
+    args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~150 MB of checkpoint
     ckpt = save_random_checkpoint("sam2.1_hiera_tiny", tmp / "random.pt")

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import options  # benchmarks/options.py
 import yaml
 
 from streamtrack.fleet import Fleet
@@ -72,11 +73,12 @@ def entries(directory: Path) -> dict:
         return {}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--pause", type=float, default=5.0, help="seconds between the loss and the new node")
-    args = ap.parse_args()
+    ap.add_argument("--image-size", type=options.image_size, default=128)
+    ap.add_argument("--pause", type=options.seconds(0), default=5.0,
+                    help="seconds between the loss and the new node")
+    args = ap.parse_args(argv)
 
     from ray.cluster_utils import Cluster
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+import options  # benchmarks/options.py
 import torch
 from pipeline_overhead import _launch_work, _python_work
 from pycocotools import mask as mask_utils
@@ -126,13 +127,14 @@ def lock_per_piece(name: str, fn, n: int, rounds: int = 3, chunk: int = 50) -> N
           f"{', '.join(f'{v * 1000:.2f}' for v in lost)})")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=1000, help="torch calls in the loop (each may wait 5 ms)")
-    ap.add_argument("--python-iterations", type=int, default=2_000_000,
+    ap.add_argument("--calls", type=options.count(1), default=1000,
+                    help="torch calls in the loop (each may wait 5 ms)")
+    ap.add_argument("--python-iterations", type=options.count(1), default=2_000_000,
                     help="iterations of the pure-Python loop (~0.1 s alone: several switch intervals)")
-    ap.add_argument("--frames", type=int, default=120, help="720p frames decoded per piece")
-    args = ap.parse_args()
+    ap.add_argument("--frames", type=options.count(1), default=120, help="720p frames decoded per piece")
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"1. beside a spinning thread (switch interval {sys.getswitchinterval() * 1000:g} ms)")
     beside_a_spinner(args.calls, args.python_iterations)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import options  # benchmarks/options.py
 import torch
 
 from streamtrack.bench_stream import _bare_steps, _decode, _median_phases, _phases_ms, _run_tracker
@@ -124,27 +125,27 @@ def _variant(text: str) -> tuple[str, str, bool]:
     return parts[0], parts[1], len(parts) == 3
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--host-ms", type=float, default=3.0)
-    ap.add_argument("--device-ms", type=float, default=7.0)
+    ap.add_argument("--host-ms", type=options.seconds(0), default=3.0)
+    ap.add_argument("--device-ms", type=options.seconds(0), default=7.0)
     ap.add_argument("--host-kind", choices=tuple(HOST_WORK), default="python",
                     help="the host part as pure Python, which keeps the interpreter lock until Python "
                          "takes it away (every 5 ms), or as tiny torch operations that each give it up, "
                          "as a real step's kernel launches do (default python)")
-    ap.add_argument("--objects", type=int, default=1)
-    ap.add_argument("--frames", type=int, default=150)
-    ap.add_argument("--frame-size", default="1280x720")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--objects", type=options.count(1), default=1)
+    ap.add_argument("--frames", type=options.count(10), default=150, help="(the first 5 are not timed)")
+    ap.add_argument("--frame-size", type=options.frame_size, default="1280x720")
+    ap.add_argument("--repeats", type=options.count(1), default=3)
     ap.add_argument("--variants", type=_variant, nargs="+", metavar="DECODE/EMIT[/ahead]",
                     default=[("thread", "thread", False), ("process", "thread", False),
                              ("thread", "process", False)],
                     help="where the tracker decodes and emits, and /ahead to launch a waiting frame "
                          "before finishing the last (default thread/thread process/thread thread/process)")
-    ap.add_argument("--live", type=float, default=None, metavar="FPS",
+    ap.add_argument("--live", type=options.seconds(0, above=True), default=None, metavar="FPS",
                     help="read the clip as a live source paced at FPS (looping) and report "
                          "capture -> publish latency instead of throughput")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     width, height = (int(v) for v in args.frame_size.split("x"))
     engine = StandInEngine(args.host_ms, args.device_ms, args.objects, height, width, args.host_kind)
     variants = [tuple(v) for v in args.variants]

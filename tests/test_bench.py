@@ -507,6 +507,16 @@ def test_profile_step_times_the_guard_checks_of_every_compiled_unit(monkeypatch,
 
 
 @pytest.mark.parametrize(("stem", "args", "message"), [
+    ("equivalence", ["--frames", "0"], "argument --frames: '0': must be at least 4"),
+    ("equivalence", ["--image-size", "65"], "image size must be a multiple of 32 from 64 to 2048, got 65"),
+    ("equivalence", ["--device", "bogus"], "device must be auto, cpu, cuda[:N] or mps, got 'bogus'"),
+    ("pipeline_overhead", ["--frame-size", "abc"], "argument --frame-size: must look like 320x240"),
+    ("pipeline_overhead", ["--host-ms", "-1"], "--host-ms: '-1': must be a finite number at least 0"),
+    ("pipeline_overhead", ["--live", "inf"], "argument --live: 'inf': must be a finite number more than 0"),
+    ("capture_bench", ["--sizes", "640x480", "abc"], "argument --sizes: must look like 320x240, got 'abc'"),
+    ("capture_bench", ["--reconnects", "-1"], "argument --reconnects: '-1': must be at least 0"),
+    ("lock_probe", ["--calls", "-1"], "argument --calls: '-1': must be at least 1"),
+    ("fleet_node_loss", ["--image-size", "65"], "image size must be a multiple of 32"),
     ("overlay_bench", ["--objects", "4", "0"], "--objects must be at least 1"),
     ("transport_bench", ["--duration", "0"], "--duration must be more than 0"),
     ("transport_bench", ["--objects", "1", "-4"], "--objects must be more than 0"),
