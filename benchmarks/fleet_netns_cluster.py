@@ -47,7 +47,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet_node_loss import entries, wait, write_two_stream_fleet  # this folder: run as a script
+import options  # this folder: run as a script
+from fleet_node_loss import entries, wait, write_two_stream_fleet
 
 PREFIX = "stk"  # namespace and interface names: stk-head, stk-w1, ... (and stk-lan, the bridge's)
 NET = "198.18.0"
@@ -136,14 +137,20 @@ def alive(pid: int) -> bool:
         return False
 
 
-def main() -> None:
+def _stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the teardown, as Ctrl-C does
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--image-size", type=options.image_size, default=128)
     ap.add_argument("--fast-detection", action="store_true",
                     help="shorter Ray health checks on the head (1 s period, 1 s timeout, 3 misses)")
-    ap.add_argument("--fence-after", type=float, default=30.0,
+    ap.add_argument("--fence-after", type=options.seconds(0, above=True), default=30.0,
                     help="fleet.fence_after: seconds without the driver before an actor stops its streams")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # `timeout` and `kill` send SIGTERM: without this the cluster and the namespaces stayed.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("ip"):
         raise SystemExit("fleet_netns_cluster: needs Linux, root and iproute2 (network namespaces)")
     ray_cli = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -164,8 +171,8 @@ def main() -> None:
 
     procs: list[subprocess.Popen] = []
     tear_down_network()  # leftovers of an interrupted run
-    build_network()
     try:
+        build_network()  # in the try: a network half built is torn down too
         head_env = {**env, **(FAST_DETECTION if args.fast_detection else {})}
         sh(*in_host("head", ray_cli, "start", "--head", "--node-ip-address", address("head"),
                     "--port", str(RAY_PORT), "--num-cpus", "0", "--temp-dir", str(tmp / "r-head"),
