@@ -140,10 +140,9 @@ def coerce(key: str, value: Any, where: str) -> Any:
     tp, optional = _base_type(_FIELDS[key].type)
     if isinstance(value, str) and not value.strip():
         what = "an empty path" if key in _OUTPUT_PATHS else "empty"
-        hint = " (null turns it off" if optional else " ("
-        if where.startswith("environment"):
-            hint += ("; " if optional else "") + "unset the variable to keep the value below it"
-        raise UserError(f"{where}: {key} is {what}" + (hint + ")" if hint != " (" else ""))
+        hints = (["null turns it off"] if optional else []) + (
+            ["unset the variable to keep the value below it"] if where.startswith("environment") else [])
+        raise UserError(f"{where}: {key} is {what}" + (f" ({'; '.join(hints)})" if hints else ""))
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and optional):
         if optional:
             return None
