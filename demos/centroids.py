@@ -22,23 +22,15 @@ def centroid(mask: np.ndarray) -> tuple[float, float] | None:
     return (float(xs.mean()), float(ys.mean())) if len(xs) else None
 
 
-def message_count(text: str) -> int:
-    try:
-        count = int(text)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a number of messages, 0 or more")
-    return count
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555")
-    parser.add_argument("--count", type=message_count, default=0, help="stop after N messages (0 = forever)")
+    parser.add_argument("--count", type=int, default=0, help="stop after N messages (0 = forever)")
     args = parser.parse_args()
+    if args.count < 0:
+        parser.error(f"argument --count: '{args.count}': a number of messages, 0 or more")
     seen = 0
     try:
         with Subscriber(args.endpoint) as sub:
