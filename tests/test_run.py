@@ -289,16 +289,21 @@ def test_bad_input_exit_2_one_line(clip_file, tiny_checkpoint, tmp_path, args, m
     assert json.loads(late_prompts.read_text())[1]["frame"] == 3  # nor the prompts
 
 
-def test_an_error_on_the_first_frame_gets_a_line_after_the_progress_bar(clip_file, tiny_checkpoint):
+def test_an_error_on_the_first_frame_erases_the_progress_bar(clip_file, tiny_checkpoint):
     _, video, _ = clip_file
     r = streamtrack("run", str(video), "--box", "1,2,500,40", "--checkpoint", tiny_checkpoint,
                     "--image-size", "256", env={"TQDM_DISABLE": ""})  # the bar on, as in a terminal
     assert r.returncode == 2, r.stderr
-    # The bar's line ends before the error, and the bar is not drawn again after it.
-    *bar, error = [line for line in r.stderr.replace("\r", "\n").split("\n") if line]
+    # The bar is erased before the error (the error line stands alone on a terminal), and
+    # it is not drawn again after it.
+    *bar, error = [line for line in r.stderr.replace("\r", "\n").split("\n") if line.strip()]
     assert error.startswith("streamtrack: error: object 1:"), r.stderr
     assert "outside the 160x120 frame" in error
     assert bar and all("tracking" in line for line in bar), r.stderr
+    # (text mode reads tqdm's "\r" as a line end: the erasing blanks are the line before)
+    lines = r.stderr.split("\n")
+    erased = lines[lines.index(error) - 1]
+    assert erased and not erased.strip(), repr(r.stderr)
 
 
 def test_the_progress_bar_holds_no_named_semaphore(tmp_path):
