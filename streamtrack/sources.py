@@ -246,18 +246,21 @@ _RTSP_OVER_UDP: set[str] = set()
 
 def _pyav_options(url: str, read_timeout: float) -> dict[str, str]:
     """Low-latency demuxer options for a live network stream."""
+    scheme = urlsplit(url).scheme.lower()
     options = {
         "probesize": _LIVE_PROBESIZE,
         "analyzeduration": _LIVE_ANALYZEDURATION_US,
-        # Socket I/O timeout (microseconds), so a silent server cannot block a read.
-        "timeout": str(int(read_timeout * 1_000_000)),
+        # Socket I/O timeout (microseconds), so a silent server cannot block a read.  RTMP
+        # reads its "timeout" as seconds to wait for a publisher to connect, and listens
+        # on the camera's address instead of connecting: it gets FFmpeg's generic one.
+        "rw_timeout" if scheme in ("rtmp", "rtmps") else "timeout": str(int(read_timeout * 1_000_000)),
     }
     # No fflags=nobuffer: it throws away the packets read while probing, the first
     # keyframe among them, so decoding waits for the next one (2.1 s instead of 0.3 s to
     # the first frame from an RTSP camera with a 2 s keyframe interval; nothing at all from
     # a stream with one keyframe).  The few probed frames it would save come out at once
     # and the capture's drop-oldest queue keeps only the newest.
-    if urlsplit(url).scheme.lower() in ("rtsp", "rtsps"):
+    if scheme in ("rtsp", "rtsps"):
         # TCP interleaving: no UDP ports to open, no packet loss artefacts (a camera that
         # offers only UDP gets UDP: see open_pyav).
         options["rtsp_transport"] = "tcp"

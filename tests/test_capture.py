@@ -744,6 +744,31 @@ def test_a_server_that_accepts_and_never_answers_is_a_timeout_in_words() -> None
     assert "TimeoutError: no answer within the open timeout (0.5 s)" in cap.stats().last_error
 
 
+def test_an_rtmp_source_connects_to_the_server() -> None:
+    """FFmpeg's RTMP takes a "timeout" option as seconds to wait for a publisher, and
+    listened on the camera's address: the server was never contacted."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(10)
+        url = f"rtmp://127.0.0.1:{server.getsockname()[1]}/live/cam"
+        cap = open_source(url, CaptureConfig(**LIVE)).start()
+        try:
+            connection, _ = server.accept()  # socket.timeout here: it never connected
+            connection.close()
+        finally:
+            cap.close()
+    with socket.socket() as held:  # bound, not listening: nothing answers there
+        held.bind(("127.0.0.1", 0))
+        url = f"rtmp://127.0.0.1:{held.getsockname()[1]}/live/cam"
+        cap = open_source(url, CaptureConfig(**LIVE, give_up_after=0.5)).start()
+        try:
+            assert wait_for(lambda: cap.state is S.FAILED, 10)
+        finally:
+            cap.close()
+    assert "ConnectionRefusedError" in cap.stats().last_error  # not "no answer" from a listener
+
+
 def test_refusing_url_keeps_retrying_by_default_and_closes_fast() -> None:
     cap = open_source(f"rtsp://127.0.0.1:{free_port()}/none", CaptureConfig(**LIVE)).start()
     time.sleep(0.8)
