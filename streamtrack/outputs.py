@@ -23,6 +23,7 @@ from PIL import Image
 from streamtrack.errors import UserError, error_reason, file_in_the_way, looking_into, own_descriptor
 from streamtrack.overlay import PALETTE
 from streamtrack.protocol import FrameResult
+from streamtrack.sources import ffmpeg_file
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +364,7 @@ class VideoWriter:
         # header, and the reader must not see an end of file in between.
         self._pipe = _open_pipe(self.path, "--save-video")
         try:
-            self._container = av.open(str(self.path), mode="w", options=options)
+            self._container = av.open(ffmpeg_file(self.path), mode="w", options=options)
         except (OSError, av.FFmpegError) as e:
             self._close_pipe()
             raise UserError(f"cannot write video {self.path}: {error_reason(e)}") from None

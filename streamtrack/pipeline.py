@@ -39,7 +39,7 @@ from streamtrack.models import checkpoint_path
 from streamtrack.outputs import MASK_PNG_MAX_ID
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now, system_port
 from streamtrack.publisher import StatsWindow
-from streamtrack.sources import parse_source, redact_url, video_stream
+from streamtrack.sources import ffmpeg_file, parse_source, redact_url, video_stream
 from streamtrack.tracking import EngineConfig, FrameOutput, Prompt, check_mask_shape, check_prompt
 
 if TYPE_CHECKING:  # torch: imported in the tracker's process only, when the model loads
@@ -1023,7 +1023,7 @@ def _declared(path: str) -> DeclaredLength | None:
     import av
 
     try:
-        with av.open(path) as c:
+        with av.open(ffmpeg_file(path)) as c:
             stream = video_stream(c)
             rate = stream.average_rate or stream.guessed_rate
             return DeclaredLength(stream.frames or None, c.duration / av.time_base if c.duration else None,

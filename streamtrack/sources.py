@@ -409,10 +409,18 @@ def open_pyav(
         except ValueError as exc:
             raise ConnectionError(f"{spec.display}: {exc}") from None
     try:
-        container = av.open(target, timeout=(open_timeout, read_timeout))
+        container = av.open(ffmpeg_file(target), timeout=(open_timeout, read_timeout))
         return PyAVReader(container, live=False)
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise UserError(f"cannot read video file {target}: {_reason(exc)}") from None
+
+
+def ffmpeg_file(path: str | os.PathLike[str]) -> str:
+    """A local file's path as FFmpeg takes it: FFmpeg reads a "name:" before the first
+    "/" as a protocol (a recording called cam-10:00:00.mp4 is "Protocol not found",
+    http:x.mp4 it would fetch), so such a path goes through its file protocol."""
+    path = os.fspath(path)
+    return f"file:{path}" if ":" in path.split("/", 1)[0] else path
 
 
 def _reason(exc: BaseException) -> str:

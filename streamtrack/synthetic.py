@@ -138,9 +138,11 @@ def write_video(frames: list[np.ndarray], path: str | Path, fps: float = 30.0, g
 
     import av
 
+    from streamtrack.sources import ffmpeg_file
+
     path = Path(path)
     h, w = frames[0].shape[:2]
-    with av.open(str(path), mode="w") as container:
+    with av.open(ffmpeg_file(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = w - w % 2, h - h % 2
         stream.pix_fmt = "yuv420p"

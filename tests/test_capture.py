@@ -1046,3 +1046,27 @@ def test_a_password_with_a_slash_is_not_printed_in_the_malformed_url_error():
     with pytest.raises(UserError) as e:
         parse_source("rtsp://admin:My/Pass#1@cam/live")
     assert "My" not in str(e.value) and "Pass" not in str(e.value) and "***@cam/live" in str(e.value)
+
+
+def test_a_file_named_like_a_protocol_is_read_and_written_as_a_file(tmp_path, monkeypatch, decode) -> None:
+    """FFmpeg reads "name:" before the first "/" as a protocol: a recording called
+    cam-10:00:00.mp4 was "Protocol not found", and http:y.mp4 was fetched over HTTP."""
+    from streamtrack.outputs import VideoWriter
+    from streamtrack.synthetic import make_clip, write_video
+
+    monkeypatch.chdir(tmp_path)
+    clip = make_clip(4, 64, 48)
+    write_video(clip.frames, "cam-10:00:00.mp4")
+    (tmp_path / "http:y.mp4").write_bytes((tmp_path / "cam-10:00:00.mp4").read_bytes())
+    for name in ("cam-10:00:00.mp4", "http:y.mp4"):
+        cap = open_source(name, CaptureConfig(), decode=decode).start()
+        try:
+            assert len(list(cap)) == 4 and cap.state is S.ENDED, cap.last_error
+        finally:
+            cap.close()
+    writer = VideoWriter("out:1.mp4", fps=10)
+    for frame in clip.frames:
+        writer.write(frame)
+    writer.close()
+    with av.open(str(tmp_path / "out:1.mp4")) as written:  # an absolute path needs no prefix
+        assert sum(1 for _ in written.decode(video=0)) == 4
