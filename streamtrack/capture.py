@@ -508,8 +508,7 @@ class Capture:
             try:
                 reader = self._open_reader()
             except Exception as exc:  # UserError for bad input; anything else is a bug
-                error = str(exc) if isinstance(exc, UserError) else describe_error(exc, self.spec)
-                self._transition(SourceState.FAILED, error)
+                self._transition(SourceState.FAILED, describe_error(exc, self.spec))
                 raise
         self._spawn(self._run, reader)
         if self.spec.kind.live and self.config.stale_after is not None:
@@ -673,7 +672,9 @@ class Capture:
                 assert reader is not None
                 self._run_file(reader)
         except Exception as exc:  # never die silently: the consumer sees `failed`
-            if isinstance(exc, (av.FFmpegError, OSError)):  # the input's fault, said in one line
+            # The input's fault, said in one line (a looping file deleted between passes
+            # is a UserError from its reopening).
+            if isinstance(exc, (av.FFmpegError, OSError, UserError)):
                 log.warning("%s: capture failed: %s", self.name, describe_error(exc, self.spec))
             else:
                 log.exception("%s: capture failed", self.name)

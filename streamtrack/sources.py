@@ -432,7 +432,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def describe_error(exc: BaseException, spec: SourceSpec) -> str:
-    """One line for the status/last-error of a live source, credentials hidden."""
+    """One line for the status/last-error of a source, credentials hidden.  A
+    :class:`UserError` already says it in the user's words: no class name before it."""
+    if isinstance(exc, UserError):
+        return str(exc)
     message = _FFMPEG_TAG.sub(lambda m: "" if abs(int(m.group(1))) > 4095 else m.group(0), str(exc))
     text = f"{type(exc).__name__}: {' '.join(message.split())}"
     if spec.kind is SourceKind.NETWORK:

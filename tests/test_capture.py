@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import logging
 import os
 import socket
 import sys
@@ -143,6 +144,19 @@ def test_file_loop_keeps_frame_ids_increasing(tmp_path: Path, decode: str) -> No
     assert [grey_index(f) for f in frames] == [i % 10 for i in range(25)]
     assert frames[10].pts == pytest.approx(0.0)  # the stream's own time restarts
     assert cap.state is S.STOPPED
+
+
+def test_a_looping_file_deleted_between_passes_fails_in_one_line(tmp_path: Path, decode: str, caplog) -> None:
+    """Reopening it raised a UserError the capture took for a bug: a traceback, and
+    "UserError: cannot read video file ..." as the error."""
+    short = make_clip(tmp_path / "short.mp4", 10)
+    with caplog.at_level(logging.WARNING), open_source(str(short), CaptureConfig(loop=True),
+                                                       decode=decode) as cap:
+        short.unlink()  # open already: the first pass is read to its end
+        frames = list(cap)
+    assert len(frames) == 10 and cap.state is S.FAILED
+    assert cap.last_error == f"cannot read video file {short}: No such file or directory"
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
 
 
 def test_realtime_paces_a_file_at_its_frame_rate(clip: Path) -> None:
