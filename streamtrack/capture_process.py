@@ -207,6 +207,8 @@ class ProcessCapture(Capture):
                 if not self._played:
                     self._played = childproc.send(self._ctl, [b"play", b""], self._proc)
                 self._drain()
+                if self._ctl is None:  # closed by a status callback
+                    return None
                 frame = self._take() if self._ready else None
                 if frame is not None:
                     return frame
@@ -299,7 +301,8 @@ class ProcessCapture(Capture):
     def _drain(self) -> None:
         """Handle every message the child has sent so far."""
         # EVENTS is a cheap check; poll() builds a poller, worth it only to wait.
-        while self._ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        # A status callback may close() this capture (the sockets' lock is re-entrant).
+        while self._ctl is not None and self._ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             kind, payload = self._ctl.recv_multipart()
             self._on_child_message(kind, json.loads(payload) if payload else {})
 
@@ -371,7 +374,7 @@ class ProcessCapture(Capture):
         while self._final is None:
             # Wait for the first newer frame, then only for those sent right behind it.
             wait = deadline - time.monotonic() if len(self._ready) == 1 else 0.002
-            if wait <= 0 or not self._ctl.poll(max(1, int(wait * 1000)), zmq.POLLIN):
+            if self._ctl is None or wait <= 0 or not self._ctl.poll(max(1, int(wait * 1000)), zmq.POLLIN):
                 break
             self._drain()
 

@@ -146,6 +146,22 @@ def test_file_loop_keeps_frame_ids_increasing(tmp_path: Path, decode: str) -> No
     assert cap.state is S.STOPPED
 
 
+def test_a_status_callback_may_close_the_capture(clip: Path, decode: str) -> None:
+    """Documented as re-entrant; with decode="process" the next read() raised
+    AttributeError (the control socket was gone under the loop that read it)."""
+    caps: list = []
+
+    def close_when_streaming(event) -> None:
+        if event.state is S.STREAMING:
+            caps[0].close()
+
+    cap = open_source(str(clip), CaptureConfig(), on_status=close_when_streaming, decode=decode)
+    caps.append(cap)
+    with cap:
+        frames = list(cap)
+    assert cap.state is S.STOPPED and len(frames) < CLIP_FRAMES
+
+
 def test_a_looping_file_deleted_between_passes_fails_in_one_line(tmp_path: Path, decode: str, caplog) -> None:
     """Reopening it raised a UserError the capture took for a bug: a traceback, and
     "UserError: cannot read video file ..." as the error."""
