@@ -95,8 +95,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # The smallest value of each numeric key (seconds, counts); any float must be finite.
 _MINIMUM: dict[str, int] = {
     "lost_after": 0, "max_cond_frames": 2, "fill_hole_area": 0, "max_objects": 1, "max_frames": 1,
-    "queue_depth": 1, "reconnect_max": 0, "stale_after": 0, "give_up_after": 0, "max_restarts": 0,
-    "hang_timeout": 0, "start_timeout": 0,
+    "queue_depth": 1, "max_restarts": 0, "hang_timeout": 0, "start_timeout": 0,
 }
 _OUTPUT_PATHS = {"save_jsonl", "save_masks", "save_video"}
 # Seconds that must be more than 0 (the capture's timers; null turns the optional ones off).
