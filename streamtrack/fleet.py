@@ -683,12 +683,23 @@ class Fleet:
             if self._started.is_set():
                 self._write_directory("stopped")
 
+    def _note_final_frames(self, actor: _Actor, ref) -> None:
+        try:
+            frames = self._ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - the actor died while stopping
+            log.debug("stop %s: %s", actor.plan.name, exc)
+            return
+        for stream in self._streams_of(actor):
+            stream.frames = max(stream.frames, frames.get(stream.spec.name, 0))
+
     def _stop_actors(self, ray) -> None:
         live = [a for a in self.actors.values() if not a.dead]
         try:
-            refs = [a.handle.stop_all.remote(10.0) for a in live]
+            refs = {a.handle.stop_all.remote(10.0): a for a in live}
             if refs:
-                ray.wait(refs, num_returns=len(refs), timeout=15)  # outputs flushed, best effort
+                ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=15)  # best effort
+                for ref in ready:  # the frames tracked while stopping count too
+                    self._note_final_frames(refs[ref], ref)
             for a in live:
                 try:
                     ray.kill(a.handle, no_restart=True)

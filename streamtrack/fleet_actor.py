@@ -179,18 +179,20 @@ class FleetActor:
                 self._stuck[name] = stream.thread
         return {"name": name, "state": StreamState.STOPPED}
 
-    def stop_all(self, timeout: float = 10.0) -> None:
-        """Stop every stream, then return (the driver kills the actor next)."""
+    def stop_all(self, timeout: float = 10.0) -> dict[str, int]:
+        """Stop every stream, then return each one's frames (the driver kills the actor
+        next): its last report came before the frames tracked while stopping."""
         with self._lock:
-            streams = list(self._streams.values())
-        for s in streams:
+            streams = dict(self._streams)
+        for s in streams.values():
             s.stop_requested = True
             if s.tracker is not None:
                 s.tracker.stop()
         deadline = time.monotonic() + timeout
-        for s in streams:
+        for s in streams.values():
             if s.thread is not None:
                 s.thread.join(max(0.0, deadline - time.monotonic()))
+        return {name: s.tracker.frames_seen for name, s in streams.items() if s.tracker is not None}
 
     def report(self) -> dict[str, Any]:
         """Who this is (incarnation, pid, node), every stream's state and endpoints, the
