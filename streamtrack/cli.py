@@ -147,9 +147,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from streamtrack import bench, bench_stream
 
     bench_stream.apply_defaults(args)  # per-benchmark defaults for the shared options
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    return bench.main(args)
+    if threading.current_thread() is not threading.main_thread():
+        return bench.main(args)
+    _TERMINATED.clear()
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        return bench.main(args)
+    finally:  # a caller's own handling (main() called as a library) comes back
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
