@@ -7,11 +7,13 @@ stderr and exit with code 2; runtime failures exit with 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
 from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1, exists, same_file
@@ -37,11 +39,29 @@ def _interrupt_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _on_sigterm(handler) -> Iterator[None]:
+    """``handler`` for SIGTERM while a command runs (signals reach the main thread only),
+    then the caller's own handling again (main() called as a library)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _TERMINATED.clear()
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
+    with _on_sigterm(_stop_on_sigterm):
+        return _download(args)
+
+
+def _download(args: argparse.Namespace) -> int:
     from streamtrack.download import download_checkpoint
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     names = list(MODELS) if args.model == "all" else [args.model]
     if args.url is not None and not args.url.strip():  # an unset shell variable
         raise UserError("--url: empty (give the checkpoint's URL, or leave --url out for the official one)")
@@ -147,14 +167,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from streamtrack import bench, bench_stream
 
     bench_stream.apply_defaults(args)  # per-benchmark defaults for the shared options
-    if threading.current_thread() is not threading.main_thread():
+    with _on_sigterm(_interrupt_on_sigterm):
         return bench.main(args)
-    _TERMINATED.clear()
-    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    try:
-        return bench.main(args)
-    finally:  # a caller's own handling (main() called as a library) comes back
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
