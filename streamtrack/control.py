@@ -31,7 +31,7 @@ from streamtrack.protocol import (
     loads,
     validate_rle,
 )
-from streamtrack.publisher import bind_socket, connect_socket, owned_ipc_file, remove_ipc_file
+from streamtrack.publisher import ServerBinding, connect_socket
 from streamtrack.tracking import MAX_OBJ_ID
 
 if TYPE_CHECKING:
@@ -347,21 +347,10 @@ class ControlServer:
         self.max_request_bytes = min(max_request_bytes, max_message_bytes)
         ctx = context or zmq.Context.instance()
         self._sock = ctx.socket(zmq.ROUTER)
-        self._auth = None  # CURVE authenticator lease (optional encryption + client keys)
-        try:
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-            if curve is not None:
-                from streamtrack.curve import secure_server
-
-                self._auth = secure_server(self._sock, curve, ctx)
-            self.endpoint = bind_socket(self._sock, endpoint, "control")
-            self._ipc_file = owned_ipc_file(self.endpoint)
-        except BaseException:
-            self._sock.close(linger=0)
-            if self._auth is not None:
-                self._auth.close()
-            raise
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._binding = ServerBinding(self._sock, endpoint, "control", curve, ctx)
+        self.endpoint = self._binding.endpoint
         self.handled = 0
         self.rejected = 0
 
@@ -473,11 +462,7 @@ class ControlServer:
                           f"64-bit integer, got {_shorten(value)}")
 
     def close(self) -> None:
-        if not self._sock.closed:
-            self._sock.close(linger=0)
-            remove_ipc_file(self._ipc_file)
-        if self._auth is not None:
-            self._auth.close()
+        self._binding.close()
 
     def __enter__(self) -> ControlServer:
         return self

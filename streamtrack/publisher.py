@@ -73,7 +73,7 @@ def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
     return last.decode() if isinstance(last, bytes) and last else ep
 
 
-def owned_ipc_file(endpoint: str) -> tuple[str, int] | None:
+def _owned_ipc_file(endpoint: str) -> tuple[str, int] | None:
     """The socket file a bind to ``ipc://PATH`` just made, with its inode; None for other
     endpoints (and the abstract ``ipc://@name``, which has no file)."""
     path = endpoint.removeprefix("ipc://")
@@ -85,7 +85,7 @@ def owned_ipc_file(endpoint: str) -> tuple[str, int] | None:
         return None
 
 
-def remove_ipc_file(owned: tuple[str, int] | None) -> None:
+def _remove_ipc_file(owned: tuple[str, int] | None) -> None:
     """libzmq leaves an ``ipc://`` socket file behind when the socket closes.  Remove it,
     unless another process has bound the same path since (a new file, a new inode): that
     one is theirs."""
@@ -97,6 +97,36 @@ def remove_ipc_file(owned: tuple[str, int] | None) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+class ServerBinding:
+    """A server socket (the publisher's PUB, the control ROUTER) bound to its endpoint,
+    with what closing it must undo: the CURVE authenticator lease and an ``ipc://``
+    socket file.  A bind that fails closes the socket and leaves nothing behind."""
+
+    def __init__(self, sock: zmq.Socket, endpoint: str | int, what: str,
+                 curve: CurveServer | None, context: zmq.Context) -> None:
+        self._sock = sock
+        self._auth = None  # CURVE authenticator lease (optional encryption + client keys)
+        try:
+            if curve is not None:
+                from streamtrack.curve import secure_server
+
+                self._auth = secure_server(sock, curve, context)
+            self.endpoint = bind_socket(sock, endpoint, what)
+            self._ipc_file = _owned_ipc_file(self.endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            if self._auth is not None:
+                self._auth.close()
+            raise
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+            _remove_ipc_file(self._ipc_file)
+        if self._auth is not None:
+            self._auth.close()
 
 
 def _allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:
@@ -178,19 +208,8 @@ class Publisher:
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, 0)  # close() must never wait on a dead subscriber
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
-        self._auth = None  # CURVE authenticator lease (optional encryption + client keys)
-        try:
-            if curve is not None:
-                from streamtrack.curve import secure_server
-
-                self._auth = secure_server(self._sock, curve, ctx)
-            self.endpoint = bind_socket(self._sock, endpoint, "publish")
-            self._ipc_file = owned_ipc_file(self.endpoint)
-        except BaseException:
-            self._sock.close(linger=0)
-            if self._auth is not None:
-                self._auth.close()
-            raise
+        self._binding = ServerBinding(self._sock, endpoint, "publish", curve, ctx)
+        self.endpoint = self._binding.endpoint
         self.sent = 0
         self.send_failures = 0  # sends refused by ZeroMQ (should be ~0 for PUB)
 
@@ -255,12 +274,8 @@ class Publisher:
                            jpeg.tobytes()])
 
     def close(self) -> None:
-        with self._lock:
-            if not self._sock.closed:
-                self._sock.close(linger=0)
-                remove_ipc_file(self._ipc_file)
-        if self._auth is not None:
-            self._auth.close()
+        with self._lock:  # never while another thread sends
+            self._binding.close()
 
     def __enter__(self) -> Publisher:
         return self
