@@ -112,6 +112,8 @@ def check_hang_timeout(seconds: float | None) -> float | None:
     return seconds
 
 
+# Strings that may be written as a bare number: an endpoint's port, a stream's name.
+_NAMES_OR_PORTS = {"publish", "control", "stream"}
 # Keys checked by the stage that uses them, called here too so that the error names the layer.
 _CHECKS = {"image_size": check_image_size, "device": check_device_name, "hang_timeout": check_hang_timeout,
            "stream": validate_stream, "publish": normalize_endpoint, "control": normalize_endpoint}
@@ -149,6 +151,8 @@ def coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(f"{where}: {key} cannot be null (it always has a value; the default is {default!r})")
     if isinstance(value, str) and tp is not str:
         value = _parse_text(key, value, tp, where)
+    if key in _NAMES_OR_PORTS and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # YAML reads `publish: 5555` or `stream: 7` as a number
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -217,7 +221,16 @@ def _mapping_without_repeats(loader: _StrictLoader, node: yaml.MappingNode) -> d
     return loader.construct_mapping(node)
 
 
+def _blank_as_empty(loader: _StrictLoader, node: yaml.ScalarNode) -> str | None:
+    """YAML reads ``key:`` with nothing after it as null.  In a settings file that is far
+    more often a value left out (a template filled with an unset variable) than "off", and
+    taken as "off" it would run unencrypted or without an output unseen: read it as empty,
+    which is refused like an empty value in any layer.  ``null`` and ``~`` still say off."""
+    return "" if node.value == "" else None
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+_StrictLoader.add_constructor("tag:yaml.org,2002:null", _blank_as_empty)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -249,8 +262,11 @@ def load_config(
     values: dict[str, Any] = {}
     env = os.environ if environ is None else environ
     what = "config"
-    if config_file is None and env.get(ENV_PREFIX + "CONFIG"):
+    if config_file is None and ENV_PREFIX + "CONFIG" in env:
         config_file, what = env[ENV_PREFIX + "CONFIG"], f"config (environment {ENV_PREFIX}CONFIG)"
+        if not config_file.strip():  # "$CFG" unset: running on the defaults unseen is what to avoid
+            raise UserError(f"environment {ENV_PREFIX}CONFIG: empty (a YAML file or a preset name; "
+                            "unset the variable to use none)")
     elif config_file is not None and not config_file.strip():
         raise UserError("option --config: empty (a YAML file or a preset name)")
     if config_file:

@@ -329,14 +329,23 @@ def make_keys(folder: str | os.PathLike[str], client: str | None = None, *,
             raise UserError(f"{f} already exists (--force replaces it)")
     try:
         if make_server:
+            _owner_only_file(server_sec)
             zmq.auth.create_certificates(d, "server")
-            server_sec.chmod(0o600)
+        _owner_only_file(client_sec)
         zmq.auth.create_certificates(d, name)
-        client_sec.chmod(0o600)
         shutil.copyfile(client_pub, authorised)
     except OSError as exc:
         raise UserError(f"cannot write keys in {d}: {exc.strerror or exc}") from None
     return KeyFiles(d, server_pub, server_sec, client_pub, client_sec, authorised, make_server)
+
+
+def _owner_only_file(path: Path) -> None:
+    """An empty file only its owner may read, made before a secret key is written into it:
+    pyzmq writes key files with a plain ``open()``, which under the usual umask leaves the
+    secret readable by anyone until a chmod afterwards (and for good, should the process
+    die in between).  Its ``open()`` keeps the mode of a file that is there."""
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:

@@ -173,7 +173,7 @@ def parse_fleet(doc: Any, where: str) -> FleetSpec:
                             f"{', '.join(_RUN_KEYS)}")
         _check_value(str(key), value, f"{where}: defaults")
     entries = doc.get("streams")
-    if entries is None:
+    if entries is None or entries == "":  # `streams:` with none listed
         entries = []
     if not isinstance(entries, list):
         raise UserError(f"{where}: streams: expected a list of stream entries")
@@ -217,6 +217,8 @@ def parse_options(opts: Any, where: str) -> FleetOptions:
     for key, value in opts.items():
         if key in ("address", "control") and value is None:
             values[key] = None
+        elif key == "control" and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = str(value)  # a bare port, as everywhere an endpoint is given
         elif key in ("address", "bind", "directory", "control"):
             if not isinstance(value, str) or not value.strip():
                 raise UserError(f"{where}: {key} must be a non-empty string, got {value!r}")
@@ -272,6 +274,8 @@ def parse_stream(entry: Any, defaults: dict[str, Any], options: FleetOptions, wh
     if not isinstance(entry, dict):
         raise UserError(f"{where}: expected a mapping with at least name and source")
     name = entry.get("name")
+    if isinstance(name, int) and not isinstance(name, bool):
+        name = str(name)  # `name: 7`, read by YAML as a number
     try:
         name = validate_stream(name)
     except UserError as exc:

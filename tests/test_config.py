@@ -135,6 +135,37 @@ def test_an_empty_option_is_an_error_not_off():
     assert load_config(None, {"publish": "null", "curve_secret": "none"}, {}).publish is None
 
 
+def test_an_empty_config_variable_is_an_error_not_the_defaults():
+    """`STREAMTRACK_CONFIG=$CFG` with CFG unset would run on the built-in defaults unseen
+    (perhaps without the encryption the file sets), as `--config ""` would."""
+    with pytest.raises(UserError, match=r"^environment STREAMTRACK_CONFIG: empty .*unset the variable"):
+        load_config(None, {}, {"STREAMTRACK_CONFIG": " "})
+    assert load_config("default", {}, {"STREAMTRACK_CONFIG": ""}) == Config()  # --config wins
+
+
+@pytest.mark.parametrize("key", ["curve_secret", "save_jsonl", "image_size", "model"])
+def test_a_yaml_key_left_blank_is_an_error_and_null_turns_it_off(tmp_path, key):
+    """YAML reads `curve_secret:` with nothing after it as null: taken for "off", a file
+    whose value was left out would run unencrypted, or write no results, unseen."""
+    f = tmp_path / "c.yaml"
+    f.write_text(f"publish: tcp://127.0.0.1:5555\n{key}:\n")
+    with pytest.raises(UserError, match=f"^config {f}: {key} is "):
+        load_config(str(f), {}, {})
+    f.write_text(f"{key}: ~\nmax_frames: null\n" if key != "model" else "max_frames: null\n")
+    assert load_config(str(f), {}, {}).max_frames is None
+
+
+def test_a_bare_port_or_a_numeric_stream_name_in_yaml_is_taken_as_text(tmp_path):
+    """As on the command line (`--publish 5555`, `--stream 7`): YAML reads them as numbers."""
+    f = tmp_path / "c.yaml"
+    f.write_text("publish: 5555\ncontrol: 5556\nstream: 7\n")
+    cfg = load_config(str(f), {}, {})
+    assert (cfg.publish, cfg.control, cfg.stream) == ("5555", "5556", "7")
+    f.write_text("checkpoint: 5\n")  # a path is not a number
+    with pytest.raises(UserError, match="checkpoint must be str, got 5"):
+        load_config(str(f), {}, {})
+
+
 def test_the_command_line_undoes_what_a_config_file_set(tmp_path):
     """The command line is the top layer for flags and optional numbers too."""
     import subprocess

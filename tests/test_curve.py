@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -123,6 +124,30 @@ def test_keys_command_writes_both_pairs_and_authorises_the_client(keys, capsys):
     assert cli.main(["keys", str(keys)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "already exists" in err
+
+
+def test_a_secret_key_is_never_readable_by_others_not_even_while_written(tmp_path, monkeypatch):
+    """pyzmq writes key files with a plain open(): with the usual umask a secret would be
+    readable by any local user from its write until a chmod after (or for good, should
+    the process die in between)."""
+    written = zmq.auth.create_certificates
+    modes: dict[str, int] = {}
+
+    def create_and_look(folder, name):
+        public, secret = written(folder, name)
+        modes[name] = Path(secret).stat().st_mode & 0o777  # before anything after it runs
+        return public, secret
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", create_and_look)
+    old_umask = os.umask(0o022)
+    try:
+        make_keys(tmp_path / "k")
+        (tmp_path / "k" / "client.key_secret").chmod(0o644)  # replaced by --force: not kept
+        make_keys(tmp_path / "k", "client", force=True)
+    finally:
+        os.umask(old_umask)
+    assert modes == {"server": 0o600, "client": 0o600}
+    assert (tmp_path / "k" / "client.key_secret").stat().st_mode & 0o777 == 0o600
 
 
 def test_keys_command_adds_a_client_and_keeps_the_server(tmp_path, capsys):

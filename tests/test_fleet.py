@@ -180,6 +180,22 @@ def test_malformed_fleet_file_is_one_line_and_exit_2(tmp_path, capsys, mutate, e
     assert expected in err and str(path) in err, err
 
 
+def test_a_fleet_file_reads_blank_values_and_bare_numbers_as_run_does(tmp_path):
+    """A blank `save_jsonl:` is refused (as in a run's config file), a blank `streams:` is
+    no streams; a bare port and a numeric stream name are text."""
+    f = tmp_path / "f.yaml"
+    head = "fleet: {control: 5610, exit_when_done: false}\ndefaults:\n"
+    f.write_text(head + "streams:\n")
+    spec = load_fleet(f)
+    assert spec.streams == [] and spec.options.control == "5610"
+    f.write_text(head + "streams:\n  - {name: 7, source: a.mp4, publish: 5611, prompt_later: true}\n")
+    (stream,) = load_fleet(f).streams
+    assert stream.name == "7" and stream.config.publish.endswith(":5611")
+    f.write_text(head + "streams:\n  - {name: a, source: a.mp4, prompt_later: true, save_jsonl: }\n")
+    with pytest.raises(UserError, match="stream 'a': save_jsonl is an empty path"):
+        load_fleet(f)
+
+
 def test_add_stream_refuses_the_fleet_controls_port(tmp_path):
     doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [], control="tcp://0.0.0.0:5602", exit_when_done=False)
     fleet = Fleet(parse_fleet(doc, "f.yaml"))
