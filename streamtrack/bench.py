@@ -9,6 +9,7 @@ predictor's state growth.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -22,7 +23,13 @@ from PIL import Image
 
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.errors import UserError, existing_file
-from streamtrack.models import VOS_COMPILE_MODE, build_model, resolve_device, save_random_checkpoint
+from streamtrack.models import (
+    VOS_COMPILE_MODE,
+    build_model,
+    check_image_size,
+    resolve_device,
+    save_random_checkpoint,
+)
 from streamtrack.synthetic import make_clip
 
 
@@ -64,8 +71,11 @@ def _prompts(clip, n: int) -> list[Prompt]:
     out = []
     for i in range(n):
         x0, y0, x1, y1 = clip.box(i % len(clip.masks) + 1, 0)
-        dx = (i // len(clip.masks)) * 3.0
-        out.append(Prompt.make(i + 1, box=[x0 + dx, y0, min(x1 + dx, clip.width - 1), y1]))
+        # Shifted right 3 px per round of shapes, wrapping within the frame (a box that
+        # ran off its right edge would shrink until it was no box at all).
+        room = int(clip.width - 1 - x1)
+        dx = float((i // len(clip.masks)) * 3 % (room + 1)) if room > 0 else 0.0
+        out.append(Prompt.make(i + 1, box=[x0 + dx, y0, x1 + dx, y1]))
     return out
 
 
@@ -333,9 +343,26 @@ def compile_options(args) -> dict:
             "compile_slots": args.compile_slots}
 
 
+def print_json(result) -> None:
+    """A benchmark's ``--json`` result on stdout, flushed here: a stdout that cannot take it
+    (a full disk, a reader gone) is one line, not a traceback, after minutes of running."""
+    try:
+        print(json.dumps(asdict(result)), flush=True)
+    except OSError as exc:
+        # Python's own flush at exit must not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise UserError(f"cannot write the JSON result to stdout: {exc.strerror or exc}") from None
+
+
 def main(args) -> int:
-    if args.checkpoint is not None:  # every benchmark's, before any header
+    from streamtrack.bench_stream import check_clip_memory
+
+    # Every benchmark's options, before any header (a bad one gets its line alone) and
+    # before a random checkpoint is written for a model that cannot be built.
+    if args.checkpoint is not None:
         existing_file(args.checkpoint, "checkpoint")
+    check_image_size(args.image_size)
+    check_clip_memory(args)
     if args.what in ("pipeline", "latency", "memory"):
         from streamtrack import bench_stream
 
@@ -373,5 +400,5 @@ def main(args) -> int:
             width=width, height=height, log=log,
         )
     if args.json:
-        print(json.dumps(asdict(res)))
+        print_json(res)
     return 0

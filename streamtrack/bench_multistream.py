@@ -14,11 +14,10 @@ does), all processes stepping at once.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from streamtrack import childproc
-from streamtrack.bench import _prompts, sync_device
+from streamtrack.bench import _prompts, print_json, sync_device
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.models import build_model, resolve_device, save_random_checkpoint
 from streamtrack.multistream import SharedImageEncoder
@@ -74,7 +73,7 @@ def bench_multistream(
         if checkpoint is None:
             checkpoint = str(save_random_checkpoint(model, Path(workdir) / "random.pt"))
         bf16 = bf16 and dev.type == "cuda"
-        config = EngineConfig(bf16=bf16)
+        config = EngineConfig(bf16=bf16, max_objects=max(64, objects))
         net = build_model(model, checkpoint, device=dev, image_size=image_size)
         res = MultiStreamBenchResult(str(dev), model, image_size, frames, bf16, torch.get_num_threads(),
                                      objects)
@@ -188,13 +187,19 @@ def _process_per_stream(spec: _ProcessSpec, n: int) -> float:
              for k in range(n)]
     for p in procs:
         childproc.start_without_ctrl_c(p)  # Ctrl-C is the parent's to handle: it stops them
+    finished = False
     try:
         try:
             ready.wait(timeout=600)  # every process has loaded its model and warmed up
         except threading.BrokenBarrierError:
             pass  # a process failed: its message is in the results
         fps = [results.get(timeout=600) for _ in range(n)]
+        finished = True
     finally:
+        if not finished:  # Ctrl-C, SIGTERM: they ignore Ctrl-C and may wait on the barrier
+            ready.abort()
+            for p in procs:
+                p.terminate()
         for p in procs:
             p.join(30)
             if p.is_alive():
@@ -210,7 +215,7 @@ def _stream_process(spec: _ProcessSpec, n: int, k: int, ready, results) -> None:
         torch.set_num_threads(max(1, spec.torch_threads // n))
         dev = resolve_device(spec.device)
         net = build_model(spec.model, spec.checkpoint, device=dev, image_size=spec.image_size)
-        config = EngineConfig(bf16=spec.bf16)
+        config = EngineConfig(bf16=spec.bf16, max_objects=max(64, spec.objects))
         (clip,), (prompts,) = _engine_inputs(1, spec.frames, spec.width, spec.height, spec.objects)
         _warm_up(net, config, spec.width, spec.height, seed=10 + k)
         engine = StreamingEngine(net, config)
@@ -247,5 +252,5 @@ def main(args) -> int:
         width=width, height=height, processes=args.processes, objects=objects, log=log,
     )
     if args.json:
-        print(json.dumps(asdict(res)))
+        print_json(res)
     return 0

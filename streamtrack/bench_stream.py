@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +37,7 @@ from streamtrack.bench import (
     _official_state_bytes,
     _prompts,
     compile_options,
+    print_json,
     silence_official_progress,
     sync_device,
 )
@@ -90,7 +90,44 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("objects", "streams"):
         for value in getattr(args, name, None) or ():
             _positive(f"--{name}", value)
+        if getattr(args, name, None):  # `--objects 1 4 1`: each count is one row
+            setattr(args, name, sorted(set(getattr(args, name))))
     return args
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says a new allocation can have (Linux); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_clip_memory(args: argparse.Namespace) -> None:
+    """A benchmark makes its synthetic clip in memory, and decodes it, before anything is
+    timed: one too large for this machine is an option's error, not a MemoryError
+    traceback minutes in (or the OOM killer)."""
+    if args.what == "preprocess":
+        width, height, count = 320, 240, args.frames
+    else:
+        width, height = parse_frame_size(args.frame_size)
+        count = {"latency": max(args.frames, args.clip_frames or 0),
+                 "memory": args.clip_frames or 0,
+                 "multistream": args.frames * max(args.streams or [1])}.get(args.what, args.frames)
+    needed = 2 * count * width * height * 3  # the clip's frames and their decoded copies, RGB
+    free = available_memory()
+    if free is not None and needed > free:
+        raise UserError(f"{count:,} frames of {width}x{height} need about {_size(needed)} of memory (made "
+                        f"before the run), and {_size(free)} is available: give fewer frames or a smaller "
+                        "--frame-size")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -674,8 +711,8 @@ def engine_memory(model: str, checkpoint: str, image_size: int, device: str, fra
     dev = resolve_device(device)
     clip = make_clip(clip_frames, *frame_size, num_objects=3, seed=3)
     prompts = _prompts(clip, objects)
-    engine = StreamingEngine(build_model(model, checkpoint, device=dev, image_size=image_size),
-                             EngineConfig(device=str(dev), image_size=image_size))
+    config = EngineConfig(device=str(dev), image_size=image_size, max_objects=max(64, objects))
+    engine = StreamingEngine(build_model(model, checkpoint, device=dev, image_size=image_size), config)
     wanted = set(_sample_points(early, frames))
     samples = []
     started = time.monotonic()
@@ -733,6 +770,24 @@ def _growth_pct(a: int, b: int) -> float:
     return (b - a) / a * 100.0 if a else 0.0
 
 
+def _in_fresh_process(fn, *args):
+    """``fn(*args)`` in a fresh interpreter, its exception raised here.  Interrupted (Ctrl-C,
+    or SIGTERM to this process only), the child is stopped, not waited for: a pool's exit
+    would let it run its whole job first."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+    try:
+        return pool.submit(fn, *args).result()
+    except BaseException:
+        if hasattr(pool, "terminate_workers"):  # Python 3.14
+            pool.terminate_workers()
+        else:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def bench_memory(
     *,
     model: str = "sam2.1_hiera_tiny",
@@ -761,14 +816,11 @@ def bench_memory(
         checkpoint = _checkpoint(model, checkpoint, Path(workdir))
         # One side after the other (never both at once: they would compete for the CPU),
         # each in a fresh interpreter so neither sees the other's allocations.
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            res.engine = pool.submit(engine_memory, model, checkpoint, image_size, device, frame_size,
-                                     objects, clip_frames, frames, early_frame, verbose).result()
+        res.engine = _in_fresh_process(engine_memory, model, checkpoint, image_size, device, frame_size,
+                                       objects, clip_frames, frames, early_frame, verbose)
         if official_frames:
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                res.official = pool.submit(official_memory, model, checkpoint, image_size, device, frame_size,
-                                           objects, sorted(set(official_frames)), verbose).result()
+            res.official = _in_fresh_process(official_memory, model, checkpoint, image_size, device,
+                                             frame_size, objects, sorted(set(official_frames)), verbose)
     first, last = res.engine[0], res.engine[-1]
     res.rss_growth_pct = _growth_pct(first.rss_bytes, last.rss_bytes)
     res.state_growth_pct = _growth_pct(first.state_bytes, last.state_bytes)
@@ -837,5 +889,5 @@ def main(args: argparse.Namespace) -> int:
     else:
         raise UserError(f"unknown benchmark {args.what!r}; choose one of {', '.join(WHATS)}")
     if args.json:
-        print(json.dumps(asdict(res)))
+        print_json(res)
     return 0

@@ -4,6 +4,7 @@ No timing thresholds: the figures themselves are measured on a quiet machine."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -217,6 +218,10 @@ def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
     (["engine", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt not found"),
     (["multistream", "--frame-size", "9x9"], "--frame-size must be at least 32x32"),
     (["engine", "--checkpoint", "~/nonexistent.pt"], f"checkpoint {Path.home()}/nonexistent.pt not found"),
+    # before the header, and before a random checkpoint is written for a model never built
+    (["engine", "--image-size", "65"], "image size must be a multiple of 32 from 64 to 2048, got 65"),
+    (["memory", "--image-size", "65"], "image size must be a multiple of 32"),
+    (["multistream", "--image-size", "4096"], "image size must be a multiple of 32"),
 ])
 def test_bad_options_are_one_line_user_errors(capsys, args, message):
     """The line alone: no benchmark header before it."""
@@ -254,6 +259,118 @@ def test_multistream_reports_fps_per_stream_both_ways(capsys, tiny_checkpoint):
         assert r["process_fps"][n] > 0
         assert r["ratio"][n] == pytest.approx(r["batched_fps"][n] / r["sequential_fps"][n])
         assert 1.0 <= r["batch_size"][n] <= int(n)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["engine", "--frames", "100"], "100 frames of 320x240 need about 44 MiB of memory (made before "
+                                    "the run), and 10 MiB is available: give fewer frames or a smaller "
+                                    "--frame-size"),
+    (["latency", "--clip-frames", "100"], "100 frames of 320x240 need about"),
+    (["multistream", "--frames", "10", "--streams", "1", "10"], "100 frames of 320x240"),
+    (["memory", "--frame-size", "1000x1000"], "50 frames of 1000x1000 need about 286 MiB"),
+    (["preprocess", "--frames", "100"], "100 frames of 320x240"),
+])
+def test_a_clip_too_large_for_this_machine_is_one_line(monkeypatch, capsys, args, message):
+    """The synthetic clip is made in memory first: a MemoryError traceback minutes in (or
+    the OOM killer) for `--frames 1000000000`.  Here the machine has 10 MB free."""
+    from streamtrack import bench, bench_multistream, bench_stream
+
+    def no_clip(*_, **__):
+        raise AssertionError("a clip was made")
+
+    for module in (bench, bench_stream, bench_multistream):
+        monkeypatch.setattr(module, "make_clip", no_clip)
+    monkeypatch.setattr(bench_stream, "available_memory", lambda: 10 * 2**20)
+    assert main(["bench", *args, "--device", "cpu", "--image-size", "64"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_the_made_up_prompts_are_boxes_inside_the_frame_for_any_object_count():
+    """Past the clip's shapes they are shifted copies; one shifted off the frame's right
+    edge shrank into no box at all (`object 50: box 129,52,127,72 needs x0 < x1`)."""
+    from streamtrack.bench import _prompts
+    from streamtrack.synthetic import make_clip
+
+    for width, height in ((32, 32), (96, 64), (320, 240)):
+        clip = make_clip(2, width, height, num_objects=3, seed=3)
+        prompts = _prompts(clip, 200)
+        assert [p.obj_id for p in prompts] == list(range(1, 201))
+        for p in prompts:
+            x0, y0, x1, y1 = p.box
+            assert 0 <= x0 < x1 <= width - 1 and 0 <= y0 < y1 <= height - 1, (width, p.obj_id, p.box)
+        assert prompts[3].box[0] == prompts[0].box[0] + 3  # the first copies, as before
+
+
+def test_an_object_count_given_twice_is_one_row(capsys, tiny_checkpoint):
+    """`--objects 1 4 1` ran every count and then died on the marginal cost (4 - 4 objects)."""
+    r = bench_json(capsys, "engine", *TINY, "--checkpoint", str(tiny_checkpoint), "--frames", "2",
+                   "--objects", "2", "1", "2", "--state-frames")
+    assert list(r["engine_ms"]) == ["1", "2"] and "engine" in r["marginal_ms"]
+
+
+def test_a_json_result_stdout_cannot_take_is_one_line(tmp_path):
+    import subprocess
+
+    code = ("from dataclasses import dataclass\nfrom streamtrack.bench import print_json\n"
+            "import sys\n"
+            "@dataclass\nclass R:\n    x: int = 1\n"
+            "try:\n    print_json(R())\nexcept Exception as e:\n    print(f'error: {e}', file=sys.stderr)\n")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+    assert r.returncode == 0 and r.stderr == "error: cannot write the JSON result to stdout: " \
+        "No space left on device\n", r.stderr
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """The multiprocessing children (spawned interpreters) of ``pid``."""
+    out = []
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(int(child))
+    except OSError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("what, args, children", [
+    # each process waits at a barrier, ignoring Ctrl-C: the parent waited 30 s for each
+    ("multistream", ["--frames", "3", "--streams", "2", "--processes"], 2),
+    # SIGTERM to the main process only (`timeout`, `kill PID`): its child ran all 5,000 frames
+    ("memory", ["--frames", "5000", "--early-frame", "2", "--official-frames", "2"], 1),
+])
+def test_sigterm_stops_a_benchmarks_child_processes_at_once(tmp_path, tiny_checkpoint, what, args, children):
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "bench", what, "--checkpoint", str(tiny_checkpoint), *TINY,
+         *args],
+        env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while len(_spawned_children(proc.pid)) < children and proc.poll() is None:
+            assert time.monotonic() < deadline, "the benchmark never started its processes"
+            time.sleep(0.2)
+        started = _spawned_children(proc.pid)
+        time.sleep(3)  # into the model load or the run
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+        for child in started:  # left running if the benchmark did not stop them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "streamtrack: terminated", err
+    assert took < 20, f"{took:.0f} s to stop"  # a hang's bound, not a speed figure
+    assert not any(Path(f"/proc/{c}").exists() for c in started)
 
 
 def test_multistream_prompts_the_objects_asked_for_in_each_stream():
