@@ -434,6 +434,10 @@ class Tracker:
         self._stop = threading.Event()
         self._stop_announced = False
         self._holding = False  # a file's first frame waits for the first prompt
+        # Only the first: with its objects all removed later, a file goes on, publishing
+        # frames without objects (a script that removes them and waits for the end would
+        # wait forever).  A restarted tracker had its first prompt before.
+        self._had_objects = bool(resume.frames_done)
         self._waited = 0.0  # seconds it waited
         self._released: tuple[float, float] | None = None  # when (wall, monotonic) it was prompted
         self._seq = resume.seq_start
@@ -455,6 +459,8 @@ class Tracker:
         self._last_stats = 0.0  # when stats/<stream> was last published
         self._stats_lock = threading.Lock()  # the window: results on the emitter's thread
         self._video_clock = False  # lost_after counts the file's own time (pts)
+        self._video_time_last: tuple[float, float] | None = None  # (last time, a frame's step)
+        self._video_time_offset = 0.0  # added to pts that went back (clips joined), keeping time going
         self._in_flight: _InFlight | None = None  # launched, not finished (launch_ahead)
         self.loop_times = LoopTimes()
         self._alive_sent = 0.0  # monotonic time of the last "alive" report
@@ -776,10 +782,28 @@ class Tracker:
                 raise PromptError(f"{exc} (prompted for frame {frame_number})") from None
         return due
 
+    def _video_time(self, pts: float) -> float:
+        """A file's time at ``pts``, never going back: where its timestamps start over (clips
+        joined, a recording's discontinuity) time goes on from where it was by one frame's
+        step, or an object absent for a while would be seen again as just gone."""
+        t = pts + self._video_time_offset
+        if self._video_time_last is not None:
+            last, step = self._video_time_last  # step: the shortest seen, a frame's
+            if t < last:
+                self._video_time_offset += last + step - t
+                t = last + step
+            elif t > last:
+                step = min(step, t - last) if step else t - last
+            self._video_time_last = (t, step)
+        else:
+            self._video_time_last = (t, 0.0)
+        return t
+
     def _must_wait_for_prompt(self, seed: list[Prompt]) -> bool:
+        self._had_objects = self._had_objects or bool(self.engine.object_ids)
         return (
             self.config.wait_for_prompt and self.capture.kind is SourceKind.FILE
-            and not self.config.realtime and not self.engine.object_ids and not seed
+            and not self.config.realtime and not self._had_objects and not seed
             and not self._controls.pending and not self._prompt_frames
         )
 
@@ -839,7 +863,8 @@ class Tracker:
         assert self.engine is not None
         # The clock of lost_after: a file read at decode speed goes by its own time (an
         # object absent for 3 s of video is lost whether those took 0.3 s or 30 s to track).
-        ts = frame.pts if self._video_clock and frame.pts is not None else frame.capture_monotonic
+        ts = self._video_time(frame.pts) if self._video_clock and frame.pts is not None \
+            else frame.capture_monotonic
         if requested:
             # A prompt that does not fit this frame (sent before the first one, or for
             # another source size) is dropped alone: the others sent with it still apply.

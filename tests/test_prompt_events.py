@@ -383,6 +383,37 @@ def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypat
     assert [p.obj_id for p in engine.launched[0]] == [2]
 
 
+def test_a_file_whose_objects_are_all_removed_goes_on_to_its_end(tmp_path, monkeypatch):
+    """Only the first frame waits for a prompt: a file whose last object was removed
+    (remove_object, reset) waited for a new one, and a script that removed it and then
+    waited for the end of the file waited forever."""
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+
+    class AllRemovedAfterTwo(TrackedIds):
+        def launch(self, image, prompts, timestamp=None):
+            index = super().launch(image, prompts, timestamp)
+            if index == 1:
+                self.ids.clear()  # as a remove_object answered between frames 1 and 2
+            return index
+
+    engine = AllRemovedAfterTwo()
+    run = RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False, wait_for_prompt=True)
+    with loading_tracker(monkeypatch, run, engine) as (client, release, _, summary):
+        release.set()
+        assert client.add_prompt(1, box=[1, 2, 30, 40])["ok"]
+    assert summary["run"].frames == 6
+    assert [[p.obj_id for p in ps] for ps in engine.launched] == [[1], [], [], [], [], []]
+
+
+def test_a_files_time_goes_on_where_its_timestamps_start_over():
+    """lost_after counts a file's own time (pts).  In clips joined end to end the pts
+    start over: an object lost 0.5 s after it went was "occluded" again there, and lost
+    only once the second clip's time had passed the first's."""
+    tracker = Tracker(RunConfig(source="joined.ts", progress=False))
+    times = [tracker._video_time(pts) for pts in (0.0, 0.1, 0.2, 0.2, 0.0, 0.1, 5.0, 1.0)]
+    assert times == pytest.approx([0.0, 0.1, 0.2, 0.2, 0.3, 0.4, 5.3, 5.4])
+
+
 @pytest.mark.parametrize("request_", ["remove_object", "reset"])
 def test_a_restarted_tracker_drops_what_it_would_bring_back_when_told_while_it_loads(
         tmp_path, monkeypatch, request_):
