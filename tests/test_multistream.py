@@ -144,6 +144,52 @@ def test_shared_encoder_engines_equal_independent_engines(tiny_checkpoint):
     assert not np.array_equal(alone[0][-1].objects[0].mask, alone[1][-1].objects[0].mask)
 
 
+def _run_scheduled(engine, frames, prompts_at, out, encoder=None):
+    for i, frame in enumerate(frames):
+        out.append(engine.step(frame, prompts_at.get(i, []), return_logits=True))
+    if encoder is not None:
+        encoder.idle(engine)  # done: batches stop waiting for it
+
+
+def test_shared_encoder_keeps_streams_apart_across_sizes_late_objects_and_ends(tiny_checkpoint):
+    """Streams of different frame sizes, one whose first object comes on frame 2 and a
+    second later, one that ends early: each gives what it gives alone."""
+    model = build_model("sam2.1_hiera_tiny", tiny_checkpoint, image_size=TEST_IMAGE_SIZE)
+    wide = make_clip(FRAMES, 160, 120, num_objects=2, seed=5)
+    tall = make_clip(FRAMES, 96, 128, num_objects=2, seed=6)
+    short = make_clip(FRAMES - 3, 128, 96, num_objects=2, seed=7)
+    streams = [
+        (wide.frames, {0: _prompts(wide)}),
+        (tall.frames, {2: [Prompt.make(1, box=tall.box(1, 2))], 4: [Prompt.make(5, box=tall.box(2, 4))]}),
+        (short.frames, {0: [Prompt.make(3, points=[short.center(1, 0)])]}),
+    ]
+    alone = []
+    for frames, prompts_at in streams:
+        out: list = []
+        _run_scheduled(StreamingEngine(model, EngineConfig()), frames, prompts_at, out)
+        alone.append(out)
+
+    encoder = SharedImageEncoder(model, max_wait=30.0, max_batch=2)
+    engines = [StreamingEngine(model, EngineConfig(), encoder=encoder) for _ in streams]
+    shared: list[list] = [[] for _ in streams]
+    threads = [threading.Thread(target=_run_scheduled, args=(engines[k], *streams[k], shared[k], encoder))
+               for k in range(len(streams))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert [len(s) for s in shared] == [len(a) for a in alone] == [FRAMES, FRAMES, FRAMES - 3]
+    assert encoder.batches < encoder.frames  # some frames really were batched together
+    for k in range(len(streams)):
+        for a, b in zip(alone[k], shared[k], strict=True):
+            assert (a.width, a.height) == (b.width, b.height)
+            assert [o.obj_id for o in a.objects] == [o.obj_id for o in b.objects]
+            for oa, ob in zip(a.objects, b.objects, strict=True):
+                union = (oa.mask | ob.mask).sum()
+                iou = 1.0 if union == 0 else (oa.mask & ob.mask).sum() / union
+                assert iou >= 0.998, (k, a.frame_idx, oa.obj_id, iou)
+
+
 def test_stream_group_runs_streams_on_one_model(tiny_checkpoint, tmp_path, monkeypatch):
     clips = _clips()
     configs = []
