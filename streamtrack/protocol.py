@@ -39,6 +39,12 @@ _STREAM_RE = re.compile(r"^[A-Za-z0-9_.:@+\-]{1,128}$")
 # pycocotools' C decoder trusts the RLE it is given (no bounds checks), so sizes are
 # bounded and counts are verified in Python before they ever reach it.
 MAX_MASK_SIDE = 16384
+# All the masks of one result together (pixels): 64 objects of a 4K UHD frame.  A small
+# message can declare thousands of full-size empty masks; a receiver that decodes them
+# would allocate gigabytes for it.
+MAX_RESULT_MASK_PIXELS = 2**29
+# Integers beyond 64 bits are not read by most JSON parsers, nor ever sent by a tracker.
+MAX_WIRE_INT = 2**63 - 1
 
 
 class ProtocolError(UserError, ValueError):
@@ -182,7 +188,14 @@ def _int(value: Any, name: str, *, minimum: int | None = None) -> int:
     value = int(value)
     if minimum is not None and value < minimum:
         raise ProtocolError(f"{name} must be >= {minimum}, got {value}")
+    if value > MAX_WIRE_INT:
+        raise ProtocolError(f"{name} must be at most 2**63 - 1, got {_shorten_int(value)}")
     return value
+
+
+def _shorten_int(value: int) -> str:
+    text = str(value) if value.bit_length() < 4000 else "a number"  # str() refuses over 4300 digits
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 def _float(value: Any, name: str, *, optional: bool = False) -> float | None:
@@ -493,6 +506,15 @@ class ObjectResult:
         )
 
 
+def _mask_pixels(rle: dict | None) -> int:
+    """Pixels of the mask an RLE declares (0 when it declares none that decodes)."""
+    size = (rle or {}).get("size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_MASK_SIDE for n in size):
+        return size[0] * size[1]
+    return 0
+
+
 @dataclass(frozen=True)
 class Timestamps:
     """Per-frame stage timestamps (seconds, :func:`now`); None where a stage has not run."""
@@ -603,6 +625,10 @@ class FrameResult:
         ids = [o.obj_id for o in parsed]
         if len(set(ids)) != len(ids):
             raise ProtocolError(f"duplicate obj_id in objects: {ids}")
+        pixels = sum(_mask_pixels(o.rle) for o in parsed)
+        if pixels > MAX_RESULT_MASK_PIXELS:
+            raise ProtocolError(f"the {len(parsed)} objects' masks have {pixels:,} pixels in all, more than "
+                                f"{MAX_RESULT_MASK_PIXELS:,}")
         return cls(
             stream=validate_stream(_get(d, "stream", where)),
             seq=_int(_get(d, "seq", where), "seq", minimum=0),

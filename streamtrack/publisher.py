@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -60,6 +61,7 @@ def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
     """
     ep = normalize_endpoint(endpoint)
     _allow_ipv6(sock, ep)
+    _refuse_ipc_over_a_file(ep, what)
     try:
         sock.bind(ep)
     except zmq.ZMQError as exc:
@@ -71,6 +73,23 @@ def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
         raise UserError(f"cannot bind {what} endpoint {ep}: {exc}") from exc
     last = sock.getsockopt(zmq.LAST_ENDPOINT)
     return last.decode() if isinstance(last, bytes) and last else ep
+
+
+def _refuse_ipc_over_a_file(endpoint: str, what: str) -> None:
+    """libzmq deletes whatever is at an ``ipc://`` path before it binds there (and the
+    socket file is removed on close): a mistyped path, or one sent by a fleet control
+    client, would delete a file."""
+    path = endpoint.removeprefix("ipc://")
+    if path == endpoint or path.startswith("@"):
+        return
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # nothing there (or not reachable: the bind says so)
+    if not stat.S_ISSOCK(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a file"
+        raise UserError(f"cannot bind {what} endpoint {endpoint}: {path} is {kind}, which binding would "
+                        "delete; give a path where nothing is, or that of an old socket")
 
 
 def _owned_ipc_file(endpoint: str) -> tuple[str, int] | None:

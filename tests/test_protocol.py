@@ -10,6 +10,7 @@ from pycocotools import mask as mask_utils
 
 from streamtrack.errors import UserError
 from streamtrack.protocol import (
+    MAX_RESULT_MASK_PIXELS,
     FrameHeader,
     FrameResult,
     Latency,
@@ -389,3 +390,37 @@ def test_stats_window_percentiles_and_fps() -> None:
     snap = win.snapshot(dropped={"queue_full": 2}, memory_bytes=10, time=9.0)
     assert snap.frames == 100 and snap.dropped == {"queue_full": 2}
     assert Stats.from_json(snap.to_json()) == snap
+
+
+def test_a_result_declaring_more_mask_pixels_than_any_tracker_sends_is_malformed():
+    """141 KB declaring 1,000 empty 4096x4096 masks made a viewer allocate gigabytes."""
+    empty = encode_mask(np.zeros((4096, 4096), bool))
+
+    def result(n: int, rle: dict) -> dict:
+        objects = [{"obj_id": i + 1, "score": 0.5, "state": "visible", "bbox": None, "area": 0, "rle": rle}
+                   for i in range(n)]
+        return {"v": 1, "stream": "cam0", "seq": 0, "frame_id": 0, "width": 4096, "height": 4096,
+                "objects": objects}
+
+    bomb = json.dumps(result(1000, empty))
+    assert len(bomb) < 200_000
+    with pytest.raises(ProtocolError, match="the 1000 objects' masks have 16,777,216,000 pixels in all, "
+                                            f"more than {MAX_RESULT_MASK_PIXELS:,}"):
+        FrameResult.from_json(bomb)
+    with pytest.raises(ProtocolError, match="masks have"):
+        FrameResult.from_json(bomb, validate_masks=False)
+    uhd = encode_mask(np.zeros((2160, 3840), bool))  # the most a tracker sends by default: 64 objects of 4K
+    assert len(FrameResult.from_json(json.dumps(result(64, uhd))).objects) == 64
+
+
+@pytest.mark.parametrize("field", ["seq", "frame_id"])
+def test_integers_beyond_64_bits_are_malformed(field):
+    """seq 2**200 made subscribers count ~1.6e60 messages skipped, then take every later
+    message for a publisher's restart."""
+    d = _result().to_dict()
+    d[field] = 2**63 - 1
+    assert getattr(FrameResult.from_dict(d), field) == 2**63 - 1
+    d[field] = 2**200
+    said = rf"{field} must be at most 2\*\*63 - 1, got 16069380442589902755\.\.\.\(61 digits\)"
+    with pytest.raises(ProtocolError, match=said):
+        FrameResult.from_dict(d)

@@ -928,6 +928,28 @@ def test_ipc_socket_files_go_with_their_sockets_but_not_a_later_binders(tmp_path
     assert not pub_file.exists()
 
 
+@pytest.mark.parametrize("make", [
+    lambda ep: Publisher(ep, "cam0"),
+    lambda ep: ControlServer(ep, RecordingHandler()),
+])
+def test_an_ipc_endpoint_over_a_file_is_refused_not_deleted(tmp_path: Path, make) -> None:
+    """libzmq deletes what is at an ipc:// path to bind there: a mistyped path (or one a
+    fleet control client sends) deleted the file; an old socket file is still reused."""
+    precious = tmp_path / "results.jsonl"
+    precious.write_text("a day of results\n")
+    with pytest.raises(UserError, match=rf"endpoint ipc://{precious}: {precious} is a file, which binding "
+                                        r"would delete; give a path where nothing is"):
+        make(f"ipc://{precious}")
+    assert precious.read_text() == "a day of results\n"
+    with pytest.raises(UserError, match="is a directory"):
+        make(f"ipc://{tmp_path}")
+    stale = tmp_path / "old.sock"
+    stale_socket = socket.socket(socket.AF_UNIX)
+    stale_socket.bind(str(stale))  # left behind by a process that was killed
+    stale_socket.close()
+    make(f"ipc://{stale}").close()
+
+
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
 def test_subscribe_timeout_must_be_a_finite_wait(timeout, capsys) -> None:
     """--timeout inf was taken, and subscribe then never exited (nan was refused)."""
