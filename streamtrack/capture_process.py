@@ -90,9 +90,12 @@ def _check_room(size: int, slots: int, shape: tuple[int, ...]) -> None:
         return
     if size > free:
         h, w = shape[:2]
+        needed, has = f"{size / 2**20:.1f} MiB", f"{free / 2**20:.1f} MiB"
+        if needed == has:  # not "needs 1.0 MiB ... has 1.0 MiB free"
+            needed, has = f"{size:,} bytes", f"{free:,} bytes"
         raise UserError(
-            f"decode: process needs {size / 2**20:.0f} MiB of shared memory for {slots} {w}x{h} "
-            f"frames, and {SHARED_MEMORY_DIR} has {free / 2**20:.0f} MiB free (in a container: "
+            f"decode: process needs {needed} of shared memory for {slots} {w}x{h} "
+            f"frames, and {SHARED_MEMORY_DIR} has {has} free (in a container: "
             "docker run --shm-size=1g), or use decode: thread")
 
 
@@ -106,7 +109,11 @@ class _Ring:
         frame_bytes = int(np.prod(self.shape))
         if name is None:
             _check_room(frame_bytes * slots, slots, self.shape)
-            self.shm = shared_memory.SharedMemory(create=True, size=frame_bytes * slots)
+            try:
+                self.shm = shared_memory.SharedMemory(create=True, size=frame_bytes * slots)
+            except OSError as exc:  # /dev/shm read-only, not ours, out of inodes
+                raise UserError(f"decode: process cannot create shared memory in {SHARED_MEMORY_DIR}: "
+                                f"{exc.strerror or exc} (or use decode: thread)") from None
             try:
                 # The pages now, while a shortage is an error: on first write it is SIGBUS
                 # (several decoders starting at once may each have passed the check).

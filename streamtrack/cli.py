@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -443,6 +444,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamtrack: " + ("terminated" if _TERMINATED.is_set() else "interrupted"), file=sys.stderr)
         return 143 if _TERMINATED.is_set() else 130
+    except (OSError, RuntimeError) as e:
+        what = _out_of_resources(e)
+        if what is None:
+            raise
+        print(f"streamtrack: error: {what}", file=sys.stderr)
+        return 1
+
+
+def _out_of_resources(e: BaseException) -> str | None:
+    """The line for a limit of this machine or process reached (not a bug to report)."""
+    if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return f"too many open files (this process may open {soft}: raise it with `ulimit -n`)"
+    if isinstance(e, OSError) and e.errno in (errno.EAGAIN, errno.ENOMEM) and e.filename is None:
+        return f"cannot start a process or thread: {e.strerror} (the process limit, `ulimit -u`, or memory)"
+    if isinstance(e, RuntimeError) and str(e) == "can't start new thread":
+        return "cannot start a thread (the process limit, `ulimit -u`, or memory)"
+    return None
 
 
 if __name__ == "__main__":

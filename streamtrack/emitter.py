@@ -239,15 +239,12 @@ class ProcessEmitter:
     ``check`` and ``close`` belong to the tracker's thread."""
 
     START_TIMEOUT = 60.0
-    ACK_BATCH = 8
-    ACK_INTERVAL = 0.25  # seconds
     CLOSE_TIMEOUT = 120.0  # the child flushes the files (an MP4's last frames) first
 
     def __init__(self, cfg: OutputsConfig, on_published: OnPublished, depth: int = 2):
         self.config = cfg
         self._on_published = on_published
         self._pending: dict[int, FrameResult] = {}
-        self._drained = time.monotonic()
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self._closed = False
@@ -273,10 +270,10 @@ class ProcessEmitter:
 
     # ----------------------------------------------------------- tracker thread
     def submit(self, result: FrameResult, masks: Sequence[np.ndarray], image: np.ndarray | None) -> None:
-        # Acknowledgements only feed statistics: handle them in batches, off most frames.
-        if len(self._pending) >= self.ACK_BATCH or time.monotonic() - self._drained > self.ACK_INTERVAL:
-            self._drained = time.monotonic()
-            self._drain()
+        # Each frame: an acknowledgement is what a supervisor resumes after, and one left
+        # unread when the tracker is killed is a frame written twice (the check for none
+        # waiting is a socket option read).
+        self._drain()
         self.check()
         masks = [np.ascontiguousarray(m, dtype=bool) for m in masks]
         send_image = image is not None and self.config.needs_image

@@ -298,7 +298,9 @@ class Supervisor:
                 # The child died: crash, signal, OOM killer.
                 total.frames += child.emitted
                 ran = time.monotonic() - child_started
-                failed_starts = 0 if self.state is TrackerState.RUNNING else failed_starts + 1
+                # Dead before its first result: a model loaded is not a start that worked
+                # (one that dies on every first frame would be restarted forever).
+                failed_starts = 0 if child.emitted else failed_starts + 1
                 if ran >= self.sup.backoff_reset_after:
                     backoff = self.sup.backoff_initial
                 why = data.get("message") or child.hung or childproc.describe_exit(child.proc.exitcode)

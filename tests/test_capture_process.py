@@ -265,8 +265,8 @@ def test_frames_too_big_for_the_shared_memory_left_fail_the_source_in_one_line(v
     monkeypatch.setattr(capture_process.shutil, "disk_usage",
                         lambda path: usage._replace(free=free) if path == capture_process.SHARED_MEMORY_DIR
                         else usage)
-    with pytest.raises(UserError, match=r"^decode: process needs 0 MiB of shared memory for 3 96x64 "
-                                        r"frames, and /dev/shm has 0 MiB free \(in a container"):
+    with pytest.raises(UserError, match=r"^decode: process needs 55,296 bytes of shared memory for 3 96x64 "
+                                        r"frames, and /dev/shm has 55,295 bytes free \(in a container"):
         capture_process._Ring((64, 96, 3), capture_process.FILE_SLOTS)
     capture_process._Ring((64, 96, 3), capture_process.FILE_SLOTS - 1).close(unlink=True)  # fits
 
@@ -294,6 +294,22 @@ def test_frames_too_big_for_the_shared_memory_left_fail_the_source_in_one_line(v
     assert [k for k, _ in messages if k == b"frame"] == []
     kind, info = messages[-1]
     assert info["state"] == "failed" and info["error"].startswith("decode: process needs"), messages
+
+
+def test_shared_memory_that_cannot_be_created_is_one_line(monkeypatch):
+    """A read-only /dev/shm (or one not ours): the decode process died with a traceback,
+    and a supervised tracker was restarted for it forever."""
+    import errno
+
+    from streamtrack import capture_process
+
+    def read_only(*_, **__):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(capture_process.shared_memory, "SharedMemory", read_only)
+    with pytest.raises(UserError, match=r"^decode: process cannot create shared memory in /dev/shm: "
+                                        r"Read-only file system \(or use decode: thread\)$"):
+        capture_process._Ring((64, 96, 3), 3)
 
 
 def test_a_ring_whose_pages_cannot_be_reserved_is_refused_and_removed(monkeypatch, tmp_path):

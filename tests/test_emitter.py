@@ -524,6 +524,22 @@ def test_stop_signals_are_for_the_tracker_the_child_keeps_emitting_until_closed(
     assert emitter._proc.returncode == 0
 
 
+def test_each_frame_written_is_reported_by_the_next_submit(tmp_path):
+    """What a supervisor resumes after: acknowledgements read 8 at a time (or every
+    0.25 s) left up to 8 written frames unreported when the tracker was killed, and
+    those were written again by the next tracker, in the JSONL and in the video."""
+    published: list[FrameResult] = []
+    emitter = ProcessEmitter(OutputsConfig(save_jsonl=str(tmp_path / "r.jsonl")), published.append)
+    try:
+        for seq in range(4):
+            emitter.submit(*frame(seq))
+            assert emitter._sock.poll(10_000, zmq.POLLIN)  # its acknowledgement is in, not yet read
+        emitter.submit(*frame(4))
+        assert [r.seq for r in published] == [0, 1, 2, 3]
+    finally:
+        emitter.close()
+
+
 CRASHING_TRACKER = """
 import sys
 from streamtrack.emitter import OutputsConfig, ProcessEmitter

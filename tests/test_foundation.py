@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import subprocess
@@ -520,3 +521,37 @@ def test_a_mistyped_option_is_one_line_not_the_usage_block(argv, said, capsys, t
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(said), err
+
+
+@pytest.mark.parametrize("raised, said", [
+    (OSError(errno.EMFILE, "Too many open files"),
+     r"^streamtrack: error: too many open files \(this process may open \d+: raise it with `ulimit -n`\)$"),
+    (RuntimeError("can't start new thread"),
+     r"^streamtrack: error: cannot start a thread \(the process limit, `ulimit -u`, or memory\)$"),
+    (BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"),
+     r"^streamtrack: error: cannot start a process or thread: Resource temporarily unavailable"),
+])
+def test_a_limit_of_the_machine_reached_is_one_line_not_a_traceback(monkeypatch, capsys, raised, said):
+    """A low `ulimit -n` or `-u` ended runs with a supervisor's traceback."""
+    import re
+
+    from streamtrack import cli
+
+    def command(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "_cmd_models", command)
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert re.match(said, err.strip()) and err.count("\n") == 1, err
+
+
+def test_other_errors_of_the_system_are_not_taken_for_a_limit(monkeypatch):
+    from streamtrack import cli
+
+    def command(args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cli, "_cmd_models", command)
+    with pytest.raises(OSError, match="Input/output error"):
+        cli.main(["models"])

@@ -435,6 +435,23 @@ def test_a_tracker_stuck_in_its_start_is_killed_as_hung(tmp_path, clip_path, tin
                      r"as hung\) and the restart limit \(0\) is reached\n$", err), err[-500:]
 
 
+@pytest.mark.timeout(120)
+def test_a_tracker_that_dies_before_every_first_result_is_given_up(monkeypatch):
+    """Loaded and dead on its first frame each time (a decode process that cannot start,
+    say): a model loaded counted as a start that worked, so it was restarted forever."""
+    import stand_in_trackers
+
+    from streamtrack import supervisor
+
+    monkeypatch.setattr(supervisor, "_child_main", stand_in_trackers.loads_then_dies)
+    run = RunConfig(source="clip.mp4", publish=f"tcp://127.0.0.1:{free_port()}", progress=False)
+    sup = Supervisor(run, SupervisorConfig(backoff_initial=0.01, backoff_max=0.01, max_failed_starts=3))
+    with pytest.raises(supervisor.SupervisorGaveUp, match=r"^tracker process died 3 times before processing "
+                                                          r"a frame; last: exit code 3"):
+        sup.run()
+    assert sup.state is TrackerState.FAILED
+
+
 def test_user_error_in_tracker_process_is_not_restarted(tmp_path, clip_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

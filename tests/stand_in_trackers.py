@@ -1,0 +1,15 @@
+"""Tracker process entry points that misbehave on purpose, for the supervisor's tests.
+
+A module of their own, light to import: a spawned child imports the module its target
+lives in.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def loads_then_dies(config, reports, lifeline, log_level) -> None:
+    """Says its model is loaded ("running"), then dies before its first result."""
+    reports.send(("running", {"pid": os.getpid()}))
+    os._exit(3)
