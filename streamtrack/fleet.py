@@ -258,7 +258,7 @@ class Fleet:
         self._cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
         if self.options.control_endpoint is not None:
             self._control = _FleetControlServer(self.options.control_endpoint, self)
-            warn_if_exposed(self._control.endpoint, "control")
+            warn_if_exposed(self._control.endpoint, "fleet control")
             # The directory lists what other machines connect to: not a wildcard.
             self.control_endpoint = connectable(self._control.endpoint, node_address())
             log.info("fleet control on %s", self.control_endpoint)

@@ -990,12 +990,13 @@ def warn_if_exposed(endpoint: str | int, what: str) -> bool:
     """
     if is_local_endpoint(endpoint):
         return False
+    can = {"control": "send prompts and commands (no authentication)",
+           "fleet control": "start streams that write files anywhere and open any URL, as this user "
+                            "(no authentication)"}.get(what, "read the masks")
     log.warning(
         "%s endpoint %s is reachable from other machines: anyone who can connect can %s. "
         "Bind 127.0.0.1 unless that is intended (and firewall the port).",
-        what, endpoint,
-        "send prompts and commands (no authentication)" if what == "control"
-        else "read the masks",
+        what, endpoint, can,
     )
     return True
 

@@ -583,9 +583,10 @@ def test_actors_whose_streams_ended_give_their_cpus_to_an_actor_waiting(local_ra
 
 
 def test_a_wildcard_fleet_control_is_listed_with_the_node_address(local_ray, tiny_checkpoint, tmp_path,
-                                                                  monkeypatch):
+                                                                  monkeypatch, caplog):
     """A fleet control bound to every interface is listed in the directory with the
-    driver's node address: a wildcard is no address for another machine to connect to."""
+    driver's node address: a wildcard is no address for another machine to connect to.
+    Its warning says what a client of it can do."""
     import streamtrack.fleet
 
     monkeypatch.setattr(streamtrack.fleet, "node_address", lambda: "198.18.0.7")
@@ -605,6 +606,9 @@ def test_a_wildcard_fleet_control_is_listed_with_the_node_address(local_ray, tin
         fleet.stop()
         runner.join(30)
     assert not runner.is_alive()
+    warned = [r.getMessage() for r in caplog.records if "reachable from other machines" in r.getMessage()]
+    assert any(w.startswith("fleet control endpoint tcp://0.0.0.0:") and "write files anywhere" in w
+               for w in warned), warned
 
 
 def test_an_actor_that_stops_answering_is_listed_unreachable_until_it_answers(local_ray, tiny_checkpoint,
