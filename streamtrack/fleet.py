@@ -157,6 +157,9 @@ class Fleet:
         self._stop = threading.Event()
         self._started = threading.Event()
         self._starts: dict[Any, _Stream] = {}  # start_stream ref -> the stream it starts
+        # Removed streams' names -> the calls still running for them (a stop, a start): a
+        # name added again before they end would find the old stream still on its actor.
+        self._leaving: dict[str, list[Any]] = {}
         self._own_ray = False
         self._ray = None
         self._control: ControlServer | None = None
@@ -227,6 +230,9 @@ class Fleet:
         spec = parse_stream(dict(entry), defaults, self.options, "add_stream")
         if spec.name in self.streams:
             raise UserError(f"add_stream: stream {spec.name!r} exists already (remove_stream it first)")
+        if self._still_leaving(spec.name):
+            raise UserError(f"add_stream: stream {spec.name!r} is still stopping (removed moments ago); "
+                            "add it again once list_streams no longer shows it starting or stopping")
         check_unique([s.spec for s in self.streams.values()] + [spec], "add_stream",
                      self._control.endpoint if self._control is not None else None)
         self._warn_if_exposed(spec)
@@ -239,13 +245,31 @@ class Fleet:
         if stream is None:
             raise UserError(f"remove_stream: no stream {name!r}; streams: {sorted(self.streams)}")
         actor = self.actors.get(stream.actor)
+        # The reply does not wait for them: the stream flushes and stops on its actor.
+        calls = [ref for ref, starting in self._starts.items() if starting is stream]
         if actor is not None and not actor.dead:
-            actor.handle.stop_stream.remote(name)  # fire and forget: it flushes and stops
+            calls.append(actor.handle.stop_stream.remote(name))
+        for other in list(self._leaving):  # forget those that have ended
+            self._still_leaving(other)
+        if calls:
+            self._leaving[name] = calls
         if stream.sub is not None:
             stream.sub.close()
         self._dirty = True
         log.info("stream %s removed", name)
         return {"stream": name, "state": "removed"}
+
+    def _still_leaving(self, name: str) -> bool:
+        """Whether a removed stream of this name still has a stop or start running."""
+        calls = self._leaving.get(name)
+        if not calls:
+            return False
+        _, pending = self._ray.wait(calls, num_returns=len(calls), timeout=0)
+        if pending:
+            self._leaving[name] = pending
+            return True
+        del self._leaving[name]
+        return False
 
     # -------------------------------------------------------------------- starting
     def _start(self) -> None:
@@ -359,7 +383,7 @@ class Fleet:
                 # the start did, so stop it again now that it has started.
                 actor = self.actors[stream.actor]
                 if name not in self.streams and not actor.dead:
-                    actor.handle.stop_stream.remote(name)
+                    self._leaving.setdefault(name, []).append(actor.handle.stop_stream.remote(name))
                 continue
             stream.starting = False
             stream.started_at = time.monotonic()

@@ -265,6 +265,47 @@ def test_an_actor_is_released_only_once_its_streams_are_closed(tmp_path):
     assert [c for c, _ in calls] == ["start_stream", "stop_stream", "kill"] and actor.released
 
 
+def test_a_name_removed_is_added_again_only_once_its_stop_has_run(tmp_path):
+    """remove_stream does not wait for the stop; an add_stream of the same name right after
+    reached the actor first ("already running"), was taken for an actor that had lost the
+    stream and restarted, one of its max_restarts gone."""
+    from streamtrack.fleet import _Actor
+    from streamtrack.fleet_spec import plan_actors
+
+    calls: list[tuple[str, tuple]] = []
+    finished: set[int] = set()
+
+    class Handle:
+        def __getattr__(self, method):
+            def remote(*args):
+                calls.append((method, args))
+                return len(calls)  # the call's "object ref"
+            return SimpleNamespace(remote=remote)
+
+    class FakeRay:
+        def wait(self, refs, num_returns, timeout):
+            return [r for r in refs if r in finished], [r for r in refs if r not in finished]
+
+    doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [stream_entry("cam", "cam.mp4", [BOX1])],
+                    exit_when_done=False)
+    fleet = Fleet(parse_fleet(doc, "f.yaml"))
+    fleet._ray = FakeRay()
+    actor = _Actor(plan=plan_actors(fleet.spec.streams, fleet.options, 0.0)[0],
+                   key=fleet.spec.streams[0].model_key, handle=Handle())
+    fleet.actors[actor.plan.name] = actor
+    fleet._add(fleet.spec.streams[0], actor)  # still starting when removed
+    fleet.remove_stream("cam")
+    again = stream_entry("cam", "other.mp4", [BOX1])
+    with pytest.raises(UserError, match=r"^add_stream: stream 'cam' is still stopping \(removed moments"):
+        fleet.add_stream(again)
+    finished.add(2)  # the stop ran, the start not yet
+    with pytest.raises(UserError, match="still stopping"):
+        fleet.add_stream(again)
+    finished.add(1)
+    assert fleet.add_stream(again)["state"] == "starting"
+    assert [c for c, _ in calls] == ["start_stream", "stop_stream", "start_stream"]
+
+
 def test_a_directory_file_replaced_is_written_again_unless_another_fleet_wrote_it(tmp_path, caplog):
     from streamtrack.fleet_directory import write_directory
 
