@@ -95,16 +95,21 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def available_memory() -> int | None:
-    """Bytes of memory the kernel says a new allocation can have (Linux); None elsewhere."""
+def _proc_kib(path: str, field: str) -> int | None:
+    """A ``field:  N kB`` line of a /proc file, in bytes (Linux); None elsewhere."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says a new allocation can have (Linux); None elsewhere."""
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def check_clip_memory(args: argparse.Namespace) -> None:
@@ -136,13 +141,9 @@ def _size(n: int) -> str:
 def rss_bytes() -> int:
     """Resident set size of this process now (Linux); elsewhere the peak, the best
     the standard library offers without a new dependency."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    rss = _proc_kib("/proc/self/status", "VmRSS")
+    if rss is not None:
+        return rss
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -75,12 +75,19 @@ def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
     return last.decode() if isinstance(last, bytes) and last else ep
 
 
+def _ipc_path(endpoint: str) -> str | None:
+    """The file of an ``ipc://PATH`` endpoint; None for other endpoints (and the abstract
+    ``ipc://@name``, which has no file)."""
+    path = endpoint.removeprefix("ipc://")
+    return None if path == endpoint or path.startswith("@") else path
+
+
 def _refuse_ipc_over_a_file(endpoint: str, what: str) -> None:
     """libzmq deletes whatever is at an ``ipc://`` path before it binds there (and the
     socket file is removed on close): a mistyped path, or one sent by a fleet control
     client, would delete a file."""
-    path = endpoint.removeprefix("ipc://")
-    if path == endpoint or path.startswith("@"):
+    path = _ipc_path(endpoint)
+    if path is None:
         return
     try:
         mode = os.lstat(path).st_mode
@@ -94,9 +101,9 @@ def _refuse_ipc_over_a_file(endpoint: str, what: str) -> None:
 
 def _owned_ipc_file(endpoint: str) -> tuple[str, int] | None:
     """The socket file a bind to ``ipc://PATH`` just made, with its inode; None for other
-    endpoints (and the abstract ``ipc://@name``, which has no file)."""
-    path = endpoint.removeprefix("ipc://")
-    if path == endpoint or path.startswith("@"):
+    endpoints."""
+    path = _ipc_path(endpoint)
+    if path is None:
         return None
     try:
         return path, os.stat(path).st_ino
