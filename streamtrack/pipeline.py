@@ -760,8 +760,10 @@ class Tracker:
             if t - self._last_stats < 1.0:
                 return
             self._last_stats = t
+            source = capture.stats()
             stats = self.window.snapshot(
-                dropped=self._dropped(capture.stats()), source_state=capture.state.value,
+                dropped=self._dropped(source), source_state=source.state.value,
+                source_error=_source_error(source),
                 paused=self._controls.paused, waiting_for_prompt=self._holding,
                 memory_bytes=self.engine.state_bytes() if self.engine is not None else None, at=now())
         try:
@@ -1018,6 +1020,14 @@ def _merge_prompts(prompts: list[Prompt]) -> list[Prompt]:
     for p in prompts:
         by_id[p.obj_id] = p
     return list(by_id.values())
+
+
+def _source_error(source: CaptureStats) -> str | None:
+    """Why the source is down, for ``stats/``: only while it is (a reconnected source's
+    last error is history, and a stale one has none of its own)."""
+    if source.state in (SourceState.RECONNECTING, SourceState.FAILED):
+        return source.last_error
+    return None
 
 
 def _progress(cfg: RunConfig, total: int | None):

@@ -731,6 +731,9 @@ class Stats:
     memory_bytes: int | None = None
     frames: int = 0
     source_state: str | None = None  # the source's state when sent (also while no frame comes)
+    # Why the source is not streaming (its last error), while it is not: the reason a
+    # subscriber that joined after the source_state event would not otherwise learn.
+    source_error: str | None = None
     paused: bool | None = None  # the tracker is paused (a viewer joining later learns it here)
     # A file run holding its first frame until the first prompt comes (--show/--control).
     waiting_for_prompt: bool | None = None
@@ -740,6 +743,8 @@ class Stats:
         validate_stream(self.stream)
         if self.source_state is not None:
             _set(self, "source_state", _str(self.source_state, "source_state"))
+        if self.source_error is not None:
+            _set(self, "source_error", _str(self.source_error, "source_error"))
         for name in ("paused", "waiting_for_prompt"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ProtocolError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
@@ -758,7 +763,8 @@ class Stats:
             "v": self.v, "stream": self.stream, "time": self.time, "fps": self.fps,
             "latency": {k: v.to_dict() for k, v in self.latency.items()},
             "dropped": dict(self.dropped), "memory_bytes": self.memory_bytes,
-            "frames": self.frames, "source_state": self.source_state, "paused": self.paused,
+            "frames": self.frames, "source_state": self.source_state,
+            "source_error": self.source_error, "paused": self.paused,
             "waiting_for_prompt": self.waiting_for_prompt,
         }
 
@@ -787,6 +793,7 @@ class Stats:
             memory_bytes=None if mem is None else _int(mem, "memory_bytes", minimum=0),
             frames=_int(d.get("frames", 0), "frames", minimum=0),
             source_state=None if d.get("source_state") is None else _str(d["source_state"], "source_state"),
+            source_error=None if d.get("source_error") is None else _str(d["source_error"], "source_error"),
             paused=d.get("paused"),
             waiting_for_prompt=d.get("waiting_for_prompt"),
         )

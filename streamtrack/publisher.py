@@ -374,6 +374,7 @@ class StatsWindow:
         time: float | None = None,
         at: float | None = None,
         source_state: str | None = None,
+        source_error: str | None = None,
         paused: bool | None = None,
         waiting_for_prompt: bool | None = None,
     ) -> Stats:
@@ -383,6 +384,7 @@ class StatsWindow:
             time=now() if time is None else time,
             fps=self.fps(at),
             source_state=source_state,
+            source_error=source_error,
             paused=paused,
             waiting_for_prompt=waiting_for_prompt,
             latency=self.latency(),

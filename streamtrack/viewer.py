@@ -421,10 +421,15 @@ class SourceStateTracker:
 
     def __init__(self) -> None:
         self.state: str | None = None
+        self.reason: str | None = None  # why it is down (a source_state event's, or stats')
         self.time = -math.inf
 
-    def update(self, state: str, at: float) -> None:
+    def update(self, state: str, at: float, reason: str | None = None) -> None:
+        """``reason``: None from a result (which carries none): the reason already known
+        stays while the state does."""
         if at >= self.time:
+            if state != self.state or reason is not None:
+                self.reason = reason if state in WARN_STATES else None
             self.state, self.time = state, at
 
 
@@ -730,13 +735,14 @@ class Viewer:
             # Stats come every second, also while no result does: a viewer that joins while
             # the source is down or the tracker paused learns it here.
             if msg.stats.source_state is not None:
-                self.source.update(msg.stats.source_state, msg.stats.time)
+                self.source.update(msg.stats.source_state, msg.stats.time, msg.stats.source_error)
             if msg.stats.paused is not None:
                 self.interaction.paused = msg.stats.paused
         elif msg.status is not None:
             ev = msg.status
             if ev.kind == "source_state" and isinstance(ev.data.get("new"), str):
-                self.source.update(ev.data["new"], ev.time)
+                reason = ev.data.get("reason")
+                self.source.update(ev.data["new"], ev.time, reason if isinstance(reason, str) else None)
             elif ev.kind == "error":
                 self.toast(f"tracker: {ev.data.get('message', '?')}", error=True)
             elif ev.kind == "tracker_state" and ev.data.get("new") in ("running", "paused"):
@@ -914,6 +920,9 @@ class Viewer:
         state = self.source.state or "?"
         lines.append((f"source {state}" + (f"   frame {result.frame_id}" if result else ""),
                       STATE_BGR["visible"] if state == "streaming" else STATE_BGR["occluded"]))
+        if self.source.reason:  # why it is down: the end often says what to do, so wrapped
+            lines.extend((f"  {part}", STATE_BGR["occluded"])
+                         for part in textwrap.wrap(self.source.reason, 56, max_lines=3, placeholder=" ..."))
         if lag:
             lines.append((f"masks {lag} frame(s) behind", STATE_BGR["occluded"]))
         if result is not None and not has_frames:

@@ -825,6 +825,38 @@ def test_stats_keep_coming_every_second_while_paused_with_a_falling_rate(tmp_pat
     assert got[-1].stats.fps < got[0].stats.fps or got[-1].stats.fps == 0.0  # 0 after 2 s without a frame
 
 
+def test_stats_say_why_the_source_is_down_to_a_subscriber_that_missed_the_event():
+    """A subscriber that joins while the camera is down never got the source_state event
+    with its reason (it went out before anyone could be connected): stats carry it."""
+    from conftest import free_port
+
+    from streamtrack.subscriber import Subscriber
+
+    bound: dict = {}
+
+    def notify(kind, data):
+        if kind == "bound":
+            bound.update(data)
+
+    run = RunConfig(source=f"rtsp://127.0.0.1:{free_port()}/cam", publish="tcp://127.0.0.1:0",
+                    progress=False)
+    tracker = Tracker(run, engine=TrackedIds(), notify=notify)
+    thread = threading.Thread(target=tracker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "publish" not in bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with Subscriber(bound["publish"], topics=["stats/"]) as sub:
+            got = [m.stats for _ in range(3) if (m := sub.recv(timeout=5)) is not None]
+    finally:
+        tracker.stop()
+        thread.join(30)
+    down = [s for s in got if s.source_state == "reconnecting"]
+    assert down, got
+    assert all(s.source_error and "refused" in s.source_error.lower() for s in down), down
+
+
 def test_object_state_events_go_out_after_the_result_that_shows_the_change(tmp_path, monkeypatch):
     """A subscriber never gets "removed" before a result that still has the object."""
 

@@ -314,6 +314,14 @@ def test_stats_round_trip_and_rejection() -> None:
     d["latency"]["total"] = {"p50": 0.1}
     with pytest.raises(ProtocolError, match="p95"):
         Stats.from_json(json.dumps(d))
+    down = Stats(stream="cam0", time=3.0, fps=0.0, source_state="reconnecting",
+                 source_error="connection refused")
+    assert Stats.from_json(down.to_json()) == down
+    assert json.loads(down.to_json())["source_error"] == "connection refused"
+    d = json.loads(down.to_json())
+    d["source_error"] = 7
+    with pytest.raises(ProtocolError, match="source_error"):
+        Stats.from_json(json.dumps(d))
 
 
 def test_frame_header_round_trip() -> None:

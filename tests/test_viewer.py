@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -304,6 +305,19 @@ def test_source_state_and_banner():
     assert s.state == "reconnecting"
     s.update("streaming", 11.0)
     assert s.state == "streaming"
+
+
+def test_the_reason_a_source_is_down_lasts_as_long_as_the_outage():
+    s = v.SourceStateTracker()
+    s.update("reconnecting", 10.0, "connection refused")  # the event (or stats)
+    s.update("reconnecting", 11.0)  # a result carries no reason: it stays
+    assert s.reason == "connection refused"
+    s.update("reconnecting", 12.0, "401 Unauthorized")  # the camera is back, the password not
+    assert s.reason == "401 Unauthorized"
+    s.update("streaming", 13.0)
+    assert s.reason is None
+    s.update("streaming", 14.0, "stale history")  # only a source that is down has one
+    assert s.reason is None
     assert v.banner_for("streaming", 0.5, True) is None
     assert v.banner_for("reconnecting", 0.5, True) == ("SOURCE RECONNECTING", v.BANNER_WARN_BGR)
     assert v.banner_for("stale", 0.1, True)[1] == v.BANNER_WARN_BGR
@@ -473,6 +487,29 @@ def check_overlay(shot_rgb, image, masks, *, banner: tuple[int, int, int] | None
 
 def _msg(kind, received=None, **kw):
     return Message(topic=f"{kind}/cam0", kind=kind, stream="cam0", received=received or now(), **kw)
+
+
+def test_the_hud_says_why_the_source_is_down_from_stats_or_the_event():
+    vw = v.Viewer("tcp://127.0.0.1:1", config=v.ViewerConfig(max_size=MAX_SIZE))
+    reason = "could not open rtsp://127.0.0.1:9/cam: Connection refused; check the URL and that it is up"
+
+    def hud_lines() -> list[str]:
+        with mock.patch.object(cv2, "putText", wraps=cv2.putText) as put:
+            vw.compose(now())
+        return [c.args[1].strip() for c in put.call_args_list]
+
+    vw.handle(_msg("stats", stats=Stats(stream="cam0", time=now(), fps=0.0, source_state="reconnecting",
+                                        source_error=reason)))
+    lines = hud_lines()
+    assert "source reconnecting" in lines
+    assert " ".join(lines[lines.index("source reconnecting") + 1:][:2]) == reason  # wrapped, whole
+    vw.handle(_msg("status", status=StatusEvent("cam0", "source_state", now(),
+                                                 {"old": "reconnecting", "new": "streaming"})))
+    assert not any("Connection refused" in line for line in hud_lines())
+    vw.handle(_msg("status", status=StatusEvent("cam0", "source_state", now(),
+                                                 {"old": "streaming", "new": "reconnecting",
+                                                  "reason": "end of stream"})))
+    assert "end of stream" in hud_lines()
 
 
 def test_compose_draws_masks_hud_and_banner():
