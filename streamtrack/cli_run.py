@@ -20,7 +20,7 @@ import threading
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from streamtrack.config import Config, load_config
+from streamtrack.config import CONFIG_DIR, Config, load_config
 from streamtrack.errors import UserError
 from streamtrack.models import CHECKPOINT_DIR, MODELS
 
@@ -68,9 +68,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                                   "other argument, from FILE, one per line)")
     g = p.add_argument_group("configuration")
     g.add_argument("--config", default=None, metavar="FILE|PRESET", action=_Once,
-                   help="YAML configuration, or a preset from configs/ (default, webcam, rtsp, file); "
-                        "it sets any key, also those without an option here (configs/default.yaml "
-                        "lists them all, --print-config shows the result)")
+                   help="YAML configuration, or a preset (default, webcam, rtsp, file); it sets any key, "
+                        f"also those without an option here ({CONFIG_DIR / 'default.yaml'} lists them "
+                        "all, --print-config shows the result)")
     g.add_argument("--print-config", action="store_true", default=False,
                    help="print the merged configuration as YAML and exit")
     g = p.add_argument_group("model")

@@ -202,7 +202,8 @@ def find_config_file(name: str, what: str = "config") -> Path:
     if preset.is_file():
         return preset
     presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise UserError(f"{what} {name!r} not found (a YAML file, or a preset: {', '.join(presets)})")
+    raise UserError(f"{what} {name!r} not found (a YAML file, or a preset: {', '.join(presets)}, "
+                    f"in {CONFIG_DIR})")
 
 
 class _StrictLoader(yaml.SafeLoader):

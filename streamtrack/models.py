@@ -168,7 +168,7 @@ def build_model(
     ``kind="video"`` builds ``SAM2VideoPredictor`` (the configuration the official
     video predictor uses, which the streaming engine also runs); ``kind="image"``
     builds the plain ``SAM2Base`` used by ``SAM2ImagePredictor``.
-    ``checkpoint=None`` means ``checkpoints/<name>.pt``; ``random_init=True``
+    ``checkpoint=None`` means ``<name>.pt`` in :data:`CHECKPOINT_DIR`; ``random_init=True``
     skips loading (tests and benchmarks only); ``vos_optimized=True`` builds sam2's
     compiled ``SAM2VideoPredictorVOS`` (benchmark baseline, CUDA), its components
     compiled in ``vos_compile_mode`` (sam2's own: ``max-autotune``).
