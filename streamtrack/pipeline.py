@@ -708,7 +708,11 @@ class Tracker:
                     log.warning("video file %s ended after %d of the %d frames its header declares: is "
                                 "it cut short?", cfg.source, stats.frames_decoded, declared.frames)
             elif declared and declared.seconds and self._pts_span is not None:
-                reached = self._pts_span[1] - self._pts_span[0]
+                # Matroska's duration counts from 0, not from the first frame (a remux that
+                # kept its timestamps starts at 5 s and declares 6 s for 1 s of video);
+                # MPEG-TS's counts from the first frame (which may be at 10,000 s).
+                first, last = self._pts_span
+                reached = max(last - first, last)
                 if reached < declared.seconds - max(0.5, declared.seconds / 20):  # the last frame's own time
                     log.warning("video file %s ended at %.1f s of the %.1f s its header declares: is it cut "
                                 "short?", cfg.source, reached, declared.seconds)

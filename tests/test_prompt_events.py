@@ -556,6 +556,8 @@ def _timed_video(path: Path, times_ms: list[int]) -> Path:
     ("mkv", 60, r"at \d\.\d s of the 2\.0 s"),  # Matroska/WebM: no count, a duration
     # 2 s at 30 fps, then 4 s at 5 fps: a count from the duration and the rate would be 175
     ("vfr.mkv", 80, r"at \d\.\d s of the 5\.\d s"),
+    # A remux that kept its timestamps: 2 s from 5 s on, a duration counted from 0
+    ("late.mkv", 60, r"at \d\.\d s of the 7\.0 s"),
 ])
 def test_a_video_file_cut_short_is_reported(tmp_path, caplog, container, frames, declared):
     """An unfinished download or recording decodes up to the cut and ends like a whole file;
@@ -565,6 +567,8 @@ def test_a_video_file_cut_short_is_reported(tmp_path, caplog, container, frames,
         _indexed_mp4(whole, frames)
     elif container == "vfr.mkv":
         _timed_video(whole, [round(i * 1000 / 30) for i in range(60)] + [2000 + i * 200 for i in range(20)])
+    elif container == "late.mkv":
+        _timed_video(whole, [5000 + round(i * 1000 / 30) for i in range(60)])
     else:
         write_video(make_clip(frames, 160, 120, num_objects=1).frames, whole)
     cut = tmp_path / f"cut.{container}"
