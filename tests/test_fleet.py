@@ -31,7 +31,7 @@ from conftest import free_port
 from streamtrack import cli
 from streamtrack.control import ControlClient
 from streamtrack.errors import UserError
-from streamtrack.fleet import Fleet
+from streamtrack.fleet import ACTOR_ENV, Fleet
 from streamtrack.fleet_directory import read_directory
 from streamtrack.fleet_spec import FleetOptions, load_fleet, parse_fleet, plan_actors, plan_added
 from streamtrack.subscriber import Subscriber
@@ -550,6 +550,8 @@ def test_fleet_streams_restart_and_control(local_ray, tiny_checkpoint, clip_path
             actor = entries["b"].actor
             pid = ray.get(fleet.actor(actor).pid.remote(), timeout=30)
             assert pid == entries["b"].actor_pid
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"MALLOC_ARENA_MAX={ACTOR_ENV['MALLOC_ARENA_MAX']}".encode() in environ
             before = next_masks(sub, "b", b0.seq)
             os.kill(pid, signal.SIGKILL)
             restarted = wait_for("b restarted", lambda: (e := read_directory(directory)["b"]).restarts == 1
