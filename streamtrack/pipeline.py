@@ -1026,6 +1026,16 @@ def _merge_prompts(prompts: list[Prompt]) -> list[Prompt]:
     return list(by_id.values())
 
 
+def _is_a_file(stream) -> bool:
+    """Whether ``stream`` writes to a regular file (not a terminal, pipe or socket)."""
+    import stat
+
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):  # no descriptor (captured, closed)
+        return False
+
+
 def _source_error(source: CaptureStats) -> str | None:
     """Why the source is down, for ``stats/``: only while it is (a reconnected source's
     last error is history, and a stale one has none of its own)."""
@@ -1035,7 +1045,9 @@ def _source_error(source: CaptureStats) -> str | None:
 
 
 def _progress(cfg: RunConfig, total: int | None):
-    if not cfg.progress_bar:
+    if not cfg.progress_bar or _is_a_file(sys.stderr):
+        # A bar redraws ten times a second: in a log file (`2> run.log`) that is megabytes of
+        # one line an hour. A pipe may be `| tee` to a terminal: it keeps the bar.
         return None
     from tqdm import tqdm
 

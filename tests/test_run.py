@@ -306,6 +306,26 @@ def test_an_error_on_the_first_frame_erases_the_progress_bar(clip_file, tiny_che
     assert erased and not erased.strip(), repr(r.stderr)
 
 
+def test_the_progress_bar_is_drawn_to_a_pipe_and_not_into_a_log_file(tmp_path):
+    """`2> run.log` would collect ten redraws a second on one line; `| tee` shows them."""
+    video = tmp_path / "c.mp4"
+    video.touch()
+    script = f"""
+from streamtrack.pipeline import RunConfig, _progress
+bar = _progress(RunConfig(source={str(video)!r}, progress=True), 10)
+print(bar is not None)
+"""
+    env = {**os.environ, "TQDM_DISABLE": ""}
+    piped = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env=env)
+    assert piped.stdout.strip() == "True" and "tracking" in piped.stderr, piped
+    log = tmp_path / "run.log"
+    with log.open("w") as stderr:
+        logged = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=stderr,
+                                text=True, timeout=120, env=env)
+    assert logged.stdout.strip() == "False" and log.read_text() == "", log.read_text()
+
+
 def test_the_progress_bar_holds_no_named_semaphore(tmp_path):
     """tqdm's default lock is a multiprocessing semaphore, a /dev/shm file only a clean exit
     removes: every supervised tracker killed and restarted would leave one behind."""
