@@ -142,7 +142,7 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image-size", type=options.image_size, default=128)
     ap.add_argument("--fast-detection", action="store_true",
                     help="shorter Ray health checks on the head (1 s period, 1 s timeout, 3 misses)")

@@ -74,7 +74,7 @@ def entries(directory: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image-size", type=options.image_size, default=128)
     ap.add_argument("--pause", type=options.seconds(0), default=5.0,
                     help="seconds between the loss and the new node")

@@ -128,7 +128,7 @@ def lock_per_piece(name: str, fn, n: int, rounds: int = 3, chunk: int = 50) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=options.count(1), default=1000,
                     help="torch calls in the loop (each may wait 5 ms)")
     ap.add_argument("--python-iterations", type=options.count(1), default=2_000_000,

@@ -126,7 +126,7 @@ def _variant(text: str) -> tuple[str, str, bool]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--host-ms", type=options.seconds(0), default=3.0)
     ap.add_argument("--device-ms", type=options.seconds(0), default=7.0)
     ap.add_argument("--host-kind", choices=tuple(HOST_WORK), default="python",

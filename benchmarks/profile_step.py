@@ -39,6 +39,7 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import options  # benchmarks/options.py
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -51,15 +52,15 @@ from streamtrack.tracking import COMPILE_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sam2.1_hiera_tiny")
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--image-size", type=int, default=1024)
-    ap.add_argument("--frame-size", default="1280x720")
-    ap.add_argument("--objects", type=int, default=1)
+    ap.add_argument("--image-size", type=options.image_size, default=1024)
+    ap.add_argument("--frame-size", type=options.frame_size, default="1280x720")
+    ap.add_argument("--objects", type=options.count(1), default=1)
     ap.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                     help="compile the engine in this mode")
-    ap.add_argument("--steps", type=int, default=20, help="tracked frames profiled")
+    ap.add_argument("--steps", type=options.count(1), default=20, help="tracked frames profiled")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--trace", action="store_true", help="with --out: also a Chrome trace")
     ap.add_argument("--phases", action="store_true",
@@ -75,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    if args.device != "cuda" and not (args.phases or args.ops or args.guards):
+    cuda = args.device.split(":")[0] == "cuda"  # cuda or cuda:N
+    if not cuda and not (args.phases or args.ops or args.guards):
         raise SystemExit("the profiler table needs --device cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if cuda and not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA device (or --phases/--ops/--guards --device cpu)")
     width, height = (int(v) for v in args.frame_size.split("x"))
     clip = make_clip(30, width, height, num_objects=3, seed=3)
@@ -193,7 +195,7 @@ def guard_checks(args, frames: list, prompts: list, rounds: int = 3) -> str:
                                  and e.time_range.end <= u.time_range.end), "other")
                     lookups[label][unit].append(e.cpu_time_total)
         del model, engine
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
     per_frame = {k: sum(sum(v) for v in d.values()) / (rounds * args.steps) for k, d in lookups.items()}
     calls = sum(len(v) for v in lookups["by dict tags"].values()) / (rounds * args.steps)
     lines = [f"dynamo cache lookup (guard checks) per compiled call, median us (profiled), "
@@ -203,7 +205,7 @@ def guard_checks(args, frames: list, prompts: list, rounds: int = 3) -> str:
         a, b = (float(np.median(d[unit])) if d[unit] else float("nan") for d in lookups.values())
         lines.append(f"  {unit:<36} {a:11.1f} {b:11.1f} {b / a:7.2f}")
     a, b = per_frame["one by one"], per_frame["by dict tags"]
-    lines.append(f"  {f'per frame (sum of {calls:g} calls)':<36} {a:11.1f} {b:11.1f} {b / a:7.2f}")
+    lines.append(f"  {f'per frame (mean, sum of {calls:g} calls)':<36} {a:11.1f} {b:11.1f} {b / a:7.2f}")
     return "\n".join(lines)
 
 

@@ -606,7 +606,7 @@ _QUICK = {"objects": [1, 4], "latency_messages": 60, "blast_seconds": 0.5, "dura
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object on stdout (the table on stderr)")
     ap.add_argument("--objects", type=int, nargs="+", help="object counts (default 1 4 16; --quick: 1 4)")
