@@ -132,11 +132,8 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
                           file=sys.stderr)
                 continue
             last, hinted = time.monotonic(), False
-            try:
-                print(json.dumps(_message_json(msg, args.rle), separators=(",", ":")), flush=True)
-            except BrokenPipeError:  # `| head`: the reader is done
-                sys.stderr.close()
-                return 0
+            # A reader gone (`| head`) raises BrokenPipeError here: main() ends the command.
+            print(json.dumps(_message_json(msg, args.rle), separators=(",", ":")), flush=True)
             printed += 1
     return 0
 
@@ -424,6 +421,80 @@ def _join_negative_coordinates(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``streamtrack`` command.  Its own output failing is no traceback: a reader of
+    stdout that went away (``| head``) ends it quietly (0); a full disk or a terminal gone
+    is one line (1).  Left to Python, the flush at exit prints "Exception ignored" (or a
+    traceback, unbuffered) and exits 120."""
+    _standard_streams_open()
+    stdout = sys.stdout = _Watched(sys.stdout)
+    try:
+        try:
+            code = _main(argv)
+        finally:
+            stdout.flush()
+    except OSError as e:
+        if e is not stdout.error:
+            raise
+    except SystemExit:  # argparse's --help, --version: it swallows a write that failed
+        if stdout.error is None:
+            raise
+    else:
+        if stdout.error is None:
+            return code
+    finally:
+        if sys.stdout is stdout:
+            sys.stdout = stdout.stream
+    # What is still buffered would fail again at exit.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+    if stdout.error.errno == errno.EPIPE:
+        return 0
+    with contextlib.suppress(OSError):
+        print(f"streamtrack: error: cannot write to stdout: {stdout.error.strerror}", file=sys.stderr,
+              flush=True)
+    return 1
+
+
+class _Watched:
+    """A text stream that keeps the error its last write or flush raised (so main() tells
+    stdout's own failures from an error of the same kind anywhere else)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.error: OSError | None = None
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _standard_streams_open() -> None:
+    """Give a closed stdin, stdout or stderr (``2>&-``) /dev/null: else the next file this
+    process opens takes descriptor 2 and gets whatever a library writes to stderr (FFmpeg,
+    libzmq), and Python has no ``sys.stderr`` to print an error to."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # The lowest free descriptor: this one (the ones below are open).
+            os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
+def _main(argv: list[str] | None) -> int:
     dump_stacks_on_usr1()
     parser = build_parser()
     args = parser.parse_args(_join_negative_coordinates(sys.argv[1:] if argv is None else argv))

@@ -12,6 +12,7 @@ process.  ``--show`` starts a viewer process subscribed to the tracker.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import socket
@@ -177,6 +178,7 @@ def command(args: argparse.Namespace) -> int:
     supervisor = Supervisor(run_config, SupervisorConfig(max_restarts=cfg.max_restarts,
                                                          hang_timeout=cfg.hang_timeout,
                                                          start_timeout=cfg.start_timeout))
+    supervisor.on_interrupt = _say_stopping
     if cfg.show:
         from streamtrack.viewer import spawn_viewer
 
@@ -207,6 +209,12 @@ def command(args: argparse.Namespace) -> int:
     return code
 
 
+def _say_stopping() -> None:
+    with contextlib.suppress(OSError):  # a terminal gone
+        print("streamtrack: stopping after the current frame (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+
 def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
     """Run ``tracker`` here; the first SIGINT or SIGTERM stops it after the frame in
     flight, so every output is flushed whole.  A KeyboardInterrupt at an arbitrary point
@@ -222,8 +230,7 @@ def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
         stopped_by.append(signum)
         tracker.stop()
         if signum == signal.SIGINT:
-            print("streamtrack: stopping after the current frame (Ctrl-C again to quit at once)",
-                  file=sys.stderr, flush=True)
+            _say_stopping()
 
     restore = install_stop_signals(stop, interrupt_again=True)
     try:
@@ -239,12 +246,12 @@ def _run_in_process(tracker: Tracker) -> tuple[RunSummary, int | None]:
 
 
 def _finish(summary, args: argparse.Namespace, extra: str, stopped_by: int | None = None) -> int:
-    """Print the run's summary line; the exit code: 143 if SIGTERM stopped it, 130 if it
-    was interrupted otherwise, 1 (and one more line) if its source failed, else 0."""
+    """Print the run's summary line; the exit code: 143 if SIGTERM stopped it (129: SIGHUP),
+    130 if it was interrupted otherwise, 1 (and one more line) if its source failed, else 0."""
     if not args.quiet:
         print(summary.line() + extra, file=sys.stderr)
-    if stopped_by == signal.SIGTERM:
-        return 143
+    if stopped_by in (signal.SIGTERM, signal.SIGHUP):
+        return 128 + stopped_by
     if summary.interrupted:
         return 130
     failure = summary.source_failure(str(args.source))

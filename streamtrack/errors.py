@@ -106,7 +106,7 @@ def dump_stacks_on_usr1() -> None:
         return
     try:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor
+    except (AttributeError, ValueError, OSError, RuntimeError):  # no stderr, or one without a descriptor
         pass
 
 

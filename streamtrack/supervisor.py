@@ -31,8 +31,8 @@ mask) and a paused state.
 
 User errors in the child (bad source, bad checkpoint, bad prompt file) are not
 retried: :meth:`Supervisor.run` raises :class:`UserError` with the child's
-message.  SIGINT/SIGTERM stop the child gracefully (its outputs are flushed),
-then escalate to SIGKILL after ``stop_timeout``; the child also stops by itself
+message.  SIGINT/SIGTERM/SIGHUP stop the child gracefully (its outputs are flushed),
+then escalate to SIGKILL after ``stop_timeout`` (at once on a second Ctrl-C); the child also stops by itself
 if the supervisor disappears, so no tracker outlives it.
 
 The child reports milestones (endpoints bound, running, done, errors) to the
@@ -208,13 +208,24 @@ class Supervisor:
         self.endpoints: dict[str, str | None] = {}
         self.interrupted_by: int | None = None  # the signal that stopped us, if any
         self.on_state: Callable[[TrackerState], None] | None = None
+        self.on_interrupt: Callable[[], None] | None = None  # the first Ctrl-C (to say so)
         self._stop = threading.Event()
+        self._kill = threading.Event()  # a second Ctrl-C: no waiting for the frame in hand
+        self._signalled = False
         self._seen = _Seen()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ control
     def stop(self, signum: int | None = None) -> None:
-        """Ask the supervisor to stop the child and return (any thread, signal-safe)."""
+        """Ask the supervisor to stop the child and return (any thread, signal-safe).  A
+        Ctrl-C after a first stop signal kills the child at once, as it would a tracker
+        run in this process (a frame that takes seconds, a model still loading)."""
+        if signum is not None:
+            again, self._signalled = self._signalled, True
+            if again and signum == signal.SIGINT:
+                self._kill.set()
+            elif not again and signum == signal.SIGINT and self.on_interrupt is not None:
+                self.on_interrupt()
         if self.interrupted_by is None:
             self.interrupted_by = signum
         self._stop.set()
@@ -274,6 +285,8 @@ class Supervisor:
                     if self._stop.is_set() and self.state is not TrackerState.STOPPING:
                         self._set_state(TrackerState.STOPPING)
                         child.stop(self.sup.stop_timeout)
+                    if self._kill.is_set() and child.proc.is_alive():
+                        child.proc.kill()
                     child.poll_stop()
                     if not child.proc.is_alive():
                         outcome = child.finish(partial(self._note_progress, child))
@@ -398,8 +411,14 @@ class Supervisor:
                 self._seen.update(msg.result)
 
 
+# What stops a run after its frame in hand, outputs flushed: Ctrl-C, a service manager's
+# SIGTERM, and SIGHUP from a terminal that closed (its default would kill the run mid-frame).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def install_stop_signals(stop: Callable[[int], None], *, interrupt_again: bool = False) -> Callable[[], None]:
-    """Route SIGINT and SIGTERM to ``stop(signum)``, called on a thread of its own; returns
+    """Route SIGINT, SIGTERM and SIGHUP (the terminal closed) to ``stop(signum)``, called
+    on a thread of its own; returns
     a function that puts the previous handlers back.  With ``interrupt_again``, a SIGINT
     after a first stop signal raises KeyboardInterrupt in the main thread (quit at once,
     e.g. during a long model load).  Only the main thread may install handlers: elsewhere
@@ -429,7 +448,7 @@ def install_stop_signals(stop: Callable[[int], None], *, interrupt_again: bool =
 
     relaying = threading.Thread(target=relay, name="stop-signals", daemon=True)
     relaying.start()
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
     def restore() -> None:
         for s, h in previous.items():

@@ -306,6 +306,38 @@ def test_an_error_on_the_first_frame_erases_the_progress_bar(clip_file, tiny_che
     assert erased and not erased.strip(), repr(r.stderr)
 
 
+@pytest.mark.parametrize("buffered", [True, False])
+def test_stdout_gone_is_a_quiet_end_and_stdout_full_one_line(buffered):
+    """`| head` closing early: exit 0 and nothing said (was 120, or a traceback unbuffered);
+    a full disk: one line, exit 1 (was "Exception ignored" and 120), also for --help."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "" if buffered else "1"}
+    for args in (["models"], ["--help"]):
+        gone = subprocess.Popen([sys.executable, "-m", "streamtrack", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        gone.stdout.close()  # before the command has printed anything
+        assert gone.wait(60) == 0 and gone.stderr.read() == b""
+        gone.stderr.close()
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "streamtrack", *args], stdout=full,
+                               stderr=subprocess.PIPE, text=True, timeout=60, env=env)
+        assert (r.returncode, r.stderr) == (1, "streamtrack: error: cannot write to stdout: No space left on "
+                                               "device\n"), r.stderr
+
+
+def test_a_closed_stderr_runs_the_command_all_the_same(clip_file, tiny_checkpoint, tmp_path):
+    """`2>&-`: every command exited 1 at once, without a word (nowhere to print the stack
+    dump handler to); the next file opened would have taken descriptor 2."""
+    _, video, _ = clip_file
+    out = tmp_path / "r.jsonl"
+    r = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "_", sys.executable, "-m", "streamtrack", "run",
+                        str(video), "--box", "1,2,40,40", "--checkpoint", str(tiny_checkpoint),
+                        "--image-size",
+                        str(TEST_IMAGE_SIZE), "--max-frames", "2", "--save-jsonl", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r
+    assert len(out.read_text().splitlines()) == 2
+
+
 def test_the_progress_bar_is_drawn_to_a_pipe_and_not_into_a_log_file(tmp_path):
     """`2> run.log` would collect ten redraws a second on one line; `| tee` shows them."""
     video = tmp_path / "c.mp4"
@@ -478,10 +510,12 @@ def test_ctrl_c_while_torch_loads_is_one_line():
     assert (proc.returncode, out, err) == (130, "", "streamtrack: interrupted\n")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["ctrl-c", "sigterm", "terminal-closed"])
 def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path, signum):
     """Without --publish the tracker runs in the CLI's own process: the first Ctrl-C (or a
-    SIGTERM) stops it after the frame in flight, and every output is complete."""
+    SIGTERM, or the SIGHUP of a terminal closed) stops it after the frame in flight, and
+    every output is complete."""
     clip = make_clip(200, 160, 120, num_objects=1, seed=5)
     video = write_video(clip.frames, tmp_path / "long.mp4")
     out_jsonl, out_mp4 = tmp_path / "r.jsonl", tmp_path / "v.mp4"
@@ -499,7 +533,7 @@ def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path, s
         time.sleep(0.2)
     proc.send_signal(signum)
     err = _communicate_or_dump(proc, 60)
-    assert proc.returncode == (130 if signum == signal.SIGINT else 143), err
+    assert proc.returncode == (130 if signum == signal.SIGINT else 128 + signum), err
     assert "Traceback" not in err and "(interrupted)" in err
     if signum == signal.SIGINT:
         assert "stopping after the current frame" in err

@@ -452,6 +452,36 @@ def test_a_tracker_that_dies_before_every_first_result_is_given_up(monkeypatch):
     assert sup.state is TrackerState.FAILED
 
 
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_kills_a_tracker_stuck_in_its_frame_at_once(monkeypatch):
+    """The first Ctrl-C waits for the frame in hand (said once); the second, as without
+    --publish, does not wait for it, nor for the stop timeout."""
+    import stand_in_trackers
+
+    from streamtrack import supervisor
+
+    monkeypatch.setattr(supervisor, "_child_main", stand_in_trackers.stuck_in_a_frame)
+    run = RunConfig(source="clip.mp4", publish=f"tcp://127.0.0.1:{free_port()}", progress=False)
+    sup = Supervisor(run, SupervisorConfig(stop_timeout=60))
+    said: list[str] = []
+    sup.on_interrupt = lambda: said.append("stopping")
+    summaries = []
+    runner = threading.Thread(target=lambda: summaries.append(sup.run()), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while sup.state is not TrackerState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sup.stop(signal.SIGINT)
+    runner.join(2)
+    assert runner.is_alive() and said == ["stopping"]  # the frame in hand is waited for
+    pid = sup.pid
+    sup.stop(signal.SIGINT)
+    runner.join(10)
+    assert not runner.is_alive() and summaries[0].interrupted
+    assert said == ["stopping"] and not pid_alive(pid)
+    assert sup.interrupted_by == signal.SIGINT
+
+
 def test_user_error_in_tracker_process_is_not_restarted(tmp_path, clip_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
