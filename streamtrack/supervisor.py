@@ -31,9 +31,10 @@ mask) and a paused state.
 
 User errors in the child (bad source, bad checkpoint, bad prompt file) are not
 retried: :meth:`Supervisor.run` raises :class:`UserError` with the child's
-message.  SIGINT/SIGTERM/SIGHUP stop the child gracefully (its outputs are flushed),
-then escalate to SIGKILL after ``stop_timeout`` (at once on a second Ctrl-C); the child also stops by itself
-if the supervisor disappears, so no tracker outlives it.
+message.  SIGINT/SIGTERM/SIGHUP stop the child gracefully (its outputs are
+flushed), then escalate to SIGKILL after ``stop_timeout`` (at once on a second
+Ctrl-C); the child also stops by itself if the supervisor disappears, so no
+tracker outlives it.
 
 The child reports milestones (endpoints bound, running, done, errors) to the
 supervisor over a ``multiprocessing`` pipe; nothing crosses the network but
@@ -418,11 +419,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def install_stop_signals(stop: Callable[[int], None], *, interrupt_again: bool = False) -> Callable[[], None]:
     """Route SIGINT, SIGTERM and SIGHUP (the terminal closed) to ``stop(signum)``, called
-    on a thread of its own; returns
-    a function that puts the previous handlers back.  With ``interrupt_again``, a SIGINT
-    after a first stop signal raises KeyboardInterrupt in the main thread (quit at once,
-    e.g. during a long model load).  Only the main thread may install handlers: elsewhere
-    (e.g. a supervisor run from a test thread) this does nothing.
+    on a thread of its own; returns a function that puts the previous handlers back.
+    With ``interrupt_again``, a SIGINT after a first stop signal raises KeyboardInterrupt
+    in the main thread (quit at once, e.g. during a long model load).  Only the main
+    thread may install handlers: elsewhere (e.g. a supervisor run from a test thread)
+    this does nothing.
 
     Why a thread: a handler runs between two bytecodes of the main thread, which may hold
     a lock that ``stop`` takes (an Event's: a Ctrl-C's SIGINT and a SIGTERM right after it
