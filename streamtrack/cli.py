@@ -421,32 +421,39 @@ def _join_negative_coordinates(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``streamtrack`` command.  Its own output failing is no traceback: a reader of
-    stdout that went away (``| head``) ends it quietly (0); a full disk or a terminal gone
-    is one line (1).  Left to Python, the flush at exit prints "Exception ignored" (or a
-    traceback, unbuffered) and exits 120."""
+    """The ``streamtrack`` command.  Its own stdout failing is no traceback: a reader that
+    went away (``| head``) ends it quietly (0), a full disk is one line (1), and a command
+    that failed, or dealt with the error itself, keeps its own exit code.  Left to
+    Python, the flush at exit prints "Exception ignored" (a traceback unbuffered) and
+    exits 120."""
     _standard_streams_open()
     stdout = sys.stdout = _Watched(sys.stdout)
     try:
         try:
-            code = _main(argv)
-        finally:
-            stdout.flush()
-    except OSError as e:
-        if e is not stdout.error:
-            raise
-    except SystemExit:  # argparse's --help, --version: it swallows a write that failed
-        if stdout.error is None:
-            raise
-    else:
-        if stdout.error is None:
-            return code
+            code: int | None = _main(argv)
+        except SystemExit:  # argparse's --help and --version swallow a write that failed
+            with contextlib.suppress(OSError):
+                stdout.flush()
+            if stdout.error is None:
+                raise
+            code = None
+        except OSError as e:
+            if e is not stdout.error:
+                raise
+            code = None  # the command ended on it
+        else:
+            with contextlib.suppress(OSError):
+                stdout.flush()
+            if stdout.error is None:
+                return code
     finally:
         if sys.stdout is stdout:
             sys.stdout = stdout.stream
     # What is still buffered would fail again at exit.
     with contextlib.suppress(OSError, ValueError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+    if code:
+        return code
     if stdout.error.errno == errno.EPIPE:
         return 0
     with contextlib.suppress(OSError):
@@ -489,8 +496,9 @@ def _standard_streams_open() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            # The lowest free descriptor: this one (the ones below are open).
-            os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            # The lowest free descriptor: this one (the ones below are open); inherited, so
+            # child processes (the tracker, FFmpeg's) start with it open too.
+            os.set_inheritable(os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY), True)
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 

@@ -2,7 +2,7 @@
 
 The whole file is validated before Ray is touched, so a bad file costs a second
 and one line on stderr (exit 2).  Exit codes afterwards: 0 every stream ended
-normally, 1 a stream failed, 130/143 stopped by SIGINT/SIGTERM.
+normally, 1 a stream failed, 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def command(args: argparse.Namespace) -> int:
             extra = f", {s['restarts']} restart(s)" if s["restarts"] else ""
             err = f": {s['error']}" if s["error"] else ""
             print(f"{name}: {s['state']}, {s['frames']} frames{extra}{err}", file=sys.stderr)
-    if summary.interrupted_by == signal.SIGTERM:
-        return 143
+    if summary.interrupted_by in (signal.SIGTERM, signal.SIGHUP):
+        return 128 + summary.interrupted_by
     if summary.interrupted_by is not None:
         return 130
     return 1 if summary.failed else 0

@@ -191,7 +191,8 @@ def command(args: argparse.Namespace) -> int:
         summary = supervisor.run()
         # Closed by the user (0) or interrupted with the run: fine. Anything else is a
         # window that failed, which ended the run: not a success.
-        if viewer is not None and viewer.poll() not in (None, 0, 130, 143, -signal.SIGINT, -signal.SIGTERM):
+        if viewer is not None and viewer.poll() not in (None, 0, 129, 130, 143, -signal.SIGHUP,
+                                                         -signal.SIGINT, -signal.SIGTERM):
             viewer_failed = viewer.returncode
     except SupervisorGaveUp as e:
         print(f"streamtrack: error: {e}", file=sys.stderr)
@@ -249,7 +250,8 @@ def _finish(summary, args: argparse.Namespace, extra: str, stopped_by: int | Non
     """Print the run's summary line; the exit code: 143 if SIGTERM stopped it (129: SIGHUP),
     130 if it was interrupted otherwise, 1 (and one more line) if its source failed, else 0."""
     if not args.quiet:
-        print(summary.line() + extra, file=sys.stderr)
+        with contextlib.suppress(OSError):  # the terminal closed (SIGHUP): nowhere to say it
+            print(summary.line() + extra, file=sys.stderr)
     if stopped_by in (signal.SIGTERM, signal.SIGHUP):
         return 128 + stopped_by
     if summary.interrupted:

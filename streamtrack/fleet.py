@@ -22,7 +22,7 @@ placement on nodes, the CPU/GPU accounting and the restarts), and then loops:
 
 A stream that fails (its source file is missing, its checkpoint is bad) is
 logged and listed as ``failed`` with its error; the other streams go on.
-SIGINT/SIGTERM stop every stream (outputs flushed), kill the actors and, for a
+SIGINT/SIGTERM/SIGHUP stop every stream (outputs flushed), kill the actors and, for a
 Ray the fleet started itself, shut Ray down.
 
 Every Ray call from the loop is asynchronous (``ray.wait`` with no timeout), so

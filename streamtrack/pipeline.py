@@ -183,8 +183,10 @@ class RunConfig:
 
     @property
     def progress_bar(self) -> bool:
-        """Whether a run shows a progress bar on stderr (a local file's; live sources have none)."""
-        return self.progress and _local_file(self.source) is not None
+        """Whether a run shows a progress bar on stderr: a local file's (live sources have
+        none), and not into a log file (`2> run.log`: ten redraws a second on one line; a
+        pipe may be `| tee` to a terminal, and keeps it)."""
+        return self.progress and _local_file(self.source) is not None and not _is_a_file(sys.stderr)
 
     @property
     def resumable_file(self) -> bool:
@@ -1045,9 +1047,7 @@ def _source_error(source: CaptureStats) -> str | None:
 
 
 def _progress(cfg: RunConfig, total: int | None):
-    if not cfg.progress_bar or _is_a_file(sys.stderr):
-        # A bar redraws ten times a second: in a log file (`2> run.log`) that is megabytes of
-        # one line an hour. A pipe may be `| tee` to a terminal: it keeps the bar.
+    if not cfg.progress_bar:
         return None
     from tqdm import tqdm
 

@@ -413,7 +413,8 @@ class Supervisor:
 
 
 # What stops a run after its frame in hand, outputs flushed: Ctrl-C, a service manager's
-# SIGTERM, and SIGHUP from a terminal that closed (its default would kill the run mid-frame).
+# SIGTERM, and SIGHUP from a terminal that closed (its default would kill the run mid-frame;
+# under `nohup`, which ignores it, it is left ignored).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -449,7 +450,9 @@ def install_stop_signals(stop: Callable[[int], None], *, interrupt_again: bool =
 
     relaying = threading.Thread(target=relay, name="stop-signals", daemon=True)
     relaying.start()
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    # A SIGHUP ignored from the start is `nohup`'s: the run is meant to outlive the terminal.
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS
+                if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN)}
 
     def restore() -> None:
         for s, h in previous.items():

@@ -429,11 +429,15 @@ def test_an_image_size_from_numpy_is_taken_and_a_string_named_as_one():
 def test_a_wheel_carries_the_presets_and_the_license(tmp_path):
     """Installed from a wheel (not this checkout), `--config webcam` must still find its
     preset: the wheel carries configs/ inside the package."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
-    repo = Path(__file__).resolve().parent.parent
+    # From a copy: setuptools packs what an earlier build left in the checkout's build/ too.
+    repo = tmp_path / "src"
+    shutil.copytree(Path(__file__).resolve().parent.parent, repo, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "*.pt", "runs", ".devbundle", ".*_cache"))
     # No build isolation: the setuptools installed here builds it, with no package index.
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path), str(repo)], capture_output=True, text=True, timeout=300,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
@@ -324,6 +326,54 @@ def test_stdout_gone_is_a_quiet_end_and_stdout_full_one_line(buffered):
                                                "device\n"), r.stderr
 
 
+class _BrokenStdout(io.StringIO):
+    def __init__(self, error: int) -> None:
+        super().__init__()
+        self.error = error
+
+    def write(self, text: str) -> int:
+        raise OSError(self.error, os.strerror(self.error))
+
+    def flush(self) -> None:
+        raise OSError(self.error, os.strerror(self.error))
+
+
+@pytest.mark.parametrize(("handled", "error", "code", "said"), [
+    (False, errno.EPIPE, 0, ""),
+    (False, errno.ENOSPC, 1, "streamtrack: error: cannot write to stdout: No space left on device\n"),
+    (True, errno.ENOSPC, 2, "its own line\n"),  # e.g. `bench --json`: its code and line stand
+    (True, errno.EPIPE, 130, "its own line\n"),  # Ctrl-C while the reader had gone
+])
+def test_a_command_that_dealt_with_stdout_failing_keeps_its_exit_code(monkeypatch, capsys, handled, error,
+                                                                      code, said):
+    from streamtrack import cli
+
+    def command(args):
+        try:
+            print("a line")
+        except OSError:
+            if not handled:
+                raise
+            print("its own line", file=sys.stderr)
+            return code
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_models", command)
+    monkeypatch.setattr(cli.os, "dup2", lambda *a: None)  # not pytest's own descriptor 1
+    monkeypatch.setattr(sys, "stdout", _BrokenStdout(error))
+    assert cli.main(["models"]) == code
+    assert capsys.readouterr().err == said
+
+
+def test_a_closed_stderr_is_dev_null_for_the_processes_a_command_starts_too():
+    script = ("from streamtrack.cli import _standard_streams_open; _standard_streams_open(); "
+              "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import os; os.fstat(2); "
+              "print(\"fd 2 open\")'])")
+    r = subprocess.run(["bash", "-c", 'exec "$@" 2>&-', "_", sys.executable, "-c", script],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout == "fd 2 open\n", r
+
+
 def test_a_closed_stderr_runs_the_command_all_the_same(clip_file, tiny_checkpoint, tmp_path):
     """`2>&-`: every command exited 1 at once, without a word (nowhere to print the stack
     dump handler to); the next file opened would have taken descriptor 2."""
@@ -542,6 +592,27 @@ def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path, s
     assert 3 <= len(results) < 200
     with av.open(str(out_mp4)) as c:
         assert sum(1 for _ in c.decode(video=0)) == len(results)
+
+
+def test_a_run_under_nohup_outlives_its_terminal(tiny_checkpoint, tmp_path):
+    """SIGHUP ignored from the start (`nohup streamtrack run ... &`) stays ignored."""
+    clip = make_clip(60, 160, 120, num_objects=1, seed=5)
+    video = write_video(clip.frames, tmp_path / "c.mp4")
+    out_jsonl = tmp_path / "r.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "run", str(video), "--checkpoint", str(tiny_checkpoint),
+         "--image-size", str(TEST_IMAGE_SIZE), "--box", ",".join(str(v) for v in clip.box(1, 0)),
+         "--save-jsonl", str(out_jsonl)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    deadline = time.monotonic() + 240
+    while not (out_jsonl.exists() and out_jsonl.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGHUP)
+    err = _communicate_or_dump(proc, 240)
+    assert proc.returncode == 0 and "(interrupted)" not in err, err
+    assert len(out_jsonl.read_text().splitlines()) == 60
 
 
 def test_usr1_prints_every_threads_stack_and_the_run_goes_on(tiny_checkpoint, tmp_path):
