@@ -183,10 +183,8 @@ class RunConfig:
 
     @property
     def progress_bar(self) -> bool:
-        """Whether a run shows a progress bar on stderr: a local file's (live sources have
-        none), and not into a log file (`2> run.log`: ten redraws a second on one line; a
-        pipe may be `| tee` to a terminal, and keeps it)."""
-        return self.progress and _local_file(self.source) is not None and not _is_a_file(sys.stderr)
+        """Whether a run shows a progress bar on stderr (a local file's; live sources have none)."""
+        return self.progress and _local_file(self.source) is not None
 
     @property
     def resumable_file(self) -> bool:
@@ -1028,6 +1026,9 @@ def _merge_prompts(prompts: list[Prompt]) -> list[Prompt]:
     return list(by_id.values())
 
 
+LOG_FILE_BAR_INTERVAL = 30.0  # s between progress bar redraws written into a file
+
+
 def _is_a_file(stream) -> bool:
     """Whether ``stream`` writes to a regular file (not a terminal, pipe or socket)."""
     import stat
@@ -1059,7 +1060,10 @@ def _progress(cfg: RunConfig, total: int | None):
         tqdm.set_lock(threading.RLock())
     if cfg.max_frames is not None:
         total = min(total, cfg.max_frames) if total else cfg.max_frames
-    return tqdm(total=total or None, unit="frame", desc="tracking", dynamic_ncols=True)
+    # Ten redraws a second into a log file (`2> run.log`) are megabytes of one line a day:
+    # there, one every 30 s (a pipe may be `| tee` to a terminal, and keeps the rate).
+    return tqdm(total=total or None, unit="frame", desc="tracking", dynamic_ncols=True,
+                mininterval=LOG_FILE_BAR_INTERVAL if _is_a_file(sys.stderr) else 0.1)
 
 
 @dataclass(frozen=True)
