@@ -743,6 +743,16 @@ def live_tracker(tmp_path, engine, **options):
     """A tracker on a looping real-time clip, run on a thread until the block ends:
     (its reports to a supervisor as (kind, monotonic time), its bound endpoints)."""
     video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    run = RunConfig(source=str(video), realtime=True, loop=True, control="tcp://127.0.0.1:0",
+                    progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]}, **options)
+    with tracker_on_a_thread(run, engine) as (reports, bound):
+        yield reports, bound
+
+
+@contextlib.contextmanager
+def tracker_on_a_thread(run: RunConfig, engine):
+    """``run`` tracked on a thread until the block ends, from once it has bound its
+    endpoints: (its reports to a supervisor as (kind, monotonic time), its bound endpoints)."""
     reports: list[tuple[str, float]] = []
     bound: dict = {}
 
@@ -751,14 +761,12 @@ def live_tracker(tmp_path, engine, **options):
         if kind == "bound":
             bound.update(data)
 
-    run = RunConfig(source=str(video), realtime=True, loop=True, control="tcp://127.0.0.1:0",
-                    progress=False, prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]}, **options)
     tracker = Tracker(run, engine=engine, notify=notify)
     thread = threading.Thread(target=tracker.run, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 20
-        while "control" not in bound and time.monotonic() < deadline:
+        while not bound and time.monotonic() < deadline:
             time.sleep(0.01)
         yield reports, bound
     finally:
@@ -836,26 +844,11 @@ def test_stats_say_why_the_source_is_down_to_a_subscriber_that_missed_the_event(
 
     from streamtrack.subscriber import Subscriber
 
-    bound: dict = {}
-
-    def notify(kind, data):
-        if kind == "bound":
-            bound.update(data)
-
     run = RunConfig(source=f"rtsp://127.0.0.1:{free_port()}/cam", publish="tcp://127.0.0.1:0",
                     progress=False)
-    tracker = Tracker(run, engine=TrackedIds(), notify=notify)
-    thread = threading.Thread(target=tracker.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while "publish" not in bound and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with Subscriber(bound["publish"], topics=["stats/"]) as sub:
-            got = [m.stats for _ in range(3) if (m := sub.recv(timeout=5)) is not None]
-    finally:
-        tracker.stop()
-        thread.join(30)
+    with tracker_on_a_thread(run, TrackedIds()) as (_, bound), \
+            Subscriber(bound["publish"], topics=["stats/"]) as sub:
+        got = [m.stats for _ in range(3) if (m := sub.recv(timeout=5)) is not None]
     down = [s for s in got if s.source_state == "reconnecting"]
     assert down, got
     assert all(s.source_error and "refused" in s.source_error.lower() for s in down), down

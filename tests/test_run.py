@@ -559,27 +559,32 @@ def test_ctrl_c_while_torch_loads_is_one_line():
     assert (proc.returncode, out, err) == (130, "", "streamtrack: interrupted\n")
 
 
+def _run_until_results(checkpoint, tmp_path, frames: int, results: int, *args: str, **popen):
+    """`streamtrack run` on a clip of ``frames`` frames, once ``results`` lines are in its
+    --save-jsonl: (the process, its JSONL)."""
+    clip = make_clip(frames, 160, 120, num_objects=1, seed=5)
+    video = write_video(clip.frames, tmp_path / "clip.mp4")
+    out_jsonl = tmp_path / "r.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtrack", "run", str(video), "--checkpoint", str(checkpoint),
+         "--image-size", str(TEST_IMAGE_SIZE), "--box", ",".join(str(v) for v in clip.box(1, 0)),
+         "--save-jsonl", str(out_jsonl), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + 240
+    while not (out_jsonl.exists() and out_jsonl.read_text().count("\n") >= results):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return proc, out_jsonl
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
                          ids=["ctrl-c", "sigterm", "terminal-closed"])
 def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path, signum):
     """Without --publish the tracker runs in the CLI's own process: the first Ctrl-C (or a
     SIGTERM, or the SIGHUP of a terminal closed) stops it after the frame in flight, and
     every output is complete."""
-    clip = make_clip(200, 160, 120, num_objects=1, seed=5)
-    video = write_video(clip.frames, tmp_path / "long.mp4")
-    out_jsonl, out_mp4 = tmp_path / "r.jsonl", tmp_path / "v.mp4"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamtrack", "run", str(video), "--checkpoint", str(tiny_checkpoint),
-         "--image-size", str(TEST_IMAGE_SIZE), "--box", ",".join(str(v) for v in clip.box(1, 0)),
-         "--save-jsonl", str(out_jsonl), "--save-video", str(out_mp4)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if out_jsonl.exists() and len(out_jsonl.read_text().splitlines()) >= 3:
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+    out_mp4 = tmp_path / "v.mp4"
+    proc, out_jsonl = _run_until_results(tiny_checkpoint, tmp_path, 200, 3, "--save-video", str(out_mp4))
     proc.send_signal(signum)
     err = _communicate_or_dump(proc, 60)
     assert proc.returncode == (130 if signum == signal.SIGINT else 128 + signum), err
@@ -595,19 +600,8 @@ def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path, s
 
 def test_a_run_under_nohup_outlives_its_terminal(tiny_checkpoint, tmp_path):
     """SIGHUP ignored from the start (`nohup streamtrack run ... &`) stays ignored."""
-    clip = make_clip(60, 160, 120, num_objects=1, seed=5)
-    video = write_video(clip.frames, tmp_path / "c.mp4")
-    out_jsonl = tmp_path / "r.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamtrack", "run", str(video), "--checkpoint", str(tiny_checkpoint),
-         "--image-size", str(TEST_IMAGE_SIZE), "--box", ",".join(str(v) for v in clip.box(1, 0)),
-         "--save-jsonl", str(out_jsonl)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    deadline = time.monotonic() + 240
-    while not (out_jsonl.exists() and out_jsonl.read_text().count("\n") >= 1):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
+    proc, out_jsonl = _run_until_results(tiny_checkpoint, tmp_path, 60, 1,
+                                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     proc.send_signal(signal.SIGHUP)
     err = _communicate_or_dump(proc, 240)
     assert proc.returncode == 0 and "(interrupted)" not in err, err
@@ -616,19 +610,7 @@ def test_a_run_under_nohup_outlives_its_terminal(tiny_checkpoint, tmp_path):
 
 def test_usr1_prints_every_threads_stack_and_the_run_goes_on(tiny_checkpoint, tmp_path):
     """`kill -USR1 PID` is how a user reports a stuck run: stacks on stderr, nothing stops."""
-    clip = make_clip(12, 160, 120, num_objects=1, seed=5)
-    video = write_video(clip.frames, tmp_path / "c.mp4")
-    out_jsonl = tmp_path / "r.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamtrack", "run", str(video), "--checkpoint", str(tiny_checkpoint),
-         "--image-size", str(TEST_IMAGE_SIZE), "--box", ",".join(str(v) for v in clip.box(1, 0)),
-         "--save-jsonl", str(out_jsonl), "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 240
-    while not (out_jsonl.exists() and out_jsonl.read_text().count("\n") >= 1):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
+    proc, out_jsonl = _run_until_results(tiny_checkpoint, tmp_path, 12, 1, "-q")
     proc.send_signal(signal.SIGUSR1)
     err = _communicate_or_dump(proc, 240)
     assert proc.returncode == 0, err
