@@ -83,7 +83,8 @@ def require_ray():
 # may take an arena of its own, whose freed memory fragments and stays.  Measured on a
 # 2-core machine, 300 streams started and stopped on one actor, 2 at a time: RSS
 # 1,108 -> 1,135 MB and rising with glibc's default, 894 -> 899 MB with 2 arenas (and no
-# lower a frame rate).  Set in the environment the process starts with: a mallopt() in
+# lower a frame rate there; many streams on one actor of a large machine may contend for
+# them: untried).  Set in the environment the process starts with: a mallopt() in
 # the actor comes too late, Ray's threads have made glibc fix its limit (no change
 # measured).  A MALLOC_ARENA_MAX of the fleet's own environment wins.
 ACTOR_ENV = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX") or "2"}
