@@ -584,7 +584,9 @@ def test_ctrl_c_leaves_valid_jsonl_and_playable_mp4(tiny_checkpoint, tmp_path, s
     SIGTERM, or the SIGHUP of a terminal closed) stops it after the frame in flight, and
     every output is complete."""
     out_mp4 = tmp_path / "v.mp4"
-    proc, out_jsonl = _run_until_results(tiny_checkpoint, tmp_path, 200, 3, "--save-video", str(out_mp4))
+    # SIGHUP as a terminal's session has it (a test run under nohup would pass it on ignored).
+    proc, out_jsonl = _run_until_results(tiny_checkpoint, tmp_path, 200, 3, "--save-video", str(out_mp4),
+                                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     proc.send_signal(signum)
     err = _communicate_or_dump(proc, 60)
     assert proc.returncode == (130 if signum == signal.SIGINT else 128 + signum), err
