@@ -9,7 +9,6 @@ predictor's state growth.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
-from streamtrack.errors import UserError, existing_file
+from streamtrack.errors import UserError, discard_output, existing_file
 from streamtrack.models import (
     VOS_COMPILE_MODE,
     build_model,
@@ -349,8 +348,7 @@ def print_json(result) -> None:
     try:
         print(json.dumps(asdict(result)), flush=True)
     except OSError as exc:
-        # Python's own flush at exit must not fail a second time.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        discard_output(sys.stdout)
         raise UserError(f"cannot write the JSON result to stdout: {exc.strerror or exc}") from None
 
 

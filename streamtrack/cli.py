@@ -17,7 +17,14 @@ import threading
 from collections.abc import Iterator
 
 from streamtrack import __version__, cli_fleet, cli_run, curve
-from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1, exists, same_file
+from streamtrack.errors import (
+    HelperProcessError,
+    UserError,
+    discard_output,
+    dump_stacks_on_usr1,
+    exists,
+    same_file,
+)
 from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS, checkpoint_path, get_spec
 from streamtrack.tracking import COMPILE_MODES
 
@@ -205,8 +212,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         for r in results:
             print(seg.format_scores(r), file=scores_to, flush=True)
     except BrokenPipeError:
-        # The reader is done: the files are written; Python's flush at exit must not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), scores_to.fileno())
+        discard_output(scores_to)  # the reader is done: the files are written
     return 0
 
 
@@ -428,30 +434,27 @@ def main(argv: list[str] | None = None) -> int:
     exits 120."""
     _standard_streams_open()
     stdout = sys.stdout = _Watched(sys.stdout)
+    code: int | None = None
+    exiting: SystemExit | None = None  # argparse's --help and --version swallow a write that failed
     try:
         try:
-            code: int | None = _main(argv)
-        except SystemExit:  # argparse's --help and --version swallow a write that failed
-            with contextlib.suppress(OSError):
-                stdout.flush()
-            if stdout.error is None:
-                raise
-            code = None
+            code = _main(argv)
+        except SystemExit as e:
+            exiting = e
         except OSError as e:
             if e is not stdout.error:
-                raise
-            code = None  # the command ended on it
-        else:
-            with contextlib.suppress(OSError):
-                stdout.flush()
-            if stdout.error is None:
-                return code
+                raise  # else code stays None: the command ended on stdout failing
+        with contextlib.suppress(OSError):
+            stdout.flush()
     finally:
         if sys.stdout is stdout:
             sys.stdout = stdout.stream
-    # What is still buffered would fail again at exit.
+    if stdout.error is None:
+        if exiting is not None:
+            raise exiting
+        return code
     with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        discard_output(stdout)
     if code:
         return code
     if stdout.error.errno == errno.EPIPE:

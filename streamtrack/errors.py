@@ -99,6 +99,16 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return above if above is not None and not above.is_dir() else None
 
 
+def discard_output(stream) -> None:
+    """Point ``stream``'s descriptor at /dev/null: what is still buffered for a reader that
+    went away (or a full disk) would fail again in Python's flush at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
 def dump_stacks_on_usr1() -> None:
     """``kill -USR1 PID`` prints every thread's stack to stderr and the process goes on:
     what a run that seems stuck is doing, for a bug report."""

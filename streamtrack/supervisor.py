@@ -212,7 +212,6 @@ class Supervisor:
         self.on_interrupt: Callable[[], None] | None = None  # the first Ctrl-C (to say so)
         self._stop = threading.Event()
         self._kill = threading.Event()  # a second Ctrl-C: no waiting for the frame in hand
-        self._signalled = False
         self._seen = _Seen()
         self._lock = threading.Lock()
 
@@ -221,11 +220,10 @@ class Supervisor:
         """Ask the supervisor to stop the child and return (any thread, signal-safe).  A
         Ctrl-C after a first stop signal kills the child at once, as it would a tracker
         run in this process (a frame that takes seconds, a model still loading)."""
-        if signum is not None:
-            again, self._signalled = self._signalled, True
-            if again and signum == signal.SIGINT:
+        if signum == signal.SIGINT:
+            if self.interrupted_by is not None:  # a stop signal came before
                 self._kill.set()
-            elif not again and signum == signal.SIGINT and self.on_interrupt is not None:
+            elif self.on_interrupt is not None:
                 self.on_interrupt()
         if self.interrupted_by is None:
             self.interrupted_by = signum
