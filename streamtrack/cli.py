@@ -24,6 +24,7 @@ from streamtrack.errors import (
     dump_stacks_on_usr1,
     exists,
     same_file,
+    stdout_dash,
 )
 from streamtrack.models import CHECKPOINT_DIR, DEFAULT_MODEL, MODELS, checkpoint_path, get_spec
 from streamtrack.tracking import COMPILE_MODES
@@ -179,6 +180,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from streamtrack import segment as seg
 
+    args.save_rle = stdout_dash(args.save_rle)
     image = seg.load_image(args.image)
     objects = seg.prompts_from_args(args.box, args.point, args.prompts)
     seg.check_prompts(objects, *image.shape[:2])  # fail on a bad prompt before building the model
@@ -375,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-masks", metavar="DIR", help="write DIR/object_<id>.png (0/255) per object")
     p.add_argument("--save-rle", metavar="FILE.json",
                    help="write each object's mask as COCO RLE with score (predicted IoU), bbox "
-                        "[x0,y0,x1,y1] and area (README: segment's outputs)")
+                        "[x0,y0,x1,y1] and area (README: segment's outputs); - is stdout")
     p.set_defaults(func=_cmd_segment)
 
     def _cmd_view(args: argparse.Namespace) -> int:

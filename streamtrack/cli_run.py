@@ -103,7 +103,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--give-up-after", type=_float_or_null, metavar="S",
                    help="live sources: stop after S seconds of failed reconnects (default: never)")
     g = p.add_argument_group("outputs")
-    g.add_argument("--save-jsonl", metavar="FILE", help="write one JSON result per frame")
+    g.add_argument("--save-jsonl", metavar="FILE", help="write one JSON result per frame (- is stdout)")
     g.add_argument("--save-masks", metavar="DIR", help="write a palette PNG per frame (value = object id)")
     g.add_argument("--save-video", metavar="FILE", help="write an overlay MP4")
     g.add_argument("--publish", metavar="ENDPOINT", help="publish results over ZeroMQ, e.g. tcp://127.0.0.1:5555")

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from streamtrack.errors import UserError, read_text_file
+from streamtrack.errors import UserError, read_text_file, stdout_dash
 from streamtrack.models import DEFAULT_MODEL, MODELS, check_device_name, check_image_size
 from streamtrack.protocol import normalize_endpoint, validate_stream
 from streamtrack.tracking import COMPILE_MODES
@@ -166,6 +166,8 @@ def coerce(key: str, value: Any, where: str) -> Any:
     if key in _ABOVE_ZERO and not value > 0:
         hint = " (null: never)" if optional else ""
         raise UserError(f"{where}: {key} must be more than 0{hint}, got {value!r}")
+    if key == "save_jsonl":
+        value = stdout_dash(value)
     if key in _CHECKS:
         try:
             _CHECKS[key](value)

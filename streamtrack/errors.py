@@ -139,6 +139,14 @@ def missing_dependency(exc: ImportError) -> str | None:
             "reinstall streamtrack with its dependencies (README: Install)")
 
 
+STDOUT_PATH = "/dev/stdout"
+
+
+def stdout_dash(path: str | None) -> str | None:
+    """``-`` means standard output, as for most command-line tools."""
+    return STDOUT_PATH if path is not None and path.strip() == "-" else path
+
+
 _OWN_DESCRIPTOR = re.compile(r"/dev/(stdin|stdout|stderr)|/dev/fd/([0-9]+)|/proc/(self|[0-9]+)/fd/([0-9]+)")
 
 

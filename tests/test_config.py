@@ -192,6 +192,16 @@ def test_the_command_line_undoes_what_a_config_file_set(tmp_path):
                                   "(it always has a value; the default is 3.0)") in r.stderr
 
 
+def test_a_dash_for_the_results_file_is_stdout_in_every_layer(tmp_path):
+    """`--save-jsonl -`, as most tools take it: not a file named "-" in the working folder."""
+    f = tmp_path / "c.yaml"
+    f.write_text("save_jsonl: '-'\n")
+    assert load_config(str(f), {}, {}).save_jsonl == "/dev/stdout"
+    assert load_config(None, {}, {"STREAMTRACK_SAVE_JSONL": "-"}).save_jsonl == "/dev/stdout"
+    assert load_config(None, {"save_jsonl": " - "}, {}).save_jsonl == "/dev/stdout"
+    assert load_config(None, {"save_jsonl": "-.jsonl"}, {}).save_jsonl == "-.jsonl"
+
+
 def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
     """`--save-masks webcam` leaves a webcam/ folder; `--config webcam` still means the preset."""
     (tmp_path / "webcam").mkdir()

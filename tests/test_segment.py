@@ -225,15 +225,16 @@ def test_the_pil_image_given_to_segment_is_taken_by_the_overlay_too(segmenter, i
 
 
 def test_cli_rle_to_a_stdout_appended_to_a_file_appends(image_png, tiny_checkpoint, tmp_path):
-    """`for f in *.jpg; do streamtrack segment $f ... --save-rle /dev/stdout >> all.jsonl`: each
+    """`for f in *.jpg; do streamtrack segment $f ... --save-rle /dev/stdout >> all.jsonl` (or
+    `--save-rle -`): each
     run adds its line (renamed over, the file kept only the last run's), and the score lines
     go to stderr (stdout is the file). No overlay is asked for: none is written."""
     model = f"--checkpoint {tiny_checkpoint} --image-size {TEST_IMAGE_SIZE} --device cpu"
     log = tmp_path / "all.jsonl"
     log.write_text('{"earlier": true}\n')
-    for box in ("10,10,60,60", "20,20,70,70"):
+    for box, stdout in (("10,10,60,60", "/dev/stdout"), ("20,20,70,70", "-")):
         proc = subprocess.run(f"{sys.executable} -m streamtrack segment {image_png} {model} --box {box} "
-                              "--save-rle /dev/stdout >> all.jsonl", shell=True, cwd=tmp_path,
+                              f"--save-rle {stdout} >> all.jsonl", shell=True, cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "object 1: score " in proc.stderr
