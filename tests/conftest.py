@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import random
 import select
 import socket
 import subprocess
@@ -61,10 +62,34 @@ def clip40():
     return make_clip(40, 160, 120, num_objects=3, seed=1)
 
 
+_PORTS = random.SystemRandom()  # not the random module's state, which a test may seed
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago, for a child process to bind (or
-    for nothing to listen on)."""
-    with socket.socket() as sock:
+    for nothing to listen on).  Drawn outside the kernel's ephemeral range: a port bound to
+    0 comes from that range, where any connection made before the child binds (another
+    test's ZeroMQ client, say) may take it as its own source port."""
+    ephemeral = _ephemeral_ports()
+    for _ in range(100):
+        port = _PORTS.randrange(20000, 65536)
+        if port in ephemeral:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use (or reserved): draw again
+                continue
+            return port
+    with socket.socket() as sock:  # everything outside the range taken: the kernel's pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
