@@ -548,7 +548,7 @@ class StreamingEngine:
             if t.obj_id in exclude:
                 continue
             key = (
-                tuple(sorted(t.cond)),
+                tuple(t.cond),  # in order: it is the order of the memories attended to
                 tuple(sorted((k, m.maskmem_features is not None) for k, m in t.recent.items())),
             )
             groups[key].append(t)
@@ -622,8 +622,14 @@ class StreamingEngine:
                     mem.maskmem_features = None
             if cap is not None and len(t.cond) > cap:
                 keep = set(sorted(t.cond)[-cap:])
-                for k in [k for k in t.cond if k not in keep and k < next_f - self.ptr_window]:
+                dropped = [k for k in t.cond if k not in keep and k < next_f - self.ptr_window]
+                for k in dropped:
                     del t.cond[k]
+                if dropped:
+                    # The official predictor, still holding them all, attends to the frames
+                    # it selects closest first; sam2 takes a dict within the cap in its own
+                    # order, so the rest are kept in that order (the same sums, bit for bit).
+                    t.cond = dict(sorted(t.cond.items(), reverse=True))
 
     def _object_output(self, obj_id, mask, logit, iou, now, prompted, logits) -> ObjectOutput:
         # An object removed after its frame was launched still gets that frame's output.
