@@ -40,7 +40,14 @@ from streamtrack.outputs import MASK_PNG_MAX_ID
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now, system_port
 from streamtrack.publisher import StatsWindow
 from streamtrack.sources import ffmpeg_file, parse_source, redact_url, video_stream
-from streamtrack.tracking import EngineConfig, FrameOutput, Prompt, check_mask_shape, check_prompt
+from streamtrack.tracking import (
+    MAX_OBJ_ID,
+    EngineConfig,
+    FrameOutput,
+    Prompt,
+    check_mask_shape,
+    check_prompt,
+)
 
 if TYPE_CHECKING:  # torch: imported in the tracker's process only, when the model loads
     from streamtrack.engine import PendingStep, StreamingEngine
@@ -267,11 +274,12 @@ class _Controls:
         if cmd.new and cmd.obj_id in known | later:
             # Two viewers each picked the next id for their new object: the second gets
             # another one, instead of replacing the first one's object.
-            cmd = replace(cmd, obj_id=max(known | later) + 1)
+            cmd = replace(cmd, obj_id=_next_free_id(known | later))
         if cfg.save_masks and cmd.obj_id > MASK_PNG_MAX_ID:  # the PNG writer would stop the run
             raise PromptError(f"object {cmd.obj_id}: --save-masks stores object ids up to {MASK_PNG_MAX_ID}")
         if cmd.obj_id not in known | later and len(known | later) >= cfg.engine.max_objects:
-            raise PromptError(f"object {cmd.obj_id}: {len(known | later)} objects are tracked, queued or "
+            what = "a new object" if cmd.new else f"object {cmd.obj_id}"  # not an id it never sent
+            raise PromptError(f"{what}: {len(known | later)} objects are tracked, queued or "
                               f"prompted later by the prompts file, and max_objects is "
                               f"{cfg.engine.max_objects}; remove one first")
         prompt = Prompt.make(cmd.obj_id, cmd.points, cmd.labels, cmd.box, cmd.mask_array())
@@ -1104,3 +1112,11 @@ def _log_source_change(name: str, event: SourceEvent, give_up_after: float | Non
     elif event.state is SourceState.STREAMING and event.previous in (SourceState.RECONNECTING,
                                                                       SourceState.STALE):
         log.warning("source %s: frames arriving again", name)
+
+
+def _next_free_id(taken: set[int]) -> int:
+    """The id after the highest one taken, or, past MAX_OBJ_ID, the lowest one free."""
+    highest = max(taken)
+    if highest < MAX_OBJ_ID:
+        return highest + 1
+    return next(i for i in range(1, MAX_OBJ_ID + 1) if i not in taken)

@@ -299,6 +299,15 @@ def test_a_new_object_whose_id_is_taken_gets_the_next_free_one():
         add(tracker, 9, box=[1, 2, 30, 40], new="yes")
 
 
+def test_a_new_object_past_the_highest_id_gets_the_lowest_free_one():
+    """Ids stop at 2**31 - 1: one more would be tracked but could never be removed or refined."""
+    tracker = tracker_with(ids=[1, 2**31 - 1])
+    assert add(tracker, 2**31 - 1, box=[1, 2, 30, 40], new=True)["obj_id"] == 2
+    full = tracker_with(ids=[1, 2], max_objects=2)
+    with pytest.raises(PromptError, match="^a new object: 2 objects are tracked"):  # not "object 3"
+        add(full, 1, box=[1, 2, 30, 40], new=True)
+
+
 def test_pause_and_resume_are_announced_to_subscribers():
     tracker = tracker_with(ids=[1])
     controls = tracker._controls
