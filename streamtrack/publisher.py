@@ -52,6 +52,10 @@ DEFAULT_SNDHWM = 16  # messages per subscriber; a few frames of slack, then drop
 # megabyte-long subscription would cost the tracker tens of megabytes; its connection
 # is dropped instead.
 MAX_SUBSCRIPTION_BYTES = 1024
+# How long a closing publisher lets its last messages (a run's last result, the "stopped"
+# event) reach the subscribers: what ZeroMQ has not written to them by the time the process
+# exits is lost.  A stalled or dead subscriber holds the end of a run up this long at most.
+CLOSE_FLUSH_MS = 1000
 
 
 def bind_socket(sock: zmq.Socket, endpoint: str | int, what: str) -> str:
@@ -147,9 +151,11 @@ class ServerBinding:
                 self._auth.close()
             raise
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """``linger_ms``: how long the messages still queued may take to go out; they go
+        while the socket's context is terminated (by its owner)."""
         if not self._sock.closed:
-            self._sock.close(linger=0)
+            self._sock.close(linger=linger_ms)
             _remove_ipc_file(self._ipc_file)
         if self._auth is not None:
             self._auth.close()
@@ -229,12 +235,19 @@ class Publisher:
         self.stream = validate_stream(stream)
         self._clock = clock
         self._lock = threading.Lock()
-        ctx = context or zmq.Context.instance()
+        # A context of its own, which close() terminates: terminating is what waits for
+        # the queued messages to go out (bounded by CLOSE_FLUSH_MS).
+        self._own_context = zmq.Context() if context is None else None
+        ctx = context or self._own_context
         self._sock = ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self._sock.setsockopt(zmq.LINGER, 0)  # close() must never wait on a dead subscriber
+        self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
-        self._binding = ServerBinding(self._sock, endpoint, "publish", curve, ctx)
+        try:
+            self._binding = ServerBinding(self._sock, endpoint, "publish", curve, ctx)
+        except BaseException:
+            self._term_own_context()
+            raise
         self.endpoint = self._binding.endpoint
         self.sent = 0
         self.send_failures = 0  # sends refused by ZeroMQ (should be ~0 for PUB)
@@ -300,8 +313,15 @@ class Publisher:
                            jpeg.tobytes()])
 
     def close(self) -> None:
+        """Close the socket; with a context of its own, wait (up to CLOSE_FLUSH_MS) for the
+        messages queued to reach the subscribers connected."""
         with self._lock:  # never while another thread sends
-            self._binding.close()
+            self._binding.close(CLOSE_FLUSH_MS if self._own_context is not None else 0)
+        self._term_own_context()
+
+    def _term_own_context(self) -> None:
+        if self._own_context is not None and not self._own_context.closed:
+            self._own_context.term()
 
     def __enter__(self) -> Publisher:
         return self

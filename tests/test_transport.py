@@ -28,7 +28,7 @@ from streamtrack.control import (
 )
 from streamtrack.errors import PromptError, UserError
 from streamtrack.protocol import FrameResult, ObjectResult, Stats, decode_mask, encode_mask
-from streamtrack.publisher import Publisher, StatsWindow
+from streamtrack.publisher import CLOSE_FLUSH_MS, Publisher, StatsWindow
 from streamtrack.subscriber import Subscriber
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -276,8 +276,43 @@ def test_publisher_never_blocks_on_a_stalled_subscriber(pub: Publisher) -> None:
         elapsed = time.monotonic() - t0
         assert elapsed < 10  # would hang forever if a send blocked
         assert pub.sent + pub.send_failures == 300
+        t0 = time.monotonic()
+        pub.close()  # what is queued for the stalled one is given CLOSE_FLUSH_MS, no more
+        assert time.monotonic() - t0 < CLOSE_FLUSH_MS / 1000 + 5
     finally:
         stalled.close()
+
+
+def test_closing_publisher_delivers_what_it_queued(tmp_path: Path) -> None:
+    """A run's last result and its "stopped" event are the last messages sent before the
+    process exits: close() waits for them to go out (a socket closed with nothing to wait
+    for dropped what ZeroMQ had not written yet)."""
+    frame = np.random.default_rng(0).integers(0, 255, (1080, 1920, 3), dtype=np.uint8)  # ~3 MB JPEGs
+    ctx = zmq.Context()  # of its own, as another process's would be
+    for trial in range(3):
+        pub = Publisher(ANY_PORT, "cam0")
+        sub = ctx.socket(zmq.SUB)  # every message, none conflated
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(pub.endpoint)
+        try:
+            deadline = time.monotonic() + 5
+            while not sub.poll(50):  # past ZeroMQ's slow-joiner window
+                assert time.monotonic() < deadline, "subscriber never connected"
+                pub.publish_status("hello", {})
+            while sub.poll(50):
+                sub.recv_multipart()
+            for i in range(12):
+                assert pub.publish_frame(i, frame, quality=100)
+            pub.close()
+            got = 0
+            while got < 12 and sub.poll(3000):
+                sub.recv_multipart()
+                got += 1
+            assert got == 12, (trial, got)
+        finally:
+            sub.close()
+    ctx.term()
 
 
 def test_an_oversize_subscription_is_refused_and_others_are_served(pub: Publisher) -> None:
