@@ -7,10 +7,11 @@ banner when the source is not streaming or the tracker has gone quiet. Mouse
 clicks and drags become prompts sent over the control socket in source-frame
 pixels, whatever the window scale.
 
-The module is split in two: pure logic (:class:`ViewTransform`,
-:class:`Interaction`, :class:`SlidingWindow`, :class:`RateMeter`,
-:class:`FramePairer`, :class:`SourceStateTracker`, :func:`banner_for`) that tests
-drive without a display, and :class:`Viewer`, the thin cv2 window loop around it.
+The pure logic that tests drive without a display lives beside it:
+:mod:`streamtrack.viewer_input` (mouse and keys to prompts, :class:`ViewTransform`,
+:class:`Interaction`) and :mod:`streamtrack.viewer_state` (what the HUD and banner
+show, and the frames paired with their results); this module is :class:`Viewer`, the
+thin cv2 window loop around them, and the ``view`` command.
 
     streamtrack view tcp://127.0.0.1:5555 --control tcp://127.0.0.1:5556
 """
@@ -26,9 +27,9 @@ import sys
 import textwrap
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,8 +38,26 @@ import numpy as np
 from streamtrack.control import AddPrompt, ControlError, ControlTimeout, Pause, RemoveObject, Reset, Resume
 from streamtrack.curve import CurveClient, client_from_args
 from streamtrack.errors import UserError
-from streamtrack.protocol import FrameHeader, FrameResult, now
+from streamtrack.protocol import FrameResult, now
 from streamtrack.subscriber import Message
+from streamtrack.viewer_input import (
+    Action,
+    ControlCommand,
+    Interaction,
+    Quit,
+    Screenshot,
+    ToggleHelp,
+    ViewTransform,
+)
+from streamtrack.viewer_state import (
+    NOT_PUBLISHING_AFTER,
+    FrameItem,
+    FramePairer,
+    RateMeter,
+    SlidingWindow,
+    SourceStateTracker,
+    banner_for,
+)
 
 if TYPE_CHECKING:
     from streamtrack.fleet_directory import StreamEntry
@@ -46,83 +65,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SIZE = (1280, 720)
-# A press that moves less than this (display pixels) is a click, not a drag: hands
-# shake, and a 2-pixel box is never what anybody meant.
-DRAG_THRESHOLD = 6.0
-NOT_PUBLISHING_AFTER = 2.0  # seconds without any message before the banner says so
-# ... or this many of the tracker's usual intervals between results, if longer (a CPU
-# tracker taking seconds per frame publishes nothing while it steps).
+# ... or this many of the tracker's usual intervals between results, if longer than
+# NOT_PUBLISHING_AFTER (a CPU tracker taking seconds per frame publishes nothing while it steps).
 NOT_PUBLISHING_INTERVALS = 3.0
-# Source states that deserve a warning banner (see capture.SourceState).
-WARN_STATES = frozenset({"connecting", "reconnecting", "stale", "failed"})
-DONE_STATES = frozenset({"ended", "stopped"})
-MAX_PROMPT_POINTS = 64  # the control protocol's limit per request
 # A blank canvas of the source's size stands in for frames that are not sent; beyond this
 # (a bogus size on the wire) the small placeholder does.
 MAX_BLANK_PIXELS = 4096 * 4096
 
 # BGR colours of the window (OpenCV draws in BGR; the overlay palette is RGB).
-BANNER_WARN_BGR = (0, 140, 255)  # orange: source reconnecting / stale
-BANNER_DEAD_BGR = (40, 40, 220)  # red: tracker not publishing
-BANNER_DONE_BGR = (110, 110, 110)  # grey: source ended
 STATE_BGR = {"visible": (90, 220, 90), "occluded": (60, 200, 240), "lost": (80, 80, 240)}
 TEXT_BGR = (235, 235, 235)
 DIM_BGR = (170, 170, 170)
-
-
-# ------------------------------------------------------------------ coordinate mapping
-
-
-@dataclass(frozen=True)
-class ViewTransform:
-    """Maps between source-frame pixels and the scaled image shown in the window.
-
-    The displayed size is the source size times ``scale``, rounded; mapping uses the
-    exact per-axis ratio of those integer sizes (what ``cv2.resize`` does) and pixel
-    centres, so a click on a display pixel lands on the source pixel it shows.
-    """
-
-    src_w: int
-    src_h: int
-    scale: float
-
-    @classmethod
-    def fit(cls, src_w: int, src_h: int, max_w: int, max_h: int, *, upscale: bool = True) -> ViewTransform:
-        """The largest scale that fits ``max_w`` x ``max_h`` (above 1 only with ``upscale``)."""
-        if src_w <= 0 or src_h <= 0:
-            raise ValueError(f"source size must be positive, got {src_w}x{src_h}")
-        scale = min(max_w / src_w, max_h / src_h)
-        if not upscale:
-            scale = min(scale, 1.0)
-        return cls(src_w, src_h, scale)
-
-    @property
-    def disp_w(self) -> int:
-        return max(1, round(self.src_w * self.scale))
-
-    @property
-    def disp_h(self) -> int:
-        return max(1, round(self.src_h * self.scale))
-
-    @property
-    def sx(self) -> float:
-        return self.disp_w / self.src_w
-
-    @property
-    def sy(self) -> float:
-        return self.disp_h / self.src_h
-
-    def to_source(self, x: float, y: float) -> tuple[float, float]:
-        """Display pixel -> source pixel, clamped into the frame, 2 decimals."""
-        sx = (x + 0.5) / self.sx - 0.5
-        sy = (y + 0.5) / self.sy - 0.5
-        sx = min(max(sx, 0.0), self.src_w - 1.0)
-        sy = min(max(sy, 0.0), self.src_h - 1.0)
-        return round(sx, 2), round(sy, 2)
-
-    def to_display(self, x: float, y: float) -> tuple[float, float]:
-        """Source pixel -> display pixel (inverse of :meth:`to_source` inside the frame)."""
-        return (x + 0.5) * self.sx - 0.5, (y + 0.5) * self.sy - 0.5
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -136,406 +89,6 @@ def parse_size(text: str) -> tuple[int, int]:
         raise UserError(f"--max-size must be WxH with both at least 64 pixels, got {text!r}")
     return size
 
-
-# ------------------------------------------------------------- interaction (pure logic)
-
-
-@dataclass(frozen=True)
-class Quit:
-    pass
-
-
-@dataclass(frozen=True)
-class Screenshot:
-    pass
-
-
-@dataclass(frozen=True)
-class ToggleHelp:
-    pass
-
-
-ControlCommand = AddPrompt | RemoveObject | Reset | Pause | Resume
-Action = ControlCommand | Quit | Screenshot | ToggleHelp
-
-# OpenCV highgui constants, duplicated so the pure logic needs no cv2 import.
-EVENT_MOUSEMOVE, EVENT_LBUTTONDOWN, EVENT_RBUTTONDOWN = 0, 1, 2
-EVENT_LBUTTONUP, EVENT_RBUTTONUP = 4, 5
-EVENT_FLAG_SHIFTKEY = 16
-KEY_ESC = 27
-
-
-@dataclass
-class PromptSet:
-    """What the viewer has sent for one object on one frame since its last box / new object.
-
-    Points accumulate so a background click refines the object instead of replacing
-    its foreground click: SAM 2 replaces an object's prompt on a frame, and with the
-    tracker paused every click lands on the same frame.  Once the object is tracked on a
-    later frame (running, or paused on it), a click there starts a new set from the object's
-    box on that frame: the earlier clicks marked where the object was.
-    """
-
-    points: list[tuple[float, float]] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    box: tuple[float, float, float, float] | None = None
-    frame_id: int | None = None  # the frame shown when the set began
-
-
-@dataclass
-class _Press:
-    x: float
-    y: float
-    button: str  # "left" | "right"
-    shift: bool
-    dragging: bool = False
-    cur_x: float = 0.0
-    cur_y: float = 0.0
-
-
-class Interaction:
-    """Mouse and key events -> actions (control commands and viewer commands).
-
-    Coordinates of mouse events are display pixels; every prompt is emitted in
-    source pixels through the :class:`ViewTransform` given with the event.
-    """
-
-    def __init__(self, drag_threshold: float = DRAG_THRESHOLD, *, can_send: bool = True) -> None:
-        self.drag_threshold = drag_threshold
-        self.can_send = can_send  # False: view only, a click changes nothing here either
-        self.selected: int | None = None  # None: the next click starts a new object
-        self.known_ids: set[int] = set()  # objects the tracker reports
-        # Ids this viewer picked for objects it creates: sent as new objects, which the
-        # tracker renumbers if another client took the id first (see rename).
-        self.created: set[int] = set()
-        self.prompts: dict[int, PromptSet] = {}
-        self.paused = False
-        self.frame_id: int | None = None  # the frame on screen, which clicks are made on
-        self.frame_boxes: dict[int, tuple[float, float, float, float]] = {}  # its objects' boxes
-        self.show_help = False
-        self._press: _Press | None = None
-
-    # ------------------------------------------------------------------ objects
-    def observe(self, obj_ids: Iterable[int]) -> None:
-        """The ids in the newest result (so ``n`` never reuses a tracked id)."""
-        self.known_ids = set(obj_ids)
-
-    def next_id(self) -> int:
-        used = self.known_ids | set(self.prompts) | ({self.selected} if self.selected else set())
-        return max(used, default=0) + 1
-
-    def target(self) -> int:
-        """The object a prompt goes to, allocating a new id if none is selected."""
-        if self.selected is None:
-            self.selected = self.next_id()
-            self.created.add(self.selected)
-        return self.selected
-
-    def rename(self, old: int, new: int) -> None:
-        """The tracker gave the object this viewer created as ``old`` the id ``new``."""
-        if old in self.prompts:
-            self.prompts[new] = self.prompts.pop(old)
-        if self.selected == old:
-            self.selected = new
-        self.created.discard(old)
-
-    def _add(self, obj_id: int, **prompt) -> AddPrompt:
-        return AddPrompt(obj_id=obj_id, new=obj_id in self.created and obj_id not in self.known_ids, **prompt)
-
-    # -------------------------------------------------------------------- mouse
-    @property
-    def drag_box(self) -> tuple[float, float, float, float] | None:
-        """The rubber band being dragged, in display pixels (for drawing)."""
-        p = self._press
-        if p is None or not p.dragging:
-            return None
-        return p.x, p.y, p.cur_x, p.cur_y
-
-    def mouse(self, event: int, x: float, y: float, flags: int, tf: ViewTransform | None) -> list[Action]:
-        shift = bool(flags & EVENT_FLAG_SHIFTKEY)
-        if event in (EVENT_LBUTTONDOWN, EVENT_RBUTTONDOWN):
-            button = "left" if event == EVENT_LBUTTONDOWN else "right"
-            self._press = _Press(x, y, button, shift, cur_x=x, cur_y=y)
-            return []
-        p = self._press
-        if p is None:
-            return []
-        if event == EVENT_MOUSEMOVE:
-            p.cur_x, p.cur_y = x, y
-            if p.button == "left" and math.hypot(x - p.x, y - p.y) >= self.drag_threshold:
-                p.dragging = True
-            return []
-        if event not in (EVENT_LBUTTONUP, EVENT_RBUTTONUP):
-            return []
-        self._press = None
-        if tf is None:  # nothing shown yet: there is no frame to map the click onto
-            return []
-        if p.button == "left" and (p.dragging or math.hypot(x - p.x, y - p.y) >= self.drag_threshold):
-            return self._box(tf, p.x, p.y, x, y)
-        # A right click, or shift + left click, is a background point.
-        label = 0 if p.button == "right" or p.shift or shift else 1
-        return self._point(tf, p.x, p.y, label)
-
-    def shown_prompts(self, obj_id: int | None) -> PromptSet | None:
-        """The prompt set of ``obj_id`` to draw: on the frame it was made on (a video that
-        has moved on, running or paused since, no longer has the object where the clicks were)."""
-        ps = self.prompts.get(obj_id) if obj_id is not None else None
-        return None if ps is None or self._moved_on(obj_id, ps) else ps
-
-    def _moved_on(self, obj_id: int, ps: PromptSet) -> bool:
-        """Whether the video has moved on from ``ps``: the object is tracked on a later
-        frame shown now (before it is, the clicks all mark where it first was).  Paused, the
-        frame shown stays, so clicks on it add up; a set from before the pause is stale."""
-        return ps.frame_id != self.frame_id and obj_id in self.frame_boxes
-
-    def _point(self, tf: ViewTransform, x: float, y: float, label: int) -> list[Action]:
-        if not self.can_send:  # nothing is sent: nothing is selected or remembered either
-            point = tf.to_source(x, y)
-            return [AddPrompt(obj_id=self.selected or self.next_id(), points=(point,), labels=(label,))]
-        obj_id = self.target()
-        ps = self.prompts.get(obj_id)
-        if ps is None or self._moved_on(obj_id, ps):
-            # A tracked object is refined where it is now: its box there, and the click.
-            ps = self.prompts[obj_id] = PromptSet(box=self.frame_boxes.get(obj_id), frame_id=self.frame_id)
-        if len(ps.points) >= MAX_PROMPT_POINTS:  # keep the newest: they are the refinements
-            del ps.points[0], ps.labels[0]
-        ps.points.append(tf.to_source(x, y))
-        ps.labels.append(label)
-        return [self._add(obj_id, points=tuple(ps.points), labels=tuple(ps.labels), box=ps.box)]
-
-    def _box(self, tf: ViewTransform, x0: float, y0: float, x1: float, y1: float) -> list[Action]:
-        ax, ay = tf.to_source(min(x0, x1), min(y0, y1))
-        bx, by = tf.to_source(max(x0, x1), max(y0, y1))
-        if bx <= ax or by <= ay:  # collapsed at the frame's edge
-            return []
-        if not self.can_send:
-            return [AddPrompt(obj_id=self.selected or self.next_id(), box=(ax, ay, bx, by))]
-        obj_id = self.target()
-        # A box starts the object's prompt afresh: it is how a user re-marks it.
-        self.prompts[obj_id] = PromptSet(box=(ax, ay, bx, by), frame_id=self.frame_id)
-        return [self._add(obj_id, box=(ax, ay, bx, by))]
-
-    # --------------------------------------------------------------------- keys
-    def key(self, code: int) -> list[Action]:
-        """A key code from ``cv2.waitKeyEx`` (-1 = none)."""
-        if code < 0:
-            return []
-        # Only plain 8-bit keys: Qt reports modifiers and arrows as large codes, and
-        # masking them (Shift = 0x1000020) would alias them onto letters or space.
-        ch = chr(code) if code < 256 else ""
-        if code == KEY_ESC or ch in ("q", "Q"):
-            return [Quit()]
-        if ch == "n":
-            self.selected = self.next_id()
-            self.created.add(self.selected)
-            return []
-        if ch and ch in "123456789":
-            self.selected = int(ch)
-            return []
-        if ch == "d":
-            if self.selected is None:
-                return []
-            obj_id, self.selected = self.selected, None
-            self.prompts.pop(obj_id, None)
-            self.known_ids.discard(obj_id)
-            self.created.discard(obj_id)
-            return [RemoveObject(obj_id=obj_id)]
-        if ch == "r":
-            self.prompts.clear()
-            self.known_ids.clear()
-            self.created.clear()
-            self.selected = None
-            return [Reset()]
-        if ch == " ":
-            self.paused = not self.paused
-            return [Pause() if self.paused else Resume()]
-        if ch == "s":
-            return [Screenshot()]
-        if ch == "h":
-            self.show_help = not self.show_help
-            return [ToggleHelp()]
-        return []
-
-
-# ------------------------------------------------------------------------- HUD stats
-
-
-class SlidingWindow:
-    """The last ``size`` samples (seconds) with their percentiles."""
-
-    def __init__(self, size: int = 120) -> None:
-        if size < 1:
-            raise ValueError("window size must be >= 1")
-        self._samples: deque[float] = deque(maxlen=size)
-
-    def add(self, value: float) -> None:
-        if math.isfinite(value):
-            self._samples.append(float(value))
-
-    def __len__(self) -> int:
-        return len(self._samples)
-
-    def percentiles(self, *qs: float) -> tuple[float, ...] | None:
-        if not self._samples:
-            return None
-        return tuple(float(v) for v in np.percentile(np.fromiter(self._samples, float), qs))
-
-    def p50_p95(self) -> tuple[float, float] | None:
-        p = self.percentiles(50, 95)
-        return None if p is None else (p[0], p[1])
-
-
-class RateMeter:
-    """Events per second over the ticks of the last ``horizon`` seconds.
-
-    Time-bounded, so the rate falls to 0 when events stop instead of freezing at the
-    last value. The last two ticks are kept however old, so a stream slower than the
-    horizon (a CPU tracker at 0.5 fps) still shows its rate until it stops for longer
-    than both the horizon and twice its last interval.
-    """
-
-    def __init__(self, horizon: float = 2.0, size: int = 240) -> None:
-        self.horizon = horizon
-        self._ticks: deque[float] = deque(maxlen=size)
-
-    def tick(self, t: float) -> None:
-        self._ticks.append(t)
-
-    def rate(self, at: float) -> float:
-        while len(self._ticks) > 2 and self._ticks[0] < at - self.horizon:
-            self._ticks.popleft()
-        if len(self._ticks) < 2:
-            return 0.0
-        if at - self._ticks[-1] > max(self.horizon, 2 * (self._ticks[-1] - self._ticks[-2])):
-            return 0.0  # stopped
-        span = self._ticks[-1] - self._ticks[0]
-        return (len(self._ticks) - 1) / span if span > 0 else 0.0
-
-
-class SourceStateTracker:
-    """The source state by the newest timestamp, from results and status events.
-
-    Status events are handed out before results by the subscriber, so arrival order
-    would let an older ``streaming`` result overwrite a newer ``reconnecting`` event.
-    """
-
-    def __init__(self) -> None:
-        self.state: str | None = None
-        self.reason: str | None = None  # why it is down (a source_state event's, or stats')
-        self.time = -math.inf
-
-    def update(self, state: str, at: float, reason: str | None = None) -> None:
-        """``reason``: None from a result (which carries none): the reason already known
-        stays while the state does."""
-        if at >= self.time:
-            if state != self.state or reason is not None:
-                self.reason = reason if state in WARN_STATES else None
-            self.state, self.time = state, at
-
-
-def banner_for(source_state: str | None, silent_for: float, ever_received: bool,
-               limit: float = NOT_PUBLISHING_AFTER, *,
-               paused: bool = False,
-               no_results_for: float | None = None,
-               tracker_stopped: bool = False,
-               waiting_for_prompt: bool = False) -> tuple[str, tuple[int, int, int]] | None:
-    """The banner text and BGR colour, or None when all is well.  ``silent_for``: seconds
-    since any message; ``no_results_for``: since the last result (default the same);
-    ``tracker_stopped``: the tracker said it stopped (and has not said it runs again);
-    ``waiting_for_prompt``: its stats say it holds a file's first frame for a prompt.
-
-    A source that is down explains the silence (a tracker without frames publishes
-    no results), so it wins over "not publishing"; so does a tracker that said it
-    stopped, or a source that ended: that silence is the end, not a failure.
-    """
-    frameless = silent_for if no_results_for is None else no_results_for
-    if tracker_stopped:
-        ended = f", source {source_state}" if source_state in DONE_STATES else ""
-        return f"TRACKER STOPPED{ended}", BANNER_DONE_BGR
-    if source_state in WARN_STATES:
-        quiet = f" (no frames for {frameless:.0f} s)" if frameless > limit else ""
-        return f"SOURCE {source_state.upper()}{quiet}", BANNER_WARN_BGR
-    if source_state in DONE_STATES:
-        return f"SOURCE {source_state.upper()}", BANNER_DONE_BGR
-    if silent_for > limit:
-        # A paused tracker still sends stats every second: silence is not the pause.
-        what = "TRACKER NOT PUBLISHING" if ever_received else "WAITING FOR TRACKER"
-        return f"{what}: no message for {silent_for:.0f} s", BANNER_DEAD_BGR
-    if paused and ever_received:
-        return "TRACKER PAUSED (space resumes)", BANNER_DONE_BGR
-    if waiting_for_prompt and ever_received:
-        return "WAITING FOR A PROMPT: drag a box around an object, or click it", BANNER_DONE_BGR
-    return None
-
-
-# ------------------------------------------------------------------- frame pairing
-
-
-@dataclass(frozen=True)
-class FrameItem:
-    """A received preview frame (decoded lazily: only the one drawn is decoded)."""
-
-    header: FrameHeader
-    jpeg: bytes
-
-    @property
-    def frame_id(self) -> int:
-        return self.header.frame_id
-
-
-@dataclass(frozen=True)
-class Pairing:
-    frame: FrameItem | None  # None: the tracker sends no frames, draw masks on a blank canvas
-    result: FrameResult | None  # None: frames but no result yet
-    exact: bool  # result.frame_id == frame.frame_id
-
-
-class FramePairer:
-    """Pairs preview frames with the result of the same ``frame_id``.
-
-    Keeps the last ``keep`` frames and results. :meth:`select` gives the newest frame
-    that has a result; when results lag further behind than that, the newest frame
-    with the newest masks (marked not exact).
-    """
-
-    def __init__(self, keep: int = 32) -> None:
-        self.keep = keep
-        self.frames: OrderedDict[int, FrameItem] = OrderedDict()
-        self.results: OrderedDict[int, FrameResult] = OrderedDict()
-
-    @staticmethod
-    def _put(store: OrderedDict, other: OrderedDict, key: int, value: object, keep: int) -> None:
-        if store and key < next(reversed(store)):
-            # frame_id went backwards: the tracker restarted and counts from 0 again;
-            # what we hold of the old run would pair with the wrong frames.
-            store.clear()
-            for k in [k for k in other if k > key]:
-                del other[k]
-        store[key] = value
-        store.move_to_end(key)
-        while len(store) > keep:
-            store.popitem(last=False)
-
-    def add_frame(self, item: FrameItem) -> None:
-        self._put(self.frames, self.results, item.frame_id, item, self.keep)
-
-    def add_result(self, result: FrameResult) -> None:
-        self._put(self.results, self.frames, result.frame_id, result, self.keep)
-
-    @property
-    def latest_result(self) -> FrameResult | None:
-        return next(reversed(self.results.values()), None)
-
-    def select(self) -> Pairing | None:
-        latest = self.latest_result
-        for fid in reversed(self.frames):
-            if fid in self.results:
-                return Pairing(self.frames[fid], self.results[fid], True)
-        if self.frames:
-            return Pairing(next(reversed(self.frames.values())), latest, False)
-        if latest is not None:
-            return Pairing(None, latest, False)
-        return None
 
 
 # ------------------------------------------------------------------------ the window

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 
 from streamtrack import viewer as v
+from streamtrack import viewer_input as vi
+from streamtrack import viewer_state as vs
 from streamtrack.control import AddPrompt, ControlServer, Pause, RemoveObject, Reset, Resume
 from streamtrack.protocol import FrameHeader, FrameResult, ObjectResult, Stats, StatusEvent, now
 from streamtrack.subscriber import Message
@@ -45,7 +47,7 @@ from streamtrack.subscriber import Message
     ],
 )
 def test_fit(src, max_size, upscale, scale, disp):
-    tf = v.ViewTransform.fit(*src, *max_size, upscale=upscale)
+    tf = vi.ViewTransform.fit(*src, *max_size, upscale=upscale)
     assert tf.scale == pytest.approx(scale)
     assert (tf.disp_w, tf.disp_h) == disp
 
@@ -53,7 +55,7 @@ def test_fit(src, max_size, upscale, scale, disp):
 @pytest.mark.parametrize("src", [(1920, 1080), (640, 480), (160, 120), (4000, 3000), (721, 1283)])
 @pytest.mark.parametrize("max_size", [(1280, 720), (480, 360), (300, 900)])
 def test_mapping_round_trip_and_edges(src, max_size):
-    tf = v.ViewTransform.fit(*src, *max_size)
+    tf = vi.ViewTransform.fit(*src, *max_size)
     rng = np.random.default_rng(0)
     for x, y in rng.uniform(0, 1, (20, 2)) * [src[0] - 1, src[1] - 1]:
         back = tf.to_source(*tf.to_display(x, y))
@@ -68,10 +70,10 @@ def test_mapping_round_trip_and_edges(src, max_size):
 
 
 def test_mapping_known_values():
-    tf = v.ViewTransform(1280, 720, 0.5)  # 640x360 on screen
+    tf = vi.ViewTransform(1280, 720, 0.5)  # 640x360 on screen
     assert tf.to_source(10, 10) == (20.5, 20.5)  # display pixel 10 shows source 20..21
     assert tf.to_display(20.5, 20.5) == (10, 10)
-    tf = v.ViewTransform(160, 120, 3.0)  # upscaled: display pixels 30..32 show source 10
+    tf = vi.ViewTransform(160, 120, 3.0)  # upscaled: display pixels 30..32 show source 10
     assert tf.to_source(31, 31) == (10, 10)
 
 
@@ -85,19 +87,19 @@ def test_parse_size():
 
 # ------------------------------------------------------------------------ interaction
 
-TF = v.ViewTransform(1280, 720, 0.5)
+TF = vi.ViewTransform(1280, 720, 0.5)
 
 
 def click(ia, x, y, button="left", shift=False):
-    flags = v.EVENT_FLAG_SHIFTKEY if shift else 0
-    down, up = ((v.EVENT_LBUTTONDOWN, v.EVENT_LBUTTONUP) if button == "left"
-                else (v.EVENT_RBUTTONDOWN, v.EVENT_RBUTTONUP))
+    flags = vi.EVENT_FLAG_SHIFTKEY if shift else 0
+    down, up = ((vi.EVENT_LBUTTONDOWN, vi.EVENT_LBUTTONUP) if button == "left"
+                else (vi.EVENT_RBUTTONDOWN, vi.EVENT_RBUTTONUP))
     assert ia.mouse(down, x, y, flags, TF) == []
     return ia.mouse(up, x, y, flags, TF)
 
 
 def test_click_labels_and_accumulation():
-    ia = v.Interaction()
+    ia = vi.Interaction()
     ia.observe([1, 2])
     (a,) = click(ia, 10, 10)
     # A new object: the tracker renumbers it if another viewer took 3 meanwhile.
@@ -112,20 +114,20 @@ def test_click_labels_and_accumulation():
 
 
 def test_drag_is_a_box_in_source_pixels_and_small_moves_are_clicks():
-    ia = v.Interaction()
-    ia.mouse(v.EVENT_LBUTTONDOWN, 100, 80, 0, TF)
-    ia.mouse(v.EVENT_MOUSEMOVE, 60, 50, 1, TF)
+    ia = vi.Interaction()
+    ia.mouse(vi.EVENT_LBUTTONDOWN, 100, 80, 0, TF)
+    ia.mouse(vi.EVENT_MOUSEMOVE, 60, 50, 1, TF)
     assert ia.drag_box == (100, 80, 60, 50)
-    (box,) = ia.mouse(v.EVENT_LBUTTONUP, 40, 30, 0, TF)  # dragged up-left: box sorted
+    (box,) = ia.mouse(vi.EVENT_LBUTTONUP, 40, 30, 0, TF)  # dragged up-left: box sorted
     assert box == AddPrompt(obj_id=1, box=(80.5, 60.5, 200.5, 160.5), new=True)
     assert ia.drag_box is None
     # A box restarts the object's prompt set; a later click adds points to the box.
     (pt,) = click(ia, 50, 50)
     assert pt.box == (80.5, 60.5, 200.5, 160.5) and pt.points == ((100.5, 100.5),)
     # Jitter under the threshold is a click, at the press position.
-    ia.mouse(v.EVENT_LBUTTONDOWN, 200, 200, 0, TF)
-    ia.mouse(v.EVENT_MOUSEMOVE, 202, 203, 1, TF)
-    (jit,) = ia.mouse(v.EVENT_LBUTTONUP, 203, 203, 0, TF)
+    ia.mouse(vi.EVENT_LBUTTONDOWN, 200, 200, 0, TF)
+    ia.mouse(vi.EVENT_MOUSEMOVE, 202, 203, 1, TF)
+    (jit,) = ia.mouse(vi.EVENT_LBUTTONUP, 203, 203, 0, TF)
     assert jit.box is not None and jit.points[-1] == (400.5, 400.5) and jit.labels[-1] == 1
 
 
@@ -135,7 +137,7 @@ def test_a_click_on_a_later_frame_refines_the_object_where_it_is_now():
     object is tracked on the frame shown, a click there starts afresh from its box there.
     Until then (its first prompt not applied yet), and on the frame shown while paused,
     clicks accumulate; a set from before the pause is not added to."""
-    ia = v.Interaction()
+    ia = vi.Interaction()
     ia.observe([1])
     ia.frame_id = 10
     click(ia, 10, 10)
@@ -183,7 +185,7 @@ def test_a_new_object_whose_id_another_viewer_took_goes_by_the_id_the_tracker_ga
     worker = v._ControlWorker.__new__(v._ControlWorker)
     worker.client, worker.timeout, worker.endpoint = Tracker(), 2.0, "tcp://127.0.0.1:1"
     worker.replies, worker._jobs, worker._given = queue.Queue(), queue.Queue(), {}
-    ia = v.Interaction()
+    ia = vi.Interaction()
     ia.observe([1, 2])
     (first,) = click(ia, 10, 10)
     (second,) = click(ia, 20, 20, button="right")  # clicked before the first one's reply
@@ -203,7 +205,7 @@ def test_a_new_object_whose_id_another_viewer_took_goes_by_the_id_the_tracker_ga
 
     # Once the window has the rename, id 3 is the other client's object again: a click on
     # it (selected by its key) refines it, and removing it removes it, not object 4.
-    ia2 = v.Interaction()
+    ia2 = vi.Interaction()
     ia2.observe([1, 2])
     (mine,) = click(ia2, 10, 10)
     for cmd in (mine, None):
@@ -227,26 +229,26 @@ def test_a_new_object_whose_id_another_viewer_took_goes_by_the_id_the_tracker_ga
 
 
 def test_a_view_only_click_changes_nothing_in_the_viewer():
-    ia = v.Interaction(can_send=False)
+    ia = vi.Interaction(can_send=False)
     ia.observe([1])
     (a,) = click(ia, 10, 10)
     assert a.obj_id == 2  # what would have been sent (the viewer says it was not)
-    ia.mouse(v.EVENT_LBUTTONDOWN, 10, 10, 0, TF)
-    (b,) = ia.mouse(v.EVENT_LBUTTONUP, 50, 50, 0, TF)
+    ia.mouse(vi.EVENT_LBUTTONDOWN, 10, 10, 0, TF)
+    (b,) = ia.mouse(vi.EVENT_LBUTTONUP, 50, 50, 0, TF)
     assert b.box is not None
     assert ia.prompts == {} and ia.selected is None
 
 
 def test_mouse_without_frame_or_press_does_nothing():
-    ia = v.Interaction()
-    assert ia.mouse(v.EVENT_LBUTTONUP, 5, 5, 0, TF) == []
-    ia.mouse(v.EVENT_LBUTTONDOWN, 5, 5, 0, None)
-    assert ia.mouse(v.EVENT_LBUTTONUP, 5, 5, 0, None) == []
+    ia = vi.Interaction()
+    assert ia.mouse(vi.EVENT_LBUTTONUP, 5, 5, 0, TF) == []
+    ia.mouse(vi.EVENT_LBUTTONDOWN, 5, 5, 0, None)
+    assert ia.mouse(vi.EVENT_LBUTTONUP, 5, 5, 0, None) == []
     assert ia.prompts == {}
 
 
 def test_keys_select_new_remove_reset_pause():
-    ia = v.Interaction()
+    ia = vi.Interaction()
     ia.observe([1, 4])
     assert ia.key(ord("n")) == [] and ia.selected == 5
     assert ia.key(ord("n")) == [] and ia.selected == 6  # n twice: two fresh ids
@@ -259,9 +261,9 @@ def test_keys_select_new_remove_reset_pause():
     assert ia.key(ord("r")) == [Reset()] and ia.prompts == {} and ia.selected is None
     assert ia.key(ord(" ")) == [Pause()] and ia.paused
     assert ia.key(ord(" ")) == [Resume()] and not ia.paused
-    assert ia.key(ord("s")) == [v.Screenshot()]
-    assert ia.key(ord("h")) == [v.ToggleHelp()] and ia.show_help
-    assert ia.key(ord("q")) == [v.Quit()] and ia.key(27) == [v.Quit()]
+    assert ia.key(ord("s")) == [vi.Screenshot()]
+    assert ia.key(ord("h")) == [vi.ToggleHelp()] and ia.show_help
+    assert ia.key(ord("q")) == [vi.Quit()] and ia.key(27) == [vi.Quit()]
     assert ia.key(-1) == [] and ia.key(0x1000020) == []  # no key; Qt's Shift alone
 
 
@@ -269,7 +271,7 @@ def test_keys_select_new_remove_reset_pause():
 
 
 def test_sliding_window_percentiles():
-    w = v.SlidingWindow(100)
+    w = vs.SlidingWindow(100)
     assert w.p50_p95() is None
     for x in range(1, 101):
         w.add(x / 1000)
@@ -282,7 +284,7 @@ def test_sliding_window_percentiles():
 
 
 def test_rate_meter():
-    r = v.RateMeter(horizon=2.0)
+    r = vs.RateMeter(horizon=2.0)
     for i in range(21):
         r.tick(100 + i * 0.1)
     assert r.rate(102.0) == pytest.approx(10.0)
@@ -290,7 +292,7 @@ def test_rate_meter():
 
 
 def test_rate_meter_slower_than_its_horizon():
-    r = v.RateMeter(horizon=2.0)
+    r = vs.RateMeter(horizon=2.0)
     for i in range(5):  # a CPU tracker: one result every 2.5 s
         r.tick(100 + i * 2.5)
     assert r.rate(110.5) == pytest.approx(0.4)
@@ -299,7 +301,7 @@ def test_rate_meter_slower_than_its_horizon():
 
 
 def test_source_state_and_banner():
-    s = v.SourceStateTracker()
+    s = vs.SourceStateTracker()
     s.update("reconnecting", 10.0)
     s.update("streaming", 9.0)  # an older result handed out after the event
     assert s.state == "reconnecting"
@@ -308,7 +310,7 @@ def test_source_state_and_banner():
 
 
 def test_the_reason_a_source_is_down_lasts_as_long_as_the_outage():
-    s = v.SourceStateTracker()
+    s = vs.SourceStateTracker()
     s.update("reconnecting", 10.0, "connection refused")  # the event (or stats)
     s.update("reconnecting", 11.0)  # a result carries no reason: it stays
     assert s.reason == "connection refused"
@@ -318,31 +320,32 @@ def test_the_reason_a_source_is_down_lasts_as_long_as_the_outage():
     assert s.reason is None
     s.update("streaming", 14.0, "stale history")  # only a source that is down has one
     assert s.reason is None
-    assert v.banner_for("streaming", 0.5, True) is None
-    assert v.banner_for("reconnecting", 0.5, True) == ("SOURCE RECONNECTING", v.BANNER_WARN_BGR)
-    assert v.banner_for("stale", 0.1, True)[1] == v.BANNER_WARN_BGR
-    assert v.banner_for("reconnecting", 30, True)[1] == v.BANNER_WARN_BGR  # silence explained
-    text, color = v.banner_for("streaming", 3.2, True)
-    assert text.startswith("TRACKER NOT PUBLISHING") and color == v.BANNER_DEAD_BGR
-    assert v.banner_for(None, 3.0, False)[0].startswith("WAITING FOR TRACKER")
-    assert v.banner_for("ended", 0.0, True)[1] == v.BANNER_DONE_BGR
+    assert vs.banner_for("streaming", 0.5, True) is None
+    assert vs.banner_for("reconnecting", 0.5, True) == ("SOURCE RECONNECTING", vs.BANNER_WARN_BGR)
+    assert vs.banner_for("stale", 0.1, True)[1] == vs.BANNER_WARN_BGR
+    assert vs.banner_for("reconnecting", 30, True)[1] == vs.BANNER_WARN_BGR  # silence explained
+    text, color = vs.banner_for("streaming", 3.2, True)
+    assert text.startswith("TRACKER NOT PUBLISHING") and color == vs.BANNER_DEAD_BGR
+    assert vs.banner_for(None, 3.0, False)[0].startswith("WAITING FOR TRACKER")
+    assert vs.banner_for("ended", 0.0, True)[1] == vs.BANNER_DONE_BGR
     # The end of a file, or a tracker that said it stopped: silence then is no failure.
-    assert v.banner_for("ended", 30, True) == ("SOURCE ENDED", v.BANNER_DONE_BGR)
-    assert v.banner_for("streaming", 30, True, tracker_stopped=True) == ("TRACKER STOPPED", v.BANNER_DONE_BGR)
-    assert v.banner_for("ended", 30, True, tracker_stopped=True)[0] == "TRACKER STOPPED, source ended"
+    assert vs.banner_for("ended", 30, True) == ("SOURCE ENDED", vs.BANNER_DONE_BGR)
+    assert vs.banner_for("streaming", 30, True, tracker_stopped=True) == ("TRACKER STOPPED",
+                                                                          vs.BANNER_DONE_BGR)
+    assert vs.banner_for("ended", 30, True, tracker_stopped=True)[0] == "TRACKER STOPPED, source ended"
     # A file run holding its first frame says what it waits for.
-    assert v.banner_for("streaming", 0.5, True, waiting_for_prompt=True)[0].startswith(
+    assert vs.banner_for("streaming", 0.5, True, waiting_for_prompt=True)[0].startswith(
         "WAITING FOR A PROMPT: drag a box")
 
 
 def test_banner_while_paused_from_the_viewer():
     # A paused tracker sends no masks, but stats every second: it says so at once...
-    assert v.banner_for("streaming", 0.5, True, paused=True) == ("TRACKER PAUSED (space resumes)",
-                                                                v.BANNER_DONE_BGR)
+    assert vs.banner_for("streaming", 0.5, True, paused=True) == ("TRACKER PAUSED (space resumes)",
+                                                                vs.BANNER_DONE_BGR)
     # ...and a paused tracker gone silent is not just paused, nor is a source going down.
-    assert v.banner_for("streaming", 30, True, paused=True)[0].startswith("TRACKER NOT PUBLISHING")
-    assert v.banner_for("reconnecting", 30, True, paused=True)[1] == v.BANNER_WARN_BGR
-    assert v.banner_for(None, 30, False, paused=True)[1] == v.BANNER_DEAD_BGR
+    assert vs.banner_for("streaming", 30, True, paused=True)[0].startswith("TRACKER NOT PUBLISHING")
+    assert vs.banner_for("reconnecting", 30, True, paused=True)[1] == vs.BANNER_WARN_BGR
+    assert vs.banner_for(None, 30, False, paused=True)[1] == vs.BANNER_DEAD_BGR
 
 
 def test_the_viewer_follows_the_trackers_stop_and_undoes_a_pause_that_failed():
@@ -378,14 +381,14 @@ def _result(fid, seq=None, objects=(), capture=None, state="streaming", w=64, h=
 
 
 def _frame(fid, w=64, h=48):
-    return v.FrameItem(FrameHeader("cam0", fid, w, h, 0.0), b"jpeg")
+    return vs.FrameItem(FrameHeader("cam0", fid, w, h, 0.0), b"jpeg")
 
 
 def test_pairing_prefers_newest_frame_with_its_result():
-    p = v.FramePairer(keep=4)
+    p = vs.FramePairer(keep=4)
     assert p.select() is None
     p.add_result(_result(0))
-    assert p.select() == v.Pairing(None, p.results[0], False)  # no frames: masks only
+    assert p.select() == vs.Pairing(None, p.results[0], False)  # no frames: masks only
     for i in range(3):
         p.add_frame(_frame(i))
     p.add_result(_result(1))
@@ -400,7 +403,7 @@ def test_pairing_prefers_newest_frame_with_its_result():
 
 
 def test_pairing_after_tracker_restart():
-    p = v.FramePairer()
+    p = vs.FramePairer()
     for i in range(10, 13):
         p.add_frame(_frame(i))
         p.add_result(_result(i))
@@ -442,7 +445,7 @@ def _objects(masks):
 def _expected_display(image):
     """The frame as the window shows it without overlays (decoded JPEG, scaled)."""
     rgb = cv2.imdecode(np.frombuffer(_jpeg(image), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
-    tf = v.ViewTransform.fit(SRC_W, SRC_H, *MAX_SIZE)
+    tf = vi.ViewTransform.fit(SRC_W, SRC_H, *MAX_SIZE)
     return cv2.resize(rgb, (tf.disp_w, tf.disp_h), interpolation=cv2.INTER_AREA).astype(float), tf
 
 
@@ -531,10 +534,10 @@ def test_compose_draws_masks_hud_and_banner():
     # Reconnecting (a newer event than the result): orange banner.
     vw.handle(_msg("status", status=StatusEvent("cam0", "source_state", now(),
                                                  {"old": "streaming", "new": "reconnecting"})))
-    check_overlay(vw.compose(now())[..., ::-1], image, masks, banner=v.BANNER_WARN_BGR)
+    check_overlay(vw.compose(now())[..., ::-1], image, masks, banner=vs.BANNER_WARN_BGR)
     # Silent for more than 2 s with a streaming source: red banner.
     vw.source.update("streaming", now())
-    check_overlay(vw.compose(vw.last_message + 2.5)[..., ::-1], image, masks, banner=v.BANNER_DEAD_BGR)
+    check_overlay(vw.compose(vw.last_message + 2.5)[..., ::-1], image, masks, banner=vs.BANNER_DEAD_BGR)
 
 
 def test_a_tracker_that_takes_seconds_per_frame_is_not_called_silent_between_its_results():
@@ -549,13 +552,13 @@ def test_a_tracker_that_takes_seconds_per_frame_is_not_called_silent_between_its
     vw.source.update("streaming", now())
     assert vw.silence_limit() == pytest.approx(9.0)
     check_overlay(vw.compose(vw.last_message + 4)[..., ::-1], image, masks, banner=None, frame=False)
-    check_overlay(vw.compose(vw.last_message + 9.5)[..., ::-1], image, masks, banner=v.BANNER_DEAD_BGR,
+    check_overlay(vw.compose(vw.last_message + 9.5)[..., ::-1], image, masks, banner=vs.BANNER_DEAD_BGR,
                   frame=False)
     # One long gap (a pause) among quick results does not stretch the limit.
     for i in range(4, 12):
         vw.handle(_msg("masks", received=t0 + 60 + 0.1 * i,
                        result=_result(i, objects=_objects(masks), w=SRC_W, h=SRC_H)))
-    assert vw.silence_limit() == v.NOT_PUBLISHING_AFTER
+    assert vw.silence_limit() == vs.NOT_PUBLISHING_AFTER
 
 
 def test_a_viewer_joining_learns_the_source_state_and_pause_from_stats():
@@ -568,7 +571,7 @@ def test_a_viewer_joining_learns_the_source_state_and_pause_from_stats():
                                                       source_state="reconnecting", paused=True)))
     assert vw.source.state == "reconnecting" and vw.interaction.paused
     vw.started = t0 - 60
-    assert vw.banner(t0 + 0.5) == ("SOURCE RECONNECTING (no frames for 30 s)", v.BANNER_WARN_BGR)
+    assert vw.banner(t0 + 0.5) == ("SOURCE RECONNECTING (no frames for 30 s)", vs.BANNER_WARN_BGR)
     vw.handle(_msg("stats", received=t0 + 1, stats=Stats(stream="cam0", time=t0 + 1, fps=0.1,
                                                           source_state="streaming", paused=False)))
     assert vw.source.state == "streaming" and not vw.interaction.paused
@@ -955,7 +958,7 @@ def test_viewer_end_to_end_under_xvfb(xdisplay, tmp_path):
         # The live window: overlay colours on the masks only, HUD drawn, no banner.
         eventually_ok(lambda: check_overlay(grab(xdisplay, wid), image, masks, banner=None),
                       20, "mask overlay on screen")
-        tf = v.ViewTransform.fit(SRC_W, SRC_H, *MAX_SIZE)
+        tf = vi.ViewTransform.fit(SRC_W, SRC_H, *MAX_SIZE)
         assert tf.scale == 0.75
 
         def src(x, y):
@@ -1019,7 +1022,7 @@ def test_viewer_end_to_end_under_xvfb(xdisplay, tmp_path):
         tracker.reconnecting.set()
         eventually_ok(
             lambda: check_overlay(grab(xdisplay, wid), image, masks,
-                                  banner=v.BANNER_WARN_BGR, frame=False),
+                                  banner=vs.BANNER_WARN_BGR, frame=False),
             10, "the reconnecting banner")
         save_shot("viewer-reconnecting.png")
         xdo(xdisplay, "key", "q")

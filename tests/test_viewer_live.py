@@ -39,7 +39,7 @@ from test_viewer import (
     xdo,
 )
 
-from streamtrack import viewer as v
+from streamtrack import viewer_input as vi
 from streamtrack.control import ControlClient
 from streamtrack.overlay import color_for
 from streamtrack.subscriber import Subscriber
@@ -204,7 +204,7 @@ def test_viewer_against_a_real_tracker(xdisplay, checkpoint_factory, tmp_path):
         assert tracker.poll() is None, f"tracker exited: {log('tracker')}"
         return feed.last is not None and len(feed.results) >= n
 
-    tf = v.ViewTransform.fit(SRC_W, SRC_H, *MAX_SIZE)  # what the viewer will use
+    tf = vi.ViewTransform.fit(SRC_W, SRC_H, *MAX_SIZE)  # what the viewer will use
     assert (tf.disp_w, tf.disp_h) == MAX_SIZE and tf.scale == SCALE
     try:
         # The window takes the frame's size once the first frame is in (model loading first).
