@@ -486,7 +486,8 @@ _PROGRESS_REPORTS = ("emitted", "queued", "unqueued", "unseeded", "applied")
 
 
 class _Child:
-    """One tracker process and its two pipes (reports up, a lifeline down)."""
+    """One tracker process and its two pipes (reports up, a lifeline down: the run's
+    configuration, then nothing until its end of file says the supervisor is gone)."""
 
     def __init__(self, proc, reports: Connection, lifeline: Connection) -> None:
         self.proc = proc
@@ -499,20 +500,36 @@ class _Child:
         self.bar_line_ended = False
         self._stop_sent_at: float | None = None
         self._stop_timeout = 0.0
+        self._sender: threading.Thread | None = None
 
     @classmethod
     def start(cls, ctx, config: RunConfig, log_level: int | None) -> _Child:
         report_r, report_w = ctx.Pipe(duplex=False)
         life_r, life_w = ctx.Pipe(duplex=False)
         level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
-        proc = ctx.Process(target=_child_main, args=(config, report_w, life_r, level),
+        proc = ctx.Process(target=_child_main, args=(report_w, life_r, level),
                            name="streamtrack-tracker", daemon=False)
         # Ctrl-C ignored until the child installs its stop handlers.
         childproc.start_without_ctrl_c(proc)
         # Close our copies of the child's ends: EOF then means the other side is gone.
         report_w.close()
         life_r.close()
-        return cls(proc, report_r, life_w)
+        child = cls(proc, report_r, life_w)
+        # The configuration goes down the lifeline, from a thread: it can be megabytes (a
+        # restart's objects come back with their masks), more than a pipe holds, and a
+        # child that dies before reading it all must not block the supervisor.  As a
+        # Process argument it did: multiprocessing writes those with the pipe's read end
+        # still open on this side, so the write waited forever.
+        child._sender = threading.Thread(target=child._send, args=(config,), name="tracker-config",
+                                         daemon=True)
+        child._sender.start()
+        return child
+
+    def _send(self, config: RunConfig) -> None:
+        try:
+            self._lifeline.send(config)
+        except (OSError, ValueError):  # the child is gone (its exit says how)
+            pass
 
     def reports(self) -> list[tuple[str, dict[str, Any]]]:
         out = []
@@ -562,6 +579,8 @@ class _Child:
 
     def finish(self, on_progress: Callable[[str, dict[str, Any]], None]) -> tuple[str, dict[str, Any]]:
         self.proc.join()
+        if self._sender is not None:  # done, or failing now that no one reads: then closed
+            self._sender.join()
         childproc.remove_private_dirs_of(self.proc.pid)  # a killed tracker could not
         for kind, data in self.reports():  # anything sent just before exiting
             if kind in ("done", "user_error", "error"):
@@ -582,9 +601,13 @@ class _Child:
                 self.proc.kill()
 
 
-def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, log_level: int) -> None:
+def _child_main(reports: Connection, lifeline: Connection, log_level: int) -> None:
     """Entry point of the tracker process."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s[tracker]: %(message)s")
+    try:
+        config: RunConfig = lifeline.recv()
+    except (EOFError, OSError):  # the supervisor is gone before it sent the run
+        os._exit(1)
     tracker: Tracker | None = None
 
     sending = threading.Lock()  # results are reported from the emitter's thread
@@ -603,8 +626,8 @@ def _child_main(config: RunConfig, reports: Connection, lifeline: Connection, lo
             os._exit(0)
 
     def watch_lifeline() -> None:
-        # The supervisor never writes; recv() returns only with EOF, i.e. when the
-        # supervisor process is gone (even after SIGKILL): do not outlive it.
+        # The supervisor writes nothing after the configuration; recv() returns only with
+        # EOF, i.e. when the supervisor process is gone (even after SIGKILL): do not outlive it.
         try:
             lifeline.recv()
         except (EOFError, OSError):

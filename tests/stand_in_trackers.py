@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 
 
-def loads_then_dies(config, reports, lifeline, log_level) -> None:
+def loads_then_dies(reports, lifeline, log_level) -> None:
     """Says its model is loaded ("running"), then dies before its first result."""
     reports.send(("running", {"pid": os.getpid()}))
     os._exit(3)
 
 
-def stuck_in_a_frame(config, reports, lifeline, log_level) -> None:
+def stuck_in_a_frame(reports, lifeline, log_level) -> None:
     """Runs, then spends a minute on one frame, deaf to the stop signals (SIGTERM)."""
     import signal
     import time

@@ -453,6 +453,29 @@ def test_a_tracker_that_dies_before_every_first_result_is_given_up(monkeypatch):
 
 
 @pytest.mark.timeout(120)
+def test_a_tracker_that_dies_before_reading_a_large_configuration_does_not_hang_the_supervisor(
+        monkeypatch):
+    """A restart's configuration carries the objects' masks, megabytes at 720p: a tracker
+    killed as it started, before it had read them, left the supervisor blocked for good
+    writing them into a pipe (and deaf to Ctrl-C)."""
+    import multiprocessing.resource_tracker
+    import multiprocessing.spawn
+
+    from streamtrack import supervisor
+
+    multiprocessing.resource_tracker.ensure_running()  # started by the real interpreter
+    # A child that exits before it reads anything: as if killed while Python started.
+    monkeypatch.setattr(multiprocessing.spawn, "_python_exe", os.fsencode(shutil.which("false")))
+    masks = {0: [Prompt(1, mask=np.ones((720, 1280), bool))]}  # 0.9 MB pickled: > a pipe's 64 KiB
+    run = RunConfig(source="clip.mp4", prompts=masks, publish=f"tcp://127.0.0.1:{free_port()}",
+                    progress=False)
+    sup = Supervisor(run, SupervisorConfig(backoff_initial=0.01, backoff_max=0.01, max_failed_starts=2))
+    with pytest.raises(supervisor.SupervisorGaveUp, match=r"died 2 times before processing a frame; "
+                                                          r"last: exit code 1"):
+        sup.run()
+
+
+@pytest.mark.timeout(120)
 def test_a_second_ctrl_c_kills_a_tracker_stuck_in_its_frame_at_once(monkeypatch):
     """The first Ctrl-C waits for the frame in hand (said once); the second, as without
     --publish, does not wait for it, nor for the stop timeout."""
