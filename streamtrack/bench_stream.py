@@ -303,11 +303,12 @@ def _count_masks(endpoint: str, stream: str, ready, stop, received) -> None:
         sub.close()
 
 
-def _run_tracker(run: RunConfig, engine: StreamingEngine) -> _TrackedRun:
+def _run_tracker(run: RunConfig, engine: StreamingEngine, warmup: int) -> _TrackedRun:
     """Run ``run`` to its end with a subscriber attached to its publisher and return what
     was published.  The subscriber is its own process, as any consumer would be: in the
     tracker's process its thread would compete with the engine for the interpreter,
-    which on a GPU (where a step is mostly Python launching kernels) slows the engine."""
+    which on a GPU (where a step is mostly Python launching kernels) slows the engine.
+    Its phase medians leave out the first ``warmup`` frames, as the bare engine's do."""
     ctx = get_context("spawn")
     ready, stop, received = ctx.Event(), ctx.Event(), ctx.Value("l", 0)
     consumers: list = []
@@ -341,7 +342,7 @@ def _run_tracker(run: RunConfig, engine: StreamingEngine) -> _TrackedRun:
     assert tracker.capture is not None
     stats = tracker.capture.stats()
     return _TrackedRun(recorder.stamps, recorder.object_counts, int(received.value), stats.frames_decoded,
-                       stats.frames_delivered, dict(stats.dropped), tracker.loop_times.medians_ms())
+                       stats.frames_delivered, dict(stats.dropped), tracker.loop_times.medians_ms(warmup))
 
 
 def _table(rows: list[tuple], log: Log) -> None:
@@ -467,7 +468,7 @@ def bench_pipeline(
             run = RunConfig(source=str(video), engine=config, prompts={0: prompts}, stream="bench",
                             publish="tcp://127.0.0.1:0", warn_exposed=False, max_frames=frames,
                             progress=False, emit=emit, decode=decode, launch_ahead=launch_ahead)
-            tracked = _run_tracker(run, StreamingEngine(net, config))
+            tracked = _run_tracker(run, StreamingEngine(net, config), warmup)
             if len(tracked.stamps) != frames or any(n != objects for n in tracked.object_counts):
                 raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames, "
                                    f"object counts {sorted(set(tracked.object_counts))} (expected {objects})")
@@ -625,7 +626,7 @@ def bench_latency(
                         publish="tcp://127.0.0.1:0", warn_exposed=False, max_frames=frames,
                         realtime=True, loop=True, capture=live, progress=False, emit=emit,
                         decode=decode, launch_ahead=launch_ahead)
-        tracked = _run_tracker(run, StreamingEngine(net, config))
+        tracked = _run_tracker(run, StreamingEngine(net, config), warmup)
         if len(tracked.stamps) != frames:
             raise RuntimeError(f"the tracker published {len(tracked.stamps)} of {frames} frames")
     timed = tracked.stamps[warmup:]

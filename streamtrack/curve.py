@@ -236,8 +236,9 @@ _shared: dict[int, _Shared] = {}  # id(context) -> its authenticator
 class AuthLease:
     """A socket's hold on its context's authenticator; the last :meth:`close` stops it.
 
-    ZeroMQ allows one ZAP handler per context, so the publisher and the control
-    server of one tracker share it.
+    ZeroMQ allows one ZAP handler per context, so the CURVE sockets of one context share
+    it (a :class:`~streamtrack.publisher.Publisher` made without a context has one of
+    its own, and so its own authenticator).
     """
 
     def __init__(self, shared: _Shared) -> None:

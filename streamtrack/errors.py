@@ -150,6 +150,12 @@ def stdout_dash(path: str | None) -> str | None:
 _OWN_DESCRIPTOR = re.compile(r"/dev/(stdin|stdout|stderr)|/dev/fd/([0-9]+)|/proc/(self|[0-9]+)/fd/([0-9]+)")
 
 
+def names_a_descriptor(path: str | Path) -> bool:
+    """Whether ``path`` is one of the names of a process's own descriptors (/dev/stdout,
+    /dev/fd/N, /proc/self/fd/N): the descriptor, not a file, wherever it is opened."""
+    return _OWN_DESCRIPTOR.fullmatch(os.path.normpath(str(path))) is not None
+
+
 def own_descriptor(path: str | Path) -> int | None:
     """The file descriptor of this process that ``path`` names (``/dev/stdout``,
     ``/dev/fd/N``, ``/proc/self/fd/N``), or None.  Such a path is written through the

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from streamtrack.config import Config, check_hang_timeout, coerce, load_yaml
-from streamtrack.errors import UserError, existing_file
+from streamtrack.errors import UserError, existing_file, names_a_descriptor
 from streamtrack.models import MODELS, check_image_size
 from streamtrack.pipeline import RunConfig
 from streamtrack.protocol import TCP_HOST, WILDCARD_HOSTS, normalize_endpoint, tcp_host_port, validate_stream
@@ -306,6 +306,10 @@ def parse_stream(entry: Any, defaults: dict[str, Any], options: FleetOptions, wh
             cfg_values[key] = _endpoint(cfg_values[key], f"{where}: {key}")
             if cfg_values[key].startswith("inproc://"):
                 raise UserError(f"{where}: {key}: inproc:// cannot leave the actor; use tcp:// or ipc://")
+    for key in ("save_jsonl", "save_video"):
+        if cfg_values.get(key) and names_a_descriptor(cfg_values[key]):
+            raise UserError(f"{where}: {key} {cfg_values[key]}: a stream's outputs are written by its "
+                            "actor, whose standard streams are Ray's worker log; give a file path")
     for key in ("checkpoint", "save_jsonl", "save_masks", "save_video"):
         if cfg_values.get(key):  # actors may run in another working directory
             cfg_values[key] = str(Path(cfg_values[key]).expanduser().absolute())

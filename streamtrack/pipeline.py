@@ -214,11 +214,14 @@ class RunSummary:
     source_error: str = ""  # why the source failed (gave up reconnecting, a fatal read error)
     interrupted: bool = False
     waited: float = 0.0  # seconds of ``seconds`` a file's first frame waited for a first prompt
+    # Seconds of ``seconds`` before tracking (the model's load and warm-up; under a
+    # supervisor, each tracker process's start and the waits before restarts).
+    starting: float = 0.0
 
     @property
     def fps(self) -> float:
-        """Frames per second tracked: the wait for a first prompt is the user's."""
-        tracking = self.seconds - self.waited
+        """Frames per second tracked: neither the start nor the wait for a first prompt."""
+        tracking = self.seconds - self.starting - self.waited
         return self.frames / tracking if tracking > 0 else 0.0
 
     def source_failure(self, source: str) -> str | None:
@@ -240,8 +243,11 @@ class RunSummary:
         drops = sum(self.dropped.values())
         objs = ", ".join(f"{k}:{v}" for k, v in sorted(self.objects.items())) or "none"
         how = " (interrupted)" if self.interrupted else ""
-        wait = f"; {self.waited:.1f} s of it waiting for a prompt" if self.waited >= 0.05 else ""
-        return (f"{self.frames} frames in {self.seconds:.1f} s ({self.fps:.2f} fps{wait}), {lat}, "
+        untracked = [f"{s:.1f} s {what}" for s, what in ((self.starting, "starting"),
+                                                        (self.waited, "waiting for a prompt")) if s >= 0.05]
+        of_it = f"; {untracked[0].replace(' s ', ' s of it ', 1)}" if untracked else ""
+        of_it += "".join(f", {x}" for x in untracked[1:])
+        return (f"{self.frames} frames in {self.seconds:.1f} s ({self.fps:.2f} fps{of_it}), {lat}, "
                 f"{drops} dropped, objects {objs}{how}")
 
 
@@ -274,7 +280,8 @@ class _Controls:
         if cmd.new and cmd.obj_id in known | later:
             # Two viewers each picked the next id for their new object: the second gets
             # another one, instead of replacing the first one's object.
-            cmd = replace(cmd, obj_id=_next_free_id(known | later))
+            highest = MASK_PNG_MAX_ID if cfg.save_masks else MAX_OBJ_ID  # what the outputs store
+            cmd = replace(cmd, obj_id=_next_free_id(known | later, highest))
         if cfg.save_masks and cmd.obj_id > MASK_PNG_MAX_ID:  # the PNG writer would stop the run
             raise PromptError(f"object {cmd.obj_id}: --save-masks stores object ids up to {MASK_PNG_MAX_ID}")
         if cmd.obj_id not in known | later and len(known | later) >= cfg.engine.max_objects:
@@ -406,6 +413,7 @@ class LoopTimes:
 
     def __init__(self, keep: int = 1000) -> None:
         self.seconds: dict[str, deque[float]] = {name: deque(maxlen=keep) for name in self.PHASES}
+        self.recorded = dict.fromkeys(self.PHASES, 0)  # samples ever, kept or not
 
     def add(self, phase: str, since: float) -> float:
         """Record the time from ``since`` (``perf_counter``) to now; returns now."""
@@ -415,9 +423,17 @@ class LoopTimes:
 
     def record(self, phase: str, seconds: float) -> None:
         self.seconds[phase].append(seconds)
+        self.recorded[phase] += 1
 
-    def medians_ms(self) -> dict[str, float]:
-        return {name: float(np.median(v)) * 1000 for name, v in self.seconds.items() if v}
+    def medians_ms(self, skip_first: int = 0) -> dict[str, float]:
+        """Median milliseconds per phase, leaving out the run's first ``skip_first``
+        samples of each (a benchmark's warm-up frames) where they are still kept."""
+        out = {}
+        for name, kept in self.seconds.items():
+            skip = max(0, skip_first - (self.recorded[name] - len(kept)))
+            if len(kept) > skip:
+                out[name] = float(np.median(list(kept)[skip:])) * 1000
+        return out
 
 
 class Tracker:
@@ -524,6 +540,7 @@ class Tracker:
         console = contextlib.ExitStack()
         summary = RunSummary()
         started = time.monotonic()
+        running_since: float | None = None
         try:
             if cfg.control:
                 from streamtrack.control import ControlServer
@@ -559,6 +576,7 @@ class Tracker:
             if self._controls.paused:  # paused while the model loaded
                 self.publish_status("tracker_state", old="running", new="paused")
             self._notify("running", {"pid": os.getpid()})
+            running_since = time.monotonic()
             self._video_clock = cfg.resumable_file
             skip_to = resume.skip_to_frame if self._video_clock else 0
             seed, self._seed = self._seed, []
@@ -671,6 +689,7 @@ class Tracker:
         # A frame launched but not finished (interrupted) was never published.
         summary.frames = self.frames_seen - resume.frames_done - (self._in_flight is not None)
         summary.seconds = time.monotonic() - started
+        summary.starting = summary.seconds if running_since is None else running_since - started
         summary.waited = self._waited
         latency = self.window.latency()
         if "total" in latency:
@@ -1114,9 +1133,9 @@ def _log_source_change(name: str, event: SourceEvent, give_up_after: float | Non
         log.warning("source %s: frames arriving again", name)
 
 
-def _next_free_id(taken: set[int]) -> int:
-    """The id after the highest one taken, or, past MAX_OBJ_ID, the lowest one free."""
-    highest = max(taken)
-    if highest < MAX_OBJ_ID:
-        return highest + 1
-    return next(i for i in range(1, MAX_OBJ_ID + 1) if i not in taken)
+def _next_free_id(taken: set[int], highest: int = MAX_OBJ_ID) -> int:
+    """The id after the highest one taken, or, past ``highest``, the lowest one free (or
+    ``highest + 1`` when none is: refused then, as any id out of range)."""
+    if max(taken) < highest:
+        return max(taken) + 1
+    return next((i for i in range(1, highest + 1) if i not in taken), highest + 1)

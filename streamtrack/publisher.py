@@ -236,14 +236,19 @@ class Publisher:
         self._clock = clock
         self._lock = threading.Lock()
         # A context of its own, which close() terminates: terminating is what waits for
-        # the queued messages to go out (bounded by CLOSE_FLUSH_MS).
+        # the queued messages to go out (bounded by CLOSE_FLUSH_MS).  It costs an I/O
+        # thread and a few descriptors per publisher; with CURVE, an authenticator too.
         self._own_context = zmq.Context() if context is None else None
         ctx = context or self._own_context
-        self._sock = ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         try:
+            self._sock = ctx.socket(zmq.PUB)
+            try:
+                self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+                self._sock.setsockopt(zmq.LINGER, 0)
+                self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
+            except BaseException:
+                self._sock.close(linger=0)
+                raise
             self._binding = ServerBinding(self._sock, endpoint, "publish", curve, ctx)
         except BaseException:
             self._term_own_context()
@@ -320,8 +325,10 @@ class Publisher:
         self._term_own_context()
 
     def _term_own_context(self) -> None:
-        if self._own_context is not None and not self._own_context.closed:
-            self._own_context.term()
+        with self._lock:  # once: a second close() must not wait on a context being terminated
+            ctx, self._own_context = self._own_context, None
+        if ctx is not None:
+            ctx.term()
 
     def __enter__(self) -> Publisher:
         return self
@@ -370,13 +377,26 @@ class StatsWindow:
     def fps(self, at: float | None = None) -> float:
         """Frames per second over the window; with ``at`` (a time), up to then, so the rate
         falls while frames stop coming, and is 0 once none came for ``STALLED`` seconds
-        (or two of the last intervals, for a tracker slower than that)."""
-        if len(self._done) < 2:
+        (or two of the last intervals, for a tracker slower than that).  Once frames come
+        again, the rate is theirs: a stop (a pause, an outage) in the window is left out."""
+        done = self._since_last_stop()
+        if len(done) < 2:
             return 0.0
-        if at is not None and at - self._done[-1] > max(self.STALLED, 2 * (self._done[-1] - self._done[-2])):
+        if at is not None and self._stopped(done[-2], done[-1], at):
             return 0.0
-        span = max(self._done[-1], at if at is not None else -math.inf) - self._done[0]
-        return (len(self._done) - 1) / span if span > 0 else 0.0
+        span = max(done[-1], at if at is not None else -math.inf) - done[0]
+        return (len(done) - 1) / span if span > 0 else 0.0
+
+    def _stopped(self, before: float, last: float, now_: float) -> bool:
+        return now_ - last > max(self.STALLED, 2 * (last - before))
+
+    def _since_last_stop(self) -> list[float]:
+        done = list(self._done)
+        start = 0
+        for i in range(1, len(done)):
+            if self._stopped(done[i - 2] if i >= 2 else done[i - 1], done[i - 1], done[i]):
+                start = i
+        return done[start:]
 
     def latency(self) -> dict[str, Latency]:
         out = {}

@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from functools import partial
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -245,6 +246,7 @@ class Supervisor:
         ctx = mp.get_context("spawn")
         total = RunSummary()
         started = time.monotonic()
+        tracked = 0.0  # seconds the trackers ran, each from its "running" to its end
         sub = None
         backoff = self.sup.backoff_initial
         failed_starts = 0
@@ -257,6 +259,7 @@ class Supervisor:
                 child = _Child.start(ctx, config, self.sup.log_level)
                 self.pid = child.proc.pid
                 child_started = time.monotonic()
+                running_since: float | None = None
                 outcome = None
                 looked = time.monotonic()
                 while outcome is None:
@@ -272,6 +275,7 @@ class Supervisor:
                                 sub = self._subscribe(config)
                         elif kind == "running":
                             self._set_state(TrackerState.RUNNING)
+                            running_since = time.monotonic()
                         elif kind in _PROGRESS_REPORTS:
                             self._note_progress(child, kind, data)
                         elif kind in ("done", "user_error", "error"):
@@ -292,6 +296,8 @@ class Supervisor:
                     else:
                         child.proc.join(0.05)
                 self._drain(sub)
+                if running_since is not None:
+                    tracked += time.monotonic() - running_since
                 kind, data = outcome
                 if kind == "done":
                     _add(total, RunSummary(**data))
@@ -342,6 +348,7 @@ class Supervisor:
                 sub.close()
             restore()
         total.seconds = time.monotonic() - started
+        total.starting = max(0.0, total.seconds - tracked)  # starts, loads, waits to restart
         if self.interrupted_by is not None:
             total.interrupted = True
         return total
@@ -504,6 +511,13 @@ class _Child:
 
     @classmethod
     def start(cls, ctx, config: RunConfig, log_level: int | None) -> _Child:
+        # The configuration goes down the lifeline, from a thread: it can be megabytes (a
+        # restart's objects come back with their masks), more than a pipe holds, and a
+        # child that dies before reading it all must not block the supervisor.  As a
+        # Process argument it did: multiprocessing writes those with the pipe's read end
+        # still open on this side, so the write waited forever.  Pickled here, before the
+        # child starts: what cannot be pickled fails now, not as a child that never starts.
+        payload = bytes(reduction.ForkingPickler.dumps(config))
         report_r, report_w = ctx.Pipe(duplex=False)
         life_r, life_w = ctx.Pipe(duplex=False)
         level = logging.getLogger().getEffectiveLevel() if log_level is None else log_level
@@ -515,19 +529,14 @@ class _Child:
         report_w.close()
         life_r.close()
         child = cls(proc, report_r, life_w)
-        # The configuration goes down the lifeline, from a thread: it can be megabytes (a
-        # restart's objects come back with their masks), more than a pipe holds, and a
-        # child that dies before reading it all must not block the supervisor.  As a
-        # Process argument it did: multiprocessing writes those with the pipe's read end
-        # still open on this side, so the write waited forever.
-        child._sender = threading.Thread(target=child._send, args=(config,), name="tracker-config",
+        child._sender = threading.Thread(target=child._send, args=(payload,), name="tracker-config",
                                          daemon=True)
         child._sender.start()
         return child
 
-    def _send(self, config: RunConfig) -> None:
+    def _send(self, payload: bytes) -> None:
         try:
-            self._lifeline.send(config)
+            self._lifeline.send_bytes(payload)
         except (OSError, ValueError):  # the child is gone (its exit says how)
             pass
 

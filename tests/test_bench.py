@@ -129,9 +129,13 @@ def test_loop_times_keep_the_last_frames_and_report_medians_in_ms():
     now = times.add("launch", since)
     assert times.seconds["launch"][0] == pytest.approx(now - since)  # measured up to the returned now
     for seconds in (0.001, 0.002, 0.009):  # push the 0.5 s out of the window
-        times.seconds["launch"].append(seconds)
+        times.record("launch", seconds)
     times.record("read", 0.004)
     assert times.medians_ms() == pytest.approx({"launch": 2.0, "read": 4.0})  # phases never seen: absent
+    # A benchmark's warm-up frames are left out where still kept: the first read is, the
+    # first launch (0.5 s) is gone already, so its medians stay those of the last three.
+    assert times.medians_ms(skip_first=1) == pytest.approx({"launch": 2.0})
+    assert times.medians_ms(skip_first=2) == pytest.approx({"launch": 5.5})
 
 
 class _NoObjectsEngine:
@@ -387,7 +391,7 @@ def test_a_tracker_stopped_by_ctrl_c_stops_the_benchmark_too(monkeypatch):
 
     monkeypatch.setattr(bench_stream.Tracker, "run", lambda self: RunSummary(interrupted=True))
     with pytest.raises(KeyboardInterrupt):
-        bench_stream._run_tracker(RunConfig(source="clip.mp4", stream="bench"), engine=None)
+        bench_stream._run_tracker(RunConfig(source="clip.mp4", stream="bench"), engine=None, warmup=0)
 
 
 def test_engine_bench_times_both_sides_and_checks_they_agree(capsys, tiny_checkpoint, tmp_path, monkeypatch):

@@ -156,6 +156,10 @@ def pid_alive(pid: int) -> bool:
      "stream 'b': save_jsonl /out/r.jsonl is also written by stream 'a' (save_jsonl): give each stream"),
     (lambda d: (d["streams"][0].update(save_masks="/out/m"), d["streams"][1].update(save_video="/out/m")),
      "stream 'b': save_video /out/m is also written by stream 'a' (save_masks)"),
+    # stdout is the actor's, not the user's: a dash (stdout for `run`) is refused too
+    (lambda d: d["streams"][0].update(save_jsonl="-"),
+     "stream 'a': save_jsonl /dev/stdout: a stream's outputs are written by its actor"),
+    (lambda d: d["defaults"].update(save_video="/dev/fd/1"), "save_video /dev/fd/1: a stream's outputs"),
     (lambda d: d["fleet"].update(bind="not a host!"), "fleet: bind: 'not a host!' is not a host name"),
     # one port written two ways, a wildcard host, the fleet control's own port
     (lambda d: (d["streams"][0].update(publish="tcp://127.0.0.1:5601"),

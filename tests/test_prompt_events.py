@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import time
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -303,6 +304,10 @@ def test_a_new_object_past_the_highest_id_gets_the_lowest_free_one():
     """Ids stop at 2**31 - 1: one more would be tracked but could never be removed or refined."""
     tracker = tracker_with(ids=[1, 2**31 - 1])
     assert add(tracker, 2**31 - 1, box=[1, 2, 30, 40], new=True)["obj_id"] == 2
+    # With --save-masks, past the PNGs' 255: not 256, which the writer could not store.
+    pngs = tracker_with(ids=[1, 255])
+    pngs.config = replace(pngs.config, save_masks="masks")
+    assert add(pngs, 255, box=[1, 2, 30, 40], new=True)["obj_id"] == 2
     full = tracker_with(ids=[1, 2], max_objects=2)
     with pytest.raises(PromptError, match="^a new object: 2 objects are tracked"):  # not "object 3"
         add(full, 1, box=[1, 2, 30, 40], new=True)

@@ -395,8 +395,14 @@ def test_stats_window_percentiles_and_fps() -> None:
     # Frames stop coming (an outage): up to a time, the rate falls, then it is 0.
     assert win.fps(at=11.02) == pytest.approx(49 / (11.02 - 5.03))
     assert win.fps(at=12.5) == 0.0
+    # Frames again, at 5 fps: their rate, not one over a window that holds the stop.
+    for i in range(10):
+        win.add(FrameResult(stream="cam0", seq=100 + i, frame_id=100 + i, pts=None, width=1, height=1,
+                            t={"publish": 20.0 + i / 5}))
+    assert win.fps() == pytest.approx(5.0)
+    assert win.fps(at=21.9) == pytest.approx(9 / 1.9)
     snap = win.snapshot(dropped={"queue_full": 2}, memory_bytes=10, time=9.0)
-    assert snap.frames == 100 and snap.dropped == {"queue_full": 2}
+    assert snap.frames == 110 and snap.dropped == {"queue_full": 2}
     assert Stats.from_json(snap.to_json()) == snap
 
 

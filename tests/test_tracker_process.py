@@ -330,9 +330,13 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
     # On a line of its own, not after the killed tracker's unfinished progress bar.
     died = r"^WARNING streamtrack.supervisor: tracker process died .*restart 1"
     assert re.search(died, proc.err(), re.M), proc.err()
-    # The summary counts both trackers' frames (a frame processed again counts twice).
-    summary = re.search(r"^(\d+) frames in ", proc.err(), re.M)
+    # The summary counts both trackers' frames (a frame processed again counts twice), and
+    # its fps leaves out both starts and the wait before the restart.
+    summary = re.search(r"^(\d+) frames in ([0-9.]+) s \(([0-9.]+) fps; ([0-9.]+) s of it starting\)",
+                        proc.err(), re.M)
     assert summary and FRAMES <= int(summary.group(1)) <= FRAMES + 2, proc.err()
+    frames, seconds, fps, starting = int(summary.group(1)), *map(float, summary.groups()[1:])
+    assert 0 < starting < seconds and fps == pytest.approx(frames / (seconds - starting), rel=0.05, abs=0.05)
 
 
 @pytest.mark.timeout(200)

@@ -276,43 +276,60 @@ def test_publisher_never_blocks_on_a_stalled_subscriber(pub: Publisher) -> None:
         elapsed = time.monotonic() - t0
         assert elapsed < 10  # would hang forever if a send blocked
         assert pub.sent + pub.send_failures == 300
+        # What is queued for the stalled one is given CLOSE_FLUSH_MS, no more; a close()
+        # from another thread meanwhile returns too (it waited forever on the first's).
         t0 = time.monotonic()
-        pub.close()  # what is queued for the stalled one is given CLOSE_FLUSH_MS, no more
+        closers = [threading.Thread(target=pub.close) for _ in range(2)]
+        for c in closers:
+            c.start()
+        for c in closers:
+            c.join(CLOSE_FLUSH_MS / 1000 + 5)
+        assert not any(c.is_alive() for c in closers)
         assert time.monotonic() - t0 < CLOSE_FLUSH_MS / 1000 + 5
     finally:
         stalled.close()
 
 
-def test_closing_publisher_delivers_what_it_queued(tmp_path: Path) -> None:
+def test_closing_publisher_delivers_what_it_queued() -> None:
     """A run's last result and its "stopped" event are the last messages sent before the
-    process exits: close() waits for them to go out (a socket closed with nothing to wait
-    for dropped what ZeroMQ had not written yet)."""
-    frame = np.random.default_rng(0).integers(0, 255, (1080, 1920, 3), dtype=np.uint8)  # ~3 MB JPEGs
+    process exits: close() waits (up to CLOSE_FLUSH_MS) for them to go out to a subscriber
+    that is still reading; a socket closed with nothing to wait for dropped what ZeroMQ
+    had not written yet."""
+    blob = "x" * 3_000_000  # 3 MB messages, made at once: more than the kernel's socket buffers hold
     ctx = zmq.Context()  # of its own, as another process's would be
-    for trial in range(3):
-        pub = Publisher(ANY_PORT, "cam0")
-        sub = ctx.socket(zmq.SUB)  # every message, none conflated
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(pub.endpoint)
-        try:
-            deadline = time.monotonic() + 5
-            while not sub.poll(50):  # past ZeroMQ's slow-joiner window
-                assert time.monotonic() < deadline, "subscriber never connected"
-                pub.publish_status("hello", {})
-            while sub.poll(50):
-                sub.recv_multipart()
-            for i in range(12):
-                assert pub.publish_frame(i, frame, quality=100)
-            pub.close()
-            got = 0
-            while got < 12 and sub.poll(3000):
-                sub.recv_multipart()
-                got += 1
-            assert got == 12, (trial, got)
-        finally:
-            sub.close()
-    ctx.term()
+    pub = Publisher(ANY_PORT, "cam0")
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 1)  # a reader that takes its time: the rest waits on the tracker's side
+    sub.setsockopt(zmq.RCVBUF, 16384)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(pub.endpoint)
+    got = []
+    try:
+        deadline = time.monotonic() + 5
+        while not sub.poll(50):  # past ZeroMQ's slow-joiner window
+            assert time.monotonic() < deadline, "subscriber never connected"
+            pub.publish_status("hello", {})
+        while sub.poll(50):
+            sub.recv_multipart()
+
+        def read() -> None:
+            while len(got) < 12 and sub.poll(3000):
+                got.append(sub.recv_multipart())
+                time.sleep(0.02)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        for i in range(12):
+            pub.publish_status("bulk", {"i": i, "blob": blob})
+        assert pub.send_failures == 0
+        pub.close()
+        reader.join(10)
+        assert len(got) == 12
+    finally:
+        pub.close()
+        sub.close()
+        ctx.term()
 
 
 def test_an_oversize_subscription_is_refused_and_others_are_served(pub: Publisher) -> None:
