@@ -359,6 +359,9 @@ class Fleet:
 
     def _restart(self, stream: _Stream, actor: _Actor, why: str) -> None:
         """Start ``stream`` again on ``actor`` from its last published masks."""
+        # Those still queued in this driver's subscription first: a fenced stream went on
+        # tracking while it stopped, and seeding from older masks would publish its seqs again.
+        self._drain_stream_masks(stream)
         stream.restarts += 1
         before = stream.run_config.resume or Resume()
         rc = stream.spec.run_config()
@@ -633,11 +636,14 @@ class Fleet:
 
     def _drain_masks(self) -> None:
         for stream in self.streams.values():
-            if stream.sub is None:
-                continue
-            while (msg := stream.sub.recv(timeout=0)) is not None:
-                if msg.result is not None and msg.stream == stream.spec.name:
-                    stream.seen.update(msg.result)
+            self._drain_stream_masks(stream)
+
+    def _drain_stream_masks(self, stream: _Stream) -> None:
+        if stream.sub is None:
+            return
+        while (msg := stream.sub.recv(timeout=0)) is not None:
+            if msg.result is not None and msg.stream == stream.spec.name:
+                stream.seen.update(msg.result)
 
     def _all_ended(self) -> bool:
         return not self._starts and all(s.ended for s in self.streams.values())

@@ -159,25 +159,37 @@ class FleetActor:
             return self._stop_stream(name, timeout)
 
     def _stop_stream(self, name: str, timeout: float = _STOP_TIMEOUT) -> dict[str, Any]:
+        stopped = self._stop_streams([name], timeout)
+        return {"name": name, "state": StreamState.STOPPED if stopped else "unknown"}
+
+    def _stop_streams(self, names: list[str], timeout: float = _STOP_TIMEOUT) -> list[str]:
+        """Stop these streams together: all are told first, then waited for, so that their
+        last frames and outputs (a publisher gives its subscribers up to a second) overlap
+        instead of adding up.  Returns the names of those that were there to stop."""
+        told = []
         with self._lock:  # ordered with a start deciding whether to start its thread
-            stream = self._streams.get(name)
-            if stream is None:
-                return {"name": name, "state": "unknown"}
-            stream.stop_requested = True
-        if stream.tracker is not None:
-            stream.tracker.stop()
-        if stream.thread is not None:
-            stream.thread.join(timeout)
-        with self._lock:
-            # Listed until its thread has ended: a driver that found it gone would start it
-            # again on the same endpoints while this one still held them (a fence racing
-            # the driver's polls after the actor was frozen).
-            if self._streams.get(name) is stream:
-                del self._streams[name]
-            if stream.thread is not None and stream.thread.is_alive():
-                log.warning("stream %s did not stop within %.0f s (hung?)", name, timeout)
-                self._stuck[name] = stream.thread
-        return {"name": name, "state": StreamState.STOPPED}
+            for name in names:
+                stream = self._streams.get(name)
+                if stream is not None:
+                    stream.stop_requested = True
+                    told.append((name, stream))
+        for _, stream in told:
+            if stream.tracker is not None:
+                stream.tracker.stop()
+        deadline = time.monotonic() + timeout
+        for name, stream in told:
+            if stream.thread is not None:
+                stream.thread.join(max(0.0, deadline - time.monotonic()))
+            with self._lock:
+                # Listed until its thread has ended: a driver that found it gone would start it
+                # again on the same endpoints while this one still held them (a fence racing
+                # the driver's polls after the actor was frozen).
+                if self._streams.get(name) is stream:
+                    del self._streams[name]
+                if stream.thread is not None and stream.thread.is_alive():
+                    log.warning("stream %s did not stop within %.0f s (hung?)", name, timeout)
+                    self._stuck[name] = stream.thread
+        return [name for name, _ in told]
 
     def stop_all(self, timeout: float = 10.0) -> dict[str, int]:
         """Stop every stream, then return each one's frames (the driver kills the actor
@@ -258,8 +270,7 @@ class FleetActor:
                 log.warning("no word from the fleet driver for %.0f s (cut off from the cluster?): "
                             "stopping stream(s) %s, which Ray will restart elsewhere", silent,
                             ", ".join(sorted(names)))
-                for name in names:
-                    self._stop_stream(name)
+                self._stop_streams(names)
             self._heard = time.monotonic()  # warn once per silence, not every second
 
     def _engine(self, config: RunConfig, key: ModelKey):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import ray
 import yaml
@@ -267,6 +268,46 @@ def test_an_actor_is_released_only_once_its_streams_are_closed(tmp_path):
     assert [c for c, _ in calls] == ["start_stream", "stop_stream"]
     report({})  # gone: its files are whole
     assert [c for c, _ in calls] == ["start_stream", "stop_stream", "kill"] and actor.released
+
+
+def test_a_fenced_stream_restarts_after_the_masks_still_queued_for_the_driver(tmp_path):
+    """A fenced stream tracks on while it stops; the masks it published meanwhile may still
+    wait in the driver's subscription when the actor stops listing it.  Seeded from the
+    older ones, the restart published those seqs again (5 of 8 streams, ~10 results each)."""
+    from streamtrack.fleet import _Actor
+    from streamtrack.fleet_spec import plan_actors
+    from streamtrack.protocol import FrameResult, ObjectResult
+    from streamtrack.subscriber import Message
+
+    calls: list[tuple[str, tuple]] = []
+
+    class Handle:
+        def __getattr__(self, method):
+            return SimpleNamespace(remote=lambda *args: calls.append((method, args)) or len(calls))
+
+    def result(seq: int) -> FrameResult:
+        mask = np.zeros((24, 32), bool)
+        mask[2:9, 3:7] = True
+        return FrameResult(stream="cam", seq=seq, frame_id=seq, pts=None, width=32, height=24,
+                           objects=[ObjectResult.from_mask(1, mask, score=0.9)])
+
+    queued = [result(116), result(120)]
+    doc = fleet_doc(tmp_path, tmp_path / "ckpt.pt", [stream_entry("cam", "cam.mp4", [BOX1])])
+    fleet = Fleet(parse_fleet(doc, "f.yaml"))
+    actor = _Actor(plan=plan_actors(fleet.spec.streams, fleet.options, 0.0)[0],
+                   key=fleet.spec.streams[0].model_key, handle=Handle())
+    fleet.actors[actor.plan.name] = actor
+    fleet._add(fleet.spec.streams[0], actor)
+    cam = fleet.streams["cam"]
+    cam.starting, cam.state = False, "running"
+    cam.seen.update(result(108))
+    cam.sub = SimpleNamespace(recv=lambda timeout: Message(topic="masks/cam", kind="masks", stream="cam",
+                                                           received=0.0, result=queued.pop(0))
+                              if queued else None)
+    actor.last_report = cam.started_at + 1  # a report asked for after the stream started
+    fleet._on_report(actor, {"incarnation": "1", "pid": 1, "node": "n", "stuck": [], "streams": {}})
+    (method, (run_config, _)), = calls[1:]
+    assert method == "start_stream" and run_config.resume.seq_start == 121
 
 
 def test_a_name_removed_is_added_again_only_once_its_stop_has_run(tmp_path):
@@ -956,6 +997,35 @@ def test_an_actor_the_driver_stops_polling_stops_its_streams(tiny_checkpoint, cl
         actor.stop_all()
     with pytest.raises(UserError, match="fence_after must be a number of seconds >= 2"):
         parse_fleet(fleet_doc(tmp_path, tiny_checkpoint, [entry], fence_after=0.5), "f.yaml")
+
+
+def test_a_fence_stops_its_streams_together_not_one_after_another():
+    """Each stream takes a while to stop (its last frame; its publisher gives stalled
+    subscribers up to a second, and a fenced actor's driver is one): told one by one,
+    30 streams took about as long as the fence itself.  All are told before any is waited for."""
+    from streamtrack.fleet_actor import FleetActor, _Stream
+
+    events: list[str] = []
+    actor = FleetActor("fleet-0")
+
+    def stream(name: str) -> _Stream:
+        stopped = threading.Event()
+        tracker = SimpleNamespace(stop=lambda: (events.append(f"told {name}"), stopped.set()))
+
+        def run() -> None:
+            stopped.wait(10)
+            time.sleep(0.2)  # the last frame, the outputs
+            events.append(f"ended {name}")
+
+        s = _Stream(config=None, tracker=tracker, thread=threading.Thread(target=run), state="running")
+        s.thread.start()
+        return s
+
+    actor._streams = {name: stream(name) for name in ("a", "b", "c")}
+    assert sorted(actor._stop_streams(["a", "b", "c", "gone"])) == ["a", "b", "c"]
+    assert sorted(events[:3]) == ["told a", "told b", "told c"] and len(events) == 6, events
+    assert actor._streams == {}
+    assert actor._stop_stream("a") == {"name": "a", "state": "unknown"}
 
 
 def test_a_camera_given_up_on_is_listed_failed_with_its_error(tiny_checkpoint, tmp_path):
