@@ -243,10 +243,10 @@ class RunSummary:
         drops = sum(self.dropped.values())
         objs = ", ".join(f"{k}:{v}" for k, v in sorted(self.objects.items())) or "none"
         how = " (interrupted)" if self.interrupted else ""
-        untracked = [f"{s:.1f} s {what}" for s, what in ((self.starting, "starting"),
-                                                        (self.waited, "waiting for a prompt")) if s >= 0.05]
-        of_it = f"; {untracked[0].replace(' s ', ' s of it ', 1)}" if untracked else ""
-        of_it += "".join(f", {x}" for x in untracked[1:])
+        untracked = [(s, what) for s, what in ((self.starting, "starting"),
+                                               (self.waited, "waiting for a prompt")) if s >= 0.05]
+        of_it = "".join(f"; {s:.1f} s of it {what}" if i == 0 else f", {s:.1f} s {what}"
+                        for i, (s, what) in enumerate(untracked))
         return (f"{self.frames} frames in {self.seconds:.1f} s ({self.fps:.2f} fps{of_it}), {lat}, "
                 f"{drops} dropped, objects {objs}{how}")
 

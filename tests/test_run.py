@@ -89,6 +89,12 @@ def test_summary_line_gives_latency_for_live_sources_and_step_time_for_read_ahea
     read_ahead = RunSummary(frames=3, seconds=1.0, latency_p50=9.0, latency_p95=9.5, step_p50=0.05,
                             read_ahead=True)
     assert "step p50 50 ms" in read_ahead.line() and "latency" not in read_ahead.line()
+    # The fps is the tracking's: the start and a wait for a first prompt are said, not counted.
+    assert RunSummary(frames=10, seconds=5.3, starting=1.7, waited=3.0).line().startswith(
+        "10 frames in 5.3 s (16.67 fps; 1.7 s of it starting, 3.0 s waiting for a prompt), ")
+    assert RunSummary(frames=10, seconds=5.3, waited=3.0).line().startswith(
+        "10 frames in 5.3 s (4.35 fps; 3.0 s of it waiting for a prompt), ")
+    assert RunSummary(frames=10, seconds=0.6).line().startswith("10 frames in 0.6 s (16.67 fps), ")
 
 
 def test_later_prompt_adds_the_object_from_that_frame(tracked):
