@@ -196,14 +196,7 @@ class FleetActor:
         next): its last report came before the frames tracked while stopping."""
         with self._lock:
             streams = dict(self._streams)
-        for s in streams.values():
-            s.stop_requested = True
-            if s.tracker is not None:
-                s.tracker.stop()
-        deadline = time.monotonic() + timeout
-        for s in streams.values():
-            if s.thread is not None:
-                s.thread.join(max(0.0, deadline - time.monotonic()))
+        self._stop_streams(list(streams), timeout)
         return {name: s.tracker.frames_seen for name, s in streams.items() if s.tracker is not None}
 
     def report(self) -> dict[str, Any]:
