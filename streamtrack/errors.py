@@ -150,10 +150,14 @@ def stdout_dash(path: str | None) -> str | None:
 _OWN_DESCRIPTOR = re.compile(r"/dev/(stdin|stdout|stderr)|/dev/fd/([0-9]+)|/proc/(self|[0-9]+)/fd/([0-9]+)")
 
 
+def _descriptor_name(path: str | Path) -> re.Match | None:
+    return _OWN_DESCRIPTOR.fullmatch(os.path.normpath(str(path)))
+
+
 def names_a_descriptor(path: str | Path) -> bool:
     """Whether ``path`` is one of the names of a process's own descriptors (/dev/stdout,
     /dev/fd/N, /proc/self/fd/N): the descriptor, not a file, wherever it is opened."""
-    return _OWN_DESCRIPTOR.fullmatch(os.path.normpath(str(path))) is not None
+    return _descriptor_name(path) is not None
 
 
 def own_descriptor(path: str | Path) -> int | None:
@@ -161,7 +165,7 @@ def own_descriptor(path: str | Path) -> int | None:
     ``/dev/fd/N``, ``/proc/self/fd/N``), or None.  Such a path is written through the
     descriptor: opened by name it is a new open of the file behind it, which would
     truncate a shell's ``>> log`` redirection instead of appending to it."""
-    m = _OWN_DESCRIPTOR.fullmatch(os.path.normpath(str(path)))
+    m = _descriptor_name(path)
     if m is None or (m.group(3) not in (None, "self") and int(m.group(3)) != os.getpid()):
         return None
     fd = ("stdin", "stdout", "stderr").index(m.group(1)) if m.group(1) else int(m.group(2) or m.group(4))

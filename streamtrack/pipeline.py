@@ -1136,6 +1136,6 @@ def _log_source_change(name: str, event: SourceEvent, give_up_after: float | Non
 def _next_free_id(taken: set[int], highest: int = MAX_OBJ_ID) -> int:
     """The id after the highest one taken, or, past ``highest``, the lowest one free (or
     ``highest + 1`` when none is: refused then, as any id out of range)."""
-    if max(taken) < highest:
-        return max(taken) + 1
+    if (top := max(taken)) < highest:
+        return top + 1
     return next((i for i in range(1, highest + 1) if i not in taken), highest + 1)
