@@ -67,6 +67,9 @@ class OutputsConfig:
     publish_frames: bool = False  # JPEG previews on frames/<stream>
     restarts: int = 0  # a restarted tracker's mask PNGs replace the dead one's quietly
     video_part: int = 1  # 1: NAME.mp4; n: NAME.partn.mp4 (a restarted tracker's)
+    # Frames up to this id are in earlier parts: a file's frames processed again after a
+    # restart go to the JSONL again, not to the video.
+    video_through: int = -1
     # Results of this run are in the files already (a restart after some were written):
     # the JSONL is appended to instead of replaced.
     continued: bool = False
@@ -152,7 +155,7 @@ class Outputs:
         if self.masks is not None:
             by_id = {o.obj_id: m for o, m in zip(result.objects, masks, strict=True)}
             self.masks.write(result.frame_id, by_id, (result.height, result.width))
-        if self.video is not None and image is not None:
+        if self.video is not None and image is not None and result.frame_id > self.config.video_through:
             self.video.write(annotate(image, [
                 Annotation(o.obj_id, m, o.bbox, o.score) for o, m in zip(result.objects, masks, strict=True)
             ]), result.pts)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import math
 import os
 import stat
+import threading
+import time
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -233,37 +236,81 @@ _FRAGMENTED_SUFFIXES = (".mp4", ".mov", ".m4v")
 _MS = Fraction(1, 1000)
 
 
+def _scan_fragments(f, start: int, size: int) -> tuple[int, int | None]:
+    """The whole fragments (a ``moof`` and its ``mdat``: one frame each) of an open
+    fragmented MP4 from ``start`` (a box boundary), and where to cut it so that it ends
+    with the last whole one: at the ``moof`` (or the ``mfra`` index) before a box that runs
+    past the end, or a ``moof`` that ends the file; None when nothing is torn."""
+    pos = cut = start
+    kind = previous = b""
+    fragments = 0
+    while pos < size:
+        f.seek(pos)
+        header = f.read(16)
+        box = int.from_bytes(header[:4], "big") if len(header) >= 8 else 0
+        kind = header[4:8]
+        if box == 1 and len(header) == 16:  # a 64-bit size follows the type
+            box = int.from_bytes(header[8:16], "big")
+        elif box == 0 and len(header) >= 8:  # runs to the end of the file
+            box = size - pos
+        if kind in (b"moof", b"mfra"):
+            cut = pos
+        if box < 8 or pos + box > size:
+            return fragments, cut
+        fragments += kind == b"mdat" and previous == b"moof"
+        previous = kind
+        pos += box
+    return fragments, (cut if kind == b"moof" else None)  # no fragment without its data
+
+
 def _cut_torn_fragment(path: Path, start: int) -> bool:
-    """Cut a fragmented MP4 back to its last whole fragment if a box after ``start`` (a
-    fragment boundary) runs past the end of the file, or a ``moof`` ends it; True if it
-    did.  A fragment is a ``moof`` and its ``mdat``: cut at the ``moof`` (or the ``mfra``
-    index) before the tear."""
+    """Cut a fragmented MP4 back to its last whole fragment after ``start`` (a fragment
+    boundary) if its end is torn; True if it did."""
     try:
         with open(path, "r+b") as f:
-            size = f.seek(0, os.SEEK_END)
-            pos = cut = start
-            kind = b""
-            while pos < size:
-                f.seek(pos)
-                header = f.read(16)
-                box = int.from_bytes(header[:4], "big") if len(header) >= 8 else 0
-                kind = header[4:8]
-                if box == 1 and len(header) == 16:  # a 64-bit size follows the type
-                    box = int.from_bytes(header[8:16], "big")
-                elif box == 0 and len(header) >= 8:  # runs to the end of the file
-                    box = size - pos
-                if kind in (b"moof", b"mfra"):
-                    cut = pos
-                if box < 8 or pos + box > size:
-                    break
-                pos += box
-            else:
-                if kind != b"moof":  # every box whole, and no fragment without its data
-                    return False
+            _, cut = _scan_fragments(f, start, f.seek(0, os.SEEK_END))
+            if cut is None:
+                return False
             f.truncate(cut)
             return True
     except OSError:
         return False
+
+
+def frames_in_video_part(path: str | Path, timeout: float, stop: threading.Event | None = None) -> int | None:
+    """The frames in a ``--save-video`` part whose writer is gone (a killed tracker's),
+    once it is done with the file: a tracker's emitter process can outlive it by a moment
+    and close the file, adding the frame its muxer held.  A torn end is cut off first, so
+    the part plays.  0 when there is no such file; None when the frames cannot be counted
+    (a container other than fragmented MP4, a pipe, no access) or the writer did not let
+    go of the file within ``timeout`` seconds (or ``stop`` was set)."""
+    path = Path(path)
+    if path.suffix.lower() not in _FRAGMENTED_SUFFIXES:
+        return None
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe, a device
+            return None
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+    with f:
+        deadline = time.monotonic() + timeout
+        while True:  # VideoWriter holds a lock on its file as long as it writes it
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline or (stop.wait(0.05) if stop else time.sleep(0.05)):
+                    return None
+            except OSError:  # a file system without locks: its writer is gone, or so we take it
+                break
+        size = f.seek(0, os.SEEK_END)
+        fragments, cut = _scan_fragments(f, 0, size)
+        if cut is not None:
+            f.truncate(cut)
+        return fragments
 
 
 def _interval(earlier: float | None, later: float | None) -> float | None:
@@ -321,6 +368,7 @@ class VideoWriter:
         # The file's size after the last write that went through: a write that fails (a
         # full disk) is cut back to it, since a torn last fragment fails a decoder.
         self._whole: int | None = None
+        self._lock: int | None = None  # a descriptor of the file holding a lock on it
         # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames a
         # second): its frames go at the source's rate.
         self._timed = self.path.suffix.lower() != ".avi"
@@ -405,9 +453,25 @@ class VideoWriter:
             if self._whole is not None:  # ...and nothing after it
                 with contextlib.suppress(OSError):
                     os.truncate(self.path, self._whole)
+            self._unlock()
             raise UserError(self._failed) from None
         if self._whole is not None:  # each frame is flushed as a fragment of its own
             self._whole = os.stat(self.path).st_size
+            self._lock_file()
+
+    def _lock_file(self) -> None:
+        """Hold a lock on the file (there once a frame is muxed) while it is written: a
+        supervisor counts a dead tracker's frames in it once its writer let go of it (see
+        :func:`frames_in_video_part`)."""
+        if self._lock is None:
+            with contextlib.suppress(OSError):  # no locks on this file system: nothing waits
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    raise
+                self._lock = fd
 
     def _timestamp_ms(self, pts: float | None) -> int:
         """Milliseconds from the first frame, always increasing (a loop or a restart of the
@@ -436,7 +500,10 @@ class VideoWriter:
             if self._held is not None and not self._failed:  # a video of one frame
                 self._write_held()
         finally:
-            self._close_container()
+            try:
+                self._close_container()
+            finally:
+                self._unlock()  # last: a torn end is cut back first
 
     def _close_container(self) -> None:
         import av
@@ -457,6 +524,11 @@ class VideoWriter:
                 self._failed = (f"cannot finish video {self.path}: its end was not written whole (is the "
                                 "disk full?); cut back to the last whole frame")
                 raise UserError(self._failed)
+
+    def _unlock(self) -> None:
+        if self._lock is not None:  # the file is done with
+            lock, self._lock = self._lock, None
+            os.close(lock)
 
     def _close_pipe(self) -> None:
         if self._pipe is not None:

@@ -83,6 +83,9 @@ class Resume:
     # The --save-video part this tracker writes: 1 is NAME.mp4, then NAME.part2.mp4, ...
     # (a tracker whose part got no frame leaves its number to the next).
     video_part: int = 1
+    # A file's last frame id in the earlier parts: frames the dead tracker wrote to its
+    # part but had not reported are processed again, and not written to the video twice.
+    video_through: int = -1
 
 
 @dataclass
@@ -185,6 +188,7 @@ class RunConfig:
             save_video=self.save_video, publish_frames=self.publish_frames,
             restarts=self.resume.restarts if self.resume else 0, curve=self.curve,
             video_part=self.resume.video_part if self.resume else 1,
+            video_through=self.resume.video_through if self.resume else -1,
             continued=bool(self.resume and (self.resume.frames_done or self.resume.skip_to_frame)),
         )
 

@@ -71,6 +71,9 @@ from streamtrack.tracking import Prompt
 log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2  # the child's exit code for "do not restart me"
+# Seconds a dead tracker's video part may stay in its emitter process's hands (which close
+# it once they notice) before a restart goes by the tracker's reports instead.
+VIDEO_WRITER_GONE_TIMEOUT = 15.0
 
 
 class SupervisorGaveUp(RuntimeError):
@@ -380,14 +383,30 @@ class Supervisor:
         """Seed masks and position for the next child, from the masks stream, with the
         control prompts it had not finished (it reports them again once it runs), after
         a child that reported ``emitted`` results written."""
+        from streamtrack.emitter import video_part_path
+        from streamtrack.outputs import frames_in_video_part
+
         before = config.resume or Resume()
-        # The video holds a frame until the next comes: in the dead child's part once it
-        # reported one (a file's child reports a result once the next is written) or two.
-        in_video = emitted >= (1 if config.resumable_file else 2)
+        part, through = before.video_part, before.video_through
+        frames = None
+        if config.save_video:
+            # Counted in the file: the tracker reports a frame a moment after it is in
+            # there, and its emitter process may outlive it and close the part.
+            frames = frames_in_video_part(video_part_path(config.save_video, part),
+                                          VIDEO_WRITER_GONE_TIMEOUT, self._stop)
+        if frames is None:
+            # By the reports: the video holds a frame until the next comes, so it is in the
+            # part once the child reported one (a file's child reports a result once the
+            # next is written) or two.
+            part += emitted >= (1 if config.resumable_file else 2)
+        elif frames:
+            part += 1
+            if config.resumable_file:  # the part's frames follow on from the previous one's
+                through = max(before.skip_to_frame, before.video_through + 1) + frames - 1
         resume = replace(resume_from_seen(self._seen, before, self.restarts,
                                           written_only=config.resumable_file),
                          queued=self._seen.unfinished_prompts(),
-                         video_part=before.video_part + in_video)
+                         video_part=part, video_through=through)
         self._seen.queued, self._seen.applied = {}, []
         return resume
 

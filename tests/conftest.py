@@ -94,6 +94,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def assert_summary_fps(frames: int, fps: float, seconds: float, *untracked: float) -> None:
+    """The summary line's fps (printed to 0.01) is ``frames`` over the run's ``seconds``
+    less its ``untracked`` ones, each figure as printed: to 0.1 s, so up to 0.05 s off."""
+    tracked, slack = seconds - sum(untracked), 0.05 * (1 + len(untracked))
+    low = frames / (tracked + slack)
+    high = frames / (tracked - slack) if tracked > slack else float("inf")
+    assert low - 0.005 <= fps <= high + 0.005, (frames, fps, seconds, untracked)
+
+
 def exits_within(pid: int, timeout: float) -> bool:
     """True once ``pid`` is gone or a zombie (exited; only its parent has not reaped it)."""
     import time
