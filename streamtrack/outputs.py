@@ -369,6 +369,7 @@ class VideoWriter:
         # full disk) is cut back to it, since a torn last fragment fails a decoder.
         self._whole: int | None = None
         self._lock: int | None = None  # a descriptor of the file holding a lock on it
+        self._lock_tried = False
         # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames a
         # second): its frames go at the source's rate.
         self._timed = self.path.suffix.lower() != ".avi"
@@ -463,7 +464,8 @@ class VideoWriter:
         """Hold a lock on the file (there once a frame is muxed) while it is written: a
         supervisor counts a dead tracker's frames in it once its writer let go of it (see
         :func:`frames_in_video_part`)."""
-        if self._lock is None:
+        if not self._lock_tried:
+            self._lock_tried = True
             with contextlib.suppress(OSError):  # no locks on this file system: nothing waits
                 fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
