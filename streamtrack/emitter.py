@@ -45,7 +45,7 @@ import zmq
 
 from streamtrack import childproc
 from streamtrack.curve import CurveServer
-from streamtrack.errors import HelperProcessError, UserError
+from streamtrack.errors import HelperProcessError, ReaderGone, UserError
 from streamtrack.overlay import Annotation, annotate
 from streamtrack.protocol import FrameResult, Stats, StatusEvent, encode_mask, now
 from streamtrack.publisher import Publisher, status_event
@@ -350,7 +350,8 @@ class ProcessEmitter:
                         self.error = exc
             elif kind == b"error" and self.error is None:
                 # A user error in the child (a file it cannot write) stays one: one line, exit 2.
-                self.error = (UserError if info.get("user") else EmitterError)(info["message"])
+                cls = ReaderGone if info.get("gone") else UserError if info.get("user") else EmitterError
+                self.error = cls(info["message"])
             elif kind == b"failed":  # the child could not start its outputs
                 cls = UserError if info.get("user") else EmitterError
                 raise cls(info["message"])
@@ -461,17 +462,22 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
                 _handle(outputs, kind, parts, tell)
             except Exception as exc:  # noqa: BLE001
                 failed = True
-                user = isinstance(exc, UserError)
-                message = str(exc) if user else f"{type(exc).__name__}: {exc}"
-                tell(b"error", {"message": message, "user": user})
+                tell(b"error", _error_info(exc))
     finally:
         try:
             outputs.close()
         except Exception as exc:  # noqa: BLE001
             if not failed:
-                tell(b"error", {"message": f"{type(exc).__name__}: {exc}"})
+                tell(b"error", _error_info(exc))
     tell(b"closed")
     return 0
+
+
+def _error_info(exc: Exception) -> dict[str, Any]:
+    """What the tracker needs to raise the child's error again as the same kind of error."""
+    user = isinstance(exc, UserError)
+    return {"message": str(exc) if user else f"{type(exc).__name__}: {exc}", "user": user,
+            "gone": isinstance(exc, ReaderGone)}
 
 
 def _handle(outputs: Outputs, kind: bytes, parts: list, tell: Callable[[bytes, dict], None]) -> None:

@@ -6,6 +6,7 @@ everything else is a runtime failure (exit code 1): a :class:`HelperProcessError
 line too, any other with its traceback (a bug to report).
 """
 
+import errno
 import faulthandler
 import os
 import re
@@ -17,6 +18,16 @@ from pathlib import Path
 
 class UserError(Exception):
     """Bad usage, input, configuration or checkpoint: the message says what to do."""
+
+
+class ReaderGone(UserError):
+    """The reader of an output written to a pipe went away (``run --save-jsonl - | head``):
+    the run stops there, as a shell pipeline expects, its other outputs finished."""
+
+
+def reader_gone(exc: BaseException) -> bool:
+    """Whether a write failed because the pipe's reader went away."""
+    return isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE
 
 
 class CheckpointError(UserError):

@@ -23,7 +23,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from streamtrack.errors import UserError, error_reason, file_in_the_way, looking_into, own_descriptor
+from streamtrack.errors import (
+    ReaderGone,
+    UserError,
+    error_reason,
+    file_in_the_way,
+    looking_into,
+    own_descriptor,
+    reader_gone,
+)
 from streamtrack.overlay import PALETTE
 from streamtrack.protocol import FrameResult
 from streamtrack.sources import ffmpeg_file
@@ -33,8 +41,9 @@ log = logging.getLogger(__name__)
 
 # A palette PNG's pixel is the object id.
 MASK_PNG_MAX_ID = 255
-# What PyAV muxes the H.264 overlay into, by file extension.
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v", ".avi")
+# What PyAV muxes the H.264 overlay into, by file extension (FFmpeg's format names).
+VIDEO_FORMATS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".m4v": "ipod", ".avi": "avi"}
+VIDEO_EXTENSIONS = tuple(VIDEO_FORMATS)
 
 
 def missing_folders(folder: Path) -> list[Path]:
@@ -144,6 +153,8 @@ class JsonlWriter:
             if start is not None:  # the part of the line that fitted: every line left is whole
                 with contextlib.suppress(OSError):
                     os.truncate(self.path, start)
+            if reader_gone(e):
+                raise ReaderGone(f"the reader of --save-jsonl {self.path} went away") from None
             raise UserError(self._failed) from None
 
     def close(self) -> None:
@@ -409,11 +420,16 @@ class VideoWriter:
         options = {"flush_packets": "1"}
         if self.path.suffix.lower() in _FRAGMENTED_SUFFIXES:
             options.update(_FRAGMENTED)
-        # Held open as long as the video: PyAV opens the pipe again only when it writes the
-        # header, and the reader must not see an end of file in between.
+        # A FIFO is written through the descriptor opened here: opened again by FFmpeg (when
+        # it writes the header, at the second frame), it would wait for good if the reader
+        # had gone by then.
         self._pipe = _open_pipe(self.path, "--save-video")
         try:
-            self._container = av.open(ffmpeg_file(self.path), mode="w", options=options)
+            if self._pipe is not None:
+                self._container = av.open(f"pipe:{self._pipe}", mode="w", options=options,
+                                          format=VIDEO_FORMATS[self.path.suffix.lower()])
+            else:
+                self._container = av.open(ffmpeg_file(self.path), mode="w", options=options)
         except (OSError, av.FFmpegError) as e:
             self._close_pipe()
             raise UserError(f"cannot write video {self.path}: {error_reason(e)}") from None
@@ -455,6 +471,8 @@ class VideoWriter:
                 with contextlib.suppress(OSError):
                     os.truncate(self.path, self._whole)
             self._unlock()
+            if reader_gone(e):
+                raise ReaderGone(f"the reader of --save-video {self.path} went away") from None
             raise UserError(self._failed) from None
         if self._whole is not None:  # each frame is flushed as a fragment of its own
             self._whole = os.stat(self.path).st_size
@@ -517,6 +535,8 @@ class VideoWriter:
                     container.mux(self._stream.encode(None))
                 container.close()
             except (OSError, av.FFmpegError) as e:  # e.g. the disk filled up
+                if reader_gone(e):
+                    raise ReaderGone(f"the reader of --save-video {self.path} went away") from None
                 raise UserError(f"cannot finish video {self.path}: {error_reason(e)}") from None
             finally:
                 self._close_pipe()

@@ -34,7 +34,7 @@ from streamtrack.capture_process import check_decode_mode
 from streamtrack.config import Config
 from streamtrack.curve import CurveServer, server_from_options
 from streamtrack.emitter import EmitterError, OutputsConfig, check_emit_mode, make_emitter
-from streamtrack.errors import PromptError, UserError, same_file
+from streamtrack.errors import PromptError, ReaderGone, UserError, same_file
 from streamtrack.models import checkpoint_path
 from streamtrack.outputs import MASK_PNG_MAX_ID
 from streamtrack.protocol import FrameResult, ObjectResult, Timestamps, normalize_endpoint, now, system_port
@@ -221,6 +221,8 @@ class RunSummary:
     # Seconds of ``seconds`` before tracking (the model's load and warm-up; under a
     # supervisor, each tracker process's start and the waits before restarts).
     starting: float = 0.0
+    # What ended the run early: the reader of an output written to a pipe went away.
+    reader_gone: str = ""
 
     @property
     def fps(self) -> float:
@@ -246,7 +248,7 @@ class RunSummary:
             lat = "latency n/a"
         drops = sum(self.dropped.values())
         objs = ", ".join(f"{k}:{v}" for k, v in sorted(self.objects.items())) or "none"
-        how = " (interrupted)" if self.interrupted else ""
+        how = " (interrupted)" if self.interrupted else f" ({self.reader_gone})" if self.reader_gone else ""
         untracked = [(s, what) for s, what in ((self.starting, "starting"),
                                                (self.waited, "waiting for a prompt")) if s >= 0.05]
         of_it = "".join(f"; {s:.1f} s of it {what}" if i == 0 else f", {s:.1f} s {what}"
@@ -675,6 +677,8 @@ class Tracker:
             emitter.check()
         except KeyboardInterrupt:
             summary.interrupted = True
+        except ReaderGone as exc:  # `| head` has what it wanted: the run ends there
+            summary.reader_gone = str(exc)
         finally:
             if sys.exc_info()[0] is None:  # ended or interrupted; not a crash, which a restart follows
                 self._announce_stopped(emitter)

@@ -499,6 +499,7 @@ def _add(total: RunSummary, part: RunSummary) -> None:
     total.objects = part.objects
     total.source_state, total.source_error = part.source_state, part.source_error
     total.interrupted = total.interrupted or part.interrupted
+    total.reader_gone = part.reader_gone
 
 
 # ------------------------------------------------------------------------ child

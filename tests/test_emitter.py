@@ -25,7 +25,7 @@ from streamtrack.emitter import (
     ThreadEmitter,
     make_emitter,
 )
-from streamtrack.errors import UserError
+from streamtrack.errors import ReaderGone, UserError
 from streamtrack.protocol import FrameResult, ObjectResult, StatusEvent, Timestamps, mask_area, mask_bbox
 
 pytestmark = pytest.mark.timeout(120)
@@ -412,6 +412,25 @@ def test_a_pipe_output_needs_its_reader_and_then_gets_everything(tmp_path, optio
         (tmp_path / "copy.mp4").write_bytes(got[0])
         with av.open(str(tmp_path / "copy.mp4")) as container:
             assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+@pytest.mark.parametrize(("option", "name"), [("save_jsonl", "out.jsonl"), ("save_video", "out.mp4"),
+                                              ("save_video", "out.mkv")])
+def test_a_pipe_output_whose_reader_went_away_says_so(tmp_path, option, name):
+    """`| head`: the reader gone is ReaderGone (the run ends there, exit 0), not a failed
+    write; an MKV's buffered frames fail only when it is closed."""
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    reading = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    outputs = Outputs(OutputsConfig(**{option: str(fifo)}))
+    outputs.emit(*frame(0))
+    os.close(reading)
+    what = "--" + option.replace("_", "-")
+    with pytest.raises(ReaderGone, match=f"^the reader of {what} {fifo} went away$"):
+        for seq in range(1, 30):
+            outputs.emit(*frame(seq))
+        outputs.close()
+    outputs.close()
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])

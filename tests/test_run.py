@@ -701,6 +701,40 @@ def test_show_holds_the_first_frame_until_a_box_is_drawn(tiny_checkpoint, xdispl
     assert first["frame_id"] == 0 and first["t"]["capture"] >= sent - 0.05, (first["t"], sent)
 
 
+@pytest.mark.parametrize("supervised", [False, True])
+def test_a_run_whose_jsonl_reader_went_away_ends_there(tiny_checkpoint, tmp_path, supervised):
+    """`streamtrack run ... --save-jsonl - | head -n 1`: the run ends once the reader is
+    gone, its other outputs finished, with its summary and exit code 0 (as `subscribe` and
+    `segment` end), not as a failed run.  Supervised, the files are written by an emit
+    process, which says why it stopped to the tracker."""
+    clip = make_clip(60, 160, 120, num_objects=1, seed=6)
+    video = write_video(clip.frames, tmp_path / "c.mp4")
+    masks = tmp_path / "masks"
+    box = ",".join(str(round(v)) for v in clip.box(1, 0))
+    args = [sys.executable, "-m", "streamtrack", "run", str(video), "--checkpoint", str(tiny_checkpoint),
+            "--image-size", str(TEST_IMAGE_SIZE), "--box", box, "--save-jsonl", "-",
+            "--save-masks", str(masks)]
+    if supervised:
+        args += ["--publish", f"tcp://127.0.0.1:{free_port()}"]
+    env = {**os.environ, "TQDM_DISABLE": "1", "STREAMTRACK_EMIT": "process" if supervised else "thread"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()  # what `head -n 1` does
+        err = proc.stderr.read()
+        assert proc.wait(120) == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert FrameResult.from_json(first).frame_id == 0
+    summary = re.search(r"^(\d+) frames in .*, objects 1:\w+ \(the reader of --save-jsonl /dev/stdout went "
+                        r"away\)$", err, re.M)
+    assert summary is not None and int(summary.group(1)) < 60, err
+    assert "error" not in err.lower() and "Traceback" not in err, err
+    pngs = sorted(masks.glob("*.png"))
+    assert pngs and all(np.asarray(Image.open(p)).shape == (120, 160) for p in pngs)
+
+
 def test_a_file_with_control_and_no_prompt_waits_on_its_first_frame(tiny_checkpoint, tmp_path):
     """What the "no prompt given" error suggests: `--control` to prompt later. A file does
     not run to its end with nothing tracked: it waits, says so, and tracks from frame 0."""
