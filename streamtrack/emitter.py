@@ -382,8 +382,9 @@ class ProcessEmitter:
     def publish_status_after_results(self, kind: str, **data: Any) -> None:
         """A status event published after every result submitted so far (the emit
         channel keeps everything in order), timed when the child publishes it: after the
-        results queued ahead of it, as the thread emitter's."""
-        if self.publisher is not None and not self._closed and self.error is None:
+        results queued ahead of it, as the thread emitter's (after a failed write too: the
+        "stopped" event of a run whose reader went away)."""
+        if self.publisher is not None and not self._closed:
             with contextlib.suppress(EmitterError, OSError):  # news, not an output to fail on
                 self._send([b"status_after", json.dumps({"kind": kind, "data": data}).encode()])
 
@@ -456,13 +457,14 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
             kind = parts[0].bytes
             if kind == b"close":
                 break
-            if failed:
+            if failed and kind == b"result":
                 continue  # keep reading so the tracker never blocks; it raises the error
             try:
                 _handle(outputs, kind, parts, tell)
             except Exception as exc:  # noqa: BLE001
-                failed = True
-                tell(b"error", _error_info(exc))
+                if not failed:  # the first error is the one the tracker raises
+                    failed = True
+                    tell(b"error", _error_info(exc))
     finally:
         try:
             outputs.close()

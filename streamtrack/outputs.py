@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -247,31 +248,31 @@ _FRAGMENTED_SUFFIXES = (".mp4", ".mov", ".m4v")
 _MS = Fraction(1, 1000)
 
 
-def _scan_fragments(f, start: int, size: int) -> tuple[int, int | None]:
+def _scan_fragments(f: BinaryIO, start: int, size: int) -> tuple[int, int | None]:
     """The whole fragments (a ``moof`` and its ``mdat``: one frame each) of an open
     fragmented MP4 from ``start`` (a box boundary), and where to cut it so that it ends
-    with the last whole one: at the ``moof`` (or the ``mfra`` index) before a box that runs
-    past the end, or a ``moof`` that ends the file; None when nothing is torn."""
-    pos = cut = start
-    kind = previous = b""
+    with the last whole one, before a box that runs past the end (a header cut short
+    too) or a ``moof`` without its data; None when nothing is torn."""
+    pos = whole = start  # ``whole``: the end of the last box that is not half a fragment
+    kind = b""
     fragments = 0
     while pos < size:
         f.seek(pos)
         header = f.read(16)
+        previous, kind = kind, header[4:8]
         box = int.from_bytes(header[:4], "big") if len(header) >= 8 else 0
-        kind = header[4:8]
-        if box == 1 and len(header) == 16:  # a 64-bit size follows the type
-            box = int.from_bytes(header[8:16], "big")
+        if box == 1:  # a 64-bit size follows the type
+            box = int.from_bytes(header[8:16], "big") if len(header) == 16 else 0
         elif box == 0 and len(header) >= 8:  # runs to the end of the file
             box = size - pos
-        if kind in (b"moof", b"mfra"):
-            cut = pos
         if box < 8 or pos + box > size:
-            return fragments, cut
-        fragments += kind == b"mdat" and previous == b"moof"
-        previous = kind
+            return fragments, whole
         pos += box
-    return fragments, (cut if kind == b"moof" else None)  # no fragment without its data
+        if kind == b"mdat" and previous == b"moof":
+            fragments += 1
+        if kind != b"moof":
+            whole = pos
+    return fragments, (whole if whole < size else None)
 
 
 def _cut_torn_fragment(path: Path, start: int) -> bool:
@@ -288,13 +289,23 @@ def _cut_torn_fragment(path: Path, start: int) -> bool:
         return False
 
 
+def file_identity(path: str | Path) -> tuple[int, ...] | None:
+    """What changes when a file is written (or replaced): a part a restarted tracker's
+    predecessor left as it found it is an earlier run's.  None: no file there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def frames_in_video_part(path: str | Path, timeout: float, stop: threading.Event | None = None) -> int | None:
     """The frames in a ``--save-video`` part whose writer is gone (a killed tracker's),
     once it is done with the file: a tracker's emitter process can outlive it by a moment
     and close the file, adding the frame its muxer held.  A torn end is cut off first, so
     the part plays.  0 when there is no such file; None when the frames cannot be counted
-    (a container other than fragmented MP4, a pipe, no access) or the writer did not let
-    go of the file within ``timeout`` seconds (or ``stop`` was set)."""
+    (a container other than fragmented MP4, a pipe, no access, ``stop`` set while it
+    waits).  TimeoutError: the writer still held the file after ``timeout`` seconds."""
     path = Path(path)
     if path.suffix.lower() not in _FRAGMENTED_SUFFIXES:
         return None
@@ -313,14 +324,18 @@ def frames_in_video_part(path: str | Path, timeout: float, stop: threading.Event
                 fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline or (stop.wait(0.05) if stop else time.sleep(0.05)):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{path} is still being written") from None
+                if stop.wait(0.05) if stop else time.sleep(0.05):
                     return None
             except OSError:  # a file system without locks: its writer is gone, or so we take it
                 break
-        size = f.seek(0, os.SEEK_END)
-        fragments, cut = _scan_fragments(f, 0, size)
-        if cut is not None:
-            f.truncate(cut)
+        try:
+            fragments, cut = _scan_fragments(f, 0, f.seek(0, os.SEEK_END))
+            if cut is not None:
+                f.truncate(cut)
+        except OSError:  # it cannot be read (or cut): count it by the reports
+            return None
         return fragments
 
 
@@ -380,7 +395,6 @@ class VideoWriter:
         # full disk) is cut back to it, since a torn last fragment fails a decoder.
         self._whole: int | None = None
         self._lock: int | None = None  # a descriptor of the file holding a lock on it
-        self._lock_tried = False
         # AVI has a constant frame rate (a 1 ms time base would write 999 empty frames a
         # second): its frames go at the source's rate.
         self._timed = self.path.suffix.lower() != ".avi"
@@ -424,6 +438,13 @@ class VideoWriter:
         # it writes the header, at the second frame), it would wait for good if the reader
         # had gone by then.
         self._pipe = _open_pipe(self.path, "--save-video")
+        # A fragmented MP4 written to a file (not a pipe or a device).  Other containers
+        # buffer what they write, and their readers take a cut end as the end.
+        fragmented = self.path.suffix.lower() in _FRAGMENTED_SUFFIXES
+        self._whole = 0 if fragmented and self._pipe is None and (
+            not self.path.exists() or self.path.is_file()) else None
+        if self._whole is not None:
+            self._lock_file()
         try:
             if self._pipe is not None:
                 self._container = av.open(f"pipe:{self._pipe}", mode="w", options=options,
@@ -432,13 +453,8 @@ class VideoWriter:
                 self._container = av.open(ffmpeg_file(self.path), mode="w", options=options)
         except (OSError, av.FFmpegError) as e:
             self._close_pipe()
+            self._unlock()
             raise UserError(f"cannot write video {self.path}: {error_reason(e)}") from None
-        # A fragmented MP4 written to a file (not a pipe or a device; the file itself appears
-        # at the first write).  Other containers buffer what they write, and their readers
-        # take a cut end as the end.
-        fragmented = self.path.suffix.lower() in _FRAGMENTED_SUFFIXES
-        self._whole = 0 if fragmented and self._pipe is None and (
-            not self.path.exists() or self.path.is_file()) else None
 
     def _add_stream(self, rgb: np.ndarray) -> None:
         stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1000))
@@ -476,22 +492,23 @@ class VideoWriter:
             raise UserError(self._failed) from None
         if self._whole is not None:  # each frame is flushed as a fragment of its own
             self._whole = os.stat(self.path).st_size
-            self._lock_file()
 
     def _lock_file(self) -> None:
-        """Hold a lock on the file (there once a frame is muxed) while it is written: a
-        supervisor counts a dead tracker's frames in it once its writer let go of it (see
-        :func:`frames_in_video_part`)."""
-        if not self._lock_tried:
-            self._lock_tried = True
-            with contextlib.suppress(OSError):  # no locks on this file system: nothing waits
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    os.close(fd)
-                    raise
-                self._lock = fd
+        """Make the file (an earlier one is replaced from the first result on, as FFmpeg
+        would at the second) and hold a lock on it until it is written: a supervisor counts
+        a dead tracker's frames in it once its writer let go of it (see
+        :func:`frames_in_video_part`).  Open for writing, as NFS's locks need."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        except OSError:
+            return  # FFmpeg says why, in a moment
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:  # no locks on this file system, or another process writes it
+            log.debug("no lock on %s: %s", self.path, error_reason(e))
+            os.close(fd)
+            return
+        self._lock = fd
 
     def _timestamp_ms(self, pts: float | None) -> int:
         """Milliseconds from the first frame, always increasing (a loop or a restart of the

@@ -690,7 +690,10 @@ class Tracker:
             if self._in_flight is not None and self.engine is not None:
                 self.engine.drop_launched()  # interrupted with a frame in flight: never published
             self._publisher = None
-            emitter.close()  # whatever was tracked is written before the files close
+            try:
+                emitter.close()  # whatever was tracked is written before the files close
+            except ReaderGone as exc:  # found closing (a buffered video): an interrupt or crash stands
+                summary.reader_gone = summary.reader_gone or str(exc)
             self.capture.close()
             if control is not None:
                 control.close()
@@ -713,7 +716,7 @@ class Tracker:
         summary.objects = dict(self._object_states)
         if self.capture.state.value == "failed" and summary.frames == 0:
             raise UserError(f"source {redact_url(str(cfg.source))!r} failed: {stats.last_error}")
-        self._report_what_went_unseen(summary.interrupted, stats, declared)
+        self._report_what_went_unseen(summary.interrupted or bool(summary.reader_gone), stats, declared)
         return summary
 
     def _report_what_went_unseen(self, interrupted: bool, stats: CaptureStats,

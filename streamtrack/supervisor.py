@@ -217,6 +217,9 @@ class Supervisor:
         self._stop = threading.Event()
         self._kill = threading.Event()  # a second Ctrl-C: no waiting for the frame in hand
         self._seen = _Seen()
+        # What was at the path of the video part the current child writes when it started
+        # (file_identity; () until a child starts, which no file matches).
+        self._part_found: tuple[int, ...] | None = ()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ control
@@ -259,6 +262,7 @@ class Supervisor:
                 if self._stop.is_set():
                     break
                 self._set_state(TrackerState.STARTING)
+                self._note_video_part(config)
                 child = _Child.start(ctx, config, self.sup.log_level)
                 self.pid = child.proc.pid
                 child_started = time.monotonic()
@@ -384,16 +388,23 @@ class Supervisor:
         control prompts it had not finished (it reports them again once it runs), after
         a child that reported ``emitted`` results written."""
         from streamtrack.emitter import video_part_path
-        from streamtrack.outputs import frames_in_video_part
+        from streamtrack.outputs import file_identity, frames_in_video_part
 
         before = config.resume or Resume()
         part, through = before.video_part, before.video_through
         frames = None
         if config.save_video:
-            # Counted in the file: the tracker reports a frame a moment after it is in
-            # there, and its emitter process may outlive it and close the part.
-            frames = frames_in_video_part(video_part_path(config.save_video, part),
-                                          VIDEO_WRITER_GONE_TIMEOUT, self._stop)
+            path = video_part_path(config.save_video, part)
+            try:
+                # Counted in the file: the tracker reports a frame a moment after it is in
+                # there, and its emitter process may outlive it and close the part.  A file
+                # the dead tracker left as it was is an earlier run's, not its part.
+                frames = 0 if file_identity(path) == self._part_found else frames_in_video_part(
+                    path, VIDEO_WRITER_GONE_TIMEOUT, self._stop)
+            except TimeoutError:
+                log.warning("the dead tracker's video part %s was still being written after %g s; "
+                            "the video goes on in the next part", path, VIDEO_WRITER_GONE_TIMEOUT)
+                return self._resumed(config, replace(before, video_part=part + 1))
         if frames is None:
             # By the reports: the video holds a frame until the next comes, so it is in the
             # part once the child reported one (a file's child reports a result once the
@@ -403,12 +414,25 @@ class Supervisor:
             part += 1
             if config.resumable_file:  # the part's frames follow on from the previous one's
                 through = max(before.skip_to_frame, before.video_through + 1) + frames - 1
+        return self._resumed(config, replace(before, video_part=part, video_through=through))
+
+    def _resumed(self, config: RunConfig, before: Resume) -> Resume:
+        """The next child's :class:`Resume`, with ``before``'s video part."""
         resume = replace(resume_from_seen(self._seen, before, self.restarts,
                                           written_only=config.resumable_file),
                          queued=self._seen.unfinished_prompts(),
-                         video_part=part, video_through=through)
+                         video_part=before.video_part, video_through=before.video_through)
         self._seen.queued, self._seen.applied = {}, []
         return resume
+
+    def _note_video_part(self, config: RunConfig) -> None:
+        """Before a child starts: what is at the path of the video part it will write."""
+        from streamtrack.emitter import video_part_path
+        from streamtrack.outputs import file_identity
+
+        if config.save_video:
+            part = config.resume.video_part if config.resume else 1
+            self._part_found = file_identity(video_part_path(config.save_video, part))
 
     def _pin_endpoints(self, config: RunConfig, bound: dict[str, Any]) -> RunConfig:
         """Restarts bind exactly what the first child bound (port 0 resolved), so

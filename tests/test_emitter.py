@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -431,6 +432,40 @@ def test_a_pipe_output_whose_reader_went_away_says_so(tmp_path, option, name):
             outputs.emit(*frame(seq))
         outputs.close()
     outputs.close()
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_run_whose_reader_went_away_still_announces_its_end(kind, tmp_path):
+    """The run ends normally: its "stopped" event goes out after the failed write, from
+    the emit process too (which dropped everything after a failure)."""
+    fifo = tmp_path / "r.jsonl"
+    os.mkfifo(fifo)
+    reading = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    cfg = OutputsConfig(stream="cam7", publish="tcp://127.0.0.1:0", save_jsonl=str(fifo))
+    emitter = make_emitter(kind, cfg, lambda r: None)
+    wire = Wire(emitter.publisher.endpoint)
+    try:
+        wire.wait_joined(lambda: emitter.publisher.publish_status("ping"))
+        emitter.submit(*frame(0))
+        assert select.select([reading], [], [], 10)[0]  # the writer has the pipe open
+        os.close(reading)
+        with pytest.raises(ReaderGone):
+            for seq in range(1, 50):
+                emitter.submit(*frame(seq))
+                time.sleep(0.02)
+            emitter.close()
+            emitter.check()
+        emitter.publish_status_after_results("tracker_state", old="running", new="stopped")
+        emitter.close()
+        states = []
+        deadline = time.monotonic() + 10
+        while not states and time.monotonic() < deadline:
+            states = [json.loads(m[1]) for m in wire.take(1, timeout=0.2) if m[0].startswith(b"status/")]
+            states = [e["data"]["new"] for e in states if e["kind"] == "tracker_state"]
+        assert states == ["stopped"]
+    finally:
+        emitter.close()
+        wire.close()
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])

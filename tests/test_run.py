@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import os
@@ -719,6 +720,9 @@ def test_a_run_whose_jsonl_reader_went_away_ends_there(tiny_checkpoint, tmp_path
     env = {**os.environ, "TQDM_DISABLE": "1", "STREAMTRACK_EMIT": "process" if supervised else "thread"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
+        # A pipe of a page, set while the model loads: the run's 60 lines do not all fit
+        # in it before the reader goes.
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
         first = proc.stdout.readline()
         proc.stdout.close()  # what `head -n 1` does
         err = proc.stderr.read()

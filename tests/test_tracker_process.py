@@ -34,6 +34,7 @@ from conftest import TEST_IMAGE_SIZE, assert_every_threads_stack, assert_summary
 
 from streamtrack.capture import CaptureConfig, open_source
 from streamtrack.control import ControlClient, ControlError
+from streamtrack.emitter import video_part_path
 from streamtrack.engine import EngineConfig, Prompt, StreamingEngine
 from streamtrack.errors import UserError
 from streamtrack.models import build_model
@@ -808,78 +809,123 @@ def test_a_file_restart_continues_only_after_what_its_tracker_reported_in_the_fi
     assert [sup._resume(live, emitted=n).video_part for n in (1, 2)] == [1, 2]
 
 
-def _killed_writer(path: Path, frames: int, torn: bool = False) -> None:
-    """A VideoWriter killed after writing ``frames`` frames of a 10 fps file (the last is
-    still in its muxer; ``torn``: killed halfway through writing another fragment)."""
+def _killed_writer(path: Path, first: int, frames: int, tear: str = "") -> None:
+    """A VideoWriter killed after writing frames ``first``.. of a 10 fps file, ``frames`` of
+    them, each grey at 10 x its id (the last is still in its muxer).  ``tear``: "fragment",
+    killed halfway through writing another fragment; "header", a few bytes into one."""
     code = ("import os, signal, sys, numpy as np\n"
             "from streamtrack.outputs import VideoWriter\n"
             "w = VideoWriter(sys.argv[1], fps=10)\n"
-            "for i in range(int(sys.argv[2])):\n"
+            "first, frames, tear = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]\n"
+            "for i in range(first, first + frames):\n"
             "    w.write(np.full((48, 64, 3), 10 * i, np.uint8), i / 10)\n"
-            "if sys.argv[3] == 'torn':\n"
+            "if tear:\n"
             "    data = open(sys.argv[1], 'rb').read()\n"
             "    moof = data.rindex(b'moof') - 4\n"
-            "    open(sys.argv[1], 'ab').write(data[moof:moof + 40])\n"
+            "    open(sys.argv[1], 'ab').write(data[moof:moof + (40 if tear == 'fragment' else 6)])\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
-    done = subprocess.run([sys.executable, "-c", code, str(path), str(frames), "torn" if torn else ""],
-                          timeout=60)
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(first), str(frames), tear], timeout=60)
     assert done.returncode == -signal.SIGKILL
 
 
-def _frames_in(path: Path) -> int:
+def _frame_ids_in(path: Path) -> list[int]:
+    """The ids of the frames in a video of _killed_writer's grey frames."""
     with av.open(str(path)) as container:
-        return sum(1 for _ in container.decode(video=0))
+        return [round(f.to_ndarray(format="gray").mean() / 10) for f in container.decode(video=0)]
 
 
-@pytest.mark.parametrize("torn", [False, True])
-def test_a_file_restart_writes_each_frame_once_to_the_video(clip_path, tmp_path, torn):
+def _results(frame_id: int, *, seq: int | None = None) -> FrameResult:
+    """Frame ``frame_id``'s result, with one object."""
+    obj = ObjectResult.from_mask(1, np.ones((3, 4), bool), score=0.9)
+    return FrameResult(stream="cam0", seq=frame_id if seq is None else seq, frame_id=frame_id, pts=None,
+                       width=4, height=3, objects=(obj,))
+
+
+@pytest.mark.parametrize("tear", ["", "fragment", "header"])
+def test_a_file_restart_writes_each_frame_once_to_the_video(clip_path, tmp_path, tear):
     """A file's tracker reports a frame written a moment after it is in the video; killed in
     between, the frame is in its part but processed again.  The restart counts the part's
-    frames in the file (its torn end cut off) and leaves those out of the next part."""
+    frames in the file (its torn end cut off, so that it plays) and the next tracker leaves
+    those out of its part."""
     from streamtrack.emitter import Outputs
 
     video = tmp_path / "v.mp4"
-    _killed_writer(video, frames=4, torn=torn)  # frames 0-2 in the file, 3 lost in the muxer
-    if torn:  # as it is, nothing of it plays
-        with pytest.raises(av.error.InvalidDataError):
-            _frames_in(video)
-    else:
-        assert _frames_in(video) == 3
     run = RunConfig(source=str(clip_path), publish="tcp://127.0.0.1:0", save_video=str(video))
     sup = Supervisor(run)
-    frame = FrameResult(stream="cam0", seq=1, frame_id=1, pts=None, width=4, height=3,
-                        objects=(ObjectResult.from_mask(1, np.ones((3, 4), bool), score=0.9),))
-    sup._seen.update(frame)
+    sup._note_video_part(run)  # as the supervisor does before a tracker starts
+    _killed_writer(video, 0, frames=4, tear=tear)  # frames 0-2 in the file, 3 lost in the muxer
+    if tear == "fragment":  # as it is, nothing of it plays
+        with pytest.raises(av.error.InvalidDataError):
+            _frame_ids_in(video)
+    sup._seen.update(_results(1))
     sup._seen.note_emitted(seq=1, frame_id=1)  # frame 2's report lost with the tracker
     resume = sup._resume(run, emitted=2)
     assert (resume.skip_to_frame, resume.video_part, resume.video_through) == (2, 2, 2)
-    # The part plays to its last whole frame, and the next tracker writes frames 3 on.
-    assert _frames_in(video) == 3 and not video.read_bytes().endswith(b"\0" * 8)
+    assert _frame_ids_in(video) == [0, 1, 2]
+    # The next tracker processes frame 2 again, and writes frames 3 on.
     outputs = Outputs(replace(run, resume=resume).outputs)
-    image = np.zeros((48, 64, 3), np.uint8)
-    for frame_id in range(2, 6):  # frame 2 processed again
-        outputs.emit(replace(frame, seq=frame_id + 1, frame_id=frame_id, pts=frame_id / 10, width=64,
-                             height=48, objects=()), [], image)
+    for frame_id in range(2, 6):
+        outputs.emit(replace(_results(frame_id, seq=frame_id + 1), pts=frame_id / 10, width=64, height=48,
+                             objects=()), [], np.full((48, 64, 3), 10 * frame_id, np.uint8))
     outputs.close()
-    assert _frames_in(tmp_path / "v.part2.mp4") == 3
-    # Killed again after a frame of its own in its part: that frame goes on from frame 3.
-    _killed_writer(tmp_path / "v.part2.mp4", frames=2)
-    again = sup._resume(replace(run, resume=resume), emitted=0)
-    assert (again.video_part, again.video_through) == (3, 3)
+    assert _frame_ids_in(tmp_path / "v.part2.mp4") == [3, 4, 5]
 
 
-def test_a_restart_waits_for_the_dead_trackers_video_writer_to_let_go(clip_path, tmp_path):
+def test_a_restart_counts_only_what_the_dead_tracker_put_in_its_part(clip_path, tmp_path):
+    """An earlier run's video at the path, or a part that got no frame, keeps its number;
+    a part goes on from the frame after the last one in the earlier parts."""
+    video = tmp_path / "v.mp4"
+    _killed_writer(video, 0, frames=11)  # an earlier run's video, of 10 frames
+    run = RunConfig(source=str(clip_path), publish="tcp://127.0.0.1:0", save_video=str(video))
+    sup = Supervisor(run)
+
+    def died(config: RunConfig, first: int, frames: int, emitted_frame: int | None) -> Resume:
+        sup._note_video_part(config)
+        if frames:
+            _killed_writer(video_part_path(video, (config.resume or Resume()).video_part), first, frames)
+        if emitted_frame is not None:
+            sup._seen.update(_results(emitted_frame))
+            sup._seen.note_emitted(seq=emitted_frame, frame_id=emitted_frame)
+        return sup._resume(config, emitted=0 if emitted_frame is None else emitted_frame + 1)
+
+    # Died loading its model: the earlier run's file is not its part.
+    first = died(run, 0, 0, None)
+    assert (first.video_part, first.video_through) == (1, -1)
+    # Died after its first result, which its writer held: an empty part, written again.
+    second = died(replace(run, resume=first), 0, 1, None)
+    assert video.stat().st_size == 0 and (second.video_part, second.video_through) == (1, -1)
+    # Frames 0-3 in the file (4 in the muxer), 0-2 reported: the video goes on after 3.
+    third = died(replace(run, resume=second), 0, 5, 2)
+    assert (third.skip_to_frame, third.video_part, third.video_through) == (3, 2, 3)
+    assert _frame_ids_in(video) == [0, 1, 2, 3]
+    # Its successor processed frame 3 again (not in its part), then put 4 and 5 there.
+    fourth = died(replace(run, resume=third), 4, 3, 5)
+    assert (fourth.skip_to_frame, fourth.video_part, fourth.video_through) == (6, 3, 5)
+    assert _frame_ids_in(tmp_path / "v.part2.mp4") == [4, 5]
+
+
+def test_a_restart_waits_for_the_dead_trackers_video_writer_to_let_go(clip_path, tmp_path, monkeypatch,
+                                                                     caplog):
     """A tracker's emitter process outlives it by a moment and closes the part (adding the
-    frame its muxer held): its frames are counted once it is done."""
+    frame its muxer held): its frames are counted once it is done.  One that does not let
+    go leaves the part to it: the video goes on in the next."""
+    from streamtrack import supervisor
     from streamtrack.outputs import VideoWriter, frames_in_video_part
 
     video = tmp_path / "v.mp4"
     writer = VideoWriter(video, fps=10)
-    for i in range(3):
-        writer.write(np.zeros((48, 64, 3), np.uint8), i / 10)
+    writer.write(np.zeros((48, 64, 3), np.uint8), 0.0)  # held: nothing in the file, locked all the same
     started = time.monotonic()
-    assert frames_in_video_part(video, timeout=0.3) is None  # still written: cannot tell
+    with pytest.raises(TimeoutError):  # still written: cannot tell
+        frames_in_video_part(video, timeout=0.3)
     assert time.monotonic() - started >= 0.3
+    monkeypatch.setattr(supervisor, "VIDEO_WRITER_GONE_TIMEOUT", 0.2)
+    run = RunConfig(source=str(clip_path), publish="tcp://127.0.0.1:0", save_video=str(video))
+    with caplog.at_level(logging.WARNING, logger="streamtrack.supervisor"):
+        assert Supervisor(run)._resume(run, emitted=0).video_part == 2
+    assert f"video part {video} was still being written after 0.2 s" in caplog.text
+    for i in range(1, 3):
+        writer.write(np.zeros((48, 64, 3), np.uint8), i / 10)
     writer.close()
     assert frames_in_video_part(video, timeout=0.3) == 3
     assert frames_in_video_part(tmp_path / "none.mp4", timeout=0.3) == 0
