@@ -245,6 +245,9 @@ class MaskPngWriter:
 # plays).  ~100 bytes a frame of overhead; every current player reads it.
 _FRAGMENTED = {"movflags": "frag_every_frame+empty_moov+default_base_moof"}
 _FRAGMENTED_SUFFIXES = (".mp4", ".mov", ".m4v")
+# Matroska keeps a cluster (5 s of frames) in memory until it is full: a killed process's
+# MKV held none of its frames.  A cluster per frame goes out when the next frame comes.
+_CLUSTER_PER_FRAME = {"cluster_time_limit": "0"}
 _MS = Fraction(1, 1000)
 
 
@@ -434,6 +437,8 @@ class VideoWriter:
         options = {"flush_packets": "1"}
         if self.path.suffix.lower() in _FRAGMENTED_SUFFIXES:
             options.update(_FRAGMENTED)
+        elif self.path.suffix.lower() == ".mkv":
+            options.update(_CLUSTER_PER_FRAME)
         # A FIFO is written through the descriptor opened here: opened again by FFmpeg (when
         # it writes the header, at the second frame), it would wait for good if the reader
         # had gone by then.
