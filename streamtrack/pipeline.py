@@ -481,6 +481,7 @@ class Tracker:
         self._seed: list[Prompt] = list(resume.seed)
         self._carried: list[Prompt] = list(resume.queued)
         self._written_before: dict[str, int] | None = None  # the last result not yet in the video
+        self._results_out = 0  # results published and written
         self.capture = None
         self._give_up_after: float | None = None  # the live source's, once run() opens it
         self._controls = _Controls(self)
@@ -699,6 +700,8 @@ class Tracker:
                 control.close()
         # A frame launched but not finished (interrupted) was never published.
         summary.frames = self.frames_seen - resume.frames_done - (self._in_flight is not None)
+        if summary.reader_gone:  # the frames tracked after the failed write went nowhere
+            summary.frames = self._results_out
         summary.seconds = time.monotonic() - started
         summary.starting = summary.seconds if running_since is None else running_since - started
         summary.waited = self._waited
@@ -779,6 +782,7 @@ class Tracker:
         a restart would continue: this result is published and in the files."""
         with self._stats_lock:
             self.window.add(result)
+            self._results_out += 1
         done = {"seq": result.seq, "frame_id": result.frame_id}
         if self.config.save_video and self.config.resumable_file:
             # The video muxer keeps a frame until the next one comes (its duration, and the
