@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from types import FrameType
 
 import zmq
 
@@ -144,6 +145,26 @@ def start_without_ctrl_c(proc) -> None:
         signal.signal(signal.SIGINT, handler)
 
 
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    """:data:`EXIT_SIGNAL`'s handler: exit, unless it came while an object's finalizer
+    ran (a ZeroMQ socket's ``__del__``), where the SystemExit would be printed, with a
+    traceback, and ignored: then a moment later."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            signal.signal(signal.SIGALRM, _exit_on_signal)
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return
+        frame = frame.f_back
+    sys.exit(0)
+
+
+def closing() -> None:
+    """A helper closing its outputs finishes that, its parent gone or not: an MP4 torn by
+    the exit would lose its last frames (a supervisor waits for the file)."""
+    signal.signal(EXIT_SIGNAL, signal.SIG_IGN)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def become_child(parent_pid: int) -> bool:
     """Signal handling for a helper process; False if the parent is already gone.
 
@@ -158,7 +179,7 @@ def become_child(parent_pid: int) -> bool:
     quiet_resource_tracker()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(EXIT_SIGNAL, lambda *_: sys.exit(0))
+    signal.signal(EXIT_SIGNAL, _exit_on_signal)
     try:
         import ctypes
 

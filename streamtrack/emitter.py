@@ -466,6 +466,7 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
                     failed = True
                     tell(b"error", _error_info(exc))
     finally:
+        childproc.closing()
         try:
             outputs.close()
         except Exception as exc:  # noqa: BLE001

@@ -753,3 +753,38 @@ def test_outputs_config_crosses_to_the_child_intact(tmp_path):
                         curve=CurveServer(secret_file="k/server.key_secret", clients_dir="k/clients"))
     assert OutputsConfig.from_json(cfg.to_json()) == cfg
     assert OutputsConfig.from_json(OutputsConfig().to_json()) == OutputsConfig()
+
+
+_FINALIZED = """
+import os, signal, sys, time
+from streamtrack import childproc
+
+signal.signal(childproc.EXIT_SIGNAL, childproc._exit_on_signal)
+if sys.argv[1] == "closing":
+    childproc.closing()
+
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), childproc.EXIT_SIGNAL)
+        time.sleep(0.1)  # the signal's handler runs in here
+
+
+try:
+    Finalized()  # dropped at once
+    time.sleep(3)
+    print("went on")
+finally:
+    print("finally")
+"""
+
+
+@pytest.mark.parametrize("when", ["running", "closing"])
+def test_a_helper_told_to_exit_in_a_finalizer_exits_a_moment_later(when):
+    """The exit signal (its parent died) in an object's finalizer raised a SystemExit
+    there, which Python prints with a traceback and ignores; a helper closing its outputs
+    finishes first."""
+    done = subprocess.run([sys.executable, "-c", _FINALIZED, when], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.split() == (["finally"] if when == "running" else ["went", "on", "finally"])
