@@ -178,6 +178,9 @@ class CaptureConfig:
     name: str | None = None  # default: derived from the source
     # The first frame's id: a restarted tracker's live source continues the ids it published.
     first_frame_id: int = 0
+    # Files: the frames before this one are skipped, neither paced nor numbered (a restarted
+    # tracker's paced file goes on where it was, its ids still the frames' numbers).
+    skip_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.policy is not None:
@@ -199,8 +202,9 @@ class CaptureConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"{name} must be > 0 or None, got {value}")
-        if self.first_frame_id < 0:
-            raise UserError(f"first_frame_id must be >= 0, got {self.first_frame_id}")
+        for name in ("first_frame_id", "skip_frames"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------
@@ -467,6 +471,7 @@ class Capture:
         self._outage_reasons: set[str | None] = set()  # kinds of failure reported in this outage
         self._next_id = self.config.first_frame_id
         self._decoded = 0
+        self._skipped = 0  # of config.skip_frames
         self._delivered = 0
         self._dropped: dict[str, int] = {DROP_QUEUE_FULL: 0}
         self._reconnects = 0
@@ -696,7 +701,7 @@ class Capture:
             reader = self._open_reader()
             if pacer is not None:
                 pacer.restart_after_last()
-        if self._decoded == 0:
+        if self._decoded == 0 and self._skipped == 0:
             self._transition(SourceState.FAILED, f"no decodable video frame in {self.spec.display}")
         else:
             self._transition(SourceState.ENDED)
@@ -777,6 +782,9 @@ class Capture:
         for raw in reader.frames():
             if self._stop.is_set():
                 return False
+            if self._skipped < self.config.skip_frames:
+                self._skipped += 1
+                continue
             if pacer is not None:
                 if first:  # streaming while its first frame waits to be played (the first read)
                     self._on_frame_flowing(new_connection=True)

@@ -529,6 +529,10 @@ class Tracker:
         cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, loop=cfg.loop, name=cfg.stream)
         if not cfg.resumable_file:  # a file read frame by frame continues at its own ids
             cap_cfg = replace(cap_cfg, first_frame_id=resume.frame_id_start)
+            if cfg.realtime and not cfg.loop and _local_file(cfg.source) is not None:
+                # A paced file goes on after the last frame published, not from its start;
+                # its frames' ids are their numbers in it.
+                cap_cfg = replace(cap_cfg, skip_frames=resume.frame_id_start)
         # The capture thread may report a failed connection before open_source returns.
         self._give_up_after = cap_cfg.give_up_after
         self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status,

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -201,6 +202,22 @@ def test_realtime_paces_a_file_at_its_frame_rate(clip: Path) -> None:
     assert [f.frame_id for f in every] == list(range(CLIP_FRAMES))
     assert 0.8 * expected(every) < span(every) < 1.6 * expected(every)
     assert span(unpaced) < 0.5 * expected(every)
+
+
+def test_a_paced_file_restarted_goes_on_where_it_was(clip: Path, decode: str) -> None:
+    """A restarted tracker's paced file: the frames before the last one published are
+    skipped, not played again (not waited for either), and the ids go on as the frames'
+    numbers."""
+    start = CLIP_FRAMES - 6
+    cfg = CaptureConfig(realtime=True, policy="block", first_frame_id=start, skip_frames=start)
+    with open_source(str(clip), cfg, decode=decode) as cap:
+        frames = list(cap)
+        stats = cap.stats()
+    assert [f.frame_id for f in frames] == list(range(start, CLIP_FRAMES)) and cap.state is S.ENDED
+    assert [f.pts for f in frames] == pytest.approx([i / CLIP_FPS for i in range(start, CLIP_FRAMES)])
+    assert stats.frames_decoded == 6 and not any(stats.dropped.values())
+    with open_source(str(clip), replace(cfg, skip_frames=CLIP_FRAMES), decode=decode) as cap:
+        assert list(cap) == [] and cap.state is S.ENDED  # it had reached the end: ended, not failed
 
 
 def test_a_paced_file_starts_playing_at_the_first_read(clip: Path, decode: str) -> None:

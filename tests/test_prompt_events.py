@@ -1054,3 +1054,21 @@ def test_a_one_frame_overlay_video_declares_the_source_files_rate(tmp_path, emit
     with av.open(str(tmp_path / "one.mp4")) as c:
         assert c.streams.video[0].average_rate == 10
         assert sum(1 for _ in c.decode(video=0)) == 1
+
+
+def test_a_paced_file_restarted_goes_on_after_its_last_published_frame(tmp_path):
+    """`run --realtime FILE` under a supervisor: the restarted tracker's file went back to
+    its first frame, numbered after the last one published (source frame 0 as frame 8)."""
+    from streamtrack.capture import CaptureConfig
+    from streamtrack.pipeline import Resume
+    from streamtrack.protocol import FrameResult
+
+    video = write_video(make_clip(12, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4", fps=30)
+    results = tmp_path / "r.jsonl"
+    run = RunConfig(source=str(video), realtime=True, progress=False, save_jsonl=str(results),
+                    capture=CaptureConfig(realtime=True, policy="block"),
+                    resume=Resume(seed=(Prompt(1, mask=np.ones((48, 64), bool)),), frame_id_start=8,
+                                  restarts=1))
+    assert Tracker(run, engine=TrackedIds()).run().frames == 4
+    out = [FrameResult.from_json(line) for line in results.read_text().splitlines()]
+    assert [(r.frame_id, round(r.pts * 30)) for r in out] == [(i, i) for i in range(8, 12)]
