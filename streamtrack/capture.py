@@ -178,8 +178,9 @@ class CaptureConfig:
     name: str | None = None  # default: derived from the source
     # The first frame's id: a restarted tracker's live source continues the ids it published.
     first_frame_id: int = 0
-    # Files: the frames before this one are skipped, neither paced nor numbered (a restarted
-    # tracker's paced file goes on where it was, its ids still the frames' numbers).
+    # Local files: the frames before this one are decoded and skipped, neither paced nor
+    # numbered, on the first pass (a restarted tracker's paced file goes on where it was,
+    # its ids still the frames' numbers).
     skip_frames: int = 0
 
     def __post_init__(self) -> None:
@@ -471,7 +472,6 @@ class Capture:
         self._outage_reasons: set[str | None] = set()  # kinds of failure reported in this outage
         self._next_id = self.config.first_frame_id
         self._decoded = 0
-        self._skipped = 0  # of config.skip_frames
         self._delivered = 0
         self._dropped: dict[str, int] = {DROP_QUEUE_FULL: 0}
         self._reconnects = 0
@@ -689,11 +689,13 @@ class Capture:
 
     def _run_file(self, reader: FrameReader) -> None:
         pacer = _Pacer(reader.fps, self._stop, self._read_once) if self.config.realtime else None
+        skip = self.config.skip_frames
         while True:
             self._set_reader(reader)
             before = self._decoded
-            if not self._pump(reader, pacer):
+            if not self._pump(reader, pacer, skip):
                 return  # stopping
+            skip = 0
             # An empty pass would loop forever without producing anything.
             if not self.config.loop or self._decoded == before or self._stop.is_set():
                 break
@@ -701,7 +703,7 @@ class Capture:
             reader = self._open_reader()
             if pacer is not None:
                 pacer.restart_after_last()
-        if self._decoded == 0 and self._skipped == 0:
+        if self._decoded == 0:
             self._transition(SourceState.FAILED, f"no decodable video frame in {self.spec.display}")
         else:
             self._transition(SourceState.ENDED)
@@ -776,14 +778,17 @@ class Capture:
             error = describe_error(exc, self.spec)
         return self._decoded - start, error
 
-    def _pump(self, reader: FrameReader, pacer: _Pacer | None) -> bool:
-        """Move frames from reader to queue; False if stopped, True at end of stream."""
+    def _pump(self, reader: FrameReader, pacer: _Pacer | None, skip: int = 0) -> bool:
+        """Move frames from reader to queue, after the first ``skip``; False if stopped, True
+        at end of stream."""
         first = True
         for raw in reader.frames():
             if self._stop.is_set():
                 return False
-            if self._skipped < self.config.skip_frames:
-                self._skipped += 1
+            if skip:
+                skip -= 1
+                with self._lock:
+                    self._decoded += 1  # decoded all the same: a file is not cut short
                 continue
             if pacer is not None:
                 if first:  # streaming while its first frame waits to be played (the first read)

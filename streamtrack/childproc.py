@@ -8,6 +8,7 @@ publish endpoint or half-written files.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import os
@@ -145,23 +146,49 @@ def start_without_ctrl_c(proc) -> None:
         signal.signal(signal.SIGINT, handler)
 
 
+# Set (a plain store: no signal handler runs between the test and the set) once a helper
+# closes its outputs: an exit signal then gives the close a deadline instead of cutting it
+# short (an MP4 would lose its last frames; a supervisor waits for the file meanwhile).
+closing_outputs = False
+# Seconds a helper closing its outputs has left once its parent is gone: a close blocked on
+# a stalled pipe reader must not keep it, and the publish endpoint it holds, for good.
+CLOSE_GRACE = 15.0
+_shutting_down = False
+
+
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    """:data:`EXIT_SIGNAL`'s handler: exit, unless it came while an object's finalizer
-    ran (a ZeroMQ socket's ``__del__``), where the SystemExit would be printed, with a
-    traceback, and ignored: then a moment later."""
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            signal.signal(signal.SIGALRM, _exit_on_signal)
-            signal.setitimer(signal.ITIMER_REAL, 0.01)
-            return
-        frame = frame.f_back
+    """:data:`EXIT_SIGNAL`'s handler (and that of the retry after one lost in a finalizer)."""
+    if closing_outputs:
+        close_deadline()
+        return
     sys.exit(0)
 
 
-def closing() -> None:
-    """A helper closing its outputs finishes that, its parent gone or not: an MP4 torn by
-    the exit would lose its last frames (a supervisor waits for the file)."""
-    signal.signal(EXIT_SIGNAL, signal.SIG_IGN)
+def close_deadline() -> None:
+    """The end of a helper closing its outputs, :data:`CLOSE_GRACE` seconds from now, even
+    while it is blocked in a write (SIGALRM's default action)."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, CLOSE_GRACE)
+
+
+def _retry_an_exit_lost_in_a_finalizer(unraisable) -> None:
+    """``sys.unraisablehook``: the exit signal's SystemExit, raised while an object's
+    finalizer ran (a ZeroMQ socket's ``__del__``), is printed with a traceback and ignored
+    by Python; it is raised again a moment later instead."""
+    if (unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit)
+            and threading.current_thread() is threading.main_thread()):
+        if not _shutting_down:  # else it is exiting already
+            signal.signal(signal.SIGALRM, _exit_on_signal)
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _no_retries_at_exit() -> None:
+    """A retry armed during the interpreter's shutdown would kill it (the handlers are
+    reset by then)."""
+    global _shutting_down
+    _shutting_down = True
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
@@ -180,6 +207,8 @@ def become_child(parent_pid: int) -> bool:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(EXIT_SIGNAL, _exit_on_signal)
+    sys.unraisablehook = _retry_an_exit_lost_in_a_finalizer
+    atexit.register(_no_retries_at_exit)
     try:
         import ctypes
 

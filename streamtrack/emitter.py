@@ -466,7 +466,9 @@ def _child(endpoint: str, config_json: str, parent_pid: int) -> int:
                     failed = True
                     tell(b"error", _error_info(exc))
     finally:
-        childproc.closing()
+        childproc.closing_outputs = True
+        if childproc.parent_gone(parent_pid):  # no exit signal to come: the deadline now
+            childproc.close_deadline()
         try:
             outputs.close()
         except Exception as exc:  # noqa: BLE001

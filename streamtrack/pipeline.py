@@ -75,8 +75,9 @@ class Resume:
     # not out yet: queued again, so an acknowledged prompt is not lost to a crash.
     queued: tuple[Prompt, ...] = ()
     # What the results said so far, continued by a restarted tracker: a live source's next
-    # frame id (ids are never reused), the drop counts, and each object's state (so that
-    # object_state events report changes, not every re-seeded object as new).
+    # frame id (ids are never reused; a paced file skips to that frame), the drop counts,
+    # and each object's state (so that object_state events report changes, not every
+    # re-seeded object as new).
     frame_id_start: int = 0
     dropped_before: dict[str, int] = field(default_factory=dict)
     object_states: dict[int, str] = field(default_factory=dict)
