@@ -200,9 +200,16 @@ class RunConfig:
 
     @property
     def resumable_file(self) -> bool:
-        """A file read at decode speed, frame by frame: a restart can continue exactly
-        after the last published frame.  Paced or looping files behave like live ones."""
-        return _local_file(self.source) is not None and not self.realtime and not self.loop
+        """A file read at decode speed, frame by frame (its frames wait in the queue by
+        design, and its own time is its clock)."""
+        return self.replayable_file and not self.realtime
+
+    @property
+    def replayable_file(self) -> bool:
+        """A local file, not looping: a restart continues exactly after the last frame
+        written, processing again what was published but not written (a paced file skips
+        the frames before, unpaced).  Looping files behave like live sources."""
+        return _local_file(self.source) is not None and not self.loop
 
 
 @dataclass
@@ -456,7 +463,7 @@ class Tracker:
         # The prompts file's frames still to come, by the source's frame id: a frame that
         # was dropped (a live source, --realtime) passes its prompts on to the next one
         # processed.  A restarted tracker continues where it restarts the source.
-        applied_below = resume.skip_to_frame if config.resumable_file else resume.frame_id_start
+        applied_below = resume.skip_to_frame if config.replayable_file else resume.frame_id_start
         self._prompt_frames = sorted(f for f in config.prompts if f >= applied_below)
         self._last_frame_id: int | None = None
         self._pts_span: tuple[float, float] | None = None  # first and last pts tracked
@@ -528,12 +535,12 @@ class Tracker:
         cfg = self.config
         resume = cfg.resume or Resume()
         cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, loop=cfg.loop, name=cfg.stream)
-        if not cfg.resumable_file:  # a file read frame by frame continues at its own ids
+        if cfg.realtime and cfg.replayable_file:
+            # A paced file goes on after the last frame written, not from its start; its
+            # frames' ids are their numbers in it.
+            cap_cfg = replace(cap_cfg, first_frame_id=resume.skip_to_frame, skip_frames=resume.skip_to_frame)
+        elif not cfg.resumable_file:  # a file read frame by frame continues at its own ids
             cap_cfg = replace(cap_cfg, first_frame_id=resume.frame_id_start)
-            if cfg.realtime and not cfg.loop and _local_file(cfg.source) is not None:
-                # A paced file goes on after the last frame published, not from its start;
-                # its frames' ids are their numbers in it.
-                cap_cfg = replace(cap_cfg, skip_frames=resume.frame_id_start)
         # The capture thread may report a failed connection before open_source returns.
         self._give_up_after = cap_cfg.give_up_after
         self.capture = open_source(cfg.source, cap_cfg, on_status=self._on_source_status,
@@ -789,7 +796,7 @@ class Tracker:
             self.window.add(result)
             self._results_out += 1
         done = {"seq": result.seq, "frame_id": result.frame_id}
-        if self.config.save_video and self.config.resumable_file:
+        if self.config.save_video and self.config.replayable_file:
             # The video muxer keeps a frame until the next one comes (its duration, and the
             # first frame's rate): a frame is in the file once the next one is written, so
             # a restart continues after that one and processes the last frame again.  (A

@@ -20,9 +20,9 @@ new child that
   continues with the same object ids,
 * continues ``seq`` after the highest one published (received by the supervisor or
   reported by the tracker over its pipe),
-* for a file read at decode speed, continues after the last frame the tracker reported
-  published and written to its files (paced or looping files and live sources just
-  take the next frame they get), and
+* for a local file (paced or not; not looping), continues after the last frame the
+  tracker reported published and written to its files (looping files and live sources
+  just take the next frame they get), and
 * queues again the control prompts the tracker had answered "queued" but whose frame's
   result was not out yet (the tracker reports them over its pipe).
 
@@ -409,17 +409,17 @@ class Supervisor:
             # By the reports: the video holds a frame until the next comes, so it is in the
             # part once the child reported one (a file's child reports a result once the
             # next is written) or two.
-            part += emitted >= (1 if config.resumable_file else 2)
+            part += emitted >= (1 if config.replayable_file else 2)
         elif frames:
             part += 1
-            if config.resumable_file:  # the part's frames follow on from the previous one's
+            if config.replayable_file:  # the part's frames follow on from the previous one's
                 through = max(before.skip_to_frame, before.video_through + 1) + frames - 1
         return self._resumed(config, replace(before, video_part=part, video_through=through))
 
     def _resumed(self, config: RunConfig, before: Resume) -> Resume:
         """The next child's :class:`Resume`, with ``before``'s video part."""
         resume = replace(resume_from_seen(self._seen, before, self.restarts,
-                                          written_only=config.resumable_file),
+                                          written_only=config.replayable_file),
                          queued=self._seen.unfinished_prompts(),
                          video_part=before.video_part, video_through=before.video_through)
         self._seen.queued, self._seen.applied = {}, []

@@ -1056,7 +1056,7 @@ def test_a_one_frame_overlay_video_declares_the_source_files_rate(tmp_path, emit
         assert sum(1 for _ in c.decode(video=0)) == 1
 
 
-def test_a_paced_file_restarted_goes_on_after_its_last_published_frame(tmp_path, caplog):
+def test_a_paced_file_restarted_goes_on_after_its_last_frame_written(tmp_path, caplog):
     """`run --realtime FILE` under a supervisor: the restarted tracker's file went back to
     its first frame, numbered after the last one published (source frame 0 as frame 8).
     Played to its end, it is a whole file, not one cut short."""
@@ -1068,8 +1068,8 @@ def test_a_paced_file_restarted_goes_on_after_its_last_published_frame(tmp_path,
     results = tmp_path / "r.jsonl"
     run = RunConfig(source=str(video), realtime=True, progress=False, save_jsonl=str(results),
                     capture=CaptureConfig(realtime=True, policy="block"),
-                    resume=Resume(seed=(Prompt(1, mask=np.ones((48, 64), bool)),), frame_id_start=8,
-                                  restarts=1))
+                    resume=Resume(seed=(Prompt(1, mask=np.ones((48, 64), bool)),), skip_to_frame=8,
+                                  frame_id_start=9, restarts=1))
     with caplog.at_level("WARNING", logger="streamtrack"):
         assert Tracker(run, engine=TrackedIds()).run().frames == 4
     assert not caplog.records, [r.getMessage() for r in caplog.records]

@@ -805,7 +805,7 @@ def test_a_file_restart_continues_only_after_what_its_tracker_reported_in_the_fi
     sup = Supervisor(run)
     assert sup._resume(run, emitted=0).video_part == 1  # nothing in its part: written again
     assert sup._resume(run, emitted=1).video_part == 2
-    live = replace(run, realtime=True)  # frames not processed again: reported at once
+    live = replace(run, loop=True)  # frames not processed again: reported at once
     assert [sup._resume(live, emitted=n).video_part for n in (1, 2)] == [1, 2]
 
 
@@ -841,23 +841,26 @@ def _results(frame_id: int, *, seq: int | None = None) -> FrameResult:
                        width=4, height=3, objects=(obj,))
 
 
-@pytest.mark.parametrize("tear", ["", "fragment", "header"])
-def test_a_file_restart_writes_each_frame_once_to_the_video(clip_path, tmp_path, tear):
+@pytest.mark.parametrize(("tear", "realtime"), [("", False), ("fragment", False), ("header", False),
+                                                ("", True)])
+def test_a_file_restart_writes_each_frame_once_to_the_video(clip_path, tmp_path, tear, realtime):
     """A file's tracker reports a frame written a moment after it is in the video; killed in
     between, the frame is in its part but processed again.  The restart counts the part's
     frames in the file (its torn end cut off, so that it plays) and the next tracker leaves
-    those out of its part."""
+    those out of its part.  A paced file too: it goes on from there, not after the last
+    frame published (which the frames held lost)."""
     from streamtrack.emitter import Outputs
 
     video = tmp_path / "v.mp4"
-    run = RunConfig(source=str(clip_path), publish="tcp://127.0.0.1:0", save_video=str(video))
+    run = RunConfig(source=str(clip_path), publish="tcp://127.0.0.1:0", save_video=str(video),
+                    realtime=realtime)
     sup = Supervisor(run)
     sup._note_video_part(run)  # as the supervisor does before a tracker starts
     _killed_writer(video, 0, frames=4, tear=tear)  # frames 0-2 in the file, 3 lost in the muxer
     if tear == "fragment":  # as it is, nothing of it plays
         with pytest.raises(av.error.InvalidDataError):
             _frame_ids_in(video)
-    sup._seen.update(_results(1))
+    sup._seen.update(_results(3))  # published, not written
     sup._seen.note_emitted(seq=1, frame_id=1)  # frame 2's report lost with the tracker
     resume = sup._resume(run, emitted=2)
     assert (resume.skip_to_frame, resume.video_part, resume.video_through) == (2, 2, 2)
@@ -931,7 +934,7 @@ def test_a_restart_waits_for_the_dead_trackers_video_writer_to_let_go(clip_path,
     assert frames_in_video_part(tmp_path / "none.mp4", timeout=0.3) == 0
     assert frames_in_video_part(tmp_path / "v.mkv", timeout=0.3) is None  # not counted: by reports
     live = RunConfig(source=str(clip_path), publish="tcp://127.0.0.1:0", save_video=str(video),
-                     realtime=True)
+                     loop=True)
     # A live source's part with a frame in it is kept, whatever the reports say.
     assert Supervisor(live)._resume(live, emitted=1).video_part == 2
 
