@@ -490,6 +490,8 @@ class Tracker:
         self._carried: list[Prompt] = list(resume.queued)
         self._written_before: dict[str, int] | None = None  # the last result not yet in the video
         self._results_out = 0  # results published and written
+        self._reports_video = bool(config.save_video) and config.replayable_file
+        self._video_through = resume.video_through
         self.capture = None
         self._give_up_after: float | None = None  # the live source's, once run() opens it
         self._controls = _Controls(self)
@@ -909,6 +911,10 @@ class Tracker:
         out = self.require_engine().finish(launched.step)
         t = self.loop_times.add("finish", t)
         result = self._result(launched.frame, launched.dequeue, out)
+        if self._reports_video and result.frame_id > self._video_through:
+            # Said before it is written: a restart counts the frames in the dead tracker's
+            # video part and learns from this which they are.
+            self._notify("video", {"frame_id": result.frame_id})
         emitter.submit(result, [o.mask for o in out.objects], launched.frame.image)
         self._status_changes(result, emitter)
         if bar is not None:

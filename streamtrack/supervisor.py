@@ -349,7 +349,7 @@ class Supervisor:
                     total.interrupted = True
                     break
                 backoff = min(backoff * 2, self.sup.backoff_max)
-                config = replace(config, resume=self._resume(config, child.emitted))
+                config = replace(config, resume=self._resume(config, child.emitted, child.video_ids))
         finally:
             if sub is not None:
                 sub.close()
@@ -377,13 +377,15 @@ class Supervisor:
     def _note_progress(self, child: _Child, kind: str, data: dict[str, Any]) -> None:
         """What a restart needs to know: results out and in the files, and control prompts
         queued or applied to a frame."""
-        if kind == "emitted":
+        if kind == "video":
+            child.video_ids.append(data["frame_id"])
+        elif kind == "emitted":
             child.emitted += 1
             self._seen.note_emitted(data["seq"], data["frame_id"])
         else:
             self._seen.note_prompts(kind, data)
 
-    def _resume(self, config: RunConfig, emitted: int) -> Resume:
+    def _resume(self, config: RunConfig, emitted: int, video_ids: list[int] | None = None) -> Resume:
         """Seed masks and position for the next child, from the masks stream, with the
         control prompts it had not finished (it reports them again once it runs), after
         a child that reported ``emitted`` results written."""
@@ -412,8 +414,12 @@ class Supervisor:
             part += emitted >= (1 if config.replayable_file else 2)
         elif frames:
             part += 1
-            if config.replayable_file:  # the part's frames follow on from the previous one's
-                through = max(before.skip_to_frame, before.video_through + 1) + frames - 1
+            if config.replayable_file:
+                # The part holds the first ``frames`` of those the tracker handed to it (a
+                # paced file's drops are not in it), or, with no word of them, frames
+                # following on from the previous part's.
+                through = (video_ids[frames - 1] if video_ids and frames <= len(video_ids)
+                           else max(before.skip_to_frame, before.video_through + 1) + frames - 1)
         return self._resumed(config, replace(before, video_part=part, video_through=through))
 
     def _resumed(self, config: RunConfig, before: Resume) -> Resume:
@@ -533,7 +539,7 @@ def _add(total: RunSummary, part: RunSummary) -> None:
 _SUSPENDED_AFTER = 5.0  # seconds
 
 # Reports a tracker sends as it goes (besides its milestones), kept for a restart.
-_PROGRESS_REPORTS = ("emitted", "queued", "unqueued", "unseeded", "applied")
+_PROGRESS_REPORTS = ("emitted", "video", "queued", "unqueued", "unseeded", "applied")
 
 
 class _Child:
@@ -546,6 +552,7 @@ class _Child:
         self._lifeline = lifeline
         self.result: tuple[str, dict[str, Any]] | None = None
         self.emitted = 0  # results it reported published and written
+        self.video_ids: list[int] = []  # the frames it handed to its video part, in order
         self.last_report = time.monotonic()  # the last sign of life from its loop
         self.hung: str | None = None  # why it was killed, if it was killed as hung
         self.bar_line_ended = False

@@ -1075,3 +1075,19 @@ def test_a_paced_file_restarted_goes_on_after_its_last_frame_written(tmp_path, c
     assert not caplog.records, [r.getMessage() for r in caplog.records]
     out = [FrameResult.from_json(line) for line in results.read_text().splitlines()]
     assert [(r.frame_id, round(r.pts * 30)) for r in out] == [(i, i) for i in range(8, 12)]
+
+
+def test_a_tracker_says_which_frames_go_to_its_video_part_before_they_do(tmp_path):
+    """What a restart needs to tell which frames a dead tracker's video part holds: each
+    frame handed to the video, said before it is written (not those an earlier part has)."""
+    from streamtrack.pipeline import Resume
+
+    video = write_video(make_clip(5, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    said: list[tuple[str, int | None]] = []
+    run = RunConfig(source=str(video), progress=False, save_video=str(tmp_path / "o.mp4"),
+                    prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]}, resume=Resume(video_through=1))
+    Tracker(run, engine=TrackedIds(), notify=lambda kind, data: said.append((kind, data.get("frame_id")))
+            ).run()
+    assert [f for kind, f in said if kind == "video"] == [2, 3, 4]
+    for frame_id in (2, 3):  # reported written once the next is
+        assert said.index(("video", frame_id)) < said.index(("emitted", frame_id))

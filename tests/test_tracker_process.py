@@ -874,6 +874,20 @@ def test_a_file_restart_writes_each_frame_once_to_the_video(clip_path, tmp_path,
     assert _frame_ids_in(tmp_path / "v.part2.mp4") == [3, 4, 5]
 
 
+def test_a_paced_files_restart_knows_which_frames_its_video_part_holds(clip_path, tmp_path):
+    """A paced file drops frames while the tracker is slower than it: the part holds the
+    first frames the tracker handed to it, which do not follow on from each other."""
+    video = tmp_path / "v.mp4"
+    run = RunConfig(source=str(clip_path), publish="tcp://127.0.0.1:0", save_video=str(video), realtime=True)
+    sup = Supervisor(run)
+    sup._note_video_part(run)
+    _killed_writer(video, 0, frames=4)  # 3 frames in the file
+    sup._seen.update(_results(2))
+    sup._seen.note_emitted(seq=1, frame_id=2)
+    resume = sup._resume(run, emitted=2, video_ids=[0, 2, 5, 6])  # 1, 3 and 4 dropped
+    assert (resume.skip_to_frame, resume.video_part, resume.video_through) == (3, 2, 5)
+
+
 def test_a_restart_counts_only_what_the_dead_tracker_put_in_its_part(clip_path, tmp_path):
     """An earlier run's video at the path, or a part that got no frame, keeps its number;
     a part goes on from the frame after the last one in the earlier parts."""
