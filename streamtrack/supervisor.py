@@ -57,6 +57,7 @@ from enum import Enum
 from functools import partial
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -388,15 +389,14 @@ class Supervisor:
     def _resume(self, config: RunConfig, emitted: int, video_ids: list[int] | None = None) -> Resume:
         """Seed masks and position for the next child, from the masks stream, with the
         control prompts it had not finished (it reports them again once it runs), after
-        a child that reported ``emitted`` results written."""
-        from streamtrack.emitter import video_part_path
+        a child that reported ``emitted`` results written and handed the frames
+        ``video_ids`` to its video part."""
         from streamtrack.outputs import file_identity, frames_in_video_part
 
         before = config.resume or Resume()
         part, through = before.video_part, before.video_through
         frames = None
-        if config.save_video:
-            path = video_part_path(config.save_video, part)
+        if (path := _video_part_file(config)) is not None:
             try:
                 # Counted in the file: the tracker reports a frame a moment after it is in
                 # there, and its emitter process may outlive it and close the part.  A file
@@ -414,12 +414,10 @@ class Supervisor:
             part += emitted >= (1 if config.replayable_file else 2)
         elif frames:
             part += 1
-            if config.replayable_file:
+            if config.replayable_file and video_ids:
                 # The part holds the first ``frames`` of those the tracker handed to it (a
-                # paced file's drops are not in it), or, with no word of them, frames
-                # following on from the previous part's.
-                through = (video_ids[frames - 1] if video_ids and frames <= len(video_ids)
-                           else max(before.skip_to_frame, before.video_through + 1) + frames - 1)
+                # paced file's drops are not in it); each was said before it was written.
+                through = video_ids[min(frames, len(video_ids)) - 1]
         return self._resumed(config, replace(before, video_part=part, video_through=through))
 
     def _resumed(self, config: RunConfig, before: Resume) -> Resume:
@@ -433,12 +431,10 @@ class Supervisor:
 
     def _note_video_part(self, config: RunConfig) -> None:
         """Before a child starts: what is at the path of the video part it will write."""
-        from streamtrack.emitter import video_part_path
         from streamtrack.outputs import file_identity
 
-        if config.save_video:
-            part = config.resume.video_part if config.resume else 1
-            self._part_found = file_identity(video_part_path(config.save_video, part))
+        if (path := _video_part_file(config)) is not None:
+            self._part_found = file_identity(path)
 
     def _pin_endpoints(self, config: RunConfig, bound: dict[str, Any]) -> RunConfig:
         """Restarts bind exactly what the first child bound (port 0 resolved), so
@@ -518,6 +514,15 @@ def install_stop_signals(stop: Callable[[int], None], *, interrupt_again: bool =
             os.close(read_end)
 
     return restore
+
+
+def _video_part_file(config: RunConfig) -> Path | None:
+    """The --save-video part a child started with ``config`` writes, or None."""
+    from streamtrack.emitter import video_part_path
+
+    if not config.save_video:
+        return None
+    return video_part_path(config.save_video, (config.resume or Resume()).video_part)
 
 
 def _add(total: RunSummary, part: RunSummary) -> None:

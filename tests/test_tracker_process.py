@@ -862,7 +862,7 @@ def test_a_file_restart_writes_each_frame_once_to_the_video(clip_path, tmp_path,
             _frame_ids_in(video)
     sup._seen.update(_results(3))  # published, not written
     sup._seen.note_emitted(seq=1, frame_id=1)  # frame 2's report lost with the tracker
-    resume = sup._resume(run, emitted=2)
+    resume = sup._resume(run, emitted=2, video_ids=[0, 1, 2, 3])
     assert (resume.skip_to_frame, resume.video_part, resume.video_through) == (2, 2, 2)
     assert _frame_ids_in(video) == [0, 1, 2]
     # The next tracker processes frame 2 again, and writes frames 3 on.
@@ -903,7 +903,8 @@ def test_a_restart_counts_only_what_the_dead_tracker_put_in_its_part(clip_path, 
         if emitted_frame is not None:
             sup._seen.update(_results(emitted_frame))
             sup._seen.note_emitted(seq=emitted_frame, frame_id=emitted_frame)
-        return sup._resume(config, emitted=0 if emitted_frame is None else emitted_frame + 1)
+        return sup._resume(config, emitted=0 if emitted_frame is None else emitted_frame + 1,
+                           video_ids=list(range(first, first + frames)))
 
     # Died loading its model: the earlier run's file is not its part.
     first = died(run, 0, 0, None)
