@@ -45,7 +45,7 @@ import zmq
 
 from streamtrack import childproc
 from streamtrack.curve import CurveServer
-from streamtrack.errors import HelperProcessError, ReaderGone, UserError
+from streamtrack.errors import HelperProcessError, ReaderGone, UserError, file_name
 from streamtrack.overlay import Annotation, annotate
 from streamtrack.protocol import FrameResult, Stats, StatusEvent, encode_mask, now
 from streamtrack.publisher import Publisher, status_event
@@ -129,6 +129,7 @@ class Outputs:
             if cfg.save_masks:
                 self.masks = MaskPngWriter(cfg.save_masks, warn_earlier=not cfg.restarts)
             if cfg.save_video:
+                file_name(cfg.save_video, "--save-video")  # before Path() drops a final "/"
                 # An MP4 cannot be appended to: each restart writes the next part.
                 path = video_part_path(cfg.save_video, cfg.video_part)
                 # The first part replaces an earlier run's parts too: left, they would pass

@@ -47,6 +47,13 @@ class HelperProcessError(RuntimeError):
     outside this program (the OOM killer, a signal) and the message names it."""
 
 
+def file_name(path: str | Path, what: str) -> None:
+    """:class:`UserError` for an output file given as a folder (``out/``): ``Path()``
+    drops the separator, and the file would be written as ``out``."""
+    if str(path).endswith(("/", os.sep)):
+        raise UserError(f"{what} {path} ends in a separator, naming a folder: give a file name")
+
+
 def existing_file(path: str | Path, what: str) -> Path:
     """``path`` as a Path, or :class:`UserError` saying why it is not a file to read."""
     if not str(path).strip():  # an unset shell variable; Path("") is ".", a directory
@@ -80,7 +87,7 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name one file (an output about to overwrite an input)."""
     try:
         return Path(a).resolve() == Path(b).resolve() or (Path(a).exists() and Path(a).samefile(b))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
         return False
 
 

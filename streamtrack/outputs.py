@@ -29,6 +29,7 @@ from streamtrack.errors import (
     UserError,
     error_reason,
     file_in_the_way,
+    file_name,
     looking_into,
     own_descriptor,
     reader_gone,
@@ -70,6 +71,7 @@ def _writable(path: str | Path, what: str, made: list[Path] | None = None) -> Pa
     """Make the file's folder and check the file can be written, without truncating it:
     a run that fails before its first result (a bad checkpoint, a missing camera) must
     not have emptied the results of an earlier one.  The folders made are added to ``made``."""
+    file_name(path, what)
     path = Path(path)
     with looking_into(path, what):
         if made is not None:

@@ -37,6 +37,7 @@ from streamtrack.errors import (
     UserError,
     error_reason,
     existing_file,
+    file_name,
     looking_into,
     own_descriptor,
 )
@@ -289,6 +290,24 @@ def render_overlay(
     return out
 
 
+# Not a square, and wider than an icon: ICO keeps at most 256 pixels a side, ICNS scales to 1024².
+_SIZE_PROBE = (300, 20)
+
+
+def _size_kept(probe: io.BytesIO) -> str:
+    """Why a format's file of ``_SIZE_PROBE`` does not hold the image at its size, or ""
+    (also when PIL cannot read the format back, as PDF)."""
+    from PIL import Image
+
+    probe.seek(0)
+    try:
+        with Image.open(probe) as im:
+            size = im.size
+    except (OSError, ValueError):
+        return ""
+    return "" if size == _SIZE_PROBE else "it does not keep the image's size"
+
+
 def image_format(path: str | Path, what: str = "overlay") -> str:
     """The PIL format an RGB image written to ``path`` gets from its extension, or
     ``UserError`` naming it as ``what`` (a missing or unknown extension, or a format
@@ -303,11 +322,14 @@ def image_format(path: str | Path, what: str = "overlay") -> str:
         raise UserError(f"{what} {path} has {problem}: give one such as .png or .jpg")
     problem = "" if fmt in Image.SAVE else "PIL reads them only"
     if not problem:
+        probe = io.BytesIO()
         try:
             # Some writers exist only as stubs (HDF5, WMF) or take only 1-bit or palette images.
-            Image.new("RGB", (16, 16)).save(io.BytesIO(), format=fmt)
+            Image.new("RGB", _SIZE_PROBE).save(probe, format=fmt)
         except (OSError, ValueError) as e:
             problem = error_reason(e)
+        else:
+            problem = _size_kept(probe)
     if problem:
         raise UserError(f"{what} {path}: cannot write an RGB {fmt} image ({problem}); "
                         "give another extension such as .png or .jpg")
@@ -550,6 +572,9 @@ def check_output_paths(
     if out is None and masks is None and rle is None:
         raise UserError("nothing to write: give --out OUT.png (the overlay), --save-masks DIR "
                         "or --save-rle FILE.json")
+    for what, given in (("--out", out), ("--save-rle", rle)):
+        if given is not None:
+            file_name(given, what)
     outputs = [] if out is None else [("--out", Path(out))]
     if masks is not None:
         folder = Path(masks)
@@ -657,6 +682,9 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # The image is read all the same: a cut-short EXIF block, a palette's
+            # transparency (dropped by the RGB conversion).
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im)
                 if im.mode in HIGH_DEPTH_MODES:

@@ -232,18 +232,35 @@ def test_pipes_and_links_as_outputs_are_not_probed_by_opening_them(tmp_path):
     assert link.is_symlink() and len((tmp_path / "runs" / "today.jsonl").read_text().splitlines()) == 1
 
 
+def test_an_output_that_is_a_symlink_loop_is_one_line(tmp_path):
+    """Path.resolve() raises RuntimeError, not OSError, on a loop (Python < 3.13)."""
+    from streamtrack.errors import same_file
+    from streamtrack.outputs import JsonlWriter
+
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop.name)
+    assert not same_file(loop, tmp_path / "other.jsonl")
+    with pytest.raises(UserError, match=r"^cannot write --save-jsonl .*loop.jsonl: Too many levels of"):
+        JsonlWriter(loop)
+    assert loop.is_symlink()
+
+
 @pytest.mark.parametrize(("option", "path", "message"), [
     ("save_video", "o.xyz", r"unknown video file extension '\.xyz' \(use \.mp4, \.mkv, .*\.avi\)"),
     ("save_video", "adir.mp4", "--save-video .*adir.mp4 is a directory; give a file name"),
     ("save_jsonl", "adir.mp4", "--save-jsonl .*adir.mp4 is a directory; give a file name"),
     ("save_video", "afile/o.mp4", "--save-video .*afile/o.mp4: .*afile is a file, not a folder"),
     ("save_jsonl", "afile/deeper/o.jsonl", "--save-jsonl .*o.jsonl: .*afile is a file, not a folder"),
+    # Path() drops the separator: the file would be written as "new".
+    ("save_jsonl", "new/", "--save-jsonl .*new/ ends in a separator, naming a folder: give a file name"),
+    ("save_video", "new.mp4/", "--save-video .*new.mp4/ ends in a separator"),
 ])
 def test_unusable_output_paths_are_refused_before_any_work(tmp_path, option, path, message):
     (tmp_path / "adir.mp4").mkdir()
     (tmp_path / "afile").write_text("a file, not a folder")
     with pytest.raises(UserError, match=message):
-        Outputs(OutputsConfig(**{option: str(tmp_path / path)}))
+        Outputs(OutputsConfig(**{option: str(tmp_path / path) + "/" * path.endswith("/")}))
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new.mp4").exists()
 
 
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):

@@ -202,6 +202,16 @@ def test_a_photo_stored_sideways_is_loaded_upright(tmp_path):
     assert shown[:10, -10:].mean() > 200 and shown[:, :10].mean() < 30  # now top-right
 
 
+def test_pils_warnings_on_an_image_it_reads_all_the_same_are_not_printed(tmp_path):
+    """A palette PNG with its transparency as bytes: PIL warns, and the RGB image is right."""
+    gray = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    Image.fromarray(gray, "L").convert("P").save(tmp_path / "p.png", transparency=bytes([0, 128, 255]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = load_image(tmp_path / "p.png")
+    assert np.array_equal(loaded, np.repeat(gray[..., None], 3, axis=2))
+
+
 def test_a_failed_set_image_forgets_the_last_image(tiny_checkpoint, image, clip, monkeypatch):
     seg = Segmenter(MODEL, tiny_checkpoint, device="cpu", image_size=TEST_IMAGE_SIZE)
     seg.set_image(image)
@@ -643,6 +653,14 @@ OUTPUT_MISTAKES = {
     "rle-is-the-prompts": (["--out", "o.png", "--prompts", "p.json", "--save-rle", "./p.json"],
                            "--save-rle p.json is the prompts file, which it would overwrite"),
     "no-output": ([], "nothing to write: give --out OUT.png (the overlay), --save-masks DIR or --save-rle"),
+    # Path() drops the separator: the file would be written as "newdir".
+    "rle-a-folder-to-be": (["--out", "o.png", "--save-rle", "newdir/"],
+                           "--save-rle newdir/ ends in a separator, naming a folder: give a file name"),
+    "out-a-folder-to-be": (["--out", "o.png/"], "--out o.png/ ends in a separator"),
+    # ICO keeps at most 256 pixels a side, ICNS scales to 1024x1024.
+    "out-icon": (["--out", "o.ico"],
+                 "--out o.ico: cannot write an RGB ICO image (it does not keep the image's size)"),
+    "out-mac-icon": (["--out", "o.icns"], "--out o.icns: cannot write an RGB ICNS image"),
 }
 
 
