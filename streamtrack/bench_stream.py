@@ -129,6 +129,16 @@ def check_clip_memory(args: argparse.Namespace) -> None:
         raise UserError(f"{count:,} frames of {width}x{height} need about {_size(needed)} of memory (made "
                         f"before the run), and {_size(free)} is available: give fewer frames or a smaller "
                         "--frame-size")
+    if args.what == "memory" and args.official_frames and free is not None:
+        # The official predictor's side (a process of its own, after the engine's) holds
+        # all its frames: the clip (RGB and three objects' masks), and init_state's
+        # preprocessed frames, 3 x S x S float32 each, made in host memory first.
+        n = max(args.official_frames)
+        official = n * (6 * width * height + 12 * args.image_size ** 2)
+        if official > free:
+            raise UserError(f"--official-frames {n:,}: the official predictor holds every frame in memory, "
+                            f"about {_size(official)} at input {args.image_size}, and {_size(free)} is "
+                            "available: give fewer frames")
 
 
 def _size(n: int) -> str:
@@ -580,9 +590,9 @@ def bench_latency(
     launch_ahead: bool = False,
     log: Log = print,
 ) -> LatencyBenchResult:
-    """``fps=None`` paces the clip like a 30 fps camera, or at 3x the engine's rate if
-    the engine is faster than that, so a newer frame is always waiting when the engine
-    finishes one: the situation the drop-oldest queue exists for."""
+    """``fps=None`` paces the clip at the larger of 30 fps (a camera) and 3x the engine's
+    rate, so a newer frame is always waiting when the engine finishes one: the situation
+    the drop-oldest queue exists for."""
     _positive("--warmup", warmup)
     _positive("--frames", frames, warmup + 2)
     _positive("--clip-frames", clip_frames, 2)
@@ -856,6 +866,8 @@ def _check_counts(args: argparse.Namespace) -> None:
         _positive("--frames", args.frames, args.warmup + 2)
     if args.what == "latency":
         _positive("--clip-frames", args.clip_frames, 2)
+        if args.queue_depth is not None:
+            _positive("--queue-depth", args.queue_depth)
         _check_fps(args.fps)
     if args.what == "memory":
         _positive("--early-frame", args.early_frame)

@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, metavar="N",
                    help="pipeline, latency: untimed first frames (default 5)")
     p.add_argument("--fps", type=float, default=None,
-                   help="latency: source frame rate (default 30, or 3x the engine's rate if faster)")
+                   help="latency: source frame rate (default: the larger of 30 and 3x the engine's rate)")
     p.add_argument("--queue-depth", type=int, default=None, metavar="N",
                    help="latency: live queue depth (default 2)")
     p.add_argument("--clip-frames", type=int, default=None, metavar="N",

@@ -216,6 +216,7 @@ def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
     (["pipeline", "--checkpoint", "/"], "checkpoint / is a directory, not a file"),
     (["pipeline", "--warmup", "0"], "--warmup must be >= 1, got 0"),
     (["latency", "--clip-frames", "1"], "--clip-frames must be >= 2, got 1"),
+    (["latency", "--queue-depth", "0"], "--queue-depth must be >= 1, got 0"),
     (["memory", "--early-frame", "0"], "--early-frame must be >= 1, got 0"),
     (["memory", "--official-frames", "50", "0"], "--official-frames must be >= 1, got 0"),
     (["multistream", "--checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt not found"),
@@ -272,6 +273,9 @@ def test_multistream_reports_fps_per_stream_both_ways(capsys, tiny_checkpoint):
     (["latency", "--clip-frames", "100"], "100 frames of 320x240 need about"),
     (["multistream", "--frames", "10", "--streams", "1", "10"], "100 frames of 320x240"),
     (["memory", "--frame-size", "1000x1000"], "50 frames of 1000x1000 need about 286 MiB"),
+    # the official predictor's 2,000 frames: 2,000 x (6 x 128 x 96 + 12 x 64²) bytes
+    (["memory", "--official-frames", "50", "2000"], "--official-frames 2,000: the official predictor holds "
+     "every frame in memory, about 234 MiB at input 64, and 10 MiB is available: give fewer frames"),
     (["preprocess", "--frames", "100"], "100 frames of 320x240"),
 ])
 def test_a_clip_too_large_for_this_machine_is_one_line(monkeypatch, capsys, args, message):
