@@ -182,6 +182,9 @@ class CaptureConfig:
     # numbered, on the first pass (a restarted tracker's paced file goes on where it was,
     # its ids still the frames' numbers).
     skip_frames: int = 0
+    # The pts (seconds) of the last frame skipped, if known: the file seeks to it instead
+    # of decoding every frame before it (a restart an hour into a recording).
+    skip_to_pts: float | None = None
 
     def __post_init__(self) -> None:
         if self.policy is not None:
@@ -690,12 +693,16 @@ class Capture:
     def _run_file(self, reader: FrameReader) -> None:
         pacer = _Pacer(reader.fps, self._stop, self._read_once) if self.config.realtime else None
         skip = self.config.skip_frames
+        frames = None
+        if skip and self.config.skip_to_pts is not None:
+            frames, reader = self._seek_past(reader, skip, self.config.skip_to_pts)
+            skip = 0 if frames is not None else skip
         while True:
             self._set_reader(reader)
             before = self._decoded
-            if not self._pump(reader, pacer, skip):
+            if not self._pump(reader, pacer, skip, frames):
                 return  # stopping
-            skip = 0
+            skip, frames = 0, None
             # An empty pass would loop forever without producing anything.
             if not self.config.loop or self._decoded == before or self._stop.is_set():
                 break
@@ -707,6 +714,28 @@ class Capture:
             self._transition(SourceState.FAILED, f"no decodable video frame in {self.spec.display}")
         else:
             self._transition(SourceState.ENDED)
+
+    def _seek_past(self, reader: FrameReader, skip: int,
+                   pts: float) -> tuple[Iterator[RawFrame] | None, FrameReader]:
+        """The frames after the first ``skip``, the last of which is at ``pts``, by seeking
+        (counted as decoded, as skipped frames are), and the reader to read them from;
+        (None, a reader at the start) where the file cannot seek to that frame."""
+        frames_after = getattr(reader, "frames_after", None)
+        frames = frames_after(pts) if frames_after is not None else None
+        if frames is not None:
+            with self._lock:
+                self._decoded += skip
+            return frames, reader
+        log.warning("%s: cannot seek to frame %d (pts %.3f s) of the file; decoding every frame up to it",
+                    self.name, skip, pts)
+        with self._lock:  # its decode errors were the seek's, not the file's
+            if self._reader is reader:
+                self._reader = None
+        try:
+            reader.close()
+        except Exception:
+            log.debug("%s: error closing source", self.name, exc_info=True)
+        return None, self._open_reader()
 
     def _run_live(self, reader: FrameReader | None) -> None:
         backoff = _Backoff(self.config.reconnect_initial, self.config.reconnect_max,
@@ -778,11 +807,12 @@ class Capture:
             error = describe_error(exc, self.spec)
         return self._decoded - start, error
 
-    def _pump(self, reader: FrameReader, pacer: _Pacer | None, skip: int = 0) -> bool:
-        """Move frames from reader to queue, after the first ``skip``; False if stopped, True
-        at end of stream."""
+    def _pump(self, reader: FrameReader, pacer: _Pacer | None, skip: int = 0,
+              frames: Iterator[RawFrame] | None = None) -> bool:
+        """Move frames from reader (or ``frames``, read from it) to queue, after the first
+        ``skip``; False if stopped, True at end of stream."""
         first = True
-        for raw in reader.frames():
+        for raw in frames if frames is not None else reader.frames():
             if self._stop.is_set():
                 return False
             if skip:

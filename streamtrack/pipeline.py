@@ -69,6 +69,9 @@ class Resume:
     seed: tuple[Prompt, ...] = ()
     frames_done: int = 0
     skip_to_frame: int = 0
+    # The pts (seconds) of frame skip_to_frame - 1, if the results gave one: a file seeks
+    # there rather than decoding every frame before it.
+    skip_to_pts: float | None = None
     seq_start: int = 0
     restarts: int = 0
     # Control prompts the dead tracker had answered "queued" but whose frame's result was
@@ -537,11 +540,12 @@ class Tracker:
         cfg = self.config
         resume = cfg.resume or Resume()
         cap_cfg = cfg.capture or CaptureConfig(realtime=cfg.realtime, loop=cfg.loop, name=cfg.stream)
-        if cfg.realtime and cfg.replayable_file:
-            # A paced file goes on after the last frame written, not from its start; its
-            # frames' ids are their numbers in it.
-            cap_cfg = replace(cap_cfg, first_frame_id=resume.skip_to_frame, skip_frames=resume.skip_to_frame)
-        elif not cfg.resumable_file:  # a file read frame by frame continues at its own ids
+        if cfg.replayable_file:
+            # A file goes on after the last frame written, not from its start; its frames'
+            # ids are their numbers in it.
+            cap_cfg = replace(cap_cfg, first_frame_id=resume.skip_to_frame, skip_frames=resume.skip_to_frame,
+                              skip_to_pts=resume.skip_to_pts if resume.skip_to_frame else None)
+        else:  # a live source's ids go on after the last published
             cap_cfg = replace(cap_cfg, first_frame_id=resume.frame_id_start)
         # The capture thread may report a failed connection before open_source returns.
         self._give_up_after = cap_cfg.give_up_after
@@ -797,7 +801,7 @@ class Tracker:
         with self._stats_lock:
             self.window.add(result)
             self._results_out += 1
-        done = {"seq": result.seq, "frame_id": result.frame_id}
+        done = {"seq": result.seq, "frame_id": result.frame_id, "pts": result.pts}
         if self.config.save_video and self.config.replayable_file:
             # The video muxer keeps a frame until the next one comes (its duration, and the
             # first frame's rate): a frame is in the file once the next one is written, so

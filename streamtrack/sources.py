@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import re
 import stat
@@ -339,6 +340,28 @@ class PyAVReader:
                 continue
             for frame in decoded:
                 yield RawFrame(frame.time, functools.partial(self._to_rgb, frame))
+
+    def frames_after(self, pts: float) -> Iterator[RawFrame] | None:
+        """The frames after the one at ``pts`` (seconds), found by seeking to the key frame
+        before it instead of decoding every frame from the start; None where that frame
+        cannot be told (a file without timestamps, a failed seek, or one that lands past
+        it): read again from the start, then."""
+        # A frame's time is its pts in the stream's time base: one unit less is safely
+        # before it (a float's rounding cannot land the seek on the next key frame).
+        try:
+            target = math.floor(pts / self._stream.time_base) - 1
+            self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
+        except (av.FFmpegError, OSError, ValueError, OverflowError, TypeError, ZeroDivisionError) as exc:
+            log.debug("seeking to %.6f s failed: %s", pts, exc)
+            return None
+        tolerance = 1e-6 * max(1.0, abs(pts))
+        frames = self.frames()
+        for raw in frames:
+            if raw.pts is None or raw.pts > pts + tolerance:
+                return None
+            if raw.pts >= pts - tolerance:
+                return frames
+        return None
 
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
         # swscale's own threads (0 = one per core) convert a 720p frame ~1.7x faster on two

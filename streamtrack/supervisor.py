@@ -130,6 +130,7 @@ class _Seen:
 
     seq: int | None = None
     frame_id: int | None = None
+    pts: float | None = None
     masks: dict[int, dict[str, Any]] = field(default_factory=dict)  # obj_id -> RLE
     states: dict[int, str] = field(default_factory=dict)  # obj_id -> state in the newest result
     dropped: dict[str, int] = field(default_factory=dict)  # the newest result's drop counts
@@ -138,13 +139,14 @@ class _Seen:
     # stream can be behind it (a subscriber catching up) or ahead (files being written).
     emitted_seq: int | None = None
     emitted_frame_id: int | None = None
+    emitted_pts: float | None = None
     # Control prompts answered "queued" (waiting for a frame), and those applied to a frame
     # whose result is not out yet (by that frame's seq): a restart queues them again.
     queued: dict[int, Prompt] = field(default_factory=dict)  # obj_id -> prompt, in order
     applied: list[tuple[int, list[Prompt]]] = field(default_factory=list)
 
-    def note_emitted(self, seq: int, frame_id: int) -> None:
-        self.emitted_seq, self.emitted_frame_id = seq, frame_id
+    def note_emitted(self, seq: int, frame_id: int, pts: float | None = None) -> None:
+        self.emitted_seq, self.emitted_frame_id, self.emitted_pts = seq, frame_id, pts
         self.applied = [(s, ps) for s, ps in self.applied if s > seq]
 
     def unfinished_prompts(self) -> tuple[Prompt, ...]:
@@ -177,7 +179,7 @@ class _Seen:
             self.applied.append((data["seq"], [self.queued.pop(i) for i in ids if i in self.queued]))
 
     def update(self, result: FrameResult) -> None:
-        self.seq, self.frame_id = result.seq, result.frame_id
+        self.seq, self.frame_id, self.pts = result.seq, result.frame_id, result.pts
         self.states = {o.obj_id: o.state for o in result.objects}
         self.dropped = dict(result.dropped)
         present = {o.obj_id for o in result.objects}
@@ -382,7 +384,7 @@ class Supervisor:
             child.video_ids.append(data["frame_id"])
         elif kind == "emitted":
             child.emitted += 1
-            self._seen.note_emitted(data["seq"], data["frame_id"])
+            self._seen.note_emitted(data["seq"], data["frame_id"], data.get("pts"))
         else:
             self._seen.note_prompts(kind, data)
 
@@ -745,10 +747,10 @@ def resume_from_seen(seen: _Seen, before: Resume, restarts: int, written_only: b
     # Continue after the last frame that is in the files too (a frame published but not
     # yet written when the tracker died is processed again), or, with no word from the
     # tracker itself, after the last frame received.
-    at_seq, at_frame = ((seen.emitted_seq, seen.emitted_frame_id) if seen.emitted_seq is not None
-                        else (seen.seq, seen.frame_id))
+    at_seq, at_frame, at_pts = ((seen.emitted_seq, seen.emitted_frame_id, seen.emitted_pts)
+                                if seen.emitted_seq is not None else (seen.seq, seen.frame_id, seen.pts))
     done = at_seq + 1 - before.seq_start + before.frames_done
-    return Resume(seed=seed, frames_done=done, skip_to_frame=(at_frame or 0) + 1,
+    return Resume(seed=seed, frames_done=done, skip_to_frame=(at_frame or 0) + 1, skip_to_pts=at_pts,
                   seq_start=seq_start, restarts=restarts,
                   frame_id_start=max(ids) + 1 if ids else before.frame_id_start,
                   dropped_before=dict(seen.dropped),

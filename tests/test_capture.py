@@ -52,16 +52,17 @@ CLIP_FPS = 30
 
 
 def make_clip(
-    path: Path, frames: int, fps: int = CLIP_FPS, size: tuple[int, int] = (64, 48)
+    path: Path, frames: int, fps: int = CLIP_FPS, size: tuple[int, int] = (64, 48),
+    gop: int = 5, b_frames: int = 0, step: int = STEP,
 ) -> Path:
-    """An H.264 MP4 whose frame i is a flat grey of level i * STEP (short GOP)."""
+    """An H.264 MP4 whose frame i is a flat grey of level i * step (short GOP)."""
     width, height = size
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.options = {"g": "5", "bf": "0"}
+        stream.codec_context.options = {"g": str(gop), "bf": str(b_frames)}
         for i in range(frames):
-            image = np.full((height, width, 3), i * STEP, np.uint8)
+            image = np.full((height, width, 3), i * step, np.uint8)
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = i
             container.mux(stream.encode(frame))
@@ -218,6 +219,47 @@ def test_a_paced_file_restarted_goes_on_where_it_was(clip: Path, decode: str) ->
     assert stats.frames_decoded == CLIP_FRAMES and not any(stats.dropped.values())  # skipped: decoded
     with open_source(str(clip), replace(cfg, skip_frames=CLIP_FRAMES), decode=decode) as cap:
         assert list(cap) == [] and cap.state is S.ENDED  # it had reached the end: ended, not failed
+
+
+@pytest.mark.parametrize("found", [True, False])
+def test_a_restarted_file_seeks_to_its_last_frame_instead_of_decoding_up_to_it(
+        tmp_path: Path, decode: str, found: bool, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Given the pts of the last frame to skip, the file seeks to the key frame before it
+    (an hour into a recording, decoding up to it took minutes): the same frames, ids
+    and counts as decoding from the start.  A pts no frame has (a file's timestamps
+    changed) falls back to decoding from the start."""
+    from streamtrack import sources
+
+    frames, start, step = 60, 47, 4
+    clip = make_clip(tmp_path / "gop10.mp4", frames, gop=10, b_frames=2, step=step)
+    with open_source(str(clip), CaptureConfig(policy="block")) as cap:
+        every = list(cap)
+    assert [round(float(f.image.mean()) / step) for f in every] == list(range(frames))
+    yielded = 0
+    real_frames = sources.PyAVReader.frames
+
+    def counted(self):
+        nonlocal yielded
+        for raw in real_frames(self):
+            yielded += 1
+            yield raw
+
+    monkeypatch.setattr(sources.PyAVReader, "frames", counted)
+    pts = every[start - 1].pts + (0 if found else 0.5 / CLIP_FPS)
+    cfg = CaptureConfig(policy="block", first_frame_id=start, skip_frames=start, skip_to_pts=pts)
+    with caplog.at_level(logging.WARNING, logger="streamtrack.capture"):
+        with open_source(str(clip), cfg, decode=decode) as cap:
+            got = list(cap)
+            stats = cap.stats()
+    assert [f.frame_id for f in got] == list(range(start, frames)) and cap.state is S.ENDED
+    assert [round(float(f.image.mean()) / step) for f in got] == list(range(start, frames))
+    assert [f.pts for f in got] == [f.pts for f in every[start:]]
+    assert stats.frames_decoded == frames and stats.decode_errors == 0
+    assert ("cannot seek to frame 47" in caplog.text) is (not found and decode == "thread")
+    if decode == "thread":  # counted in this process
+        # From the key frame at 40 (or the one before): not the 60 frames from the start.
+        assert yielded <= frames - 30 if found else yielded >= frames
 
 
 def test_a_paced_file_starts_playing_at_the_first_read(clip: Path, decode: str) -> None:

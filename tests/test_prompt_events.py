@@ -1077,6 +1077,49 @@ def test_a_paced_file_restarted_goes_on_after_its_last_frame_written(tmp_path, c
     assert [(r.frame_id, round(r.pts * 30)) for r in out] == [(i, i) for i in range(8, 12)]
 
 
+@pytest.mark.parametrize("realtime", [False, True])
+def test_a_restarted_tracker_seeks_its_file_to_the_last_frame_reported_written(tmp_path, monkeypatch,
+                                                                               realtime):
+    """The tracker reports each result's pts with it; a restart at that frame seeks the
+    file there (an hour into a recording, decoding up to it took minutes) and goes on
+    with the same frames, ids and pts."""
+    from streamtrack import sources
+    from streamtrack.capture import CaptureConfig
+    from streamtrack.pipeline import Resume
+    from streamtrack.protocol import FrameResult
+
+    frames = 40
+    video = write_video(make_clip(frames, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4", gop=10)
+    emitted = []
+    first = tmp_path / "first.jsonl"
+    run = RunConfig(source=str(video), progress=False, save_jsonl=str(first), realtime=realtime,
+                    capture=CaptureConfig(realtime=realtime, policy="block"),
+                    prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    Tracker(run, engine=TrackedIds(),
+            notify=lambda kind, data: emitted.append(data) if kind == "emitted" else None).run()
+    written = {r.frame_id: r.pts for r in map(FrameResult.from_json, first.read_text().splitlines())}
+    assert [(d["frame_id"], d["pts"]) for d in emitted] == list(written.items())
+
+    yielded = 0
+    real_frames = sources.PyAVReader.frames
+
+    def counted(self):
+        nonlocal yielded
+        for raw in real_frames(self):
+            yielded += 1
+            yield raw
+
+    monkeypatch.setattr(sources.PyAVReader, "frames", counted)
+    at = 33  # the last frame written: from the key frame at 30 (or 20), not from 0
+    again = tmp_path / "again.jsonl"
+    resume = Resume(seed=(Prompt(1, mask=np.ones((48, 64), bool)),), frames_done=at + 1, skip_to_frame=at + 1,
+                    skip_to_pts=emitted[at]["pts"], seq_start=at + 1, restarts=1)
+    Tracker(replace(run, save_jsonl=str(again), prompts={}, resume=resume), engine=TrackedIds()).run()
+    out = [FrameResult.from_json(line) for line in again.read_text().splitlines()]
+    assert [(r.frame_id, r.pts) for r in out] == [(i, written[i]) for i in range(at + 1, frames)]
+    assert yielded <= frames - 20
+
+
 def test_a_tracker_says_which_frames_go_to_its_video_part_before_they_do(tmp_path):
     """What a restart needs to tell which frames a dead tracker's video part holds: each
     frame handed to the video, said before it is written (not those an earlier part has)."""

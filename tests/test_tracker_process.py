@@ -288,6 +288,7 @@ def test_sigkill_restarts_reseeds_same_ids_and_resumes_file(tmp_path, clip_path,
         sub.close()
         proc.close()
     assert not pid_alive(first_pid)
+    assert "cannot seek" not in proc.err()  # it went to the frame by its pts
     if status is not None:
         assert status["pid"] != first_pid and status["restarts"] == 1
     # Split at the new tracker's "running" status, not at the time of the kill: masks
@@ -769,24 +770,25 @@ def test_a_restart_continues_after_the_last_frame_in_the_files_with_new_seqs():
     before = Resume(frames_done=3, skip_to_frame=3, seq_start=3)
     seen = _Seen()
     assert resume_from_seen(seen, before, 1) == replace(before, restarts=1)  # nothing yet
-    frame = FrameResult(stream="cam0", seq=10, frame_id=10, pts=None, width=4, height=3,
+    frame = FrameResult(stream="cam0", seq=10, frame_id=10, pts=0.4, width=4, height=3,
                         objects=(ObjectResult.from_mask(1, np.ones((3, 4), bool), score=0.9),))
     seen.update(frame)
-    # The tracker wrote up to frame 8 (frames 9 and 10 were published, not yet written).
-    seen.note_emitted(8, 8)
+    # The tracker wrote up to frame 8 (frames 9 and 10 were published, not yet written);
+    # a file seeks to that frame's pts.
+    seen.note_emitted(8, 8, 0.32)
     r = resume_from_seen(seen, before, 1)
-    assert (r.skip_to_frame, r.seq_start, r.frames_done) == (9, 11, 9)
+    assert (r.skip_to_frame, r.skip_to_pts, r.seq_start, r.frames_done) == (9, 0.32, 11, 9)
     # The subscriber is behind what the tracker published and wrote.
-    seen.note_emitted(12, 12)
+    seen.note_emitted(12, 12, None)  # a frame without a timestamp: decoded up to
     r = resume_from_seen(seen, before, 1)
-    assert (r.skip_to_frame, r.seq_start, r.frames_done) == (13, 13, 13)
+    assert (r.skip_to_frame, r.skip_to_pts, r.seq_start, r.frames_done) == (13, None, 13, 13)
     assert [p.obj_id for p in r.seed] == [1]
 
     # Without word from the tracker (a fleet's actors): after the last frame received.
     seen = _Seen()
     seen.update(frame)
     r = resume_from_seen(seen, before, 1)
-    assert (r.skip_to_frame, r.seq_start, r.frames_done) == (11, 11, 11)
+    assert (r.skip_to_frame, r.skip_to_pts, r.seq_start, r.frames_done) == (11, 0.4, 11, 11)
 
 
 def test_a_file_restart_continues_only_after_what_its_tracker_reported_in_the_files(clip_path):
