@@ -482,6 +482,9 @@ class Capture:
         self._decode_errors_done = 0  # from readers already closed
         self._reader: FrameReader | None = None
         self._last_frame_at = time.monotonic()
+        # A paced file's first frame, waiting for the first read: no frame comes, and none
+        # is late (a file at a URL played with --realtime while the model loads).
+        self._held_for_play = False
 
         self._stop = threading.Event()
         self._read_once = threading.Event()  # a paced file's clock starts at the first read
@@ -822,6 +825,8 @@ class Capture:
                 continue
             if pacer is not None:
                 if first:  # streaming while its first frame waits to be played (the first read)
+                    with self._lock:
+                        self._held_for_play = True
                     self._on_frame_flowing(new_connection=True)
                     first = False
                 pacer.wait(raw.pts)
@@ -832,6 +837,7 @@ class Capture:
                 self._next_id += 1
                 self._decoded += 1
                 self._last_frame_at = time.monotonic()
+                self._held_for_play = False
                 flowing = self._state is SourceState.STREAMING
             if first or not flowing:
                 self._on_frame_flowing(new_connection=first)
@@ -877,9 +883,10 @@ class Capture:
         while not self._stop.wait(interval):
             with self._lock:
                 state, idle = self._state, time.monotonic() - self._last_frame_at
+                held = self._held_for_play
             if state.terminal:
                 return
-            if state is SourceState.STREAMING and idle >= stale_after:
+            if state is SourceState.STREAMING and idle >= stale_after and not held:
                 self._transition(SourceState.STALE, only_from=SourceState.STREAMING)
 
 

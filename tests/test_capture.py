@@ -810,6 +810,21 @@ def test_a_video_file_over_http_with_realtime_plays_at_its_frame_rate(http_folde
     assert got == list(range(12)) and took >= 11 / 20 * 0.8
 
 
+def test_a_video_file_over_http_waiting_to_be_played_is_not_stale(http_folder) -> None:
+    """With --realtime its first frame waits for the first read (the model loading): no
+    frame comes, and none is late."""
+    folder, base = http_folder
+    make_clip(folder / "clip.mp4", 6, fps=20)
+    events: list = []
+    config = CaptureConfig(realtime=True, policy="block", stale_after=0.3)
+    with open_source(f"{base}/clip.mp4", config, on_status=events.append) as cap:
+        assert wait_for(lambda: cap.state is S.STREAMING, 5)
+        time.sleep(1.0)  # more than three times stale_after, nothing read
+        assert cap.state is S.STREAMING
+        assert [grey_index(f) for f in cap] == list(range(6))
+    assert S.STALE not in {e.state for e in events}
+
+
 def test_a_url_the_server_does_not_have_fails_at_once(http_folder, decode: str) -> None:
     _, base = http_folder
     cap = open_source(f"{base}/missing.mp4", CaptureConfig(**LIVE), decode=decode).start()
