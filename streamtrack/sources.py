@@ -153,7 +153,18 @@ def parse_source(source: str | int) -> SourceSpec:
     if "://" in text:
         return _url_spec(text)
     # A file name may begin or end with spaces: keep them if that is the file.
-    return _file_spec(source if os.path.exists(source) else text)
+    path = source if os.path.exists(source) else text
+    if not os.path.exists(path) and (typo := _URL_MISSING_A_SLASH.match(text)) is not None \
+            and typo["scheme"].lower() in NETWORK_SCHEMES:
+        # Not a file: a URL typed with a slash missing, whose password must not be printed.
+        meant = redact_url(f"{typo['scheme']}://{typo['rest']}")
+        raise UserError(f"video source {meant.replace('://', typo['sep'], 1)} is neither a file nor a URL: "
+                        f"did you mean {meant}?")
+    return _file_spec(path)
+
+
+# rtsp:/cam, rtsp//cam, rtsp:cam: the scheme, what stands for "://", and the rest.
+_URL_MISSING_A_SLASH = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)(?P<sep>:/|//|:)(?P<rest>[^/].*)$")
 
 
 def _webcam_spec(index: int) -> SourceSpec:
@@ -194,6 +205,8 @@ def _url_spec(text: str) -> SourceSpec:
         raise UserError(f"malformed video source URL {redact_url(text)}: {why}") from None
     if not host:
         raise UserError(f"video source URL has no host: {redact_url(text)}")
+    if _port == 0:  # FFmpeg's "Invalid argument" at every attempt, retried for good
+        raise UserError(f"malformed video source URL {redact_url(text)}: port 0 is no port to connect to")
     name = host + (parts.path.rstrip("/") or "")
     # FFmpeg knows its protocols by their lower-case names only.
     return SourceSpec(SourceKind.NETWORK, urlunsplit(parts._replace(scheme=scheme)), name)

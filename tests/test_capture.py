@@ -1152,6 +1152,21 @@ def test_a_password_with_a_slash_is_not_printed_in_the_malformed_url_error():
     assert "My" not in str(e.value) and "Pass" not in str(e.value) and "***@cam/live" in str(e.value)
 
 
+@pytest.mark.parametrize(("source", "message"), [
+    # Read as a file name, it was "video file not found: rtsp:/admin:s3cret@cam/live".
+    ("rtsp:/admin:s3cret@cam/live", "video source rtsp:/***@cam/live is neither a file nor a URL: "
+                                    "did you mean rtsp://***@cam/live?"),
+    ("rtsp//admin:s3cret@cam/live", "did you mean rtsp://***@cam/live?"),
+    ("http:/cam/a.mp4?token=s3cret", "did you mean http://cam/a.mp4?token=***?"),
+    # FFmpeg says "Invalid argument" at every attempt, and it was retried for good.
+    ("rtsp://admin:s3cret@127.0.0.1:0/cam", "malformed video source URL rtsp://***@127.0.0.1:0/cam: port 0"),
+])
+def test_a_mistyped_url_is_one_line_without_its_password(source, message):
+    with pytest.raises(UserError) as e:
+        parse_source(source)
+    assert message in str(e.value) and "s3cret" not in str(e.value)
+
+
 def test_a_file_named_like_a_protocol_is_read_and_written_as_a_file(tmp_path, monkeypatch, decode) -> None:
     """FFmpeg reads "name:" before the first "/" as a protocol: a recording called
     cam-10:00:00.mp4 was "Protocol not found", and http:y.mp4 was fetched over HTTP."""
