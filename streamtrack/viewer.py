@@ -298,6 +298,13 @@ class Viewer:
                 self.source.update(ev.data["new"], ev.time, reason if isinstance(reason, str) else None)
             elif ev.kind == "error":
                 self.toast(f"tracker: {ev.data.get('message', '?')}", error=True)
+            elif ev.kind == "tracker_state" and ev.data.get("new") == "running" and \
+                    ev.data.get("old") == "starting" and ev.data.get("restarts") == 0:
+                # A new run on these endpoints (not a restart, which keeps ids and objects):
+                # the last run's masks, objects and figures would pass for its own.
+                self._forget_the_last_run()
+                self.interaction.paused = False
+                self.tracker_stopped = False
             elif ev.kind == "tracker_state" and ev.data.get("new") in ("running", "paused"):
                 # The tracker's word on pausing: a pause that timed out, or a restarted
                 # (unpaused) tracker, would leave the key's guess out of step.
@@ -306,6 +313,17 @@ class Viewer:
             elif ev.kind == "tracker_state" and ev.data.get("new") == "stopped":
                 self.tracker_stopped = True
         self._dirty = True
+
+    def _forget_the_last_run(self) -> None:
+        self.pairer = FramePairer(self.pairer.keep)
+        self.mask_latency = SlidingWindow(self.config.hud_window)
+        self.display_latency = SlidingWindow(self.config.hud_window)
+        self.result_rate = RateMeter()
+        self.tracker_fps = None
+        self._result_gaps.clear()
+        self._last_result_at = None
+        self._frame_cache = None
+        self.interaction.forget_objects()
 
     def toast(self, text: str, *, error: bool = False, seconds: float = 4.0) -> None:
         self.toasts.append(_Toast(text, time.monotonic() + seconds, error))

@@ -154,6 +154,12 @@ class Interaction:
         """The ids in the newest result (so ``n`` never reuses a tracked id)."""
         self.known_ids = set(obj_ids)
 
+    def forget_objects(self) -> None:
+        """A new run: none of the last run's objects, prompts or selection."""
+        self.selected = None
+        self.known_ids, self.created, self.prompts, self.frame_boxes = set(), set(), {}, {}
+        self.frame_id = None
+
     def next_id(self) -> int:
         used = self.known_ids | set(self.prompts) | ({self.selected} if self.selected else set())
         return max(used, default=0) + 1

@@ -173,9 +173,10 @@ class FramePairer:
     def _put(store: OrderedDict, other: OrderedDict, key: int, value: object, keep: int) -> None:
         if store and key < next(reversed(store)):
             # frame_id went backwards: the tracker restarted and counts from 0 again;
-            # what we hold of the old run would pair with the wrong frames.
+            # what we hold of the old run would pair with the wrong frames, its own
+            # frame_id too.
             store.clear()
-            for k in [k for k in other if k > key]:
+            for k in [k for k in other if k >= key]:
                 del other[k]
         store[key] = value
         store.move_to_end(key)

@@ -411,6 +411,13 @@ def test_pairing_after_tracker_restart():
     assert list(p.frames) == [0] and list(p.results) == []
     p.add_result(_result(0))
     assert p.select().exact
+    # The new run's result 0 may come before its frame 0: the old frame 0 is not its.
+    p = vs.FramePairer()
+    for i in range(3):
+        p.add_frame(_frame(i))
+        p.add_result(_result(i))
+    p.add_result(_result(0, seq=100))
+    assert list(p.frames) == [] and p.select() == vs.Pairing(None, p.results[0], False)
 
 
 # ------------------------------------------------------------ drawing (no window needed)
@@ -490,6 +497,32 @@ def check_overlay(shot_rgb, image, masks, *, banner: tuple[int, int, int] | None
 
 def _msg(kind, received=None, **kw):
     return Message(topic=f"{kind}/cam0", kind=kind, stream="cam0", received=received or now(), **kw)
+
+
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_a_new_run_on_the_same_endpoints_shows_none_of_the_last_runs_objects(restarts):
+    """A viewer left open while one run ends and the next starts: the last run's masks
+    were drawn on the new run's frame 0 (the same frame_id), its objects listed, and the
+    first box made object 4.  A supervised restart (restarts > 0) keeps them: its objects
+    go on."""
+    vw = v.Viewer("tcp://127.0.0.1:1", control="tcp://127.0.0.1:2")
+    objects = tuple(ObjectResult.from_mask(i, np.ones((48, 64), bool), score=0.9) for i in (1, 2, 3))
+    for fid in range(6):
+        vw.handle(_msg("frames", frame=FrameHeader("cam0", fid, 64, 48, now()), jpeg=b"jpeg"))
+        vw.handle(_msg("masks", result=_result(fid, objects=objects, capture=now() - 0.1)))
+    vw.handle(_msg("status", status=StatusEvent("cam0", "tracker_state", now(),
+                                                data={"old": "running", "new": "stopped"})))
+    vw.handle(_msg("status", status=StatusEvent("cam0", "tracker_state", now(),
+                                                data={"old": "starting", "new": "running",
+                                                      "restarts": restarts, "resumed_at_frame": 0})))
+    vw.handle(_msg("frames", frame=FrameHeader("cam0", 0, 64, 48, now()), jpeg=b"jpeg"))
+    pairing = vw.pairer.select()
+    assert pairing.frame.frame_id == 0
+    if restarts:
+        assert vw.interaction.next_id() == 4 and len(vw.mask_latency) == 6
+    else:
+        assert pairing.result is None and vw.pairer.latest_result is None
+        assert vw.interaction.next_id() == 1 and len(vw.mask_latency) == 0
 
 
 def test_the_hud_says_why_the_source_is_down_from_stats_or_the_event():
