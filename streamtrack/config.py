@@ -98,6 +98,7 @@ _MINIMUM: dict[str, int] = {
     "queue_depth": 1, "max_restarts": 0, "hang_timeout": 0, "start_timeout": 0,
 }
 _OUTPUT_PATHS = {"save_jsonl", "save_masks", "save_video"}
+_HOME_PATHS = {*_OUTPUT_PATHS, "checkpoint", "curve_secret", "curve_clients"}
 # Seconds that must be more than 0 (the capture's timers; null turns the optional ones off).
 _ABOVE_ZERO = {"reconnect_max", "stale_after", "give_up_after"}
 # A supervised tracker reports once a second (pipeline.ALIVE_EVERY): less than two reports'
@@ -166,6 +167,8 @@ def coerce(key: str, value: Any, where: str) -> Any:
     if key in _ABOVE_ZERO and not value > 0:
         hint = " (null: never)" if optional else ""
         raise UserError(f"{where}: {key} must be more than 0{hint}, got {value!r}")
+    if key in _HOME_PATHS:  # "~/runs/out.jsonl" in a file, as a shell reads it (and fleet files do)
+        value = os.path.expanduser(value)
     if key == "save_jsonl":
         value = stdout_dash(value)
     if key in _CHECKS:
@@ -249,7 +252,7 @@ def load_yaml(path: Path, what: str = "config") -> dict[str, Any]:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         raise UserError(f"{what} {path}: cannot read YAML ({_yaml_problem(e)})") from None
-    if data is None:
+    if data is None or data == "":  # "": a document of only "---" and comments (_blank_as_empty)
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{what} {path}: expected a mapping of keys to values")

@@ -39,6 +39,28 @@ def test_config_file_from_environment(tmp_path):
     assert load_config(None, {}, {"STREAMTRACK_CONFIG": str(f)}).max_frames == 7
 
 
+@pytest.mark.parametrize("text", ["", "# all defaults\n", "---\n# image_size: 64\n", "---\n...\n"])
+def test_a_config_file_with_no_settings_is_the_defaults(tmp_path, text):
+    """A template with every key commented out, after YAML's "---" too."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    assert load_config(str(f), {}, {}) == Config()
+
+
+def test_a_home_folder_in_a_config_files_paths_is_expanded(tmp_path, monkeypatch):
+    """As a shell does on the command line (and fleet files do): not a folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    f = tmp_path / "c.yaml"
+    f.write_text("save_jsonl: ~/runs/out.jsonl\nsave_video: ~/o.mp4\nsave_masks: ~/m\ncheckpoint: ~/t.pt\n"
+                 "curve_secret: ~/keys/server.key_secret\n")
+    cfg = load_config(str(f), {}, {})
+    home = str(tmp_path / "home")
+    assert (cfg.save_jsonl, cfg.save_video, cfg.save_masks, cfg.checkpoint, cfg.curve_secret) == (
+        f"{home}/runs/out.jsonl", f"{home}/o.mp4", f"{home}/m", f"{home}/t.pt",
+        f"{home}/keys/server.key_secret")
+    assert load_config(None, {}, {"STREAMTRACK_SAVE_JSONL": "-"}).save_jsonl == "/dev/stdout"
+
+
 def test_environment_values_are_parsed():
     env = {"STREAMTRACK_SHOW": "yes", "STREAMTRACK_GIVE_UP_AFTER": "none", "STREAMTRACK_REALTIME": "0"}
     cfg = load_config(None, {}, env)
