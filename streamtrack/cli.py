@@ -103,6 +103,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
     import time
 
     from streamtrack.curve import client_from_args
+    from streamtrack.protocol import cross_process_endpoint
     from streamtrack.subscriber import Subscriber
 
     if args.count is not None and args.count < 1:
@@ -118,7 +119,7 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         subscriber = Subscriber.from_fleet(fleet_address(args.endpoint), topics=args.topics,
                                            curve=client_keys)
     else:
-        subscriber = Subscriber(args.endpoint, topics=args.topics, curve=client_keys)
+        subscriber = Subscriber(cross_process_endpoint(args.endpoint), topics=args.topics, curve=client_keys)
     why = (" (if it uses CURVE: is this client's key authorised there?)" if client_keys
            else " (if it uses CURVE, pass --curve-server-key and --curve-secret)")
     with subscriber as sub:

@@ -206,7 +206,8 @@ def command(args: argparse.Namespace) -> int:
     if viewer_failed is not None:
         print(f"streamtrack: error: the viewer window failed (exit {viewer_failed}; its messages are "
               "above), which ended the run", file=sys.stderr)
-        return max(code, 1)
+        # Its stop is no interruption of the user's (130) unless a signal came too.
+        return code if supervisor.interrupted_by is not None else 1
     return code
 
 

@@ -109,6 +109,15 @@ _ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
 TCP_HOST = re.compile(r"[A-Za-z0-9._*%:\[\]-]+(;[A-Za-z0-9._*%:\[\]-]+)?")
 
 
+def cross_process_endpoint(endpoint: str | int) -> str:
+    """:func:`normalize_endpoint`, refusing ``inproc://``: another process (a tracker, a
+    viewer, a subscriber of its own) never reaches it, and would wait for good."""
+    ep = normalize_endpoint(endpoint)
+    if ep.startswith("inproc://"):
+        raise UserError(f"endpoint {endpoint}: inproc:// cannot cross processes; use tcp:// or ipc://")
+    return ep
+
+
 def normalize_endpoint(endpoint: str | int) -> str:
     """Turn user input into a ZeroMQ endpoint, defaulting to loopback.
 

@@ -66,7 +66,7 @@ from streamtrack import childproc
 from streamtrack.config import check_hang_timeout
 from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1
 from streamtrack.pipeline import Resume, RunConfig, RunSummary, Tracker
-from streamtrack.protocol import FrameResult, decode_mask, normalize_endpoint
+from streamtrack.protocol import FrameResult, cross_process_endpoint, decode_mask, normalize_endpoint
 from streamtrack.tracking import Prompt
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,8 @@ class Supervisor:
         if config.publish is None:
             raise UserError("the supervisor re-seeds from the published masks: set a publish endpoint")
         for ep in (config.publish, config.control):
-            if ep is not None and normalize_endpoint(ep).startswith("inproc://"):
-                raise UserError(f"endpoint {ep}: inproc:// cannot cross processes; use tcp:// or ipc://")
+            if ep is not None:
+                cross_process_endpoint(ep)
         self.state = TrackerState.STARTING
         self.restarts = 0
         self.pid: int | None = None  # the current child's

@@ -78,6 +78,9 @@ TEXT_BGR = (235, 235, 235)
 DIM_BGR = (170, 170, 170)
 
 
+MAX_SIDE = 8192
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """``"1280x720"`` -> ``(1280, 720)``; raises :class:`UserError` on anything else."""
     w, sep, h = text.lower().partition("x")
@@ -85,8 +88,9 @@ def parse_size(text: str) -> tuple[int, int]:
         size = (int(w), int(h))
     except ValueError:
         size = (0, 0)
-    if not sep or size[0] < 64 or size[1] < 64:
-        raise UserError(f"--max-size must be WxH with both at least 64 pixels, got {text!r}")
+    # At most an 8K screen's side: the picture is scaled up to fit (17 GB a frame at 100000x100000).
+    if not sep or not (64 <= size[0] <= MAX_SIDE and 64 <= size[1] <= MAX_SIDE):
+        raise UserError(f"--max-size must be WxH with both from 64 to {MAX_SIDE} pixels, got {text!r}")
     return size
 
 
@@ -724,6 +728,7 @@ def check_display() -> None:
                         "pip install opencv-python in its place, or run without a window")
     if not sys.platform.startswith(("linux", "freebsd")):
         return
+    _check_qt_platform()
     display = os.environ.get("DISPLAY")
     if not display:
         raise UserError("no display: DISPLAY is not set (run the viewer in a desktop session, "
@@ -732,6 +737,25 @@ def check_display() -> None:
         # Qt would abort the process with advice to reinstall the application.
         raise UserError(f"no display: cannot connect to DISPLAY={display} (is that X server running? "
                         "over ssh, log in again with -X)")
+
+
+def _check_qt_platform() -> None:
+    """A ``QT_QPA_PLATFORM`` this OpenCV's own Qt has no plugin for (``wayland`` from a
+    Wayland desktop: the opencv-python wheels ship ``xcb`` only) aborts the process."""
+    wanted = [p.split(":")[0].strip() for p in os.environ.get("QT_QPA_PLATFORM", "").split(";")]
+    wanted = [p for p in wanted if p]
+    if not wanted:
+        return
+    import cv2
+
+    folder = Path(cv2.__file__).parent / "qt" / "plugins" / "platforms"
+    if not folder.is_dir():  # an OpenCV built against the system's Qt, or another GUI
+        return
+    shipped = sorted(p.name.removeprefix("libq").split(".")[0] for p in folder.glob("libq*.so*"))
+    if not set(wanted) & set(shipped):
+        raise UserError(f"QT_QPA_PLATFORM={os.environ['QT_QPA_PLATFORM']}: this OpenCV's Qt has only "
+                        f"{', '.join(shipped) or 'no'} platform plugins (unset QT_QPA_PLATFORM, or set it "
+                        f"to {shipped[0] if shipped else 'xcb'})")
 
 
 def opencv_has_windows() -> bool:
@@ -811,7 +835,7 @@ def spawn_viewer(endpoint: str, control: str | None = None, stream: str | None =
 
 def main(args) -> int:
     """``streamtrack view`` (args from the CLI parser)."""
-    from streamtrack.protocol import validate_stream
+    from streamtrack.protocol import cross_process_endpoint, validate_stream
 
     max_size = parse_size(args.max_size)
     timeout = args.control_timeout
@@ -822,6 +846,9 @@ def main(args) -> int:
         validate_stream(args.stream)
     curve = client_from_args(args)  # bad key files: one line, before any window
     endpoint, control, stream = resolve_endpoints(args.endpoint, args.control, args.stream, args.fleet)
+    for ep in (endpoint, control):
+        if ep is not None:
+            cross_process_endpoint(ep)
     check_display()  # before cv2 touches the display: imshow without one aborts the process
     return Viewer(endpoint, control, stream, config=config, curve=curve).run()
 

@@ -646,15 +646,18 @@ def test_the_source_may_come_from_a_file_out_of_sight_of_ps(tiny_checkpoint, cli
     assert len(jsonl.read_text().splitlines()) == 2
 
 
-def test_run_show_whose_window_fails_is_no_success(tiny_checkpoint, clip_file, monkeypatch, capsys):
+@pytest.mark.parametrize("dies_after", [2, 0])
+def test_run_show_whose_window_fails_is_no_success(tiny_checkpoint, clip_file, monkeypatch, capsys,
+                                                   dies_after):
     """The viewer process dies (a GUI error): that ends the run, which must not exit 0 as if
-    the user had closed the window."""
+    the user had closed the window, nor 130 as if interrupted (a window that dies at once
+    stops a tracker still starting)."""
     from streamtrack import cli
     from streamtrack import viewer as viewer_module
 
     monkeypatch.setattr(viewer_module, "check_display", lambda: None)
     monkeypatch.setattr(viewer_module, "spawn_viewer", lambda *a, **k: subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; time.sleep(2); sys.exit(1)"]))
+        [sys.executable, "-c", f"import sys, time; time.sleep({dies_after}); sys.exit(1)"]))
     code = cli.main(["run", str(clip_file[1]), "--show", "--loop", "--realtime", "--checkpoint",
                      str(tiny_checkpoint), "--image-size", str(TEST_IMAGE_SIZE), "--box", "1,1,20,20", "-q"])
     err = capsys.readouterr().err

@@ -80,9 +80,40 @@ def test_mapping_known_values():
 def test_parse_size():
     assert v.parse_size("1280x720") == (1280, 720)
     assert v.parse_size("640X480") == (640, 480)
-    for bad in ("1280", "x720", "axb", "10x10", "-5x300"):
-        with pytest.raises(v.UserError):
+    assert v.parse_size("8192x64") == (8192, 64)
+    for bad in ("1280", "x720", "axb", "10x10", "-5x300", "100000x100000", "8193x600"):
+        with pytest.raises(v.UserError, match="--max-size must be WxH with both from 64 to 8192 pixels"):
             v.parse_size(bad)
+
+
+@pytest.mark.parametrize("platform", ["wayland", "wayland;offscreen"])
+def test_a_qt_platform_this_opencv_lacks_is_one_line(monkeypatch, platform):
+    """A Wayland desktop's QT_QPA_PLATFORM=wayland: the opencv-python wheels' Qt has xcb
+    only, and Qt aborted the process with advice to reinstall the application."""
+    import cv2
+
+    if not (Path(cv2.__file__).parent / "qt" / "plugins" / "platforms").is_dir():
+        pytest.skip("this OpenCV does not ship its own Qt plugins")
+    monkeypatch.setenv("QT_QPA_PLATFORM", platform)
+    monkeypatch.setattr(v, "opencv_has_windows", lambda: True)
+    with pytest.raises(v.UserError, match=f"QT_QPA_PLATFORM={re.escape(platform)}: this OpenCV's Qt has "
+                                          "only xcb platform plugins"):
+        v.check_display()
+    monkeypatch.setenv("QT_QPA_PLATFORM", "wayland;xcb")  # a fallback it has: on to the display
+    monkeypatch.delenv("DISPLAY", raising=False)
+    with pytest.raises(v.UserError, match="no display: DISPLAY is not set"):
+        v.check_display()
+
+
+@pytest.mark.parametrize("command", ["view", "subscribe"])
+def test_an_inproc_endpoint_is_refused_by_the_processes_that_cannot_reach_it(command, capsys):
+    """Another process never reaches inproc://: it waited for good, silently."""
+    from streamtrack.cli import main
+
+    assert main([command, "inproc://cam"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["streamtrack: error: endpoint inproc://cam: inproc:// cannot cross processes; "
+                   "use tcp:// or ipc://"]
 
 
 # ------------------------------------------------------------------------ interaction
