@@ -723,14 +723,16 @@ class Capture:
         """The frames after the first ``skip``, the last of which is at ``pts``, by seeking
         (counted as decoded, as skipped frames are), and the reader to read them from;
         (None, a reader at the start) where the file cannot seek to that frame."""
-        frames_after = getattr(reader, "frames_after", None)
-        frames = frames_after(pts) if frames_after is not None else None
-        if frames is not None:
-            with self._lock:
-                self._decoded += skip
-            return frames, reader
-        log.warning("%s: cannot seek to frame %d (pts %.3f s) of the file; decoding every frame up to it",
-                    self.name, skip, pts)
+        if getattr(reader, "seeks_by_pts", False):
+            frames = reader.frames_after(pts)
+            if frames is not None:
+                with self._lock:
+                    self._decoded += skip
+                return frames, reader
+            log.warning("%s: cannot seek to frame %d (pts %.3f s) of the file; decoding every frame up "
+                        "to it", self.name, skip, pts)
+        else:  # MPEG-TS, FLV: a pts may name two frames
+            log.info("%s: decoding the file's first %d frames to go on after them", self.name, skip)
         with self._lock:  # its decode errors were the seek's, not the file's
             if self._reader is reader:
                 self._reader = None

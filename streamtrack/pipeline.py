@@ -762,8 +762,9 @@ class Tracker:
             if declared and declared.frames:
                 # An MP4 trimmed without re-encoding counts the frames its edit list hides:
                 # decoding up to its declared duration is whole, whatever the count says.
+                tracked = stats.frames_decoded - self.capture.config.skip_frames  # after a restart's
                 if declared.frames - stats.frames_decoded > 1 + stats.decode_errors and \
-                        not self._reached_duration(declared, stats.frames_decoded):
+                        not self._reached_duration(declared, tracked):
                     log.warning("video file %s ended after %d of the %d frames its header declares: is "
                                 "it cut short?", cfg.source, stats.frames_decoded, declared.frames)
             elif declared and declared.seconds and self._pts_span is not None:
@@ -786,13 +787,15 @@ class Tracker:
                         "were" if len(unwritten) > 1 else "was")
 
     def _reached_duration(self, declared: DeclaredLength, decoded: int) -> bool:
-        """Whether the frames decoded span the duration the header declares, to within two
-        frame intervals (the last frame's own time, and rounding)."""
+        """Whether the ``decoded`` frames from the first tracked to the last reach the
+        duration the header declares, to within two frame intervals (the last frame's own
+        time, and rounding).  A restarted tracker's frames start at its restart frame: the
+        file's own time, from 0, counts too."""
         if not declared.seconds or self._pts_span is None or decoded < 2:
             return False
-        reached = self._pts_span[1] - self._pts_span[0]
-        interval = reached / (decoded - 1)
-        return reached >= declared.seconds - 2 * interval - 0.001
+        first, last = self._pts_span
+        interval = (last - first) / (decoded - 1)
+        return max(last - first, last) >= declared.seconds - 2 * interval - 0.001
 
     def _on_published(self, result: FrameResult) -> None:
         """Latency statistics once a result went out (on the emitter's thread, or, a few

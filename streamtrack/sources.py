@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import math
 import os
 import re
 import stat
@@ -53,6 +52,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _HTTP_SCHEMES = frozenset({"http", "https"})
+# Demuxers (FFmpeg's names) whose timestamps only go up: a restart seeks in them by pts.
+_PTS_ONLY_GO_UP = frozenset({"mov", "mp4", "matroska", "webm", "avi"})
 
 #: URL schemes handed to PyAV as live network streams.
 NETWORK_SCHEMES = frozenset(
@@ -354,26 +355,36 @@ class PyAVReader:
             for frame in decoded:
                 yield RawFrame(frame.time, functools.partial(self._to_rgb, frame))
 
+    @property
+    def seeks_by_pts(self) -> bool:
+        """Whether a frame's pts names it: containers whose timestamps only go up (MPEG-TS
+        and FLV may start over, a pts then naming two frames)."""
+        return bool(_PTS_ONLY_GO_UP & set(self._container.format.name.split(",")))
+
     def frames_after(self, pts: float) -> Iterator[RawFrame] | None:
         """The frames after the one at ``pts`` (seconds), found by seeking to the key frame
         before it instead of decoding every frame from the start; None where that frame
-        cannot be told (a file without timestamps, a failed seek, or one that lands past
-        it): read again from the start, then."""
-        # A frame's time is its pts in the stream's time base: one unit less is safely
-        # before it (a float's rounding cannot land the seek on the next key frame).
+        is not found (no timestamps, a failed seek, or one that lands past it): read
+        again from the start, then."""
+        errors = self._decode_errors
         try:
-            target = math.floor(pts / self._stream.time_base) - 1
-            self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
+            # Compared in the stream's own units: a frame's time is its pts in them, and
+            # seconds of large timestamps (a recording's) are a frame apart within 1e-6.
+            time_base = self._stream.time_base
+            target = round(pts / time_base)
+            self._container.seek(target - 1, stream=self._stream, backward=True, any_frame=False)
+            frames = self.frames()
+            for raw in frames:
+                at = None if raw.pts is None else round(raw.pts / time_base)
+                if at is None or at > target:
+                    return None
+                if at == target:
+                    # Damage before it is the seek's landing (frames that refer to
+                    # earlier ones), not the file's.
+                    self._decode_errors = errors
+                    return frames
         except (av.FFmpegError, OSError, ValueError, OverflowError, TypeError, ZeroDivisionError) as exc:
             log.debug("seeking to %.6f s failed: %s", pts, exc)
-            return None
-        tolerance = 1e-6 * max(1.0, abs(pts))
-        frames = self.frames()
-        for raw in frames:
-            if raw.pts is None or raw.pts > pts + tolerance:
-                return None
-            if raw.pts >= pts - tolerance:
-                return frames
         return None
 
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:

@@ -632,6 +632,17 @@ def test_a_losslessly_trimmed_mp4_is_not_reported_cut_short(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="streamtrack.pipeline"):
         assert Tracker(run, engine=TrackedIds()).run().frames == 25
     assert [r.getMessage() for r in caplog.records] == []
+    # Nor by a restarted tracker, whose frames start at its restart frame (10).
+    from streamtrack.capture import CaptureConfig, open_source
+    from streamtrack.pipeline import Resume
+
+    with open_source(str(trimmed), CaptureConfig(policy="block")) as cap:
+        pts = [f.pts for f in cap]
+    resume = Resume(seed=(Prompt(1, mask=np.ones((120, 160), bool)),), frames_done=10, skip_to_frame=10,
+                    skip_to_pts=pts[9], seq_start=10, restarts=1)
+    with caplog.at_level("WARNING", logger="streamtrack"):
+        assert Tracker(replace(run, prompts={}, resume=resume), engine=TrackedIds()).run().frames == 15
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def test_warnings_during_a_run_print_on_lines_of_their_own(tmp_path, capfd, monkeypatch):
