@@ -219,6 +219,24 @@ def running_xvfb(log: Path, *, reset: bool = False):
 
 
 @pytest.fixture
+def frames_decoded(monkeypatch) -> list[int]:
+    """Counts the frames PyAV decoders hand out in this process (``[count]``): how far a
+    file was read to reach a frame."""
+    from streamtrack import sources
+
+    count = [0]
+    real_frames = sources.PyAVReader.frames
+
+    def counted(self):
+        for raw in real_frames(self):
+            count[0] += 1
+            yield raw
+
+    monkeypatch.setattr(sources.PyAVReader, "frames", counted)
+    return count
+
+
+@pytest.fixture
 def xdisplay(tmp_path_factory):
     with running_xvfb(tmp_path_factory.mktemp("xvfb") / "xvfb.log") as display:
         yield display
