@@ -119,7 +119,9 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
         subscriber = Subscriber.from_fleet(fleet_address(args.endpoint), topics=args.topics,
                                            curve=client_keys)
     else:
-        subscriber = Subscriber(cross_process_endpoint(args.endpoint), topics=args.topics, curve=client_keys)
+        if str(args.endpoint).strip().startswith("inproc://"):  # (not a fleet's directory file)
+            cross_process_endpoint(args.endpoint)
+        subscriber = Subscriber(args.endpoint, topics=args.topics, curve=client_keys)
     why = (" (if it uses CURVE: is this client's key authorised there?)" if client_keys
            else " (if it uses CURVE, pass --curve-server-key and --curve-secret)")
     with subscriber as sub:
