@@ -67,6 +67,7 @@ from streamtrack.config import check_hang_timeout
 from streamtrack.errors import HelperProcessError, UserError, dump_stacks_on_usr1
 from streamtrack.pipeline import Resume, RunConfig, RunSummary, Tracker
 from streamtrack.protocol import FrameResult, cross_process_endpoint, decode_mask, normalize_endpoint
+from streamtrack.publisher import StatsWindow
 from streamtrack.tracking import Prompt
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ class _Seen:
     # whose result is not out yet (by that frame's seq): a restart queues them again.
     queued: dict[int, Prompt] = field(default_factory=dict)  # obj_id -> prompt, in order
     applied: list[tuple[int, list[Prompt]]] = field(default_factory=list)
+    # The latency of the newest results: a tracker killed by a second Ctrl-C sends no summary.
+    window: StatsWindow = field(default_factory=StatsWindow)
 
     def note_emitted(self, seq: int, frame_id: int, pts: float | None = None) -> None:
         self.emitted_seq, self.emitted_frame_id, self.emitted_pts = seq, frame_id, pts
@@ -180,6 +183,7 @@ class _Seen:
 
     def update(self, result: FrameResult) -> None:
         self.seq, self.frame_id, self.pts = result.seq, result.frame_id, result.pts
+        self.window.add(result)
         self.states = {o.obj_id: o.state for o in result.objects}
         self.dropped = dict(result.dropped)
         present = {o.obj_id for o in result.objects}
@@ -321,6 +325,11 @@ class Supervisor:
                 if self._stop.is_set():  # killed while stopping: that is a stop too
                     total.frames += child.emitted
                     total.interrupted = True
+                    latency = self._seen.window.latency()  # its results' (it sent no summary)
+                    if "total" in latency:
+                        total.latency_p50, total.latency_p95 = latency["total"].p50, latency["total"].p95
+                    if "infer" in latency:
+                        total.step_p50 = latency["infer"].p50
                     self._set_state(TrackerState.DONE)
                     break
                 # The child died: crash, signal, OOM killer.

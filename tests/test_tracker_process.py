@@ -516,6 +516,31 @@ def test_a_second_ctrl_c_kills_a_tracker_stuck_in_its_frame_at_once(monkeypatch)
     assert sup.interrupted_by == signal.SIGINT
 
 
+def test_a_tracker_killed_by_a_second_ctrl_c_still_has_its_latency_in_the_summary(monkeypatch):
+    """It sends no summary: the latency is its results' (GNU timeout's SIGINT reaches the run
+    twice, and the summary said "latency n/a")."""
+    import stand_in_trackers
+
+    from streamtrack import supervisor
+
+    monkeypatch.setattr(supervisor, "_child_main", stand_in_trackers.publishes_then_stuck_in_a_frame)
+    run = RunConfig(source="clip.mp4", publish=f"tcp://127.0.0.1:{free_port()}", progress=False)
+    sup = Supervisor(run, SupervisorConfig(stop_timeout=60))
+    summaries = []
+    runner = threading.Thread(target=lambda: summaries.append(sup.run()), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while sup.state is not TrackerState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2.5)  # its results are out
+    sup.stop(signal.SIGINT)
+    sup.stop(signal.SIGINT)
+    runner.join(10)
+    assert not runner.is_alive() and summaries[0].interrupted
+    assert summaries[0].latency_p50 == pytest.approx(0.25, abs=0.1), summaries[0]
+    assert "latency p50" in summaries[0].line()
+
+
 def test_user_error_in_tracker_process_is_not_restarted(tmp_path, clip_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
