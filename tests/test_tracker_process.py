@@ -487,24 +487,31 @@ def test_a_tracker_that_dies_before_reading_a_large_configuration_does_not_hang_
 
 
 @pytest.mark.timeout(120)
-def test_a_second_ctrl_c_kills_a_tracker_stuck_in_its_frame_at_once(monkeypatch):
-    """The first Ctrl-C waits for the frame in hand (said once); the second, as without
-    --publish, does not wait for it, nor for the stop timeout."""
+def _supervising(monkeypatch, stand_in: str) -> tuple[Supervisor, threading.Thread, list]:
+    """A supervisor of the stand-in tracker ``stand_in``, running in a thread once the
+    tracker says it runs: (supervisor, its thread, where its summary goes)."""
     import stand_in_trackers
 
     from streamtrack import supervisor
 
-    monkeypatch.setattr(supervisor, "_child_main", stand_in_trackers.stuck_in_a_frame)
+    monkeypatch.setattr(supervisor, "_child_main", getattr(stand_in_trackers, stand_in))
     run = RunConfig(source="clip.mp4", publish=f"tcp://127.0.0.1:{free_port()}", progress=False)
     sup = Supervisor(run, SupervisorConfig(stop_timeout=60))
-    said: list[str] = []
-    sup.on_interrupt = lambda: said.append("stopping")
-    summaries = []
+    summaries: list = []
     runner = threading.Thread(target=lambda: summaries.append(sup.run()), daemon=True)
     runner.start()
     deadline = time.monotonic() + 60
     while sup.state is not TrackerState.RUNNING and time.monotonic() < deadline:
         time.sleep(0.05)
+    return sup, runner, summaries
+
+
+def test_a_second_ctrl_c_kills_a_tracker_stuck_in_its_frame_at_once(monkeypatch):
+    """The first Ctrl-C waits for the frame in hand (said once); the second, as without
+    --publish, does not wait for it, nor for the stop timeout."""
+    sup, runner, summaries = _supervising(monkeypatch, "stuck_in_a_frame")
+    said: list[str] = []
+    sup.on_interrupt = lambda: said.append("stopping")
     sup.stop(signal.SIGINT)
     runner.join(2)
     assert runner.is_alive() and said == ["stopping"]  # the frame in hand is waited for
@@ -519,19 +526,7 @@ def test_a_second_ctrl_c_kills_a_tracker_stuck_in_its_frame_at_once(monkeypatch)
 def test_a_tracker_killed_by_a_second_ctrl_c_still_has_its_latency_in_the_summary(monkeypatch):
     """It sends no summary: the latency is its results' (GNU timeout's SIGINT reaches the run
     twice, and the summary said "latency n/a")."""
-    import stand_in_trackers
-
-    from streamtrack import supervisor
-
-    monkeypatch.setattr(supervisor, "_child_main", stand_in_trackers.publishes_then_stuck_in_a_frame)
-    run = RunConfig(source="clip.mp4", publish=f"tcp://127.0.0.1:{free_port()}", progress=False)
-    sup = Supervisor(run, SupervisorConfig(stop_timeout=60))
-    summaries = []
-    runner = threading.Thread(target=lambda: summaries.append(sup.run()), daemon=True)
-    runner.start()
-    deadline = time.monotonic() + 60
-    while sup.state is not TrackerState.RUNNING and time.monotonic() < deadline:
-        time.sleep(0.05)
+    sup, runner, summaries = _supervising(monkeypatch, "publishes_then_stuck_in_a_frame")
     time.sleep(2.5)  # its results are out
     sup.stop(signal.SIGINT)
     sup.stop(signal.SIGINT)
