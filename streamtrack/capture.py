@@ -733,13 +733,7 @@ class Capture:
                         "to it", self.name, skip, pts)
         else:  # MPEG-TS, FLV: a pts may name two frames
             log.info("%s: decoding the file's first %d frames to go on after them", self.name, skip)
-        with self._lock:  # its decode errors were the seek's, not the file's
-            if self._reader is reader:
-                self._reader = None
-        try:
-            reader.close()
-        except Exception:
-            log.debug("%s: error closing source", self.name, exc_info=True)
+        self._close(reader)  # not released: its decode errors were the seek's, not the file's
         return None, self._open_reader()
 
     def _run_live(self, reader: FrameReader | None) -> None:
@@ -868,10 +862,13 @@ class Capture:
             if reader is not None:
                 self._decode_errors_done += reader.decode_errors
         if reader is not None:
-            try:
-                reader.close()
-            except Exception:  # closing a broken stream may fail; it is gone anyway
-                log.debug("%s: error closing source", self.name, exc_info=True)
+            self._close(reader)
+
+    def _close(self, reader: FrameReader) -> None:
+        try:
+            reader.close()
+        except Exception:  # closing a broken stream may fail; it is gone anyway
+            log.debug("%s: error closing source", self.name, exc_info=True)
 
     def _count_drop(self, reason: str) -> None:
         with self._lock:

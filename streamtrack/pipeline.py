@@ -241,6 +241,14 @@ class RunSummary:
         tracking = self.seconds - self.starting - self.waited
         return self.frames / tracking if tracking > 0 else 0.0
 
+    def take_latency(self, window: StatsWindow) -> None:
+        """The latency (capture to publish) and step time of ``window``'s results."""
+        latency = window.latency()
+        if "total" in latency:
+            self.latency_p50, self.latency_p95 = latency["total"].p50, latency["total"].p95
+        if "infer" in latency:
+            self.step_p50 = latency["infer"].p50
+
     def source_failure(self, source: str) -> str | None:
         """The one-line error for a run whose source failed on its own after streaming (a
         camera given up on after ``give_up_after``): a runtime failure, not a run done.
@@ -603,7 +611,6 @@ class Tracker:
             self._notify("running", {"pid": os.getpid()})
             running_since = time.monotonic()
             self._video_clock = cfg.resumable_file
-            skip_to = resume.skip_to_frame if self._video_clock else 0
             seed, self._seed = self._seed, []
             if self._carried:  # before those sent while this tracker loaded, which win
                 loaded = {p.obj_id for p in self._controls.pending}
@@ -656,8 +663,6 @@ class Tracker:
                 self.loop_times.record("read", max(0.0, handed_over))
                 if frame.pts is not None:  # how far into a file it got (its header has the duration)
                     self._pts_span = (frame.pts if self._pts_span is None else self._pts_span[0], frame.pts)
-                if frame.frame_id < skip_to:
-                    continue  # processed before a restart
                 if self._must_wait_for_prompt(seed):
                     self._finish_in_flight(emitter, bar)
                     held_from = time.monotonic()
@@ -723,11 +728,7 @@ class Tracker:
         summary.seconds = time.monotonic() - started
         summary.starting = summary.seconds if running_since is None else running_since - started
         summary.waited = self._waited
-        latency = self.window.latency()
-        if "total" in latency:
-            summary.latency_p50, summary.latency_p95 = latency["total"].p50, latency["total"].p95
-        if "infer" in latency:
-            summary.step_p50 = latency["infer"].p50
+        summary.take_latency(self.window)
         summary.read_ahead = cfg.resumable_file
         stats = self.capture.stats()
         summary.dropped = self._dropped(stats)

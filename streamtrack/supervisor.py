@@ -325,11 +325,7 @@ class Supervisor:
                 if self._stop.is_set():  # killed while stopping: that is a stop too
                     total.frames += child.emitted
                     total.interrupted = True
-                    latency = self._seen.window.latency()  # its results' (it sent no summary)
-                    if "total" in latency:
-                        total.latency_p50, total.latency_p95 = latency["total"].p50, latency["total"].p95
-                    if "infer" in latency:
-                        total.step_p50 = latency["infer"].p50
+                    total.take_latency(self._seen.window)  # its results' (it sent no summary)
                     self._set_state(TrackerState.DONE)
                     break
                 # The child died: crash, signal, OOM killer.
