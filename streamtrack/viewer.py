@@ -240,29 +240,23 @@ class Viewer:
         # before the stop may be read after it.
         self.tracker_stopped = False
         self.waiting_for_prompt = False  # its stats say it holds the first frame for a prompt
-        self.pairer = FramePairer()
         self.source = SourceStateTracker()
-        self.mask_latency = SlidingWindow(self.config.hud_window)
-        self.display_latency = SlidingWindow(self.config.hud_window)
         self.display_rate = RateMeter()
-        self.result_rate = RateMeter()
-        self.tracker_fps: tuple[float, float] | None = None  # (fps from stats, when received)
         self.transform: ViewTransform | None = None
         self.click_transform: ViewTransform | None = None  # None while no source-sized image is shown
         self.last_message = -math.inf
         self._result_gaps: deque[float] = deque(maxlen=8)  # s between the last results received
-        self._last_result_at: float | None = None  # when the newest result was received
         self.started = now()
         self.toasts: list[_Toast] = []
         self.canvas: np.ndarray | None = None  # BGR, what the window shows
         self._anno_key: tuple[int, int] | None = None
         self._annotations: list = []
         self._shown_key: tuple | None = None
-        self._frame_cache: tuple[int, np.ndarray] | None = None
         self._dirty = True
         self._last_render = 0.0
         self._quit = False
         self.title = self.config.window_title or f"streamtrack view {endpoint}"
+        self._forget_the_last_run()  # what a run shows: none yet
 
     # ---------------------------------------------------------------- messages
     def handle(self, msg: Message) -> None:
@@ -319,14 +313,14 @@ class Viewer:
         self._dirty = True
 
     def _forget_the_last_run(self) -> None:
-        self.pairer = FramePairer(self.pairer.keep)
+        self.pairer = FramePairer()
         self.mask_latency = SlidingWindow(self.config.hud_window)
         self.display_latency = SlidingWindow(self.config.hud_window)
         self.result_rate = RateMeter()
-        self.tracker_fps = None
+        self.tracker_fps: tuple[float, float] | None = None  # (fps from stats, when received)
         self._result_gaps.clear()
-        self._last_result_at = None
-        self._frame_cache = None
+        self._last_result_at: float | None = None  # when the newest result was received
+        self._frame_cache: tuple[int, np.ndarray] | None = None
         self.interaction.forget_objects()
 
     def toast(self, text: str, *, error: bool = False, seconds: float = 4.0) -> None:

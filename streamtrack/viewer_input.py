@@ -137,15 +137,8 @@ class Interaction:
     def __init__(self, drag_threshold: float = DRAG_THRESHOLD, *, can_send: bool = True) -> None:
         self.drag_threshold = drag_threshold
         self.can_send = can_send  # False: view only, a click changes nothing here either
-        self.selected: int | None = None  # None: the next click starts a new object
-        self.known_ids: set[int] = set()  # objects the tracker reports
-        # Ids this viewer picked for objects it creates: sent as new objects, which the
-        # tracker renumbers if another client took the id first (see rename).
-        self.created: set[int] = set()
-        self.prompts: dict[int, PromptSet] = {}
+        self.forget_objects()
         self.paused = False
-        self.frame_id: int | None = None  # the frame on screen, which clicks are made on
-        self.frame_boxes: dict[int, tuple[float, float, float, float]] = {}  # its objects' boxes
         self.show_help = False
         self._press: _Press | None = None
 
@@ -155,10 +148,15 @@ class Interaction:
         self.known_ids = set(obj_ids)
 
     def forget_objects(self) -> None:
-        """A new run: none of the last run's objects, prompts or selection."""
-        self.selected = None
-        self.known_ids, self.created, self.prompts, self.frame_boxes = set(), set(), {}, {}
-        self.frame_id = None
+        """None of a run's objects, prompts or selection (a new run's start)."""
+        self.selected: int | None = None  # None: the next click starts a new object
+        self.known_ids: set[int] = set()  # objects the tracker reports
+        # Ids this viewer picked for objects it creates: sent as new objects, which the
+        # tracker renumbers if another client took the id first (see rename).
+        self.created: set[int] = set()
+        self.prompts: dict[int, PromptSet] = {}
+        self.frame_id: int | None = None  # the frame on screen, which clicks are made on
+        self.frame_boxes: dict[int, tuple[float, float, float, float]] = {}  # its objects' boxes
 
     def next_id(self) -> int:
         used = self.known_ids | set(self.prompts) | ({self.selected} if self.selected else set())
