@@ -483,6 +483,7 @@ class Tracker:
         self._stop = threading.Event()
         self._stop_announced = False
         self._holding = False  # a file's first frame waits for the first prompt
+        self._file_prompts_checked = False
         # Only the first: with its objects all removed later, a file goes on, publishing
         # frames without objects (a script that removes them and waits for the end would
         # wait forever).  A restarted tracker had its first prompt before.
@@ -663,6 +664,11 @@ class Tracker:
                 self.loop_times.record("read", max(0.0, handed_over))
                 if frame.pts is not None:  # how far into a file it got (its header has the duration)
                     self._pts_span = (frame.pts if self._pts_span is None else self._pts_span[0], frame.pts)
+                if not self._file_prompts_checked:  # all of them, not hours in when their frame comes
+                    self._check_file_prompts(self._prompt_frames, frame)
+                    self._file_prompts_checked = True
+                if self._controls.pending:  # before deciding whether the first frame waits for one
+                    self._drop_unfitting(frame)
                 if self._must_wait_for_prompt(seed):
                     self._finish_in_flight(emitter, bar)
                     held_from = time.monotonic()
@@ -840,17 +846,39 @@ class Tracker:
             pass
 
     def _due_prompts(self, frame_number: int, frame) -> list[Prompt]:
-        """The prompts given for ``frame_number``, checked against the frame they go on: one
-        that does not fit ends the run (it is the user's own), naming the frame it was for.
+        """The prompts given for ``frame_number``, checked against the frame they go on.
         Their objects are tracked again, so the control status lists them once more."""
+        self._check_file_prompts([frame_number], frame)
         due = self.config.prompts[frame_number]
         self._removed.difference_update(p.obj_id for p in due)
-        for p in due:
+        return due
+
+    def _check_file_prompts(self, frame_numbers: list[int], frame) -> None:
+        """The given prompts (a prompts file's, ``--box``) for ``frame_numbers``, checked
+        against ``frame``: one that does not fit ends the run (it is the user's own), naming
+        the frame it was for.  All of them are checked on the first frame, and each again on
+        its own (a live source's size may have changed)."""
+        for number in frame_numbers:
+            for p in self.config.prompts[number]:
+                try:
+                    check_prompt(p, frame.height, frame.width)
+                except PromptError as exc:
+                    raise PromptError(f"{exc} (prompted for frame {number})") from None
+
+    def _drop_unfitting(self, frame) -> None:
+        """Drop the queued control prompts that do not fit ``frame`` (sent before the first
+        frame, or for another source size), each alone and with a status event rather than
+        taking the tracker down: the others sent with them still apply."""
+        fitting = []
+        for p in self._controls.pending:
             try:
                 check_prompt(p, frame.height, frame.width)
             except PromptError as exc:
-                raise PromptError(f"{exc} (prompted for frame {frame_number})") from None
-        return due
+                self._drop_prompts(exc)
+                self._notify("unqueued", {"obj_id": p.obj_id})  # a supervisor forgets it too
+            else:
+                fitting.append(p)
+        self._controls.pending = fitting
 
     def _video_time(self, pts: float) -> float:
         """A file's time at ``pts``, never going back: where its timestamps start over (clips
@@ -930,27 +958,16 @@ class Tracker:
         self.loop_times.add("hand_over", t)
 
     def _launch(self, frame, prompts: list[Prompt], requested: list[Prompt]) -> PendingStep:
-        """Launch the engine's step; prompts that came over the control channel and still
-        do not fit (e.g. sent before the first frame) are dropped with a status event
-        rather than taking the tracker down.  The engine validates before it changes
-        state, so the retry sees it untouched."""
+        """Launch the engine's step with the control channel's ``requested`` prompts (each
+        checked against this frame already, by ``_drop_unfitting`` or when it came); if the
+        engine still refuses them they are dropped with a status event rather than taking
+        the tracker down.  The engine validates before it changes state, so the retry sees
+        it untouched."""
         assert self.engine is not None
         # The clock of lost_after: a file read at decode speed goes by its own time (an
         # object absent for 3 s of video is lost whether those took 0.3 s or 30 s to track).
         ts = self._video_time(frame.pts) if self._video_clock and frame.pts is not None \
             else frame.capture_monotonic
-        if requested:
-            # A prompt that does not fit this frame (sent before the first one, or for
-            # another source size) is dropped alone: the others sent with it still apply.
-            fitting = []
-            for p in requested:
-                try:
-                    check_prompt(p, frame.height, frame.width)
-                except PromptError as exc:
-                    self._drop_prompts(exc)
-                else:
-                    fitting.append(p)
-            requested = fitting
         if requested:
             try:
                 out = self.engine.launch(frame.image, _merge_prompts(prompts + requested), timestamp=ts)

@@ -9,7 +9,8 @@ A prompts file is a JSON list; each entry prompts one object on one frame::
 ``mask`` is a PNG path (relative to the file; the object is its non-zero pixels that are
 not fully transparent, or, if there are none, its opaque ones) or a COCO RLE dict; an
 empty mask is refused.
-Geometry is checked against the frame by the engine when the frame arrives.
+Geometry is checked by the tracker against the source's first frame (every entry) and
+again on each entry's own frame.
 """
 
 from __future__ import annotations
@@ -88,11 +89,13 @@ def prompts_from_list(entries: list, where_list: str, base: Path) -> dict[int, l
     """Entries in the prompts-file format (already decoded, e.g. inline in a YAML file)
     into {frame: [Prompt, ...]}; mask PNG paths are relative to ``base``."""
     by_frame: dict[int, list[Prompt]] = defaultdict(list)
+    seen: set[tuple[int, int]] = set()  # (frame, obj_id): a file may hold many thousands
     for i, entry in enumerate(entries):
         where = f"{where_list}, entry {i}"
         prompt, frame = _entry(entry, where, base)
-        if any(p.obj_id == prompt.obj_id for p in by_frame[frame]):
+        if (frame, prompt.obj_id) in seen:
             raise UserError(f"{where}: object {prompt.obj_id} is prompted twice on frame {frame}")
+        seen.add((frame, prompt.obj_id))
         by_frame[frame].append(prompt)
     return dict(by_frame)
 
@@ -111,6 +114,9 @@ def _entry(entry, where: str, base: Path) -> tuple[Prompt, int]:
     box, points, labels, mask = (entry.get(k) for k in ("box", "points", "labels", "mask"))
     if box is None and points is None and mask is None:
         raise UserError(f"{where}: give a box, points or a mask")
+    if mask is not None and (box is not None or points is not None):
+        # Refused now, not when its frame comes (hours into a live stream).
+        raise UserError(f"{where}: a mask prompt cannot be combined with points or a box")
     try:
         if box is not None:
             box = _array(box, "box must be [x0, y0, x1, y1]")
@@ -139,12 +145,15 @@ def _entry(entry, where: str, base: Path) -> tuple[Prompt, int]:
 
 
 def _array(value, form: str) -> np.ndarray:
-    """Coordinates from JSON as floats.  Booleans are not coordinates (numpy would take
-    ``true`` for 1), and ragged lists get ``form`` instead of numpy's wording."""
-    def has_bool(v) -> bool:
-        return isinstance(v, bool) or (isinstance(v, list) and any(has_bool(x) for x in v))
+    """Coordinates from JSON as floats.  Only JSON numbers are coordinates: numpy would take
+    ``true`` for 1 and ``"12"`` for 12 (the control channel refuses both), and ragged lists
+    get ``form`` instead of numpy's wording."""
+    def numbers_only(v) -> bool:
+        if isinstance(v, list):
+            return all(numbers_only(x) for x in v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    if has_bool(value):
+    if not numbers_only(value):
         raise ValueError(form)
     try:
         return np.asarray(value, dtype=float)
@@ -196,13 +205,15 @@ def _mask_image(path: Path) -> np.ndarray:
 
 def merge(*sources: dict[int, list[Prompt]]) -> dict[int, list[Prompt]]:
     merged: dict[int, list[Prompt]] = defaultdict(list)
+    seen: set[tuple[int, int]] = set()  # (frame, obj_id)
     for src in sources:
         for frame, prompts in src.items():
             for p in prompts:
-                if any(q.obj_id == p.obj_id for q in merged[frame]):
+                if (frame, p.obj_id) in seen:
                     raise UserError(
                         f"object {p.obj_id} is prompted twice on frame {frame} (--box objects are "
                         f"numbered 1, 2, ..., the --point object comes next: give the prompts "
                         f"file's objects other ids)")
+                seen.add((frame, p.obj_id))
                 merged[frame].append(p)
     return dict(merged)

@@ -343,6 +343,11 @@ def test_a_prompts_file_may_be_a_pipe():
     ('{"obj_id": 2, "points": [[1, Infinity]]}', "points must be finite numbers"),
     ('{"obj_id": 2, "points": [[1, 2], [3]]}', r"points must be a non-empty list of \[x, y\]$"),
     ('{"obj_id": 2, "box": [true, 2, 30, 40]}', r"box must be \[x0, y0, x1, y1\]$"),
+    ('{"obj_id": 2, "box": ["1", "2", "30", "40"]}', r"box must be \[x0, y0, x1, y1\]$"),  # as on the wire
+    ('{"obj_id": 2, "points": [[1, "2"]]}', r"points must be a non-empty list of \[x, y\]$"),
+    ('{"obj_id": 2, "points": [[1, null]]}', r"points must be a non-empty list of \[x, y\]$"),
+    ('{"obj_id": 2, "mask": {"size": [4, 4], "counts": "04"}, "box": [0, 0, 2, 2]}',
+     "a mask prompt cannot be combined with points or a box"),  # at once, not when its frame comes
     ('{"obj_id": 2, "points": [[1, 2]], "labels": [true]}', "labels must be a list of 0"),
     ('{"obj_id": 2, "points": [[1, 2]], "labels": [1.0]}', "labels must be a list of 0"),
     ('{"obj_id": 2, "mask": {"size": [4, 4], "counts": "`0"}}', "mask is empty: it marks no pixel"),
@@ -433,6 +438,23 @@ def test_an_id_given_by_box_and_by_the_prompts_file_says_how_box_objects_are_num
 
     with pytest.raises(UserError, match=r"object 2 is prompted twice on frame 0 \(--box objects are"):
         merge(from_cli(["1,2,30,40"], ["5,6"]), {0: [Prompt.make(2, box=[1, 2, 30, 40])]})
+
+
+def test_an_object_may_be_prompted_once_on_each_of_several_frames(tmp_path):
+    from streamtrack.engine import Prompt
+    from streamtrack.prompts import load_prompts_file, merge
+
+    f = tmp_path / "p.json"
+    f.write_text('[{"obj_id": 1, "frame": 3, "box": [1, 2, 30, 40]}, {"obj_id": 2, "box": [1, 2, 30, 40]},'
+                 ' {"obj_id": 1, "box": [1, 2, 30, 40]}, {"obj_id": 2, "frame": 3, "points": [[5, 6]]}]')
+    prompts = load_prompts_file(f)
+    assert {frame: [p.obj_id for p in ps] for frame, ps in prompts.items()} == {3: [1, 2], 0: [2, 1]}
+    merged = merge(prompts, {5: [Prompt.make(1, box=[1, 2, 30, 40])]})
+    assert {frame: [p.obj_id for p in ps] for frame, ps in merged.items()} == {3: [1, 2], 0: [2, 1], 5: [1]}
+    f.write_text('[{"obj_id": 1, "frame": 3, "box": [1, 2, 30, 40]}, {"obj_id": 1, "box": [1, 2, 30, 40]},'
+                 ' {"obj_id": 1, "frame": 3, "points": [[5, 6]]}]')
+    with pytest.raises(UserError, match=r"entry 2: object 1 is prompted twice on frame 3$"):
+        load_prompts_file(f)
 
 
 def test_a_prompts_file_with_a_byte_order_mark_is_read(tmp_path):

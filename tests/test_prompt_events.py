@@ -151,13 +151,19 @@ def test_dropped_prompts_are_reported_as_errors_not_applied():
 
 
 def test_a_prompt_that_does_not_fit_the_frame_is_dropped_alone():
-    tracker = tracker_with()
+    reports = []
+    tracker = Tracker(RunConfig(source="clip.mp4"), engine=TrackedIds(),
+                      notify=lambda kind, data: reports.append((kind, data)))
+    tracker._publisher = StubPublisher()
     off_frame = Prompt.make(5, box=[100, 100, 550, 325])  # drawn on a 640x360 placeholder
-    tracker._launch(frame(3), [], [off_frame, Prompt.make(6, box=[5, 6, 50, 45])])
+    tracker._controls.pending = [off_frame, Prompt.make(6, box=[5, 6, 50, 45])]
+    tracker._drop_unfitting(frame(3))  # as the loop does with each frame it reads
+    tracker._launch(frame(3), [], tracker._controls.pending)
     assert [p.obj_id for p in tracker.engine.launched[0]] == [6]
     events = [(k, d.get("obj_id")) for k, d in tracker._publisher.events]
     assert events == [("error", None), ("prompt_applied", 6)]
     assert "object 5" in tracker._publisher.events[0][1]["message"]
+    assert reports == [("unqueued", {"obj_id": 5})]  # a supervisor does not queue it again
 
 
 def test_no_control_prompt_no_event():
@@ -395,6 +401,39 @@ def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypat
         release.set()
     assert summary["run"].frames == 6
     assert [p.obj_id for p in engine.launched[0]] == [2]
+
+
+def test_every_given_prompt_is_checked_against_the_first_frame(tmp_path):
+    """A prompts-file entry for a later frame that does not fit the source ends the run
+    on its first frame, not when its own frame comes (hours into a live stream)."""
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    engine = TrackedIds()
+    run = RunConfig(source=str(video), progress=False,
+                    prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])],
+                             4: [Prompt.make(2, box=[1, 2, 500, 40])]})
+    with pytest.raises(PromptError, match=r"^object 2: box corner \(500, 40\) is outside the 64x48 frame "
+                                          r"\(prompted for frame 4\)$"):
+        Tracker(run, engine=engine).run()
+    assert engine.launched == []
+
+
+def test_a_first_prompt_that_does_not_fit_leaves_the_first_frame_waiting(tmp_path, monkeypatch):
+    """A prompt sent while the model loads is checked against the first frame when it
+    comes: one that does not fit is dropped, and the first frame waits on for a prompt
+    instead of going out without objects."""
+    video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
+    engine = TrackedIds()
+    run = RunConfig(source=str(video), control="tcp://127.0.0.1:0", progress=False, wait_for_prompt=True)
+    with loading_tracker(monkeypatch, run, engine) as (client, release, said, summary):
+        assert client.add_prompt(5, box=[100, 100, 550, 325])["queued_for_frame"] == 0
+        release.set()
+        deadline = time.monotonic() + 20
+        while ("unqueued", 5) not in said and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.status()["frames"] == 0 and not engine.launched  # still waiting
+        assert client.add_prompt(6, box=[1, 2, 30, 40])["queued_for_frame"] == 0
+    assert summary["run"].frames == 6
+    assert [p.obj_id for p in engine.launched[0]] == [6]
 
 
 def test_a_file_whose_objects_are_all_removed_goes_on_to_its_end(tmp_path, monkeypatch):
