@@ -122,7 +122,8 @@ def verify_checkpoint(path: Path, spec: ModelSpec, shown_as: str | None = None) 
     (a download's temporary file is gone by the time the message is read)."""
     try:
         state = read_state_dict(path, spec.name)
-        check_state_dict(build_model(spec.name, random_init=True), state, path, spec.name)
+        # No --model to advise: `download` names its model, and the file is that model's or none.
+        check_state_dict(build_model(spec.name, random_init=True), state, path, spec.name, advice=None)
     except CheckpointError as e:
         if shown_as is None:
             raise

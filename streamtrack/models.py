@@ -268,8 +268,11 @@ def _load_problem(path: Path, e: Exception, model_name: str) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
-def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, model_name: str) -> None:
-    """Refuse a state dict whose keys or shapes differ from the model's."""
+def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, model_name: str,
+                     advice: str | None = "use model {0}, --model {0}") -> None:
+    """Refuse a state dict whose keys or shapes differ from the model's; where it is another
+    model's, the message names that one, with ``advice`` (formatted with its name) for
+    the command at hand."""
     import torch
 
     expected = model.state_dict()
@@ -296,8 +299,9 @@ def check_state_dict(model: torch.nn.Module, state: dict, path: str | Path, mode
         problems.append(f"{len(wrong_shape)} tensors of the wrong shape (e.g. {wrong_shape[0]})")
     if problems:
         other = _model_of(state)
-        hint = f" (it looks like a {other} checkpoint: use model {other}, --model {other})" if other not in (
-            None, model_name) else ""
+        hint = ""
+        if other not in (None, model_name):
+            hint = f" (it looks like a {other} checkpoint{': ' + advice.format(other) if advice else ''})"
         raise CheckpointError(
             f"checkpoint {path} does not match model {model_name}: " + "; ".join(problems) + hint
         )

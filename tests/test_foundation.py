@@ -428,7 +428,9 @@ def test_download_verifies_and_renames(tmp_path, tiny_checkpoint, checkpoint_fac
     )
     assert good == tmp_path / "sam2.1_hiera_tiny.pt" and good.read_bytes() == tiny_checkpoint.read_bytes()
     wrong = checkpoint_factory("sam2.1_hiera_small").as_uri()
-    with pytest.raises(CheckpointError, match=f"^the file from {wrong} does not match model sam2.1_hiera_"):
+    # `download` has no --model option to advise.
+    with pytest.raises(CheckpointError, match=f"^the file from {wrong} does not match model "
+                       r"sam2.1_hiera_tiny: .*\(it looks like a sam2.1_hiera_small checkpoint\)$"):
         download_checkpoint("sam2.1_hiera_tiny", tmp_path, url=wrong, force=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sam2.1_hiera_tiny.pt"]
     # A file already in place is checked too: one cut short is not "downloaded".
@@ -441,6 +443,21 @@ def test_download_verifies_and_renames(tmp_path, tiny_checkpoint, checkpoint_fac
     with pytest.raises(DownloadError, match=r"does not match model .*`streamtrack download sam2.1_hiera_tiny "
                                             r"--force` replaces it$"):
         download_checkpoint("sam2.1_hiera_tiny", tmp_path, progress=False)
+
+
+def test_models_lists_what_is_in_the_checkpoint_folder(tmp_path, monkeypatch, capsys):
+    import streamtrack.models as models
+
+    monkeypatch.setattr(models, "CHECKPOINT_DIR", tmp_path)
+    (tmp_path / "sam2.1_hiera_tiny.pt").write_bytes(b"x" * 2**20)  # a copy cut short
+    (tmp_path / "sam2.1_hiera_small.pt").mkdir()  # `download` refuses to replace it
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    said = {line.split()[0]: line.split("downloaded: ", 1)[1] for line in lines}
+    assert said["sam2.1_hiera_tiny"] == "incomplete? (1 of ~149 MB)"
+    small = tmp_path / "sam2.1_hiera_small.pt"
+    assert said["sam2.1_hiera_small"] == f"no (a directory is in its place: {small})"
+    assert said["sam2.1_hiera_large"] == "no"
 
 
 def test_main_without_command_prints_help(capsys):
