@@ -68,6 +68,9 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "multistream": {"frames": 12, "objects": [1], "image_size": 256, "frame_size": "320x240"},
 }
 
+# Objects a benchmark tracks at most: 4x run's default max_objects, as no count a camera
+# would see needs more, and 100,000 would run for many minutes before its first line.
+MAX_BENCH_OBJECTS = 256
 PIPELINE_GOAL = 0.95  # pipeline fps / bare engine fps, at least
 LATENCY_GOAL = 1.5  # capture->publish p95 / engine median step, at most
 MEMORY_GOAL_PCT = 2.0  # RSS growth from the early sample to the last, at most
@@ -90,6 +93,9 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("objects", "streams"):
         for value in getattr(args, name, None) or ():
             _positive(f"--{name}", value)
+    for value in getattr(args, "objects", None) or ():
+        if value > MAX_BENCH_OBJECTS:  # each is prompted, then tracked: minutes with no output
+            raise UserError(f"--objects must be at most {MAX_BENCH_OBJECTS}, got {value}")
         if getattr(args, name, None):  # `--objects 1 4 1`: each count is one row
             setattr(args, name, sorted(set(getattr(args, name))))
     return args

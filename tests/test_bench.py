@@ -209,6 +209,8 @@ def test_memory_engine_is_flat_and_official_grows(capsys, tiny_checkpoint):
     (["engine", "--frames", "1"], "--frames must be >= 2, got 1"),
     (["multistream", "--frames", "1"], "--frames must be >= 2, got 1"),
     (["engine", "--objects", "1", "0"], "--objects must be >= 1, got 0"),
+    (["engine", "--objects", "1", "100000"], "--objects must be at most 256, got 100000"),
+    (["pipeline", "--objects", "257"], "--objects must be at most 256, got 257"),
     (["engine", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["multistream", "--streams", "2", "0"], "--streams must be >= 1, got 0"),
     (["multistream", "--objects", "4", "9"], "bench multistream takes one --objects count, got [4, 9]"),
