@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -212,6 +213,12 @@ class MaskPngWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create --save-masks folder {self.folder}: {e.strerror}") from None
+        try:  # a folder there that cannot be written: said now, before the other outputs replace any file
+            fd, probe = tempfile.mkstemp(prefix=".streamtrack-probe-", dir=self.folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(f"cannot write in --save-masks folder {self.folder}: {e.strerror}") from None
         earlier = warn_earlier and sum(1 for _ in self.folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"))
         if earlier:
             log.warning("--save-masks folder %s already holds %d frame PNGs: this run replaces those of "

@@ -263,6 +263,20 @@ def test_unusable_output_paths_are_refused_before_any_work(tmp_path, option, pat
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.mp4").exists()
 
 
+def test_a_masks_folder_that_cannot_be_written_is_refused_before_any_file_is_replaced(tmp_path):
+    """sysfs's folders refuse new files even to root; found at the first result, the
+    earlier run's --save-jsonl would already be replaced by then."""
+    earlier = tmp_path / "r.jsonl"
+    earlier.write_text('{"old": 1}\n')
+    with pytest.raises(UserError, match=r"^cannot write in --save-masks folder /sys/kernel: "):
+        Outputs(OutputsConfig(save_jsonl=str(earlier), save_masks="/sys/kernel"))
+    assert earlier.read_text() == '{"old": 1}\n'
+    masks = tmp_path / "m"
+    masks.mkdir()
+    Outputs(OutputsConfig(save_masks=str(masks))).close()
+    assert list(masks.iterdir()) == []  # the probe leaves nothing behind
+
+
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
     """ENOSPC from a jsonl line (/dev/full) or a mask PNG: a user error naming the file, once;
     closing afterwards does not raise it again."""
