@@ -9,45 +9,31 @@ Prints one line per received frame; masks are decoded only here, on demand.
 
 from __future__ import annotations
 
-import argparse
+import consumer  # demos/consumer.py: the command line and its ending, shared with region_monitor
+from consumer import centroid
 
-import numpy as np
-
-from streamtrack.errors import UserError
-from streamtrack.subscriber import Subscriber
+__all__ = ["centroid", "describe"]
 
 
-def centroid(mask: np.ndarray) -> tuple[float, float] | None:
-    ys, xs = np.nonzero(mask)
-    return (float(xs.mean()), float(ys.mean())) if len(xs) else None
+def describe(msg) -> str:
+    """One line for a message: each object's state, area and mask centroid."""
+    parts = []
+    for obj in msg.result.objects:
+        c = centroid(msg.mask(obj.obj_id))  # None: an empty mask, or one sent without RLE
+        where = f"({c[0]:.0f},{c[1]:.0f})" if c else "-"
+        parts.append(f"#{obj.obj_id} {obj.state} area={obj.area} centroid={where}")
+    return f"frame {msg.result.frame_id}: " + "; ".join(parts or ["no objects"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555")
-    parser.add_argument("--count", type=int, default=0, help="stop after N messages (0 = forever)")
-    args = parser.parse_args()
-    if args.count < 0:
-        parser.error(f"argument --count: '{args.count}': a number of messages, 0 or more")
-    seen = 0
-    try:
-        with Subscriber(args.endpoint) as sub:
-            for msg in sub:
-                parts = []
-                for obj in msg.result.objects:
-                    c = centroid(msg.mask(obj.obj_id))
-                    where = f"({c[0]:.0f},{c[1]:.0f})" if c else "-"
-                    parts.append(f"#{obj.obj_id} {obj.state} area={obj.area} centroid={where}")
-                print(f"frame {msg.result.frame_id}: " + "; ".join(parts or ["no objects"]), flush=True)
-                seen += 1
-                if args.count and seen >= args.count:
-                    break
-    except UserError as e:  # a bad endpoint: one line, as the CLI says it
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130)
+    parser = consumer.parser(__doc__)
+    args = consumer.parse_args(parser)
+
+    def consume() -> None:
+        for msg in consumer.messages(args):
+            consumer.say(describe(msg))
+
+    consumer.run(parser, consume)
 
 
 if __name__ == "__main__":

@@ -16,23 +16,28 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Mapping
 
-from streamtrack.errors import UserError
-from streamtrack.subscriber import Subscriber
+import consumer  # demos/consumer.py: the command line and its ending, shared with centroids
+from consumer import centroid
 
 
-def inside(region, bbox) -> bool:
-    if bbox is None:
+def inside(region, point: tuple[float, float] | None) -> bool:
+    """Whether ``point`` (a mask's centroid; None for no mask) is in ``region``."""
+    if point is None:
         return False
-    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
-    return region[0] <= cx <= region[2] and region[1] <= cy <= region[3]
+    return region[0] <= point[0] <= region[2] and region[1] <= point[1] <= region[3]
 
 
-def events_for(result, region, last: dict[int, str]) -> list[dict]:
-    """Compare each object's situation with the previous message's; return the changes."""
+def events_for(result, centroids: Mapping[int, tuple[float, float] | None], region,
+               last: dict[int, str]) -> list[dict]:
+    """Compare each object's situation with the previous message's; return the changes.
+    ``centroids``: each object's mask centroid (not its box's centre, which one stray
+    pixel far away moves)."""
     out = []
     for obj in result.objects:
-        now = "lost" if obj.state == "lost" else ("inside" if inside(region, obj.bbox) else "outside")
+        where = "inside" if inside(region, centroids.get(obj.obj_id)) else "outside"
+        now = "lost" if obj.state == "lost" else where
         before = last.get(obj.obj_id)
         if before is not None and now != before:
             kind = {"outside": "left_region", "inside": "entered_region", "lost": "lost"}[now]
@@ -55,29 +60,18 @@ def parse_region(text: str) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555")
+    parser = consumer.parser(__doc__)
     parser.add_argument("--region", required=True, type=parse_region, help="x0,y0,x1,y1 in source pixels")
-    parser.add_argument("--count", type=int, default=0, help="stop after N messages (0 = forever)")
-    args = parser.parse_args()
-    if args.count < 0:
-        parser.error(f"argument --count: '{args.count}': a number of messages, 0 or more")
+    args = consumer.parse_args(parser)
     last: dict[int, str] = {}
-    seen = 0
-    try:
-        with Subscriber(args.endpoint) as sub:
-            for msg in sub:
-                for event in events_for(msg.result, args.region, last):
-                    print(json.dumps(event), flush=True)
-                seen += 1
-                if args.count and seen >= args.count:
-                    break
-    except UserError as e:  # a bad endpoint: one line, as the CLI says it
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    except KeyboardInterrupt:
-        parser.exit(130)
+
+    def consume() -> None:
+        for msg in consumer.messages(args):
+            centroids = {o.obj_id: centroid(msg.mask(o.obj_id)) for o in msg.result.objects}
+            for event in events_for(msg.result, centroids, args.region, last):
+                consumer.say(json.dumps(event))
+
+    consumer.run(parser, consume)
 
 
 if __name__ == "__main__":

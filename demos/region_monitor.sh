@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Track an RTSP camera (or the sample clip) and print an event when object 1 leaves the
-# left half of the picture or is lost; ends with the clip (a camera: Ctrl-C), or after
-# COUNT messages. Options after the URL are passed to `streamtrack run` (e.g. --checkpoint FILE).
+# Track an RTSP camera (or the sample clip) and print an event when a tracked object (the
+# camera's: the one in BOX) leaves REGION (x0,y0,x1,y1 in the source's pixels; default
+# 0,0,160,240, the left half of the 320x240 sample) or is lost; ends with the clip (a
+# camera: Ctrl-C), or after COUNT messages. Options after the URL are passed to
+# `streamtrack run` (e.g. --checkpoint FILE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source demos/run_with_consumer.sh
