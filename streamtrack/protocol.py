@@ -634,6 +634,13 @@ class FrameResult:
         ids = [o.obj_id for o in parsed]
         if len(set(ids)) != len(ids):
             raise ProtocolError(f"duplicate obj_id in objects: {ids}")
+        width = _int(_get(d, "width", where), "width", minimum=0)
+        height = _int(_get(d, "height", where), "height", minimum=0)
+        for o in parsed:  # masks are at the frame's size: msg.mask() must not hand out another
+            size = None if o.rle is None else o.rle.get("size")
+            if size is not None and (not isinstance(size, (list, tuple)) or list(size) != [height, width]):
+                raise ProtocolError(f"object {o.obj_id}.rle.size {size!r} is not the frame's "
+                                    f"[{height}, {width}] (height, width)")
         pixels = sum(_mask_pixels(o.rle) for o in parsed)
         if pixels > MAX_RESULT_MASK_PIXELS:
             raise ProtocolError(f"the {len(parsed)} objects' masks have {pixels:,} pixels in all, more than "
@@ -643,8 +650,8 @@ class FrameResult:
             seq=_int(_get(d, "seq", where), "seq", minimum=0),
             frame_id=_int(_get(d, "frame_id", where), "frame_id", minimum=0),
             pts=_float(d.get("pts"), "pts", optional=True),
-            width=_int(_get(d, "width", where), "width", minimum=0),
-            height=_int(_get(d, "height", where), "height", minimum=0),
+            width=width,
+            height=height,
             t=Timestamps.from_dict(d.get("t", {})),
             source_state=_str(d.get("source_state", "streaming"), "source_state"),
             dropped=_counts(d.get("dropped", {}), "dropped"),

@@ -413,7 +413,8 @@ def test_a_result_declaring_more_mask_pixels_than_any_tracker_sends_is_malformed
     def result(n: int, rle: dict) -> dict:
         objects = [{"obj_id": i + 1, "score": 0.5, "state": "visible", "bbox": None, "area": 0, "rle": rle}
                    for i in range(n)]
-        return {"v": 1, "stream": "cam0", "seq": 0, "frame_id": 0, "width": 4096, "height": 4096,
+        height, width = rle["size"]
+        return {"v": 1, "stream": "cam0", "seq": 0, "frame_id": 0, "width": width, "height": height,
                 "objects": objects}
 
     bomb = json.dumps(result(1000, empty))
@@ -425,6 +426,20 @@ def test_a_result_declaring_more_mask_pixels_than_any_tracker_sends_is_malformed
         FrameResult.from_json(bomb, validate_masks=False)
     uhd = encode_mask(np.zeros((2160, 3840), bool))  # the most a tracker sends by default: 64 objects of 4K
     assert len(FrameResult.from_json(json.dumps(result(64, uhd))).objects) == 64
+
+
+@pytest.mark.parametrize("validate_masks", [True, False])
+def test_a_mask_of_another_size_than_the_frame_is_malformed(validate_masks):
+    """Masks are at the frame's resolution: a mask of another size would reach a consumer's
+    msg.mask() (and a viewer's overlay) as if it were the frame's."""
+    d = _result().to_dict()
+    d["objects"] = [ObjectResult.from_mask(1, np.ones((2, 2), bool), score=0.9).to_dict()]
+    with pytest.raises(ProtocolError, match=r"^object 1.rle.size \[2, 2\] is not the frame's \[\d+, \d+\]"):
+        FrameResult.from_dict(d, validate_masks=validate_masks)
+    d["objects"][0]["rle"] = encode_mask(np.ones((d["height"], d["width"]), bool))
+    assert FrameResult.from_dict(d, validate_masks=validate_masks).objects[0].area == 4  # from the dict
+    d["objects"][0]["rle"] = None  # a mask not sent
+    assert FrameResult.from_dict(d, validate_masks=validate_masks).objects[0].rle is None
 
 
 @pytest.mark.parametrize("field", ["seq", "frame_id"])
