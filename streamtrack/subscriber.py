@@ -180,6 +180,8 @@ class Subscriber:
             raise UserError(f"Subscriber endpoints are strings such as 'tcp://127.0.0.1:5555' or "
                             f"port numbers, got {endpoints!r}")
         topics = _topic_list(topics)
+        if isinstance(rcvhwm, bool) or not isinstance(rcvhwm, int) or rcvhwm < 0:  # not ZeroMQ's EINVAL
+            raise UserError(f"Subscriber rcvhwm must be an integer >= 0 (0: no limit), got {rcvhwm!r}")
         # Masks are validated when decoded (decode_mask); checking every RLE of every
         # message in the receive thread would only slow down the drain.
         self._validate_masks = validate_masks

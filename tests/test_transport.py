@@ -955,6 +955,7 @@ def test_ipv6_endpoints_publish_subscribe_and_control() -> None:
 
 @pytest.mark.parametrize("make, message", [
     (lambda: Subscriber(b"tcp://127.0.0.1:5555"), "got bytes b'tcp://127.0.0.1:5555': decode them"),
+    (lambda: Subscriber("tcp://127.0.0.1:5555", rcvhwm=-5), "rcvhwm must be an integer >= 0 (0: no limit)"),
     (lambda: ControlClient("tcp://127.0.0.1:5556", timeout=float("inf")), "at most 2,147,483 seconds"),
     (lambda: ControlClient("tcp://127.0.0.1:5556", timeout=1e10), "at most 2,147,483 seconds"),
     (lambda: ControlClient("tcp://127.0.0.1:5556", timeout=float("nan")), "must be > 0"),
