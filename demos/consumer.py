@@ -54,6 +54,8 @@ def messages(args: argparse.Namespace) -> Iterator[Message]:
         while not args.count or seen < args.count:
             msg = sub.recv(timeout=0.25)
             if msg is None:
+                if sub.closed:  # its receive thread ended: recv() would return None at once, for ever
+                    return
                 if not hinted and time.monotonic() - last >= SILENCE_HINT_S:
                     hinted = True  # waiting is right, but a silent terminal looks like a hang
                     print(f"nothing from {args.endpoint} in {SILENCE_HINT_S:g} s, still waiting: is a "

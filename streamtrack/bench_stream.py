@@ -93,11 +93,11 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("objects", "streams"):
         for value in getattr(args, name, None) or ():
             _positive(f"--{name}", value)
+        if getattr(args, name, None):  # `--objects 1 4 1`: each count is one row
+            setattr(args, name, sorted(set(getattr(args, name))))
     for value in getattr(args, "objects", None) or ():
         if value > MAX_BENCH_OBJECTS:  # each is prompted, then tracked: minutes with no output
             raise UserError(f"--objects must be at most {MAX_BENCH_OBJECTS}, got {value}")
-        if getattr(args, name, None):  # `--objects 1 4 1`: each count is one row
-            setattr(args, name, sorted(set(getattr(args, name))))
     return args
 
 

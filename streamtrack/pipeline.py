@@ -664,8 +664,8 @@ class Tracker:
                 self.loop_times.record("read", max(0.0, handed_over))
                 if frame.pts is not None:  # how far into a file it got (its header has the duration)
                     self._pts_span = (frame.pts if self._pts_span is None else self._pts_span[0], frame.pts)
-                if not self._file_prompts_checked:  # all of them, not hours in when their frame comes
-                    self._check_file_prompts(self._prompt_frames, frame)
+                if not self._file_prompts_checked:  # said now, not only hours in when their frame comes
+                    self._warn_unfitting_later_prompts(frame)
                     self._file_prompts_checked = True
                 if self._controls.pending:  # before deciding whether the first frame waits for one
                     self._drop_unfitting(frame)
@@ -856,14 +856,25 @@ class Tracker:
     def _check_file_prompts(self, frame_numbers: list[int], frame) -> None:
         """The given prompts (a prompts file's, ``--box``) for ``frame_numbers``, checked
         against ``frame``: one that does not fit ends the run (it is the user's own), naming
-        the frame it was for.  All of them are checked on the first frame, and each again on
-        its own (a live source's size may have changed)."""
+        the frame it was for."""
         for number in frame_numbers:
             for p in self.config.prompts[number]:
                 try:
                     check_prompt(p, frame.height, frame.width)
                 except PromptError as exc:
                     raise PromptError(f"{exc} (prompted for frame {number})") from None
+
+    def _warn_unfitting_later_prompts(self, frame) -> None:
+        """Warn at the first frame about the given prompts for later frames that do not fit
+        it: each ends the run when its frame comes, hours into a live stream, unless the
+        source's size has changed by then (joined clips, a camera back in another mode)."""
+        for number in self._prompt_frames:
+            if number <= frame.frame_id:
+                continue  # due now: checked, and fatal, with this frame's prompts
+            try:
+                self._check_file_prompts([number], frame)
+            except PromptError as exc:
+                log.warning("%s: the run will end there unless the source's size changes by then", exc)
 
     def _drop_unfitting(self, frame) -> None:
         """Drop the queued control prompts that do not fit ``frame`` (sent before the first

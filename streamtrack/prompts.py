@@ -9,14 +9,15 @@ A prompts file is a JSON list; each entry prompts one object on one frame::
 ``mask`` is a PNG path (relative to the file; the object is its non-zero pixels that are
 not fully transparent, or, if there are none, its opaque ones) or a COCO RLE dict; an
 empty mask is refused.
-Geometry is checked by the tracker against the source's first frame (every entry) and
-again on each entry's own frame.
+Geometry is checked by the tracker on each entry's own frame (and, for a warning, on the
+source's first).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from streamtrack.protocol import ProtocolError, reject_duplicate_keys
 from streamtrack.tracking import MAX_OBJ_ID, Prompt
 
 _FIELDS = {"obj_id", "frame", "box", "points", "labels", "mask"}
+# A number PyYAML (YAML 1.1) reads as a string: an exponent without a sign.
+_YAML_STRING_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE]\d+")
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -148,16 +151,21 @@ def _array(value, form: str) -> np.ndarray:
     """Coordinates from JSON as floats.  Only JSON numbers are coordinates: numpy would take
     ``true`` for 1 and ``"12"`` for 12 (the control channel refuses both), and ragged lists
     get ``form`` instead of numpy's wording."""
-    def numbers_only(v) -> bool:
+    def not_a_number(v):
+        """The first value in ``v`` that is not a number, as a 1-tuple; None if all are."""
         if isinstance(v, list):
-            return all(numbers_only(x) for x in v)
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return next((bad for x in v if (bad := not_a_number(x)) is not None), None)
+        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else (v,)
 
-    if not numbers_only(value):
-        raise ValueError(form)
+    bad = not_a_number(value)
+    if bad is not None:
+        hint = ""
+        if isinstance(bad[0], str) and _YAML_STRING_EXPONENT.fullmatch(bad[0].strip()):
+            hint = " (YAML reads 1e2 as a string: write 100 or 1.0e+2)"
+        raise ValueError(f"{form}; {bad[0]!r} is not a number{hint}")
     try:
         return np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # ragged, or an integer beyond a float's range
         raise ValueError(form) from None
 
 

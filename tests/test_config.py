@@ -342,10 +342,13 @@ def test_a_prompts_file_may_be_a_pipe():
     ('{"obj_id": 2, "box": [1, 2, NaN, 40]}', "needs finite x0 < x1"),
     ('{"obj_id": 2, "points": [[1, Infinity]]}', "points must be finite numbers"),
     ('{"obj_id": 2, "points": [[1, 2], [3]]}', r"points must be a non-empty list of \[x, y\]$"),
-    ('{"obj_id": 2, "box": [true, 2, 30, 40]}', r"box must be \[x0, y0, x1, y1\]$"),
-    ('{"obj_id": 2, "box": ["1", "2", "30", "40"]}', r"box must be \[x0, y0, x1, y1\]$"),  # as on the wire
-    ('{"obj_id": 2, "points": [[1, "2"]]}', r"points must be a non-empty list of \[x, y\]$"),
-    ('{"obj_id": 2, "points": [[1, null]]}', r"points must be a non-empty list of \[x, y\]$"),
+    ('{"obj_id": 2, "box": [true, 2, 30, 40]}', r"box must be \[x0, y0, x1, y1\]; True is not a number$"),
+    # as on the wire; YAML (inline prompts) reads 1e2 as a string
+    ('{"obj_id": 2, "box": ["1", "2", "30", "40"]}', r"box must be \[x0, y0, x1, y1\]; '1' is not a number"),
+    ('{"obj_id": 2, "box": [1, 2, "3e1", 40]}', r"'3e1' is not a number \(YAML reads 1e2 as a string: write"),
+    ('{"obj_id": 2, "points": [[1, "2"]]}', r"points must be a non-empty list of \[x, y\]; '2' is not a n"),
+    ('{"obj_id": 2, "points": [[1, null]]}', r"points must be a non-empty list of \[x, y\]; None is not a "),
+    ('{"obj_id": 2, "box": [1, 2, 3' + '0' * 400 + ', 4]}', r"box must be \[x0, y0, x1, y1\]$"),  # no float
     ('{"obj_id": 2, "mask": {"size": [4, 4], "counts": "04"}, "box": [0, 0, 2, 2]}',
      "a mask prompt cannot be combined with points or a box"),  # at once, not when its frame comes
     ('{"obj_id": 2, "points": [[1, 2]], "labels": [true]}', "labels must be a list of 0"),

@@ -403,18 +403,21 @@ def test_control_requests_are_answered_while_the_model_loads(tmp_path, monkeypat
     assert [p.obj_id for p in engine.launched[0]] == [2]
 
 
-def test_every_given_prompt_is_checked_against_the_first_frame(tmp_path):
-    """A prompts-file entry for a later frame that does not fit the source ends the run
-    on its first frame, not when its own frame comes (hours into a live stream)."""
+def test_a_later_prompt_that_does_not_fit_the_first_frame_is_warned_about_at_once(tmp_path, caplog):
+    """A prompts-file entry for a later frame that does not fit the source is said on its
+    first frame, not only when its own frame comes (hours into a live stream); it ends the
+    run there, unless the source's size has changed by then."""
     video = write_video(make_clip(6, 64, 48, num_objects=1).frames, tmp_path / "clip.mp4")
     engine = TrackedIds()
     run = RunConfig(source=str(video), progress=False,
                     prompts={0: [Prompt.make(1, box=[1, 2, 30, 40])],
                              4: [Prompt.make(2, box=[1, 2, 500, 40])]})
-    with pytest.raises(PromptError, match=r"^object 2: box corner \(500, 40\) is outside the 64x48 frame "
-                                          r"\(prompted for frame 4\)$"):
+    message = "object 2: box corner (500, 40) is outside the 64x48 frame (prompted for frame 4)"
+    with pytest.raises(PromptError, match=f"^{re.escape(message)}$"):
         Tracker(run, engine=engine).run()
-    assert engine.launched == []
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and message in r.getMessage()]
+    assert len(warned) == 1 and warned[0].getMessage().endswith("unless the source's size changes by then")
+    assert len(engine.launched) == 4  # frames 0-3 tracked, warned from the first
 
 
 def test_a_first_prompt_that_does_not_fit_leaves_the_first_frame_waiting(tmp_path, monkeypatch):
