@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from streamtrack.config import Config, check_hang_timeout, coerce, load_yaml
-from streamtrack.errors import UserError, existing_file, names_a_descriptor
+from streamtrack.errors import UserError, existing_file, names_a_descriptor, same_file
 from streamtrack.models import MODELS, check_image_size
 from streamtrack.pipeline import RunConfig
 from streamtrack.protocol import TCP_HOST, WILDCARD_HOSTS, normalize_endpoint, tcp_host_port, validate_stream
+from streamtrack.sources import parse_source
 from streamtrack.tracking import CUDAGRAPH_MODES, EngineConfig, Prompt
 
 AUTO = "auto"
@@ -126,14 +127,23 @@ class StreamSpec:
     config: Config  # merged defaults + entry; publish/control already resolved
     prompts: dict[int, list[Prompt]] = field(default_factory=dict)
     prompt_later: bool = False
+    prompts_file: str | None = None  # where the prompts came from, if a file (no output may be it)
 
     @property
     def model_key(self) -> ModelKey:
         return ModelKey.of(self.config)
 
+    def inputs(self) -> list[tuple[str, str]]:
+        """The files the stream reads, as (what, path): its source, if a local file, and its
+        prompts file.  (Its checkpoint is read once, at start, and shared.)"""
+        files = [] if "://" in self.source or self.source.isdigit() or self.source.startswith("/dev/") \
+            else [("source video", self.source)]
+        return files + ([("prompts file", self.prompts_file)] if self.prompts_file else [])
+
     def run_config(self) -> RunConfig:
         """The tracker's configuration, exactly as ``streamtrack run`` would build it."""
-        rc = RunConfig.from_config(self.config, self.source, self.prompts, progress=False)
+        read = (("the prompts file", self.prompts_file),) if self.prompts_file else ()
+        rc = RunConfig.from_config(self.config, self.source, self.prompts, progress=False, read_files=read)
         rc.wait_for_prompt = self.prompt_later and not self.prompts
         rc.warn_exposed = False  # the driver warns, once per endpoint, for every stream
         return rc
@@ -331,8 +341,15 @@ def parse_stream(entry: Any, defaults: dict[str, Any], options: FleetOptions, wh
                         "prompt_later: true to prompt over the stream's control endpoint")
     if prompt_later and config.control is None:
         raise UserError(f"{where}: prompt_later needs a control endpoint (control: auto)")
-    return StreamSpec(name=name, source=_source(source.strip()), config=config, prompts=prompts,
-                      prompt_later=prompt_later)
+    prompts_file = entry.get("prompts")
+    prompts_file = str(Path(prompts_file).expanduser().absolute()) if isinstance(prompts_file, str) else None
+    spec = StreamSpec(name=name, source=_source(source.strip(), where), config=config, prompts=prompts,
+                      prompt_later=prompt_later, prompts_file=prompts_file)
+    try:  # what `run` checks before it starts (prompts within max_objects, no output over an input)
+        spec.run_config()
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    return spec
 
 
 def check_unique(streams: list[StreamSpec], where: str, fleet_control: str | None = None) -> None:
@@ -357,6 +374,7 @@ def check_unique(streams: list[StreamSpec], where: str, fleet_control: str | Non
                 raise UserError(f"{where}: stream {s.name!r}: {key} {ep} is also used by {other}")
             bound.append((ep, f"stream {s.name!r}"))
     written: dict[str, str] = {}  # output path -> its user: two trackers would write over each other
+    read = [(path, f"the {what} of stream {s.name!r}") for s in streams for what, path in s.inputs()]
     for s in streams:
         for key in ("save_jsonl", "save_video", "save_masks"):
             path = getattr(s.config, key)
@@ -366,6 +384,12 @@ def check_unique(streams: list[StreamSpec], where: str, fleet_control: str | Non
                 raise UserError(f"{where}: stream {s.name!r}: {key} {path} is also written by "
                                 f"{written[path]}: give each stream its own")
             written[path] = f"stream {s.name!r} ({key})"
+            # An input, overwritten while a stream reads it: another stream's, or its own
+            # (which its run checks too, but only where the file exists).
+            reader = next((user for other, user in read if same_file(path, other)), None)
+            if reader is not None:
+                raise UserError(f"{where}: stream {s.name!r}: {key} {path} is {reader}, which it would "
+                                "overwrite: write the results elsewhere")
 
 
 def _same_binding(a: str, b: str) -> bool:
@@ -398,8 +422,15 @@ def _endpoint(value: str, where: str) -> str:
         raise UserError(f"{where}: {exc}") from None
 
 
-def _source(source: str) -> str:
-    """A relative file path becomes absolute: actors need not share our directory."""
+def _source(source: str, where: str) -> str:
+    """A relative file path becomes absolute: actors need not share our directory.  A
+    network URL's form is checked here (its scheme, host and port do not depend on the node
+    the stream runs on; whether a file exists does)."""
+    if "://" in source and not source.lower().startswith("file:"):
+        try:
+            parse_source(source)
+        except UserError as exc:
+            raise UserError(f"{where}: source: {exc}") from None
     if source.isdigit() or source.startswith("/dev/") or "://" in source:
         return source
     return str(Path(source).expanduser().absolute())

@@ -157,6 +157,20 @@ def pid_alive(pid: int) -> bool:
      "stream 'b': save_jsonl /out/r.jsonl is also written by stream 'a' (save_jsonl): give each stream"),
     (lambda d: (d["streams"][0].update(save_masks="/out/m"), d["streams"][1].update(save_video="/out/m")),
      "stream 'b': save_video /out/m is also written by stream 'a' (save_masks)"),
+    # an output over another stream's input, which that stream would be reading
+    (lambda d: (d["streams"][1].update(source="/data/b.mp4"),
+                d["streams"][0].update(save_video="/data/b.mp4")),
+     "stream 'a': save_video /data/b.mp4 is the source video of stream 'b', which it would overwrite"),
+    (lambda d: d["streams"][0].update(source="/data/a.mp4", save_jsonl="/data/a.mp4"),  # its own
+     "stream 'a': save_jsonl /data/a.mp4 is the source video of stream 'a', which it would overwrite"),
+    # what `run` checks before it starts, before Ray does
+    (lambda d: (d["defaults"].update(max_objects=1),
+                d["streams"][0]["prompts"].append({"obj_id": 2, "box": BOX1})),
+     "stream 'a': the prompts name 2 objects and max_objects is 1"),
+    # a URL's form does not depend on the node
+    (lambda d: d["streams"][1].update(source="htp://127.0.0.1/x.mp4"),
+     "stream 'b': source: unsupported video source scheme 'htp://'"),
+    (lambda d: d["streams"][1].update(source="rtsp://"), "stream 'b': source: video source URL has no host"),
     # stdout is the actor's, not the user's: a dash (stdout for `run`) is refused too
     (lambda d: d["streams"][0].update(save_jsonl="-"),
      "stream 'a': save_jsonl /dev/stdout: a stream's outputs are written by its actor"),
