@@ -286,8 +286,11 @@ class ProcessEmitter:
         parts: list[Any] = [b"result", json.dumps(header).encode(), *masks]
         if send_image:
             parts.append(np.ascontiguousarray(image))
-        self._pending[result.seq] = result
         self._send(parts)
+        # Pending once sent: a Ctrl-C in the send (waiting on a child that is behind) left
+        # a result that never went out, and close() waited CLOSE_TIMEOUT for its
+        # acknowledgement.  (Its acknowledgement is read on this thread, never before this.)
+        self._pending[result.seq] = result
 
     def check(self) -> None:
         if self.error is not None:

@@ -609,6 +609,34 @@ def test_stop_signals_are_for_the_tracker_the_child_keeps_emitting_until_closed(
     assert emitter._proc.returncode == 0
 
 
+def test_a_result_interrupted_in_its_send_is_not_waited_for(tmp_path, monkeypatch):
+    """A second Ctrl-C while the child is behind interrupts the send: close() then waited
+    CLOSE_TIMEOUT (120 s) for the acknowledgement of a result that never went out."""
+    import streamtrack.childproc as childproc
+
+    published: list[FrameResult] = []
+    emitter = ProcessEmitter(OutputsConfig(save_jsonl=str(tmp_path / "r.jsonl")), published.append)
+    try:
+        emitter.submit(*frame(0))
+        real_send = childproc.send
+
+        def interrupted(sock, parts, proc):
+            if parts[0] == b"result":
+                raise KeyboardInterrupt
+            return real_send(sock, parts, proc)
+
+        monkeypatch.setattr(childproc, "send", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            emitter.submit(*frame(1))
+        assert 1 not in emitter._pending  # what close() waits to hear of
+        emitter.close()
+    finally:
+        emitter.close()
+    emitter.check()
+    assert [r.seq for r in published] == [0]
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 1
+
+
 def test_each_frame_written_is_reported_by_the_next_submit(tmp_path):
     """What a supervisor resumes after: acknowledgements read 8 at a time (or every
     0.25 s) left up to 8 written frames unreported when the tracker was killed, and
