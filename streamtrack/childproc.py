@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import zmq
@@ -265,17 +266,29 @@ def end(proc: subprocess.Popen, folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def send(sock: zmq.Socket, parts: list, proc: subprocess.Popen) -> bool:
+def send(sock: zmq.Socket, parts: list, proc: subprocess.Popen,
+         on_cut: Callable[[], None] | None = None) -> bool:
     """Send ``parts`` to the helper ``proc``, waiting while it is behind but never on one
-    that has exited (a PAIR socket whose peer died would wait forever): False then."""
+    that has exited (a PAIR socket whose peer died would wait forever): False then.
+    ``on_cut`` is called if an exception (a Ctrl-C) stops the send after its first part:
+    the socket then holds half a message, which the next send would complete."""
+    more = zmq.SNDMORE if len(parts) > 1 else 0
     while True:
         try:
-            sock.send_multipart(parts, flags=zmq.NOBLOCK)
-            return True
+            sock.send(parts[0], flags=zmq.NOBLOCK | more)
+            break
         except zmq.Again:
             if proc.poll() is not None:
                 return False
             sock.poll(100, zmq.POLLOUT)
+    try:  # the rest go at once: ZeroMQ takes a message's later parts with its first
+        for i in range(1, len(parts)):
+            sock.send(parts[i], flags=zmq.SNDMORE if i < len(parts) - 1 else 0)
+    except BaseException:
+        if on_cut is not None:
+            on_cut()
+        raise
+    return True
 
 
 def tell(sock: zmq.Socket, kind: bytes, info: dict | list | None = None) -> None:

@@ -249,6 +249,9 @@ class ProcessEmitter:
         self.config = cfg
         self._on_published = on_published
         self._pending: dict[int, FrameResult] = {}
+        # A Ctrl-C in a send may cut a message between two parts: the child would read the
+        # next message as the rest of it, so nothing more goes over the channel.
+        self._torn = False
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self._closed = False
@@ -304,6 +307,10 @@ class ProcessEmitter:
         if self._closed:
             return
         try:
+            if self._torn:  # the child closes its outputs on the exit signal instead (a second Ctrl-C)
+                if self._proc.poll() is None:
+                    self._proc.send_signal(childproc.EXIT_SIGNAL)
+                return
             # The last results' acknowledgements carry their publish times (the run's
             # latency statistics): wait for them before closing the child.
             deadline = time.monotonic() + self.CLOSE_TIMEOUT
@@ -327,9 +334,11 @@ class ProcessEmitter:
         with self._lock:  # the socket is closed under it too
             if self._sock.closed:
                 raise UserError("publisher is closed")
+            if self._torn:
+                raise EmitterError("the emit channel was cut by an interrupt")
             # Copied, not zero-copy: measured the same for 720p masks, and pyzmq's
             # zero-copy frees buffers from a thread of its own (one more for the GIL).
-            if not childproc.send(self._sock, parts, self._proc):
+            if not childproc.send(self._sock, parts, self._proc, on_cut=self._cut):
                 raise EmitterError(childproc.exited("emit", self._proc))
 
     def _drain(self, timeout_ms: int = 0, until: bytes | None = None) -> dict | None:
@@ -374,6 +383,9 @@ class ProcessEmitter:
                     return info
                 raise EmitterError(childproc.exited("emit", self._proc))
         raise EmitterError(f"the emit process did not answer within {timeout:g} s")
+
+    def _cut(self) -> None:
+        self._torn = True
 
     def _shut(self, kill: bool) -> None:
         childproc.stop(self._proc, kill)

@@ -620,10 +620,10 @@ def test_a_result_interrupted_in_its_send_is_not_waited_for(tmp_path, monkeypatc
         emitter.submit(*frame(0))
         real_send = childproc.send
 
-        def interrupted(sock, parts, proc):
+        def interrupted(sock, parts, proc, on_cut=None):  # before the first part went
             if parts[0] == b"result":
                 raise KeyboardInterrupt
-            return real_send(sock, parts, proc)
+            return real_send(sock, parts, proc, on_cut)
 
         monkeypatch.setattr(childproc, "send", interrupted)
         with pytest.raises(KeyboardInterrupt):
@@ -635,6 +635,43 @@ def test_a_result_interrupted_in_its_send_is_not_waited_for(tmp_path, monkeypatc
     emitter.check()
     assert [r.seq for r in published] == [0]
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_message_cut_between_its_parts_by_an_interrupt_does_not_take_the_next_ones(tmp_path, monkeypatch):
+    """A Ctrl-C between two parts of a result left half a message: the "close" that
+    followed was read as its rest, the child failed, and close() waited its full timeout."""
+    class CutAfterTheFirstPart:
+        """The emitter's socket, with a Ctrl-C after a result's first part."""
+
+        def __init__(self, sock):
+            self.sock, self.cut = sock, False
+
+        def __getattr__(self, name):
+            return getattr(self.sock, name)
+
+        def send(self, data, flags=0):
+            if self.cut:
+                raise KeyboardInterrupt
+            self.sock.send(data, flags=flags)
+            self.cut = data == b"result"
+
+    emitter = ProcessEmitter(OutputsConfig(save_jsonl=str(tmp_path / "r.jsonl")), lambda r: None)
+    monkeypatch.setattr(emitter, "CLOSE_TIMEOUT", 5.0)
+    real_socket = emitter._sock
+    try:
+        emitter.submit(*frame(0))
+        emitter._sock = CutAfterTheFirstPart(real_socket)
+        with pytest.raises(KeyboardInterrupt):
+            emitter.submit(*frame(1))
+        emitter._sock = real_socket
+        emitter.publish_status_after_results("stopped")  # what a stopping tracker sends: not now
+    finally:
+        emitter._sock = real_socket
+        emitter.close()
+    emitter.check()  # the child did not take "close" for the rest of the result and fail
+    assert emitter._proc.returncode == 0  # it closed its outputs on the exit signal
+    if (tmp_path / "r.jsonl").exists():  # frame 0, if the child had written it before the signal
+        assert [json.loads(line)["seq"] for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [0]
 
 
 def test_each_frame_written_is_reported_by_the_next_submit(tmp_path):
