@@ -42,13 +42,14 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from streamtrack.config import Config, check_hang_timeout, coerce, load_yaml
-from streamtrack.errors import UserError, existing_file, names_a_descriptor, same_file
+from streamtrack.errors import UserError, existing_file, names_a_descriptor
 from streamtrack.models import MODELS, check_image_size
 from streamtrack.pipeline import RunConfig
 from streamtrack.protocol import TCP_HOST, WILDCARD_HOSTS, normalize_endpoint, tcp_host_port, validate_stream
-from streamtrack.sources import parse_source
+from streamtrack.sources import parse_source, url_missing_a_slash
 from streamtrack.tracking import CUDAGRAPH_MODES, EngineConfig, Prompt
 
 AUTO = "auto"
@@ -134,11 +135,18 @@ class StreamSpec:
         return ModelKey.of(self.config)
 
     def inputs(self) -> list[tuple[str, str]]:
-        """The files the stream reads, as (what, path): its source, if a local file, and its
-        prompts file.  (Its checkpoint is read once, at start, and shared.)"""
-        files = [] if "://" in self.source or self.source.isdigit() or self.source.startswith("/dev/") \
-            else [("source video", self.source)]
-        return files + ([("prompts file", self.prompts_file)] if self.prompts_file else [])
+        """The files the stream reads, as (what, path): its source, if a local file, its
+        prompts file and its checkpoint (read again when its actor restarts)."""
+        files = []
+        if self.source.lower().startswith("file:"):
+            files.append(("source video", unquote(urlsplit(self.source).path)))
+        elif not ("://" in self.source or self.source.isdigit() or self.source.startswith("/dev/")):
+            files.append(("source video", self.source))
+        if self.prompts_file:
+            files.append(("prompts file", self.prompts_file))
+        if self.config.checkpoint:
+            files.append(("checkpoint", self.config.checkpoint))
+        return files
 
     def run_config(self) -> RunConfig:
         """The tracker's configuration, exactly as ``streamtrack run`` would build it."""
@@ -342,7 +350,7 @@ def parse_stream(entry: Any, defaults: dict[str, Any], options: FleetOptions, wh
     if prompt_later and config.control is None:
         raise UserError(f"{where}: prompt_later needs a control endpoint (control: auto)")
     prompts_file = entry.get("prompts")
-    prompts_file = str(Path(prompts_file).expanduser().absolute()) if isinstance(prompts_file, str) else None
+    prompts_file = str(Path(prompts_file).absolute()) if isinstance(prompts_file, str) else None
     spec = StreamSpec(name=name, source=_source(source.strip(), where), config=config, prompts=prompts,
                       prompt_later=prompt_later, prompts_file=prompts_file)
     try:  # what `run` checks before it starts (prompts within max_objects, no output over an input)
@@ -374,7 +382,8 @@ def check_unique(streams: list[StreamSpec], where: str, fleet_control: str | Non
                 raise UserError(f"{where}: stream {s.name!r}: {key} {ep} is also used by {other}")
             bound.append((ep, f"stream {s.name!r}"))
     written: dict[str, str] = {}  # output path -> its user: two trackers would write over each other
-    read = [(path, f"the {what} of stream {s.name!r}") for s in streams for what, path in s.inputs()]
+    # Each input resolved once (symlinks followed): hundreds of streams are checked at every add_stream.
+    read = {_resolved(path): f"the {what} of stream {s.name!r}" for s in streams for what, path in s.inputs()}
     for s in streams:
         for key in ("save_jsonl", "save_video", "save_masks"):
             path = getattr(s.config, key)
@@ -386,10 +395,17 @@ def check_unique(streams: list[StreamSpec], where: str, fleet_control: str | Non
             written[path] = f"stream {s.name!r} ({key})"
             # An input, overwritten while a stream reads it: another stream's, or its own
             # (which its run checks too, but only where the file exists).
-            reader = next((user for other, user in read if same_file(path, other)), None)
+            reader = read.get(_resolved(path))
             if reader is not None:
                 raise UserError(f"{where}: stream {s.name!r}: {key} {path} is {reader}, which it would "
                                 "overwrite: write the results elsewhere")
+
+
+def _resolved(path: str) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
+        return Path(path).absolute()
 
 
 def _same_binding(a: str, b: str) -> bool:
@@ -426,7 +442,10 @@ def _source(source: str, where: str) -> str:
     """A relative file path becomes absolute: actors need not share our directory.  A
     network URL's form is checked here (its scheme, host and port do not depend on the node
     the stream runs on; whether a file exists does)."""
-    if "://" in source and not source.lower().startswith("file:"):
+    # A URL with a slash missing (``rtsp:/user:pw@cam``) would be taken for a file and fail
+    # on its node, printing the password: said here, redacted, unless such a file exists.
+    typo = url_missing_a_slash(source) and not Path(source).exists()
+    if ("://" in source and not source.lower().startswith("file:")) or typo:
         try:
             parse_source(source)
         except UserError as exc:

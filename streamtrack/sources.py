@@ -168,6 +168,12 @@ def parse_source(source: str | int) -> SourceSpec:
 _URL_MISSING_A_SLASH = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)(?P<sep>:/|//|:)(?P<rest>[^/].*)$")
 
 
+def url_missing_a_slash(text: str) -> bool:
+    """Whether ``text`` reads as a network URL typed with a slash missing (``rtsp:/cam``)."""
+    typo = _URL_MISSING_A_SLASH.match(text.strip())
+    return typo is not None and typo["scheme"].lower() in NETWORK_SCHEMES
+
+
 def _webcam_spec(index: int) -> SourceSpec:
     if index < 0:
         raise UserError(f"webcam index must be >= 0, got {index}")

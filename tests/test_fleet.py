@@ -163,6 +163,15 @@ def pid_alive(pid: int) -> bool:
      "stream 'a': save_video /data/b.mp4 is the source video of stream 'b', which it would overwrite"),
     (lambda d: d["streams"][0].update(source="/data/a.mp4", save_jsonl="/data/a.mp4"),  # its own
      "stream 'a': save_jsonl /data/a.mp4 is the source video of stream 'a', which it would overwrite"),
+    (lambda d: (d["streams"][1].update(source="file:///data/b.mp4"),
+                d["streams"][0].update(save_jsonl="/data/b.mp4")),
+     "stream 'a': save_jsonl /data/b.mp4 is the source video of stream 'b', which it would overwrite"),
+    (lambda d: (d["streams"][1].update(checkpoint="/data/m.pt"),
+                d["streams"][0].update(save_jsonl="/data/m.pt")),
+     "stream 'a': save_jsonl /data/m.pt is the checkpoint of stream 'b'"),  # read again by a restarted actor
+    # a URL with a slash missing is no file: said here with the password hidden, not on the node
+    (lambda d: d["streams"][1].update(source="rtsp:/admin:pw@cam/x"),
+     "stream 'b': source: video source rtsp:/***@cam/x is neither a file nor a URL: did you mean rtsp://***@cam/x?"),
     # what `run` checks before it starts, before Ray does
     (lambda d: (d["defaults"].update(max_objects=1),
                 d["streams"][0]["prompts"].append({"obj_id": 2, "box": BOX1})),
