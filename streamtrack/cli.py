@@ -90,12 +90,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for spec in MODELS.values():
         path = spec.default_path()
         have = "no"
-        if exists(path, "checkpoint") and path.is_dir():
-            have = f"no (a directory is in its place: {path})"  # not "incomplete?": download refuses it
-        elif exists(path, "checkpoint"):
-            # A copy cut short shows in its size (checking every file would load each model).
-            size = path.stat().st_size / 2**20
-            have = "yes" if size >= 0.95 * spec.size_mb else f"incomplete? ({size:.0f} of ~{spec.size_mb} MB)"
+        if exists(path, "checkpoint"):
+            if path.is_dir():
+                have = f"no (a directory is in its place: {path})"  # not "incomplete?": download refuses it
+            else:
+                # A copy cut short shows in its size (checking every file would load each model).
+                size = path.stat().st_size / 2**20
+                have = "yes" if size >= 0.95 * spec.size_mb else \
+                    f"incomplete? ({size:.0f} of ~{spec.size_mb} MB)"
         print(f"{spec.name:24} {spec.config:40} {spec.size_mb:5d} MB  downloaded: {have}")
     return 0
 

@@ -137,11 +137,8 @@ class StreamSpec:
     def inputs(self) -> list[tuple[str, str]]:
         """The files the stream reads, as (what, path): its source, if a local file, its
         prompts file and its checkpoint (read again when its actor restarts)."""
-        files = []
-        if self.source.lower().startswith("file:"):
-            files.append(("source video", unquote(urlsplit(self.source).path)))
-        elif not ("://" in self.source or self.source.isdigit() or self.source.startswith("/dev/")):
-            files.append(("source video", self.source))
+        path = _local_path(self.source)
+        files = [] if path is None else [("source video", path)]
         if self.prompts_file:
             files.append(("prompts file", self.prompts_file))
         if self.config.checkpoint:
@@ -444,15 +441,25 @@ def _source(source: str, where: str) -> str:
     the stream runs on; whether a file exists does)."""
     # A URL with a slash missing (``rtsp:/user:pw@cam``) would be taken for a file and fail
     # on its node, printing the password: said here, redacted, unless such a file exists.
-    typo = url_missing_a_slash(source) and not Path(source).exists()
+    typo = url_missing_a_slash(source) is not None and not Path(source).exists()
     if ("://" in source and not source.lower().startswith("file:")) or typo:
         try:
             parse_source(source)
         except UserError as exc:
             raise UserError(f"{where}: source: {exc}") from None
-    if source.isdigit() or source.startswith("/dev/") or "://" in source:
+    if _local_path(source) != source:  # a webcam, a device, a URL (a file:// one too): as given
         return source
     return str(Path(source).expanduser().absolute())
+
+
+def _local_path(source: str) -> str | None:
+    """The file a source names, a path or a ``file://`` URL's, without looking for it (it may
+    be on another node); None for a webcam index, a device or a network URL."""
+    if source.lower().startswith("file:"):
+        return unquote(urlsplit(source).path)
+    if source.isdigit() or source.startswith("/dev/") or "://" in source:
+        return None
+    return source
 
 
 def _prompts(value: Any, where: str, base: Path) -> dict[int, list[Prompt]]:

@@ -848,21 +848,20 @@ class Tracker:
     def _due_prompts(self, frame_number: int, frame) -> list[Prompt]:
         """The prompts given for ``frame_number``, checked against the frame they go on.
         Their objects are tracked again, so the control status lists them once more."""
-        self._check_file_prompts([frame_number], frame)
+        self._check_file_prompts(frame_number, frame)
         due = self.config.prompts[frame_number]
         self._removed.difference_update(p.obj_id for p in due)
         return due
 
-    def _check_file_prompts(self, frame_numbers: list[int], frame) -> None:
-        """The given prompts (a prompts file's, ``--box``) for ``frame_numbers``, checked
+    def _check_file_prompts(self, number: int, frame) -> None:
+        """The given prompts (a prompts file's, ``--box``) for frame ``number``, checked
         against ``frame``: one that does not fit ends the run (it is the user's own), naming
         the frame it was for."""
-        for number in frame_numbers:
-            for p in self.config.prompts[number]:
-                try:
-                    check_prompt(p, frame.height, frame.width)
-                except PromptError as exc:
-                    raise PromptError(f"{exc} (prompted for frame {number})") from None
+        for p in self.config.prompts[number]:
+            try:
+                check_prompt(p, frame.height, frame.width)
+            except PromptError as exc:
+                raise PromptError(f"{exc} (prompted for frame {number})") from None
 
     def _warn_unfitting_later_prompts(self, frame) -> None:
         """Warn at the first frame about the given prompts for later frames that do not fit
@@ -872,7 +871,7 @@ class Tracker:
             if number <= frame.frame_id:
                 continue  # due now: checked, and fatal, with this frame's prompts
             try:
-                self._check_file_prompts([number], frame)
+                self._check_file_prompts(number, frame)
             except PromptError as exc:
                 log.warning("%s: the run will end there unless the source's size changes by then", exc)
 

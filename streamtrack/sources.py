@@ -155,8 +155,7 @@ def parse_source(source: str | int) -> SourceSpec:
         return _url_spec(text)
     # A file name may begin or end with spaces: keep them if that is the file.
     path = source if os.path.exists(source) else text
-    if not os.path.exists(path) and (typo := _URL_MISSING_A_SLASH.match(text)) is not None \
-            and typo["scheme"].lower() in NETWORK_SCHEMES:
+    if not os.path.exists(path) and (typo := url_missing_a_slash(text)) is not None:
         # Not a file: a URL typed with a slash missing, whose password must not be printed.
         meant = redact_url(f"{typo['scheme']}://{typo['rest']}")
         raise UserError(f"video source {meant.replace('://', typo['sep'], 1)} is neither a file nor a URL: "
@@ -168,10 +167,11 @@ def parse_source(source: str | int) -> SourceSpec:
 _URL_MISSING_A_SLASH = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)(?P<sep>:/|//|:)(?P<rest>[^/].*)$")
 
 
-def url_missing_a_slash(text: str) -> bool:
-    """Whether ``text`` reads as a network URL typed with a slash missing (``rtsp:/cam``)."""
+def url_missing_a_slash(text: str) -> re.Match | None:
+    """``text`` read as a network URL typed with a slash missing (``rtsp:/cam``): its
+    ``scheme``, ``sep`` and ``rest``; None if it is not one."""
     typo = _URL_MISSING_A_SLASH.match(text.strip())
-    return typo is not None and typo["scheme"].lower() in NETWORK_SCHEMES
+    return typo if typo is not None and typo["scheme"].lower() in NETWORK_SCHEMES else None
 
 
 def _webcam_spec(index: int) -> SourceSpec:
